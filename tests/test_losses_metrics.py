@@ -1,0 +1,245 @@
+"""Losses against hand-computed values; metrics against direct numpy computations, alone and under DDP."""
+from __future__ import annotations
+
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from thalia_ray.config import LossConfig
+from thalia_ray.losses import build_loss
+from thalia_ray.metrics import MetricSuite, deformation_metrics, grouped_metrics
+
+
+def _logits_for(scores: np.ndarray) -> torch.Tensor:
+    """Two-class logits whose softmax gives `scores` as the Deformation probability."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    return torch.stack([torch.zeros_like(s), torch.log(s / (1 - s))], dim=1).float()
+
+
+def _confident(mask: torch.Tensor) -> torch.Tensor:
+    """Segmentation logits that predict `mask` with probability ~1."""
+    return F.one_hot(mask, 2).permute(0, 3, 1, 2).float() * 100.0
+
+
+# ----------------------------------------------------------------------------------------- losses
+def test_focal_with_gamma_0_and_alpha_half_is_half_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits, label = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    focal = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=0.5), "classification")
+    ce = build_loss(LossConfig(name="ce"), "classification")
+    batch = {"label": label}
+    torch.testing.assert_close(focal({"logits": logits}, batch)[0], 0.5 * ce({"logits": logits}, batch)[0])
+    torch.testing.assert_close(ce({"logits": logits}, batch)[0], F.cross_entropy(logits, label))
+
+
+def test_focal_hand_computed() -> None:
+    # p(Deformation) = 0.75: positive → α (1-p)^γ (-log p); negative → (1-α) p^γ (-log(1-p)).
+    logits = _logits_for(np.array([0.75, 0.75]))
+    loss_fn = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25), "classification")
+    loss, parts = loss_fn({"logits": logits}, {"label": torch.tensor([1, 0])})
+    expected = (0.25 * 0.25**2 * -math.log(0.75) + 0.75 * 0.75**2 * -math.log(0.25)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts == {"focal": pytest.approx(expected, rel=1e-5), "total": pytest.approx(expected, rel=1e-5)}
+
+
+def test_class_weights_match_torch_and_confidence_weights_samples() -> None:
+    torch.manual_seed(0)
+    logits, label = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 0])
+    weighted = build_loss(LossConfig(name="ce", class_weights=[0.2, 0.8]), "classification")
+    expected = F.cross_entropy(logits, label, weight=torch.tensor([0.2, 0.8]))
+    torch.testing.assert_close(weighted({"logits": logits}, {"label": label})[0], expected)
+
+    by_confidence = build_loss(LossConfig(name="ce", confidence_weighting=True), "classification")
+    confidence = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    loss, _ = by_confidence({"logits": logits}, {"label": label, "confidence": confidence})
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:1], label[:1]))
+
+
+def test_dice_on_known_masks() -> None:
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, :] = 1  # 4 deformation pixels
+    pred = torch.zeros(1, 4, 4, dtype=torch.long)
+    pred[0, 0, :2] = 1
+    pred[0, 1, :2] = 1  # 2 of them found, 2 false positives
+    loss, _ = build_loss(LossConfig(name="dice"), "segmentation")({"logits": _confident(pred)}, {"mask": target})
+    dice_deformation = (2 * 2 + 1) / (4 + 4 + 1)
+    dice_background = (2 * 10 + 1) / (12 + 12 + 1)
+    assert loss.item() == pytest.approx(1 - (dice_deformation + dice_background) / 2, abs=1e-5)
+    perfect, _ = build_loss(LossConfig(name="dice"), "segmentation")({"logits": _confident(target)}, {"mask": target})
+    assert perfect.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_combined_loss_and_mask_union_over_time() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8)
+    per_step = torch.zeros(2, 3, 8, 8, dtype=torch.long)
+    per_step[0, 0, :2] = 1
+    per_step[0, 2, 5:] = 1
+    union = per_step.amax(dim=1)
+    loss_fn = build_loss(LossConfig(name="focal+dice"), "segmentation")
+    total, parts = loss_fn({"logits": logits}, {"mask": per_step})
+    assert set(parts) == {"focal", "dice", "total"}
+    assert parts["total"] == pytest.approx(parts["focal"] + parts["dice"], rel=1e-6)
+    torch.testing.assert_close(total, loss_fn({"logits": logits}, {"mask": union})[0])
+    ce, _ = build_loss(LossConfig(name="ce"), "segmentation")({"logits": logits}, {"mask": union})
+    torch.testing.assert_close(ce, F.cross_entropy(logits, union))
+
+
+def test_dice_needs_segmentation() -> None:
+    with pytest.raises(ValueError, match="needs task segmentation"):
+        build_loss(LossConfig(name="ce+dice"), "classification")
+
+
+def test_aux_losses_mask_missing_labels() -> None:
+    torch.manual_seed(0)
+    outputs = {
+        "logits": torch.randn(2, 2),
+        "intensity": torch.randn(2, 4, requires_grad=True),
+        "activity_type": torch.randn(2, 6),
+    }
+    activity = torch.tensor([[1.0, 0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0, 0]])
+    batch = {
+        "label": torch.tensor([1, 0]),
+        "aux_intensity": torch.tensor([-1, 2]),
+        "aux_activity_type": activity,
+        "aux_activity_type_valid": torch.tensor([1.0, 0.0]),
+    }
+    loss_fn = build_loss(LossConfig(), "classification", {"intensity": 0.5, "activity_type": 2.0})
+    total, parts = loss_fn(outputs, batch)
+    intensity = F.cross_entropy(outputs["intensity"][1:], torch.tensor([2]))
+    activity_loss = F.binary_cross_entropy_with_logits(outputs["activity_type"][:1], activity[:1])
+    ce = F.cross_entropy(outputs["logits"], batch["label"])
+    assert parts["aux_intensity"] == pytest.approx(intensity.item(), rel=1e-5)
+    assert parts["aux_activity_type"] == pytest.approx(activity_loss.item(), rel=1e-5)
+    torch.testing.assert_close(total, ce + 0.5 * intensity + 2.0 * activity_loss)
+
+    batch["aux_intensity"] = torch.tensor([-1, -1])  # nothing labelled: contributes 0, still differentiable
+    total, parts = loss_fn(outputs, batch)
+    assert parts["aux_intensity"] == 0.0
+    total.backward()
+    assert torch.all(outputs["intensity"].grad == 0)
+
+
+def test_aux_loss_errors_name_the_missing_key() -> None:
+    loss_fn = build_loss(LossConfig(), "classification", {"phase": 1.0})
+    with pytest.raises(KeyError, match="model outputs has no 'phase'"):
+        loss_fn({"logits": torch.randn(2, 2)}, {"label": torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match="unknown auxiliary head 'colour'"):
+        build_loss(LossConfig(), "classification", {"colour": 1.0})
+
+
+# ---------------------------------------------------------------------------------------- metrics
+SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1])
+TARGETS = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+
+
+def _numpy_reference(preds: np.ndarray, targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    tp = np.sum((preds == 1) & (targets == 1))
+    fp = np.sum((preds == 1) & (targets == 0))
+    fn = np.sum((preds == 0) & (targets == 1))
+    order = np.argsort(-scores)
+    hits = targets[order]
+    precision_at_k = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    pos, neg = scores[targets == 1], scores[targets == 0]
+    return {
+        "precision": tp / (tp + fp),
+        "recall": tp / (tp + fn),
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "iou": tp / (tp + fp + fn),
+        "ap": np.sum(precision_at_k * hits) / hits.sum(),  # exact AP without ties
+        "auroc": np.mean(pos[:, None] > neg[None, :]),
+    }
+
+
+def test_exact_ap_and_auroc_on_a_tiny_example() -> None:
+    result = deformation_metrics(SCORES > 0.5, TARGETS, SCORES)
+    # ranks of positives 1, 3, 4, 7: AP = (1/1 + 2/3 + 3/4 + 4/7) / 4; AUROC = 11 ordered pairs of 16.
+    assert result["ap"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 7) / 4)
+    assert result["auroc"] == pytest.approx(11 / 16)
+    reference = _numpy_reference((SCORES > 0.5).astype(int), TARGETS, SCORES)
+    for key in ("precision", "recall", "f1", "ap", "auroc"):
+        assert result[key] == pytest.approx(reference[key])
+    assert result["n"] == 8 and result["n_deformation"] == 4
+
+
+def test_metric_suite_classification_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.01, 0.99, 40)
+    targets = (rng.uniform(size=40) < scores).astype(int)
+    suite = MetricSuite("classification")
+    for part in np.array_split(np.arange(40), 3):  # several batches accumulate
+        suite.update({"logits": _logits_for(scores[part])}, {"label": torch.as_tensor(targets[part])})
+    values = suite.compute()
+    preds = (scores > 0.5).astype(int)
+    reference = _numpy_reference(preds, targets, scores)
+    for key in ("precision", "recall", "f1", "ap", "auroc"):
+        assert values[f"{key}_deformation"] == pytest.approx(reference[key], rel=1e-5), key
+    negative = _numpy_reference(1 - preds, 1 - targets, 1 - scores)
+    assert values["f1_non_deformation"] == pytest.approx(negative["f1"], rel=1e-5)
+    assert values["accuracy_deformation"] == pytest.approx(reference["recall"], rel=1e-5)
+    assert values["accuracy"] == pytest.approx(np.mean(preds == targets), rel=1e-5)
+    suite.reset()
+    suite.update({"logits": _logits_for(np.array([0.9, 0.2]))}, {"label": torch.tensor([1, 0])})
+    assert suite.compute()["f1_deformation"] == 1.0
+
+
+def test_metric_suite_segmentation_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    target = torch.as_tensor(rng.integers(0, 2, (3, 2, 8, 8)))  # (B, T, H, W): the union is scored
+    pred = torch.as_tensor(rng.integers(0, 2, (3, 8, 8)))
+    suite = MetricSuite("segmentation")
+    suite.update({"logits": _confident(pred)}, {"mask": target})
+    values = suite.compute()
+    union = target.amax(dim=1).numpy().ravel()
+    reference = _numpy_reference(pred.numpy().ravel(), union, np.zeros(union.shape))
+    for key in ("precision", "recall", "f1", "iou"):
+        assert values[f"{key}_deformation"] == pytest.approx(reference[key], rel=1e-5), key
+    assert "auroc_deformation" not in values and "iou_non_deformation" in values
+
+
+def test_deformation_metrics_edge_cases_and_groups() -> None:
+    only_negatives = deformation_metrics(np.array([0, 1]), np.array([0, 0]), np.array([0.2, 0.7]))
+    assert math.isnan(only_negatives["ap"]) and math.isnan(only_negatives["auroc"])
+    assert only_negatives["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="equally long"):
+        deformation_metrics(np.array([0, 1]), np.array([0]), np.array([0.2, 0.7]))
+    groups = np.array(["a", "a", "a", "a", "b", "b", "b", "b"])
+    by_group = grouped_metrics(groups, SCORES > 0.5, TARGETS, SCORES)
+    assert set(by_group) == {"a", "b"}
+    assert by_group["b"] == deformation_metrics(SCORES[4:] > 0.5, TARGETS[4:], SCORES[4:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, scores: np.ndarray, targets: np.ndarray, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        suite = MetricSuite("classification")
+        shard = slice(rank, None, world)  # uneven shards: rank 0 holds one more sample
+        suite.update({"logits": _logits_for(scores[shard])}, {"label": torch.as_tensor(targets[shard])})
+        torch.save(suite.compute(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metric_suite_syncs_under_ddp_gloo(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(0.01, 0.99, 21)
+    targets = (rng.uniform(size=21) < scores).astype(int)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), scores, targets, str(tmp_path)), nprocs=2, join=True)
+    single = MetricSuite("classification")
+    single.update({"logits": _logits_for(scores)}, {"label": torch.as_tensor(targets)})
+    expected = single.compute()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got == pytest.approx(expected, rel=1e-5)

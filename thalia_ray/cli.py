@@ -1,0 +1,227 @@
+"""The `thalia-ray` command. Thin: it parses arguments and delegates to the modules that do the work.
+
+Handlers import their modules lazily so that `thalia-ray config show` answers without importing torch.
+Configuration errors are reported before any cluster work starts, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from thalia_ray.config import ConfigError, ThaliaConfig, load_config
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace) -> ThaliaConfig:
+    return load_config(getattr(args, "config", None), getattr(args, "set", None) or ())
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("config", nargs=None if required else "?", help="run configuration (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+# ----------------------------------------------------------------------------------- handlers
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from thalia_ray.models.registry import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        print(f"{name:22s} {spec.family:16s} {'/'.join(spec.tasks):28s} {spec.arch}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from thalia_ray.data.synthetic.generator import synthesize
+
+    report = synthesize(
+        args.out,
+        frames=args.frames,
+        size=args.size,
+        seed=args.seed,
+        meta_dir=args.from_annotations,
+        frame_ids=args.frame_ids,
+        max_groups_per_frame=args.max_groups,
+        workers=args.workers,
+        progress=print,
+    )
+    print(f"wrote {report.frames} frames, {report.pairs} interferograms, {report.groups} series to {args.out} "
+          f"in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_prepare_index(args: argparse.Namespace) -> int:
+    from thalia_ray.data.index import index_counts
+
+    counts = index_counts(args.data, args.length, args.policy)
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"T={args.length} policy={args.policy} data={args.data}")
+    print(f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}")
+    for split, row in counts.items():
+        print(f"{split:8s} {row['samples']:9d} {row['positives']:10d} {row['negatives']:10d}")
+    return 0
+
+
+def cmd_prepare_stats(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray import runtime
+    from thalia_ray.data.stats import compute_statistics
+
+    if args.data:
+        cfg = cfg.with_overrides({"data.root": args.data})
+    with runtime.start(cfg.runtime):
+        stats = compute_statistics(cfg.data, split=args.split, out=args.out)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray import runtime
+    from thalia_ray.data.shards import export_shards
+
+    overrides = {"data.root": args.data} if args.data else {}
+    if args.length:
+        overrides["data.length"] = args.length
+    cfg = cfg.with_overrides(overrides)
+    with runtime.start(cfg.runtime):
+        report = export_shards(cfg.data, args.out, cfg.data.length, splits=tuple(args.split),
+                               samples_per_shard=args.samples_per_shard)
+    print(report)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray import runtime
+    from thalia_ray.train.trainer import fit
+
+    with runtime.start(cfg.runtime):
+        result = fit(cfg, run_id=args.run_id)
+    print(result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from thalia_ray import runtime
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.train.evaluate import evaluate_run
+
+    store = ExperimentStore(args.store)
+    cfg = store.run(args.run).read_config()
+    with runtime.start(cfg.runtime):
+        metrics = evaluate_run(store, args.run, split=args.split)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from thalia_ray.store import ExperimentStore, format_run, format_runs_table
+
+    store = ExperimentStore(args.store)
+    if args.run_id:
+        print(format_run(store.run(args.run_id)))
+    else:
+        print(format_runs_table(store.list_runs()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from thalia_ray.demo import run_demo
+
+    return run_demo(workdir=args.workdir, overrides=args.set)
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    config = verbs.add_parser("config", help="show the resolved configuration").add_subparsers(dest="what", required=True)
+    show = config.add_parser("show", help="print the resolved configuration")
+    _add_config_args(show)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_config_show)
+
+    verbs.add_parser("models", help="list the model registry").set_defaults(handler=cmd_models)
+
+    synth = verbs.add_parser("synth", help="generate synthetic Thalia minicubes")
+    synth.add_argument("--out", required=True, help="dataset root: local path or s3://bucket/prefix")
+    synth.add_argument("--frames", type=int, default=4)
+    synth.add_argument("--size", type=int, default=128, help="frame side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--from-annotations", metavar="META_DIR", help="real annotations + time-series index")
+    synth.add_argument("--frame-ids", nargs="+", metavar="ID")
+    synth.add_argument("--max-groups", type=int, default=None, help="time-series groups per frame")
+    synth.add_argument("--workers", type=int, default=1)
+    synth.set_defaults(handler=cmd_synth)
+
+    prepare = verbs.add_parser("prepare", help="dataset preparation").add_subparsers(dest="what", required=True)
+    index = prepare.add_parser("index", help="count samples per split")
+    index.add_argument("--data", required=True, help="dataset root or folder with annotations + index")
+    index.add_argument("--length", type=int, default=1, help="time-series length T")
+    index.add_argument("--policy", choices=["enumerate", "resample"], default="enumerate")
+    index.add_argument("--json", action="store_true")
+    index.set_defaults(handler=cmd_prepare_index)
+    stats = prepare.add_parser("stats", help="recompute statistics.json (a Ray job)")
+    _add_config_args(stats)
+    stats.add_argument("--data", help="dataset root (overrides data.root)")
+    stats.add_argument("--split", default="train")
+    stats.add_argument("--out", help="where to write statistics.json (default: print only)")
+    stats.set_defaults(handler=cmd_prepare_stats)
+
+    export = verbs.add_parser("export", help="write WebDataset shards (Ray tasks)")
+    _add_config_args(export)
+    export.add_argument("--data", help="dataset root (overrides data.root)")
+    export.add_argument("--out", required=True, help="shard root: local path or s3://")
+    export.add_argument("--length", type=int, help="time-series length T (overrides data.length)")
+    export.add_argument("--split", nargs="+", default=["train", "val", "test"])
+    export.add_argument("--samples-per-shard", type=int, default=64)
+    export.set_defaults(handler=cmd_export)
+
+    train = verbs.add_parser("train", help="train a model with Ray Train")
+    _add_config_args(train)
+    train.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
+    evaluate.add_argument("run", help="run id")
+    evaluate.add_argument("--store", default="./runs")
+    evaluate.add_argument("--split", default="test")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    runs = verbs.add_parser("runs", help="list runs in the experiment store, or show one")
+    runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    runs.add_argument("run_id", nargs="?")
+    runs.add_argument("--store", default="./runs")
+    runs.set_defaults(handler=cmd_runs)
+
+    demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
+    demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"thalia-ray: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

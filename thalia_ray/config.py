@@ -1,0 +1,376 @@
+"""Typed configuration: one validated object per run, built from defaults, a YAML file and overrides.
+
+Every section forbids unknown keys, so a typo fails at load time with the field's dotted path, the
+offending value and what is allowed, before any cluster work starts. The resolved object is stored
+with every run (`to_yaml`) and is enough to reproduce it.
+"""
+from __future__ import annotations
+
+import copy
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from thalia_ray.data import schema
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every offending field."""
+
+
+class Section(BaseModel):
+    """Base of every configuration section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SplitRange(Section):
+    start: date
+    end: date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SplitRange":
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+def _published_splits() -> dict[str, SplitRange]:
+    return {k: SplitRange(start=s, end=e) for k, (s, e) in schema.SPLITS.items()}
+
+
+class AugmentConfig(Section):
+    """Training augmentations; each has its own probability (0 disables it)."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotate: float = Field(0.0, ge=0, le=1)
+    rotate_degrees: float = Field(180.0, ge=0, le=180)
+    resized_crop: float = Field(0.0, ge=0, le=1)
+    resized_crop_scale: tuple[float, float] = (0.7, 1.0)
+    blur: float = Field(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    gaussian_noise: float = Field(0.0, ge=0, le=1)
+    gaussian_noise_std: float = Field(0.05, ge=0)
+    multiplicative_noise: float = Field(0.0, ge=0, le=1)
+    multiplicative_range: tuple[float, float] = (0.9, 1.1)
+    cutout: float = Field(0.0, ge=0, le=1)
+    cutout_fraction: float = Field(0.2, gt=0, lt=1)
+    elastic: float = Field(0.0, ge=0, le=1)
+    elastic_alpha: float = Field(8.0, ge=0)
+    elastic_sigma: float = Field(4.0, gt=0)
+
+
+class SynthConfig(Section):
+    """How `synth` and `demo` generate the embedded synthetic dataset."""
+
+    frames: int = Field(4, ge=1)
+    size: int = Field(128, ge=32)
+    seed: int = 0
+    from_annotations: str | None = None  # a folder with the real annotations and time-series index
+    frame_ids: list[str] | None = None
+    max_groups_per_frame: int | None = Field(24, ge=1)  # sampled mode: time-series groups per frame
+
+
+class DataConfig(Section):
+    root: str = "./data/thalia-synthetic"  # dataset root: {frame}.zarr cubes + annotations + index
+    source: Literal["cube", "shards"] = "cube"
+    shards: str | None = None  # WebDataset root written by `export` (source: shards)
+    shard_format: Literal["own", "published"] = "own"
+    length: int = Field(1, ge=1, le=32)  # time-series length T
+    policy: Literal["enumerate", "resample"] = "enumerate"
+    splits: dict[Literal["train", "val", "test"], SplitRange] = Field(default_factory=_published_splits)
+    geomorphology: list[Literal["insar_difference", "insar_coherence", "dem"]] = list(schema.GEOMORPHOLOGY)
+    atmospheric: list[
+        Literal["total_column_water_vapour", "surface_pressure", "vertical_integral_of_temperature"]
+    ] = []
+    crop: int = Field(64, ge=8)
+    mask_target: Literal["last", "peak", "union", "all"] = "union"
+    label_rule: Literal["union", "last"] = "union"
+    balance: bool = True  # per-epoch undersampling of training negatives
+    normalize: bool = True
+    statistics: str | None = None  # defaults to {root}/statistics.json
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augmentations: bool = True
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    max_bad_samples: int = Field(16, ge=0)
+    on_malformed_annotation: Literal["skip", "fail"] = "skip"
+    frames: list[str] | None = None  # restrict to these frame ids
+    samples_per_read_task: int = Field(16, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+    synthetic: SynthConfig = Field(default_factory=SynthConfig)
+
+    @field_validator("geomorphology", "atmospheric")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"channels listed twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if not self.geomorphology and not self.atmospheric:
+            raise ValueError("select at least one channel (geomorphology or atmospheric)")
+        if self.source == "shards" and not self.shards:
+            raise ValueError("data.source is 'shards' but data.shards (the shard root) is not set")
+        return self
+
+    @property
+    def channels(self) -> list[str]:
+        return schema.channel_names(self.geomorphology, self.atmospheric)
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    task: Literal["classification", "segmentation"] = "classification"
+    name: str | None = None  # a registry key (`thalia-ray models`); default: resnet18 / unet
+    encoder: str = "resnet18"  # encoder of smp segmenters
+    pretrained: str | None = None  # local weights file; nothing is downloaded
+    dropout: float = Field(0.0, ge=0, lt=1)
+    aux_heads: dict[Literal["activity_type", "intensity", "phase", "fringes"], float] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str | None, info: ValidationInfo) -> str | None:
+        from thalia_ray.models.registry import check_model_name
+
+        if name is not None:
+            check_model_name(info.data.get("task", "classification"), name)
+        return name
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "ModelConfig":
+        if self.name is None:
+            self.name = "resnet18" if self.task == "classification" else "unet"
+        return self
+
+
+# ---------------------------------------------------------------------------------------- train
+class LossConfig(Section):
+    name: Literal["ce", "focal", "dice", "ce+dice", "focal+dice"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    class_weights: list[float] | None = None
+    confidence_weighting: bool = False
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int | None = Field(None, ge=1)  # None disables early stopping
+
+
+class TrainConfig(Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of the real number of optimiser steps
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss: LossConfig = Field(default_factory=LossConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    num_workers: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    test_best: bool = True  # evaluate the best checkpoint on the test split at the end
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs
+
+
+# -------------------------------------------------------------------------------- storage/runtime
+class StorageConfig(Section):
+    """Where results go. Credentials never live here: they come from the environment."""
+
+    store: str = "./runs"
+    endpoint_url: str | None = None  # S3-compatible endpoint; AWS_ENDPOINT_URL is used when unset
+    region: str | None = None
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "thalia-ray"
+    entity: str | None = None
+
+
+class RuntimeConfig(Section):
+    address: str | None = None  # RAY_ADDRESS wins when set; otherwise a local Ray is started
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    object_store_memory: int | None = Field(None, ge=78_643_200)
+    data_cpu_limit: float | None = Field(None, gt=0)  # cap Ray Data's CPUs so trainers are not starved
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+# ---------------------------------------------------------------------------------------- sweep
+class Dimension(Section):
+    """One search dimension: exactly one of the keys is set."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Dimension":
+        set_keys = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(set_keys) != 1:
+            raise ValueError(
+                f"give exactly one of {list(type(self).model_fields)}, got {set_keys or 'none'}"
+            )
+        return self
+
+    def examples(self) -> list[Any]:
+        """Representative values, used to validate the dimension against the run config."""
+        kind = next(k for k in type(self).model_fields if getattr(self, k) is not None)
+        return list(getattr(self, kind))
+
+
+class SweepConfig(Section):
+    name: str | None = None
+    search: Literal["grid", "random", "optuna"] = "grid"
+    space: dict[str, Dimension] = {}
+    num_samples: int = Field(1, ge=1)  # samples per grid point (grid) or trials (random/optuna)
+    seeds: list[int] = [0]
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: str = "val/f1_deformation"
+    mode: Literal["min", "max"] = "max"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(2, ge=1)
+
+
+# ----------------------------------------------------------------------------------------- root
+class ThaliaConfig(Section):
+    name: str = "thalia"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sweep: SweepConfig | None = None
+
+    @model_validator(mode="after")
+    def _sweep_space_fits(self) -> "ThaliaConfig":
+        if self.sweep is None:
+            return self
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for path, dim in self.sweep.space.items():
+            for value in dim.examples():
+                trial = set_dotted(copy.deepcopy(base), path, value)
+                try:
+                    ThaliaConfig.model_validate(trial)
+                except ValidationError as err:
+                    raise ValueError(f"sweep.space[{path!r}] value {value!r}: {_format(err)}") from None
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def with_overrides(self, values: dict[str, Any]) -> "ThaliaConfig":
+        """A copy with dotted-path values applied (sweep trials use this), validated again."""
+        raw = self.model_dump(mode="json")
+        for path, value in values.items():
+            set_dotted(raw, path, value)
+        return validate(raw)
+
+
+# -------------------------------------------------------------------------------------- loading
+def set_dotted(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Set `a.b.c` in nested dicts, creating intermediate dicts; returns `raw`."""
+    keys = path.split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+    return raw
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "model.name=resnet18"]` → `{path: YAML-parsed value}`."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        parsed[path.strip()] = yaml.safe_load(text) if text.strip() else None
+    return parsed
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names allowed at the parent of `loc`, for 'unknown key' messages."""
+    model: Any = ThaliaConfig
+    for key in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return list(model.model_fields) if model is not None else None
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(loc)
+            msg = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
+        shown = e["type"] != "missing" and not isinstance(e.get("input"), dict)
+        got = f" (got {e.get('input')!r})" if shown else ""
+        lines.append(f"  {path}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any]) -> ThaliaConfig:
+    try:
+        return ThaliaConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid configuration:\n" + _format(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ThaliaConfig:
+    """Defaults, then the YAML file (if any), then `--set` overrides; validated as a whole."""
+    raw = read_yaml(path) if path else {}
+    for dotted, value in parse_overrides(overrides).items():
+        set_dotted(raw, dotted, value)
+    return validate(raw)

@@ -1,0 +1,323 @@
+"""Offline validation of cluster configurations: KubeRay manifests and Ray cluster-launcher YAML.
+
+Why: a CRD's OpenAPI schema does not forbid unknown fields, so the API server silently prunes a
+misspelt key (`minReplica`) and the cluster comes up wrong; the cluster launcher reports a bad key only
+once nodes are being provisioned. Validating here, as strictly as `kubectl apply --validate=strict`,
+turns both into an error with a JSON path before anything is deployed.
+
+Not checked: CEL rules (`x-kubernetes-validations`), string `format`s, and whatever the operator
+itself rejects at reconcile time apart from the worker-group replica bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+CRD_DIR_ENV = "THALIA_KUBERAY_CRDS"
+_DEFAULT_CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+# ObjectMeta as a manifest may set it; Kubernetes validates metadata itself, the CRD says only `object`.
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_OBJECT_META: dict[str, Any] = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+        "finalizers": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b(aws_secret_access_key|aws_access_key_id|aws_session_token|secret_key|access_key|password)"
+    r"[\"']?\s*[:=]\s*[\"']?(?![\"'\s$#{]|$)"
+)
+_SECRET_ENV_NAME = re.compile(r"(?i)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|KEY_ID)")
+
+
+class ManifestError(ValueError):
+    """A CRD or schema file is missing or unusable (not a finding about the manifest itself)."""
+
+
+# ------------------------------------------------------------------------------------------ YAML
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys, which strict server-side validation rejects."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ManifestError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def load_documents(path: str | Path) -> list[Any]:
+    """All YAML documents of a manifest file (empty documents dropped), duplicate keys refused."""
+    text = Path(path).read_text()
+    try:
+        return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
+    except ManifestError as err:
+        raise ManifestError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------- CRDs
+def crd_for(kind: str) -> Path:
+    """The KubeRay CRD file for `kind` (e.g. RayCluster → ray.io_rayclusters.yaml).
+
+    Looked up in $THALIA_KUBERAY_CRDS, then in ../shared/kuberay next to the repository root.
+    """
+    name = f"ray.io_{kind.lower()}s.yaml"
+    dirs = [Path(os.environ[CRD_DIR_ENV])] if os.environ.get(CRD_DIR_ENV) else []
+    dirs.append(_DEFAULT_CRD_DIR)
+    for directory in dirs:
+        if (directory / name).is_file():
+            return directory / name
+    raise ManifestError(f"no CRD {name} for kind {kind!r} in {', '.join(map(str, dirs))}")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_crd(crd_path: str) -> dict[str, Any]:
+    try:
+        crd = yaml.load(Path(crd_path).read_text(), Loader=_YAML_LOADER)
+    except (OSError, yaml.YAMLError) as err:
+        raise ManifestError(f"cannot read CRD {crd_path}: {err}") from None
+    if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
+        raise ManifestError(f"{crd_path} is not a CustomResourceDefinition")
+    return crd
+
+
+def strict_schema(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON schema from a structural OpenAPI v3 schema, rejecting unknown fields.
+
+    Objects reject keys their schema does not list unless it preserves unknown fields or gives
+    `additionalProperties`; int-or-string becomes a plain type union; `nullable` admits null.
+    """
+    out: dict[str, Any] = {k: v for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    out.pop("nullable", None)
+    if "properties" in node:
+        out["properties"] = {k: strict_schema(v) for k, v in node["properties"].items()}
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(node.get(key), Mapping):
+            out[key] = strict_schema(node[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in node:
+            out[key] = [strict_schema(sub) for sub in node[key]]
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("anyOf", None)
+        out["type"] = ["integer", "string"]
+    if node.get("nullable") and "type" in out:
+        types = out["type"] if isinstance(out["type"], list) else [out["type"]]
+        out["type"] = [*types, "null"]
+    preserves = node.get("x-kubernetes-preserve-unknown-fields") is True
+    is_object = "properties" in node or node.get("type") == "object"
+    if is_object and not preserves and "additionalProperties" not in node:
+        out["additionalProperties"] = False  # structural schemas prune every unlisted field
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(crd_path: str, version: str) -> jsonschema.Draft7Validator:
+    crd = _load_crd(crd_path)
+    spec = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    schema = strict_schema(spec["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = _OBJECT_META
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
+    return jsonschema.Draft7Validator(schema)
+
+
+def _served_api_versions(crd: Mapping[str, Any]) -> dict[str, str]:
+    group = crd["spec"]["group"]
+    return {f"{group}/{v['name']}": v["name"] for v in crd["spec"]["versions"] if v.get("served")}
+
+
+# ----------------------------------------------------------------------------------- validation
+def validate_manifest(doc: Any, crd_path: str | Path) -> list[str]:
+    """Errors (each prefixed with its JSON path) of a custom resource against its CRD; [] when valid."""
+    if not isinstance(doc, dict):
+        return [f"$: a manifest must be a mapping, got {type(doc).__name__}"]
+    crd = _load_crd(str(crd_path))
+    kind = crd["spec"]["names"]["kind"]
+    if doc.get("kind") != kind:
+        return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {kind!r}"]
+    served = _served_api_versions(crd)
+    if doc.get("apiVersion") not in served:
+        return [f"$.apiVersion: {doc.get('apiVersion')!r} is not served for {kind} (served: {sorted(served)})"]
+    validator = _compiled(str(crd_path), served[doc["apiVersion"]])
+    errors = _schema_errors(validator, doc)
+    return errors + _metadata_errors(doc.get("metadata")) + _replica_errors(doc.get("spec"))
+
+
+def _metadata_errors(meta: Any) -> list[str]:
+    """Name and label rules that Kubernetes enforces on ObjectMeta (the CRD leaves them out)."""
+    if not isinstance(meta, dict):
+        return []
+    errors = []
+    for field in ("name", "namespace"):
+        value = meta.get(field)
+        if isinstance(value, str) and not (len(value) <= 63 and _DNS1123_LABEL.match(value)):
+            errors.append(
+                f"$.metadata.{field}: {value!r} is not a DNS-1123 label "
+                "(lowercase letters, digits and '-', alphanumeric at both ends, at most 63 characters)"
+            )
+    for key, value in (meta.get("labels") or {}).items():
+        if not _valid_label_key(key):
+            errors.append(f"$.metadata.labels: key {key!r} is not a valid label key")
+        if isinstance(value, str) and value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
+            errors.append(f"$.metadata.labels[{key!r}]: value {value!r} is not a valid label value")
+    return errors
+
+
+def _valid_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    prefix_ok = not prefix or (len(prefix) <= 253 and bool(_DNS1123_SUBDOMAIN.match(prefix)))
+    return prefix_ok and len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _replica_errors(spec: Any) -> list[str]:
+    """Worker-group bounds the KubeRay operator refuses: minReplicas ≤ replicas ≤ maxReplicas."""
+    if not isinstance(spec, dict):
+        return []
+    nested = spec.get("rayClusterSpec")  # a RayJob carries the cluster spec one level down
+    cluster, prefix = (nested, "$.spec.rayClusterSpec") if isinstance(nested, dict) else (spec, "$.spec")
+    errors = []
+    for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
+        if not isinstance(group, dict):
+            continue
+        bounds = [group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
+        numbers = [b for b in bounds if isinstance(b, int)]
+        if numbers != sorted(numbers):
+            errors.append(
+                f"{prefix}.workerGroupSpecs[{i}]: need minReplicas <= replicas <= maxReplicas, "
+                f"got {dict(zip(('minReplicas', 'replicas', 'maxReplicas'), bounds))}"
+            )
+    return errors
+
+
+def validate_cluster_launcher(doc: Any) -> list[str]:
+    """Errors of a `ray up` cluster config against the installed Ray's ray-schema.json; [] when valid.
+
+    Adds the cross-field rules Ray checks after the schema (head type declared, worker bounds).
+    """
+    errors = _schema_errors(_launcher_validator(), doc)
+    if errors or not isinstance(doc, dict) or "available_node_types" not in doc:
+        return errors
+    types = doc["available_node_types"]
+    head = doc.get("head_node_type")
+    if head not in types:
+        errors.append(f"$.head_node_type: {head!r} is not one of available_node_types {sorted(types)}")
+    for name, node_type in types.items():
+        low, high = node_type.get("min_workers", 0), node_type.get("max_workers")
+        if high is not None and low > high:
+            errors.append(f"$.available_node_types[{name!r}]: min_workers {low} > max_workers {high}")
+    total_min = sum(t.get("min_workers", 0) for t in types.values())
+    if "max_workers" in doc and total_min > doc["max_workers"]:
+        errors.append(f"$.max_workers: {doc['max_workers']} is below the sum of min_workers ({total_min})")
+    return errors
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher_validator() -> jsonschema.Draft7Validator:
+    spec = importlib.util.find_spec("ray")  # locate without importing Ray itself
+    if spec is None or not spec.submodule_search_locations:
+        raise ManifestError("ray is not installed: its autoscaler schema is needed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "autoscaler" / "ray-schema.json"
+    try:
+        return jsonschema.Draft7Validator(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"cannot read Ray's cluster schema {path}: {err}") from None
+
+
+def _schema_errors(validator: jsonschema.Draft7Validator, doc: Any) -> list[str]:
+    errors = sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
+    return [line for err in errors for line in _describe(err)]
+
+
+def _describe(err: jsonschema.ValidationError) -> list[str]:
+    """One line per problem; unknown fields are named by their own path, as kubectl does."""
+    path = list(err.absolute_path)
+    if err.validator == "additionalProperties" and err.validator_value is False:
+        known = set(err.schema.get("properties", {}))
+        patterns = [re.compile(p) for p in err.schema.get("patternProperties", {})]
+        unknown = [
+            k for k in err.instance if k not in known and not any(p.search(k) for p in patterns)
+        ]
+        return [f"{json_path([*path, k])}: unknown field {k!r}" for k in unknown]
+    return [f"{json_path(path)}: {err.message}"]
+
+
+def json_path(parts: Iterable[str | int]) -> str:
+    """`$.spec.workerGroupSpecs[0]['nvidia.com/gpu']`-style path."""
+    out = "$"
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            out += f".{part}"
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+# ---------------------------------------------------------------------------------- credentials
+def credential_leaks(text: str) -> list[str]:
+    """Where a config text carries a literal credential: AWS key ids, `secret: value` assignments
+    and env entries named like a secret with a literal `value` (they must use secretKeyRef)."""
+    leaks = [
+        f"line {n}: {why}"
+        for n, line in enumerate(text.splitlines(), 1)
+        for pattern, why in ((_AWS_KEY_ID, "AWS access key id"), (_SECRET_ASSIGNMENT, "literal secret"))
+        if pattern.search(line)
+    ]
+    try:
+        docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
+    except yaml.YAMLError:
+        return leaks  # not YAML (e.g. Markdown): the line scan is all there is
+    return leaks + [
+        f"{path}: env {name!r} has a literal value" for path, name in _literal_secret_env(docs, [])
+    ]
+
+
+def _literal_secret_env(node: Any, path: list[str | int]) -> list[tuple[str, str]]:
+    found = []
+    if isinstance(node, dict):
+        name, value = node.get("name"), node.get("value")
+        if isinstance(name, str) and _SECRET_ENV_NAME.search(name) and value not in (None, ""):
+            found.append((json_path(path), name))
+        items: Iterable[tuple[Any, Any]] = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return []
+    for key, child in items:
+        found += _literal_secret_env(child, [*path, key])
+    return found
+

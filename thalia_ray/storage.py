@@ -1,0 +1,310 @@
+"""Locations → filesystems. Everything that touches storage goes through here.
+
+A location is a local path, a `file://` URL or `s3://bucket/prefix` on any S3-compatible endpoint.
+It yields an fsspec filesystem (s3fs for S3) for our own I/O and Zarr, and a pyarrow filesystem for
+Ray's `storage_filesystem`. The endpoint comes from the config, `?endpoint_override=` on the URL, or
+`AWS_ENDPOINT_URL`; credentials only from the environment or the standard AWS configuration.
+Writes are atomic (write a temporary sibling, then rename/copy into place), so a reader never sees a
+half-written file, and transient errors are retried with backoff.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import fsspec
+
+T = TypeVar("T")
+
+# Errors worth retrying: timeouts and dropped connections, not missing keys or denied access.
+_TRANSIENT = (ConnectionError, TimeoutError)
+_TRANSIENT_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                    "ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the location and the likely cause."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def resolve(cls, query: dict[str, list[str]], endpoint_url: str | None, region: str | None) -> "S3Options":
+        from_query = query.get("endpoint_override", [None])[0]
+        if from_query and "://" not in from_query:
+            scheme = query.get("scheme", ["https"])[0]
+            from_query = f"{scheme}://{from_query}"
+        endpoint = from_query or endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
+        region = query.get("region", [None])[0] or region or os.environ.get("AWS_REGION") or os.environ.get(
+            "AWS_DEFAULT_REGION"
+        )
+        return cls(endpoint.rstrip("/") if endpoint else None, region)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3fs(options: S3Options) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if options.endpoint_url:
+        client_kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        client_kwargs["region_name"] = options.region
+    return s3fs.S3FileSystem(
+        client_kwargs=client_kwargs,
+        config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
+        skip_instance_cache=True,
+    )
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved place in storage: `protocol` is "file" or "s3"; `path` is what the fs expects."""
+
+    url: str
+    protocol: str
+    path: str
+    s3: S3Options = field(default_factory=S3Options)
+
+    # ---------------------------------------------------------------------- filesystems
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self.protocol == "s3":
+            return _s3fs(self.s3)
+        return fsspec.filesystem("file")
+
+    def pyarrow(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, path) for Ray Train/Tune `storage_filesystem` / `storage_path`."""
+        import pyarrow.fs as pafs
+
+        if self.protocol == "file":
+            return pafs.LocalFileSystem(), self.path
+        kwargs: dict[str, Any] = {}
+        if self.s3.endpoint_url:
+            parts = urlsplit(self.s3.endpoint_url)
+            kwargs["endpoint_override"] = parts.netloc
+            kwargs["scheme"] = parts.scheme or "https"
+        if self.s3.region:
+            kwargs["region"] = self.s3.region
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        return pafs.S3FileSystem(**kwargs), self.path
+
+    def zarr_store(self, read_only: bool = True) -> Any:
+        """A Zarr v3 store over this location (local directory or S3 prefix)."""
+        import zarr.storage
+
+        if self.protocol == "file":
+            return zarr.storage.LocalStore(self.path, read_only=read_only)
+        return zarr.storage.FsspecStore(_async_s3fs(self.s3), path=self.path, read_only=read_only)
+
+    # ---------------------------------------------------------------------- navigation
+    def join(self, *parts: str) -> "Location":
+        tail = "/".join(p.strip("/") for p in parts if p)
+        if not tail:
+            return self
+        base_url = self.url.split("?", 1)[0].rstrip("/")
+        return Location(f"{base_url}/{tail}", self.protocol, f"{self.path.rstrip('/')}/{tail}", self.s3)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    # ---------------------------------------------------------------------- reading
+    def exists(self) -> bool:
+        return self._call("check", lambda: self.fs.exists(self.path))
+
+    def is_dir(self) -> bool:
+        return self._call("check", lambda: self.fs.isdir(self.path))
+
+    def list(self) -> list[str]:
+        """Names (not paths) directly under this location, sorted; empty if it does not exist."""
+        def names() -> list[str]:
+            if not self.fs.exists(self.path):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False))
+
+        self.invalidate()
+        return self._call("list", names)
+
+    def glob(self, pattern: str) -> list["Location"]:
+        matches = self._call("list", lambda: sorted(self.fs.glob(f"{self.path.rstrip('/')}/{pattern}")))
+        root = self.path.rstrip("/")
+        return [self.join(m[len(root) + 1:]) for m in matches]
+
+    def read_bytes(self) -> bytes:
+        return self._call("read", lambda: self.fs.cat_file(self.path))
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def read_json(self) -> Any:
+        data = self.read_bytes()
+        if self.path.endswith(".gz"):
+            import gzip
+
+            data = gzip.decompress(data)
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as err:
+            raise StorageError(f"{self.url}: not valid JSON ({err})") from None
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> Any:
+        if "w" in mode and self.protocol == "file":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        return self._call("open", lambda: self.fs.open(self.path, mode, **kwargs))
+
+    def size(self) -> int:
+        return int(self._call("stat", lambda: self.fs.size(self.path)))
+
+    # ---------------------------------------------------------------------- writing
+    def write_bytes(self, data: bytes) -> None:
+        """Atomic write: a temporary sibling is written whole, then moved into place."""
+        tmp = self.parent().join(f".{self.name}.tmp-{uuid.uuid4().hex[:12]}")
+        if self.protocol == "file":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp.path, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp.path, self.path)
+            return
+        # S3 PUTs are atomic per object: a reader sees the old object or the new one, never a part.
+        self._call("write", lambda: self.fs.pipe_file(self.path, data))
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def write_json(self, obj: Any, indent: int | None = 2) -> None:
+        self.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
+
+    def put_file(self, local_path: str | Path) -> None:
+        """Upload a finished local file as this location, atomically."""
+        if self.protocol == "file":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
+            import shutil
+
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, self.path)
+            return
+        self._call("upload", lambda: self.fs.put_file(str(local_path), self.path))
+
+    def makedirs(self) -> None:
+        if self.protocol == "file":
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+
+    def remove(self, recursive: bool = False) -> None:
+        if self.exists():
+            self._call("remove", lambda: self.fs.rm(self.path, recursive=recursive))
+
+    def parent(self) -> "Location":
+        parent_path = self.path.rstrip("/").rsplit("/", 1)[0]
+        base_url = self.url.split("?", 1)[0].rstrip("/")
+        return Location(base_url.rsplit("/", 1)[0], self.protocol, parent_path, self.s3)
+
+    def invalidate(self) -> None:
+        """Forget cached listings (s3fs caches directory listings per instance)."""
+        if self.protocol == "s3":
+            self.fs.invalidate_cache(self.path)
+
+    # ---------------------------------------------------------------------- errors
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, f"{what} {self.url}", endpoint=self.s3.endpoint_url if self.protocol == "s3" else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _async_s3fs(options: S3Options) -> Any:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if options.endpoint_url:
+        client_kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        client_kwargs["region_name"] = options.region
+    return s3fs.S3FileSystem(asynchronous=True, client_kwargs=client_kwargs, skip_instance_cache=True,
+                             config_kwargs={"connect_timeout": 5, "retries": {"max_attempts": 3}})
+
+
+def _is_transient(err: BaseException) -> bool:
+    return isinstance(err, _TRANSIENT) or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES)
+
+
+def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageError:
+    text = f"{type(err).__name__}: {err}"
+    where = f" (endpoint {endpoint})" if endpoint else ""
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text or "InvalidAccessKeyId" in text:
+        hint = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
+    elif "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        hint = "the bucket does not exist"
+    elif _is_transient(err) or "Could not connect" in text or "Connect" in type(err).__name__:
+        hint = "the storage endpoint is unreachable"
+    elif isinstance(err, FileNotFoundError):
+        hint = "not found"
+    else:
+        hint = "storage error"
+    return StorageError(f"cannot {what}{where}: {hint} [{text}]")
+
+
+def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 3, base_delay: float = 0.5,
+                 endpoint: str | None = None) -> T:
+    """Call `fn`, retrying transient failures with exponential backoff; explain the final error."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure is turned into a StorageError below
+            if _is_transient(err) and attempt + 1 < attempts:
+                time.sleep(base_delay * 2**attempt)
+                continue
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(f"{what}: not found") from err
+            raise _explain(err, what, endpoint) from err
+    raise AssertionError("unreachable")
+
+
+def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = None) -> Location:
+    """Turn a path or URL into a Location. `storage_cfg` (StorageConfig) supplies endpoint/region."""
+    if isinstance(url, Location):
+        return url
+    text = str(url)
+    parts = urlsplit(text)
+    if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
+        local = parts.path if parts.scheme == "file" else text
+        path = str(Path(local).expanduser().resolve())
+        return Location(path, "file", path)
+    if parts.scheme in ("s3", "s3a"):
+        if not parts.netloc:
+            raise StorageError(f"{text}: an s3:// location needs a bucket (s3://bucket/prefix)")
+        options = S3Options.resolve(
+            parse_qs(parts.query),
+            getattr(storage_cfg, "endpoint_url", None),
+            getattr(storage_cfg, "region", None),
+        )
+        path = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+        return Location(f"s3://{path}", "s3", path, options)
+    raise StorageError(f"{text}: unsupported location scheme {parts.scheme!r}; use a local path, file:// or s3://")
+
+
+def walk_files(loc: Location) -> Iterator[Location]:
+    """Every file below a location (recursive), as Locations."""
+    root = loc.path.rstrip("/")
+    for path in sorted(loc._call("list", lambda: loc.fs.find(root))):
+        yield loc.join(path[len(root) + 1:])
