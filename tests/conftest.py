@@ -110,3 +110,18 @@ def shared_meta() -> Path:
     if not (SHARED_META / "annotations.json.gz").exists():
         pytest.skip(f"real Thalia metadata not found at {SHARED_META}")
     return SHARED_META
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic Thalia dataset (sampled mode, no real metadata needed), generated once.
+
+    3 frames of 96 px, 8 time-series groups each (lengths drawn from the real distribution); every
+    sampled frame has positives in train, val and test. Layout as published: `{frame}.zarr`,
+    annotations.json, quality_timeseries.json, statistics.json.
+    """
+    from thalia_ray.data.synthetic.generator import synthesize
+
+    root = tmp_path_factory.mktemp("synthetic") / "thalia"
+    synthesize(str(root), frames=3, size=96, seed=0, max_groups_per_frame=8)
+    return root

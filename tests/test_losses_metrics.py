@@ -67,12 +67,16 @@ def test_dice_on_known_masks() -> None:
     pred = torch.zeros(1, 4, 4, dtype=torch.long)
     pred[0, 0, :2] = 1
     pred[0, 1, :2] = 1  # 2 of them found, 2 false positives
-    loss, _ = build_loss(LossConfig(name="dice"), "segmentation")({"logits": _confident(pred)}, {"mask": target})
+    dice = build_loss(LossConfig(name="dice"), "segmentation")
     dice_deformation = (2 * 2 + 1) / (4 + 4 + 1)
     dice_background = (2 * 10 + 1) / (12 + 12 + 1)
+    loss, _ = dice({"logits": _confident(pred)}, {"mask": target})
     assert loss.item() == pytest.approx(1 - (dice_deformation + dice_background) / 2, abs=1e-5)
-    perfect, _ = build_loss(LossConfig(name="dice"), "segmentation")({"logits": _confident(target)}, {"mask": target})
+    perfect, _ = dice({"logits": _confident(target)}, {"mask": target})
     assert perfect.item() == pytest.approx(0.0, abs=1e-5)
+    deformation_only = build_loss(LossConfig(name="dice", class_weights=[0, 1]), "segmentation")
+    loss, _ = deformation_only({"logits": _confident(pred)}, {"mask": target})
+    assert loss.item() == pytest.approx(1 - dice_deformation, abs=1e-5)
 
 
 def test_combined_loss_and_mask_union_over_time() -> None:
@@ -224,10 +228,16 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, scores: np.ndarray, targets: np.ndarray, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        suite = MetricSuite("classification")
-        shard = slice(rank, None, world)  # uneven shards: rank 0 holds one more sample
-        suite.update({"logits": _logits_for(scores[shard])}, {"label": torch.as_tensor(targets[shard])})
-        torch.save(suite.compute(), f"{out}/rank{rank}.pt")
+        results = {}
+        # uneven shards (rank 0 holds one more sample), and everything on rank 0 (rank 1 saw nothing)
+        shards = {"strided": slice(rank, None, world), "rank0": slice(None) if rank == 0 else slice(0)}
+        for mode, shard in shards.items():
+            suite = MetricSuite("classification")
+            if len(targets[shard]):
+                batch = {"label": torch.as_tensor(targets[shard])}
+                suite.update({"logits": _logits_for(scores[shard])}, batch)
+            results[mode] = suite.compute()
+        torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -242,4 +252,5 @@ def test_metric_suite_syncs_under_ddp_gloo(tmp_path) -> None:
     expected = single.compute()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert got == pytest.approx(expected, rel=1e-5)
+        assert got["strided"] == pytest.approx(expected, rel=1e-5)
+        assert got["rank0"] == pytest.approx(expected, rel=1e-5)

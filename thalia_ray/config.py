@@ -206,6 +206,7 @@ class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "thalia-ray"
     entity: str | None = None
+    group: str | None = None  # sweeps group their trials' runs under the sweep id
 
 
 class RuntimeConfig(Section):

@@ -52,7 +52,7 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def focal(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t; α_t = α for the Deformation class, 1 − α otherwise."""
+    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t; α_t = α for Deformation, 1 − α otherwise."""
     log_p = -cross_entropy(logits, target)
     alpha_t = torch.where(target == schema.DEFORMATION_CLASS, alpha, 1.0 - alpha)
     return -alpha_t * (1.0 - log_p.exp()).pow(gamma) * log_p
@@ -86,7 +86,9 @@ class ThaliaLoss:
             is_multilabel(head)  # validates the name
         self.class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights)
 
-    def __call__(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def __call__(
+        self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
         logits = _get(outputs, "logits", "model outputs")
         target = self._target(batch)
         class_weights = self._class_weights(logits)
@@ -138,12 +140,13 @@ class ThaliaLoss:
     def _aux_term(
         self, head: str, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor], sample_weights: Tensor
     ) -> Tensor:
-        logits = _get(outputs, head, "model outputs (is the head in model.aux_heads?)").float()
+        logits = _get(outputs, head, "model outputs", hint=" (is it in model.aux_heads?)").float()
         target = _get(batch, f"aux_{head}", "batch")
         if is_multilabel(head):
             valid = batch.get(f"aux_{head}_valid")
             valid = torch.ones_like(sample_weights) if valid is None else valid.float()
-            per_sample = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(dim=1)
+            bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+            per_sample = bce.mean(dim=1)
         else:
             valid = (target != MISSING).float()
             per_sample = F.cross_entropy(logits, target.long(), ignore_index=MISSING, reduction="none")
@@ -155,11 +158,11 @@ def _broadcast(sample_weights: Tensor, per_element: Tensor) -> Tensor:
     return sample_weights.reshape(-1, *([1] * (per_element.ndim - 1))).expand_as(per_element)
 
 
-def _get(mapping: Mapping[str, Tensor], key: str, where: str) -> Tensor:
+def _get(mapping: Mapping[str, Tensor], key: str, where: str, hint: str = "") -> Tensor:
     try:
         return mapping[key]
     except KeyError:
-        raise KeyError(f"{where} has no {key!r}; keys present: {sorted(mapping)}") from None
+        raise KeyError(f"{where} has no {key!r}{hint}; keys present: {sorted(mapping)}") from None
 
 
 def build_loss(cfg: LossConfig, task: str, aux_weights: Mapping[str, float] | None = None) -> LossFn:

@@ -24,7 +24,8 @@ import jsonschema
 import yaml
 
 CRD_DIR_ENV = "THALIA_KUBERAY_CRDS"
-_DEFAULT_CRD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CRD_DIR = _REPO_ROOT.parent / "shared" / "kuberay"
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -97,7 +98,7 @@ def crd_for(kind: str) -> Path:
     """
     name = f"ray.io_{kind.lower()}s.yaml"
     dirs = [Path(os.environ[CRD_DIR_ENV])] if os.environ.get(CRD_DIR_ENV) else []
-    dirs.append(_DEFAULT_CRD_DIR)
+    dirs.append(DEFAULT_CRD_DIR)
     for directory in dirs:
         if (directory / name).is_file():
             return directory / name
@@ -170,7 +171,8 @@ def validate_manifest(doc: Any, crd_path: str | Path) -> list[str]:
         return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {kind!r}"]
     served = _served_api_versions(crd)
     if doc.get("apiVersion") not in served:
-        return [f"$.apiVersion: {doc.get('apiVersion')!r} is not served for {kind} (served: {sorted(served)})"]
+        wanted = doc.get("apiVersion")
+        return [f"$.apiVersion: {wanted!r} is not served for {kind} (served: {sorted(served)})"]
     validator = _compiled(str(crd_path), served[doc["apiVersion"]])
     errors = _schema_errors(validator, doc)
     return errors + _metadata_errors(doc.get("metadata")) + _replica_errors(doc.get("spec"))
@@ -192,7 +194,8 @@ def _metadata_errors(meta: Any) -> list[str]:
         if not _valid_label_key(key):
             errors.append(f"$.metadata.labels: key {key!r} is not a valid label key")
         if isinstance(value, str) and value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
-            errors.append(f"$.metadata.labels[{key!r}]: value {value!r} is not a valid label value")
+            where = json_path(["metadata", "labels", key])
+            errors.append(f"{where}: value {value!r} is not a valid label value")
     return errors
 
 
@@ -206,8 +209,9 @@ def _replica_errors(spec: Any) -> list[str]:
     """Worker-group bounds the KubeRay operator refuses: minReplicas ≤ replicas ≤ maxReplicas."""
     if not isinstance(spec, dict):
         return []
-    nested = spec.get("rayClusterSpec")  # a RayJob carries the cluster spec one level down
-    cluster, prefix = (nested, "$.spec.rayClusterSpec") if isinstance(nested, dict) else (spec, "$.spec")
+    cluster, prefix = spec, "$.spec"
+    if isinstance(spec.get("rayClusterSpec"), dict):  # a RayJob carries its cluster one level down
+        cluster, prefix = spec["rayClusterSpec"], "$.spec.rayClusterSpec"
     errors = []
     for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
         if not isinstance(group, dict):
@@ -237,10 +241,11 @@ def validate_cluster_launcher(doc: Any) -> list[str]:
     for name, node_type in types.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers")
         if high is not None and low > high:
-            errors.append(f"$.available_node_types[{name!r}]: min_workers {low} > max_workers {high}")
+            where = json_path(["available_node_types", name])
+            errors.append(f"{where}: min_workers {low} > max_workers {high}")
     total_min = sum(t.get("min_workers", 0) for t in types.values())
     if "max_workers" in doc and total_min > doc["max_workers"]:
-        errors.append(f"$.max_workers: {doc['max_workers']} is below the sum of min_workers ({total_min})")
+        errors.append(f"$.max_workers: {doc['max_workers']} is below the sum of min_workers {total_min}")
     return errors
 
 
@@ -302,7 +307,9 @@ def credential_leaks(text: str) -> list[str]:
     except yaml.YAMLError:
         return leaks  # not YAML (e.g. Markdown): the line scan is all there is
     return leaks + [
-        f"{path}: env {name!r} has a literal value" for path, name in _literal_secret_env(docs, [])
+        f"{path}: env {name!r} has a literal value"
+        for doc in docs
+        for path, name in _literal_secret_env(doc, [])
     ]
 
 

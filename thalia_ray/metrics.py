@@ -18,11 +18,9 @@ from typing import Mapping
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassAveragePrecision,
     MulticlassF1Score,
     MulticlassJaccardIndex,
     MulticlassPrecision,
@@ -35,7 +33,10 @@ from torchmetrics.functional.classification import (
     binary_f1_score,
     binary_precision,
     binary_recall,
+    multiclass_auroc,
+    multiclass_average_precision,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from thalia_ray.data import schema
 from thalia_ray.losses import segmentation_target
@@ -43,7 +44,36 @@ from thalia_ray.losses import segmentation_target
 CLASS_KEYS = tuple(name.lower() for name in schema.CLASSES)  # ("non_deformation", "deformation")
 
 
-def _per_class(num_classes: int, task: str) -> dict[str, object]:
+class RankingMetrics(Metric):
+    """Per-class exact average precision and AUROC (one-vs-rest) over every score seen.
+
+    States are flat float32 lists: when a rank saw no sample (a small validation split over many
+    workers) torchmetrics joins the all-gather with an empty 1-D float32 tensor, which only lines
+    up with the other ranks when theirs are 1-D float32 too (2-D or int64 states abort gloo).
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        self.probs.append(probs.float().flatten())
+        self.target.append(target.float())
+
+    def compute(self) -> dict[str, Tensor]:
+        probs = dim_zero_cat(self.probs).reshape(-1, self.num_classes)
+        args = (probs, dim_zero_cat(self.target).long(), self.num_classes)
+        return {
+            "ap": multiclass_average_precision(*args, average=None, thresholds=None),
+            "auroc": multiclass_auroc(*args, average=None, thresholds=None),
+        }
+
+
+def _confusion_metrics(num_classes: int, task: str) -> MetricCollection:
     common = {"num_classes": num_classes, "average": None}
     metrics = {
         "accuracy": MulticlassAccuracy(**common),
@@ -51,12 +81,9 @@ def _per_class(num_classes: int, task: str) -> dict[str, object]:
         "recall": MulticlassRecall(**common),
         "f1": MulticlassF1Score(**common),
     }
-    if task == "classification":
-        metrics["ap"] = MulticlassAveragePrecision(**common, thresholds=None)
-        metrics["auroc"] = MulticlassAUROC(**common, thresholds=None)
-    else:
+    if task == "segmentation":
         metrics["iou"] = MulticlassJaccardIndex(**common)
-    return metrics
+    return MetricCollection(metrics)
 
 
 class MetricSuite:
@@ -69,12 +96,16 @@ class MetricSuite:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.task = task
         self.class_names = class_names
-        self.per_class = MetricCollection(_per_class(num_classes, task))
+        self.per_class = _confusion_metrics(num_classes, task)
+        self.ranking = RankingMetrics(num_classes) if task == "classification" else None
         self.overall = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
+    def _metrics(self) -> list[Metric | MetricCollection]:
+        return [m for m in (self.per_class, self.ranking, self.overall) if m is not None]
+
     def to(self, device: torch.device | str) -> "MetricSuite":
-        self.per_class.to(device)
-        self.overall.to(device)
+        for metric in self._metrics():
+            metric.to(device)
         return self
 
     @torch.no_grad()
@@ -85,19 +116,22 @@ class MetricSuite:
         else:
             preds, target = logits.argmax(dim=1), segmentation_target(batch["mask"])
         target = target.long().to(logits.device)
-        self.per_class.update(preds, target)
-        self.overall.update(preds, target)
+        for metric in self._metrics():
+            metric.update(preds, target)
 
     def compute(self) -> dict[str, float]:
         values = {"accuracy": float(self.overall.compute())}
-        for metric, per_class in self.per_class.compute().items():
-            for name, value in zip(self.class_names, per_class.tolist()):
+        per_class = dict(self.per_class.compute())
+        if self.ranking is not None:
+            per_class.update(self.ranking.compute())
+        for metric, vector in per_class.items():
+            for name, value in zip(self.class_names, vector.tolist()):
                 values[f"{metric}_{name}"] = value
         return values
 
     def reset(self) -> None:
-        self.per_class.reset()
-        self.overall.reset()
+        for metric in self._metrics():
+            metric.reset()
 
 
 def deformation_metrics(preds: np.ndarray, targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -108,7 +142,9 @@ def deformation_metrics(preds: np.ndarray, targets: np.ndarray, scores: np.ndarr
     """
     p, t, s = (torch.as_tensor(np.asarray(a)).reshape(-1) for a in (preds, targets, scores))
     if not (len(p) == len(t) == len(s)) or len(t) == 0:
-        raise ValueError(f"preds, targets and scores must be non-empty and equally long, got {len(p)}, {len(t)}, {len(s)}")
+        raise ValueError(
+            f"preds, targets and scores must be non-empty and equally long, got {len(p)}, {len(t)}, {len(s)}"
+        )
     p, t, s = p.long(), t.long(), s.double()
     positives = int(t.sum())
     both_classes = 0 < positives < len(t)

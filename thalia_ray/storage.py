@@ -9,9 +9,11 @@ half-written file, and transient errors are retried with backoff.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,9 +26,11 @@ import fsspec
 T = TypeVar("T")
 
 # Errors worth retrying: timeouts and dropped connections, not missing keys or denied access.
+# botocore's own connection errors (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
+# are left out on purpose: the S3 client has already retried them with backoff, and retrying them
+# again here multiplied the wait on an unreachable endpoint to over 10 s.
 _TRANSIENT = (ConnectionError, TimeoutError)
-_TRANSIENT_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                    "ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
+_TRANSIENT_NAMES = ("ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
 
 
 class StorageError(RuntimeError):
@@ -176,14 +180,14 @@ class Location:
     # ---------------------------------------------------------------------- writing
     def write_bytes(self, data: bytes) -> None:
         """Atomic write: a temporary sibling is written whole, then moved into place."""
-        tmp = self.parent().join(f".{self.name}.tmp-{uuid.uuid4().hex[:12]}")
         if self.protocol == "file":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp.path, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp.path, self.path)
+            with _local_temp_sibling(self.path) as tmp:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.path)
             return
         # S3 PUTs are atomic per object: a reader sees the old object or the new one, never a part.
         self._call("write", lambda: self.fs.pipe_file(self.path, data))
@@ -198,11 +202,9 @@ class Location:
         """Upload a finished local file as this location, atomically."""
         if self.protocol == "file":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-            import shutil
-
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, self.path)
+            with _local_temp_sibling(self.path) as tmp:
+                shutil.copyfile(local_path, tmp)
+                os.replace(tmp, self.path)
             return
         self._call("upload", lambda: self.fs.put_file(str(local_path), self.path))
 
@@ -229,6 +231,19 @@ class Location:
         return with_retries(fn, f"{what} {self.url}", endpoint=self.s3.endpoint_url if self.protocol == "s3" else None)
 
 
+@contextlib.contextmanager
+def _local_temp_sibling(path: str) -> Iterator[str]:
+    """A hidden temporary name next to `path`, removed if the write fails before it is renamed."""
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 @functools.lru_cache(maxsize=16)
 def _async_s3fs(options: S3Options) -> Any:
     import s3fs
@@ -246,12 +261,17 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, _TRANSIENT) or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES)
 
 
+def _is_missing_bucket(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return "NoSuchBucket" in text or "bucket does not exist" in text.lower()
+
+
 def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageError:
     text = f"{type(err).__name__}: {err}"
     where = f" (endpoint {endpoint})" if endpoint else ""
     if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text or "InvalidAccessKeyId" in text:
         hint = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
-    elif "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+    elif _is_missing_bucket(err):
         hint = "the bucket does not exist"
     elif _is_transient(err) or "Could not connect" in text or "Connect" in type(err).__name__:
         hint = "the storage endpoint is unreachable"
@@ -274,7 +294,7 @@ def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 3, base_dela
             if _is_transient(err) and attempt + 1 < attempts:
                 time.sleep(base_delay * 2**attempt)
                 continue
-            if isinstance(err, FileNotFoundError):
+            if isinstance(err, FileNotFoundError) and not _is_missing_bucket(err):
                 raise FileNotFoundError(f"{what}: not found") from err
             raise _explain(err, what, endpoint) from err
     raise AssertionError("unreachable")

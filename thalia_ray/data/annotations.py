@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from thalia_ray.data import schema
@@ -55,6 +56,15 @@ class AnnotationSet(Mapping[int, Annotation]):
 
 # ------------------------------------------------------------------------------ field checks
 _DATE = re.compile(r"^\d{8}$")
+# Allowed flag values. Most flags are binary; the published data also holds graded values:
+# atmospheric_fringes 0-3 (none/stratified/turbulent/both), processing_error 0-3 (324 records
+# have 3, 172 have 2) and glacier_fringes 0-2 (one record has 2).
+FLAG_LEVELS: dict[str, tuple[int, ...]] = {
+    **{name: (0, 1) for name in schema.FLAGS},
+    "atmospheric_fringes": schema.ATMOSPHERIC_FRINGE_LEVELS,
+    "processing_error": (0, 1, 2, 3),
+    "glacier_fringes": (0, 1, 2),
+}
 
 
 class _FieldError(Exception):
@@ -70,8 +80,6 @@ def _date(raw: dict[str, Any], field: str) -> str:
     if not isinstance(value, str) or not _DATE.match(value):
         raise _FieldError(field, f"expected a YYYYMMDD date, got {value!r}")
     try:
-        from datetime import datetime
-
         datetime.strptime(value, "%Y%m%d")
     except ValueError:
         raise _FieldError(field, f"{value!r} is not a calendar date") from None
@@ -132,7 +140,7 @@ def _flags(raw: dict[str, Any]) -> dict[str, int]:
     flags = {}
     for name in schema.FLAGS:
         value = raw.get(name)
-        allowed = schema.ATMOSPHERIC_FRINGE_LEVELS if name == "atmospheric_fringes" else (0, 1)
+        allowed = FLAG_LEVELS[name]
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
             raise _FieldError(name, f"expected one of {list(allowed)}, got {value!r}")
         flags[name] = value

@@ -94,7 +94,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
 
 def _best_target(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     """The model itself or the wrapped network (`backbone`/`net`), whichever shares more keys."""
-    candidates = [model] + [m for m in (getattr(model, "backbone", None), getattr(model, "net", None)) if m is not None]
+    wrapped = (getattr(model, "backbone", None), getattr(model, "net", None))
+    candidates = [model, *(m for m in wrapped if m is not None)]
     return max(candidates, key=lambda m: len(state.keys() & m.state_dict().keys()))
 
 
@@ -120,7 +121,8 @@ def _merged(own: Mapping[str, Tensor], state: Mapping[str, Tensor], report: Load
 
 
 def _adaptable(own: Tensor, loaded: Tensor) -> bool:
-    return own.ndim == loaded.ndim == 4 and own.shape[0] == loaded.shape[0] and own.shape[2:] == loaded.shape[2:]
+    same_filters = own.shape[0] == loaded.shape[0] and own.shape[2:] == loaded.shape[2:]
+    return own.ndim == loaded.ndim == 4 and same_filters
 
 
 def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:

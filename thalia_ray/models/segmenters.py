@@ -1,4 +1,4 @@
-"""segmentation-models-pytorch segmenters with time stacked into channels: (B, T·C, H, W) → pixel logits."""
+"""segmentation-models-pytorch segmenters, time stacked into channels: (B, T·C, H, W) → pixel logits."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -48,5 +48,6 @@ def build_smp_segmenter(
             classes=num_classes,
         )
     except (KeyError, ValueError) as err:
-        raise ValueError(f"model.encoder {cfg.encoder!r} cannot be used with {spec.name}: {err.args[0] if err.args else err}") from None
+        reason = err.args[0] if err.args else err
+        raise ValueError(f"model.encoder {cfg.encoder!r} cannot be used with {spec.name}: {reason}") from None
     return SmpSegmenter(spec.name, net, in_channels, cfg.aux_heads, cfg.dropout)

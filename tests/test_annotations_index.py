@@ -1,0 +1,267 @@
+"""Annotation validation, time-series index, splits, padding, enumeration, balanced epochs and the
+counts of the real Thalia metadata."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections import Counter
+
+import pytest
+from test_cube_transforms import record
+
+from thalia_ray.config import DataConfig
+from thalia_ray.data.annotations import (
+    AnnotationError,
+    AnnotationSet,
+    find_metadata,
+    load_annotations,
+    load_timeseries,
+    parse_annotation,
+    validate_timeseries,
+)
+from thalia_ray.data.index import (
+    SampleIndex,
+    enumerate_subsets,
+    group_rng,
+    index_counts,
+    pad_positions,
+)
+
+FRAME = "021D_09150_131313"
+OTHER = "128D_09016_110500"
+
+
+def dataset(groups: dict[str, dict[str, list[tuple[str, bool]]]]) -> tuple[dict, dict]:
+    """Annotation records and a time-series index from `{frame: {primary: [(secondary, positive)]}}`."""
+    records, timeseries, uid = {}, {}, 1
+    for frame, frame_groups in groups.items():
+        timeseries[frame] = {}
+        for primary, members in frame_groups.items():
+            ids = []
+            for secondary, positive in members:
+                records[str(uid)] = record(uid, primary, secondary, positive, frame=frame)
+                ids.append(uid)
+                uid += 1
+            timeseries[frame][primary] = {"length": len(ids), "secondary_date": [s for s, _ in members],
+                                          "uniqueID": ids}
+    return records, timeseries
+
+
+def write(root, records, timeseries, gz=False):
+    root.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(records).encode()
+    if gz:
+        (root / "annotations.json.gz").write_bytes(gzip.compress(data))
+    else:
+        (root / "annotations.json").write_bytes(data)
+    (root / "quality_timeseries.json").write_text(json.dumps(timeseries))
+
+
+def series(primary: str, n: int, positive_at: tuple[int, ...] = ()) -> list[tuple[str, bool]]:
+    year, month = int(primary[:4]), int(primary[4:6])
+    return [(f"{year + 1}{month:02d}{i + 1:02d}", i in positive_at) for i in range(n)]
+
+
+def build(groups, seed=0, **cfg) -> SampleIndex:
+    records, timeseries = dataset(groups)
+    anns = load_annotations_from(records)
+    return SampleIndex.build(anns, validate_timeseries(timeseries), DataConfig(**cfg), seed)
+
+
+def load_annotations_from(records):
+    return AnnotationSet({int(k): parse_annotation(k, v) for k, v in records.items()})
+
+
+# ---------------------------------------------------------------------------- annotations
+BAD_FIELDS = [
+    ("uniqueID", 1.5), ("uniqueID", True), ("primary_date", "2019-01-01"), ("secondary_date", "20190230"),
+    ("label", []), ("label", ["Volcano"]), ("activity_type", "Sill"), ("intensity_level", ["Huge"]),
+    ("phase", "Sleeping"), ("confidence", 1.5), ("confidence", "high"), ("corrupted", 2),
+    ("atmospheric_fringes", 4), ("low_coherence", True), ("segmentation_mask", [[1.0, 2.0, 3.0]]),
+    ("segmentation_mask", [[1.0, "a"]]), ("caption", None), ("frameID", 7),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_FIELDS)
+def test_malformed_annotation_is_reported_with_uid_and_field(tmp_path, field, value):
+    records = {"1": record(1, "20190101", "20190113", False), "2": record(2, "20190101", "20190125", True)}
+    records["2"][field] = value
+    write(tmp_path, records, {})
+    skipped = load_annotations(tmp_path / "annotations.json", on_malformed="skip")
+    assert list(skipped) == [1]
+    assert len(skipped.problems) == 1 and "uniqueID 2" in skipped.problems[0] and repr(field) in skipped.problems[0]
+    with pytest.raises(AnnotationError, match=rf"uniqueID 2: field '{field}'"):
+        load_annotations(tmp_path / "annotations.json", on_malformed="fail")
+
+
+def test_annotation_fields_parsed_from_gzip_and_per_sample_folder(tmp_path):
+    raw = record(7, "20190101", "20190113", True, polygons=[(1, 2, 3, 4, 5, 6)], atmospheric_fringes=3,
+                 processing_error=2, uniqueID="7")
+    write(tmp_path / "gz", {"7": raw}, {}, gz=True)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "7.json").write_text(json.dumps(raw))
+    for location in (tmp_path / "gz" / "annotations.json.gz", tmp_path / "folder"):
+        ann = load_annotations(str(location))[7]
+        assert ann.positive and ann.labels == ("Deformation",) and ann.polygons == ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0),)
+        assert ann.flags["atmospheric_fringes"] == 3 and ann.flags["processing_error"] == 2
+    mismatch = {"8": record(9, "20190101", "20190113", False)}
+    write(tmp_path / "mm", mismatch, {})
+    assert "does not match its key" in load_annotations(tmp_path / "mm" / "annotations.json").problems[0]
+
+
+def test_timeseries_validation_and_members_without_annotation(tmp_path):
+    with pytest.raises(AnnotationError, match=r"\[F\]\[20190101\].*equal length"):
+        validate_timeseries({"F": {"20190101": {"length": 2, "secondary_date": ["20190113"], "uniqueID": [1, 2]}}})
+    with pytest.raises(AnnotationError, match=r"\[F\]\[2019-01-01\]"):
+        validate_timeseries({"F": {"2019-01-01": {"secondary_date": [], "uniqueID": []}}})
+    records, timeseries = dataset({FRAME: {"20180101": series("20180101", 3)}})
+    records["2"]["confidence"] = -1  # malformed → skipped, so its series member goes too
+    timeseries[FRAME]["20180101"]["uniqueID"].append(99)  # no such annotation
+    timeseries[FRAME]["20180101"]["secondary_date"].append("20190110")
+    timeseries[FRAME]["20180101"]["length"] = 4
+    write(tmp_path, records, timeseries)
+    index = SampleIndex.from_config(DataConfig(root=str(tmp_path), length=1), seed=0)
+    assert [s.unique_ids for s in index.samples("train")] == [(1,), (3,)]
+    assert any("uniqueID 2" in p and "confidence" in p for p in index.problems)
+    assert any("uniqueID 99" in p and "member skipped" in p for p in index.problems)
+    with pytest.raises(AnnotationError, match="no annotations"):
+        find_metadata(tmp_path / "empty")
+
+
+# -------------------------------------------------------------------------------- splits
+def test_split_boundaries_are_inclusive_by_primary_date():
+    groups = {FRAME: {d: series(d, 1) for d in
+                      ["20131231", "20140101", "20190531", "20190601", "20191231", "20200101", "20211231", "20220101"]}}
+    index = build(groups)
+    by_split = {s: [x.primary_date for x in index.samples(s)] for s in ("train", "val", "test")}
+    assert by_split == {"train": ["20140101", "20190531"], "val": ["20190601", "20191231"],
+                        "test": ["20200101", "20211231"]}
+    custom = build(groups, splits={"train": {"start": "2019-06-01", "end": "2019-12-31"}})
+    assert [x.primary_date for x in custom.samples("train")] == ["20190601", "20191231"]
+
+
+# ----------------------------------------------------------------------- series building
+def test_padding_duplicates_in_place_deterministically():
+    for n, length in [(1, 4), (2, 4), (3, 7)]:
+        positions = pad_positions(n, length, group_rng(0, "g"))
+        assert len(positions) == length and sorted(positions) == list(positions) and set(positions) == set(range(n))
+    groups = {FRAME: {"20180101": series("20180101", 2, (1,)), "20180301": series("20180301", 3)}}
+    first, again = build(groups, length=5), build(groups, length=5)
+    assert [s.key for s in first.samples("train")] == [s.key for s in again.samples("train")]
+    padded = first.samples("train")[0]
+    assert len(padded.secondary_dates) == 5 and list(padded.secondary_dates) == sorted(padded.secondary_dates)
+    assert padded.member_positive == tuple(uid == 2 for uid in padded.unique_ids) and padded.label == 1
+    assert "." not in padded.key and padded.key.startswith(f"{FRAME}-20180101-")
+    seeds = {tuple(build(groups, seed=s, length=5).samples("train")[0].unique_ids) for s in range(8)}
+    assert len(seeds) > 1  # the seed decides which members are duplicated
+
+
+def reference_enumeration(n, length, min_distinct):
+    """The published procedure, literally (sets and list filtering)."""
+    combos, kept = list(itertools.combinations(range(n), length)), []
+    while combos:
+        current = combos.pop(0)
+        kept.append(current)
+        combos = [c for c in combos if len(set(current) & set(c)) < min_distinct]
+    return kept
+
+
+@pytest.mark.parametrize("n,length,md", [(5, 2, 1), (6, 3, 1), (6, 3, 2), (8, 4, 3), (8, 4, 2), (7, 2, 0), (9, 3, 2)])
+def test_enumeration_matches_published_procedure(n, length, md):
+    assert list(enumerate_subsets(n, length, md)) == reference_enumeration(n, length, md)
+
+
+def test_min_distinct_differs_between_train_and_val():
+    def counts(primary, positive_at, length):
+        index = build({FRAME: {primary: series(primary, 6, positive_at)}}, length=length)
+        split = "train" if primary < "20190601" else "val"
+        return len(index.samples(split))
+
+    # Val/test: min_distinct 1 → disjoint subsets.
+    assert counts("20190701", (), 3) == counts("20190701", (2,), 3) == 2
+    # Train: T-1 when the whole group holds a positive (more subsets), T-2 when it does not.
+    assert counts("20180101", (2,), 3) == len(reference_enumeration(6, 3, 2)) > 2
+    assert counts("20180101", (), 3) == len(reference_enumeration(6, 3, 1)) == 2
+    assert counts("20180101", (), 2) == 1  # min_distinct 0: only the first pair survives
+    # T = 1: every member is its own sample; a positive subset is positive if any member is.
+    assert counts("20180101", (), 1) == 6
+    index = build({FRAME: {"20180101": series("20180101", 6, (5,))}}, length=3)
+    for sample in index.samples("train"):
+        assert sample.label == int(6 in sample.unique_ids)
+    last = build({FRAME: {"20180101": series("20180101", 3, (0,))}}, length=3, label_rule="last")
+    assert [s.label for s in last.samples("train")] == [0]
+
+
+def test_frames_restriction_and_counts():
+    groups = {FRAME: {"20180101": series("20180101", 2, (0,))}, OTHER: {"20180101": series("20180101", 3)}}
+    only = build(groups, frames=[OTHER])
+    assert {s.frame_id for s in only.samples("train")} == {OTHER}
+    assert build(groups).counts()["train"] == {"samples": 5, "positives": 1, "negatives": 4}
+
+
+# --------------------------------------------------------------------------- epochs
+def many_groups():
+    frames = {}
+    for f, frame in enumerate([FRAME, OTHER]):
+        frames[frame] = {f"2018{m:02d}01": series(f"2018{m:02d}01", 1, (0,) if (m + f) % 4 == 0 else ())
+                         for m in range(1, 13)}
+        frames[frame].update({f"2019{m:02d}01": series(f"2019{m:02d}01", 1) for m in range(7, 12)})
+    return frames
+
+
+def test_balanced_epochs():
+    index = build(many_groups())
+    pool = index.samples("train")
+    positives = {s.key for s in pool if s.label}
+    assert 0 < len(positives) < len(pool) / 2
+    epochs = [index.epoch("train", e, seed=3) for e in range(4)]
+    negative_sets = []
+    for samples in epochs:
+        keys = [s.key for s in samples]
+        assert len(keys) == len(set(keys)) == 2 * len(positives)
+        assert positives <= set(keys)
+        negative_sets.append(frozenset(keys) - positives)
+    assert len(set(negative_sets)) > 1  # fresh negatives each epoch
+    assert [s.key for s in index.epoch("train", 2, seed=3)] == [s.key for s in epochs[2]]
+    assert [s.key for s in index.epoch("train", 2, seed=4)] != [s.key for s in epochs[2]]
+    assert index.epoch("val", 5) == index.epoch("val", 0) == index.samples("val")
+    unbalanced = build(many_groups(), balance=False)
+    assert len(unbalanced.epoch("train", 1)) == len(pool)
+
+
+def test_resample_policy_redraws_subsets_each_epoch():
+    groups = {FRAME: {"20180101": series("20180101", 9, (4,)), "20180301": series("20180301", 2)}}
+    index = build(groups, length=3, policy="resample", balance=False)
+    draws = set()
+    for epoch in range(10):
+        samples = sorted(index.epoch("train", epoch, seed=1), key=lambda s: s.primary_date)
+        assert len(samples) == 2
+        long_series, short = samples
+        assert list(long_series.secondary_dates) == sorted(set(long_series.secondary_dates))
+        assert long_series.label == int(5 in long_series.unique_ids) and len(short.unique_ids) == 3
+        draws.add(long_series.unique_ids)
+    assert len(draws) > 3
+    assert index.epoch("train", 0, seed=1) == index.epoch("train", 0, seed=1)
+    assert set(index.samples("train")) == set(index.epoch("train", 0))
+
+
+# ------------------------------------------------------------------------- real metadata
+def test_real_metadata_counts_for_t1_to_t4(shared_meta):
+    ann_loc, ts_loc, stats_loc = find_metadata(str(shared_meta))
+    annotations, timeseries = load_annotations(ann_loc), load_timeseries(ts_loc)
+    assert len(annotations) == 19_919 and not annotations.problems and stats_loc is not None
+    assert sum(len(g) for g in timeseries.values()) == 5_498
+    interferograms = Counter()
+    for groups in timeseries.values():
+        for primary, group in groups.items():
+            split = "train" if primary <= "20190531" else "val" if primary <= "20191231" else "test"
+            interferograms[split] += group["length"]
+    assert sum(interferograms.values()) == 18_911
+    for length in (1, 2, 3, 4):
+        counts = SampleIndex.build(annotations, timeseries, DataConfig(length=length), seed=0).counts()
+        for split, c in counts.items():
+            assert c["positives"] + c["negatives"] == c["samples"] and c["positives"] > 0
+        if length == 1:
+            assert {s: c["samples"] for s, c in counts.items()} == dict(interferograms)
+    assert index_counts(str(shared_meta), 4)["train"] == counts["train"]

@@ -1,0 +1,301 @@
+"""Cluster configurations under cluster/ validate strictly, and the validator catches what it must."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from thalia_ray import manifests
+from thalia_ray.jobs import load_spec
+from thalia_ray.manifests import (
+    ManifestError,
+    credential_leaks,
+    crd_for,
+    load_documents,
+    strict_schema,
+    validate_cluster_launcher,
+    validate_manifest,
+)
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+GPU_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
+
+
+def _crd(kind: str) -> Path:
+    """The CRD file; the tests skip only when no CRD directory exists at all."""
+    dirs = [manifests.DEFAULT_CRD_DIR, os.environ.get(manifests.CRD_DIR_ENV)]
+    if not any(d and Path(d).is_dir() for d in dirs):
+        pytest.skip(f"KubeRay CRDs not available: no directory {manifests.DEFAULT_CRD_DIR}")
+    return crd_for(kind)
+
+
+def _kuberay(name: str) -> dict[str, Any]:
+    (doc,) = load_documents(CLUSTER / "kuberay" / name)
+    return doc
+
+
+def _with(doc: dict[str, Any], path: list[str | int], value: Any) -> dict[str, Any]:
+    """A copy of `doc` with `value` set at `path`; the JSON round trip unshares YAML anchors."""
+    out = json.loads(json.dumps(doc))
+    node: Any = out
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return out
+
+
+def _errors(doc: dict[str, Any]) -> list[str]:
+    return validate_manifest(doc, _crd(doc["kind"]))
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict[str, Any]:
+    return _kuberay("raycluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict[str, Any]:
+    return _kuberay("rayjob-sweep.yaml")
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict[str, Any]:
+    (doc,) = load_documents(CLUSTER / "aws-gpu.yaml")
+    return doc
+
+
+# ------------------------------------------------------------------------------ KubeRay manifests
+def test_the_expected_manifests_exist():
+    assert {p.name for p in KUBERAY_FILES} >= {"raycluster.yaml", "rayjob-sweep.yaml"}
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_every_kuberay_manifest_validates_strictly(path: Path):
+    docs = load_documents(path)
+    assert docs
+    for doc in docs:
+        assert _errors(doc) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "expected"),
+    [
+        ("raycluster.yaml", ["spec", "headGroupSpec", "bogus"], "$.spec.headGroupSpec.bogus"),
+        (
+            "raycluster.yaml",
+            ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limitz"],
+            "$.spec.workerGroupSpecs[0].template.spec.containers[0].resources.limitz",
+        ),
+        (
+            "rayjob-sweep.yaml",
+            ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "template", "spec", "containers", 0,
+             "env", 3, "valueFrom", "secretKeyRef", "optinal"],
+            "$.spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]"
+            ".env[3].valueFrom.secretKeyRef.optinal",
+        ),
+        ("rayjob-sweep.yaml", ["spec", "shutdownAfterJobFinish"], "$.spec.shutdownAfterJobFinish"),
+        ("raycluster.yaml", ["metadata", "labelz"], "$.metadata.labelz"),
+    ],
+)
+def test_unknown_fields_are_rejected_with_their_path(name, path, expected):
+    errors = _errors(_with(_kuberay(name), path, True))
+    assert errors == [f"{expected}: unknown field {path[-1]!r}"]
+
+
+def test_wrong_types_are_rejected(raycluster, rayjob):
+    errors = _errors(_with(raycluster, ["spec", "workerGroupSpecs", 0, "maxReplicas"], "eight"))
+    assert errors == ["$.spec.workerGroupSpecs[0].maxReplicas: 'eight' is not of type 'integer'"]
+    errors = _errors(_with(rayjob, ["spec", "shutdownAfterJobFinishes"], "yes"))
+    assert errors == ["$.spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"]
+    errors = _errors(_with(raycluster, ["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0))
+    assert errors == ["$.spec.headGroupSpec.rayStartParams.num-cpus: 0 is not of type 'string'"]
+
+
+def test_int_or_string_quantities(raycluster):
+    limits = ["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limits"]
+    limits_path = "$.spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits"
+    for quantity in (4, "4", "3500m"):
+        assert _errors(_with(raycluster, [*limits, "cpu"], quantity)) == []
+    for quantity in ([4], {"n": 4}, 4.5):
+        (error,) = _errors(_with(raycluster, [*limits, "cpu"], quantity))
+        assert error.startswith(f"{limits_path}.cpu:")
+    (error,) = _errors(_with(raycluster, [*limits, "cpu"], "four"))
+    assert "does not match" in error
+
+
+def test_required_fields_and_enums(raycluster):
+    group = copy.deepcopy(raycluster["spec"]["workerGroupSpecs"][0])
+    del group["groupName"]
+    errors = _errors(_with(raycluster, ["spec", "workerGroupSpecs", 0], group))
+    assert errors == ["$.spec.workerGroupSpecs[0]: 'groupName' is a required property"]
+    (error,) = _errors(_with(raycluster, ["spec", "autoscalerOptions", "upscalingMode"], "Fast"))
+    assert error.startswith("$.spec.autoscalerOptions.upscalingMode: 'Fast' is not one of")
+
+
+def test_api_version_kind_and_metadata(raycluster):
+    assert _errors(_with(raycluster, ["apiVersion"], "ray.io/v1alpha1")) == []  # still served
+    (error,) = _errors(_with(raycluster, ["apiVersion"], "ray.io/v2"))
+    assert error.startswith("$.apiVersion: 'ray.io/v2' is not served for RayCluster")
+    (error,) = validate_manifest(_with(raycluster, ["kind"], "RayJob"), _crd("RayCluster"))
+    assert error.startswith("$.kind: 'RayJob' does not match")
+    (error,) = _errors(_with(raycluster, ["metadata", "name"], "Thalia_Ray"))
+    assert error.startswith("$.metadata.name: 'Thalia_Ray' is not a DNS-1123 label")
+    assert _errors(_with(raycluster, ["metadata", "name"], "x" * 64))
+    (error,) = _errors(_with(raycluster, ["metadata", "labels", "app"], "a b"))
+    assert error.startswith("$.metadata.labels.app: value 'a b'")
+    assert "'name' is a required property" in _errors(_with(raycluster, ["metadata"], {}))[0]
+
+
+def test_replica_bounds_are_checked(raycluster, rayjob):
+    errors = _errors(_with(raycluster, ["spec", "workerGroupSpecs", 1, "minReplicas"], 9))
+    assert len(errors) == 1 and errors[0].startswith("$.spec.workerGroupSpecs[1]: need minReplicas")
+    errors = _errors(_with(rayjob, ["spec", "rayClusterSpec", "workerGroupSpecs", 0, "replicas"], 5))
+    assert len(errors) == 1 and errors[0].startswith("$.spec.rayClusterSpec.workerGroupSpecs[0]:")
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("apiVersion: ray.io/v1\nkind: RayCluster\nkind: RayJob\n")
+    with pytest.raises(ManifestError, match="duplicate key 'kind' at line 3"):
+        load_documents(path)
+
+
+def test_strict_schema_honours_preserve_unknown_fields_and_nullable():
+    schema = strict_schema(
+        {
+            "type": "object",
+            "properties": {
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                         "properties": {"known": {"type": "string"}}},
+                "closed": {"type": "object", "properties": {"known": {"type": "string"}}},
+                "empty": {"type": "object"},
+                "maybe": {"type": "string", "nullable": True},
+                "port": {"x-kubernetes-int-or-string": True},
+            },
+        }
+    )
+    validator = jsonschema.Draft7Validator(schema)
+    ok = {"free": {"known": "a", "extra": 1}, "closed": {"known": "b"}, "empty": {},
+          "maybe": None, "port": "http"}
+    assert list(validator.iter_errors(ok)) == []
+    for bad in ({"closed": {"extra": 1}}, {"empty": {"x": 1}}, {"top": 1}, {"port": 1.5},
+                {"free": {"known": 3}}):
+        assert list(validator.iter_errors(bad)), bad
+
+
+def test_crd_lookup_honours_the_environment(tmp_path, monkeypatch):
+    real = _crd("RayJob")
+    (tmp_path / real.name).write_text(real.read_text())
+    monkeypatch.setenv(manifests.CRD_DIR_ENV, str(tmp_path))
+    assert crd_for("RayJob") == tmp_path / real.name
+    monkeypatch.setattr(manifests, "DEFAULT_CRD_DIR", tmp_path / "absent")
+    with pytest.raises(ManifestError, match="no CRD ray.io_rayservices.yaml for kind 'RayService'"):
+        crd_for("RayService")
+
+
+# ----------------------------------------------------------------------- what the manifests say
+def _containers(cluster_spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    groups = [("head", cluster_spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster_spec["workerGroupSpecs"]
+    ]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-sweep.yaml"])
+def test_cluster_shape_store_and_secrets(name):
+    doc = _kuberay(name)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert spec["enableInTreeAutoscaling"] is True
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert 0 == gpu["minReplicas"] < gpu["maxReplicas"]
+    for name_, container in _containers(spec):
+        assert container["image"] == GPU_IMAGE
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu", 0)
+        assert (gpus >= 1) == (name_ == "gpu"), name_
+        env = {e["name"]: e for e in container["env"]}
+        assert env["THALIA_STORE"]["value"].startswith("s3://")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"]["name"]
+
+
+def test_rayjob_runs_the_sweep_with_a_valid_runtime_env(rayjob):
+    from ray.runtime_env import RuntimeEnv
+
+    spec = rayjob["spec"]
+    # the very command `thalia-ray submit jobs/sweep-backbones.yaml` would run
+    assert spec["entrypoint"] == load_spec(CLUSTER.parent / "jobs" / "sweep-backbones.yaml").entrypoint
+    assert "thalia-ray sweep configs/sweep-backbones.yaml" in spec["entrypoint"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))  # Ray's own validation
+    assert any(p.startswith("thalia-ray @ ") for p in runtime_env["pip"]["packages"])
+    assert credential_leaks(spec["runtimeEnvYAML"]) == []
+
+
+# ---------------------------------------------------------------------------- cluster launcher
+def test_launcher_config_validates_against_ray_schema(launcher):
+    assert validate_cluster_launcher(launcher) == []
+    assert launcher["docker"]["image"] == GPU_IMAGE
+    types = launcher["available_node_types"]
+    assert types[launcher["head_node_type"]]["resources"].get("GPU", 0) == 0
+    gpu_types = {k: t for k, t in types.items() if t["resources"].get("GPU", 0) >= 1}
+    assert {t["node_config"]["InstanceType"] for t in gpu_types.values()} >= {"g5.xlarge", "g5.12xlarge"}
+    assert all(t["min_workers"] < t["max_workers"] for t in gpu_types.values())
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    assert any("pip install" in cmd and "thalia-ray" in cmd for cmd in launcher["setup_commands"])
+    assert any("THALIA_STORE=s3://" in opt for opt in launcher["docker"]["run_options"])
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (["idle_timeout_minute"], 5, "$.idle_timeout_minute: unknown field 'idle_timeout_minute'"),
+        (["available_node_types", "gpu-1x", "min_worker"], 1,
+         "$.available_node_types.gpu-1x.min_worker: unknown field 'min_worker'"),
+        (["docker", "imagee"], "x", "$.docker.imagee: unknown field 'imagee'"),
+        (["available_node_types", "gpu-1x", "resources", "GPU"], 0.5,
+         "$.available_node_types.gpu-1x.resources.GPU: 0.5 is not of type 'integer'"),
+        (["head_node_type"], "gpu", "$.head_node_type: 'gpu' is not one of available_node_types"),
+        (["max_workers"], 0, "$.max_workers: 0 is below the sum of min_workers"),
+        (["available_node_types", "cpu", "max_workers"], -1,
+         "$.available_node_types.cpu: min_workers 0 > max_workers -1"),
+    ],
+)
+def test_launcher_errors(launcher, path, value, expected):
+    doc = _with(launcher, path, value)
+    if path == ["max_workers"]:
+        doc = _with(doc, ["available_node_types", "gpu-1x", "min_workers"], 1)
+    errors = validate_cluster_launcher(doc)
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+
+
+# --------------------------------------------------------------------------------- credentials
+def test_no_literal_credentials_under_cluster():
+    files = [p for p in CLUSTER.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        assert credential_leaks(path.read_text()) == [], path
+
+
+def test_the_credential_scan_finds_literals():
+    fake_id = "AKIA" + "Q" * 16
+    assert credential_leaks(f"run_options: [--env KEY={fake_id}]") == ["line 1: AWS access key id"]
+    assert credential_leaks(f"- --env AWS_ACCESS_KEY_ID={fake_id}") == [
+        "line 1: AWS access key id",
+        "line 1: literal secret",
+    ]
+    assert credential_leaks("provider:\n  aws_secret_access_key: abc123\n") == ["line 2: literal secret"]
+    assert credential_leaks("aws_secret_access_key: ${FROM_ENV}\n") == []
+    entries = [
+        {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"},
+        {"name": "THALIA_STORE", "value": "s3://b"},
+    ]
+    env = yaml.safe_dump({"env": entries})
+    assert credential_leaks(env) == ["$.env[0]: env 'AWS_SECRET_ACCESS_KEY' has a literal value"]

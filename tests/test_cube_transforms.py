@@ -1,0 +1,331 @@
+"""Windowed cube reads, crops, mask targets, normalisation and augmentations on hand-made cubes
+whose every value is known, locally and on an S3 endpoint (moto server)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from thalia_ray.config import AugmentConfig, DataConfig
+from thalia_ray.data import schema
+from thalia_ray.data.annotations import AnnotationSet, parse_annotation
+from thalia_ray.data.cube import (
+    CountingStore,
+    CubeCache,
+    DataError,
+    Window,
+    crop_window,
+    load_sample,
+    read_raw,
+)
+from thalia_ray.data.index import Sample, SampleIndex
+from thalia_ray.data.transforms import augment, finalize, load_statistics, mask_target, normalize
+from thalia_ray.storage import resolve
+
+FRAME = "021D_09150_131313"
+PRIMARIES = ["20190101", "20190113"]
+SECONDARIES = ["20190113", "20190125", "20190206"]
+HEIGHT, WIDTH, CHUNK = 32, 40, 8
+VAR_OFFSET = {name: 0.25 * i for i, name in enumerate(schema.ALL_CHANNELS)}
+
+
+def known_value(variable: str, p: int, s: int, row, col):
+    """The value every test cube holds at (primary p, secondary s, row, col): exact in float32."""
+    return p * 1_000_000 + s * 100_000 + row * 100 + col + VAR_OFFSET[variable]
+
+
+def cube_dataset(masks: dict[tuple[int, int], np.ndarray] | None = None) -> xr.Dataset:
+    """A 2×3-pair cube with spatial dims named `rows`/`cols` (readers must not assume y/x)."""
+    p, s, r, c = np.meshgrid(np.arange(2), np.arange(3), np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
+    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "rows", "cols")
+    data = {
+        name: (dims, known_value(name, p, s, r, c).astype(np.float32))
+        for name in schema.ALL_CHANNELS if name != "dem"
+    }
+    data["dem"] = (("rows", "cols"), known_value("dem", 0, 0, r[0, 0], c[0, 0]).astype(np.float32))
+    mask = np.zeros((2, 3, HEIGHT, WIDTH), dtype=np.uint8)
+    for (pi, si), m in (masks or {}).items():
+        mask[pi, si] = m
+    data[schema.MASK_VAR] = (dims, mask)
+    coords = {
+        schema.PRIMARY_DIM: pd.to_datetime(PRIMARIES).values,
+        schema.SECONDARY_DIM: pd.to_datetime(SECONDARIES).values,
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def write_cube(root: str, frame: str = FRAME, masks=None, dataset: xr.Dataset | None = None,
+               chunk: tuple[int, int, int, int] = (1, 1, CHUNK, CHUNK)) -> None:
+    ds = dataset if dataset is not None else cube_dataset(masks)
+    encoding = {v: {"chunks": chunk if ds[v].ndim == 4 else chunk[2:]} for v in ds.data_vars}
+    store = resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False)
+    ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False)
+
+
+def record(uid: int, primary: str, secondary: str, positive: bool, polygons=(), frame=FRAME, **extra):
+    raw = {
+        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
+        "label": ["Deformation"] if positive else ["Non_Deformation"],
+        "activity_type": ["Sill"] if positive else [], "intensity_level": ["Medium"] if positive else [],
+        "phase": "Unrest" if positive else "Rest", "confidence": 0.8, "segmentation_mask": [list(p) for p in polygons],
+        "caption": "", **{f: 0 for f in schema.FLAGS},
+    }
+    raw.update(extra)
+    return raw
+
+
+def box(row0, col0, row1, col1):
+    """A rectangle polygon in flat (x, y) published order."""
+    return (col0, row0, col1, row0, col1, row1, col0, row1)
+
+
+def annotation_set(records: list[dict]) -> AnnotationSet:
+    return AnnotationSet({r["uniqueID"]: parse_annotation(r["uniqueID"], r) for r in records})
+
+
+def make_sample(uids, secondaries, positive, primary=PRIMARIES[0]) -> Sample:
+    return Sample(
+        key=f"{FRAME}-{primary}-{'_'.join(map(str, uids))}", frame_id=FRAME, primary_date=primary,
+        secondary_dates=tuple(secondaries), unique_ids=tuple(uids), member_positive=tuple(positive),
+        label=int(any(positive)), split="train",
+    )
+
+
+# ------------------------------------------------------------------------------- reading
+def test_read_raw_returns_known_values_in_channel_order(tmp_path):
+    write_cube(str(tmp_path))
+    anns = annotation_set([record(1, "20190113", "20190125", False), record(2, "20190113", "20190206", False)])
+    sample = make_sample([1, 2], ["20190125", "20190206"], [False, False], primary="20190113")
+    channels = schema.channel_names(["dem", "insar_difference"], ["surface_pressure"])
+    window = Window(3, 5, 6, 7)
+    raw = read_raw(sample, CubeCache(str(tmp_path)), window, channels, anns)
+
+    assert raw.image.shape == (2, 4, 6, 7) and raw.image.dtype == np.float32
+    assert raw.mask.shape == (2, 6, 7) and raw.mask.dtype == np.uint8
+    rows, cols = np.meshgrid(np.arange(3, 9), np.arange(5, 12), indexing="ij")
+    for t, s in enumerate([1, 2]):
+        for ci, name in enumerate(channels):
+            expected = known_value("dem", 0, 0, rows, cols) if name == "dem" else known_value(name, 1, s, rows, cols)
+            np.testing.assert_array_equal(raw.image[t, ci], expected.astype(np.float32))
+    assert channels == ["insar_difference", "dem", "primary_date_surface_pressure", "secondary_date_surface_pressure"]
+    json.dumps(raw.meta)  # JSON-serialisable
+    assert raw.meta["unique_ids"] == [1, 2] and raw.meta["window"] == [3, 5, 6, 7]
+
+
+def test_windowed_read_fetches_only_touched_chunks(tmp_path):
+    write_cube(str(tmp_path))
+    cache = CubeCache(str(tmp_path), store_wrapper=CountingStore)
+    anns = annotation_set([record(1, "20190101", "20190113", False), record(2, "20190101", "20190206", False)])
+    # Padded series: the first pair appears twice but must be fetched once.
+    sample = make_sample([1, 1, 2], ["20190113", "20190113", "20190206"], [False] * 3)
+    cache.get(FRAME)
+    store = cache.stores[FRAME]
+    store.reset()
+    window = Window(4, 12, 10, 10)  # rows 4..13 → 2 chunk rows; cols 12..21 → 2 chunk cols
+    raw = read_raw(sample, cache, window, ["insar_difference", "dem"], anns)
+
+    assert raw.image.shape == (3, 2, 10, 10)
+    np.testing.assert_array_equal(raw.image[0], raw.image[1])
+    assert dict(store.chunk_reads) == {"insar_difference": 2 * 4, "dem": 4, schema.MASK_VAR: 2 * 4}
+    total_chunks = 2 * 3 * (HEIGHT // CHUNK) * (WIDTH // CHUNK)
+    assert store.chunk_reads["insar_difference"] < total_chunks
+    assert store.bytes_read > 0
+
+
+def test_missing_date_and_nan_raise_data_error(tmp_path):
+    ds = cube_dataset()
+    ds["insar_coherence"][0, 1, 10, 10] = np.nan
+    write_cube(str(tmp_path), dataset=ds)
+    anns = annotation_set([record(1, "20190101", "20190125", False), record(2, "20190101", "20190301", False)])
+    cache = CubeCache(str(tmp_path))
+    with pytest.raises(DataError, match=r"insar_coherence.*20190101.*20190125.*rows 8:16, cols 8:16"):
+        read_raw(make_sample([1], ["20190125"], [False]), cache, Window(8, 8, 8, 8), ["insar_coherence"], anns)
+    with pytest.raises(DataError, match=r"20190301.*not in the cube"):
+        read_raw(make_sample([2], ["20190301"], [False]), cache, Window(0, 0, 8, 8), ["dem"], anns)
+    with pytest.raises(DataError, match="not found|cannot open"):
+        CubeCache(str(tmp_path / "nowhere")).get(FRAME)
+
+
+def test_reads_from_s3_endpoint(s3_bucket):
+    root = f"{s3_bucket}/thalia"
+    write_cube(root, chunk=(1, 3, HEIGHT // 2, WIDTH))  # few objects: every chunk is one PUT
+    anns = annotation_set([record(1, "20190101", "20190125", False)])
+    raw = read_raw(make_sample([1], ["20190125"], [False]), CubeCache(root), Window(16, 24, 8, 8),
+                   ["insar_difference"], anns)
+    rows, cols = np.meshgrid(np.arange(16, 24), np.arange(24, 32), indexing="ij")
+    np.testing.assert_array_equal(raw.image[0, 0], known_value("insar_difference", 0, 1, rows, cols))
+
+
+# --------------------------------------------------------------------------------- crops
+def test_crop_keeps_target_mask_inside_and_is_deterministic_for_eval():
+    anns = annotation_set([
+        record(1, "20190101", "20190113", True, polygons=[box(40, 50, 60, 70)]),
+        record(2, "20190101", "20190125", True, polygons=[box(70, 80, 75, 90)]),
+        record(3, "20190101", "20190206", False),
+    ])
+    sample = make_sample([1, 2, 3], SECONDARIES, [True, True, False])
+    rng = np.random.default_rng(0)
+    windows = {crop_window(sample, anns, (128, 128), 64, rng) for _ in range(50)}
+    assert len(windows) > 5  # random offsets
+    for w in windows:
+        assert (w.height, w.width) == (64, 64)
+        assert w.row <= 40 and 75 < w.row + 64 and w.col <= 50 and 90 < w.col + 64
+    assert crop_window(sample, anns, (128, 128), 64) == crop_window(sample, anns, (128, 128), 64)
+    # 'last' targets member 3 (no mask): random position, anywhere in the frame.
+    last = {crop_window(sample, anns, (128, 128), 32, rng, mask_target="last") for _ in range(30)}
+    assert all(0 <= w.row <= 96 and 0 <= w.col <= 96 for w in last) and len(last) > 20
+    # A mask near the border: the crop is clamped inside the frame.
+    edge = annotation_set([record(4, "20190101", "20190113", True, polygons=[box(120, 0, 127, 5)])])
+    w = crop_window(make_sample([4], ["20190113"], [True]), edge, (128, 128), 64, rng)
+    assert w.row == 64 and w.col == 0
+    with pytest.raises(ValueError, match="larger than frame"):
+        crop_window(sample, anns, (32, 32), 64)
+
+
+def test_load_sample_crop_contains_whole_cube_mask(tmp_path):
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    mask[20:26, 28:34] = 1
+    write_cube(str(tmp_path), masks={(0, 1): mask})
+    (tmp_path / "statistics.json").write_text(json.dumps({k: {"mean": 0.0, "std": 1.0} for k in
+                                                          ["insar_difference", "insar_coherence", "dem"]}))
+    anns = annotation_set([record(1, "20190101", "20190125", True, polygons=[box(20, 28, 25, 33)])])
+    cfg = DataConfig(root=str(tmp_path), crop=16, augmentations=False)
+    timeseries = {FRAME: {"20190101": {"length": 1, "secondary_date": ["20190125"], "uniqueID": [1]}}}
+    index = SampleIndex.build(anns, timeseries, cfg, seed=0)
+    [sample] = index.samples("train")
+    cache = CubeCache(str(tmp_path))
+    for seed in range(10):
+        rec = load_sample(sample, index, cfg, cache, np.random.default_rng(seed), training=True)
+        assert rec["mask"].shape == (16, 16) and rec["mask"].sum() == 36
+        assert rec["image"].shape == (3, 16, 16) and rec["label"] == 1
+
+
+# ------------------------------------------------------------------------------- targets
+def test_mask_targets_and_earthquake_mapping():
+    mask = np.zeros((3, 4, 4), dtype=np.uint8)
+    mask[0, 0, 0] = 1
+    mask[1, 1:3, 1:3] = 2  # earthquake, the largest
+    mask[2, 3, 3] = 1
+    np.testing.assert_array_equal(mask_target(mask, "last"), mask[2])
+    peak = mask_target(mask, "peak")
+    assert peak.sum() == 4 and peak.max() == 1
+    union = mask_target(mask, "union")
+    assert union.sum() == 6 and set(np.unique(union)) == {0, 1}
+    assert mask_target(mask, "all").shape == (3, 4, 4) and mask_target(mask, "all").max() == 1
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        mask_target(mask + 3, "union")
+
+
+def raw_sample(member_positive, masks, image=None):
+    from thalia_ray.data.cube import RawSample
+
+    steps = len(member_positive)
+    meta = {
+        "frame_id": FRAME, "member_positive": list(member_positive), "confidence": 0.7, "phase": "Unrest",
+        "activity_types": [["Dyke", "Sill"] if p else [] for p in member_positive],
+        "intensity_levels": [["Low", "High"] if p else [] for p in member_positive],
+        "flags": [{**{f: 0 for f in schema.FLAGS}, "atmospheric_fringes": 2} for _ in member_positive],
+    }
+    if image is None:
+        image = np.ones((steps, 3, 8, 8), dtype=np.float32)
+    return RawSample(image=image, mask=masks, key="k", meta=meta)
+
+
+def test_finalize_label_rules_normalisation_and_record():
+    stats = {
+        "insar_difference": {"mean": 1.0, "std": 2.0}, "insar_coherence": {"mean": 10.0, "std": 5.0},
+        "dem": {"mean": 100.0, "std": 50.0}, "surface_pressure": {"mean": 1000.0, "std": 10.0},
+    }
+    channels = schema.channel_names(["insar_difference", "dem"], ["surface_pressure"])
+    image = np.zeros((2, 4, 8, 8), dtype=np.float32)
+    for ci, value in enumerate([3.0, 200.0, 1010.0, 980.0]):
+        image[:, ci] = value
+    raw = raw_sample([True, False], np.zeros((2, 8, 8), dtype=np.uint8), image)
+    cfg = DataConfig(geomorphology=["insar_difference", "dem"], atmospheric=["surface_pressure"], mask_target="union")
+    rec = finalize(raw, cfg, stats, None, training=False)
+    assert rec["image"].shape == (8, 8, 8) and rec["image"].dtype == np.float32
+    # Time-major stacking: [t0c0, t0c1, t0c2, t0c3, t1c0, ...]; ERA5 primary/secondary share stats.
+    np.testing.assert_allclose(rec["image"][:4, 0, 0], [1.0, 2.0, 1.0, -2.0])
+    np.testing.assert_allclose(rec["image"][4:, 0, 0], [1.0, 2.0, 1.0, -2.0])
+    assert rec["label"] == 1 and rec["mask"].dtype == np.int64 and rec["mask"].shape == (8, 8)
+    assert finalize(raw, cfg.model_copy(update={"label_rule": "last"}), stats, None, False)["label"] == 0
+    assert rec["aux_activity_type"].tolist() == [0, 1, 1, 0, 0, 0]
+    assert rec["aux_intensity"] == schema.INTENSITY_LEVELS.index("High") and rec["intensity"] == "High"
+    assert rec["aux_phase"] == schema.PHASES.index("Unrest") and rec["activity_type"] == "Dyke"
+    assert rec["aux_fringes"].tolist() == [0, 0, 1, 0] and rec["confidence"] == np.float32(0.7)
+    unit = {k: {"mean": 0.0, "std": 1.0} for k in schema.GEOMORPHOLOGY}
+    negative = finalize(raw_sample([False], np.zeros((1, 8, 8), np.uint8)), DataConfig(), unit, None, False)
+    assert negative["aux_intensity"] == 0 and negative["intensity"] == "None" and negative["activity_type"] == "None"
+    with pytest.raises(ValueError, match="no entry for"):
+        normalize(image, ["insar_coherence", "primary_date_total_column_water_vapour"], stats)
+
+
+def test_published_statistics_load(shared_meta, tmp_path):
+    stats = load_statistics(shared_meta / "statistics.json")
+    assert set(stats) == {"insar_difference", "insar_coherence", "dem", *schema.ATMOSPHERIC}
+
+
+# --------------------------------------------------------------------------- augmentation
+ALL_ON = AugmentConfig(hflip=0.5, vflip=0.5, rotate=1.0, rotate_degrees=30, resized_crop=1.0, elastic=1.0,
+                       elastic_alpha=3.0, blur=0.0, gaussian_noise=0.0, multiplicative_noise=0.0, cutout=0.0)
+
+
+def blob_mask(size=48):
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[10:30, 14:22] = 1
+    mask[32:40, 30:44] = 1
+    return mask
+
+
+def test_geometric_augmentation_keeps_image_and_mask_aligned():
+    mask = blob_mask()
+    image = np.stack([mask.astype(np.float32), np.full(mask.shape, 5.0, np.float32)])
+    for seed in range(20):
+        out_image, out_mask = augment(image, mask, ALL_ON, np.random.default_rng(seed))
+        assert out_mask.shape == mask.shape and set(np.unique(out_mask)) <= {0, 1}
+        # Channel 0 is the mask itself, resampled bilinearly: it must agree with the nearest-neighbour
+        # mask wherever it is unambiguous.
+        clear = (out_image[0] < 0.25) | (out_image[0] > 0.75)
+        agreement = ((out_image[0] > 0.5) == (out_mask == 1))[clear].mean()
+        assert agreement > 0.99
+        assert out_mask.sum() > 0
+    flips = AugmentConfig(hflip=1.0, vflip=1.0)
+    out_image, out_mask = augment(image, mask, flips, np.random.default_rng(0))
+    np.testing.assert_array_equal(out_mask, mask[::-1, ::-1])
+    np.testing.assert_array_equal(out_image[0], mask[::-1, ::-1].astype(np.float32))
+
+
+def test_each_augmentation_fires_with_its_probability():
+    mask = blob_mask()
+    image = np.stack([mask.astype(np.float32) + 1.0] * 2)
+    none = AugmentConfig(hflip=0, vflip=0)
+    same_image, same_mask = augment(image, mask, none, np.random.default_rng(0))
+    np.testing.assert_array_equal(same_image, image)
+    np.testing.assert_array_equal(same_mask, mask)
+    for field in ("blur", "gaussian_noise", "multiplicative_noise", "cutout"):
+        cfg = none.model_copy(update={field: 1.0})
+        out_image, out_mask = augment(image, mask, cfg, np.random.default_rng(1))
+        assert not np.array_equal(out_image, image), field
+        np.testing.assert_array_equal(out_mask, mask)  # photometric: mask untouched
+    for field in ("rotate", "resized_crop", "elastic"):
+        cfg = none.model_copy(update={field: 1.0, "resized_crop_scale": (0.3, 0.5)})
+        _, out_mask = augment(image, mask, cfg, np.random.default_rng(1))
+        assert not np.array_equal(out_mask, mask), field
+
+
+def test_finalize_augments_only_when_training_and_all_target_keeps_steps():
+    masks = np.stack([blob_mask(), np.zeros((48, 48), np.uint8)])
+    image = np.repeat(masks[:, None].astype(np.float32), 3, axis=1)
+    raw = raw_sample([True, False], masks, image)
+    cfg = DataConfig(mask_target="all", normalize=False, augment=AugmentConfig(hflip=1.0, vflip=0.0))
+    train = finalize(raw, cfg, None, np.random.default_rng(0), training=True)
+    evaluation = finalize(raw, cfg, None, None, training=False)
+    assert train["mask"].shape == (2, 48, 48)
+    np.testing.assert_array_equal(evaluation["mask"], masks)
+    np.testing.assert_array_equal(train["mask"], masks[..., ::-1])
+    np.testing.assert_array_equal(train["image"][0], blob_mask()[:, ::-1])
+    with pytest.raises(ValueError, match="random generator"):
+        finalize(raw, cfg, None, None, training=True)

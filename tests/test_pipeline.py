@@ -1,0 +1,195 @@
+"""Ray Data pipelines: balanced epochs identical from cubes and shards, disjoint worker splits, two
+Ray Train workers streaming shards from S3 (moto server), bad data reported by shard/cube and key."""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_shards import build_root, write_published
+from thalia_ray.config import ThaliaConfig
+from thalia_ray.data import pipeline, shards
+from thalia_ray.data.cube import DataError
+from thalia_ray.data.index import SampleIndex
+
+BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
+
+
+def config(root: str, **data) -> ThaliaConfig:
+    return ThaliaConfig.model_validate({"seed": 3, "data": {**BASE, "root": root, **data}})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_cluster) -> tuple[str, str]:
+    """(dataset root, shard root with T=1 exported)."""
+    base = tmp_path_factory.mktemp("pipeline")
+    root = build_root(base / "root")
+    shards.export_shards(config(root).data, str(base / "shards"), length=1, samples_per_shard=4)
+    return root, str(base / "shards")
+
+
+def keys(ds) -> list[str]:
+    return [str(k) for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for k in batch["key"]]
+
+
+def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
+    root, out = dataset
+    cube = pipeline.build_datasets(config(root), splits=("train", "val"))
+    shard = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("train", "val"))
+    index = SampleIndex.from_config(config(root).data, 3)
+    positives = {s.key for s in index.samples("train") if s.label == 1}
+    negatives = {s.key for s in index.samples("train") if s.label == 0}
+    assert len(negatives) > len(positives) > 0
+    assert cube.sizes == shard.sizes == {"train": 2 * len(positives), "val": len(index.samples("val"))}
+    drawn = []
+    for epoch in (0, 1):
+        pipeline.set_epoch(cube.epoch_control, epoch)
+        pipeline.set_epoch(shard.epoch_control, epoch)
+        from_cube, from_shards = keys(cube.datasets["train"]), keys(shard.datasets["train"])
+        assert sorted(from_cube) == sorted(from_shards) == sorted(k.key for k in index.epoch("train", epoch, 3))
+        assert len(set(from_cube)) == len(from_cube) and positives <= set(from_cube)
+        assert len(set(from_cube) & negatives) == len(positives)
+        drawn.append(set(from_cube) & negatives)
+    assert drawn[0] != drawn[1]  # fresh negatives every epoch
+    assert keys(cube.datasets["val"]) == keys(shard.datasets["val"]) == [s.key for s in index.samples("val")]
+    # val records are equal sample for sample (same crop, normalisation, targets)
+    rows = {}
+    for ds in (cube.datasets["val"], shard.datasets["val"]):
+        batch = next(ds.iter_batches(batch_size=100, batch_format="numpy"))
+        rows[len(rows)] = batch
+    for name in ("image", "mask", "label", "aux_activity_type", "confidence"):
+        np.testing.assert_array_equal(rows[0][name], rows[1][name])
+
+
+def test_streaming_split_gives_disjoint_worker_shards(dataset):
+    root, out = dataset
+    data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("train",))
+    first, second = data.datasets["train"].streaming_split(2, equal=True)
+    seen = []
+    for epoch in (0, 1):
+        pipeline.set_epoch(data.epoch_control, epoch)
+        import threading
+
+        got: dict[int, list[str]] = {}
+
+        def consume(i, it):
+            got[i] = [k for b in it.iter_torch_batches(batch_size=3, collate_fn=pipeline.TorchCollate()) for k in b["key"]]
+
+        threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate((first, second))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not set(got[0]) & set(got[1]) and len(got[0]) == len(got[1]) == data.sizes["train"] // 2
+        seen.append(set(got[0]) | set(got[1]))
+    assert seen[0] != seen[1]
+
+
+def _loop(config_: dict) -> None:
+    import ray.train
+
+    from thalia_ray.data import pipeline as pl
+
+    shard = ray.train.get_dataset_shard("train")
+    out = {}
+    for epoch in range(2):
+        pl.set_epoch(config_["handle"], epoch)
+        batches = list(shard.iter_torch_batches(batch_size=2, collate_fn=pl.TorchCollate(), prefetch_batches=1))
+        out[epoch] = [k for b in batches for k in b["key"]]
+        assert all(b["image"].dtype.is_floating_point and b["image"].shape[1:] == (3, 24, 24) for b in batches)
+        assert all(b["label"].dtype.is_floating_point is False for b in batches)
+    rank = ray.train.get_context().get_world_rank()
+    Path(config_["dir"], f"rank{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
+    import boto3
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root, out = dataset
+    client = boto3.client("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    for path in Path(out).rglob("*"):
+        if path.is_file() and not path.name.endswith(".done"):
+            client.upload_file(str(path), bucket, f"shards/{path.relative_to(out)}")
+    cfg = config(root, source="shards", shards=f"{s3_bucket}/shards", atmospheric=[])
+    data = pipeline.build_datasets(cfg, splits=("train",))
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"handle": data.epoch_control, "dir": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+        run_config=RunConfig(name="pipeline-s3", storage_path=str(tmp_path / "runs")),
+        datasets=data.datasets,
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
+    for epoch in ("0", "1"):
+        a, b = ranks[0][epoch], ranks[1][epoch]
+        assert not set(a) & set(b) and len(a) == len(b)
+        assert set(a) | set(b) <= {s.key for s in index.epoch("train", int(epoch), cfg.seed)}
+        assert len(a) + len(b) == data.sizes["train"] - data.sizes["train"] % 2
+    assert set(ranks[0]["0"]) | set(ranks[1]["0"]) != set(ranks[0]["1"]) | set(ranks[1]["1"])
+
+
+def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
+    """Overwrite the npy header of one sample's image member; returns (shard path, key)."""
+    base = shards.shard_root(out, 1)
+    entry = shards.manifest_entries(shards.load_manifest(out, 1), base, split)[position]
+    path = Path(entry.shard)
+    data = bytearray(path.read_bytes())
+    start = entry.offset + tarfile.BLOCKSIZE
+    data[start:start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    return str(path), entry.key
+
+
+def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
+    root, _ = dataset
+    out = str(tmp_path / "shards")
+    shards.export_shards(config(root).data, out, length=1, splits=("val",), samples_per_shard=4)
+    path, key = _corrupt_member(out, "val", 1)
+    data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("val",))
+    got = keys(data.datasets["val"])
+    assert key not in got and len(got) == data.sizes["val"] - 1
+    report = pipeline.bad_sample_report(data.epoch_control)
+    [bad] = report["epochs"]["0"]["samples"]
+    assert bad["origin"].endswith(path.split("/shards/")[1]) and bad["key"] == key and bad["split"] == "val"
+    strict = pipeline.build_datasets(config(root, source="shards", shards=out, on_bad_sample="fail"), splits=("val",))
+    with pytest.raises(Exception, match=key) as err:
+        keys(strict.datasets["val"])
+    assert "DataError" in err.typename or isinstance(err.value, DataError) or "DataError" in str(err.value)
+
+
+def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster):
+    root = build_root(tmp_path / "root")
+    index = SampleIndex.from_config(config(root).data, 3)
+    victim = index.samples("val")[0]
+    chunks = sorted(Path(root, f"{victim.frame_id}.zarr", "insar_difference", "c").rglob("*"))
+    [c.unlink() for c in chunks if c.is_file()]  # every chunk of one variable of one frame
+    data = pipeline.build_datasets(config(root), splits=("val",))
+    got = keys(data.datasets["val"])
+    report = pipeline.bad_sample_report(data.epoch_control)["epochs"]["0"]
+    lost = {s.key for s in index.samples("val") if s.frame_id == victim.frame_id}
+    assert set(got) == {s.key for s in index.samples("val")} - lost
+    assert {b["key"] for b in report["samples"]} == lost and report["count"] == len(lost)
+    assert all(b["origin"].endswith(f"{victim.frame_id}.zarr") and "NaN" in b["reason"] for b in report["samples"])
+    limited = pipeline.build_datasets(config(root, max_bad_samples=1), splits=("val",))
+    with pytest.raises(Exception, match="exceed data.max_bad_samples=1"):
+        keys(limited.datasets["val"])
+
+
+def test_published_shards_as_a_source(dataset, tmp_path):
+    root, _ = dataset
+    out = str(tmp_path / "published")
+    cfg = config(root, source="shards", shards=out, shard_format="published")
+    written = {split: write_published(out, cfg.data, split) for split in ("train", "val")}
+    data = pipeline.build_datasets(cfg, splits=("train", "val"))
+    assert keys(data.datasets["val"]) == written["val"]
+    labels = {}
+    for batch in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy"):
+        labels.update(zip(batch["key"], batch["label"]))
+    assert sum(labels.values()) == len(labels) // 2 and set(labels) <= set(written["train"])

@@ -1,0 +1,174 @@
+"""Runtime: machine sizing, worker environment, logging, and starting/joining Ray.
+
+Tests that initialise Ray themselves run in a subprocess, so they never touch the session's Ray.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from thalia_ray import runtime
+from thalia_ray.config import RuntimeConfig, StorageConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "not-a-real-secret-5f1c9e"
+
+
+def _python(code: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter with the repo importable; fail with its output if it fails."""
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update({"PYTHONPATH": str(REPO), **(env or {})})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- pure parts
+def test_storage_env_vars_takes_names_from_environment_and_config():
+    environ = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "", "HOME": "/root",
+               "AWS_ENDPOINT_URL": "http://env:1"}
+    env = runtime.storage_env_vars(StorageConfig(endpoint_url="http://cfg:2", region="eu-west-3"), environ)
+    assert env == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                   "AWS_ENDPOINT_URL": "http://env:1", "AWS_REGION": "eu-west-3"}
+    assert runtime.storage_env_vars(None, {"HOME": "/root"}) == {}
+
+
+def test_cluster_address_prefers_ray_address():
+    cfg = RuntimeConfig(address="10.0.0.1:6379")
+    assert runtime.cluster_address(cfg, {"RAY_ADDRESS": "10.0.0.2:6379"}) == "10.0.0.2:6379"
+    assert runtime.cluster_address(cfg, {}) == "10.0.0.1:6379"
+    assert runtime.cluster_address(RuntimeConfig(), {"RAY_ADDRESS": ""}) is None
+
+
+def test_local_resources_follow_machine_unless_configured():
+    assert runtime.local_resources(RuntimeConfig(num_cpus=7, num_gpus=0)) == {"num_cpus": 7, "num_gpus": 0}
+    sized = runtime.local_resources(RuntimeConfig(num_gpus=0))
+    assert sized["num_cpus"] == runtime.usable_cpus()
+    assert 1 <= runtime.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cgroup_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert runtime._cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_describe_machine():
+    info = runtime.describe_machine()
+    assert info["cpu_count"] == runtime.usable_cpus()
+    assert info["ray"] == importlib.metadata.version("ray")
+    assert info["torch"] == importlib.metadata.version("torch")
+    assert info["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["memory_gib"] > 0 and info["cpu_model"]
+    assert isinstance(info["gpus"], list)
+    json.dumps(info)  # stored in run records as plain JSON
+
+
+def test_setup_logging_one_handler_one_line_format():
+    logger = runtime.setup_logging("DEBUG")
+    runtime.setup_logging("WARNING")
+    ours = [h for h in logger.handlers if getattr(h, "_thalia", False)]
+    assert len(ours) == 1 and logger.level == logging.WARNING and not logger.propagate
+    record = logger.makeRecord("thalia_ray.x", logging.WARNING, __file__, 1, "epoch %d done", (3,), None)
+    line = ours[0].format(record)
+    assert line.endswith("WARNING thalia_ray.x: epoch 3 done") and "\n" not in line
+
+
+# ------------------------------------------------------------------------------------- Ray
+def test_reuses_an_already_initialised_ray(ray_cluster):
+    rt = runtime.start(RuntimeConfig())
+    assert not rt.started
+    rt.shutdown()
+    assert ray_cluster.is_initialized()
+
+
+@pytest.mark.slow
+def test_local_ray_start_and_shutdown():
+    """A local Ray sized by the config; credentials reach workers by name, values never reach the logs."""
+    proc = _python("""
+        import json, ray
+        from ray.data import DataContext
+        from thalia_ray.config import RuntimeConfig
+        from thalia_ray.runtime import setup_logging, start
+        setup_logging("DEBUG")
+        cfg = RuntimeConfig(num_cpus=1, num_gpus=0, object_store_memory=100_000_000, data_cpu_limit=0.5)
+        with start(cfg) as rt:
+            key = ray.get(ray.remote(lambda: __import__("os").environ.get("AWS_SECRET_ACCESS_KEY")).remote())
+            ctx = DataContext.get_current()
+            out = {"started": rt.started, "address": rt.address, "cpus": rt.resources.get("CPU"),
+                   "names": list(rt.env_var_names), "worker_key_ok": key == "%s",
+                   "data_cpu": ctx.execution_options.resource_limits.cpu,
+                   "bars": ctx.enable_progress_bars}
+        out["after"] = ray.is_initialized()
+        print(json.dumps(out))
+    """ % SECRET, env={"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "id-for-test"})
+    out = _last_json(proc.stdout)
+    assert out["started"] and out["address"] is None and out["cpus"] == 1.0
+    assert {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} <= set(out["names"])
+    assert out["worker_key_ok"]
+    assert out["data_cpu"] == 0.5 and out["bars"] is False
+    assert out["after"] is False
+    assert "starting a local Ray: 1 CPUs" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_joins_existing_cluster_from_ray_address():
+    """A second driver joins through RAY_ADDRESS; leaving only disconnects it, the cluster keeps running."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import ray, sys
+            ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100_000_000, log_to_driver=False)
+            print(ray.get_runtime_context().gcs_address, flush=True)
+            sys.stdin.readline()
+            print("alive", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
+            ray.shutdown()
+        """)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )
+    try:
+        address = owner.stdout.readline().strip()
+        assert address, "the owning driver did not start Ray"
+        proc = _python("""
+            import json, ray
+            from thalia_ray.config import RuntimeConfig
+            from thalia_ray.runtime import start
+            with start(RuntimeConfig(num_cpus=8)) as rt:
+                value = ray.get(ray.remote(lambda: 2 * 21).remote())
+                out = {"started": rt.started, "address": rt.address, "cpus": rt.resources.get("CPU"),
+                       "value": value}
+            out["after"] = ray.is_initialized()
+            print(json.dumps(out))
+        """, env={"RAY_ADDRESS": address})
+        out = _last_json(proc.stdout)
+        assert out == {"started": True, "address": address, "cpus": 1.0, "value": 42, "after": False}
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "alive 42"
+        assert owner.wait(timeout=60) == 0
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()

@@ -1,0 +1,283 @@
+"""WebDataset export and reads: our own shards (read back equal to the cube path, resume, corrupt
+members) and the published `torch.save` shards (read safely; unsafe pickles refused).
+
+Also holds the small hand-built dataset root and the published-shard writer used by
+test_pipeline.py."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from thalia_ray.config import DataConfig
+from thalia_ray.data import schema, shards
+from thalia_ray.data.cube import get_cache, load_sample
+from thalia_ray.data.index import SampleIndex
+from thalia_ray.storage import resolve
+
+FRAMES = ("021D_09150_131313", "128A_09016_110500")
+# (primary, secondaries): train 2018, val 2019-07, test 2020-03
+GROUPS = [
+    ("20180105", ["20180111", "20180117", "20180123"]),
+    ("20180117", ["20180123", "20180129", "20180204"]),
+    ("20180129", ["20180204", "20180210", "20180216"]),
+    ("20180210", ["20180216", "20180222", "20180228"]),
+    ("20190705", ["20190711", "20190717", "20190723"]),
+    ("20200310", ["20200316", "20200322", "20200328"]),
+]
+SIZE, CHUNK = 40, 16
+BOX = (10, 12, 19, 21)  # row0, col0, row1, col1 of the deformation of positive members
+
+
+def _record(uid: int, frame: str, primary: str, secondary: str, positive: bool) -> dict:
+    r0, c0, r1, c1 = BOX
+    return {
+        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
+        "label": ["Deformation"] if positive else ["Non_Deformation"],
+        "activity_type": ["Mogi"] if positive else [], "intensity_level": ["High"] if positive else [],
+        "phase": "Unrest" if positive else "Rest", "confidence": 0.9,
+        "segmentation_mask": [[c0, r0, c1, r0, c1, r1, c0, r1]] if positive else [],
+        "is_crowd": 0, "caption": f"sample {uid}", **{f: 0 for f in schema.FLAGS},
+    }
+
+
+def _cube(frame_index: int, positives: set[tuple[str, str]], frame: str) -> xr.Dataset:
+    primaries = sorted({p for p, _ in GROUPS})
+    secondaries = sorted({s for _, ss in GROUPS for s in ss})
+    rng = np.random.default_rng(frame_index)
+    shape = (len(primaries), len(secondaries), SIZE, SIZE)
+    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "y", "x")
+    data = {name: (dims, rng.normal(size=shape).astype(np.float32)) for name in schema.ALL_CHANNELS if name != "dem"}
+    data["dem"] = (("y", "x"), rng.normal(size=(SIZE, SIZE)).astype(np.float32))
+    mask = np.zeros(shape, dtype=np.uint8)
+    r0, c0, r1, c1 = BOX
+    for p, s in positives:
+        mask[primaries.index(p), secondaries.index(s), r0:r1 + 1, c0:c1 + 1] = 1 + (len(positives) % 2)
+    data[schema.MASK_VAR] = (dims, mask)
+    coords = {schema.PRIMARY_DIM: pd.to_datetime(primaries).values,
+              schema.SECONDARY_DIM: pd.to_datetime(secondaries).values}
+    return xr.Dataset(data, coords=coords)
+
+
+def build_root(root: str | Path) -> str:
+    """A tiny dataset root: two 40×40 frames, 36 annotated pairs (train 24, val 6, test 6), about a
+    quarter positive, with cubes, annotations, time-series index and statistics."""
+    root = str(root)
+    annotations, timeseries, uid = {}, {}, 1
+    for fi, frame in enumerate(FRAMES):
+        positives = set()
+        timeseries[frame] = {}
+        for gi, (primary, secondaries) in enumerate(GROUPS):
+            uids = []
+            for si, secondary in enumerate(secondaries):
+                positive = (gi + si + fi) % 4 == 0
+                annotations[str(uid)] = _record(uid, frame, primary, secondary, positive)
+                if positive:
+                    positives.add((primary, secondary))
+                uids.append(uid)
+                uid += 1
+            timeseries[frame][primary] = {"length": 3, "secondary_date": secondaries, "uniqueID": uids}
+        ds = _cube(fi, positives, frame)
+        encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
+        ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
+                   encoding=encoding, consolidated=False)
+    base = resolve(root)
+    base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
+    base.join(schema.TIMESERIES_FILE).write_json(timeseries)
+    stats = {schema.statistics_key(c): {"mean": 0.1, "std": 2.0} for c in schema.ALL_CHANNELS}
+    base.join(schema.STATISTICS_FILE).write_json(stats)
+    return root
+
+
+def data_config(root: str, **overrides) -> DataConfig:
+    return DataConfig.model_validate({"root": root, "crop": 24, "length": 1, "samples_per_read_task": 4,
+                                      "atmospheric": ["surface_pressure"], **overrides})
+
+
+# --------------------------------------------------------------------- published-style shards
+class Payload:
+    """A pickle whose loading would run code: must be refused by weights_only loading."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/thalia-pwned",))
+
+
+def _torch_bytes(obj) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
+    """Members as the original exporter writes them: image (T*C, H, W) float, labels (T, H, W)
+    long with 2 → 1, and the sample dict (frame_id, annotation records, per-member labels)."""
+    import torch
+
+    raw = shards.eval_raw(sample, index.annotations, data_cfg)
+    picked = [schema.ALL_CHANNELS.index(c) for c in data_cfg.channels]
+    image = torch.from_numpy(raw.image[:, picked].reshape(-1, *raw.image.shape[2:]).copy())
+    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    records = [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
+               for u, a in ((u, index.annotations[u]) for u in sample.unique_ids)]
+    info = {"frame_id": sample.frame_id, "annotation": records, "label": list(sample.member_positive),
+            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
+    return {"image.pth": _torch_bytes(image.float()), "labels.pth": _torch_bytes(labels), "sample.pth": _torch_bytes(info)}
+
+
+def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4,
+                    malicious_key: str | None = None) -> list[str]:
+    """`{root}/{T}/{split}/shard-N.tar` in the published member layout; returns the keys written.
+    With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload."""
+    index = SampleIndex.from_config(data_cfg, 0)
+    samples = index.samples(split)
+    folder = Path(root) / str(data_cfg.length) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    items = [(f"sample{i:05d}", published_sample(index, s, data_cfg)) for i, s in enumerate(samples)]
+    if malicious_key:
+        members = dict(items[0][1], **{"sample.pth": _torch_bytes({"frame_id": Payload(), "label": [True]})})
+        items.append((malicious_key, members))
+    for n, start in enumerate(range(0, len(items), per_shard)):
+        shards.write_tar(str(folder / f"shard-{n:06d}.tar"), items[start:start + per_shard])
+    return [k for k, _ in items]
+
+
+# ---------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return build_root(tmp_path_factory.mktemp("thalia-root"))
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_tar_ranges_read_back_members(tmp_path):
+    path = str(tmp_path / "a.tar")
+    items = [(f"k{i}", {"image.npy": bytes([i]) * (300 + i), "json": b"{}"}) for i in range(3)]
+    ranges = shards.write_tar(path, items)
+    data = Path(path).read_bytes()
+    for (key, members), (rkey, offset, size) in zip(items, ranges):
+        assert rkey == key
+        assert shards.parse_members(data[offset:offset + size], "t") == {key: members}
+    assert shards.write_tar(str(tmp_path / "b.tar"), items) == ranges
+    assert shards.file_sha256(path) == shards.file_sha256(str(tmp_path / "b.tar"))  # reproducible bytes
+
+
+def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
+    cfg = data_config(root, length=2)
+    report = shards.export_shards(cfg, str(tmp_path / "out"), length=2, samples_per_shard=2)
+    assert report.shards_written > 0 and report.shards_kept == 0 and not report.skipped
+    base = shards.shard_root(str(tmp_path / "out"), 2)
+    manifest = json.loads(Path(base.path, shards.MANIFEST).read_text())
+    index = SampleIndex.from_config(cfg, 0)
+    for split in ("train", "val", "test"):
+        entries = shards.manifest_entries(manifest, base, split)
+        assert [e.key for e in entries] == [s.key for s in index.samples(split)]
+    assert {s["name"].split("/")[0] for s in manifest["shards"]} == {"train_pos", "train_neg", "val", "test"}
+    for s in manifest["shards"]:
+        tar = Path(base.path, s["name"])
+        assert shards.file_sha256(str(tar)) == s["sha256"] and tar.stat().st_size == s["bytes"]
+        with tarfile.open(tar) as handle:
+            names = handle.getnames()
+        assert all(n.split(".", 1)[1] in ("image.npy", "mask.npy", "json") for n in names)
+        assert all(e[3] == (1 if s["name"].startswith("train_pos") else e[3]) for e in s["entries"])
+    # every sample decodes to exactly what the cube path reads (evaluation crop, selected channels)
+    cache = get_cache(root)
+    entries = shards.manifest_entries(manifest, base, "val") + shards.manifest_entries(manifest, base, "train")
+    by_key = {s.key: s for split in ("train", "val") for s in index.samples(split)}
+    for entry, blob in shards.fetch_ranges(entries):
+        raw = shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, cfg.channels)
+        direct = shards.eval_raw(by_key[entry.key], index.annotations, cfg)
+        picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
+        np.testing.assert_array_equal(raw.image, direct.image[:, picked])
+        np.testing.assert_array_equal(raw.mask, direct.mask)
+        assert raw.meta == json.loads(json.dumps(direct.meta))
+        record = load_sample(by_key[entry.key], index, cfg, cache, None, training=False)
+        assert record["key"] == entry.key
+
+
+def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
+    cfg = data_config(root)
+    out = f"{s3_bucket}/shards"
+    report = shards.export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, dtype="float16",
+                                  compress=True)
+    assert report.samples == {"val": 6} and report.shards_written == 2
+    manifest = shards.load_manifest(out, 1)
+    entries = shards.manifest_entries(manifest, shards.shard_root(out, 1), "val")
+    index = SampleIndex.from_config(cfg, 0)
+    for entry, blob in shards.fetch_ranges(entries):
+        members = shards.parse_members(blob, entry.where)[entry.key]
+        assert set(members) == {"image.npy.gz", "mask.npy.gz", "json"}
+        raw = shards.decode_own(members, entry, list(schema.ALL_CHANNELS))
+        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg)
+        np.testing.assert_array_equal(raw.image, direct.image.astype(np.float16).astype(np.float32))
+
+
+def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ray_cluster):
+    cfg = data_config(root)
+    out = str(tmp_path / "out")
+    first = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    base = Path(out, "1")
+    manifest = json.loads((base / shards.MANIFEST).read_text())
+    victim, truncated = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
+    os.remove(base / f"{victim}.done")  # interrupted before its done record
+    (base / truncated).write_bytes((base / truncated).read_bytes()[:700])  # a half-written tar under its name
+    (base / shards.MANIFEST).unlink()
+    second = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    assert second.shards_written == 2 and second.shards_kept == first.shards_written - 2
+    again = json.loads((base / shards.MANIFEST).read_text())
+    assert again["shards"] == manifest["shards"]  # identical bytes and hashes after the resume
+    assert not list(base.rglob("*.tmp"))
+
+
+def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
+    cfg = data_config(root)
+    out = str(tmp_path / "out")
+    shards.export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=6)
+    base = shards.shard_root(out, 1)
+    entries = shards.manifest_entries(shards.load_manifest(out, 1), base, "val")
+    tar = Path(base.path, "val", "shard-000000.tar")
+    data = bytearray(tar.read_bytes())
+    victim = entries[2]
+    start = victim.offset + tarfile.BLOCKSIZE  # the image.npy header, right after its tar header
+    data[start:start + 16] = b"\xff" * 16
+    tar.write_bytes(bytes(data))
+    results = {e.key: blob for e, blob in shards.fetch_ranges(entries)}
+    with pytest.raises(shards.ShardError, match=f"{tar.name}, key {victim.key}"):
+        members = shards.parse_members(results[victim.key], victim.where)[victim.key]
+        shards.decode_own(members, victim, cfg.channels)
+    short = shards.ShardEntry(victim.key, victim.shard, len(data) - 100, 400, 0, 0)
+    [(entry, err)] = list(shards.fetch_ranges([short]))
+    assert isinstance(err, shards.ShardError) and victim.key in str(err) and "shard" in str(err)
+
+
+def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cluster):
+    cfg = data_config(root, length=1)
+    out = str(tmp_path / "published")
+    keys = write_published(out, cfg, "val", malicious_key="evil01")
+    with pytest.raises(shards.UnsafeShardError, match=r"shard-000001\.tar, key evil01"):
+        shards.scan_published(out, 1, "val", "union")
+    assert not Path("/tmp/thalia-pwned").exists()
+    Path(out, "1", "val", "shard-000001.tar").unlink()  # the one holding the payload
+    entries = shards.scan_published(out, 1, "val", "union")
+    assert [e.key for e in entries] == keys[:4]
+    index = SampleIndex.from_config(cfg, 0)
+    for entry, blob in shards.fetch_ranges(entries):
+        raw = shards.decode_published(shards.parse_members(blob, entry.where)[entry.key], entry, cfg, "val")
+        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg)
+        picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
+        np.testing.assert_array_equal(raw.image, direct.image[:, picked])
+        np.testing.assert_array_equal(raw.mask, np.where(direct.mask == 2, 1, direct.mask))
+        assert raw.meta["unique_ids"] == direct.meta["unique_ids"] and raw.meta["label"] == direct.meta["label"]
+    evil = published_sample(index, index.samples("val")[0], cfg)
+    evil["image.pth"] = _torch_bytes(Payload())
+    entry = shards.ShardEntry("evil02", "mem://x.tar", 0, 0, 0, 0, "published")
+    with pytest.raises(shards.UnsafeShardError, match="key evil02, member image.pth"):
+        shards.decode_published(evil, entry, cfg, "val")
+    assert not Path("/tmp/thalia-pwned").exists()

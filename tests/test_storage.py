@@ -1,0 +1,233 @@
+"""Storage: the same behaviour on local disk and on a real S3 endpoint (moto over HTTP)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from thalia_ray.config import StorageConfig
+from thalia_ray.storage import Location, StorageError, resolve, walk_files
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> Location:
+    if request.param == "local":
+        return resolve(tmp_path / "store")
+    return resolve(f"{request.getfixturevalue('s3_bucket')}/prefix")
+
+
+# ------------------------------------------------------------------------------------- resolve
+def test_resolve_local_forms(tmp_path):
+    plain = resolve(tmp_path / "a")
+    assert plain.protocol == "file" and plain.path == str(tmp_path / "a")
+    assert resolve(f"file://{tmp_path}/a").path == plain.path
+    assert resolve(plain) is plain
+
+
+def test_resolve_s3_endpoint_precedence(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:1")
+    assert resolve("s3://b/p").s3.endpoint_url == "http://from-env:1"
+    cfg = StorageConfig(endpoint_url="http://from-config:2", region="eu-west-1")
+    loc = resolve("s3://b/p/", cfg)
+    assert (loc.s3.endpoint_url, loc.s3.region, loc.path) == ("http://from-config:2", "eu-west-1", "b/p")
+    query = resolve("s3://b/p?endpoint_override=127.0.0.1:9&scheme=http", cfg)
+    assert query.s3.endpoint_url == "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("url, words", [("s3:///nobucket", "needs a bucket"), ("ftp://host/x", "unsupported")])
+def test_resolve_rejects_bad_locations(url, words):
+    with pytest.raises(StorageError, match=words):
+        resolve(url)
+
+
+# ------------------------------------------------------------------------------------- round trips
+def test_bytes_text_json_round_trip(root):
+    blob = bytes(range(256)) * 64
+    root.join("a", "blob.bin").write_bytes(blob)
+    root.join("a", "note.txt").write_text("Ætna ✓")
+    root.join("b.json").write_json({"x": [1, 2.5, None], "y": "z"})
+    assert root.join("a", "blob.bin").read_bytes() == blob
+    assert root.join("a/note.txt").read_text() == "Ætna ✓"
+    assert root.join("b.json").read_json() == {"x": [1, 2.5, None], "y": "z"}
+    assert root.join("a", "blob.bin").size() == len(blob)
+    with root.join("a", "blob.bin").open("rb") as handle:
+        assert handle.read(10) == blob[:10]
+
+
+def test_list_glob_exists_join_walk(root):
+    for name in ("x/1.json", "x/2.json", "x/3.txt", "x/deep/4.json"):
+        root.join(name).write_json({"name": name})
+    x = root.join("x")
+    assert x.list() == ["1.json", "2.json", "3.txt", "deep"]
+    assert [loc.name for loc in x.glob("*.json")] == ["1.json", "2.json"]
+    assert x.glob("*.json")[0].read_json() == {"name": "x/1.json"}
+    assert x.exists() and x.join("deep", "4.json").exists()
+    assert not x.join("missing.json").exists()
+    assert root.join("nothing-here").list() == []
+    assert x.join("deep").parent().url == x.url
+    found = [loc.path.removeprefix(x.path + "/") for loc in walk_files(x)]
+    assert found == ["1.json", "2.json", "3.txt", "deep/4.json"]
+    x.join("deep").remove(recursive=True)
+    assert x.list() == ["1.json", "2.json", "3.txt"]
+
+
+def test_missing_file_is_file_not_found_naming_it(root):
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        root.join("absent.json").read_json()
+
+
+def test_invalid_json_names_location(root):
+    bad = root.join("bad.json")
+    bad.write_text("{not json")
+    with pytest.raises(StorageError, match="bad.json: not valid JSON"):
+        bad.read_json()
+
+
+def test_put_file_uploads_whole_file(root, tmp_path):
+    source = tmp_path / "local.bin"
+    source.write_bytes(os.urandom(100_000))
+    target = root.join("up", "copy.bin")
+    target.put_file(source)
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_zarr_store_round_trip(root):
+    import zarr
+
+    data = np.arange(2 * 6 * 5, dtype="float32").reshape(2, 6, 5)
+    cube = root.join("frame.zarr")
+    group = zarr.open_group(cube.zarr_store(read_only=False), mode="w")
+    group.create_array("insar_difference", data=data, chunks=(1, 3, 5))
+    group.attrs["frame_id"] = "124D_04854_171313"
+    reread = zarr.open_group(cube.zarr_store(read_only=True), mode="r")
+    np.testing.assert_array_equal(reread["insar_difference"][:], data)
+    np.testing.assert_array_equal(reread["insar_difference"][1, 2:4], data[1, 2:4])
+    assert reread.attrs["frame_id"] == "124D_04854_171313"
+    assert cube.join("zarr.json").exists()
+
+
+def test_pyarrow_filesystem_sees_the_same_objects(root):
+    import pyarrow.fs as pafs
+
+    root.join("shared", "from-fsspec.json").write_json({"side": "fsspec"})
+    fs, path = root.join("shared").pyarrow()
+    with fs.open_input_stream(f"{path}/from-fsspec.json") as stream:
+        assert b'"fsspec"' in stream.read()
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/from-arrow.bin") as stream:
+        stream.write(b"arrow bytes")
+    root.join("shared").invalidate()
+    assert root.join("shared", "from-arrow.bin").read_bytes() == b"arrow bytes"
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    assert sorted(i.base_name for i in infos) == ["from-arrow.bin", "from-fsspec.json"]
+
+
+# ------------------------------------------------------------------------------------- atomicity
+def test_reader_only_sees_complete_versions(root):
+    """A reader polling during many rewrites of a large file sees whole versions only."""
+    size = 4 * 2**20 if root.protocol == "file" else 2**20
+    rewrites = 24 if root.protocol == "file" else 8
+    target = root.join("big.bin")
+    target.write_bytes(bytes([0]) * size)
+    seen: set[int] = set()
+    problems: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            data = target.read_bytes()
+            if len(data) != size or data.count(data[:1]) != size:
+                problems.append(f"partial or mixed read: {len(data)} bytes")
+            seen.add(data[0])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for version in range(1, rewrites + 1):
+            target.write_bytes(bytes([version]) * size)
+    finally:
+        done.set()
+        thread.join()
+    assert problems == []
+    assert len(seen) >= 2  # the reader really overlapped the rewrites
+    assert target.read_bytes() == bytes([rewrites]) * size
+    assert target.parent().list() == ["big.bin"]  # no temporary files left behind
+
+
+def test_failed_local_write_keeps_previous_version(tmp_path, monkeypatch):
+    target = resolve(tmp_path / "run" / "history.json")
+    target.write_json({"version": 1})
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        target.write_json({"version": 2})
+    monkeypatch.undo()
+    assert target.read_json() == {"version": 1}
+    assert os.listdir(tmp_path / "run") == ["history.json"]
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_unreachable_endpoint_names_location():
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    loc = resolve("s3://some-bucket/runs/x.json", cfg)
+    with pytest.raises(StorageError) as err:
+        loc.read_json()
+    message = str(err.value)
+    assert "s3://some-bucket/runs/x.json" in message
+    assert cfg.endpoint_url in message and "unreachable" in message
+
+
+def test_missing_bucket_is_clear(s3_env):
+    loc = resolve(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/run.json")
+    with pytest.raises(StorageError, match="bucket does not exist") as err:
+        loc.write_json({"a": 1})
+    assert loc.url in str(err.value)
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        loc.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def strict_s3_endpoint():
+    """A moto server that checks credentials, so unknown keys are refused as on real S3."""
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("strict moto server did not start") from None
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_access_denied_is_clear(strict_s3_endpoint, s3_env):
+    loc = resolve("s3://private/data/a.json", StorageConfig(endpoint_url=strict_s3_endpoint))
+    for action in (loc.read_bytes, lambda: loc.write_json({"a": 1}), loc.list):
+        with pytest.raises(StorageError, match="access denied") as err:
+            action()
+        assert "s3://private/data/a.json" in str(err.value)
+        assert "AWS_ACCESS_KEY_ID" in str(err.value)

@@ -1,0 +1,207 @@
+"""Experiment store: run records, listings and sweeps, the same on local disk and on S3 (moto)."""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from thalia_ray.config import ThaliaConfig
+from thalia_ray.store.layout import ExperimentStore, check_id, make_run_id
+from thalia_ray.store.records import (
+    RunSummary,
+    StoreError,
+    format_run,
+    format_run_details,
+    format_runs_table,
+    headline,
+)
+
+HOST = {"hostname": "test-host", "cpu_count": 2, "cpu_model": "cpu", "gpus": []}
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> ExperimentStore:
+    if request.param == "local":
+        return ExperimentStore(tmp_path / "runs")
+    return ExperimentStore(f"{request.getfixturevalue('s3_bucket')}/experiments")
+
+
+def _prediction(i: int) -> dict:
+    return {"key": f"f/{i}", "frame_id": "124D_04854_171313", "intensity": "Low", "activity_type": "Sill",
+            "label": i % 2, "score": np.float32(0.25 * i), "pred": int(i > 1)}
+
+
+# ------------------------------------------------------------------------------------- ids
+def test_run_ids_are_safe_sortable_and_unique():
+    now = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+    assert make_run_id("resnet18 v1.2/fast", now, "abc123") == "resnet18-v1-2-fast-20250304-050607-abc123"
+    assert make_run_id("...", now, "abc123") == "run-20250304-050607-abc123"
+    ids = {ExperimentStore.new_run_id("demo.run") for _ in range(50)}
+    assert len(ids) == 50
+    assert all(re.fullmatch(r"demo-run-\d{8}-\d{6}-[0-9a-f]{6}", i) for i in ids)
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "a.b", "", " x", "-x"])
+def test_bad_ids_are_refused(bad, tmp_path):
+    with pytest.raises(StoreError, match="not valid"):
+        check_id(bad)
+    with pytest.raises(StoreError, match="run id"):
+        ExperimentStore(tmp_path).run(bad)
+
+
+# ------------------------------------------------------------------------------------- records
+def test_run_record_round_trip(store):
+    cfg = ThaliaConfig.model_validate({"name": "rt", "train": {"lr": 3e-4, "epochs": 2}, "model": {"name": "resnet18"}})
+    run = store.run(store.new_run_id("rt"))
+    run.write_config(cfg)
+    run.set_status("running", kind="train", name="rt", task="classification", model="resnet18", host=HOST)
+    run.append_history({"epoch": 1, "val/loss": np.float32(0.75), "val/f1_deformation": torch.tensor(0.5)})
+    run.append_history({"epoch": 2, "val/loss": 0.5, "val/f1_deformation": np.float64(0.625)})
+    run.write_results({"val/f1_deformation": 0.625, "test/f1_deformation": 0.5}, best_epoch=2,
+                      best_checkpoint="experiments/ray/rt/checkpoint_000001")
+    assert run.write_predictions("test", (_prediction(i) for i in range(3))) == 3
+    run.set_status("finished")
+
+    assert run.read_config() == cfg
+    assert run.read_history() == [{"epoch": 1, "val/loss": 0.75, "val/f1_deformation": 0.5},
+                                  {"epoch": 2, "val/loss": 0.5, "val/f1_deformation": 0.625}]
+    results = run.read_results()
+    assert results["metrics"]["test/f1_deformation"] == 0.5 and results["best_epoch"] == 2
+    assert results["best_checkpoint"].endswith("checkpoint_000001")
+    rows = run.read_predictions("test")
+    assert [r["key"] for r in rows] == ["f/0", "f/1", "f/2"] and rows[2]["score"] == 0.5
+    status = run.read_status()
+    assert status["status"] == "finished" and status["name"] == "rt" and status["host"] == HOST
+    assert run.loc.list() == ["config.yaml", "history.json", "predictions", "results.json", "run.json"]
+
+
+def test_new_record_describes_its_host(store):
+    run = store.run("described")
+    run.set_status("running")
+    host = run.read_status()["host"]
+    assert host["cpu_count"] >= 1 and host["python"] and "ray" in host
+
+
+def test_status_transitions(store):
+    run = store.run("transitions")
+    first = run.set_status("running", kind="sweep-trial", sweep="sw1", host=HOST)
+    failed = run.set_status("failed", error="Traceback ...\nValueError: boom")
+    assert failed["error"].endswith("boom") and failed["created"] == first["created"]
+    assert failed["updated"] >= first["updated"] and failed["kind"] == "sweep-trial"
+    resumed = run.set_status("running")
+    assert "error" not in resumed and resumed["sweep"] == "sw1"
+    assert run.set_status("stopped")["status"] == "stopped"
+    run.set_status("finished")
+    with pytest.raises(StoreError, match="already finished"):
+        run.set_status("running")
+    assert run.read_status()["status"] == "finished"
+    with pytest.raises(StoreError, match="status 'done'"):
+        run.set_status("done")
+    with pytest.raises(StoreError, match="kind 'training'"):
+        store.run("other").set_status("running", kind="training")
+
+
+def test_missing_and_bad_records_are_clear(store):
+    run = store.run("empty")
+    assert not run.exists() and run.read_history() == [] and run.read_results() is None
+    with pytest.raises(StoreError, match="run empty has no run.json"):
+        run.read_status()
+    with pytest.raises(StoreError, match="run empty has no config.yaml"):
+        run.read_config()
+    with pytest.raises(StoreError, match="no run 'empty'"):
+        store.existing_run("empty")
+    run.write_predictions("val", [_prediction(0)])
+    with pytest.raises(StoreError, match=r"no test predictions \(it has: \['val'\]\)"):
+        run.read_predictions("test")
+    with pytest.raises(StoreError, match="split 'dev'"):
+        run.write_predictions("dev", [])
+    with pytest.raises(StoreError, match=r"row 1: missing \['score', 'pred'\]"):
+        run.write_predictions("val", [_prediction(0), {"key": "k", "frame_id": "f", "intensity": "Low",
+                                                       "activity_type": "Sill", "label": 0}])
+    with pytest.raises(StoreError, match=r"history\[0\].note: object cannot be stored"):
+        run.append_history({"note": object()})
+    run.loc.join("config.yaml").write_text("train:\n  lr: -1\n")
+    with pytest.raises(StoreError, match="(?s)config.yaml: not a usable configuration.*train.lr"):
+        run.read_config()
+
+
+# ------------------------------------------------------------------------------------- listing
+def test_list_runs_and_sweeps(store):
+    a = store.run("a-run")
+    a.set_status("running", name="a", task="classification", model="resnet18", host=HOST)
+    a.append_history({"epoch": 1, "val/f1_deformation": 0.25})
+    b = store.run("b-run")
+    b.set_status("running", name="b", kind="sweep-trial", sweep="sw", task="segmentation", model="unet", host=HOST)
+    b.write_results({"val/iou_deformation": 0.5})
+    b.set_status("finished")
+    store.run("broken").loc.join("run.json").write_text("{")
+
+    runs = {s.run_id: s for s in store.list_runs()}
+    assert set(runs) == {"a-run", "b-run", "broken"}
+    assert (runs["a-run"].status, runs["a-run"].metric, runs["a-run"].value) == ("running", "val/f1_deformation", 0.25)
+    assert (runs["b-run"].status, runs["b-run"].model, runs["b-run"].value) == ("finished", "unet", 0.5)
+    assert runs["broken"].status == "unreadable"
+    assert [s.run_id for s in store.list_runs(sweep="sw")] == ["b-run"]
+
+    sweep = store.sweep("sw")
+    sweep.write_summary({"best_trial": "b-run", "metric": "val/iou_deformation", "best": np.float32(0.5)})
+    assert sweep.read_summary() == {"best_trial": "b-run", "metric": "val/iou_deformation", "best": 0.5}
+    with pytest.raises(StoreError, match="sweep nope has no summary"):
+        store.sweep("nope").read_summary()
+    assert store.root.join("sweeps", "sw", "summary.json").exists()
+
+
+def test_ray_storage_is_under_the_store(store):
+    fs, path = store.ray_storage()
+    assert path == store.root.join("ray").path
+    fs.create_dir(f"{path}/train-x", recursive=True)
+    with fs.open_output_stream(f"{path}/train-x/checkpoint.txt") as stream:
+        stream.write(b"ckpt")
+    store.root.invalidate()
+    assert store.root.join("ray", "train-x", "checkpoint.txt").read_bytes() == b"ckpt"
+    assert "ray" not in store.run_ids()
+
+
+# ------------------------------------------------------------------------------------- formatting
+def test_headline_prefers_results_then_last_epoch():
+    history = [{"val/f1_deformation": 0.1}, {"val/f1_deformation": 0.3, "val/loss": 1.0}]
+    assert headline({"metrics": {"test/f1_deformation": 0.2, "val/f1_deformation": 0.4}}, history) == (
+        "test/f1_deformation", 0.2)
+    assert headline(None, history) == ("val/f1_deformation", 0.3)
+    assert headline({"metrics": {}}, [{"val/loss": 2}]) == ("val/loss", 2.0)
+    assert headline(None, []) == (None, None)
+
+
+def test_format_runs_table():
+    rows = [
+        RunSummary("long-run-id-1", "a", "finished", "train", "classification", "resnet18", None,
+                   "test/f1_deformation", 0.81234, "2025-01-01T00:00:00+00:00", "2025-01-01T01:02:03+00:00"),
+        RunSummary("r2", "b", "failed", "bench", None, None, None, None, None, None, None),
+    ]
+    lines = format_runs_table(rows).splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "KIND", "TASK", "MODEL", "METRIC", "UPDATED"]
+    assert lines[1].split() == ["long-run-id-1", "finished", "train", "classification", "resnet18",
+                                "test/f1_deformation=0.8123", "2025-01-01", "01:02:03"]
+    assert lines[2].split() == ["r2", "failed", "bench", "-", "-", "-", "-"]
+    assert lines[1].index("finished") == lines[2].index("failed") == lines[0].index("STATUS")
+    assert format_runs_table([]) == "no runs"
+
+
+def test_format_run(tmp_path):
+    run = ExperimentStore(tmp_path).run("shown")
+    run.set_status("running", name="shown", task="classification", model="resnet18", host=HOST)
+    run.append_history({"epoch": 1, "val/loss": 0.5})
+    text = format_run(run)
+    assert "status    running" in text and "epochs    1" in text and "val/loss" in text
+    assert "test-host: 2 CPUs" in text
+    assert "error" not in text
+    run.set_status("failed", error="Traceback\nRuntimeError: out of memory")
+    failed = format_run(run)
+    assert "status    failed" in failed
+    assert failed.splitlines()[-3:] == ["error:", "  Traceback", "  RuntimeError: out of memory"]
+    details = format_run_details({"run_id": "x", "status": "finished"}, [],
+                                 {"metrics": {"test/f1_deformation": 0.5}, "best_epoch": 3, "best_checkpoint": "c"})
+    assert "best      epoch 3, checkpoint c" in details and "test/f1_deformation" in details

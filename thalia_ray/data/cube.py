@@ -1,0 +1,334 @@
+"""Windowed reads of Thalia minicubes: crop placement, date lookup and reading only what a sample needs.
+
+A frame cube holds every interferogram of a frame (tens of GB for the real data), so a sample must
+read only its (primary, secondaries) pairs, its channels and its crop window: the Zarr chunks that
+window touches and nothing else. Cubes are opened once per process and kept open.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import xarray as xr
+from zarr.storage import WrapperStore
+
+from thalia_ray.data import schema
+from thalia_ray.data.annotations import AnnotationSet
+from thalia_ray.data.index import Sample, SampleIndex
+from thalia_ray.data.transforms import finalize, statistics_for
+from thalia_ray.storage import Location, resolve
+
+_METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+
+
+class DataError(RuntimeError):
+    """A sample cannot be read as asked (missing date, NaN values, unreadable chunk).
+
+    The message names the cube, variable, dates and window; the pipeline decides to skip or fail.
+    """
+
+
+class Window(NamedTuple):
+    """A crop in frame pixels: top-left (row, col) and size."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    def describe(self) -> str:
+        return f"rows {self.row}:{self.row + self.height}, cols {self.col}:{self.col + self.width}"
+
+
+@dataclass
+class RawSample:
+    image: np.ndarray  # float32 (T, C, h, w), unnormalised, in `channels` order
+    mask: np.ndarray  # uint8 (T, h, w), raw cube values (0/1/2)
+    key: str
+    meta: dict[str, Any]  # JSON-serialisable
+
+
+# ------------------------------------------------------------------------- storage accounting
+class CountingStore(WrapperStore):
+    """A Zarr store wrapper counting reads, so tests and benchmarks can see what a read fetched."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.chunk_reads: Counter[str] = Counter()  # per array path
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def _record(self, key: str, buffer: Any) -> None:
+        path, _, last = key.rpartition("/")
+        if last in _METADATA_FILES or key in _METADATA_FILES:
+            return
+        array = key.split("/c/")[0] if "/c/" in key else path  # v3 "var/c/0/1", v2 "var/0.1"
+        with self._lock:
+            self.chunk_reads[array] += 1
+            self.bytes_read += len(buffer) if buffer is not None else 0
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buffer = await self._store.get(key, prototype, byte_range)
+        self._record(key, buffer)
+        return buffer
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        key_ranges = list(key_ranges)
+        buffers = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), buffer in zip(key_ranges, buffers):
+            self._record(key, buffer)
+        return buffers
+
+    def reset(self) -> None:
+        with self._lock:
+            self.chunk_reads.clear()
+            self.bytes_read = 0
+
+
+# ----------------------------------------------------------------------------------- cubes
+def _date_keys(values: np.ndarray) -> dict[str, int]:
+    days = np.datetime_as_string(np.asarray(values).astype("datetime64[D]"), unit="D")
+    return {d.replace("-", ""): i for i, d in enumerate(days)}
+
+
+@dataclass
+class Cube:
+    """One opened frame cube: date → position maps and the spatial dimensions."""
+
+    frame_id: str
+    url: str
+    dataset: xr.Dataset
+    primary_index: dict[str, int] = field(init=False)
+    secondary_index: dict[str, int] = field(init=False)
+    spatial_dims: tuple[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for dim in (schema.PRIMARY_DIM, schema.SECONDARY_DIM):
+            if dim not in self.dataset.coords:
+                raise DataError(f"cube {self.url}: no {dim!r} coordinate (dims: {dict(self.dataset.sizes)})")
+        self.primary_index = _date_keys(self.dataset[schema.PRIMARY_DIM].values)
+        self.secondary_index = _date_keys(self.dataset[schema.SECONDARY_DIM].values)
+        if schema.MASK_VAR not in self.dataset:
+            raise DataError(f"cube {self.url}: no {schema.MASK_VAR!r} variable")
+        dims = [d for d in self.dataset[schema.MASK_VAR].dims if d not in (schema.PRIMARY_DIM, schema.SECONDARY_DIM)]
+        if len(dims) != 2:
+            raise DataError(f"cube {self.url}: expected two spatial dimensions besides the dates, got {dims}")
+        self.spatial_dims = (dims[0], dims[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.dataset.sizes[self.spatial_dims[0]]), int(self.dataset.sizes[self.spatial_dims[1]])
+
+    def positions(self, primary: str, secondaries: Sequence[str]) -> tuple[int, list[int]]:
+        """Integer positions of the dates; a DataError names any date the cube does not hold."""
+        missing = [d for d in [primary] if d not in self.primary_index]
+        missing += [d for d in secondaries if d not in self.secondary_index]
+        if missing:
+            raise DataError(f"cube {self.url}: dates {missing} not in the cube (sample {primary}/{list(secondaries)})")
+        return self.primary_index[primary], [self.secondary_index[s] for s in secondaries]
+
+    def read(self, variable: str, primary: int, secondaries: Sequence[int], window: Window) -> np.ndarray:
+        """float32 (T, h, w) of one variable; static and per-pair scalar variables are broadcast."""
+        if variable not in self.dataset:
+            raise DataError(f"cube {self.url}: no variable {variable!r}")
+        data = self.dataset[variable]
+        unique, inverse = np.unique(np.asarray(secondaries), return_inverse=True)
+        ydim, xdim = self.spatial_dims
+        wanted = {
+            schema.PRIMARY_DIM: primary,
+            schema.SECONDARY_DIM: unique,
+            ydim: slice(window.row, window.row + window.height),
+            xdim: slice(window.col, window.col + window.width),
+        }
+        selected = data.isel({d: v for d, v in wanted.items() if d in data.dims})
+        order = [d for d in (schema.SECONDARY_DIM, ydim, xdim) if d in selected.dims]
+        values = np.asarray(selected.transpose(*order).values, dtype=np.float32)
+        if schema.SECONDARY_DIM in selected.dims:
+            values = values[inverse]
+        else:
+            values = values[None]
+        if ydim not in selected.dims:
+            values = values[..., None, None]
+        return np.broadcast_to(values, (len(secondaries), window.height, window.width))
+
+
+class CubeCache:
+    """Opens each `{root}/{frame_id}.zarr` once per process, lazily.
+
+    Pickling a cache ships only its root, so a Ray task or actor that receives one opens its own
+    cubes; `get_cache` returns the process-wide instance for a root.
+    """
+
+    def __init__(self, root: str | Location, storage_cfg: Any | None = None,
+                 store_wrapper: Callable[[Any], Any] | None = None) -> None:
+        self.root = resolve(root, storage_cfg)
+        self.storage_cfg = storage_cfg
+        self.store_wrapper = store_wrapper
+        self.stores: dict[str, Any] = {}
+        self._cubes: dict[str, Cube] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CubeCache, (self.root.url, self.storage_cfg, self.store_wrapper))
+
+    def get(self, frame_id: str) -> Cube:
+        with self._lock:
+            if frame_id not in self._cubes:
+                self._cubes[frame_id] = self._open(frame_id)
+            return self._cubes[frame_id]
+
+    def _open(self, frame_id: str) -> Cube:
+        location = self.root.join(f"{frame_id}{schema.CUBE_SUFFIX}")
+        store = location.zarr_store(read_only=True)
+        if self.store_wrapper is not None:
+            store = self.store_wrapper(store)
+        self.stores[frame_id] = store
+        try:
+            with warnings.catch_warnings():
+                # Consolidated metadata only saves requests at open time; cubes without it are fine.
+                warnings.filterwarnings("ignore", "Failed to open Zarr store with consolidated", RuntimeWarning)
+                dataset = xr.open_zarr(store, chunks=None, consolidated=None)
+        except FileNotFoundError as err:
+            raise DataError(f"cube {location}: not found (frame {frame_id})") from err
+        except Exception as err:  # noqa: BLE001 - any open failure is reported with the cube named
+            raise DataError(f"cube {location}: cannot open ({type(err).__name__}: {err})") from err
+        return Cube(frame_id, location.url, dataset)
+
+
+_CACHES: dict[str, CubeCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def get_cache(root: str | Location, storage_cfg: Any | None = None) -> CubeCache:
+    """The process-wide cache for a dataset root."""
+    key = resolve(root, storage_cfg).url
+    with _CACHES_LOCK:
+        if key not in _CACHES:
+            _CACHES[key] = CubeCache(root, storage_cfg)
+        return _CACHES[key]
+
+
+# ------------------------------------------------------------------------------------ crops
+def polygon_area(polygon: Sequence[float]) -> float:
+    xs, ys = np.asarray(polygon[0::2]), np.asarray(polygon[1::2])
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
+
+
+def target_polygons(sample: Sample, annotations: AnnotationSet, mask_target: str = "union") -> list[tuple[float, ...]]:
+    """Polygons of the members whose masks form the target (`last`, `peak` or every member)."""
+    members = [annotations[uid].polygons for uid in sample.unique_ids]
+    if mask_target == "last":
+        members = members[-1:]
+    elif mask_target == "peak":
+        members = [max(members, key=lambda polys: sum(polygon_area(p) for p in polys))]
+    return [p for polys in members for p in polys]
+
+
+def mask_bbox(polygons: Sequence[Sequence[float]], frame_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Inclusive pixel bounding box (row0, col0, row1, col1) of the polygons, clipped to the frame."""
+    if not polygons:
+        return None
+    xs = np.concatenate([np.asarray(p[0::2]) for p in polygons])
+    ys = np.concatenate([np.asarray(p[1::2]) for p in polygons])
+    height, width = frame_shape
+    row0, row1 = int(np.clip(np.floor(ys.min()), 0, height - 1)), int(np.clip(np.ceil(ys.max()), 0, height - 1))
+    col0, col1 = int(np.clip(np.floor(xs.min()), 0, width - 1)), int(np.clip(np.ceil(xs.max()), 0, width - 1))
+    return row0, col0, row1, col1
+
+
+def _start(center: int, crop: int, size: int) -> int:
+    return int(np.clip(center - crop // 2, 0, size - crop))
+
+
+def crop_window(
+    sample: Sample,
+    annotations: AnnotationSet,
+    frame_shape: tuple[int, int],
+    crop: int,
+    rng: np.random.Generator | None = None,
+    mask_target: str = "union",
+    max_retries: int = 10,
+) -> Window:
+    """Square crop around the target mask's bounding box, shifted by up to ±crop/4 per axis and
+    clamped into the frame, retried until the whole box is inside (else centred). Without a mask:
+    a random position. `rng=None` gives the deterministic evaluation crop (centred)."""
+    height, width = frame_shape
+    if crop > height or crop > width:
+        raise ValueError(f"crop {crop} is larger than frame {sample.frame_id} ({height}x{width})")
+    box = mask_bbox(target_polygons(sample, annotations, mask_target), frame_shape)
+    if box is None:
+        if rng is None:
+            return Window((height - crop) // 2, (width - crop) // 2, crop, crop)
+        return Window(int(rng.integers(height - crop + 1)), int(rng.integers(width - crop + 1)), crop, crop)
+    row0, col0, row1, col1 = box
+    center_r, center_c = (row0 + row1) // 2, (col0 + col1) // 2
+    centred = Window(_start(center_r, crop, height), _start(center_c, crop, width), crop, crop)
+    if rng is None:
+        return centred
+    for _ in range(max_retries):
+        dr, dc = rng.integers(-(crop // 4), crop // 4 + 1, size=2)
+        r, c = _start(center_r + int(dr), crop, height), _start(center_c + int(dc), crop, width)
+        if r <= row0 and row1 < r + crop and c <= col0 and col1 < c + crop:
+            return Window(r, c, crop, crop)
+    return centred
+
+
+# ------------------------------------------------------------------------------------ reads
+def sample_meta(sample: Sample, annotations: AnnotationSet, window: Window) -> dict[str, Any]:
+    """JSON-serialisable description of a sample, with the per-member annotation fields."""
+    members = [annotations[uid] for uid in sample.unique_ids]
+    return {
+        "frame_id": sample.frame_id,
+        "primary_date": sample.primary_date,
+        "secondary_dates": list(sample.secondary_dates),
+        "unique_ids": list(sample.unique_ids),
+        "member_positive": list(sample.member_positive),
+        "label": sample.label,
+        "split": sample.split,
+        "activity_types": [list(a.activity_types) for a in members],
+        "intensity_levels": [list(a.intensity_levels) for a in members],
+        "phase": members[-1].phase,
+        "confidence": float(np.mean([a.confidence for a in members])),
+        "flags": [dict(a.flags) for a in members],
+        "captions": [a.caption for a in members],
+        "window": list(window),
+    }
+
+
+def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequence[str],
+             annotations: AnnotationSet) -> RawSample:
+    """Read only `window` of the sample's pairs for `channels` and the mask."""
+    cube = cache.get(sample.frame_id)
+    primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates)
+
+    def read(variable: str) -> np.ndarray:
+        where = (f"cube {cube.url}: variable {variable!r}, dates {sample.primary_date}/"
+                 f"{list(sample.secondary_dates)}, window {window.describe()}")
+        try:
+            values = cube.read(variable, primary, secondaries, window)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - storage and codec errors become DataErrors
+            raise DataError(f"{where}: read failed ({type(err).__name__}: {err})") from err
+        if np.isnan(values).any():
+            raise DataError(f"{where}: {int(np.isnan(values).sum())} NaN values (missing chunk or no data)")
+        return values
+
+    image = np.stack([read(c) for c in channels], axis=1).astype(np.float32, copy=False)
+    mask = read(schema.MASK_VAR).astype(np.uint8)
+    return RawSample(image=image, mask=mask, key=sample.key, meta=sample_meta(sample, annotations, window))
+
+
+def load_sample(sample: Sample, index: SampleIndex, data_cfg: Any, cache: CubeCache,
+                rng: np.random.Generator | None, training: bool) -> dict[str, Any]:
+    """crop_window + read_raw + finalize: one model-ready record (see transforms.finalize)."""
+    cube = cache.get(sample.frame_id)
+    window = crop_window(sample, index.annotations, cube.shape, data_cfg.crop,
+                         rng if training else None, data_cfg.mask_target)
+    raw = read_raw(sample, cache, window, data_cfg.channels, index.annotations)
+    stats = statistics_for(data_cfg) if data_cfg.normalize else None
+    return finalize(raw, data_cfg, stats, rng, training)

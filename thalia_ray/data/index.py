@@ -1,0 +1,290 @@
+"""The sample index: temporal splits, time series of length T, labels and balanced epochs.
+
+Samples are built exactly as the published benchmark does (see docs/thalia-benchmark.md): groups
+are (frame, primary date); short groups are padded by duplicating members in place; long groups
+are enumerated greedily (lexicographic combinations, dropping those that share `min_distinct`
+members with a kept one) or re-drawn every epoch. All randomness is derived from the seed and the
+group, so the same configuration always yields the same index.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import zlib
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from thalia_ray.config import DataConfig
+from thalia_ray.data.annotations import AnnotationSet, find_metadata, load_annotations, load_timeseries
+from thalia_ray.storage import Location
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # "{frame}-{primary}-{uid_uid_...}": unique, stable, no dots
+    frame_id: str
+    primary_date: str
+    secondary_dates: tuple[str, ...]  # length T
+    unique_ids: tuple[int, ...]
+    member_positive: tuple[bool, ...]
+    label: int
+    split: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """One (frame, primary date) series of the time-series index, members in secondary-date order."""
+
+    frame_id: str
+    primary_date: str
+    secondary_dates: tuple[str, ...]
+    unique_ids: tuple[int, ...]
+    member_positive: tuple[bool, ...]
+    split: str
+
+    @property
+    def positive(self) -> bool:
+        return any(self.member_positive)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def split_of(primary_date: str, splits: dict[str, Any]) -> str | None:
+    """The split whose inclusive [start, end] range holds the primary date, or None."""
+    day = datetime.strptime(primary_date, "%Y%m%d").date()
+    for name, rng in splits.items():
+        start, end = (rng.start, rng.end) if hasattr(rng, "start") else rng
+        if _as_date(start) <= day <= _as_date(end):
+            return name
+    return None
+
+
+def _as_date(value: date | str) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def group_rng(seed: int, *parts: str | int) -> np.random.Generator:
+    """A generator determined by the seed and a stable description of what it is for."""
+    words = [zlib.crc32(str(p).encode()) for p in parts]
+    return np.random.default_rng([seed & 0xFFFFFFFF, *words])
+
+
+def pad_positions(n: int, length: int, rng: np.random.Generator) -> tuple[int, ...]:
+    """Member positions padded to `length` by duplicating random members in place (order kept)."""
+    positions = list(range(n))
+    while len(positions) < length:
+        j = int(rng.integers(len(positions)))
+        positions.insert(j, positions[j])
+    return tuple(positions)
+
+
+@functools.lru_cache(maxsize=None)
+def enumerate_subsets(n: int, length: int, min_distinct: int) -> tuple[tuple[int, ...], ...]:
+    """Published greedy enumeration: keep each lexicographic combination not yet dropped, then drop
+    every remaining one sharing at least `min_distinct` members with it.
+
+    Vectorised over all combinations (7,315 for n=22, T=4) and cached per (n, T, min_distinct),
+    because many groups have the same size.
+    """
+    combos = np.array(list(itertools.combinations(range(n), length)), dtype=np.int64)
+    members = np.zeros((len(combos), n), dtype=np.int16)
+    np.put_along_axis(members, combos, 1, axis=1)
+    alive = np.ones(len(combos), dtype=bool)
+    kept: list[tuple[int, ...]] = []
+    i = 0
+    while True:
+        remaining = np.flatnonzero(alive[i:])
+        if not remaining.size:
+            break
+        i += int(remaining[0])
+        kept.append(tuple(int(v) for v in combos[i]))
+        alive[i] = False
+        alive &= members @ members[i] < min_distinct
+    return tuple(kept)
+
+
+def min_distinct(split: str, length: int, group_positive: bool) -> int:
+    """Overlap threshold of the published enumeration: train oversamples positive groups."""
+    if split != "train":
+        return 1
+    return length - 1 if group_positive else length - 2
+
+
+def series_label(member_positive: Sequence[bool], rule: str) -> int:
+    """Series label: any member positive (`union`) or the last member positive (`last`)."""
+    if rule == "union":
+        return int(any(member_positive))
+    if rule == "last":
+        return int(member_positive[-1])
+    raise ValueError(f"unknown label rule {rule!r}; allowed: union, last")
+
+
+def make_sample(group: Group, positions: Sequence[int], label_rule: str) -> Sample:
+    uids = tuple(group.unique_ids[p] for p in positions)
+    positive = tuple(group.member_positive[p] for p in positions)
+    return Sample(
+        key=f"{group.frame_id}-{group.primary_date}-{'_'.join(map(str, uids))}",
+        frame_id=group.frame_id,
+        primary_date=group.primary_date,
+        secondary_dates=tuple(group.secondary_dates[p] for p in positions),
+        unique_ids=uids,
+        member_positive=positive,
+        label=series_label(positive, label_rule),
+        split=group.split,
+    )
+
+
+def enumerated_positions(group: Group, length: int, seed: int) -> list[tuple[int, ...]]:
+    """The published ("enumerate") member selections of one group."""
+    n = len(group.unique_ids)
+    if length == 1:
+        return [(i,) for i in range(n)]
+    if n < length:
+        return [pad_positions(n, length, group_rng(seed, "pad", group.frame_id, group.primary_date))]
+    if n == length:
+        return [tuple(range(n))]
+    return list(enumerate_subsets(n, length, min_distinct(group.split, length, group.positive)))
+
+
+def resampled_positions(group: Group, length: int, seed: int, epoch: int) -> list[tuple[int, ...]]:
+    """The per-epoch ("resample") selection: one random order-preserving subset or padding."""
+    n = len(group.unique_ids)
+    if length == 1:
+        return [(i,) for i in range(n)]
+    rng = group_rng(seed, "resample", epoch, group.frame_id, group.primary_date)
+    if n <= length:
+        return [pad_positions(n, length, rng)]
+    return [tuple(sorted(int(v) for v in rng.choice(n, size=length, replace=False)))]
+
+
+def build_groups(
+    annotations: AnnotationSet,
+    timeseries: dict[str, dict[str, dict[str, Any]]],
+    splits: dict[str, Any],
+    frames: Sequence[str] | None = None,
+) -> tuple[list[Group], list[str]]:
+    """Groups of the time-series index that fall in a split; members whose annotation is missing,
+    malformed or inconsistent are dropped and reported."""
+    groups, problems = [], []
+    wanted = set(frames) if frames is not None else None
+    for frame_id in sorted(timeseries):
+        if wanted is not None and frame_id not in wanted:
+            continue
+        for primary in sorted(timeseries[frame_id]):
+            split = split_of(primary, splits)
+            if split is None:
+                continue
+            entry = timeseries[frame_id][primary]
+            members = []
+            for secondary, uid in zip(entry["secondary_date"], entry["uniqueID"]):
+                where = f"time series {frame_id}/{primary}: uniqueID {uid}"
+                ann = annotations.get(uid)
+                if ann is None:
+                    problems.append(f"{where}: no valid annotation (missing or malformed); member skipped")
+                elif (ann.frame_id, ann.primary_date, ann.secondary_date) != (frame_id, primary, secondary):
+                    problems.append(
+                        f"{where}: annotation is for {ann.frame_id}/{ann.primary_date}/{ann.secondary_date}, "
+                        f"not {secondary}; member skipped"
+                    )
+                else:
+                    members.append((secondary, uid, ann.positive))
+            if members:
+                members.sort()
+                secondaries, uids, positives = zip(*members)
+                groups.append(Group(frame_id, primary, secondaries, uids, positives, split))
+    return groups, problems
+
+
+# ------------------------------------------------------------------------------------ index
+class SampleIndex:
+    """Samples per split, and the per-epoch lists the training pipeline consumes."""
+
+    def __init__(self, groups: list[Group], annotations: AnnotationSet, data_cfg: DataConfig, seed: int,
+                 problems: list[str]) -> None:
+        self.annotations = annotations
+        self.data_cfg = data_cfg
+        self.seed = seed
+        self.problems = problems
+        self.groups: dict[str, list[Group]] = {s: [] for s in data_cfg.splits}
+        for group in groups:
+            self.groups[group.split].append(group)
+        self._fixed: dict[str, list[Sample]] = {
+            split: self._draw(split, epoch=0) for split in self.groups
+        }
+
+    @classmethod
+    def build(cls, annotations: AnnotationSet, timeseries: dict[str, Any], data_cfg: DataConfig,
+              seed: int) -> "SampleIndex":
+        groups, problems = build_groups(annotations, timeseries, data_cfg.splits, data_cfg.frames)
+        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems)
+
+    @classmethod
+    def from_config(cls, data_cfg: DataConfig, seed: int, location: str | Location | None = None) -> "SampleIndex":
+        """Load annotations and the time-series index from `data_cfg.root` (or `location`)."""
+        ann_loc, ts_loc, _ = find_metadata(location or data_cfg.root)
+        annotations = load_annotations(ann_loc, data_cfg.on_malformed_annotation)
+        return cls.build(annotations, load_timeseries(ts_loc), data_cfg, seed)
+
+    def _draw(self, split: str, epoch: int) -> list[Sample]:
+        length, rule = self.data_cfg.length, self.data_cfg.label_rule
+        samples = []
+        for group in self.groups[split]:
+            if self.data_cfg.policy == "enumerate":
+                selections = enumerated_positions(group, length, self.seed)
+            else:
+                selections = resampled_positions(group, length, self.seed, epoch)
+            samples.extend(make_sample(group, positions, rule) for positions in selections)
+        return samples
+
+    def samples(self, split: str) -> list[Sample]:
+        """The split's samples: the fixed list (enumerate) or the epoch-0 draw (resample)."""
+        if split not in self._fixed:
+            raise KeyError(f"unknown split {split!r}; configured: {list(self._fixed)}")
+        return self._fixed[split]
+
+    def epoch(self, split: str, epoch: int, seed: int | None = None) -> list[Sample]:
+        """One epoch's samples. Train: every positive plus as many fresh random negatives, shuffled
+        (deterministic for seed and epoch). Val/test: everything, in index order."""
+        seed = self.seed if seed is None else seed
+        pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
+        if split != "train":
+            return list(pool)
+        rng = group_rng(seed, "epoch", epoch)
+        if self.data_cfg.balance:
+            pool = balanced(pool, rng)
+        order = rng.permutation(len(pool))
+        return [pool[i] for i in order]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {split: count_labels(samples) for split, samples in self._fixed.items()}
+
+
+def balanced(samples: Sequence[Sample], rng: np.random.Generator) -> list[Sample]:
+    """Every positive plus an equal number of negatives drawn without replacement."""
+    positives = [s for s in samples if s.label == 1]
+    negatives = [s for s in samples if s.label != 1]
+    take = min(len(positives), len(negatives))
+    chosen = sorted(rng.choice(len(negatives), size=take, replace=False)) if take else []
+    return positives + [negatives[i] for i in chosen]
+
+
+def count_labels(samples: Sequence[Sample]) -> dict[str, int]:
+    positives = sum(s.label for s in samples)
+    return {"samples": len(samples), "positives": positives, "negatives": len(samples) - positives}
+
+
+def index_counts(
+    location: str | Location,
+    length: int,
+    policy: Literal["enumerate", "resample"] = "enumerate",
+    data_cfg: DataConfig | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, int]]:
+    """`{split: {samples, positives, negatives}}` for a dataset root or a metadata folder."""
+    base = (data_cfg or DataConfig()).model_dump()
+    cfg = DataConfig.model_validate({**base, "length": length, "policy": policy})
+    return SampleIndex.from_config(cfg, seed, location=location).counts()

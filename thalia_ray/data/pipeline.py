@@ -1,0 +1,351 @@
+"""Ray Data datasets for train/val/test from minicubes or WebDataset shards, streamed into Ray Train.
+
+Each split is a `Datasource` whose read tasks are planned when an execution starts, i.e. once per
+epoch: Ray Train's `streaming_split` coordinator starts an execution only after every worker has
+asked for the next epoch, and every worker calls `set_epoch` before that. `get_read_tasks` asks the
+run's epoch-control actor for the epoch and plans exactly that epoch's samples (every positive plus
+a fresh, seeded draw of as many negatives; val/test: everything, in index order), so the set of
+samples is the same whether they come from cubes or shards. Read tasks fetch raw data (windowed Zarr
+reads, or the byte ranges of shard members); decoding, normalisation and augmentation run in
+`map_batches`. Read and map tasks ask for a quarter CPU, so trainers on a small machine cannot
+starve them. Unreadable samples are counted per epoch with their cube or shard and key by the same
+actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sample: fail`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import ray
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.datasource import Datasource, ReadTask
+
+from thalia_ray.config import DataConfig, ThaliaConfig
+from thalia_ray.data import shards as shard_io
+from thalia_ray.data.cube import DataError, RawSample, crop_window, get_cache, read_raw
+from thalia_ray.data.index import Sample, SampleIndex, balanced, group_rng
+from thalia_ray.data.transforms import finalize, statistics_for
+
+READ_CPUS = 0.25  # per read task and per map task: trainers holding most CPUs cannot starve Data
+NAMESPACE = "thalia_ray"
+_STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
+
+__all__ = ["DataError", "Datasets", "EpochHandle", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
+
+
+# ------------------------------------------------------------------------------ epoch control
+@ray.remote(num_cpus=0)
+class EpochControl:
+    """The current epoch of a run and its bad-sample ledger, shared by trainers and read tasks."""
+
+    def __init__(self, policy: str, max_bad: int) -> None:
+        self.epoch = 0
+        self.policy, self.max_bad = policy, max_bad
+        self.bad: dict[int, list[dict[str, str]]] = {}
+
+    def set_epoch(self, epoch: int) -> int:
+        self.epoch = int(epoch)
+        return self.epoch
+
+    def get_epoch(self) -> int:
+        return self.epoch
+
+    def record_bad(self, epoch: int, split: str, origin: str, key: str, reason: str) -> int:
+        """Record one bad sample; returns how many this epoch has now."""
+        entry = {"split": split, "origin": origin, "key": key, "reason": reason}
+        records = self.bad.setdefault(int(epoch), [])
+        if entry not in records:  # a re-executed task reports the same sample again
+            records.append(entry)
+        return len(records)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "max_bad_samples": self.max_bad,
+            "epochs": {str(e): {"count": len(r), "samples": list(r)} for e, r in sorted(self.bad.items())},
+        }
+
+
+@dataclass(frozen=True)
+class EpochHandle:
+    """Picklable handle of a run's EpochControl actor. It carries the actor handle itself, which keeps
+    the (non-detached) actor alive as long as the driver's Datasets and its copies exist; the name
+    lets other drivers find it with `ray.get_actor(name, namespace=NAMESPACE)`."""
+
+    name: str
+    handle: Any = field(compare=False, repr=False)
+
+    def actor(self) -> Any:
+        return self.handle
+
+
+def set_epoch(handle: EpochHandle, epoch: int) -> None:
+    """Call on every training worker before iterating its train shard for `epoch`."""
+    ray.get(handle.actor().set_epoch.remote(epoch))
+
+
+def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
+    """`{"policy", "max_bad_samples", "epochs": {epoch: {"count", "samples": [{split, origin, key, reason}]}}}`."""
+    return ray.get(handle.actor().report.remote())
+
+
+# ------------------------------------------------------------------------------ epoch draws
+def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, balance: bool) -> list[Any]:
+    """One epoch of items with a `.label` in index order; the same rule as `SampleIndex.epoch`, so
+    shard entries and index samples give the same draw."""
+    if split != "train":
+        return list(pool)
+    rng = group_rng(seed, "epoch", epoch)
+    chosen = balanced(pool, rng) if balance else list(pool)
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What read and map tasks need to know about a split (small and picklable)."""
+
+    kind: str  # "cube", "own" or "published"
+    split: str
+    data: DataConfig
+    storage: Any
+    seed: int
+    handle: EpochHandle
+
+    @property
+    def training(self) -> bool:
+        return self.split == "train"
+
+    def rng(self, epoch: int, key: str) -> np.random.Generator:
+        return group_rng(self.seed, "sample", epoch, key)
+
+
+@dataclass
+class BadSample:
+    origin: str  # the cube URL or shard URL
+    key: str
+    reason: str
+
+
+def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
+    """Count a bad sample; raise DataError under the `fail` policy or past `max_bad_samples`."""
+    count = ray.get(spec.handle.actor().record_bad.remote(epoch, spec.split, bad.origin, bad.key, bad.reason))
+    what = f"{bad.origin}, key {bad.key}: {bad.reason}"
+    if spec.data.on_bad_sample == "fail":
+        raise DataError(f"bad sample (data.on_bad_sample=fail) in {spec.split} epoch {epoch}: {what}")
+    if count > spec.data.max_bad_samples:
+        raise DataError(
+            f"{count} bad samples in epoch {epoch} exceed data.max_bad_samples={spec.data.max_bad_samples}; "
+            f"latest: {what} (see bad_sample_report)"
+        )
+
+
+# ------------------------------------------------------------------------------------ reading
+def _read_cube(spec: Spec, epoch: int, samples: Sequence[Sample], annotations: dict[int, Any]) -> Iterator[Any]:
+    """Windowed reads of the samples' crops: one block of raw arrays (bad samples reported)."""
+    cache = get_cache(spec.data.root, spec.storage)
+    rows: dict[str, list[Any]] = {"key": [], "origin": [], "image": [], "mask": [], "meta": []}
+    for sample in samples:
+        origin = cache.root.join(f"{sample.frame_id}.zarr").url
+        try:
+            cube = cache.get(sample.frame_id)
+            rng = spec.rng(epoch, sample.key) if spec.training else None
+            window = crop_window(sample, annotations, cube.shape, spec.data.crop, rng, spec.data.mask_target)
+            raw = read_raw(sample, cache, window, spec.data.channels, annotations)
+        except (DataError, OSError, ValueError) as err:
+            report_bad(spec, epoch, BadSample(origin, sample.key, f"{type(err).__name__}: {err}"))
+            continue
+        meta = json.dumps(raw.meta)
+        for name, value in (("key", raw.key), ("origin", origin), ("image", raw.image), ("mask", raw.mask), ("meta", meta)):
+            rows[name].append(value)
+    if rows["key"]:
+        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
+
+
+def _read_shards(spec: Spec, epoch: int, entries: Sequence[shard_io.ShardEntry]) -> Iterator[Any]:
+    """Ranged reads of the entries' tar members: one block of raw bytes (bad reads reported)."""
+    rows: dict[str, list[Any]] = {"key": [], "origin": [], "offset": [], "blob": []}
+    for entry, data in shard_io.fetch_ranges(entries, spec.storage):
+        if isinstance(data, Exception):
+            report_bad(spec, epoch, BadSample(entry.shard, entry.key, f"{type(data).__name__}: {data}"))
+            continue
+        for name, value in (("key", entry.key), ("origin", entry.shard), ("offset", entry.offset), ("blob", data)):
+            rows[name].append(value)
+    if rows["key"]:
+        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    if isinstance(values[0], np.ndarray):
+        return np.stack(values)
+    if isinstance(values[0], (str, bytes)):
+        return np.array(values, dtype=object)
+    return np.asarray(values)
+
+
+class EpochDatasource(Datasource):
+    """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
+
+    def __init__(self, spec: Spec, index: SampleIndex | None, entries: list[shard_io.ShardEntry] | None,
+                 sample_bytes: int) -> None:
+        super().__init__()
+        self.spec, self.index, self.entries, self.sample_bytes = spec, index, entries, sample_bytes
+
+    def get_name(self) -> str:
+        return f"Thalia{self.spec.kind.capitalize()}[{self.spec.split}]"
+
+    def items(self, epoch: int) -> list[Any]:
+        if self.index is not None:
+            return self.index.epoch(self.spec.split, epoch, self.spec.seed)
+        return epoch_draw(self.entries or [], self.spec.split, epoch, self.spec.seed, self.spec.data.balance)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return len(self.items(0)) * self.sample_bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        epoch = ray.get(self.spec.handle.actor().get_epoch.remote()) if self.spec.training else 0
+        items = self.items(epoch)
+        size = self.spec.data.samples_per_read_task
+        tasks = []
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            if self.index is not None:
+                uids = {u for s in chunk for u in s.unique_ids}
+                annotations = {u: self.index.annotations[u] for u in uids}
+                read = functools.partial(_read_cube, self.spec, epoch, chunk, annotations)
+            else:
+                read = functools.partial(_read_shards, self.spec, epoch, chunk)
+            meta = BlockMetadata(num_rows=len(chunk), size_bytes=len(chunk) * self.sample_bytes,
+                                 input_files=None, exec_stats=None)
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+# ------------------------------------------------------------------------------------ decoding
+def _decode(spec: Spec, batch: dict[str, np.ndarray], i: int) -> RawSample:
+    key = str(batch["key"][i])
+    if spec.kind == "cube":
+        return RawSample(image=batch["image"][i], mask=batch["mask"][i], key=key, meta=json.loads(batch["meta"][i]))
+    shard = str(batch["origin"][i])
+    entry = shard_io.ShardEntry(key, shard, int(batch["offset"][i]), 0, -1, -1, spec.kind)  # type: ignore[arg-type]
+    members = shard_io.parse_members(bytes(batch["blob"][i]), entry.where).get(key)
+    if members is None:
+        raise shard_io.ShardError(f"{entry.where}: the manifest's byte range holds no members of this key")
+    if spec.kind == "own":
+        raw = shard_io.decode_own(members, entry, spec.data.channels)
+    else:
+        raw = shard_io.decode_published(members, entry, spec.data, spec.split)
+    bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
+    if bad:
+        raise shard_io.ShardError(f"{entry.where}: {bad} non-finite image values")
+    return raw
+
+
+def finalize_batch(batch: dict[str, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
+    """map_batches: raw rows → model-ready records (decode, normalise, augment); bad rows reported."""
+    epoch = ray.get(spec.handle.actor().get_epoch.remote()) if spec.training else 0
+    stats = statistics_for(spec.data) if spec.data.normalize else None
+    records = []
+    for i in range(len(batch["key"])):
+        key = str(batch["key"][i])
+        try:
+            raw = _decode(spec, batch, i)
+            record = finalize(raw, spec.data, stats, spec.rng(epoch, key), spec.training)
+        except shard_io.UnsafeShardError:
+            raise
+        except (DataError, shard_io.ShardError, ValueError, KeyError) as err:
+            report_bad(spec, epoch, BadSample(str(batch["origin"][i]), key, f"{type(err).__name__}: {err}"))
+            continue
+        records.append(record)
+    if not records:
+        return {}
+    return {name: _column([r[name] for r in records]) if name in _STRING_COLUMNS
+            else np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
+
+
+# ------------------------------------------------------------------------------------ datasets
+class TorchCollate(NumpyBatchCollateFn):
+    """Numeric columns → torch tensors; string columns (key, frame_id, ...) → lists of str."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for name, values in batch.items():
+            if values.dtype.kind in "OUS":
+                out[name] = [str(v) for v in values]
+            else:
+                out[name] = torch.from_numpy(np.ascontiguousarray(values))
+        return out
+
+
+@dataclass
+class Datasets:
+    datasets: dict[str, ray.data.Dataset]
+    sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
+    epoch_control: EpochHandle
+
+    def steps_per_epoch(self, split: str, batch_size: int, num_workers: int) -> int:
+        """Batches each worker gets: `streaming_split(equal=True)` gives everyone floor(n / workers) rows."""
+        return math.ceil((self.sizes[split] // num_workers) / batch_size)
+
+
+def _sample_bytes(data: DataConfig) -> int:
+    return 4 * data.length * (len(data.channels) + 1) * data.crop * data.crop
+
+
+def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.ShardEntry]]:
+    data = cfg.data
+    if data.shard_format == "published":
+        return "published", shard_io.scan_published(data.shards, data.length, split, data.label_rule, cfg.storage)
+    if data.policy == "resample":
+        raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
+                         "series: use data.source=cube")
+    manifest = shard_io.load_manifest(data.shards, data.length, cfg.storage)
+    if manifest["label_rule"] != data.label_rule:
+        raise ValueError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
+                         f"the config asks for {data.label_rule!r}")
+    if split not in manifest["splits"]:
+        raise ValueError(f"shards under {data.shards} hold splits {manifest['splits']}, not {split!r}")
+    base = shard_io.shard_root(data.shards, data.length, cfg.storage)
+    return "own", shard_io.manifest_entries(manifest, base, split)
+
+
+def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
+    name = f"thalia-epoch-{run_id or uuid.uuid4().hex[:12]}"
+    actor = EpochControl.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+        cfg.data.on_bad_sample, cfg.data.max_bad_samples
+    )
+    return EpochHandle(name, actor)
+
+
+def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
+                   run_id: str | None = None) -> Datasets:
+    """One Ray dataset per split from `cfg.data.source`; see the module docstring."""
+    handle = _start_control(cfg, run_id)
+    index = SampleIndex.from_config(cfg.data, cfg.seed) if cfg.data.source == "cube" else None
+    datasets, sizes = {}, {}
+    for split in splits:
+        if index is not None:
+            kind, entries = "cube", None
+        else:
+            kind, entries = _shard_entries(cfg, split)
+        spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle)
+        source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
+        sizes[split] = len(source.items(0))
+        options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)
+        ds = ray.data.read_datasource(source, ray_remote_args=options)
+        ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
+                            batch_format="numpy", **options)
+        if cfg.runtime.data_cpu_limit is not None:
+            ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+                cpu=cfg.runtime.data_cpu_limit)
+        ds.context.execution_options.preserve_order = not spec.training
+        datasets[split] = ds
+    return Datasets(datasets, sizes, handle)

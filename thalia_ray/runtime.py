@@ -1,0 +1,247 @@
+"""Connect to or start Ray, size it to the machine, and keep its output quiet.
+
+`start` joins the cluster named by `RAY_ADDRESS` (or `runtime.address`) when there is one, so the same
+command works inside a Ray Job and on a laptop; otherwise it starts a single-node Ray sized to what
+this process may really use (CPU affinity and cgroup quota, not the host's core count). Workers need
+the S3 endpoint and credentials to reach the store: their *names* are forwarded through the job's
+`runtime_env` with values read from this process's environment, and never written to logs or files.
+Workers forward warnings only; Ray folds repeated worker lines unless `RAY_DEDUP_LOGS=0` (read when
+`ray` is imported, so set it in the environment, as the tests do).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+
+from thalia_ray.config import RuntimeConfig, StorageConfig
+
+log = logging.getLogger("thalia_ray.runtime")
+
+# What workers need to reach S3-compatible storage; the values stay in the environment.
+STORAGE_ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CA_BUNDLE",
+)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+# ------------------------------------------------------------------------------------- logging
+def setup_logging(level: str | int = "INFO") -> logging.Logger:
+    """One readable line per record for the `thalia_ray` logger; calling it again only changes the level."""
+    logger = logging.getLogger("thalia_ray")
+    logger.setLevel(level)
+    if not any(getattr(h, "_thalia", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._thalia = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+# ------------------------------------------------------------------------------------- machine
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup (v2 `cpu.max` or v1 CFS quota), or None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup quota (rounded up, at least 1)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cuda_devices() -> list[str]:
+    """Names of the visible CUDA devices; empty without torch or a GPU."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe_machine() -> dict[str, Any]:
+    """What a run or benchmark ran on, stored with its record so numbers can be compared honestly."""
+    memory = _memory_bytes()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": usable_cpus(),
+        "memory_gib": round(memory / 2**30, 1) if memory else None,
+        "gpus": _cuda_devices(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "ray": _version("ray"),
+    }
+
+
+# ------------------------------------------------------------------------------------- Ray
+def storage_env_vars(storage_cfg: StorageConfig | None = None,
+                     environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Environment for workers to reach the store: the AWS_* variables set here, plus the endpoint and
+    region from the storage config (not secrets) when the environment does not already name them."""
+    env = {name: environ[name] for name in STORAGE_ENV_NAMES if environ.get(name)}
+    if storage_cfg is not None and storage_cfg.endpoint_url:
+        env.setdefault("AWS_ENDPOINT_URL", storage_cfg.endpoint_url)
+    if storage_cfg is not None and storage_cfg.region:
+        env.setdefault("AWS_REGION", storage_cfg.region)
+    return env
+
+
+def cluster_address(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> str | None:
+    """`RAY_ADDRESS` wins over the config, so a job submitted to a cluster runs on that cluster."""
+    return environ.get("RAY_ADDRESS") or runtime_cfg.address or None
+
+
+def local_resources(runtime_cfg: RuntimeConfig) -> dict[str, int]:
+    """CPUs and GPUs for a local Ray: what the machine allows unless the config says otherwise."""
+    cpus = runtime_cfg.num_cpus if runtime_cfg.num_cpus is not None else usable_cpus()
+    gpus = runtime_cfg.num_gpus if runtime_cfg.num_gpus is not None else len(_cuda_devices())
+    return {"num_cpus": cpus, "num_gpus": gpus}
+
+
+def _dashboard_available() -> bool:
+    # The dashboard ships with ray[default]; without it, Tune leaks placement groups (ray-notes.md).
+    return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
+
+
+def _configure_data(runtime_cfg: RuntimeConfig) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    if runtime_cfg.data_cpu_limit is not None:
+        # Train workers holding CPUs otherwise starve Data's read tasks on small machines.
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(cpu=runtime_cfg.data_cpu_limit)
+
+
+@dataclass
+class RayRuntime:
+    """A Ray connection. `started` means `start` ran `ray.init`: then `shutdown` (and leaving the `with`
+    block) stops the local Ray, or disconnects from the cluster at `address`, which keeps running.
+    A Ray that was already initialised in this process belongs to its owner and is left alone."""
+
+    address: str | None
+    started: bool
+    resources: dict[str, float]
+    env_var_names: tuple[str, ...] = field(default=())
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+            if self.address:
+                log.info("disconnected from Ray at %s", self.address)
+            else:
+                log.info("local Ray stopped")
+
+    def __enter__(self) -> "RayRuntime":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.shutdown()
+
+
+def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = None) -> RayRuntime:
+    """Connect to the configured cluster or start a local one; configure Ray Data for this driver.
+
+    `storage_env` adds environment variables for workers on top of the AWS_* ones found here
+    (for example `storage_env_vars(cfg.storage)`).
+    """
+    import ray
+
+    _configure_data(runtime_cfg)
+    if ray.is_initialized():
+        log.info("using the Ray already initialised in this process")
+        return RayRuntime(None, False, dict(ray.cluster_resources()))
+
+    env = {**storage_env_vars(), **(storage_env or {})}
+
+    verbose = runtime_cfg.log_level == "DEBUG"
+    common: dict[str, Any] = {
+        "runtime_env": {"env_vars": env} if env else None,
+        "log_to_driver": True,
+        # Workers and Ray's own driver-side logger emit warnings only (everything when debugging).
+        "logging_config": ray.LoggingConfig(log_level="DEBUG" if verbose else "WARNING"),
+        "logging_level": logging.DEBUG if verbose else logging.WARNING,
+    }
+    address = cluster_address(runtime_cfg)
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, **common)
+    else:
+        sizes = local_resources(runtime_cfg)
+        dashboard = _dashboard_available()
+        log.info("starting a local Ray: %d CPUs, %d GPUs, dashboard %s", sizes["num_cpus"], sizes["num_gpus"],
+                 "on 127.0.0.1" if dashboard else "unavailable")
+        ray.init(
+            **sizes,
+            object_store_memory=runtime_cfg.object_store_memory,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            **common,
+        )
+    if env:
+        log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
+    return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)))

@@ -1,0 +1,87 @@
+"""Where experiment records live: one store location (local folder or `s3://bucket/prefix`).
+
+```
+{store}/runs/{run_id}/      our run records (config, status, history, results, predictions)
+{store}/sweeps/{sweep_id}/  sweep summaries
+{store}/ray/                Ray Train / Tune storage (checkpoints, trial state), given to RunConfig
+```
+Run ids are safe as folder names, Ray run names and object keys: letters, digits, `-` and `_`.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from thalia_ray.storage import Location, StorageError, resolve
+from thalia_ray.store.records import RunRecord, RunSummary, StoreError, SweepRecord
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+NAME_LIMIT = 48
+
+
+def make_run_id(name: str, now: datetime | None = None, token: str | None = None) -> str:
+    """`{name}-{YYYYmmdd-HHMMSS}-{6 hex}`: sortable by time, unique, no dots or slashes."""
+    stem = _UNSAFE.sub("-", name).strip("-_")[:NAME_LIMIT].strip("-_") or "run"
+    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stem}-{stamp}-{token or secrets.token_hex(3)}"
+
+
+def check_id(value: str, what: str = "run id") -> str:
+    """Refuse ids that could escape the store or break Ray names (`..`, `/`, dots, spaces)."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise StoreError(f"{what} {value!r} is not valid: use letters, digits, '-' and '_' only")
+    return value
+
+
+class ExperimentStore:
+    """Runs, sweeps and Ray's own storage under one location; local disk and S3 behave the same."""
+
+    def __init__(self, location: str | Location = "./runs", storage_cfg: Any | None = None) -> None:
+        self.root = resolve(location, storage_cfg)
+        self.runs_root = self.root.join("runs")
+        self.sweeps_root = self.root.join("sweeps")
+        self.ray_root = self.root.join("ray")
+
+    def __repr__(self) -> str:
+        return f"ExperimentStore({self.root.url!r})"
+
+    @staticmethod
+    def new_run_id(name: str) -> str:
+        return make_run_id(name)
+
+    def run(self, run_id: str) -> RunRecord:
+        """The record of `run_id` (it need not exist yet: writing creates it)."""
+        return RunRecord(self.runs_root.join(check_id(run_id)))
+
+    def existing_run(self, run_id: str) -> RunRecord:
+        """The record of a run that must already exist, e.g. for `runs show ID`."""
+        record = self.run(run_id)
+        if not record.exists():
+            raise StoreError(f"no run {run_id!r} in {self.runs_root}")
+        return record
+
+    def sweep(self, sweep_id: str) -> SweepRecord:
+        return SweepRecord(self.sweeps_root.join(check_id(sweep_id, "sweep id")))
+
+    def run_ids(self) -> list[str]:
+        return [name for name in self.runs_root.list() if _ID.match(name)]
+
+    def list_runs(self, sweep: str | None = None) -> list[RunSummary]:
+        """Every run (newest first), or only the trials of `sweep`; a broken record is listed as unreadable."""
+        summaries = []
+        for run_id in self.run_ids():
+            try:
+                summary = self.run(run_id).summary()
+            except (StorageError, StoreError):  # `runs show ID` gives the reason
+                summary = RunSummary(run_id, run_id, "unreadable", "?", None, None, None, None, None, None, None)
+            if sweep is None or summary.sweep == sweep:
+                summaries.append(summary)
+        return sorted(summaries, key=lambda s: (s.created or "", s.run_id), reverse=True)
+
+    def ray_storage(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, path) for `RunConfig(storage_filesystem=..., storage_path=...)`."""
+        self.ray_root.makedirs()
+        return self.ray_root.pyarrow()

@@ -1,0 +1,305 @@
+"""Run and sweep records: small JSON/YAML files under one folder per run, written atomically.
+
+A run folder holds `config.yaml` (the resolved config: enough to reproduce the run), `run.json`
+(status and identity), `history.json` (one metric dict per epoch), `results.json` (final metrics,
+best epoch and checkpoint) and `predictions/{split}.json` (per-sample outputs for breakdowns).
+Only plain JSON and YAML: anything can read them, nothing needs unpickling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
+
+import yaml
+
+from thalia_ray.config import ConfigError, ThaliaConfig, validate
+from thalia_ray.data import schema
+from thalia_ray.runtime import describe_machine
+from thalia_ray.storage import Location
+
+Status = Literal["running", "finished", "failed", "stopped"]
+Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
+STATUSES: tuple[str, ...] = get_args(Status)
+KINDS: tuple[str, ...] = get_args(Kind)
+SPLITS = tuple(schema.SPLITS)
+PREDICTION_FIELDS = ("key", "frame_id", "intensity", "activity_type", "label", "score", "pred")
+# The first of these found in a run's results (then its last epoch) is shown in listings.
+HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_deformation",
+                    "val/iou_deformation", "val/loss")
+
+CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY = (
+    "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json")
+
+
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """A run or sweep record is missing, malformed, or asked to do something it cannot."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def jsonable(value: Any, where: str) -> Any:
+    """Plain JSON types from numpy/torch scalars and nested containers; anything else is an error."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy and torch scalars (0-d arrays and tensors too)
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return jsonable(item(), where)
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return jsonable(tolist(), where)
+    raise StoreError(f"{where}: {type(value).__name__} cannot be stored as JSON")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of `thalia-ray runs`."""
+
+    run_id: str
+    name: str
+    status: str
+    kind: str
+    task: str | None
+    model: str | None
+    sweep: str | None
+    metric: str | None
+    value: float | None
+    created: str | None
+    updated: str | None
+
+
+def headline(results: Mapping[str, Any] | None, history: list[dict[str, Any]],
+             preferred: Iterable[str] = HEADLINE_METRICS) -> tuple[str | None, float | None]:
+    """The metric a listing shows: from the final results when there are some, else the last epoch."""
+    sources = [(results or {}).get("metrics", {}), history[-1] if history else {}]
+    for source in sources:
+        for name in preferred:
+            if isinstance(source.get(name), (int, float)):
+                return name, float(source[name])
+    return None, None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The files of one run, under `loc` (`{store}/runs/{run_id}`)."""
+
+    loc: Location
+
+    @property
+    def run_id(self) -> str:
+        return self.loc.name
+
+    def exists(self) -> bool:
+        return self.loc.join(STATUS).exists() or self.loc.join(CONFIG).exists()
+
+    # ------------------------------------------------------------------------------ config
+    def write_config(self, cfg: ThaliaConfig) -> None:
+        self.loc.join(CONFIG).write_text(cfg.to_yaml())
+
+    def read_config(self) -> ThaliaConfig:
+        loc = self.loc.join(CONFIG)
+        text = self._read(loc, lambda: loc.read_text())
+        try:
+            return validate(yaml.safe_load(text) or {})
+        except (yaml.YAMLError, ConfigError) as err:
+            raise StoreError(f"{loc}: not a usable configuration: {err}") from None
+
+    # ------------------------------------------------------------------------------ status
+    def set_status(self, status: Status, **fields: Any) -> dict[str, Any]:
+        """Create or update `run.json`. Known fields: kind, name, sweep, model, task, host, error.
+
+        A new record describes the machine it was created on unless `host` is given.
+
+        A finished run stays finished; `error` is kept only while the run is failed or stopped.
+        """
+        if status not in STATUSES:
+            raise StoreError(f"run {self.run_id}: status {status!r} is not one of {STATUSES}")
+        kind = fields.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise StoreError(f"run {self.run_id}: kind {kind!r} is not one of {KINDS}")
+        loc = self.loc.join(STATUS)
+        record: dict[str, Any] = loc.read_json() if loc.exists() else {}
+        if record.get("status") == "finished" and status != "finished":
+            raise StoreError(f"run {self.run_id} is already finished; it cannot become {status!r}")
+        now = utc_now()
+        if not record:
+            record = {"run_id": self.run_id, "name": self.run_id, "kind": "train", "created": now,
+                      "host": describe_machine()}
+        if status in ("running", "finished"):
+            record.pop("error", None)
+        record.update(jsonable(fields, f"run {self.run_id}"), status=status, updated=now)
+        loc.write_json(record)
+        return record
+
+    def read_status(self) -> dict[str, Any]:
+        loc = self.loc.join(STATUS)
+        return self._read(loc, lambda: loc.read_json())
+
+    # ------------------------------------------------------------------------------ history
+    def append_history(self, metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Add one epoch's metrics; the whole file is rewritten atomically (fine for hundreds of epochs)."""
+        history = self.read_history()
+        history.append(jsonable(dict(metrics), f"run {self.run_id} history[{len(history)}]"))
+        self.loc.join(HISTORY).write_json(history, indent=None)
+        return history
+
+    def read_history(self) -> list[dict[str, Any]]:
+        """Per-epoch metrics; empty before the first epoch."""
+        loc = self.loc.join(HISTORY)
+        if not loc.exists():
+            return []
+        history = loc.read_json()
+        if not isinstance(history, list):
+            raise StoreError(f"{loc}: expected a list of per-epoch metrics, got {type(history).__name__}")
+        return history
+
+    # ------------------------------------------------------------------------------ results
+    def write_results(self, metrics: Mapping[str, Any], *, best_epoch: int | None = None,
+                      best_checkpoint: str | None = None, **extra: Any) -> None:
+        """Final metrics (`val/...`, `test/...`) with the epoch and checkpoint they came from."""
+        results = {"metrics": dict(metrics), "best_epoch": best_epoch, "best_checkpoint": best_checkpoint, **extra}
+        self.loc.join(RESULTS).write_json(jsonable(results, f"run {self.run_id} results"))
+
+    def read_results(self) -> dict[str, Any] | None:
+        """Final results, or None while the run has none (still running, or failed)."""
+        loc = self.loc.join(RESULTS)
+        return loc.read_json() if loc.exists() else None
+
+    # ------------------------------------------------------------------------------ predictions
+    def write_predictions(self, split: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Per-sample predictions of one split; every row needs PREDICTION_FIELDS. Returns the row count."""
+        self._check_split(split)
+        checked = []
+        for i, row in enumerate(rows):
+            missing = [f for f in PREDICTION_FIELDS if f not in row]
+            if missing:
+                raise StoreError(f"run {self.run_id} predictions[{split}] row {i}: missing {missing}")
+            checked.append(jsonable(row, f"run {self.run_id} predictions[{split}][{i}]"))
+        self.loc.join(PREDICTIONS, f"{split}.json").write_json(checked, indent=None)
+        return len(checked)
+
+    def read_predictions(self, split: str) -> list[dict[str, Any]]:
+        self._check_split(split)
+        loc = self.loc.join(PREDICTIONS, f"{split}.json")
+        if not loc.exists():
+            have = [n.removesuffix(".json") for n in self.loc.join(PREDICTIONS).list()]
+            raise StoreError(f"run {self.run_id} has no {split} predictions (it has: {have or 'none'})")
+        return loc.read_json()
+
+    # ------------------------------------------------------------------------------ summary
+    def summary(self) -> RunSummary:
+        """Identity, status and headline metric, for listings."""
+        info = self.read_status() if self.loc.join(STATUS).exists() else {"status": "unknown"}
+        metric, value = headline(self.read_results(), self.read_history())
+        return RunSummary(
+            run_id=self.run_id, name=info.get("name", self.run_id), status=info.get("status", "unknown"),
+            kind=info.get("kind", "train"), task=info.get("task"), model=info.get("model"),
+            sweep=info.get("sweep"), metric=metric, value=value,
+            created=info.get("created"), updated=info.get("updated"),
+        )
+
+    # ------------------------------------------------------------------------------ helpers
+    def _check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise StoreError(f"run {self.run_id}: split {split!r} is not one of {SPLITS}")
+
+    def _read(self, loc: Location, read: Callable[[], T]) -> T:
+        try:
+            return read()
+        except FileNotFoundError:
+            raise StoreError(f"run {self.run_id} has no {loc.name} (looked in {self.loc})") from None
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """A sweep's own files under `{store}/sweeps/{sweep_id}`; its trials are ordinary runs."""
+
+    loc: Location
+
+    @property
+    def sweep_id(self) -> str:
+        return self.loc.name
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        self.loc.join(SUMMARY).write_json(jsonable(dict(summary), f"sweep {self.sweep_id} summary"))
+
+    def read_summary(self) -> dict[str, Any]:
+        loc = self.loc.join(SUMMARY)
+        try:
+            return loc.read_json()
+        except FileNotFoundError:
+            raise StoreError(f"sweep {self.sweep_id} has no summary (looked in {self.loc})") from None
+
+
+# ------------------------------------------------------------------------------------- formatting
+def _metric_text(metric: str | None, value: float | None) -> str:
+    if metric is None or value is None:
+        return "-"
+    return f"{metric}={value:.4f}" if math.isfinite(value) else f"{metric}={value}"
+
+
+def _short_time(stamp: str | None) -> str:
+    return stamp.replace("T", " ")[:19] if stamp else "-"
+
+
+def format_runs_table(summaries: Iterable[RunSummary]) -> str:
+    """A fixed-width table for `thalia-ray runs`."""
+    header = ("ID", "STATUS", "KIND", "TASK", "MODEL", "METRIC", "UPDATED")
+    rows = [
+        (s.run_id, s.status, s.kind, s.task or "-", s.model or "-", _metric_text(s.metric, s.value),
+         _short_time(s.updated))
+        for s in summaries
+    ]
+    if not rows:
+        return "no runs"
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
+
+
+def _format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]:
+    lines = []
+    for name in sorted(metrics):
+        value = metrics[name]
+        lines.append(f"{indent}{name:<28} {value:.4f}" if isinstance(value, float) else f"{indent}{name:<28} {value}")
+    return lines
+
+
+def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
+                       results: Mapping[str, Any] | None) -> str:
+    """The text of `thalia-ray runs show ID`, from a run's records (pure)."""
+    lines = [f"run       {status.get('run_id', '?')}"]
+    for key in ("name", "status", "kind", "task", "model", "sweep", "created", "updated"):
+        if status.get(key) is not None:
+            lines.append(f"{key:<9} {status[key]}")
+    host = status.get("host")
+    if isinstance(host, Mapping):
+        gpus = ", ".join(host.get("gpus") or []) or "no GPU"
+        lines.append(f"host      {host.get('hostname', '?')}: {host.get('cpu_count', '?')} CPUs "
+                     f"({host.get('cpu_model', '?')}), {gpus}")
+    lines.append(f"epochs    {len(history)}")
+    if results:
+        lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
+        lines.append("results:")
+        lines.extend(_format_metrics(results.get("metrics", {})))
+    elif history:
+        lines.append("last epoch:")
+        lines.extend(_format_metrics(history[-1]))
+    if status.get("error"):
+        lines.append("error:")
+        lines.extend(f"  {line}" for line in str(status["error"]).rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def format_run(record: RunRecord) -> str:
+    """Read a run's records and describe it for `thalia-ray runs show ID`."""
+    return format_run_details(record.read_status(), record.read_history(), record.read_results())

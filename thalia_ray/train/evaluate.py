@@ -1,0 +1,185 @@
+"""Evaluation: one pass of a model over batches, per-sample predictions, and checkpoint re-evaluation.
+
+The same `evaluate_batches` serves the training loop's validation and the final test of the best
+checkpoint, so validation and test numbers are computed identically. Testing runs in one Ray task
+over the whole, unsplit test split: Ray Train's equal split would drop up to `num_workers - 1`
+samples, and a rank that receives no sample cannot take part in torchmetrics' gather of
+list-valued states (AP, AUROC) — it aborts the gloo process group. `evaluate_run` re-evaluates a
+finished run from what the experiment store recorded and gives the same numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ContextManager, Iterable, Mapping
+
+import ray
+import torch
+from ray.train import Checkpoint
+from torch import Tensor, nn
+
+from thalia_ray.config import ThaliaConfig
+from thalia_ray.losses import LossFn, build_loss
+from thalia_ray.metrics import MetricSuite
+from thalia_ray.models.factory import build_model
+from thalia_ray.store.layout import ExperimentStore
+from thalia_ray.store.records import StoreError
+from thalia_ray.train.checkpoint import load_state
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Evaluation:
+    """Summed loss over `count` samples (so ranks can be added up), metrics and optional predictions."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    def flat(self, prefix: str) -> dict[str, float]:
+        """`{prefix}/loss` and `{prefix}/{metric}` keys, as reported to Ray and stored."""
+        return {f"{prefix}/loss": self.loss, **{f"{prefix}/{k}": v for k, v in self.metrics.items()}}
+
+
+def model_from_config(cfg: ThaliaConfig) -> nn.Module:
+    """The configured model for inputs of T·C stacked channels."""
+    time_steps = cfg.data.length
+    return build_model(cfg.model, time_steps * len(cfg.data.channels), time_steps)
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """bf16/fp16 autocast on CUDA; full precision elsewhere."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors moved to `device`; string columns (lists) left as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def deformation_scores(logits: Tensor, task: str) -> tuple[Tensor, Tensor]:
+    """Per-sample Deformation score and 0/1 prediction.
+
+    Classification: the class probability and the argmax. Segmentation: the largest pixel
+    probability and whether any pixel is predicted as Deformation.
+    """
+    probs = logits.detach().float().softmax(dim=1)[:, 1]
+    if task == "classification":
+        return probs, logits.argmax(dim=1)
+    return probs.flatten(1).amax(dim=1), (logits.argmax(dim=1) == 1).flatten(1).any(dim=1).long()
+
+
+def sample_predictions(outputs: Mapping[str, Tensor], batch: Mapping[str, Any], task: str) -> list[dict[str, Any]]:
+    """One row per sample: key, frame_id, intensity, activity_type, label, score, pred."""
+    scores, preds = deformation_scores(outputs["logits"], task)
+    labels = batch["label"].tolist()
+    return [
+        {
+            "key": batch["key"][i],
+            "frame_id": batch["frame_id"][i],
+            "intensity": batch["intensity"][i],
+            "activity_type": batch["activity_type"][i],
+            "label": int(labels[i]),
+            "score": float(scores[i]),
+            "pred": int(preds[i]),
+        }
+        for i in range(len(labels))
+    ]
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    loss_fn: LossFn,
+    suite: MetricSuite,
+    device: torch.device,
+    precision: str = "fp32",
+    *,
+    max_steps: int | None = None,
+    collect: bool = False,
+) -> Evaluation:
+    """Loss, metric state and (when `collect`) predictions over `batches`.
+
+    `suite.compute()` is left to the caller: under torch.distributed it is a collective, which
+    every rank must enter after its own pass. Pass the bare model, not its DDP wrapper: DDP's
+    forward may broadcast buffers, a collective that would hang ranks with uneven shards.
+    """
+    model.eval()
+    result = Evaluation()
+    for step, raw in enumerate(batches):
+        if max_steps is not None and step >= max_steps:
+            break
+        batch = to_device(raw, device)
+        with autocast(device, precision):
+            outputs = model(batch["image"])
+        loss, _ = loss_fn(outputs, batch)
+        size = len(batch["label"])
+        result.loss_sum += float(loss) * size
+        result.count += size
+        suite.update(outputs, batch)
+        if collect:
+            result.predictions.extend(sample_predictions(outputs, batch, suite.task))
+    return result
+
+
+def load_model(cfg: ThaliaConfig, checkpoint: Checkpoint) -> nn.Module:
+    """The configured model with the checkpoint's weights."""
+    model = model_from_config(cfg)
+    model.load_state_dict(load_state(checkpoint)["model"])
+    return model
+
+
+def gpu_wanted(cfg: ThaliaConfig) -> bool:
+    """`train.device`: auto uses GPUs when the connected cluster has any; gpu insists on them."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.device == "gpu" and not gpus:
+        raise ValueError("train.device is 'gpu' but the Ray cluster has no GPU")
+    return cfg.train.device == "gpu" or (cfg.train.device == "auto" and gpus > 0)
+
+
+def evaluate_checkpoint(cfg: ThaliaConfig, checkpoint: Checkpoint, split: str = "test", use_gpu: bool = False) -> Evaluation:
+    """Evaluate a checkpoint on a whole split in one Ray task (with a GPU when `use_gpu`)."""
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=cfg.train.cpus_per_worker, num_gpus=cfg.train.gpus_per_worker if use_gpu else 0
+    )
+    return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint, split))
+
+
+def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) -> Evaluation:
+    from thalia_ray.data.pipeline import TorchCollate, build_datasets
+
+    cfg = ThaliaConfig.model_validate(raw_cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(cfg, checkpoint).to(device)
+    dataset = build_datasets(cfg, splits=(split,)).datasets[split]
+    batches = dataset.iter_torch_batches(
+        batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches
+    )
+    suite = MetricSuite(cfg.model.task).to(device)
+    loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
+    result = evaluate_batches(model, batches, loss_fn, suite, device, cfg.train.precision, collect=True)
+    if not result.count:
+        raise ValueError(f"split {split!r} of {cfg.data.root!r} has no samples to evaluate")
+    result.metrics = suite.compute()
+    return result
+
+
+def evaluate_run(store: ExperimentStore, run_id: str, split: str = "test") -> dict[str, float]:
+    """Re-evaluate a finished run's best checkpoint on `split`, from its stored config and results."""
+    record = store.existing_run(run_id)
+    cfg = record.read_config()
+    results = record.read_results()
+    if not results or not results.get("best_checkpoint"):
+        raise StoreError(f"run {run_id} has no best checkpoint in its results (has it finished?)")
+    filesystem, _ = store.ray_storage()
+    checkpoint = Checkpoint(results["best_checkpoint"], filesystem=filesystem)
+    return evaluate_checkpoint(cfg, checkpoint, split, gpu_wanted(cfg)).flat(split)

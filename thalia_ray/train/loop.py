@@ -1,0 +1,338 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+One `WorkerLoop` per worker: build (seeded model, DDP, AdamW, per-step schedule, precision), restore
+from the latest checkpoint when Ray restarts the worker group, then per epoch: train on this
+worker's shard of the balanced draw, validate on its shard of the validation split, decide early
+stopping the same way on every rank, and report flat metrics with a checkpoint to Ray. Rank 0
+alone writes the checkpoint, the store's history, the progress line and W&B.
+
+Every collective (DDP gradients, metric and loss reductions, the stop decision) is entered by all
+ranks the same number of times: Ray's equal split gives every rank as many rows (so batches),
+training stops after at most `steps_per_epoch` steps on all ranks alike, and validation runs the
+bare model, whose forward communicates nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from thalia_ray.config import ThaliaConfig
+from thalia_ray.losses import build_loss
+from thalia_ray.metrics import MetricSuite
+from thalia_ray.runtime import setup_logging
+from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
+from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
+from thalia_ray.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+# How long an injected fault waits before killing the worker: Ray's controller polls reports about
+# every 2 s, and the drill should test a restart from the last checkpoint, not lose it.
+FAULT_DELAY_S = 3.0
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything a worker needs, sent by the driver as `train_loop_config`."""
+
+    cfg: dict[str, Any]  # ThaliaConfig.model_dump(mode="json")
+    run_id: str
+    steps_per_epoch: int
+    epoch_control: Any  # the pipeline's picklable epoch handle
+    record: Any = None  # the store's RunRecord (rank 0 writes history); None to skip
+    fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and the epochs since it last improved."""
+
+    mode: str
+    patience: int | None
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is a new best. NaN never improves."""
+        improved = not math.isnan(value) and (
+            self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        )
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+
+@dataclass
+class Progress:
+    """The loop's own state, saved in every checkpoint next to the model and optimiser."""
+
+    epoch: int = 0  # last completed epoch (1-based)
+    restarts: int = 0  # how many times training resumed from a checkpoint
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def maybe_inject_fault(spec: str | None, rank: int, epoch: int) -> None:
+    """Kill this worker process once, at the start of `epoch` on `rank` (spec "rank:epoch:marker").
+
+    The marker file makes the fault fire once: the replacement worker finds it and trains on. This
+    lets a test or an operator check that a run survives losing a worker.
+    """
+    if not spec:
+        return
+    want_rank, want_epoch, marker = spec.split(":", 2)
+    if (rank, epoch) != (int(want_rank), int(want_epoch)) or Path(marker).exists():
+        return
+    Path(marker).write_text(f"rank {rank} killed at the start of epoch {epoch}\n")
+    log.warning("fault drill: rank %d exits at the start of epoch %d", rank, epoch)
+    time.sleep(FAULT_DELAY_S)
+    os._exit(1)
+
+
+def all_mean(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each value (identity without a process group)."""
+    if not dist.is_initialized():
+        return dict(values)
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / dist.get_world_size()).tolist()))
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def rank_zero_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank, so that all ranks leave the loop together."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+class WorkerLoop:
+    def __init__(self, settings: LoopSettings) -> None:
+        self.settings = settings
+        self.cfg = ThaliaConfig.model_validate(settings.cfg)
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.precision = self._precision()
+        train = self.cfg.train
+
+        seed_everything(self.cfg.seed)  # identical initial weights on every rank
+        model = model_from_config(self.cfg)
+        self.optimizer_steps = train.epochs * settings.steps_per_epoch
+        self.progress = Progress()
+        self.stopper = EarlyStopping(train.early_stopping.mode, train.early_stopping.patience)
+        restored = self._latest_state()
+        if restored is not None:
+            model.load_state_dict(restored["model"])
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, train.scheduler, self.optimizer_steps, train.warmup_fraction)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.loss_fn = build_loss(train.loss, self.cfg.model.task, self.cfg.model.aux_heads)
+        self.suite = MetricSuite(self.cfg.model.task).to(self.device)
+        if restored is not None:
+            self._restore(restored)
+        seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.progress.epoch)  # per-rank dropout
+        self.wandb = self._start_wandb()
+
+    # ------------------------------------------------------------------------------ setup
+    def _precision(self) -> str:
+        wanted = self.cfg.train.precision
+        if wanted != "fp32" and self.device.type != "cuda":
+            if ray.train.get_context().get_world_rank() == 0:
+                log.info("train.precision %s needs a GPU; training in fp32 on %s", wanted, self.device)
+            return "fp32"
+        return wanted
+
+    def _latest_state(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else load_state(checkpoint)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.stopper = EarlyStopping(**state["early_stopping"])
+        self.progress = Progress(**state["progress"])
+        self.progress.restarts += 1
+        if self.rank == 0:
+            log.info("run %s resumes after epoch %d", self.settings.run_id, self.progress.epoch)
+
+    def _start_wandb(self) -> Any:
+        wb = self.cfg.runtime.wandb
+        if self.rank != 0 or wb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(
+            project=wb.project,
+            entity=wb.entity,
+            mode=wb.mode,
+            name=self.settings.run_id,
+            id=self.settings.run_id,
+            resume="allow",
+            config=self.settings.cfg,
+            dir=os.environ.get("WANDB_DIR"),
+        )
+
+    # ------------------------------------------------------------------------------ epochs
+    def run(self) -> None:
+        train = self.cfg.train
+        for epoch in range(self.progress.epoch + 1, train.epochs + 1):
+            started = time.perf_counter()
+            maybe_inject_fault(self.settings.fault, self.rank, epoch)
+            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
+            metrics["time/epoch_s"] = time.perf_counter() - started
+            improved = self.stopper.update(self._monitored(metrics), epoch)
+            stop = rank_zero_decides(self.stopper.should_stop, self.device)
+            metrics.update({"best_epoch": self.stopper.best_epoch, "restarts": self.progress.restarts})
+            self.progress.epoch = epoch
+            self.progress.history.append(metrics)
+            self.report(metrics, improved)
+            if stop:
+                if self.rank == 0:
+                    log.info("early stopping after epoch %d: %s has not improved for %d epochs",
+                             epoch, train.early_stopping.metric, self.stopper.bad_epochs)
+                break
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        from thalia_ray.data.pipeline import TorchCollate, set_epoch
+
+        set_epoch(self.settings.epoch_control, epoch - 1)  # the pipeline counts epochs from 0
+        self.model.train()
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=self.cfg.train.batch_size,
+            collate_fn=TorchCollate(),
+            prefetch_batches=self.cfg.data.prefetch_batches,
+        )
+        totals: dict[str, float] = {}
+        steps = 0
+        for batch in batches:
+            if steps == self.settings.steps_per_epoch:
+                break
+            for name, value in self.train_step(to_device(batch, self.device)).items():
+                totals[name] = totals.get(name, 0.0) + value
+            steps += 1
+        if steps == 0:
+            raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
+        means = all_mean({name: total / steps for name, total in totals.items()}, self.device)
+        return {"train/loss": means.pop("total"), **{f"train/loss_{k}": v for k, v in means.items()},
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        with autocast(self.device, self.precision):
+            outputs = self.model(batch["image"])
+        loss, components = self.loss_fn(outputs, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return components
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
+        from thalia_ray.data.pipeline import TorchCollate
+
+        batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=self.cfg.train.batch_size,
+            collate_fn=TorchCollate(),
+            prefetch_batches=self.cfg.data.prefetch_batches,
+        )
+        self.suite.reset()
+        result = evaluate_batches(
+            unwrap(self.model), batches, self.loss_fn, self.suite, self.device, self.precision,
+            max_steps=self.cfg.train.max_steps_per_epoch,
+        )
+        result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
+        result.count = int(count)
+        result.metrics = self.suite.compute()
+        return result.flat("val")
+
+    def _monitored(self, metrics: Mapping[str, float]) -> float:
+        name = self.cfg.train.early_stopping.metric
+        if name not in metrics:
+            raise KeyError(
+                f"train.early_stopping.metric {name!r} is not reported; available: {', '.join(sorted(metrics))}"
+            )
+        return float(metrics[name])
+
+    # ------------------------------------------------------------------------------ reporting
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "early_stopping": asdict(self.stopper),
+            "progress": asdict(self.progress),
+        }
+
+    def report(self, metrics: dict[str, float], improved: bool) -> None:
+        """Report to Ray on every rank; rank 0 attaches the checkpoint and writes the history."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        checkpoint, tmp = to_checkpoint(self.state())
+        with tmp:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if self.settings.record is not None:
+            self.settings.record.append_history(metrics)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(metrics["epoch"]))
+        log.info(progress_line(metrics, self.cfg.train.epochs, improved))
+
+
+def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
+    return (
+        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
+        f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
+        f"{metrics['time/epoch_s']:.1f}s{'  *' if improved else ''}"
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: `config` is `{"settings": LoopSettings(...)}`."""
+    settings: LoopSettings = config["settings"]
+    setup_logging(settings.cfg["runtime"]["log_level"])  # workers forward only warnings otherwise
+    WorkerLoop(settings).run()

@@ -1,0 +1,162 @@
+"""Build and run one distributed training run: a Ray `TorchTrainer` over the pipeline's datasets.
+
+`fit` records the run in the experiment store, sizes the schedule from the pipeline's real epoch
+sizes, places the workers (fractional CPUs; GPUs when the cluster has them), lets Ray restart the
+worker group from the latest checkpoint after a failure, and keeps the best checkpoints by the
+early-stopping metric. After training it tests the best checkpoint on the whole test split and
+stores results and per-sample predictions. A Tune trial calls `fit` with Tune's report callback.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from thalia_ray.config import ThaliaConfig
+from thalia_ray.data.pipeline import build_datasets
+from thalia_ray.store.layout import ExperimentStore
+from thalia_ray.store.records import RunRecord
+from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted
+from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# "rank:epoch:marker-file": kill that worker once at the start of that epoch (a fault-tolerance
+# drill; read on the driver and forwarded, since workers do not see the driver's environment).
+FAULT_ENV = "THALIA_INJECT_FAULT"
+SPLIT_DATASETS = ("train", "val")  # test runs after training, unsplit (see train.evaluate)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    best_epoch: int | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    checkpoint: str | None  # path of the best checkpoint on the store's filesystem
+    store: str  # the experiment store's URL
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
+    resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def run_config(cfg: ThaliaConfig, store: ExperimentStore, run_id: str, callbacks: Iterable[Any] = ()) -> RunConfig:
+    """Ray storage under the store; the run id is the Ray run name, so a retried job resumes."""
+    filesystem, path = store.ray_storage()
+    stopping = cfg.train.early_stopping
+    return RunConfig(
+        name=run_id,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.train.keep_checkpoints,
+            checkpoint_score_attribute=stopping.metric,
+            checkpoint_score_order=stopping.mode,
+        ),
+        callbacks=list(callbacks),
+    )
+
+
+def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int], per_worker_steps: int) -> int:
+    """Optimiser steps per epoch on every worker, after `train.max_steps_per_epoch`; checks the sizes."""
+    workers = cfg.train.num_workers
+    for split in SPLIT_DATASETS:
+        if sizes[split] < workers:
+            raise ValueError(
+                f"the {split} split of {cfg.data.root!r} has {sizes[split]} samples per epoch, fewer than "
+                f"train.num_workers={workers}: every worker needs at least one"
+            )
+    cap = cfg.train.max_steps_per_epoch
+    return min(per_worker_steps, cap) if cap is not None else per_worker_steps
+
+
+def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
+    """The kept checkpoint with the best finite `metric`; the latest one when none has a finite value."""
+    scored = [(c, m) for c, m in result.best_checkpoints or [] if _finite(m.get(metric))]
+    if not scored:
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {result.path} reported no checkpoint")
+        return result.checkpoint, dict(result.metrics or {})
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda pair: float(pair[1][metric]))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def fit(
+    cfg: ThaliaConfig,
+    *,
+    store: ExperimentStore | None = None,
+    run_id: str | None = None,
+    callbacks: Iterable[Any] = (),
+) -> TrainResult:
+    """Train `cfg` on the connected Ray cluster and record the run; see the module docstring."""
+    store = store or ExperimentStore(cfg.storage.store, cfg.storage)
+    run_id = run_id or store.new_run_id(cfg.name)
+    record = store.run(run_id)
+    record.write_config(cfg)
+    record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name)
+    try:
+        outcome = _fit(cfg, store, record, callbacks)
+    except KeyboardInterrupt:
+        record.set_status("stopped", error="interrupted")
+        raise
+    except Exception as err:
+        record.set_status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    record.set_status("finished")
+    return outcome
+
+
+def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any]) -> TrainResult:
+    run_id = record.run_id
+    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id)
+    per_worker = data.steps_per_epoch("train", cfg.train.batch_size, cfg.train.num_workers)
+    use_gpu = gpu_wanted(cfg)
+    settings = LoopSettings(
+        cfg=cfg.model_dump(mode="json"),
+        run_id=run_id,
+        steps_per_epoch=steps_per_epoch(cfg, data.sizes, per_worker),
+        epoch_control=data.epoch_control,
+        record=record,
+        fault=os.environ.get(FAULT_ENV),
+    )
+    log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
+             run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": settings},
+        scaling_config=scaling_config(cfg, use_gpu),
+        run_config=run_config(cfg, store, run_id, callbacks),
+        datasets=data.datasets,
+        dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS)),
+    )
+    result = trainer.fit()
+    stopping = cfg.train.early_stopping
+    checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
+    val_metrics = {k: v for k, v in best.items() if k.startswith("val/")}
+    test_metrics: dict[str, float] = {}
+    if cfg.train.test_best:
+        test = evaluate_checkpoint(cfg, checkpoint, "test", use_gpu)
+        record.write_predictions("test", test.predictions)
+        test_metrics = test.flat("test")
+    best_epoch = int(best["epoch"]) if "epoch" in best else None
+    record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
+                         epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)))
+    history = record.read_history()
+    log.info("run %s finished: best epoch %s, %s", run_id, best_epoch,
+             ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "deformation" in k and "f1" in k))
+    return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history)

@@ -1,0 +1,150 @@
+"""The Tune driver: one Ray Train run (`fit`) per trial, ASHA on the epoch metric, resumable sweeps.
+
+Under Train V2 a Tune trial is a small driver function that builds and fits its own `TorchTrainer`
+(reporting through `TuneReportCallback`); the driver holds a token CPU and the Train workers reserve
+their own resources. Each trial's run id is derived from the sweep id and Tune's trial id, so a resumed
+trial continues the same Ray Train run (and its checkpoints) instead of starting over.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.store import ExperimentStore
+from thalia_ray.tune import space
+
+log = logging.getLogger(__name__)
+
+DRIVER_RESOURCES = {"CPU": 0.01}  # 0 is rejected by Tune; the Train workers reserve the real resources
+
+
+@dataclass
+class SweepSummary:
+    sweep_id: str
+    store: str
+    metric: str
+    mode: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best_run: str | None = None
+    best_value: float | None = None
+    seconds: float = 0.0
+    worker_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _trial_fn(base_yaml: str, store_url: str, sweep_id: str) -> Callable[[dict[str, Any]], None]:
+    """The per-trial driver. It receives the base config as YAML text so that the closure is plain data."""
+
+    def run_trial(sampled: dict[str, Any]) -> None:
+        import yaml
+        from ray import tune as ray_tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from thalia_ray.train.trainer import fit
+
+        base = ThaliaConfig.model_validate(yaml.safe_load(base_yaml))
+        cfg = space.trial_config(base, sampled)
+        cfg = cfg.with_overrides({"runtime.wandb.group": sweep_id})
+        trial_id = ray_tune.get_context().get_trial_id()
+        store = ExperimentStore(store_url, cfg.storage)
+        sweep_config = {k: v for k, v in sampled.items() if not k.startswith("_")}
+        fit(cfg, store=store, run_id=f"{sweep_id}-{trial_id}", callbacks=[TuneReportCallback()],
+            sweep_id=sweep_id, sweep_config=sweep_config)
+
+    return run_trial
+
+
+def _resolve_sweep_id(store: ExperimentStore, name: str, resume: bool, sweep_id: str | None) -> str:
+    if sweep_id:
+        return sweep_id
+    if resume:
+        existing = store.find_sweeps(name)
+        if not existing:
+            raise ConfigError(f"--resume: no sweep named {name!r} in {store.location}")
+        return existing[-1]
+    return store.new_run_id(name)
+
+
+def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None = None) -> SweepSummary:
+    """Run (or resume) the sweep described by `cfg.sweep` over the base run configuration `cfg`."""
+    from ray import tune
+
+    sweep = cfg.sweep
+    if sweep is None:
+        raise ConfigError("sweep: this configuration has no sweep section")
+    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    name = sweep.name or f"{cfg.name}-sweep"
+    sweep_id = _resolve_sweep_id(store, name, resume, sweep_id)
+    base_yaml = cfg.model_copy(update={"sweep": None}).to_yaml()
+    trainable = tune.with_resources(_trial_fn(base_yaml, store.location.url, sweep_id), DRIVER_RESOURCES)
+    fs, root = store.ray_storage()
+    experiment = f"{root.rstrip('/')}/{sweep_id}"
+    record = store.sweep(sweep_id)
+    started = time.time()
+
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log.info("resuming sweep %s from %s", sweep_id, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        record.write_config(cfg)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.param_space(sweep),
+            tune_config=tune.TuneConfig(
+                search_alg=space.search_algorithm(sweep),
+                scheduler=space.scheduler(sweep, cfg.train.epochs),
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    record.set_status("running")
+    grid = tuner.fit()
+    summary = summarise(store, sweep_id, cfg, grid, time.time() - started)
+    record.write_summary(summary.to_json())
+    record.set_status("finished" if all(t["status"] != "ERROR" for t in summary.trials) else "failed")
+    return summary
+
+
+def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: Any, seconds: float) -> SweepSummary:
+    """Per-trial outcome, read from the run records in the store (the source of truth).
+
+    A trial that ASHA stopped never finishes its own run, so a run still marked running once the sweep
+    is over is marked "stopped" here.
+    """
+    sweep = cfg.sweep
+    assert sweep is not None
+    summary = SweepSummary(sweep_id, store.location.url, sweep.metric, sweep.mode, seconds=seconds)
+    summary.errors = [str(r.error)[:500] for r in grid if r.error]
+    sign = 1.0 if sweep.mode == "max" else -1.0
+    for run_id in store.runs_of_sweep(sweep_id):
+        record = store.run(run_id)
+        status = record.read_status()
+        if status.get("status") == "running":
+            record.set_status("stopped", reason="stopped early by the sweep scheduler")
+            status = record.read_status()
+        history = record.read_history()
+        values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
+        best = (max(values) if sweep.mode == "max" else min(values)) if values else None
+        workers = record.read_config().train.num_workers
+        worker_s = sum(float(row.get("time/epoch_s", 0.0)) for row in history) * workers
+        summary.worker_seconds += worker_s
+        summary.trials.append({
+            "run_id": run_id,
+            "config": status.get("sweep_config", {}),
+            "status": status.get("status"),
+            "epochs": len(history),
+            "best": best,
+            "worker_seconds": worker_s,
+        })
+        if best is not None and (summary.best_value is None or sign * best > sign * summary.best_value):
+            summary.best_value, summary.best_run = best, run_id
+    return summary
