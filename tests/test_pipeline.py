@@ -56,10 +56,8 @@ def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
     assert drawn[0] != drawn[1]  # fresh negatives every epoch
     assert keys(cube.datasets["val"]) == keys(shard.datasets["val"]) == [s.key for s in index.samples("val")]
     # val records are equal sample for sample (same crop, normalisation, targets)
-    rows = {}
-    for ds in (cube.datasets["val"], shard.datasets["val"]):
-        batch = next(ds.iter_batches(batch_size=100, batch_format="numpy"))
-        rows[len(rows)] = batch
+    rows = [next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
+            for ds in (cube.datasets["val"], shard.datasets["val"])]
     for name in ("image", "mask", "label", "aux_activity_type", "confidence"):
         np.testing.assert_array_equal(rows[0][name], rows[1][name])
 
@@ -86,28 +84,30 @@ def test_streaming_split_gives_disjoint_worker_shards(dataset):
     assert seen[0] != seen[1]
 
 
-def _loop(config_: dict) -> None:
-    import ray.train
-
-    from thalia_ray.data import pipeline as pl
-
-    shard = ray.train.get_dataset_shard("train")
-    out = {}
-    for epoch in range(2):
-        pl.set_epoch(config_["handle"], epoch)
-        batches = list(shard.iter_torch_batches(batch_size=2, collate_fn=pl.TorchCollate(), prefetch_batches=1))
-        out[epoch] = [k for b in batches for k in b["key"]]
-        assert all(b["image"].dtype.is_floating_point and b["image"].shape[1:] == (3, 24, 24) for b in batches)
-        assert all(b["label"].dtype.is_floating_point is False for b in batches)
-    rank = ray.train.get_context().get_world_rank()
-    Path(config_["dir"], f"rank{rank}.json").write_text(json.dumps(out))
-
-
 @pytest.mark.slow
 def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
     import boto3
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    def loop(config_: dict) -> None:  # nested: pickled by value, the workers cannot import this module
+        import json as json_
+        from pathlib import Path as Path_
+
+        import ray.train
+
+        from thalia_ray.data import pipeline as pl
+
+        shard = ray.train.get_dataset_shard("train")
+        out = {}
+        for epoch in range(2):
+            pl.set_epoch(config_["handle"], epoch)
+            batches = list(shard.iter_torch_batches(batch_size=2, collate_fn=pl.TorchCollate(), prefetch_batches=1))
+            out[epoch] = [k for b in batches for k in b["key"]]
+            assert all(b["image"].dtype.is_floating_point and b["image"].shape[1:] == (3, 24, 24) for b in batches)
+            assert all(not b["label"].dtype.is_floating_point for b in batches)
+        rank = ray.train.get_context().get_world_rank()
+        Path_(config_["dir"], f"rank{rank}.json").write_text(json_.dumps(out))
 
     root, out = dataset
     client = boto3.client("s3")
@@ -118,10 +118,11 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
     cfg = config(root, source="shards", shards=f"{s3_bucket}/shards", atmospheric=[])
     data = pipeline.build_datasets(cfg, splits=("train",))
     trainer = TorchTrainer(
-        _loop,
+        loop,
         train_loop_config={"handle": data.epoch_control, "dir": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
-        run_config=RunConfig(name="pipeline-s3", storage_path=str(tmp_path / "runs")),
+        run_config=RunConfig(name="pipeline-s3", storage_path=str(tmp_path / "runs"),
+                             failure_config=FailureConfig(max_failures=0)),
         datasets=data.datasets,
     )
     trainer.fit()

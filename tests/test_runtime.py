@@ -85,7 +85,18 @@ def test_describe_machine():
     json.dumps(info)  # stored in run records as plain JSON
 
 
-def test_setup_logging_one_handler_one_line_format():
+@pytest.fixture()
+def restore_thalia_logger():
+    """setup_logging changes a process-wide logger; put it back so other tests' caplog still works."""
+    logger = logging.getLogger("thalia_ray")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
+
+
+def test_setup_logging_one_handler_one_line_format(restore_thalia_logger):
     logger = runtime.setup_logging("DEBUG")
     runtime.setup_logging("WARNING")
     ours = [h for h in logger.handlers if getattr(h, "_thalia", False)]
@@ -134,23 +145,25 @@ def test_local_ray_start_and_shutdown():
 
 
 @pytest.mark.slow
-def test_joins_existing_cluster_from_ray_address():
+def test_joins_existing_cluster_from_ray_address(tmp_path):
     """A second driver joins through RAY_ADDRESS; leaving only disconnects it, the cluster keeps running."""
+    owner_log = open(tmp_path / "owner.log", "w")
     owner = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import ray, sys
-            ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100_000_000, log_to_driver=False)
+            ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100_000_000,
+                     log_to_driver=False)
             print(ray.get_runtime_context().gcs_address, flush=True)
             sys.stdin.readline()
             print("alive", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
             ray.shutdown()
         """)],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        stderr=owner_log, text=True, cwd=REPO,
     )
     try:
         address = owner.stdout.readline().strip()
-        assert address, "the owning driver did not start Ray"
+        assert address, f"the owning driver did not start Ray:\n{(tmp_path / 'owner.log').read_text()}"
         proc = _python("""
             import json, ray
             from thalia_ray.config import RuntimeConfig
@@ -172,3 +185,4 @@ def test_joins_existing_cluster_from_ray_address():
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+        owner_log.close()

@@ -137,10 +137,64 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg.sweep is None:
+        raise ConfigError(f"{args.config}: no sweep section (a sweep file needs `sweep:` with a search space)")
+    from thalia_ray import runtime
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.leaderboard import leaderboard_text
+    from thalia_ray.tune.driver import run_sweep
+
+    with runtime.start(cfg.runtime):
+        summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
+    print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))
+    print(f"sweep {summary.sweep_id}: {len(summary.trials)} trials, best {summary.best_run} "
+          f"({summary.metric} = {summary.best_value}), {summary.worker_seconds:.0f} worker-seconds")
+    return 0 if summary.status == "finished" else 1
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.leaderboard import best_config, leaderboard_text
+
+    store = ExperimentStore(args.store)
+    print(leaderboard_text(store, args.sweep, fmt=args.format, metric=args.metric, mode=args.mode))
+    if args.best_config:
+        from thalia_ray.storage import resolve
+
+        resolve(args.best_config).write_text(best_config(store, args.sweep, args.metric, args.mode).to_yaml())
+        print(f"best configuration written to {args.best_config}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from thalia_ray.demo import run_demo
 
     return run_demo(workdir=args.workdir, overrides=args.set)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from thalia_ray.bench.harness import SuiteUnavailable, write_record
+    from thalia_ray.bench.suites import SUITES, BenchOptions, run_suite
+
+    if args.suite == "list":
+        for name, suite in SUITES.items():
+            print(f"{name:12s} {suite.summary}")
+        return 0
+    params = dict(item.partition("=")[::2] for item in args.param)
+    try:
+        result = run_suite(args.suite, BenchOptions(size=args.size, repeats=args.repeats, params=params))
+    except SuiteUnavailable as err:
+        print(f"thalia-ray bench {args.suite}: {err}", file=sys.stderr)
+        return 3
+    except (KeyError, ValueError) as err:
+        print(f"thalia-ray bench: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    where = write_record(result, args.store)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    print(f"record: {where.url}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -207,10 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--store", default="./runs")
     runs.set_defaults(handler=cmd_runs)
 
+    sweep = verbs.add_parser("sweep", help="run a Ray Tune sweep (each trial a Ray Train run)")
+    _add_config_args(sweep, required=True)
+    sweep.add_argument("--resume", action="store_true", help="resume the newest sweep of this name")
+    sweep.add_argument("--sweep-id", help="resume or name this exact sweep")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    board = verbs.add_parser("leaderboard", help="rank stored runs; breakdowns; best config")
+    board.add_argument("sweep", nargs="?", default="all", help="a sweep id, or 'all'")
+    board.add_argument("--store", default="./runs")
+    board.add_argument("--format", choices=["terminal", "markdown", "csv"], default="terminal")
+    board.add_argument("--metric", help="ranking metric (default test/f1_deformation or test/iou_deformation)")
+    board.add_argument("--mode", choices=["max", "min"], default="max")
+    board.add_argument("--best-config", metavar="PATH", help="write the best run's config here")
+    board.set_defaults(handler=cmd_leaderboard)
+
     demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
     demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(handler=cmd_demo)
+
+    bench = verbs.add_parser("bench", help="benchmark suites: the project's path vs its baseline, interleaved")
+    bench.add_argument("suite", help="a suite name, or 'list'")
+    bench.add_argument("--store", default="./runs", help="experiment store; the record goes to {store}/bench/")
+    bench.add_argument("--repeats", type=int, help="interleaved repetitions (default: the suite's)")
+    bench.add_argument("--size", choices=["small", "medium", "large"], default="small", help="size preset")
+    bench.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one preset value, e.g. --param crop=96 (repeatable)")
+    bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -236,6 +236,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         log.info("starting a local Ray: %d CPUs, %d GPUs, dashboard %s", sizes["num_cpus"], sizes["num_gpus"],
                  "on 127.0.0.1" if dashboard else "unavailable")
         ray.init(
+            address="local",  # never silently join some other Ray started on this machine
             **sizes,
             object_store_memory=runtime_cfg.object_store_memory,
             include_dashboard=dashboard,

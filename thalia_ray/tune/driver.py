@@ -33,6 +33,7 @@ class SweepSummary:
     seconds: float = 0.0
     worker_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    status: str = "finished"
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -64,10 +65,10 @@ def _resolve_sweep_id(store: ExperimentStore, name: str, resume: bool, sweep_id:
     if sweep_id:
         return sweep_id
     if resume:
-        existing = store.find_sweeps(name)
+        existing = sorted(n for n in store.sweeps_root.list() if n.startswith(f"{name}-"))
         if not existing:
-            raise ConfigError(f"--resume: no sweep named {name!r} in {store.location}")
-        return existing[-1]
+            raise ConfigError(f"--resume: no sweep named {name!r} in {store.sweeps_root}")
+        return existing[-1]  # ids embed a UTC timestamp: the last is the newest
     return store.new_run_id(name)
 
 
@@ -82,7 +83,7 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
     name = sweep.name or f"{cfg.name}-sweep"
     sweep_id = _resolve_sweep_id(store, name, resume, sweep_id)
     base_yaml = cfg.model_copy(update={"sweep": None}).to_yaml()
-    trainable = tune.with_resources(_trial_fn(base_yaml, store.location.url, sweep_id), DRIVER_RESOURCES)
+    trainable = tune.with_resources(_trial_fn(base_yaml, store.root.url, sweep_id), DRIVER_RESOURCES)
     fs, root = store.ray_storage()
     experiment = f"{root.rstrip('/')}/{sweep_id}"
     record = store.sweep(sweep_id)
@@ -93,7 +94,7 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=fs)
     else:
-        record.write_config(cfg)
+        record.loc.join("config.yaml").write_text(cfg.to_yaml())
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(sweep),
@@ -106,11 +107,10 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
             run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    record.set_status("running")
+    record.write_summary({"sweep_id": sweep_id, "status": "running", "store": store.root.url})
     grid = tuner.fit()
     summary = summarise(store, sweep_id, cfg, grid, time.time() - started)
     record.write_summary(summary.to_json())
-    record.set_status("finished" if all(t["status"] != "ERROR" for t in summary.trials) else "failed")
     return summary
 
 
@@ -122,10 +122,11 @@ def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: An
     """
     sweep = cfg.sweep
     assert sweep is not None
-    summary = SweepSummary(sweep_id, store.location.url, sweep.metric, sweep.mode, seconds=seconds)
+    summary = SweepSummary(sweep_id, store.root.url, sweep.metric, sweep.mode, seconds=seconds)
     summary.errors = [str(r.error)[:500] for r in grid if r.error]
+    summary.status = "failed" if summary.errors else "finished"
     sign = 1.0 if sweep.mode == "max" else -1.0
-    for run_id in store.runs_of_sweep(sweep_id):
+    for run_id in sorted(s.run_id for s in store.list_runs(sweep=sweep_id)):
         record = store.run(run_id)
         status = record.read_status()
         if status.get("status") == "running":

@@ -22,12 +22,15 @@ GRAVITY = 9.81
 TURBULENCE_GRID = 256  # the steep spectrum has little power below 2 pixels at 512²: draw at ≤ 256², upsample
 
 
-def turbulence(shape: tuple[int, int], pixel_m: float, rng: np.random.Generator) -> np.ndarray:
-    """Unit-std turbulent delay field: power law β = 8/3 with an outer scale of 20–50 km."""
+def turbulence(shape: tuple[int, int], pixel_m: float, rng: np.random.Generator,
+               reference_extent_m: float | None = None) -> np.ndarray:
+    """Turbulent delay field: power law β = 8/3 with an outer scale of 20–50 km; unit std over the
+    frame, or over `reference_extent_m` when the frame is a smaller window (see `power_law_field`)."""
     outer = float(rng.uniform(20e3, 50e3))
     coarse = (min(shape[0], TURBULENCE_GRID), min(shape[1], TURBULENCE_GRID))
     step = pixel_m * (shape[0] - 1) / max(coarse[0] - 1, 1)
-    return upsample(power_law_field(coarse, step, (TURBULENCE_BETA + 1) / 2, outer, rng), shape)
+    field = power_law_field(coarse, step, (TURBULENCE_BETA + 1) / 2, outer, rng, reference_extent_m)
+    return upsample(field, shape)
 
 
 @dataclass(frozen=True)

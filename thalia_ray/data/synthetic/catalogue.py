@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from thalia_ray.data import schema
+from thalia_ray.data.synthetic.scene import PUBLISHED_PIXEL_M
 from thalia_ray.storage import resolve
 
 Record = dict[str, Any]
@@ -33,7 +34,9 @@ POSITIVE_MEMBER_SHARE = 0.69  # share of positive members inside a positive grou
 SOURCES_PER_POSITIVE = {1: 1496, 2: 235, 3: 65, 4: 23}
 ACTIVITY_TYPES = {"Sill": 1264, "Dyke": 527, "Mogi": 333, "Earthquake": 55, "Unidentified": 51, "Spheroid": 25}
 INTENSITIES = {"Low": 909, "High": 754, "Medium": 536}  # earthquakes carry "None"
-POLYGON_EXTENT_PX = (23.0, 0.85)  # lognormal (median, σ_log) of a polygon's major extent, 1000-px frame
+POLYGON_EXTENT_PX = (23.0, 0.85)  # lognormal (median, σ_log) of a polygon's major extent, 100 m pixels
+POLYGON_EXTENT_RANGE_PX = (10.0, 250.0)
+SITE_MARGIN = 0.3  # of a sampled frame's side: sites lie in the central 40 %, polygons span ≤ 60 % of it
 ATMOSPHERIC_FRINGES = {0: 1473, 1: 3191, 2: 11233, 3: 4022}
 FLAG_RATES = {"glacier_fringes": 80 / 19919, "orbital_fringes": 145 / 19919, "image_artifacts": 58 / 19919}
 NEGATIVE_ONLY_RATES = {"corrupted": 312 / 18100, "no_info": 220 / 18100}
@@ -53,6 +56,7 @@ class FramePlan:
     records: list[Record]
     groups: GroupIndex
     index: int = 0  # position in the dataset (sampled mode: makes unique ids)
+    pixel_m: float | None = None  # None: the frame spans the published extent; sampled: the real 100 m
 
 
 def load_meta(meta_dir: str) -> tuple[dict[str, Record], dict[str, GroupIndex]]:
@@ -188,16 +192,24 @@ def _secondaries(rng: np.random.Generator, primary: date, length: int) -> list[d
     return out
 
 
-def sample_polygon(rng: np.random.Generator, centre: tuple[float, float]) -> list[float]:
-    """A jittered ellipse (16 vertices, flat x, y list) sized like the real polygons, 1000-px frame."""
+def max_polygon_extent(size: int) -> float:
+    """Largest major extent (px) of a sampled polygon in a `size`-px frame: it must fit inside."""
+    low, high = POLYGON_EXTENT_RANGE_PX
+    return float(min(high, max(low, SITE_MARGIN * 2 * size)))
+
+
+def sample_polygon(rng: np.random.Generator, centre: tuple[float, float], size: int) -> list[float]:
+    """A jittered ellipse (16 vertices, flat x, y list) sized like the real polygons in real 100 m
+    pixels (the larger ones capped to fit a small frame), vertices clipped to the `size`-px frame."""
     median, sigma = POLYGON_EXTENT_PX
-    major = float(np.clip(median * np.exp(sigma * rng.standard_normal()), 10.0, 250.0)) / 2
+    major = float(np.clip(median * np.exp(sigma * rng.standard_normal()),
+                          POLYGON_EXTENT_RANGE_PX[0], max_polygon_extent(size))) / 2
     minor = major * rng.uniform(0.5, 1.0)
     angle, t = rng.uniform(0, np.pi), np.linspace(0, 2 * np.pi, 16, endpoint=False)
     radius = 1 + 0.1 * rng.standard_normal(16)
     ex, ey = major * np.cos(t) * radius, minor * np.sin(t) * radius
-    xs = centre[0] + ex * np.cos(angle) - ey * np.sin(angle)
-    ys = centre[1] + ex * np.sin(angle) + ey * np.cos(angle)
+    xs = np.clip(centre[0] + ex * np.cos(angle) - ey * np.sin(angle), 0.0, size - 1.0)
+    ys = np.clip(centre[1] + ex * np.sin(angle) + ey * np.cos(angle), 0.0, size - 1.0)
     return [round(float(v), 3) for xy in zip(xs, ys) for v in xy]
 
 
@@ -263,6 +275,8 @@ def _frame_id(rng: np.random.Generator, index: int) -> str:
 def sample_plan(rng: np.random.Generator, index: int, size: int, max_groups: int | None) -> FramePlan:
     """A synthetic frame: dates, groups, labels, flags and polygons drawn like the real ones.
 
+    The frame keeps the real 100 m pixels (it is a `size`·100 m window of a real-like frame), so
+    deformation footprints span as many pixels as on the real data whatever `size` is.
     Every sampled frame is volcanically active and gets at least one positive group per split, so
     that small generated sets can train, validate and test (15 of the 38 real frames have none).
     """
@@ -272,7 +286,8 @@ def sample_plan(rng: np.random.Generator, index: int, size: int, max_groups: int
         n_groups = min(n_groups, max_groups)
     acquisitions = _acquisitions(rng)
     primaries = _primaries(rng, acquisitions, max(n_groups, 2 * len(schema.SPLITS)))
-    sites = [(rng.uniform(150, 850), rng.uniform(150, 850)) for _ in range(int(rng.integers(1, 4)))]
+    low, high = SITE_MARGIN * size, (1 - SITE_MARGIN) * size
+    sites = [(rng.uniform(low, high), rng.uniform(low, high)) for _ in range(int(rng.integers(1, 4)))]
     site_kind = [_pick(rng, ACTIVITY_TYPES) for _ in sites]
     positive_groups = {p for p in primaries if rng.random() < POSITIVE_GROUP_SHARE_ACTIVE}
     for start, end in schema.SPLITS.values():
@@ -296,13 +311,13 @@ def sample_plan(rng: np.random.Generator, index: int, size: int, max_groups: int
         } if group_sources else set()
         ids = []
         for k, secondary in enumerate(secondaries):
-            sources = [(kind, level, rescale_polygon(sample_polygon(rng, site), size))
+            sources = [(kind, level, sample_polygon(rng, site, size))
                        for kind, level, site in group_sources] if k in positives and group_sources else None
             record = _record(rng, frame_id, primary, secondary, sources)
             record["uniqueID"] = index * 1_000_000 + len(records) + 1
             records.append(record)
             ids.append(record["uniqueID"])
         groups[_day(primary)] = {"length": len(ids), "secondary_date": [_day(s) for s in secondaries], "uniqueID": ids}
-    return FramePlan(frame_id, records, groups, index)
+    return FramePlan(frame_id, records, groups, index, PUBLISHED_PIXEL_M)
 
 

@@ -22,11 +22,11 @@ from thalia_ray.data.synthetic import atmosphere, catalogue, defects, terrain
 from thalia_ray.data.synthetic.catalogue import FramePlan, Record
 from thalia_ray.data.synthetic.deformation import SeriesSource, pair_deformation, series_sources
 from thalia_ray.data.synthetic.phase import los_to_phase, noise_table, wrap
-from thalia_ray.data.synthetic.scene import AcquisitionCache, Scene, build_scene, parse_day, rng_for
+from thalia_ray.data.synthetic.scene import AcquisitionCache, Scene, build_scene, parse_day, rng_for, turbulence
 from thalia_ray.data.synthetic.writer import CubeWriter, DatasetMoments, write_side_files
 from thalia_ray.storage import resolve
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: sampled frames keep the real 100 m pixels
 STRATIFIED_MIN_DW = 4.0  # kg m⁻²: below this a flagged pair gets an extra stratified term (≈ 1 fringe / 3 km)
 
 
@@ -44,7 +44,7 @@ def _nuisance_m(scene: Scene, primary, secondary, record: Record, rng: np.random
     delay = (secondary.turbulence_m - primary.turbulence_m) + (secondary.stratified_m - primary.stratified_m)
     fringes = int(record.get("atmospheric_fringes", 0))
     if fringes in (2, 3):  # turbulent: 1–2 cm
-        delay += atmosphere.turbulence(shape, scene.geometry.pixel_m, rng) * np.float32(rng.uniform(0.01, 0.02))
+        delay += turbulence(scene, rng) * np.float32(rng.uniform(0.01, 0.02))
     change = secondary.weather.water_vapour - primary.weather.water_vapour
     if fringes in (1, 3) and abs(change) < STRATIFIED_MIN_DW:
         extra = np.sign(change or 1.0) * rng.uniform(STRATIFIED_MIN_DW, 2 * STRATIFIED_MIN_DW)
@@ -124,7 +124,7 @@ def generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameResu
     pairs = {(r["primary_date"], r["secondary_date"]) for r in plan.records}
     if len(pairs) != len(plan.records):
         raise ValueError(f"frame {plan.frame_id}: several annotation records share one (primary, secondary) pair")
-    scene = build_scene(plan.frame_id, size, seed, plan.records)
+    scene = build_scene(plan.frame_id, size, seed, plan.records, plan.pixel_m)
     attributes = {
         "frame_id": plan.frame_id,
         "pass_direction": "descending" if scene.descending else "ascending",

@@ -16,7 +16,9 @@ from thalia_ray.data.synthetic.fields import smooth
 from thalia_ray.data.synthetic.phase import (HEADING_ASCENDING_DEG, HEADING_DESCENDING_DEG, incidence_deg,
                                              los_unit_vector)
 
-PUBLISHED_PIXEL_M = 100.0  # Thalia frames: ~1000 px of 100 m; a synthetic frame keeps that extent
+PUBLISHED_PIXEL_M = 100.0  # Thalia frames: ~1000 px of 100 m
+PUBLISHED_EXTENT_M = schema.PUBLISHED_FRAME_SIZE * PUBLISHED_PIXEL_M
+CONE_SEPARATION = 0.1  # of the published extent: closer polygons share one volcano
 ERA5_RESOLUTION_M = 25e3
 MAX_CONES = 3
 SWATH_HALF_WIDTH = 0.42  # of the frame side: the tilted swath leaves no-data corners (~20 % of pixels)
@@ -63,15 +65,17 @@ class Scene:
     coherence: terrain.CoherenceModel
     valid: np.ndarray  # inside the radar swath; outside, products hold zeros
     climate: tuple[float, float, float]  # mean W₀ (kg m⁻²), its seasonal amplitude, mean T̄ (K)
+    window_of_m: float | None  # None: the frame spans the published extent; else the extent it is a window of
 
 
-def _cone_centres(records: list[dict], size: int, rng: np.random.Generator) -> list[tuple[float, float]]:
+def _cone_centres(records: list[dict], size: int, separation_px: float,
+                  rng: np.random.Generator) -> list[tuple[float, float]]:
     """Volcano positions (row, col): the distinct deformation polygons, else random spots."""
     centres: list[tuple[float, float]] = []
     for record in records:
         for polygon in record.get("segmentation_mask") or []:
             e = polygon_ellipse(polygon, 1.0)
-            if all(np.hypot(e.row - r, e.col - c) > 0.1 * size for r, c in centres) and len(centres) < MAX_CONES:
+            if all(np.hypot(e.row - r, e.col - c) > separation_px for r, c in centres) and len(centres) < MAX_CONES:
                 centres.append((e.row, e.col))
     if not centres:
         centres = [tuple(rng.uniform(0.2, 0.8, size=2) * size) for _ in range(int(rng.integers(1, 3)))]
@@ -91,15 +95,26 @@ def swath_footprint(size: int, descending: bool) -> np.ndarray:
     return np.abs(across) <= SWATH_HALF_WIDTH * size
 
 
-def build_scene(frame_id: str, size: int, seed: int, records: list[dict]) -> Scene:
-    """Everything about a frame that does not change between acquisitions."""
+def build_scene(frame_id: str, size: int, seed: int, records: list[dict], pixel_m: float | None = None) -> Scene:
+    """Everything about a frame that does not change between acquisitions.
+
+    `pixel_m` None: the frame spans the published ~100 km with coarser pixels (polygons given in
+    its pixels). A spacing: the frame is a window of `size`·`pixel_m` metres cut from such a frame,
+    and its random fields (terrain, turbulence, coherence texture) carry only the variance of the
+    scales the window spans.
+    """
     frame_seed = int(seed_sequence(seed, frame_id).generate_state(1)[0])
     rng = rng_for(frame_seed, "scene")
     descending = schema.is_descending(frame_id)
-    pixel_m = schema.PUBLISHED_FRAME_SIZE * PUBLISHED_PIXEL_M / size
+    window_of = None if pixel_m is None else PUBLISHED_EXTENT_M
+    if pixel_m is None:
+        pixel_m = PUBLISHED_EXTENT_M / size
+    elif not pixel_m > 0:
+        raise ValueError(f"frame {frame_id}: pixel spacing {pixel_m} m must be positive")
     incidence = incidence_deg(size, descending)
     geometry = Geometry(size, pixel_m, los_unit_vector(incidence, descending))
-    dem, water = terrain.volcano_dem((size, size), pixel_m, _cone_centres(records, size, rng), rng)
+    centres = _cone_centres(records, size, CONE_SEPARATION * PUBLISHED_EXTENT_M / pixel_m, rng)
+    dem, water = terrain.volcano_dem((size, size), pixel_m, centres, rng, window_of)
     dem_smooth = smooth(dem, pixel_m, ERA5_RESOLUTION_M)
     geometric = terrain.geometric_coherence(dem, water, pixel_m, incidence, descending)
     vapour_scale = float(rng.uniform(1500.0, 2500.0))
@@ -114,10 +129,17 @@ def build_scene(frame_id: str, size: int, seed: int, records: list[dict]) -> Sce
                        np.exp(-dem_smooth / atmosphere.PRESSURE_SCALE_HEIGHT_M).astype(np.float32)),
         wet_profile=np.exp(-dem / vapour_scale).astype(np.float32),
         dry_profile=np.exp(-dem / atmosphere.PRESSURE_SCALE_HEIGHT_M).astype(np.float32),
-        coherence=terrain.CoherenceModel.draw(dem, geometric, pixel_m, rng),
+        coherence=terrain.CoherenceModel.draw(dem, geometric, pixel_m, rng, window_of),
         valid=swath_footprint(size, descending),
         climate=(float(rng.uniform(12.0, 48.0)), float(rng.uniform(3.0, 10.0)), float(rng.uniform(240.0, 262.0))),
+        window_of_m=window_of,
     )
+
+
+def turbulence(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """A unit turbulent delay field for `scene` (less variance in a window than over a whole frame)."""
+    size = scene.geometry.size
+    return atmosphere.turbulence((size, size), scene.geometry.pixel_m, rng, scene.window_of_m)
 
 
 def draw_acquisition(scene: Scene, day: str) -> Acquisition:
@@ -131,11 +153,10 @@ def draw_acquisition(scene: Scene, day: str) -> Acquisition:
         pressure=101325.0 + rng.normal(0.0, 600.0),
         temperature=mean_t + 6.0 * season + rng.normal(0.0, 2.0),
     )
-    size = scene.geometry.size
     sigma = rng.uniform(0.005, 0.008)
     return Acquisition(
         weather=weather,
-        turbulence_m=atmosphere.turbulence((size, size), scene.geometry.pixel_m, rng) * np.float32(sigma),
+        turbulence_m=turbulence(scene, rng) * np.float32(sigma),
         stratified_m=atmosphere.stratified_delay(weather.water_vapour, weather.pressure, scene.wet_profile,
                                                  scene.dry_profile, scene.cos_incidence),
         era5=atmosphere.era5_channels(weather, *scene.era5_profiles),

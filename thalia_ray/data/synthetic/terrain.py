@@ -11,23 +11,30 @@ TERRAIN_HURST = 0.8
 
 
 def volcano_dem(
-    shape: tuple[int, int], pixel_m: float, centres_px: list[tuple[float, float]], rng: np.random.Generator
+    shape: tuple[int, int], pixel_m: float, centres_px: list[tuple[float, float]], rng: np.random.Generator,
+    reference_extent_m: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(height m, water mask): base level + fractal relief + cones h₀ + H(1 − r/R)₊^1.5 − crater.
 
     Cones sit at `centres_px` (row, col) — the deforming volcanoes; land below sea level becomes water.
+    A frame of the published extent (`reference_extent_m` None) sees whole cones on a base level.
+    A smaller window (`reference_extent_m` = the published extent) sits on part of an edifice: its
+    relief keeps the roughness of its own scales, and the base level becomes the window's mean height,
+    drawn like a whole frame's, so that windows centred on volcanoes keep the real height statistics.
     """
     h, w = shape
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     base = rng.exponential(1400.0) - 450.0  # most volcanoes sit low, a few on high plateaus
-    relief = power_law_field(shape, pixel_m, TERRAIN_HURST + 1, 60e3, rng) * np.float32(rng.uniform(200.0, 700.0))
-    dem = np.float32(base) + relief
+    relief = power_law_field(shape, pixel_m, TERRAIN_HURST + 1, 60e3, rng, reference_extent_m)
+    dem = np.float32(base) + relief * np.float32(rng.uniform(200.0, 700.0))
     for row, col in centres_px:
         height, radius = rng.uniform(800.0, 3000.0), rng.uniform(6e3, 15e3)
         r = np.hypot(rows - row, cols - col) * np.float32(pixel_m)
         dem += np.float32(height) * np.clip(1 - r / np.float32(radius), 0, None) ** 1.5
         crater_r = 0.08 * radius
         dem -= np.float32(0.05 * height) * np.clip(1 - r / np.float32(crater_r), 0, None)
+    if reference_extent_m is not None:
+        dem += np.float32(base) - np.float32(dem.mean())
     water = dem < 0
     dem[water] = 0.0
     return dem.astype(np.float32), water
@@ -63,13 +70,14 @@ class CoherenceModel:
     snow_line_m: float
 
     @classmethod
-    def draw(cls, dem: np.ndarray, geometric: np.ndarray, pixel_m: float, rng: np.random.Generator) -> "CoherenceModel":
+    def draw(cls, dem: np.ndarray, geometric: np.ndarray, pixel_m: float, rng: np.random.Generator,
+             reference_extent_m: float | None = None) -> "CoherenceModel":
         vegetation_m = rng.uniform(1500.0, 4000.0)
         vegetation = 1.0 / (1.0 + np.exp(-(vegetation_m - dem) / 300.0))
         return cls(
             geometric=geometric,
             infinite=(0.1 + 0.6 * (1.0 - vegetation)).astype(np.float32),
-            texture=power_law_field(dem.shape, pixel_m, TERRAIN_HURST + 1, 20e3, rng),
+            texture=power_law_field(dem.shape, pixel_m, TERRAIN_HURST + 1, 20e3, rng, reference_extent_m),
             dem=dem,
             tau_days=float(rng.uniform(10.0, 40.0)),
             snow_line_m=float(rng.uniform(2000.0, 4500.0)),

@@ -1,0 +1,146 @@
+"""The benchmark harness itself: statistics, interleaving, ratios of known workloads, records, the CLI."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from thalia_ray.bench import harness
+from thalia_ray.bench.harness import BenchResult, Rep, interleave, ratio, spread, timed_rate
+from thalia_ray.bench.suites import SUITES, BenchOptions, resolve_params, run_suite
+from thalia_ray.bench.sweep import reached, summarise_pairs
+from thalia_ray.cli import main
+
+
+def test_spread_median_quartiles_and_mad():
+    s = spread([5, 1, 3, 2, 4])
+    assert (s.n, s.median, s.q1, s.q3, s.iqr, s.mad, s.min, s.max) == (5, 3, 2, 4, 2, 1, 1, 5)
+    one = spread([7.0])
+    assert (one.median, one.iqr, one.mad) == (7.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        spread([])
+
+
+def test_interleave_rotates_the_starting_workload_and_drops_warmup():
+    order: list[str] = []
+
+    def workload(name: str):
+        def run() -> Rep:
+            order.append(name)
+            return Rep(float(len(order)), 0.0)
+        return run
+
+    reps = interleave({"a": workload("a"), "b": workload("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [r.value for r in reps["a"]] == [4.0, 5.0, 8.0]  # the first (warm-up) run is not kept
+    assert [r.value for r in reps["b"]] == [3.0, 6.0, 7.0]
+    with pytest.raises(ValueError):
+        interleave({"a": workload("a")}, repeats=0)
+
+
+def test_ratio_of_two_known_workloads():
+    """Sleeping 10 ms per item against 30 ms per item: the first is about 3× faster."""
+
+    def sleeper(seconds: float):
+        def fn() -> int:
+            for _ in range(3):
+                time.sleep(seconds)
+            return 3
+        return fn
+
+    reps = interleave({"fast": timed_rate(sleeper(0.01)), "slow": timed_rate(sleeper(0.03))}, repeats=3)
+    result = BenchResult("known", {})
+    fast, slow = result.add("fast", "items/s", reps["fast"]), result.add("slow", "items/s", reps["slow"])
+    assert all(r.extra["items"] == 3 for r in reps["fast"])
+    r = ratio("fast vs slow", fast, slow, target=2.0)
+    assert 2.0 < r.value < 3.3
+    assert r.met is True and "meets" in r.verdict()
+    missed = ratio("slow vs fast", slow, fast, target=1.0, why="it sleeps longer")
+    assert missed.met is False
+    assert "MISSES" in missed.verdict() and "it sleeps longer" in missed.verdict()
+
+
+def test_ratio_of_costs_is_inverted_and_directions_must_match():
+    result = BenchResult("costs", {})
+    cheap = result.add("cheap", "worker-s", [Rep(10.0, 0.0), Rep(12.0, 0.0)], higher_is_better=False)
+    dear = result.add("dear", "worker-s", [Rep(33.0, 0.0)], higher_is_better=False)
+    assert ratio("saving", cheap, dear).value == pytest.approx(3.0)
+    rate = result.add("rate", "items/s", [Rep(1.0, 0.0)])
+    with pytest.raises(ValueError, match="opposite directions"):
+        ratio("bad", rate, cheap)
+
+
+def test_missed_target_says_by_how_much():
+    r = harness.Ratio("x", "p", "b", value=4.0, target=5.0, why="small frames")
+    assert r.verdict() == "MISSES ≥ 5× by 20 %: small frames"
+    assert harness.Ratio("x", "p", "b", value=1.0).met is None
+
+
+def test_record_is_written_to_the_store_as_json(tmp_path):
+    result = BenchResult("demo", {"size": "small"}, machine={"cpu_count": 2, "gpus": []})
+    a = result.add("a", "items/s", [Rep(10.0, 1.0), Rep(12.0, 1.0), Rep(11.0, 1.0)])
+    b = result.add("b", "items/s", [Rep(5.0, 1.0)])
+    result.ratios.append(ratio("a vs b", a, b, target=2.0))
+    result.notes.append("a note")
+    where = harness.write_record(result, str(tmp_path))
+    assert where.path.startswith(str(tmp_path / "bench" / "demo-"))
+    assert where.path.endswith(".json") and ":" not in where.name
+    record = json.loads(where.read_text())
+    assert record["suite"] == "demo" and record["machine"]["cpu_count"] == 2
+    assert record["series"][0]["stats"]["median"] == 11.0 and len(record["series"][0]["reps"]) == 3
+    assert record["ratios"][0] == {"name": "a vs b", "project": "a", "baseline": "b", "value": 2.2,
+                                   "target": 2.0, "met": True, "why": ""}
+    table = result.table()
+    assert "a vs b: 2.20×" in table and "meets ≥ 2×" in table and "note: a note" in table
+
+
+def test_params_presets_and_overrides():
+    suite = SUITES["cube"]
+    params = resolve_params(suite, BenchOptions(size="medium", params={"crop": "96"}))
+    assert params["crop"] == 96 and params["size"] == suite.presets["medium"]["size"]
+    with pytest.raises(ValueError, match="unknown parameter"):
+        resolve_params(suite, BenchOptions(params={"cropp": "1"}))
+    with pytest.raises(ValueError, match="unknown size"):
+        resolve_params(suite, BenchOptions(size="huge"))
+    with pytest.raises(ValueError, match="bad parameter value"):
+        resolve_params(suite, BenchOptions(params={"crop": "wide"}))
+
+
+def test_sweep_reached_within_one_percent():
+    assert reached(0.995, 1.0) and not reached(0.98, 1.0)
+    pairs = summarise_pairs([Rep(10, 0, {"best": 0.80})], [Rep(30, 0, {"best": 0.85})])
+    assert pairs["all_reached"] is False and pairs["pairs"][0]["grid_best"] == 0.85
+
+
+def test_synthetic_suite_end_to_end(tmp_path, capsys):
+    """A real (tiny) suite through the CLI: table on stdout, JSON record with the machine in the store."""
+    code = main(["bench", "synthetic", "--store", str(tmp_path), "--repeats", "2",
+                 "--param", "gen_size=64", "--param", "series=2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "generator 64²" in out and "generator vs budget" in out
+    (record_file,) = (tmp_path / "bench").glob("synthetic-*.json")
+    record = json.loads(record_file.read_text())
+    assert record["options"]["gen_size"] == 64 and record["options"]["repeats"] == 2
+    assert len(record["series"][0]["reps"]) == 2
+    assert {"cpu_model", "cpu_count", "gpus", "torch", "ray"} <= set(record["machine"])
+
+
+def test_gpu_suite_refuses_without_a_gpu(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal path does not apply")
+    with pytest.raises(harness.SuiteUnavailable, match="needs a CUDA GPU"):
+        run_suite("gpu")
+    assert main(["bench", "gpu", "--store", str(tmp_path)]) == 3
+    assert "no numbers were measured" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
+def test_cli_lists_suites_and_rejects_unknown(capsys):
+    assert main(["bench", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("cube", "shards", "pipeline", "train_step", "sweep", "synthetic", "gpu"))
+    assert main(["bench", "nope"]) == 2
+    assert "no benchmark suite 'nope'" in capsys.readouterr().err
