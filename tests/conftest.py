@@ -86,12 +86,16 @@ def s3_bucket(s3_env):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session, sized for a 2-core machine."""
+def ray_cluster(s3_env):
+    """One local Ray for the whole session, sized for a 2-core machine.
+
+    It depends on `s3_env` so that S3 credentials are in the environment before Ray starts its workers.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join another Ray that happens to run on this machine
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,

@@ -68,12 +68,14 @@ def test_spec_parses_and_its_config_validates(path: Path) -> None:
     if raw.get("config"):
         assert spec.config is not None and spec.config == load_config(REPO / raw["config"], raw.get("overrides", []))
     verb = spec.entrypoint_args[spec.entrypoint_args.index("thalia-ray") + 1]
-    if verb == "train":
-        assert spec.run_id == spec.submission_id
-        assert spec.entrypoint.endswith(f"--run-id {spec.submission_id}")
+    id_flag = {"train": "--run-id", "sweep": "--sweep-id"}.get(verb)
+    assert (spec.run_id, spec.sweep_id) == (
+        spec.submission_id if verb == "train" else None, spec.submission_id if verb == "sweep" else None)
+    if id_flag:
+        assert spec.entrypoint.endswith(f"{id_flag} {spec.submission_id}")
         assert spec.store == "$THALIA_STORE" and "storage.store=${THALIA_STORE}" in spec.entrypoint
     else:
-        assert spec.run_id is None and "--run-id" not in spec.entrypoint_args
+        assert not {"--run-id", "--sweep-id"} & set(spec.entrypoint_args) and spec.store is None
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
@@ -240,6 +242,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+             # Ports whose defaults another Ray on this machine may hold (the job agent, Ray Client).
+             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
              "--disable-usage-stats", "--temp-dir", temp_dir, "--include-dashboard", "true"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

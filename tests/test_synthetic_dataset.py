@@ -81,6 +81,30 @@ def test_labels_masks_and_splits_agree(synthetic_root):
     assert ids <= set(annotations)
 
 
+def test_sampled_frames_keep_the_real_pixel_spacing(synthetic_root):
+    """Sampled frames are 96 px windows at the real 100 m spacing: polygons in real pixels inside the
+    frame, deformation masks as large in pixels as on the real data (a 100 km frame squeezed into
+    96 px would shrink the median 23 px footprint to ~2 px), and a sensible DEM on a partial edifice."""
+    annotations, index = _load(synthetic_root)
+    areas, extents = [], []
+    for frame in index:
+        ds = _open(synthetic_root / f"{frame}.zarr")
+        assert ds.attrs["pixel_spacing_m"] == 100.0
+        dem = ds["dem"].values
+        assert np.isfinite(dem).all() and dem.std() > 1.0 and dem.max() > 0
+        for record in (r for r in annotations.values() if r["frameID"] == frame and r["segmentation_mask"]):
+            mask = ds[schema.MASK_VAR].sel(primary_date=_day(record["primary_date"]),
+                                           secondary_date=_day(record["secondary_date"])).values
+            areas.append(int((mask > 0).sum()))
+            for polygon in record["segmentation_mask"]:
+                xy = np.asarray(polygon).reshape(-1, 2)
+                assert (xy >= 0).all() and (xy <= 95).all(), record["uniqueID"]
+                extents.append(float(np.ptp(xy, axis=0).max()))
+    assert len(areas) >= 10
+    assert 20 <= np.median(areas) <= 0.5 * 96 * 96
+    assert 10 <= np.median(extents) <= 60  # real polygons: median major extent 23 px of 100 m
+
+
 def test_statistics_match_the_real_dataset(tmp_path, shared_meta):
     """Generated channel statistics against the real statistics.json.
 
@@ -136,7 +160,8 @@ def test_from_real_annotations_reproduces_records_and_groups(tmp_path, shared_me
             np.testing.assert_allclose(ours, np.asarray(theirs) * 40 / schema.PUBLISHED_FRAME_SIZE, rtol=1e-12)
     for frame in frames:
         ds = _open(tmp_path / f"{frame}.zarr")
-        assert ds.sizes[schema.Y_DIM] == 40
+        assert ds.sizes[schema.Y_DIM] == 40  # the published extent in coarser pixels
+        assert ds.attrs["pixel_spacing_m"] == pytest.approx(schema.PUBLISHED_FRAME_SIZE * 100.0 / 40)
 
 
 def test_whole_real_frame_keeps_every_record(tmp_path, shared_meta):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thalia_ray.data.synthetic import atmosphere, phase, sources
+from thalia_ray.data.synthetic import atmosphere, phase, sources, terrain
+from thalia_ray.data.synthetic.fields import power_law_field, window_std
 from thalia_ray.data.synthetic.deformation import (INTENSITY_FRINGES, MASK_FRACTION, Geometry, pair_deformation,
                                                    series_sources)
 
@@ -142,3 +143,35 @@ def test_turbulence_and_era5_reference_values():
     change = atmosphere.stratified_delay(35.0, 1e5, profile, ones, ones) - atmosphere.stratified_delay(
         30.0, 1e5, profile, ones, ones)
     assert change[0] - change[1] == pytest.approx(0.026, abs=0.004)
+
+
+@pytest.mark.parametrize("exponent, outer", [(terrain.TERRAIN_HURST + 1, 20e3), ((atmosphere.TURBULENCE_BETA + 1) / 2, 10e3)])
+def test_window_of_a_frame_sees_the_variance_of_its_scales(exponent, outer):
+    """A window of a power-law field carries less variance than the whole frame; `window_std` (the
+    expected std inside the window) agrees with windows cut from whole unit-std frames, and a field
+    drawn directly on the window with the frame as reference has that std and the frame's
+    pixel-scale roughness (drawn with unit std instead, it would be far rougher)."""
+    rng = np.random.default_rng(0)
+    variances, frame_slopes = [], []
+    for _ in range(6):
+        frame = power_law_field((256, 256), 100.0, exponent, outer, rng)
+        variances += [frame[r:r + 32, c:c + 32].var() for r in range(0, 256, 32) for c in range(0, 256, 32)]
+        frame_slopes.append(np.mean(np.square(np.gradient(frame))))
+    expected = window_std(3200.0, 25600.0, 100.0, exponent, outer)
+    assert 0.2 < expected < 0.9
+    assert np.sqrt(np.mean(variances)) == pytest.approx(expected, rel=0.1)
+    windows = [power_law_field((32, 32), 100.0, exponent, outer, rng, reference_extent_m=25600.0) for _ in range(200)]
+    assert np.sqrt(np.mean([w.var() for w in windows])) == pytest.approx(expected, rel=0.1)
+    window_slopes = [np.mean(np.square(np.gradient(w))) for w in windows]
+    # ≈ 1.2: the long waves are modelled as a plane, their curvature is not (a unit-std window: ≈ 3)
+    assert 0.9 < np.sqrt(np.mean(window_slopes) / np.mean(frame_slopes)) < 1.35
+    assert window_std(25600.0, 25600.0, 100.0, exponent, outer) == 1.0
+
+
+def test_window_dem_keeps_its_site_on_land():
+    """A 96 px window of 100 m on a volcano (cone radius 6–15 km, larger than the window): finite,
+    the deforming site above the sea, the relief of a partial edifice (hundreds of metres to a few km)."""
+    for seed in range(8):
+        dem, water = terrain.volcano_dem((96, 96), 100.0, [(48.0, 40.0)], np.random.default_rng(seed), 1e5)
+        assert np.isfinite(dem).all() and dem[48, 40] >= terrain.SITE_MIN_HEIGHT_M and not water[48, 40]
+        assert 100.0 < np.ptp(dem) < 5000.0

@@ -175,3 +175,16 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     results = record.read_results()
     assert results["epochs"] == 3 and results["restarts"] == 1
     assert result.test_metrics == {}
+
+
+def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):
+    from thalia_ray.train.trainer import steps_per_epoch
+
+    cfg = _config(tmp_path, tmp_path / "store", max_steps_per_epoch=None)  # 2 workers, batch 8
+    assert steps_per_epoch(cfg, {"train": 50, "val": 9}) == 3  # 25 rows per worker → 3 full batches
+    capped = cfg.with_overrides({"train.max_steps_per_epoch": 2})
+    assert steps_per_epoch(capped, {"train": 50, "val": 9}) == 2
+    with pytest.raises(ValueError, match="too few for one batch"):
+        steps_per_epoch(cfg, {"train": 15, "val": 9})
+    with pytest.raises(ValueError, match="fewer than train.num_workers=2"):
+        steps_per_epoch(cfg, {"train": 50, "val": 1})

@@ -29,9 +29,9 @@ Rules, and why:
 - Train and sweep jobs must not write to, or read from, a relative path: it would resolve inside Ray's
   temporary copy of the working directory. When `storage.store` is relative and `THALIA_STORE` is in
   `env_from_cluster`, the job writes to the cluster's `$THALIA_STORE`.
-- The submission id is `{prefix}-{UTC time}-{hash of the resolved spec}`: unique per submission, and
-  the same id is the training run id (`--run-id`), so the results are found in the store under it
-  and a retried submission of the same id resumes the same run.
+- The submission id is `{prefix}-{UTC time}-{hash of the resolved spec}`: unique per submission. It is
+  also the run id of a train job (`--run-id`) and the sweep id of a sweep job (`--sweep-id`), so the
+  results are found in the store under it, and a resubmission with the same id resumes.
 - Entrypoint tokens may not contain shell metacharacters: the entrypoint runs in a shell on the cluster,
   and `plain_ray_command` must produce the very same command through `ray job submit`, which joins
   its arguments with `subprocess.list2cmdline`.
@@ -60,7 +60,7 @@ from thalia_ray.store.layout import make_run_id
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STORE_ENV = "THALIA_STORE"
 PROGRAM = "thalia-ray"
-RUN_ID_VERBS = ("train",)  # verbs that take --run-id
+ID_FLAGS = {"train": "--run-id", "sweep": "--sweep-id"}  # the store records these jobs under the submission id
 STORE_VERBS = ("train", "sweep")  # verbs that read the dataset and write to the experiment store
 SECRET_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
 LOG_TAIL_LINES = 40
@@ -138,7 +138,8 @@ class JobSpec:
     runtime_env: dict[str, Any]
     metadata: dict[str, str]
     config: ThaliaConfig | None
-    run_id: str | None  # the training run id in the store (train jobs)
+    run_id: str | None  # the run id in the store (train jobs)
+    sweep_id: str | None  # the sweep id in the store (sweep jobs)
     store: str | None  # where results go; "$THALIA_STORE" when the cluster decides
 
     @property
@@ -155,6 +156,7 @@ class JobOutcome:
     log_tail: str | None = None  # the last lines of the job's log when it FAILED
     store: str | None = None
     run_id: str | None = None
+    sweep_id: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -163,7 +165,8 @@ class JobOutcome:
     def summary(self) -> str:
         lines = [f"job {self.submission_id}: {self.status} ({self.address})"]
         if self.store:
-            where = f"run {self.run_id} in {self.store}" if self.run_id else self.store
+            record = f"run {self.run_id}" if self.run_id else f"sweep {self.sweep_id}" if self.sweep_id else ""
+            where = f"{record} in {self.store}" if record else self.store
             lines.append(f"results: {where}")
         if self.message:
             lines.append(f"error: {self.message}")
@@ -248,11 +251,11 @@ def _entrypoint_tokens(path: Path, spec: SpecFile) -> list[str]:
     _check_tokens(path, "entrypoint", tokens)
     if len(tokens) < 2 or tokens[0] != PROGRAM:
         raise JobSpecError(f"{path}: entrypoint must be a `{PROGRAM} COMMAND ...` command line, got {spec.entrypoint!r}")
-    owned = [t for t in tokens if t.split("=", 1)[0] in ("--set", "--run-id")]
+    owned = [t for t in tokens if t.split("=", 1)[0] in ("--set", *ID_FLAGS.values())]
     if owned:
         raise JobSpecError(
             f"{path}: entrypoint must not contain {owned}: put overrides under `overrides:` (they are "
-            "validated), and the run id is the submission id"
+            "validated), and the run or sweep id is the submission id"
         )
     if spec.config is not None and spec.config not in tokens:
         raise JobSpecError(f"{path}: entrypoint does not pass config {spec.config!r}: {spec.entrypoint!r}")
@@ -280,7 +283,7 @@ def _is_relative_local(location: str | None) -> bool:
     return location is not None and not _REMOTE.match(location) and not Path(location).is_absolute()
 
 
-def _store_of(path: Path, cfg: ThaliaConfig, env_from_cluster: Sequence[str]) -> tuple[str, list[str]]:
+def _job_locations(path: Path, cfg: ThaliaConfig, env_from_cluster: Sequence[str]) -> tuple[str, list[str]]:
     """(where results go, extra entrypoint tokens), refusing paths that only exist in Ray's temp copy."""
     relative = [
         f"data.{key}={value}" for key, value in
@@ -342,21 +345,22 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), now: datetime | N
     cfg = _load_run_config(path, project, spec.config, all_overrides) if spec.config else None
     store, store_tokens = (None, [])
     if cfg is not None and verb in STORE_VERBS:
-        store, store_tokens = _store_of(path, cfg, spec.env_from_cluster)
+        store, store_tokens = _job_locations(path, cfg, spec.env_from_cluster)
     fingerprint = {"spec": spec.model_dump(), "overrides": all_overrides}
     submission_id = _submission_id(spec.submission_id or spec.name, fingerprint, now or datetime.now(timezone.utc))
-    run_id = submission_id if verb in RUN_ID_VERBS else None
+    id_flag = ID_FLAGS.get(verb)
+    run_id, sweep_id = (submission_id if verb == v else None for v in ("train", "sweep"))
     args = [
         *_env_guard(spec.env_from_cluster),
         *tokens,
         *[t for o in all_overrides for t in ("--set", o)],
         *store_tokens,
-        *(["--run-id", run_id] if run_id else []),
+        *([id_flag, submission_id] if id_flag else []),
     ]
-    metadata = {"thalia_spec": spec.name, "thalia_config": spec.config or "",
-                "thalia_store": store or "", "thalia_run_id": run_id or ""}
+    metadata = {"thalia_spec": spec.name, "thalia_config": spec.config or "", "thalia_store": store or "",
+                "thalia_run_id": run_id or "", "thalia_sweep_id": sweep_id or ""}
     return JobSpec(path, spec.name, submission_id, tuple(args), _ray_runtime_env(spec.runtime_env, project),
-                   metadata, cfg, run_id, store)
+                   metadata, cfg, run_id, sweep_id, store)
 
 
 # ------------------------------------------------------------------------------- the cluster
@@ -403,7 +407,7 @@ def _outcome(client: Any, spec: JobSpec, status: str) -> JobOutcome:
     info = client.get_job_info(spec.submission_id) if failed else None
     tail = _log_tail(client.get_job_logs(spec.submission_id)) if status == "FAILED" else None
     return JobOutcome(spec.submission_id, status, client.get_address(), info.message if info else None,
-                      tail, spec.store, spec.run_id)
+                      tail, spec.store, spec.run_id, spec.sweep_id)
 
 
 def _submit_when_ready(client: Any, spec: JobSpec, wait_s: float = AGENT_WAIT_S) -> None:
@@ -466,8 +470,8 @@ def format_jobs(rows: Sequence[JobRow]) -> str:
     lines = [head]
     for r in rows:
         started = f"{r.start_time:%Y-%m-%d %H:%M:%S}" if r.start_time else "-"
-        store, run = r.metadata.get("thalia_store", ""), r.metadata.get("thalia_run_id", "")
-        where = f"{store} (run {run})" if run else store
+        store, run, sweep = (r.metadata.get(f"thalia_{k}", "") for k in ("store", "run_id", "sweep_id"))
+        where = f"{store} (run {run})" if run else f"{store} (sweep {sweep})" if sweep else store
         lines.append(f"{r.submission_id:44s} {r.status:10s} {started:20s} {where or '-'}")
     return "\n".join(lines)
 

@@ -251,19 +251,23 @@ class SampleIndex:
         (deterministic for seed and epoch). Val/test: everything, in index order."""
         seed = self.seed if seed is None else seed
         pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
-        if split != "train":
-            return list(pool)
-        rng = group_rng(seed, "epoch", epoch)
-        if self.data_cfg.balance:
-            pool = balanced(pool, rng)
-        order = rng.permutation(len(pool))
-        return [pool[i] for i in order]
+        return epoch_draw(pool, split, epoch, seed, self.data_cfg.balance)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: count_labels(samples) for split, samples in self._fixed.items()}
 
 
-def balanced(samples: Sequence[Sample], rng: np.random.Generator) -> list[Sample]:
+def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, balance: bool) -> list[Any]:
+    """One epoch of items carrying a `.label`, from a pool in index order. Index samples and shard
+    entries both go through here, so the cube and shard sources draw the same epoch."""
+    if split != "train":
+        return list(pool)
+    rng = group_rng(seed, "epoch", epoch)
+    chosen = balanced(pool, rng) if balance else list(pool)
+    return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def balanced(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:
     """Every positive plus an equal number of negatives drawn without replacement."""
     positives = [s for s in samples if s.label == 1]
     negatives = [s for s in samples if s.label != 1]

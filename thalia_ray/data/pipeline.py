@@ -29,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 from thalia_ray.config import DataConfig, ThaliaConfig
 from thalia_ray.data import shards as shard_io
 from thalia_ray.data.cube import DataError, RawSample, crop_window, get_cache, read_raw
-from thalia_ray.data.index import Sample, SampleIndex, balanced, group_rng
+from thalia_ray.data.index import Sample, SampleIndex, epoch_draw, group_rng
 from thalia_ray.data.transforms import finalize, statistics_for
 
 READ_CPUS = 0.25  # per read task and per map task: trainers holding most CPUs cannot starve Data
@@ -96,16 +96,6 @@ def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ epoch draws
-def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, balance: bool) -> list[Any]:
-    """One epoch of items with a `.label` in index order; the same rule as `SampleIndex.epoch`, so
-    shard entries and index samples give the same draw."""
-    if split != "train":
-        return list(pool)
-    rng = group_rng(seed, "epoch", epoch)
-    chosen = balanced(pool, rng) if balance else list(pool)
-    return [chosen[i] for i in rng.permutation(len(chosen))]
-
-
 @dataclass(frozen=True)
 class Spec:
     """What read and map tasks need to know about a split (small and picklable)."""

@@ -241,6 +241,7 @@ class WorkerLoop:
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
             prefetch_batches=self.cfg.data.prefetch_batches,
+            drop_last=True,  # a last batch of one sample breaks batch norm
         )
         totals: dict[str, float] = {}
         steps = 0

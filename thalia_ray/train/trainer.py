@@ -68,17 +68,22 @@ def run_config(cfg: ThaliaConfig, store: ExperimentStore, run_id: str, callbacks
     )
 
 
-def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int], per_worker_steps: int) -> int:
-    """Optimiser steps per epoch on every worker, after `train.max_steps_per_epoch`; checks the sizes."""
-    workers = cfg.train.num_workers
-    for split in SPLIT_DATASETS:
-        if sizes[split] < workers:
-            raise ValueError(
-                f"the {split} split of {cfg.data.root!r} has {sizes[split]} samples per epoch, fewer than "
-                f"train.num_workers={workers}: every worker needs at least one"
-            )
+def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int]) -> int:
+    """Optimiser steps per epoch on every worker, capped by `train.max_steps_per_epoch`.
+
+    Ray's equal split gives each worker floor(n / workers) rows and the loop drops a last partial
+    batch (a batch of one breaks batch norm), so each worker runs floor(rows / batch_size) steps.
+    """
+    workers, batch = cfg.train.num_workers, cfg.train.batch_size
+    if sizes["val"] < workers:
+        raise ValueError(f"the val split of {cfg.data.root!r} has {sizes['val']} samples, fewer than "
+                         f"train.num_workers={workers}: every worker needs at least one")
+    steps = sizes["train"] // workers // batch
+    if steps == 0:
+        raise ValueError(f"the train split of {cfg.data.root!r} has {sizes['train']} samples per epoch: too few "
+                         f"for one batch of train.batch_size={batch} on each of train.num_workers={workers}")
     cap = cfg.train.max_steps_per_epoch
-    return min(per_worker_steps, cap) if cap is not None else per_worker_steps
+    return min(steps, cap) if cap is not None else steps
 
 
 def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
@@ -124,12 +129,11 @@ def fit(
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any]) -> TrainResult:
     run_id = record.run_id
     data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id)
-    per_worker = data.steps_per_epoch("train", cfg.train.batch_size, cfg.train.num_workers)
     use_gpu = gpu_wanted(cfg)
     settings = LoopSettings(
         cfg=cfg.model_dump(mode="json"),
         run_id=run_id,
-        steps_per_epoch=steps_per_epoch(cfg, data.sizes, per_worker),
+        steps_per_epoch=steps_per_epoch(cfg, data.sizes),
         epoch_control=data.epoch_control,
         record=record,
         fault=os.environ.get(FAULT_ENV),

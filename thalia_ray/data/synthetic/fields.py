@@ -12,25 +12,49 @@ import scipy.fft
 from scipy import ndimage
 
 
-def band_variance(k_min: float, k_max: float, k0: float, exponent: float) -> float:
-    """∫ (k² + k₀²)^(−exponent) k dk from k_min to k_max (∝ the variance of those scales; exponent > 1)."""
-    if exponent <= 1.0:
-        raise ValueError(f"exponent={exponent}: the band variance needs a spectrum steeper than k^-2 (exponent > 1)")
-    power = 1.0 - exponent
-    return float(((k_max**2 + k0**2) ** power - (k_min**2 + k0**2) ** power) / (2.0 * power))
+OUTER_SCALE_STEP_M = 500.0  # window variances are evaluated on this grid of outer scales (≤ 0.7 % off, cached)
+
+
+def window_variances(extent_m: float, reference_extent_m: float, pixel_m: float, exponent: float,
+                     outer_scale_m: float) -> tuple[float, float]:
+    """(variance inside a square window of `extent_m`, its mean removed; the part of it from waves too
+    long for the window's own grid), as fractions of the variance over a (periodic) frame of
+    `reference_extent_m`; (1, 0) when the window is not smaller than that frame.
+
+    A mode of wavenumber k keeps 1 − sinc²(kₓL)·sinc²(k_yL) of its variance in a window of side L, so
+    the window sees Σ P(k)(1 − sinc²sinc²) / Σ P(k) (sum over the frame's modes). The ratios change
+    slowly with the outer scale: they are evaluated at the nearest OUTER_SCALE_STEP_M so that per-date
+    draws of a random outer scale share a cache.
+    """
+    if extent_m >= reference_extent_m:
+        return 1.0, 0.0
+    outer = max(round(outer_scale_m / OUTER_SCALE_STEP_M), 1) * OUTER_SCALE_STEP_M
+    return _window_variances(float(extent_m), float(reference_extent_m), float(pixel_m), float(exponent), outer)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_variances(extent_m: float, reference_extent_m: float, pixel_m: float, exponent: float,
+                      outer_m: float) -> tuple[float, float]:
+    n = max(int(round(reference_extent_m / pixel_m)), 2)
+    k = np.fft.rfftfreq(n, d=pixel_m)
+    weight = np.full(k.shape, 2.0)  # ± frequencies, except zero and an even grid's Nyquist
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    scaled = (k * outer_m).astype(np.float32) ** 2  # P ∝ ((k·outer)² + 1)^(−exponent); the constant cancels
+    power = ((scaled[:, None] + scaled[None, :] + np.float32(1.0)) ** np.float32(-exponent)).astype(np.float64)
+    power *= weight[:, None] * weight[None, :]
+    power[0, 0] = 0.0
+    kept = np.sinc(k * extent_m) ** 2
+    seen = power * (1.0 - kept[:, None] * kept[None, :])
+    long = k < 0.5 / extent_m  # below the window grid's first mode
+    total = float(power.sum())
+    return float(seen.sum()) / total, float(seen[np.ix_(long, long)].sum()) / total
 
 
 def window_std(extent_m: float, reference_extent_m: float, pixel_m: float, exponent: float, outer_scale_m: float) -> float:
-    """Std of a field seen through a window of `extent_m`, relative to one over `reference_extent_m`.
-
-    A window shorter than the wavelengths that carry most of the power sees only the variance of
-    the scales it spans (k from 1/extent to the Nyquist frequency); 1 when the window is not smaller.
-    """
-    if extent_m >= reference_extent_m:
-        return 1.0
-    k_max, k0 = 0.5 / pixel_m, 1.0 / outer_scale_m
-    seen = band_variance(1.0 / extent_m, k_max, k0, exponent)
-    return float(np.sqrt(seen / band_variance(1.0 / reference_extent_m, k_max, k0, exponent)))
+    """Expected std inside a window of `extent_m` of a field with unit std over `reference_extent_m`."""
+    return float(np.sqrt(window_variances(extent_m, reference_extent_m, pixel_m, exponent, outer_scale_m)[0]))
 
 
 def power_law_field(
@@ -40,8 +64,10 @@ def power_law_field(
     """Zero-mean field with amplitude spectrum (k² + k₀²)^(−exponent/2), k in cycles/m.
 
     `exponent` is half the power-spectrum slope: (β+1)/2 for the doc's turbulence, H+1 for terrain.
-    Unit std over the grid; with `reference_extent_m`, unit std over a frame of that extent, so a
-    smaller window of the same process shows less variance (a 10 km window of a 100 km frame).
+    Unit std over the grid. With `reference_extent_m` larger than the grid, the grid is a window of a
+    unit-std frame of that extent: it gets the window's expected variance, the part from waves longer
+    than the window as a random plane (what such a wave looks like across it), the rest on its own
+    scales, so that both its variance and its pixel-scale roughness match a window cut from the frame.
     """
     h, w = shape
     ky = scipy.fft.fftfreq(h, d=pixel_m).astype(np.float32)[:, None]
@@ -53,10 +79,14 @@ def power_law_field(
     field = scipy.fft.irfft2(scipy.fft.rfft2(white) * filt, s=shape).astype(np.float32)
     std = float(field.std())
     field = field / np.float32(std if std > 0 else 1.0)
-    if reference_extent_m is None:
+    side = max(h, w)
+    if reference_extent_m is None or side * pixel_m >= reference_extent_m:
         return field
-    extent = max(h, w) * pixel_m
-    return field * np.float32(window_std(extent, reference_extent_m, pixel_m, exponent, outer_scale_m))
+    total, long = window_variances(side * pixel_m, reference_extent_m, pixel_m, exponent, outer_scale_m)
+    slope = rng.standard_normal(2) * np.sqrt(6.0 * long) / side  # E[var of a·x + b·y over the window] = long
+    rows, cols = np.arange(h, dtype=np.float32) - (h - 1) / 2, np.arange(w, dtype=np.float32) - (w - 1) / 2
+    plane = np.float32(slope[0]) * rows[:, None] + np.float32(slope[1]) * cols[None, :]
+    return field * np.float32(np.sqrt(total - long)) + plane
 
 
 def smooth(field: np.ndarray, pixel_m: float, scale_m: float) -> np.ndarray:

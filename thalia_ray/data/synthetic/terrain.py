@@ -8,6 +8,14 @@ import numpy as np
 from thalia_ray.data.synthetic.fields import power_law_field
 
 TERRAIN_HURST = 0.8
+SITE_MIN_HEIGHT_M = 100.0  # annotated deformation was seen on land: a window keeps its sites above the sea
+
+
+def _lowest_site(dem: np.ndarray, centres_px: list[tuple[float, float]]) -> float:
+    """Lowest height at the (row, col) sites inside the frame; +inf when none is."""
+    h, w = dem.shape
+    inside = [dem[int(r), int(c)] for r, c in centres_px if 0 <= r < h and 0 <= c < w]
+    return float(min(inside)) if inside else float("inf")
 
 
 def volcano_dem(
@@ -20,7 +28,8 @@ def volcano_dem(
     A frame of the published extent (`reference_extent_m` None) sees whole cones on a base level.
     A smaller window (`reference_extent_m` = the published extent) sits on part of an edifice: its
     relief keeps the roughness of its own scales, and the base level becomes the window's mean height,
-    drawn like a whole frame's, so that windows centred on volcanoes keep the real height statistics.
+    drawn like a whole frame's, so that windows centred on volcanoes keep the real height statistics,
+    raised where needed so that the deforming sites stand above sea level.
     """
     h, w = shape
     rows, cols = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
@@ -35,6 +44,7 @@ def volcano_dem(
         dem -= np.float32(0.05 * height) * np.clip(1 - r / np.float32(crater_r), 0, None)
     if reference_extent_m is not None:
         dem += np.float32(base) - np.float32(dem.mean())
+        dem += np.float32(max(0.0, SITE_MIN_HEIGHT_M - _lowest_site(dem, centres_px)))
     water = dem < 0
     dem[water] = 0.0
     return dem.astype(np.float32), water
