@@ -240,6 +240,7 @@ def test_finalize_label_rules_normalisation_and_record():
         "dem": {"mean": 100.0, "std": 50.0}, "surface_pressure": {"mean": 1000.0, "std": 10.0},
     }
     channels = schema.channel_names(["insar_difference", "dem"], ["surface_pressure"])
+    assert channels == ["insar_difference", "dem", "primary_date_surface_pressure", "secondary_date_surface_pressure"]
     image = np.zeros((2, 4, 8, 8), dtype=np.float32)
     for ci, value in enumerate([3.0, 200.0, 1010.0, 980.0]):
         image[:, ci] = value

@@ -168,6 +168,34 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from thalia_ray.jobs import load_spec, plain_ray_command, submit
+
+    spec = load_spec(args.spec, args.set)
+    if args.print_ray_command:
+        print(plain_ray_command(spec, args.address))
+        return 0
+    outcome = submit(spec, args.address, follow=args.follow)
+    print(outcome.summary())
+    return 0 if outcome.succeeded or not args.follow else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from thalia_ray.jobs import format_jobs, job_logs, list_jobs, stop_job
+
+    if args.action == "list":
+        print(format_jobs(list_jobs(args.address)))
+        return 0
+    if not args.job_id:
+        raise SystemExit(f"thalia-ray jobs {args.action}: give a submission id")
+    if args.action == "stop":
+        stopped = stop_job(args.address, args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+        return 0
+    print(job_logs(args.address, args.job_id))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from thalia_ray.demo import run_demo
 
@@ -276,6 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--best-config", metavar="PATH", help="write the best run's config here")
     board.set_defaults(handler=cmd_leaderboard)
 
+    submit = verbs.add_parser("submit", help="submit a job spec through the Ray Jobs API")
+    submit.add_argument("spec", help="a job spec, e.g. jobs/train-cls-single.yaml")
+    submit.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--follow", action="store_true", help="stream logs and wait for the final status")
+    submit.add_argument("--print-ray-command", action="store_true",
+                        help="print the equivalent `ray job submit` command instead of submitting")
+    submit.set_defaults(handler=cmd_submit)
+
+    jobs = verbs.add_parser("jobs", help="list, stop or show the logs of submitted jobs")
+    jobs.add_argument("action", nargs="?", choices=["list", "stop", "logs"], default="list")
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address")
+    jobs.set_defaults(handler=cmd_jobs)
+
     demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
     demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -294,12 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from thalia_ray.storage import StorageError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ConfigError as err:
         print(f"thalia-ray: {err}", file=sys.stderr)
         return 2
+    except (StorageError, FileNotFoundError) as err:
+        print(f"thalia-ray: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # job specs and other user-facing errors: one line, no traceback
+        if type(err).__name__ in ("JobSpecError", "JobError", "StoreError", "DataError"):
+            print(f"thalia-ray: {err}", file=sys.stderr)
+            return 2 if type(err).__name__ == "JobSpecError" else 1
+        raise
 
 
 if __name__ == "__main__":

@@ -4,18 +4,15 @@
     does per sample (open the cube, load whole frames of the selected pairs, crop in memory);
 (b) our shards (ranged read, `.npy` members) against the published format (`torch.load` of `.pth`
     members), same samples, same crops.
-Methods are run in interleaved repetitions within one process and the median is reported. Peak
-memory: a fresh worker streams every sample of a 1× and a 4× shard set (the same shards listed four
-times in its catalogue), reporting its peak RSS.
+These are the per-repetition building blocks; `thalia_ray.bench.suites` interleaves them through the
+harness. Peak memory: a fresh worker streams every sample of a 1× and a 4× shard set (the same shards
+listed four times in its catalogue), reporting its peak RSS.
 """
 from __future__ import annotations
 
 import io
 import resource
-import statistics
-import tempfile
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +22,7 @@ from thalia_ray.data.cube import CubeCache, crop_window, read_raw
 from thalia_ray.data.index import SampleIndex
 
 
-def _original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.ndarray:
+def original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.ndarray:
     """The original per-sample path: open the cube, select the dates, load whole frames, crop."""
     import xarray as xr
 
@@ -43,21 +40,10 @@ def _original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.
     return stack[..., window.row:window.row + window.height, window.col:window.col + window.width]
 
 
-def _windowed_read(sample: Any, index: SampleIndex, data_cfg: DataConfig, cache: CubeCache) -> np.ndarray:
+def windowed_read(sample: Any, index: SampleIndex, data_cfg: DataConfig, cache: CubeCache) -> np.ndarray:
     window = crop_window(sample, index.annotations, cache.get(sample.frame_id).shape, data_cfg.crop, None,
                          data_cfg.mask_target)
     return read_raw(sample, cache, window, data_cfg.channels, index.annotations).image
-
-
-def _interleaved(methods: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
-    """Median samples/s per method over interleaved repetitions."""
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, run in methods.items():
-            start = time.perf_counter()
-            count = run()
-            rates[name].append(count / (time.perf_counter() - start))
-    return {name: round(statistics.median(r), 1) for name, r in rates.items()}
 
 
 def _torch_member(obj: Any) -> bytes:
@@ -68,7 +54,7 @@ def _torch_member(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[shards.ShardEntry]:
+def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[shards.ShardEntry]:
     """The same samples in the published member layout (image/labels/sample `.pth`)."""
     import torch
 
@@ -83,7 +69,7 @@ def _published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[sha
     return [shards.ShardEntry(k, path, off, size, 0, i, "published") for i, (k, off, size) in enumerate(ranges)]
 
 
-def _read_published(entries: list[shards.ShardEntry]) -> int:
+def read_published(entries: list[shards.ShardEntry]) -> int:
     for entry, blob in shards.fetch_ranges(entries):
         members = shards.parse_members(blob, entry.where)[entry.key]
         for name in ("image.pth", "labels.pth", "sample.pth"):
@@ -91,43 +77,14 @@ def _read_published(entries: list[shards.ShardEntry]) -> int:
     return len(entries)
 
 
-def _read_own(entries: list[shards.ShardEntry], channels: list[str]) -> int:
+def read_own(entries: list[shards.ShardEntry], channels: list[str]) -> int:
     for entry, blob in shards.fetch_ranges(entries):
         shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, channels)
     return len(entries)
 
 
-def _stream_peak_rss(entries: list[shards.ShardEntry], channels: list[str], chunk: int) -> dict[str, float]:
+def stream_peak_rss(entries: list[shards.ShardEntry], channels: list[str], chunk: int) -> dict[str, float]:
     """Ray task body: stream every entry in read-task-sized chunks; report the peak RSS (MiB)."""
     for start in range(0, len(entries), chunk):
-        _read_own(entries[start:start + chunk], channels)
+        read_own(entries[start:start + chunk], channels)
     return {"samples": len(entries), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def run(root: str, length: int = 1, crop: int = 64, repeats: int = 5, max_samples: int = 48) -> dict[str, Any]:
-    """All three measurements on the dataset at `root` (e.g. one written by `thalia-ray synth`)."""
-    import ray
-
-    data_cfg = DataConfig.model_validate({"root": root, "length": length, "crop": crop})
-    index = SampleIndex.from_config(data_cfg, 0)
-    samples = [s for split in ("train", "val", "test") for s in index.samples(split)][:max_samples]
-    cache = CubeCache(root)
-    cube_rates = _interleaved({
-        "cube_windowed": lambda: sum(_windowed_read(s, index, data_cfg, cache).shape[0] > 0 for s in samples),
-        "cube_original": lambda: sum(_original_read(s, index, data_cfg).shape[0] > 0 for s in samples),
-    }, repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        raws = [shards.eval_raw(s, index.annotations, data_cfg) for s in samples]
-        own = shards.write_tar(f"{tmp}/own.tar", [(r.key, shards.sample_members(r, "float32", False)) for r in raws])
-        own_entries = [shards.ShardEntry(k, f"{tmp}/own.tar", off, size, 0, i) for i, (k, off, size) in enumerate(own)]
-        published = _published_tar(f"{tmp}/published.tar", raws, data_cfg)
-        shard_rates = _interleaved({
-            "shards_own_npy": lambda: _read_own(own_entries, data_cfg.channels),
-            "shards_published_pth": lambda: _read_published(published),
-        }, repeats)
-        fresh = ray.remote(num_cpus=0.25, max_calls=1)(_stream_peak_rss)  # a new worker per measurement
-        memory = {f"{n}x": ray.get(fresh.remote(own_entries * n, data_cfg.channels, data_cfg.samples_per_read_task))
-                  for n in (1, 4)}
-    tar_bytes = {"own": sum(e.size for e in own_entries), "published": sum(e.size for e in published)}
-    return {"samples": len(samples), "crop": crop, "length": length, "repeats": repeats,
-            "samples_per_s": {**cube_rates, **shard_rates}, "worker_memory": memory, "bytes": tar_bytes}

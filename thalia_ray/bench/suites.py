@@ -68,8 +68,8 @@ def cube_suite(p: Params, repeats: int, result: BenchResult) -> None:
         samples = [s for split in ("train", "val", "test") for s in index.samples(split)][:p["samples"]]
         cache = CubeCache(root)
         reps = interleave({
-            "windowed": timed_rate(lambda: sum(1 for s in samples if pl._windowed_read(s, index, data_cfg, cache).size)),
-            "per-sample": timed_rate(lambda: sum(1 for s in samples if pl._original_read(s, index, data_cfg).size)),
+            "windowed": timed_rate(lambda: sum(1 for s in samples if pl.windowed_read(s, index, data_cfg, cache).size)),
+            "per-sample": timed_rate(lambda: sum(1 for s in samples if pl.original_read(s, index, data_cfg).size)),
         }, repeats)
     project = result.add("cube windowed reads", "samples/s", reps["windowed"])
     baseline = result.add("per-sample open, whole frames", "samples/s", reps["per-sample"])
@@ -95,12 +95,12 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
         raws = [shards.eval_raw(s, index.annotations, data_cfg) for s in samples]
         own = shards.write_tar(f"{tmp}/own.tar", [(r.key, shards.sample_members(r, "float32", False)) for r in raws])
         own_entries = [shards.ShardEntry(k, f"{tmp}/own.tar", off, size, 0, i) for i, (k, off, size) in enumerate(own)]
-        published = pl._published_tar(f"{tmp}/published.tar", raws, data_cfg)
+        published = pl.published_tar(f"{tmp}/published.tar", raws, data_cfg)
         reps = interleave({
-            "own": timed_rate(lambda: pl._read_own(own_entries, data_cfg.channels)),
-            "published": timed_rate(lambda: pl._read_published(published)),
+            "own": timed_rate(lambda: pl.read_own(own_entries, data_cfg.channels)),
+            "published": timed_rate(lambda: pl.read_published(published)),
         }, repeats)
-        fresh = ray.remote(num_cpus=0.25, max_calls=1)(pl._stream_peak_rss)  # a new worker per measurement
+        fresh = ray.remote(num_cpus=0.25, max_calls=1)(pl.stream_peak_rss)  # a new worker per measurement
         memory = {n: ray.get(fresh.remote(own_entries * n, data_cfg.channels, data_cfg.samples_per_read_task))
                   for n in (1, 4)}
     project = result.add("own shards (.npy)", "samples/s", reps["own"])
@@ -142,7 +142,7 @@ def _dataloader_epoch(samples: list[Any], index: Any, data_cfg: Any, batch_size:
 
         def __getitem__(self, i: int) -> dict[str, Any]:
             s = samples[i]
-            stack = pl._original_read(s, index, data_cfg)
+            stack = pl.original_read(s, index, data_cfg)
             window = crop_window(s, index.annotations, _frame_shape(data_cfg, s), data_cfg.crop, None, data_cfg.mask_target)
             raw = RawSample(np.ascontiguousarray(stack[:, :-1]), stack[:, -1].astype(np.uint8), s.key,
                             sample_meta(s, index.annotations, window))
@@ -388,4 +388,4 @@ def run_suite(name: str, options: BenchOptions | None = None) -> BenchResult:
     return result
 
 
-__all__ = ["BenchOptions", "SUITES", "Suite", "SuiteUnavailable", "harness", "resolve_params", "run_suite"]
+__all__ = ["BenchOptions", "SUITES", "Suite", "SuiteUnavailable", "resolve_params", "run_suite"]

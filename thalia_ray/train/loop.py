@@ -166,14 +166,15 @@ class WorkerLoop:
         self.suite = MetricSuite(self.cfg.model.task).to(self.device)
         if restored is not None:
             self._restore(restored)
-        seed_everything(self.cfg.seed * 1000 + self.rank + 7919 * self.progress.epoch)  # per-rank dropout
+        # From here on each rank (and each resumption) draws its own random stream, e.g. for dropout.
+        seed_everything(hash((self.cfg.seed, self.rank, self.progress.epoch)) % 2**31)
         self.wandb = self._start_wandb()
 
     # ------------------------------------------------------------------------------ setup
     def _precision(self) -> str:
         wanted = self.cfg.train.precision
         if wanted != "fp32" and self.device.type != "cuda":
-            if ray.train.get_context().get_world_rank() == 0:
+            if self.rank == 0:
                 log.info("train.precision %s needs a GPU; training in fp32 on %s", wanted, self.device)
             return "fp32"
         return wanted

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from datetime import date, timedelta
 
-import numpy as np
 
 from thalia_ray.data.synthetic.generator import iter_frame
 from thalia_ray.data.synthetic.phase import noise_table

@@ -1,0 +1,161 @@
+"""Sweeps: Tune space building, a real ASHA sweep into an S3 store, kill-and-resume, leaderboards, best config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from thalia_ray.config import ThaliaConfig, load_config
+from thalia_ray.store import ExperimentStore
+from thalia_ray.store.leaderboard import best_config, collect, differences, leaderboard_text, rank
+from thalia_ray.tune import space
+
+SWEEP = {
+    "name": "t",
+    "search": "grid",
+    "space": {"model.name": {"grid": ["resnet18", "mobilenetv3_small"]}, "train.lr": {"grid": [3e-3, 1e-5]}},
+    "scheduler": "asha",
+    # val/loss always differs between trials, so ASHA has something to cut on even when F1 ties at 0
+    "metric": "val/loss",
+    "mode": "min",
+    "grace_period": 1,
+    "reduction_factor": 2,
+    "max_concurrent_trials": 2,
+}
+
+
+def sweep_config(root: Path | str, store: str, **extra) -> ThaliaConfig:
+    return ThaliaConfig.model_validate({
+        "name": "sweeptest",
+        "data": {"root": str(root), "crop": 32, "samples_per_read_task": 32},
+        "train": {"epochs": 3, "batch_size": 8, "num_workers": 1, "cpus_per_worker": 0.5,
+                  "max_steps_per_epoch": 2, "max_failures": 0},
+        "storage": {"store": store},
+        "runtime": {"wandb": {"mode": "disabled"}},
+        "sweep": {**SWEEP, **extra},
+    })
+
+
+# ----------------------------------------------------------------------------------- pure parts
+def test_param_space_grid_seeds_and_optuna_conversion(tmp_path):
+    cfg = sweep_config(tmp_path, str(tmp_path), seeds=[0, 1])
+    grid = space.param_space(cfg.sweep)
+    assert grid["model.name"] == tune.grid_search(["resnet18", "mobilenetv3_small"])
+    assert grid["seed"] == tune.grid_search([0, 1])
+    optuna = space.param_space(cfg.sweep.model_copy(update={"search": "optuna"}))
+    assert optuna["model.name"].categories == ["resnet18", "mobilenetv3_small"]  # grids become choices
+    trial = space.trial_config(cfg, {"model.name": "mobilenetv3_small", "train.lr": 1e-5, "seed": 1})
+    assert (trial.model.name, trial.train.lr, trial.seed, trial.sweep) == ("mobilenetv3_small", 1e-5, 1, None)
+    assert space.varied_fields(cfg.sweep) == ["model.name", "train.lr", "seed"]
+    assert space.scheduler(cfg.sweep, cfg.train.epochs)._max_t == 3
+
+
+def _fake_run(store: ExperimentStore, run_id: str, model: str, lr: float, seed: int, f1: float, sweep: str) -> None:
+    cfg = load_config(overrides=[f"model.name={model}", f"train.lr={lr}", f"seed={seed}"])
+    record = store.run(run_id)
+    record.write_config(cfg)
+    record.set_status("running", task="classification", model=model, sweep=sweep)
+    record.append_history({"epoch": 1, "val/f1_deformation": f1 - 0.1})
+    record.write_results({"test/f1_deformation": f1, "val/f1_deformation": f1 - 0.05}, best_epoch=1)
+    record.write_predictions("test", [
+        {"key": f"k{i}", "frame_id": "128D_x" if i % 2 else "021D_y", "intensity": "High" if i < 2 else "Low",
+         "activity_type": "Sill", "label": int(i < 3), "score": 0.9 if i < 2 else 0.2, "pred": int(i < 2)}
+        for i in range(6)
+    ])
+    record.set_status("finished")
+
+
+def test_leaderboard_ranks_stored_results_with_seed_spread_and_breakdowns(tmp_path):
+    store = ExperimentStore(tmp_path / "store")
+    for run_id, model, lr, seed, f1 in [("a", "resnet18", 1e-3, 0, 0.50), ("b", "resnet18", 1e-3, 1, 0.70),
+                                       ("c", "mobilenetv3_small", 1e-3, 0, 0.80), ("d", "convnext_atto", 1e-4, 0, 0.10)]:
+        _fake_run(store, run_id, model, lr, seed, f1, sweep="s1")
+    rows = collect(store, "s1")
+    assert [r.run_id for r in rank(rows, "test/f1_deformation")] == ["c", "b", "a", "d"]
+    assert [r.run_id for r in rank(rows, "test/f1_deformation", "min")] == ["d", "a", "b", "c"]
+    assert differences(rows) == ["model.name", "train.lr"]  # the seed is shown apart, never as a difference
+    text = leaderboard_text(store, "s1", fmt="markdown")
+    lines = text.splitlines()
+    assert lines[0] == "ranked by test/f1_deformation (max)"
+    assert lines[3].startswith("| 1 | c |")
+    assert "0.600 ± 0.141" in text  # resnet18 @ 1e-3 over seeds 0 and 1
+    assert "by frame_id" in text and "by intensity" in text
+    csv_text = leaderboard_text(store, "s1", fmt="csv", breakdown_by=())
+    assert csv_text.splitlines()[1].startswith("#,run,status,model,model.name,train.lr,seed,test/f1_deformation")
+    best = best_config(store, "s1")
+    assert best.model.name == "mobilenetv3_small" and best.sweep is None
+
+
+@pytest.mark.slow
+def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains(
+    ray_cluster, synthetic_root, s3_bucket, tmp_path
+):
+    from thalia_ray.train.trainer import fit
+    from thalia_ray.tune.driver import run_sweep
+
+    cfg = sweep_config(synthetic_root, f"{s3_bucket}/store")
+    summary = run_sweep(cfg)
+    assert summary.status == "finished" and not summary.errors
+    assert len(summary.trials) == 4
+    statuses = [t["status"] for t in summary.trials]
+    assert "stopped" in statuses, f"ASHA stopped no trial: {summary.trials}"
+    assert statuses.count("finished") >= 1
+    store = ExperimentStore(cfg.storage.store)
+    assert store.sweep(summary.sweep_id).read_summary()["best_run"] == summary.best_run
+    families = {store.run(t["run_id"]).read_config().model.name for t in summary.trials}
+    assert families == {"resnet18", "mobilenetv3_small"}
+    for trial in summary.trials:
+        record = store.run(trial["run_id"])
+        assert record.read_status()["sweep"] == summary.sweep_id
+        assert len(record.read_history()) == trial["epochs"] >= 1
+        if trial["status"] == "finished":
+            assert "test/f1_deformation" in record.read_results()["metrics"]
+    exported = tmp_path / "best.yaml"
+    exported.write_text(best_config(store, summary.sweep_id, metric="val/loss", mode="min").to_yaml())
+    retrain = load_config(exported, ["train.epochs=1", f"storage.store={tmp_path / 'retrain'}"])
+    assert fit(retrain).test_metrics
+
+
+def _finished_trials(store: Path) -> list[Path]:
+    runs = store / "runs"
+    if not runs.exists():
+        return []
+    return [p for p in runs.iterdir() if (p / "run.json").exists()
+            and json.loads((p / "run.json").read_text()).get("status") == "finished"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(synthetic_root, tmp_path):
+    store = tmp_path / "store"
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg = sweep_config(synthetic_root, str(store), scheduler="fifo", max_concurrent_trials=1)
+    cfg_path.write_text(cfg.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts its own Ray
+    command = [sys.executable, "-m", "thalia_ray.cli", "sweep", str(cfg_path)]
+    driver = subprocess.Popen(command, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _finished_trials(store) and time.time() < deadline and driver.poll() is None:
+        time.sleep(2)
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    time.sleep(3)  # let Tune save its experiment state after the trial finished
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done = {p.name: (p / "results.json").read_bytes() for p in _finished_trials(store)}
+    assert done and len(done) < 4
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = _finished_trials(store)
+    assert len(finished) == 4
+    for name, results in done.items():  # kept as they were: not re-run, not rewritten
+        assert (store / "runs" / name / "results.json").read_bytes() == results
+    summary = json.loads((next((store / "sweeps").iterdir()) / "summary.json").read_text())
+    assert len(summary["trials"]) == 4 and summary["status"] == "finished"
