@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -280,10 +279,6 @@ class Datasets:
     datasets: dict[str, ray.data.Dataset]
     sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
     epoch_control: EpochHandle
-
-    def steps_per_epoch(self, split: str, batch_size: int, num_workers: int) -> int:
-        """Batches each worker gets: `streaming_split(equal=True)` gives everyone floor(n / workers) rows."""
-        return math.ceil((self.sizes[split] // num_workers) / batch_size)
 
 
 def _sample_bytes(data: DataConfig) -> int:

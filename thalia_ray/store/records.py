@@ -153,6 +153,11 @@ class RunRecord:
         self.loc.join(HISTORY).write_json(history, indent=None)
         return history
 
+    def write_history(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Replace the whole history (a resumed run rewrites it from its checkpoint), atomically."""
+        rows = [jsonable(dict(m), f"run {self.run_id} history[{i}]") for i, m in enumerate(entries)]
+        self.loc.join(HISTORY).write_json(rows, indent=None)
+
     def read_history(self) -> list[dict[str, Any]]:
         """Per-epoch metrics; empty before the first epoch."""
         loc = self.loc.join(HISTORY)

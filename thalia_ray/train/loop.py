@@ -206,6 +206,7 @@ class WorkerLoop:
             mode=wb.mode,
             name=self.settings.run_id,
             id=self.settings.run_id,
+            group=wb.group,  # a sweep groups its trials' runs
             resume="allow",
             config=self.settings.cfg,
             dir=os.environ.get("WANDB_DIR"),
@@ -318,8 +319,8 @@ class WorkerLoop:
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.settings.record is not None:
-            self.settings.record.append_history(metrics)
+        if self.settings.record is not None:  # from the checkpointed progress: a lost report is never doubled
+            self.settings.record.write_history(self.progress.history)
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["epoch"]))
         log.info(progress_line(metrics, self.cfg.train.epochs, improved))

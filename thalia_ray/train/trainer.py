@@ -107,13 +107,19 @@ def fit(
     store: ExperimentStore | None = None,
     run_id: str | None = None,
     callbacks: Iterable[Any] = (),
+    sweep_id: str | None = None,
+    sweep_config: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train `cfg` on the connected Ray cluster and record the run; see the module docstring."""
+    """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
+
+    A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
+    """
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     run_id = run_id or store.new_run_id(cfg.name)
     record = store.run(run_id)
     record.write_config(cfg)
-    record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name)
+    trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
+    record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
     try:
         outcome = _fit(cfg, store, record, callbacks)
     except KeyboardInterrupt:
