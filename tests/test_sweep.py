@@ -54,7 +54,7 @@ def test_param_space_grid_seeds_and_optuna_conversion(tmp_path):
     trial = space.trial_config(cfg, {"model.name": "mobilenetv3_small", "train.lr": 1e-5, "seed": 1})
     assert (trial.model.name, trial.train.lr, trial.seed, trial.sweep) == ("mobilenetv3_small", 1e-5, 1, None)
     assert space.varied_fields(cfg.sweep) == ["model.name", "train.lr", "seed"]
-    assert space.scheduler(cfg.sweep, cfg.train.epochs)._max_t == 3
+    assert space.scheduler(cfg.sweep, cfg.train.epochs)._max_t == 4  # never cuts the final epoch
 
 
 def _fake_run(store: ExperimentStore, run_id: str, model: str, lr: float, seed: int, f1: float, sweep: str) -> None:

@@ -148,8 +148,11 @@ def gpu_wanted(cfg: ThaliaConfig) -> bool:
 
 def evaluate_checkpoint(cfg: ThaliaConfig, checkpoint: Checkpoint, split: str = "test", use_gpu: bool = False) -> Evaluation:
     """Evaluate a checkpoint on a whole split in one Ray task (with a GPU when `use_gpu`)."""
+    # "DEFAULT" scheduling: inside a Tune trial the task must not be captured by the trial driver's
+    # token placement group (0.01 CPU), which could never hold it.
     task = ray.remote(_evaluate_task).options(
-        num_cpus=cfg.train.cpus_per_worker, num_gpus=cfg.train.gpus_per_worker if use_gpu else 0
+        num_cpus=cfg.train.cpus_per_worker, num_gpus=cfg.train.gpus_per_worker if use_gpu else 0,
+        scheduling_strategy="DEFAULT",
     )
     return ray.get(task.remote(cfg.model_dump(mode="json"), checkpoint, split))
 

@@ -316,11 +316,13 @@ class WorkerLoop:
         if self.rank != 0:
             ray.train.report(metrics)
             return
+        # History first: a sweep scheduler may stop the run as soon as it sees the report. It is written
+        # from the checkpointed progress, so a resumed run rewrites it and never doubles an epoch.
+        if self.settings.record is not None:
+            self.settings.record.write_history(self.progress.history)
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.settings.record is not None:  # from the checkpointed progress: a lost report is never doubled
-            self.settings.record.write_history(self.progress.history)
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["epoch"]))
         log.info(progress_line(metrics, self.cfg.train.epochs, improved))

@@ -54,11 +54,13 @@ def search_algorithm(sweep: SweepConfig) -> Any | None:
 def scheduler(sweep: SweepConfig, max_epochs: int) -> TrialScheduler:
     if sweep.scheduler == "fifo":
         return FIFOScheduler()
+    # max_t one past the last epoch: ASHA stops any trial that reaches max_t, and a trial reaching its
+    # final epoch must be left to finish (test its best checkpoint, write its results).
     return ASHAScheduler(
         time_attr=TIME_ATTR,
         metric=sweep.metric,
         mode=sweep.mode,
-        max_t=max_epochs,
+        max_t=max_epochs + 1,
         grace_period=min(sweep.grace_period, max_epochs),
         reduction_factor=sweep.reduction_factor,
     )
