@@ -190,6 +190,8 @@ class RayRuntime:
 
         if self.started and ray.is_initialized():
             ray.shutdown()
+            if not self.address:
+                os.environ.pop("RAY_ADDRESS", None)  # set by `start` for this local Ray only
             if self.address:
                 log.info("disconnected from Ray at %s", self.address)
             else:
@@ -243,6 +245,9 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             dashboard_host="127.0.0.1",
             **common,
         )
+        # Ray's own helpers (the state API used by Train's placement-group cleaner) look the cluster up
+        # by address; with another Ray running on the machine they would find two and fail.
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if env:
         log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
     return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)))

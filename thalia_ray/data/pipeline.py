@@ -325,7 +325,8 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
         sizes[split] = len(source.items(0))
         options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)
-        ds = ray.data.read_datasource(source, ray_remote_args=options)
+        extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
+        ds = ray.data.read_datasource(source, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
         ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
                             batch_format="numpy", **options)
         if cfg.runtime.data_cpu_limit is not None:
