@@ -54,18 +54,25 @@ def _data_cfg(root: str, p: Params) -> Any:
     return DataConfig.model_validate({"root": root, "length": p["length"], "crop": p["crop"]})
 
 
+def _samples(tmp: str, p: Params) -> tuple[str, Any, Any, list[Any]]:
+    """A fresh synthetic dataset in `tmp`: (root, data config, index, the first p["samples"] samples)."""
+    from thalia_ray.data.index import SampleIndex
+
+    root = _synthesize(tmp, p)
+    data_cfg = _data_cfg(root, p)
+    index = SampleIndex.from_config(data_cfg, 0)
+    samples = [s for split in ("train", "val", "test") for s in index.samples(split)][:p["samples"]]
+    return root, data_cfg, index, samples
+
+
 # ------------------------------------------------------------------------------------ suites
 def cube_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Windowed reads (cube opened once, only the crop's chunks) vs per-sample open + whole frames."""
     from thalia_ray.bench import pipeline as pl
     from thalia_ray.data.cube import CubeCache
-    from thalia_ray.data.index import SampleIndex
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = _synthesize(tmp, p)
-        data_cfg = _data_cfg(root, p)
-        index = SampleIndex.from_config(data_cfg, 0)
-        samples = [s for split in ("train", "val", "test") for s in index.samples(split)][:p["samples"]]
+        root, data_cfg, index, samples = _samples(tmp, p)
         cache = CubeCache(root)
         reps = interleave({
             "windowed": timed_rate(lambda: sum(1 for s in samples if pl.windowed_read(s, index, data_cfg, cache).size)),
@@ -85,13 +92,9 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
 
     from thalia_ray.bench import pipeline as pl
     from thalia_ray.data import shards
-    from thalia_ray.data.index import SampleIndex
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = _synthesize(tmp, p)
-        data_cfg = _data_cfg(root, p)
-        index = SampleIndex.from_config(data_cfg, 0)
-        samples = [s for split in ("train", "val", "test") for s in index.samples(split)][:p["samples"]]
+        _, data_cfg, index, samples = _samples(tmp, p)
         raws = [shards.eval_raw(s, index.annotations, data_cfg) for s in samples]
         own = shards.write_tar(f"{tmp}/own.tar", [(r.key, shards.sample_members(r, "float32", False)) for r in raws])
         own_entries = [shards.ShardEntry(k, f"{tmp}/own.tar", off, size, 0, i) for i, (k, off, size) in enumerate(own)]
