@@ -75,7 +75,9 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
         _done(t)
 
         t = _stage(f"2/5 WebDataset shards (Ray tasks) → {shards}")
-        print(f"    {export_shards(cfg.data, str(shards), cfg.data.length)}")
+        exported = export_shards(cfg.data, str(shards), cfg.data.length)
+        print(f"    {exported.shards_written} shards written, {exported.shards_kept} kept, "
+              f"{sum(exported.samples.values())} samples {exported.samples}, {exported.bytes / 1e6:.1f} MB")
         _done(t)
 
         t = _stage("3/5 classifier (resnet18) trained from the shards, 2 Ray Train workers")

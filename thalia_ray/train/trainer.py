@@ -42,6 +42,12 @@ class TrainResult:
     store: str  # the experiment store's URL
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """One readable line: the headline Deformation metrics and where the run is."""
+        shown = [f"{k} {v:.3f}" for k, v in {**self.val_metrics, **self.test_metrics}.items()
+                 if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
+        return f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)} (store {self.store})"
+
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
     resources: dict[str, float] = {"CPU": cfg.train.cpus_per_worker}
