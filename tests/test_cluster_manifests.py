@@ -230,8 +230,11 @@ def test_rayjob_runs_the_sweep_with_a_valid_runtime_env(rayjob):
     from ray.runtime_env import RuntimeEnv
 
     spec = rayjob["spec"]
-    # the very command `thalia-ray submit jobs/sweep-backbones.yaml` would run
-    assert spec["entrypoint"] == load_spec(CLUSTER.parent / "jobs" / "sweep-backbones.yaml").entrypoint
+    # the very command `thalia-ray submit jobs/sweep-backbones.yaml` would run, less the per-submission
+    # `--sweep-id` (a RayJob is applied once; its sweep names itself)
+    submitted = load_spec(CLUSTER.parent / "jobs" / "sweep-backbones.yaml").entrypoint
+    assert " --sweep-id " in submitted
+    assert spec["entrypoint"] == submitted.rsplit(" --sweep-id ", 1)[0]
     assert "thalia-ray sweep configs/sweep-backbones.yaml" in spec["entrypoint"]
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))  # Ray's own validation
