@@ -100,6 +100,6 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     print("\n=== leaderboard (sweep)")
     print(leaderboard_text(store, summary.sweep_id, fmt="terminal"))
     print(f"\nfinished in {time.time() - began:.0f} s")
-    print(f"results: {store.location.url} (list them: thalia-ray runs --store {store.location.url})")
-    print(f"sweep summary: {store.location.url}/sweeps/{summary.sweep_id}/summary.json")
+    print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
+    print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
     return 0

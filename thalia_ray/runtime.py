@@ -219,6 +219,8 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         return RayRuntime(None, False, dict(ray.cluster_resources()))
 
     env = {**storage_env_vars(), **(storage_env or {})}
+    if not sys.stderr.isatty():  # drivers inside the cluster (Tune trials) would draw bars into the log
+        env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     verbose = runtime_cfg.log_level == "DEBUG"
     common: dict[str, Any] = {
