@@ -126,7 +126,9 @@ def _cell(value: Any) -> str:
         mean, spread = value
         return "—" if math.isnan(mean) else f"{mean:.3f} ± {spread:.3f}"
     if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.3f}"
+        if math.isnan(value):
+            return "—"
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"  # learning rates
     return "—" if value is None else str(value)
 
 
