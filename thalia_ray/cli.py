@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
+from thalia_ray.errors import ThaliaError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -337,22 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from thalia_ray.storage import StorageError
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as err:
+    except ThaliaError as err:  # config, storage, store, data, job-spec errors: one line, no traceback
         print(f"thalia-ray: {err}", file=sys.stderr)
-        return 2
-    except (StorageError, FileNotFoundError) as err:
+        return err.exit_code
+    except FileNotFoundError as err:
         print(f"thalia-ray: {err}", file=sys.stderr)
         return 1
-    except Exception as err:  # job specs and other user-facing errors: one line, no traceback
-        if type(err).__name__ in ("JobSpecError", "JobError", "StoreError", "DataError"):
-            print(f"thalia-ray: {err}", file=sys.stderr)
-            return 2 if type(err).__name__ == "JobSpecError" else 1
-        raise
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ from pydantic import (
 )
 
 from thalia_ray.data import schema
+from thalia_ray.errors import ThaliaError
 
 
-class ConfigError(ValueError):
+class ConfigError(ThaliaError, ValueError):
     """A configuration that cannot be used; the message names every offending field."""
+
+    exit_code = 2
 
 
 class Section(BaseModel):

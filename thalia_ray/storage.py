@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import fsspec
 
+from thalia_ray.errors import ThaliaError
+
 T = TypeVar("T")
 
 # Errors worth retrying: timeouts and dropped connections, not missing keys or denied access.
@@ -33,7 +35,7 @@ _TRANSIENT = (ConnectionError, TimeoutError)
 _TRANSIENT_NAMES = ("ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
 
 
-class StorageError(RuntimeError):
+class StorageError(ThaliaError, RuntimeError):
     """A storage operation failed; the message names the location and the likely cause."""
 
 
@@ -57,17 +59,21 @@ class S3Options:
         return cls(endpoint.rstrip("/") if endpoint else None, region)
 
 
+def _client_kwargs(options: S3Options) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if options.endpoint_url:
+        kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        kwargs["region_name"] = options.region
+    return kwargs
+
+
 @functools.lru_cache(maxsize=16)
 def _s3fs(options: S3Options) -> fsspec.AbstractFileSystem:
     import s3fs
 
-    client_kwargs: dict[str, Any] = {}
-    if options.endpoint_url:
-        client_kwargs["endpoint_url"] = options.endpoint_url
-    if options.region:
-        client_kwargs["region_name"] = options.region
     return s3fs.S3FileSystem(
-        client_kwargs=client_kwargs,
+        client_kwargs=_client_kwargs(options),
         config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
         skip_instance_cache=True,
     )
@@ -248,12 +254,7 @@ def _local_temp_sibling(path: str) -> Iterator[str]:
 def _async_s3fs(options: S3Options) -> Any:
     import s3fs
 
-    client_kwargs: dict[str, Any] = {}
-    if options.endpoint_url:
-        client_kwargs["endpoint_url"] = options.endpoint_url
-    if options.region:
-        client_kwargs["region_name"] = options.region
-    return s3fs.S3FileSystem(asynchronous=True, client_kwargs=client_kwargs, skip_instance_cache=True,
+    return s3fs.S3FileSystem(asynchronous=True, client_kwargs=_client_kwargs(options), skip_instance_cache=True,
                              config_kwargs={"connect_timeout": 5, "retries": {"max_attempts": 3}})
 
 
