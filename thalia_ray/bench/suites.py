@@ -249,10 +249,11 @@ def sweep_suite(p: Params, repeats: int, result: BenchResult) -> None:
 
 
 def synthetic_suite(p: Params, repeats: int, result: BenchResult) -> None:
-    """Generator speed (series per CPU-second) against the documented budget of `budget_ms` per series.
+    """Generator speed in series per CPU-second against the fixed target of `target_per_s` at 512², T=3.
 
-    There is no slower code path a user would otherwise run, so the reference is the fixed budget of
-    docs/synthetic-insar.md §6 (a 3-pair series at 512² in about 70 ms on one core), not a measured baseline.
+    There is no slower code path a user would otherwise run, so the reference is a fixed target
+    (issue #3: ≥ 10 series/s per core; docs/synthetic-insar.md §6 estimates ≈ 70 ms a series),
+    not a measured baseline.
     """
     from thalia_ray.data.synthetic.bench import series_per_second
 
@@ -262,11 +263,12 @@ def synthetic_suite(p: Params, repeats: int, result: BenchResult) -> None:
 
     reps = interleave({"generator": one}, repeats, warmup=1)
     gen = result.add(f"generator {p['gen_size']}², T={p['length']}", "series/CPU-s", reps["generator"])
-    value = gen.stats.median * p["budget_ms"] / 1000
-    result.ratios.append(harness.Ratio("generator vs budget", gen.name, f"{p['budget_ms']} ms/series budget", value,
-                                       1.0 if p["gen_size"] == 512 else None,
-                                       "the generator is slower than docs/synthetic-insar.md §6 allows"))
-    result.notes.append("the budget is a fixed reference, not a measured baseline; its target applies at 512² only")
+    target = p["target_per_s"]
+    result.ratios.append(harness.Ratio("generator vs target", gen.name, f"{target:g} series/s per core",
+                                       gen.stats.median / target, 1.0 if p["gen_size"] == 512 else None,
+                                       "the generator is slower than the per-core target"))
+    result.notes.append(f"{1000 / gen.stats.median:.0f} ms per series; the target is fixed, not a measured "
+                        "baseline, and applies at 512² only")
 
 
 def gpu_suite(p: Params, repeats: int, result: BenchResult) -> None:
@@ -328,10 +330,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
            "large": {**_DATA, "size": 128, "groups": 24, "crop": 64, "epochs": 6, "batch_size": 16, "max_steps": 16,
                      "backbones": "resnet18,mobilenetv3_small,convnext_atto,efficientnetv2_tiny", "lrs": "1e-3,3e-4,1e-4"}},
           repeats=1),
-    Suite("synthetic", "synthetic generator series/s per core vs the documented 70 ms/series budget",
-          synthetic_suite, {"small": {"gen_size": 256, "length": 3, "series": 4, "budget_ms": 70},
-                            "medium": {"gen_size": 512, "length": 3, "series": 6, "budget_ms": 70},
-                            "large": {"gen_size": 512, "length": 3, "series": 20, "budget_ms": 70}}, needs_ray=False),
+    Suite("synthetic", "synthetic generator series/s per core vs the 10 series/s target",
+          synthetic_suite, {"small": {"gen_size": 256, "length": 3, "series": 4, "target_per_s": 10},
+                            "medium": {"gen_size": 512, "length": 3, "series": 10, "target_per_s": 10},
+                            "large": {"gen_size": 512, "length": 3, "series": 20, "target_per_s": 10}}, needs_ray=False),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,
                           "steps": 25, "warmup": 5} for s, f, b in (("small", 2, 8), ("medium", 4, 16), ("large", 8, 32))},

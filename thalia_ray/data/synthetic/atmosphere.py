@@ -70,9 +70,12 @@ def stratified_delay(
 def orbital_ramp(shape: tuple[int, int], pixel_m: float, fringes_per_50km: float, rng: np.random.Generator) -> np.ndarray:
     """Planar (plus a little quadratic) LOS ramp in metres with the given gradient in a random direction."""
     h, w = shape
-    y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
     angle = rng.uniform(0, 2 * np.pi)
-    along = (x * np.cos(angle) + y * np.sin(angle)) * np.float32(pixel_m)
+    step = np.float32(pixel_m)
+    # distance along the ramp direction as an outer sum of a column and a row: one full-size pass
+    along = (np.arange(h, dtype=np.float32) * (step * np.float32(np.sin(angle))))[:, None] + \
+        (np.arange(w, dtype=np.float32) * (step * np.float32(np.cos(angle))))[None, :]
     gradient = fringes_per_50km * FRINGE_M / 50e3  # metres of LOS per metre
     quad = rng.uniform(-0.2, 0.2) * gradient / (max(h, w) * pixel_m)
-    return (gradient * along + quad * along * along).astype(np.float32)
+    along *= np.float32(quad) * along + np.float32(gradient)
+    return along

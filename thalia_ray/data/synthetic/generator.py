@@ -16,6 +16,7 @@ from multiprocessing import get_context
 from typing import Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from thalia_ray.data import schema
 from thalia_ray.data.synthetic import atmosphere, catalogue, defects, terrain
@@ -26,7 +27,7 @@ from thalia_ray.data.synthetic.scene import AcquisitionCache, Scene, build_scene
 from thalia_ray.data.synthetic.writer import CubeWriter, DatasetMoments, write_side_files
 from thalia_ray.storage import resolve
 
-GENERATOR_VERSION = "1.1.0"  # 1.1: sampled frames keep the real 100 m pixels
+GENERATOR_VERSION = "1.2.0"  # 1.1: sampled frames keep the real 100 m pixels; 1.2: faster wrap and ramp (≤ 2e-5 rad)
 STRATIFIED_MIN_DW = 4.0  # kg m⁻²: below this a flagged pair gets an extra stratified term (≈ 1 fringe / 3 km)
 
 
@@ -119,7 +120,16 @@ class FrameResult:
 
 
 def generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameResult:
-    """Write `{frame_id}.zarr` for one plan; returns its counts and channel moments."""
+    """Write `{frame_id}.zarr` for one plan; returns its counts and channel moments.
+
+    BLAS is held to one thread: its matrices here are small, so extra threads only spin (measured:
+    twice the CPU time for 5 % less wall time); parallelism comes from frames in separate processes.
+    """
+    with threadpool_limits(limits=1):
+        return _generate_frame(out, plan, size, seed)
+
+
+def _generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameResult:
     start = time.perf_counter()
     pairs = {(r["primary_date"], r["secondary_date"]) for r in plan.records}
     if len(pairs) != len(plan.records):

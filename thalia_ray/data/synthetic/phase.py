@@ -41,10 +41,13 @@ def los_to_phase(d_los: np.ndarray) -> np.ndarray:
 
 
 def wrap(phase: np.ndarray) -> np.ndarray:
-    """Wrap to [−π, π) as float32 (the float32 cast can round a value up to π; fold it back)."""
-    pi = np.float32(np.pi)
-    wrapped = np.mod(phase.astype(np.float32) + pi, np.float32(2 * np.pi)) - pi
-    wrapped[wrapped >= pi] = -pi
+    """Wrap to [−π, π) as float32: φ − 2π·⌊(φ + π)/2π⌋ is several times faster than np.mod on
+    floats; float32 rounding can leave a value a hair outside the range, so fold those back."""
+    pi, two_pi = np.float32(np.pi), np.float32(2 * np.pi)
+    phase = phase.astype(np.float32, copy=False)
+    wrapped = phase - two_pi * np.floor((phase + pi) * np.float32(1 / (2 * np.pi)))
+    np.putmask(wrapped, wrapped >= pi, wrapped - two_pi)
+    np.putmask(wrapped, wrapped < -pi, wrapped + two_pi)
     return wrapped
 
 
