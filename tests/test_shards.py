@@ -118,19 +118,11 @@ def _torch_bytes(obj) -> bytes:
 
 
 def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
-    """Members as the original exporter writes them: image (T*C, H, W) float, labels (T, H, W)
-    long with 2 → 1, and the sample dict (frame_id, annotation records, per-member labels)."""
-    import torch
-
-    raw = shards.eval_raw(sample, index.annotations, data_cfg)
-    picked = [schema.ALL_CHANNELS.index(c) for c in data_cfg.channels]
-    image = torch.from_numpy(raw.image[:, picked].reshape(-1, *raw.image.shape[2:]).copy())
-    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    """The sample's members as the original exporter writes them (see shards.published_members)."""
+    raw = shards.eval_raw(sample, index.annotations, data_cfg, channels=data_cfg.channels)
     records = [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
                for u, a in ((u, index.annotations[u]) for u in sample.unique_ids)]
-    info = {"frame_id": sample.frame_id, "annotation": records, "label": list(sample.member_positive),
-            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
-    return {"image.pth": _torch_bytes(image.float()), "labels.pth": _torch_bytes(labels), "sample.pth": _torch_bytes(info)}
+    return shards.published_members(raw, records)
 
 
 def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4,
@@ -175,6 +167,7 @@ def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
     assert report.shards_written > 0 and report.shards_kept == 0 and not report.skipped
     base = shards.shard_root(str(tmp_path / "out"), 2)
     manifest = json.loads(Path(base.path, shards.MANIFEST).read_text())
+    assert manifest["channels"] == cfg.channels  # the configured channels only, as published shards
     index = SampleIndex.from_config(cfg, 0)
     for split in ("train", "val", "test"):
         entries = shards.manifest_entries(manifest, base, split)
@@ -192,7 +185,9 @@ def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
     entries = shards.manifest_entries(manifest, base, "val") + shards.manifest_entries(manifest, base, "train")
     by_key = {s.key: s for split in ("train", "val") for s in index.samples(split)}
     for entry, blob in shards.fetch_ranges(entries):
-        raw = shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, cfg.channels)
+        members = shards.parse_members(blob, entry.where)[entry.key]
+        assert np.load(io.BytesIO(bytes(members["image.npy"]))).shape[:2] == (2, len(cfg.channels))
+        raw = shards.decode_own(members, entry, cfg.channels, manifest["channels"])
         direct = shards.eval_raw(by_key[entry.key], index.annotations, cfg)
         picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
         np.testing.assert_array_equal(raw.image, direct.image[:, picked])
@@ -214,8 +209,8 @@ def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     for entry, blob in shards.fetch_ranges(entries):
         members = shards.parse_members(blob, entry.where)[entry.key]
         assert set(members) == {"image.npy.gz", "mask.npy.gz", "json"}
-        raw = shards.decode_own(members, entry, list(schema.ALL_CHANNELS))
-        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg)
+        raw = shards.decode_own(members, entry, cfg.channels, manifest["channels"])
+        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg, channels=cfg.channels)
         np.testing.assert_array_equal(raw.image, direct.image.astype(np.float16).astype(np.float32))
 
 
@@ -234,6 +229,51 @@ def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ra
     again = json.loads((base / shards.MANIFEST).read_text())
     assert again["shards"] == manifest["shards"]  # identical bytes and hashes after the resume
     assert not list(base.rglob("*.tmp"))
+    # another member layout (all nine channels) reuses nothing: every shard is written again
+    third = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
+    assert third.shards_kept == 0 and third.shards_written == first.shards_written
+    assert json.loads((base / shards.MANIFEST).read_text())["channels"] == list(schema.ALL_CHANNELS)
+
+
+def test_all_channel_export_serves_any_subset_and_a_missing_channel_is_named(root, tmp_path, ray_cluster):
+    from thalia_ray.config import ThaliaConfig
+    from thalia_ray.data.pipeline import build_datasets
+
+    cfg = data_config(root)
+    full, narrow = str(tmp_path / "full"), str(tmp_path / "narrow")
+    shards.export_shards(cfg, full, length=1, splits=("val",), samples_per_shard=4, all_channels=True)
+    shards.export_shards(cfg, narrow, length=1, splits=("val",), samples_per_shard=4)
+    other_cfg = data_config(root, geomorphology=["insar_coherence"], atmospheric=["total_column_water_vapour"])
+    other = other_cfg.channels  # coherence and both water-vapour channels: two are not in cfg.channels
+    manifest = shards.load_manifest(full, 1)
+    index = SampleIndex.from_config(cfg, 0)
+    for entry, blob in shards.fetch_ranges(shards.manifest_entries(manifest, shards.shard_root(full, 1), "val")):
+        raw = shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, other, manifest["channels"])
+        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg, channels=other)
+        np.testing.assert_array_equal(raw.image, direct.image)
+    [(entry, blob)] = list(shards.fetch_ranges(shards.manifest_entries(
+        shards.load_manifest(narrow, 1), shards.shard_root(narrow, 1), "val")[:1]))
+    with pytest.raises(shards.ShardError, match=rf"key {entry.key}: channels \['\w+_total_column_water_vapour"):
+        shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, other, cfg.channels)
+    run_cfg = ThaliaConfig.model_validate({"data": {**other_cfg.model_dump(), "source": "shards", "shards": narrow}})
+    with pytest.raises(ValueError, match="data.geomorphology/data.atmospheric: .*_total_column_water_vapour.*--all-channels"):
+        build_datasets(run_cfg, splits=("val",))
+
+
+def test_member_parsing_matches_tarfile_and_falls_back_for_pax_headers(tmp_path):
+    long_key = "k" * 120  # a name over 100 bytes needs a PAX header, which the fast path hands to tarfile
+    items = [("a1", {"image.npy": b"x" * 700, "json": b"{}"}), (long_key, {"json": b"[1]"})]
+    path = tmp_path / "m.tar"
+    (_, _, first_size), _ = shards.write_tar(str(path), items)
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        expected = {m.name: tar.extractfile(m).read() for m in tar}
+    parsed = shards.parse_members(data, "t")
+    assert {f"{k}.{suffix}": bytes(v) for k, ms in parsed.items() for suffix, v in ms.items()} == expected
+    plain = shards.parse_members(data[:first_size], "t")  # the first sample alone: plain ustar, zero-copy views
+    assert isinstance(plain["a1"]["image.npy"], memoryview) and bytes(plain["a1"]["image.npy"]) == b"x" * 700
+    with pytest.raises(shards.ShardError, match="t: member a1.image.npy is truncated"):
+        shards.parse_members(data[:900], "t")
 
 
 def test_corrupt_member_is_named(root, tmp_path, ray_cluster):

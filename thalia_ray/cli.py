@@ -98,7 +98,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = cfg.with_overrides(overrides)
     with runtime.start(cfg.runtime):
         report = export_shards(cfg.data, args.out, cfg.data.length, splits=tuple(args.split),
-                               samples_per_shard=args.samples_per_shard)
+                               samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
+                               all_channels=args.all_channels, seed=cfg.seed, storage_cfg=cfg.storage)
     print(report)
     return 0
 
@@ -271,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--length", type=int, help="time-series length T (overrides data.length)")
     export.add_argument("--split", nargs="+", default=["train", "val", "test"])
     export.add_argument("--samples-per-shard", type=int, default=64)
+    export.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="image precision in the shards (float16 halves their size)")
+    export.add_argument("--compress", action="store_true", help="gzip the array members")
+    export.add_argument("--all-channels", action="store_true",
+                        help="store all nine channels, not only data.channels (one export for any channel subset)")
     export.set_defaults(handler=cmd_export)
 
     train = verbs.add_parser("train", help="train a model with Ray Train")

@@ -10,7 +10,6 @@ listed four times in its catalogue), reporting its peak RSS.
 """
 from __future__ import annotations
 
-import io
 import resource
 from typing import Any
 
@@ -46,45 +45,34 @@ def windowed_read(sample: Any, index: SampleIndex, data_cfg: DataConfig, cache: 
     return read_raw(sample, cache, window, data_cfg.channels, index.annotations).image
 
 
-def _torch_member(obj: Any) -> bytes:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[shards.ShardEntry]:
-    """The same samples in the published member layout (image/labels/sample `.pth`)."""
-    import torch
+    """The same samples in the published member layout (image/labels/sample `.pth`), each sample
+    dict holding its real annotation records, as the original exporter pickles them."""
+    from thalia_ray.storage import resolve
 
-    picked = [schema.ALL_CHANNELS.index(c) for c in data_cfg.channels]
-    items = []
-    for raw in raws:
-        image = torch.from_numpy(np.ascontiguousarray(raw.image[:, picked]).reshape(-1, *raw.image.shape[2:]))
-        info = {"frame_id": raw.meta["frame_id"], "label": list(raw.meta["member_positive"])}
-        items.append((raw.key, {"image.pth": _torch_member(image), "labels.pth": _torch_member(torch.from_numpy(raw.mask.astype(np.int64))),
-                                "sample.pth": _torch_member(info)}))
+    records = resolve(data_cfg.root).join(schema.ANNOTATIONS_FILE).read_json()
+    items = [(raw.key, shards.published_members(raw, [records[str(u)] for u in raw.meta["unique_ids"]]))
+             for raw in raws]
     ranges = shards.write_tar(path, items)
     return [shards.ShardEntry(k, path, off, size, 0, i, "published") for i, (k, off, size) in enumerate(ranges)]
 
 
-def read_published(entries: list[shards.ShardEntry]) -> int:
+def read_published(entries: list[shards.ShardEntry], data_cfg: DataConfig) -> int:
+    """The baseline: every sample decoded from its `.pth` members (safe `torch.load`) to a RawSample."""
     for entry, blob in shards.fetch_ranges(entries):
-        members = shards.parse_members(blob, entry.where)[entry.key]
-        for name in ("image.pth", "labels.pth", "sample.pth"):
-            shards.safe_torch_load(members[name], entry.where)
+        shards.decode_published(shards.parse_members(blob, entry.where)[entry.key], entry, data_cfg, "val")
     return len(entries)
 
 
-def read_own(entries: list[shards.ShardEntry], channels: list[str]) -> int:
+def read_own(entries: list[shards.ShardEntry], channels: list[str], stored: list[str]) -> int:
+    """Our path: every sample decoded from its `.npy`/`.json` members to a RawSample."""
     for entry, blob in shards.fetch_ranges(entries):
-        shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, channels)
+        shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, channels, stored)
     return len(entries)
 
 
 def stream_peak_rss(entries: list[shards.ShardEntry], channels: list[str], chunk: int) -> dict[str, float]:
     """Ray task body: stream every entry in read-task-sized chunks; report the peak RSS (MiB)."""
     for start in range(0, len(entries), chunk):
-        read_own(entries[start:start + chunk], channels)
+        read_own(entries[start:start + chunk], channels, channels)
     return {"samples": len(entries), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -105,6 +105,7 @@ class Spec:
     storage: Any
     seed: int
     handle: EpochHandle
+    stored_channels: tuple[str, ...] = ()  # own shards: the channels the export holds (its manifest)
 
     @property
     def training(self) -> bool:
@@ -227,7 +228,7 @@ def _decode(spec: Spec, batch: dict[str, np.ndarray], i: int) -> RawSample:
     if members is None:
         raise shard_io.ShardError(f"{entry.where}: the manifest's byte range holds no members of this key")
     if spec.kind == "own":
-        raw = shard_io.decode_own(members, entry, spec.data.channels)
+        raw = shard_io.decode_own(members, entry, spec.data.channels, spec.stored_channels)
     else:
         raw = shard_io.decode_published(members, entry, spec.data, spec.split)
     bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
@@ -260,7 +261,10 @@ def finalize_batch(batch: dict[str, np.ndarray], spec: Spec) -> dict[str, np.nda
 
 # ------------------------------------------------------------------------------------ datasets
 class TorchCollate(NumpyBatchCollateFn):
-    """Numeric columns → torch tensors; string columns (key, frame_id, ...) → lists of str."""
+    """Numeric columns → torch tensors; string columns (key, frame_id, ...) → lists of str.
+
+    Batches that arrive as read-only views of Ray's object store are copied once, so the tensors
+    the loop receives are its own to modify."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -270,7 +274,8 @@ class TorchCollate(NumpyBatchCollateFn):
             if values.dtype.kind in "OUS":
                 out[name] = [str(v) for v in values]
             else:
-                out[name] = torch.from_numpy(np.ascontiguousarray(values))
+                values = np.ascontiguousarray(values)
+                out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
         return out
 
 
@@ -285,10 +290,12 @@ def _sample_bytes(data: DataConfig) -> int:
     return 4 * data.length * (len(data.channels) + 1) * data.crop * data.crop
 
 
-def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.ShardEntry]]:
+def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.ShardEntry], tuple[str, ...]]:
+    """(kind, entries, stored channels) of a split's shards, checked against the config first."""
     data = cfg.data
     if data.shard_format == "published":
-        return "published", shard_io.scan_published(data.shards, data.length, split, data.label_rule, cfg.storage)
+        entries = shard_io.scan_published(data.shards, data.length, split, data.label_rule, cfg.storage)
+        return "published", entries, ()
     if data.policy == "resample":
         raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
                          "series: use data.source=cube")
@@ -298,8 +305,13 @@ def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.Sh
                          f"the config asks for {data.label_rule!r}")
     if split not in manifest["splits"]:
         raise ValueError(f"shards under {data.shards} hold splits {manifest['splits']}, not {split!r}")
+    missing = [c for c in data.channels if c not in manifest["channels"]]
+    if missing:
+        raise ValueError(f"data.geomorphology/data.atmospheric: channels {missing} are not in the shards under "
+                         f"{data.shards} (they hold "
+                         f"{manifest['channels']}); export again with these channels or with --all-channels")
     base = shard_io.shard_root(data.shards, data.length, cfg.storage)
-    return "own", shard_io.manifest_entries(manifest, base, split)
+    return "own", shard_io.manifest_entries(manifest, base, split), tuple(manifest["channels"])
 
 
 def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
@@ -318,10 +330,10 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     datasets, sizes = {}, {}
     for split in splits:
         if index is not None:
-            kind, entries = "cube", None
+            kind, entries, stored = "cube", None, ()
         else:
-            kind, entries = _shard_entries(cfg, split)
-        spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle)
+            kind, entries, stored = _shard_entries(cfg, split)
+        spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
         source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
         sizes[split] = len(source.items(0))
         options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)

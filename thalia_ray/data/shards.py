@@ -3,10 +3,11 @@ the published (`torch.save`) format.
 
 Layout written by `export_shards`: `{out}/{T}/{train_pos|train_neg|val|test}/shard-NNNNNN.tar` plus
 `{out}/{T}/manifest.json`. Training positives and negatives live in separate directories so balanced
-epochs draw from each. Members per sample: `{key}.image.npy` (raw, unnormalised (T, 9, h, w), all
-channels in `schema.ALL_CHANNELS` order, so any channel subset is selected at read time without a
-new export), `{key}.mask.npy` (uint8 (T, h, w), raw cube values 0/1/2) and `{key}.json` (the
-RawSample meta). No pickles. With `compress`, the two arrays are gzipped (`.npy.gz`).
+epochs draw from each. Members per sample: `{key}.image.npy` (raw, unnormalised (T, C, h, w): the
+configured channels, as the published shards hold them, or all nine with `all_channels` so one
+export serves any channel subset; the manifest lists them), `{key}.mask.npy` (uint8 (T, h, w), raw
+cube values 0/1/2) and `{key}.json` (the RawSample meta). No pickles. With `compress`, the two
+arrays are gzipped (`.npy.gz`); with float16 they take half the bytes.
 
 The stored crop is the deterministic evaluation crop: a shard holds one fixed window per sample, so
 its contents must not depend on a random draw made at export time; exports are then reproducible
@@ -17,9 +18,14 @@ The manifest records, for every sample, the byte range of its members inside the
 its position in the sample index. Readers fetch exactly the ranges an epoch needs (one ranged GET
 per sample, adjacent samples coalesced): a balanced epoch never downloads the unused negatives, and
 a read task's memory is bounded by its own samples, whatever the number of shards.
+
+Reading is zero-copy until the final array: ustar headers are parsed directly (anything else, such
+as PAX or GNU long-name headers, goes through `tarfile`), `.npy` members become views of the fetched
+bytes, and each distinct `.npy` header is parsed once per process.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -30,7 +36,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 
@@ -42,6 +48,7 @@ MANIFEST = "manifest.json"
 FORMAT = "thalia-ray-shards/1"
 SPLIT_DIRS: dict[str, tuple[str, ...]] = {"train": ("train_pos", "train_neg"), "val": ("val",), "test": ("test",)}
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
+Blob = Union[bytes, memoryview]
 
 
 _FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -142,9 +149,55 @@ def split_name(name: str) -> tuple[str, str]:
     return key, suffix
 
 
-def parse_members(chunk: bytes, where: str) -> dict[str, dict[str, bytes]]:
-    """Tar bytes (whole shard or a byte range of whole members) → {key: {suffix: bytes}}."""
-    grouped: dict[str, dict[str, bytes]] = {}
+def parse_members(chunk: Blob, where: str) -> dict[str, dict[str, Blob]]:
+    """Tar bytes (whole shard or a byte range of whole members) → {key: {suffix: member bytes}}.
+
+    Plain ustar members (what `write_tar` and most writers produce) are sliced out without copying;
+    any other header kind, or a header that fails its checksum, is handed to `tarfile`, which also
+    words the error for corrupt data."""
+    grouped: dict[str, dict[str, Blob]] = {}
+    members = _ustar_members(memoryview(chunk), where)
+    if members is None:
+        members = _tarfile_members(chunk, where)
+    for name, data in members:
+        key, suffix = split_name(name)
+        grouped.setdefault(key, {})[suffix] = data
+    return grouped
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_REGULAR = (ord("0"), 0)  # typeflags of a regular file in ustar (and the old "\0" spelling)
+
+
+def _ustar_members(view: memoryview, where: str) -> list[tuple[str, memoryview]] | None:
+    """(name, data view) of every regular member, or None where a header is not plain ustar."""
+    found, pos = [], 0
+    while pos + _BLOCK <= len(view):
+        header = view[pos:pos + _BLOCK]
+        if not any(header):  # end-of-archive block
+            break
+        if header[156] not in _REGULAR or header[124] & 0x80:  # other kinds, base-256 sizes
+            return None
+        try:
+            size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+            checksum = int(bytes(header[148:156]).strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        if sum(header) - sum(header[148:156]) + 8 * 32 != checksum:
+            return None
+        name = bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        if bytes(header[257:262]) == b"ustar" and header[345]:
+            name = bytes(header[345:500]).split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        start = pos + _BLOCK
+        if start + size > len(view):
+            raise ShardError(f"{where}: member {name} is truncated ({max(len(view) - start, 0)} of {size} bytes)")
+        found.append((name, view[start:start + size]))
+        pos = start + -(-size // _BLOCK) * _BLOCK
+    return found
+
+
+def _tarfile_members(chunk: Blob, where: str) -> list[tuple[str, bytes]]:
+    found = []
     try:
         with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
             for info in tar:
@@ -154,14 +207,13 @@ def parse_members(chunk: bytes, where: str) -> dict[str, dict[str, bytes]]:
                 data = handle.read() if handle is not None else b""
                 if len(data) != info.size:
                     raise ShardError(f"{where}: member {info.name} is truncated ({len(data)} of {info.size} bytes)")
-                key, suffix = split_name(info.name)
-                grouped.setdefault(key, {})[suffix] = data
+                found.append((info.name, data))
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ShardError(f"{where}: corrupt tar data ({err})") from None
-    return grouped
+    return found
 
 
-def fetch_ranges(entries: Sequence[ShardEntry], storage_cfg: Any = None) -> Iterator[tuple[ShardEntry, bytes | Exception]]:
+def fetch_ranges(entries: Sequence[ShardEntry], storage_cfg: Any = None) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
     """Byte ranges of the entries, one request per run of neighbouring samples in the same shard.
 
     Yields in shard/offset order; a failed request yields its error for each entry it covered, so
@@ -181,7 +233,7 @@ def fetch_ranges(entries: Sequence[ShardEntry], storage_cfg: Any = None) -> Iter
                 run.append(entry)
 
 
-def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, bytes | Exception]]:
+def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
     start, end = run[0].offset, run[-1].offset + run[-1].size
     try:
         data = with_retries(lambda: loc.fs.cat_file(loc.path, start=start, end=end), f"read {loc.url}")
@@ -189,8 +241,9 @@ def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntr
         for item in run:
             yield item, err
         return
+    view = memoryview(data)  # one buffer per run; each sample is a view of it
     for item in run:
-        chunk = data[item.offset - start:item.offset - start + item.size]
+        chunk = view[item.offset - start:item.offset - start + item.size]
         if len(chunk) < item.size:
             yield item, ShardError(f"{item.where}: shard ends at byte {start + len(data)}, the manifest says {end}")
         else:
@@ -198,7 +251,8 @@ def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntr
 
 
 # ----------------------------------------------------------------------------------- decoding
-def _load_npy(members: dict[str, bytes], name: str, where: str) -> np.ndarray:
+def _load_npy(members: dict[str, Blob], name: str, where: str) -> np.ndarray:
+    """A `.npy` (or `.npy.gz`) member as a read-only array viewing the member's bytes."""
     if f"{name}.npy" in members:
         data = members[f"{name}.npy"]
     elif f"{name}.npy.gz" in members:
@@ -209,28 +263,64 @@ def _load_npy(members: dict[str, bytes], name: str, where: str) -> np.ndarray:
     else:
         raise ShardError(f"{where}: member {name}.npy is missing (members: {sorted(members)})")
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError, OSError) as err:
+        dtype, shape, fortran, offset = _npy_layout(bytes(data[:_npy_header_end(data)]))
+        count = int(np.prod(shape))
+        if dtype.hasobject:
+            raise ValueError("object arrays need pickling, which this format never uses")
+        if len(data) - offset < count * dtype.itemsize:
+            raise ValueError(f"{len(data) - offset} data bytes, the header needs {count * dtype.itemsize}")
+        array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    except (ValueError, EOFError, OSError, SyntaxError) as err:
         raise ShardError(f"{where}: member {name}.npy is corrupt ({err})") from None
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
-def decode_own(members: dict[str, bytes], entry: ShardEntry, channels: Sequence[str]) -> Any:
-    """Our members → RawSample with the selected channels (stored order is schema.ALL_CHANNELS)."""
+def _npy_header_end(data: Blob) -> int:
+    """Length of the magic string plus header (format versions 1, 2 and 3)."""
+    if len(data) < 10 or bytes(data[:6]) != b"\x93NUMPY":
+        raise ValueError("not a .npy member (bad magic)")
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    if len(data) < 12:
+        raise ValueError("header cut short")
+    return 12 + int.from_bytes(data[8:12], "little")
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, data offset) from a `.npy` header; members of one export share
+    a handful of headers, so the literal parsing is paid once per header and process."""
+    fp = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    return dtype, tuple(shape), fortran, len(header)
+
+
+def decode_own(members: dict[str, Blob], entry: ShardEntry, channels: Sequence[str],
+               stored: Sequence[str] = schema.ALL_CHANNELS) -> Any:
+    """Our members → RawSample with the selected `channels`, from the `stored` ones (the manifest's)."""
     from thalia_ray.data.cube import RawSample
 
     image = _load_npy(members, "image", entry.where)
     mask = _load_npy(members, "mask", entry.where)
     try:
-        meta = json.loads(members["json"])
+        meta = json.loads(bytes(members["json"]))
     except (KeyError, ValueError) as err:
         raise ShardError(f"{entry.where}: member json is missing or invalid ({err})") from None
-    if image.ndim != 4 or image.shape[1] != len(schema.ALL_CHANNELS) or mask.shape != (image.shape[0], *image.shape[2:]):
-        raise ShardError(f"{entry.where}: unexpected shapes image {image.shape}, mask {mask.shape}")
-    picked = [schema.ALL_CHANNELS.index(c) for c in channels]
-    return RawSample(image=image[:, picked].astype(np.float32), mask=mask.astype(np.uint8), key=entry.key, meta=meta)
+    if image.ndim != 4 or image.shape[1] != len(stored) or mask.shape != (image.shape[0], *image.shape[2:]):
+        raise ShardError(f"{entry.where}: unexpected shapes image {image.shape}, mask {mask.shape} "
+                         f"for {len(stored)} stored channels")
+    missing = [c for c in channels if c not in stored]
+    if missing:
+        raise ShardError(f"{entry.where}: channels {missing} are not in this export (it holds {list(stored)})")
+    picked = [list(stored).index(c) for c in channels]
+    image = image.astype(np.float32) if picked == list(range(len(stored))) else \
+        image[:, picked].astype(np.float32, copy=False)  # either way a fresh, writable array
+    return RawSample(image=image, mask=mask.astype(np.uint8), key=entry.key, meta=meta)
 
 
-def safe_torch_load(data: bytes, where: str) -> Any:
+def safe_torch_load(data: Blob, where: str) -> Any:
     """`torch.load` restricted to tensors and plain values; anything needing arbitrary unpickling
     (a `__reduce__` payload, custom classes) is refused before it can execute."""
     import torch
@@ -311,6 +401,26 @@ def decode_published(members: dict[str, bytes], entry: ShardEntry, data_cfg: Dat
     # The crop position inside the frame is not recorded in published shards: the window is the whole stored crop.
     window = Window(0, 0, image.shape[-2], image.shape[-1])
     return RawSample(image=image, mask=mask.astype(np.uint8), key=entry.key, meta=sample_meta(sample, annotations, window))
+
+
+def published_members(raw: Any, records: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+    """One sample in the published member layout, as the original exporter writes it: image
+    (T*C, H, W) float32 of the sample's channels, labels (T, H, W) int64 with earthquake 2 → 1, and
+    the pickled sample dict (frame_id, the raw annotation records, per-member labels). For
+    interoperability and as the shard benchmark's baseline; our own exports never pickle."""
+    import torch
+
+    def saved(obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    image = torch.from_numpy(np.ascontiguousarray(raw.image, dtype=np.float32).reshape(-1, *raw.image.shape[2:]))
+    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    info = {"frame_id": raw.meta["frame_id"], "annotation": list(records),
+            "label": list(raw.meta["member_positive"]),
+            "annotation_path": [f"annotations/{r['uniqueID']}.json" for r in records]}
+    return {"image.pth": saved(image), "labels.pth": saved(labels), "sample.pth": saved(info)}
 
 
 # ---------------------------------------------------------------------------------- catalogues
@@ -440,12 +550,15 @@ def _done_marker(base: Location, plan: ShardPlan) -> Location:
     return base.join(f"{plan.name}.done")
 
 
-def _completed(base: Location, plan: ShardPlan) -> dict[str, Any] | None:
-    """The done record of a shard that is complete and still holds the planned samples, else None."""
+def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[str, Any] | None:
+    """The done record of a shard that is complete, holds the planned samples and was written with
+    this layout (channels, dtype, compression), else None."""
     marker = _done_marker(base, plan)
     if not marker.exists():
         return None
     record = marker.read_json()
+    if record.get("layout") != json.loads(json.dumps(asdict(layout))):
+        return None
     tar = base.join(plan.name)
     planned = [k for k in plan.keys if k not in record.get("skipped_keys", [])]
     if [e[0] for e in record.get("entries", [])] != planned or not tar.exists() or tar.size() != record.get("bytes"):
@@ -453,32 +566,42 @@ def _completed(base: Location, plan: ShardPlan) -> dict[str, Any] | None:
     return record
 
 
-def eval_raw(sample: Any, annotations: Any, data_cfg: DataConfig, storage_cfg: Any = None) -> Any:
-    """The sample as stored in a shard: evaluation crop, all nine channels, raw values."""
+def eval_raw(sample: Any, annotations: Any, data_cfg: DataConfig, storage_cfg: Any = None,
+             channels: Sequence[str] = schema.ALL_CHANNELS) -> Any:
+    """The sample as stored in a shard: evaluation crop, the `channels` to store, raw values."""
     from thalia_ray.data.cube import crop_window, get_cache, read_raw
 
     cache = get_cache(data_cfg.root, storage_cfg)
     window = crop_window(sample, annotations, cache.get(sample.frame_id).shape, data_cfg.crop, None,
                          data_cfg.mask_target)
-    return read_raw(sample, cache, window, schema.ALL_CHANNELS, annotations)
+    return read_raw(sample, cache, window, list(channels), annotations)
+
+
+@dataclass(frozen=True)
+class MemberLayout:
+    """How an export stores samples; a shard written with another layout is not reused on resume."""
+
+    channels: tuple[str, ...]
+    dtype: Literal["float32", "float16"] = "float32"
+    compress: bool = False
 
 
 def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataConfig, base_url: str,
-                 dtype: str, compress: bool, storage_cfg: Any) -> dict[str, Any]:
-    """Ray task: read the plan's samples (evaluation crop, all channels), write the tar to a temp
-    name, move it into place, then write the `.done` record (the manifest entry of this shard)."""
+                 layout: MemberLayout, storage_cfg: Any) -> dict[str, Any]:
+    """Ray task: read the plan's samples (evaluation crop, the layout's channels), write the tar to a
+    temp name, move it into place, then write the `.done` record (the manifest entry of this shard)."""
     base = resolve(base_url, storage_cfg)
     members, skipped, keys_skipped = [], [], []
     for _, sample in plan.items:
         try:
-            raw = eval_raw(sample, annotations, data_cfg, storage_cfg)
+            raw = eval_raw(sample, annotations, data_cfg, storage_cfg, layout.channels)
         except Exception as err:  # noqa: BLE001 - any unreadable sample is reported, never dropped silently
             if data_cfg.on_bad_sample == "fail":
                 raise ShardError(f"cube {sample.frame_id}, key {sample.key}: unreadable ({err})") from err
             skipped.append(f"cube {sample.frame_id}, key {sample.key}: {type(err).__name__}: {err}")
             keys_skipped.append(sample.key)
             continue
-        members.append((sample.key, sample_members(raw, dtype, compress)))
+        members.append((sample.key, sample_members(raw, layout.dtype, layout.compress)))
     target = base.join(plan.name)
     local_dir = os.path.dirname(target.path) if target.protocol == "file" else None
     if local_dir:
@@ -500,7 +623,7 @@ def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataCon
     record = {
         "name": plan.name, "split": plan.split, "samples": len(ranges), "bytes": size, "sha256": digest,
         "entries": [[k, off, n, labels[k], orders[k]] for k, off, n in ranges],
-        "skipped": skipped, "skipped_keys": keys_skipped,
+        "skipped": skipped, "skipped_keys": keys_skipped, "layout": asdict(layout),
     }
     _done_marker(base, plan).write_json(record, indent=None)
     return record
@@ -514,14 +637,17 @@ def export_shards(
     samples_per_shard: int = 64,
     dtype: Literal["float32", "float16"] = "float32",
     compress: bool = False,
+    all_channels: bool = False,
     seed: int = 0,
     storage_cfg: Any = None,
     max_in_flight: int = 8,
     num_cpus: float = 0.5,
 ) -> ExportReport:
     """Export the dataset under `data_cfg.root` for series length `length` as WebDataset shards,
-    one Ray task per shard. Complete shards of an earlier run (done record + tar of the recorded
-    size, same planned samples) are kept; the manifest is written atomically at the end."""
+    one Ray task per shard. Samples hold the configured channels (as published shards do), or all
+    nine with `all_channels`, so that one export serves any channel subset. Complete shards of an
+    earlier run (done record + tar of the recorded size, same planned samples, same layout) are
+    kept; the manifest is written atomically at the end."""
     import ray
 
     from thalia_ray.data.index import SampleIndex
@@ -531,13 +657,14 @@ def export_shards(
     started = time.perf_counter()
     cfg = DataConfig.model_validate({**data_cfg.model_dump(), "length": length})
     index = SampleIndex.from_config(cfg, seed)
+    layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress)
     base = shard_root(out, length, storage_cfg)
     report = ExportReport(root=base.url, length=length)
     records: dict[str, dict[str, Any]] = {}
     pending = []
     task = ray.remote(_write_shard).options(**remote_args(num_cpus, out, cfg.root))
     for plan in plan_shards(index, splits, samples_per_shard):
-        done = _completed(base, plan)
+        done = _completed(base, plan, layout)
         if done is not None:
             records[plan.name] = done
             report.shards_kept += 1
@@ -548,7 +675,7 @@ def export_shards(
                 records[record["name"]] = record
         uids = {u for _, s in plan.items for u in s.unique_ids}
         subset = {u: index.annotations[u] for u in uids}
-        pending.append(task.remote(plan, subset, cfg, base.url, dtype, compress, storage_cfg))
+        pending.append(task.remote(plan, subset, cfg, base.url, layout, storage_cfg))
         report.shards_written += 1
     for record in ray.get(pending):
         records[record["name"]] = record
@@ -559,10 +686,10 @@ def export_shards(
         report.bytes += shard["bytes"]
         report.skipped.extend(shard["skipped"])
     manifest = {
-        "format": FORMAT, "length": length, "channels": list(schema.ALL_CHANNELS), "dtype": dtype,
+        "format": FORMAT, "length": length, "channels": list(layout.channels), "dtype": dtype,
         "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
         "seed": seed, "splits": list(splits),
-        "shards": [{k: v for k, v in s.items() if k != "skipped_keys"} for s in shards],
+        "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
     }
     base.join(MANIFEST).write_json(manifest, indent=None)
     report.seconds = time.perf_counter() - started
