@@ -194,6 +194,10 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     test_best: bool = True  # evaluate the best checkpoint on the test split at the end
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs
+    # Bitwise-repeatable runs: training batches keep the planned order and kernels are deterministic
+    # (slower). Exact with one worker; with several, Ray's streaming split hands blocks to whichever
+    # worker asks first, so the per-worker assignment may differ between runs.
+    deterministic: bool = False
 
 
 # -------------------------------------------------------------------------------- storage/runtime

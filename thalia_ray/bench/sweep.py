@@ -1,7 +1,8 @@
 """Sweep efficiency: what ASHA saves against running the full grid to the end.
 
 Both sweeps search the same space (backbones × learning rates) with the same seeds, data and epoch
-budget; the grid is the same sweep under the FIFO scheduler, so every trial trains every epoch. The
+budget; the grid is the same sweep under the FIFO scheduler, so every trial trains every epoch; trials
+are deterministic (`train.deterministic`), so a trial's epochs are identical in both sweeps. The
 cost of a sweep is its worker-seconds (epoch wall time × workers, summed over trials, from the store's
 run histories). ASHA "reaches" the grid when its best validation F1 is within 1 % of the grid's best;
 the saving is only meaningful when it does, which `reached` says.
@@ -38,6 +39,7 @@ class SweepSetup:
             f"data.crop={self.crop}", f"train.epochs={self.epochs}", f"train.batch_size={self.batch_size}",
             f"train.max_steps_per_epoch={self.max_steps_per_epoch}", "train.num_workers=1",
             "train.cpus_per_worker=0.5", "train.test_best=false", "runtime.wandb.mode=disabled",
+            "train.deterministic=true",  # a trial's epochs are the same in both sweeps: only the scheduler differs
             "train.early_stopping.metric=val/f1_deformation", "train.early_stopping.mode=max", *self.extra,
         ])
         return cfg.with_overrides({"sweep": {

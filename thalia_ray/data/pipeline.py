@@ -344,6 +344,6 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         if cfg.runtime.data_cpu_limit is not None:
             ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
                 cpu=cfg.runtime.data_cpu_limit)
-        ds.context.execution_options.preserve_order = not spec.training
+        ds.context.execution_options.preserve_order = not spec.training or cfg.train.deterministic
         datasets[split] = ds
     return Datasets(datasets, sizes, handle)

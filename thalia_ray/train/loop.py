@@ -97,6 +97,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic PyTorch kernels (cuBLAS needs its workspace setting before first use)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
 def maybe_inject_fault(spec: str | None, rank: int, epoch: int) -> None:
     """Kill this worker process once, at the start of `epoch` on `rank` (spec "rank:epoch:marker").
 
@@ -150,6 +157,8 @@ class WorkerLoop:
         self.precision = self._precision()
         train = self.cfg.train
 
+        if train.deterministic:
+            use_deterministic_kernels()
         seed_everything(self.cfg.seed)  # identical initial weights on every rank
         model = model_from_config(self.cfg)
         self.optimizer_steps = train.epochs * settings.steps_per_epoch

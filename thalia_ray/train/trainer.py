@@ -158,7 +158,10 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         scaling_config=scaling_config(cfg, use_gpu),
         run_config=run_config(cfg, store, run_id, callbacks),
         datasets=data.datasets,
-        dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS)),
+        # Ray Train replaces each dataset's execution options with the driver's defaults unless it is
+        # given them: pass ours (order, Data's CPU cap) per dataset.
+        dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS), execution_options={
+            name: ds.context.execution_options for name, ds in data.datasets.items()}),
     )
     result = trainer.fit()
     stopping = cfg.train.early_stopping
