@@ -135,6 +135,31 @@ def test_windowed_read_fetches_only_touched_chunks(tmp_path):
     assert store.bytes_read > 0
 
 
+def test_cf_packed_variables_read_as_xarray_decodes_them(tmp_path):
+    """Plain variables are read straight from Zarr; packed ones (scale factor, integer fill value)
+    go through xarray's decoding, so both give the true values and a fill value becomes a NaN error."""
+    ds = cube_dataset()
+    ds["insar_coherence"][1, 2, 30, 39] = np.nan  # far from the window read first
+    encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
+    encoding["insar_difference"].update(dtype="int32", scale_factor=0.25, _FillValue=-1)
+    encoding["insar_coherence"].update(dtype="float32", _FillValue=-7.0)
+    ds.to_zarr(resolve(str(tmp_path)).join(f"{FRAME}.zarr").zarr_store(read_only=False), mode="w",
+               encoding=encoding, consolidated=False)
+    cache = CubeCache(str(tmp_path))
+    arrays = cache.get(FRAME).arrays
+    assert "dem" in arrays and schema.MASK_VAR in arrays
+    assert "insar_difference" not in arrays and "insar_coherence" not in arrays
+    anns = annotation_set([record(1, "20190113", "20190206", False)])
+    sample = make_sample([1], ["20190206"], [False], primary="20190113")
+    raw = read_raw(sample, cache, Window(2, 3, 5, 6), ["insar_difference", "insar_coherence", "dem"], anns)
+    rows, cols = np.meshgrid(np.arange(2, 7), np.arange(3, 9), indexing="ij")
+    for ci, name in enumerate(["insar_difference", "insar_coherence"]):
+        np.testing.assert_array_equal(raw.image[0, ci], known_value(name, 1, 2, rows, cols).astype(np.float32))
+    np.testing.assert_array_equal(raw.image[0, 2], known_value("dem", 0, 0, rows, cols).astype(np.float32))
+    with pytest.raises(DataError, match=r"insar_coherence.*1 NaN values"):
+        read_raw(sample, cache, Window(28, 36, 4, 4), ["insar_coherence"], anns)
+
+
 def test_missing_date_and_nan_raise_data_error(tmp_path):
     ds = cube_dataset()
     ds["insar_coherence"][0, 1, 10, 10] = np.nan

@@ -3,9 +3,15 @@
 A frame cube holds every interferogram of a frame (tens of GB for the real data), so a sample must
 read only its (primary, secondaries) pairs, its channels and its crop window: the Zarr chunks that
 window touches and nothing else. Cubes are opened once per process and kept open.
+
+xarray opens a cube and decodes its coordinates; the reads themselves go straight to the Zarr arrays,
+all variables of a sample in one concurrent batch, for every variable whose stored values need no
+CF decoding (no scale/offset, float fill values already NaN). Anything else is read through xarray,
+so cubes with packed or integer-filled variables read exactly as xarray decodes them.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import warnings
 from collections import Counter
@@ -14,6 +20,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import xarray as xr
+import zarr
+from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from thalia_ray.data import schema
@@ -103,6 +111,7 @@ class Cube:
     frame_id: str
     url: str
     dataset: xr.Dataset
+    arrays: dict[str, Any] = field(default_factory=dict)  # variable → zarr AsyncArray read directly
     primary_index: dict[str, int] = field(init=False)
     secondary_index: dict[str, int] = field(init=False)
     spatial_dims: tuple[str, str] = field(init=False)
@@ -134,9 +143,18 @@ class Cube:
 
     def read(self, variable: str, primary: int, secondaries: Sequence[int], window: Window) -> np.ndarray:
         """float32 (T, h, w) of one variable; static and per-pair scalar variables are broadcast."""
-        if variable not in self.dataset:
-            raise DataError(f"cube {self.url}: no variable {variable!r}")
-        data = self.dataset[variable]
+        [values] = self.read_many([variable], primary, secondaries, window)
+        if isinstance(values, BaseException):
+            raise values
+        return values
+
+    def read_many(self, variables: Sequence[str], primary: int, secondaries: Sequence[int],
+                  window: Window) -> list[np.ndarray | BaseException]:
+        """`read` for several variables: the direct ones in one concurrent Zarr batch. A variable
+        that fails yields its exception in its place, so the caller can name it."""
+        absent = [v for v in variables if v not in self.dataset]
+        if absent:
+            raise DataError(f"cube {self.url}: no variable(s) {absent}")
         unique, inverse = np.unique(np.asarray(secondaries), return_inverse=True)
         ydim, xdim = self.spatial_dims
         wanted = {
@@ -145,16 +163,57 @@ class Cube:
             ydim: slice(window.row, window.row + window.height),
             xdim: slice(window.col, window.col + window.width),
         }
-        selected = data.isel({d: v for d, v in wanted.items() if d in data.dims})
-        order = [d for d in (schema.SECONDARY_DIM, ydim, xdim) if d in selected.dims]
-        values = np.asarray(selected.transpose(*order).values, dtype=np.float32)
-        if schema.SECONDARY_DIM in selected.dims:
-            values = values[inverse]
-        else:
-            values = values[None]
-        if ydim not in selected.dims:
-            values = values[..., None, None]
-        return np.broadcast_to(values, (len(secondaries), window.height, window.width))
+        direct = [v for v in variables if v in self.arrays]
+        fetched = dict(zip(direct, sync(_gather([
+            self.arrays[v].get_orthogonal_selection(tuple(wanted[d] for d in self.dataset[v].dims)) for v in direct
+        ])))) if direct else {}
+        out: list[np.ndarray | BaseException] = []
+        for variable in variables:
+            dims = [d for d in self.dataset[variable].dims if d != schema.PRIMARY_DIM]
+            if variable in fetched:
+                values = fetched[variable]
+            else:
+                data = self.dataset[variable]
+                values = data.isel({d: v for d, v in wanted.items() if d in data.dims}).values
+            out.append(values if isinstance(values, BaseException)
+                       else _to_series(np.asarray(values), dims, inverse, window, ydim))
+        return out
+
+
+async def _gather(reads: list[Any]) -> list[Any]:
+    """Run the reads concurrently on Zarr's event loop; failures are returned in place."""
+    return await asyncio.gather(*reads, return_exceptions=True)
+
+
+def _to_series(values: np.ndarray, dims: Sequence[str], inverse: np.ndarray, window: Window, ydim: str) -> np.ndarray:
+    """Values over `dims` (some of secondary, y, x) → float32 (T, h, w), repeating and broadcasting."""
+    leading = [d for d in (schema.SECONDARY_DIM, ydim) if d in dims]
+    order = [dims.index(d) for d in leading] + [i for i, d in enumerate(dims) if d not in leading]
+    values = np.asarray(values.transpose(order), dtype=np.float32)
+    values = values[inverse] if schema.SECONDARY_DIM in dims else values[None]
+    if ydim not in dims:
+        values = values[..., None, None]
+    return np.broadcast_to(values, (len(inverse), window.height, window.width))
+
+
+def _direct_arrays(store: Any, dataset: xr.Dataset) -> dict[str, Any]:
+    """Zarr arrays of the variables whose stored values are what xarray would decode: no
+    scale/offset, the same dtype, and no fill value other than NaN (xarray turns one into NaN)."""
+    try:
+        group = zarr.open_group(store, mode="r")
+    except Exception:  # noqa: BLE001 - a layout xarray understands but zarr cannot open directly: use xarray
+        return {}
+    arrays = {}
+    for name, variable in dataset.data_vars.items():
+        encoding = variable.encoding
+        if {"scale_factor", "add_offset"} & set(encoding) or encoding.get("dtype", variable.dtype) != variable.dtype:
+            continue
+        fills = [encoding[k] for k in ("_FillValue", "missing_value") if encoding.get(k) is not None]
+        if any(not (np.asarray(f).dtype.kind == "f" and np.isnan(f)) for f in np.ravel(fills)):
+            continue
+        if name in group and tuple(group[name].shape) == variable.shape:
+            arrays[name] = group[name].async_array
+    return arrays
 
 
 class CubeCache:
@@ -197,7 +256,7 @@ class CubeCache:
             raise DataError(f"cube {location}: not found (frame {frame_id})") from err
         except Exception as err:  # noqa: BLE001 - any open failure is reported with the cube named
             raise DataError(f"cube {location}: cannot open ({type(err).__name__}: {err})") from err
-        return Cube(frame_id, location.url, dataset)
+        return Cube(frame_id, location.url, dataset, _direct_arrays(store, dataset))
 
 
 _CACHES: dict[str, CubeCache] = {}
@@ -306,21 +365,26 @@ def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequenc
     cube = cache.get(sample.frame_id)
     primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates)
 
-    def read(variable: str) -> np.ndarray:
+    variables = [*channels, schema.MASK_VAR]
+    try:
+        results = cube.read_many(variables, primary, secondaries, window)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - storage and codec errors become DataErrors
+        results = [err] * len(variables)
+
+    def checked(variable: str, values: np.ndarray | BaseException) -> np.ndarray:
         where = (f"cube {cube.url}: variable {variable!r}, dates {sample.primary_date}/"
                  f"{list(sample.secondary_dates)}, window {window.describe()}")
-        try:
-            values = cube.read(variable, primary, secondaries, window)
-        except DataError:
-            raise
-        except Exception as err:  # noqa: BLE001 - storage and codec errors become DataErrors
-            raise DataError(f"{where}: read failed ({type(err).__name__}: {err})") from err
+        if isinstance(values, BaseException):
+            raise DataError(f"{where}: read failed ({type(values).__name__}: {values})") from values
         if np.isnan(values).any():
             raise DataError(f"{where}: {int(np.isnan(values).sum())} NaN values (missing chunk or no data)")
         return values
 
-    image = np.stack([read(c) for c in channels], axis=1).astype(np.float32, copy=False)
-    mask = read(schema.MASK_VAR).astype(np.uint8)
+    arrays = [checked(v, r) for v, r in zip(variables, results)]
+    image = np.stack(arrays[:-1], axis=1).astype(np.float32, copy=False)
+    mask = arrays[-1].astype(np.uint8)
     return RawSample(image=image, mask=mask, key=sample.key, meta=sample_meta(sample, annotations, window))
 
 
