@@ -164,7 +164,7 @@ def _read_shards(spec: Spec, epoch: int, entries: Sequence[shard_io.ShardEntry])
         if isinstance(data, Exception):
             report_bad(spec, epoch, BadSample(entry.shard, entry.key, f"{type(data).__name__}: {data}"))
             continue
-        for name, value in (("key", entry.key), ("origin", entry.shard), ("offset", entry.offset), ("blob", data)):
+        for name, value in (("key", entry.key), ("origin", entry.shard), ("offset", entry.offset), ("blob", bytes(data))):
             rows[name].append(value)
     if rows["key"]:
         yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
