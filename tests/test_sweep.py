@@ -20,16 +20,16 @@ from thalia_ray.tune import space
 SWEEP = {
     "name": "t",
     "search": "grid",
-    # Grid order runs both lr=3e-3 trials first. lr=0.5 wrecks a model in two steps, and trials run one
-    # at a time, so each lr=0.5 trial reaches the first rung behind two sound ones and ASHA must stop it
-    # (an ASHA cut among four sound trials depends on their noise and arrival order).
+    # Grid order starts both lr=3e-3 trials first, and with two at a time an lr=0.5 trial starts only when
+    # one of them has finished: it reaches the first rung behind two sound trials, and as lr=0.5 wrecks a
+    # model in two steps, ASHA must stop it (a cut among four sound trials would depend on noise and order).
     "space": {"model.name": {"grid": ["resnet18", "mobilenetv3_small"]}, "train.lr": {"grid": [3e-3, 0.5]}},
     "scheduler": "asha",
     "metric": "val/loss",  # differs between trials even when F1 ties at 0
     "mode": "min",
     "grace_period": 1,
     "reduction_factor": 2,
-    "max_concurrent_trials": 1,
+    "max_concurrent_trials": 2,
 }
 
 
