@@ -95,6 +95,18 @@ def test_leaderboard_ranks_stored_results_with_seed_spread_and_breakdowns(tmp_pa
     assert best.model.name == "mobilenetv3_small" and best.sweep is None
 
 
+def test_a_trial_rerun_after_an_interruption_finds_its_finished_run(tmp_path):
+    """Tune may re-run a trial that finished just before the driver died; its stored run is reported,
+    not trained again, while an unfinished run is trained (resumed) as usual."""
+    from thalia_ray.tune.driver import _finished_history
+
+    store = ExperimentStore(tmp_path / "store")
+    _fake_run(store, "s-1", "resnet18", 1e-3, 0, 0.5, sweep="s")
+    assert _finished_history(store, "s-1") == store.run("s-1").read_history() != []
+    store.run("s-2").set_status("running")
+    assert _finished_history(store, "s-2") == [] and _finished_history(store, "s-3") == []
+
+
 @pytest.mark.slow
 def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains(
     ray_cluster, synthetic_root, s3_bucket, tmp_path

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.store import ExperimentStore
+from thalia_ray.store.records import STATUS
 from thalia_ray.tune import space
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,24 @@ def _trial_fn(base_yaml: str, store_url: str, sweep_id: str) -> Callable[[dict[s
         cfg = cfg.with_overrides({"runtime.wandb.group": sweep_id})
         trial_id = ray_tune.get_context().get_trial_id()
         store = ExperimentStore(store_url, cfg.storage)
+        run_id = f"{sweep_id}-{trial_id}"
+        finished = _finished_history(store, run_id)
+        if finished:  # finished before an interruption that Tune's saved state missed: report, never re-run
+            ray_tune.report(finished[-1])
+            return
         sweep_config = {k: v for k, v in sampled.items() if not k.startswith("_")}
-        fit(cfg, store=store, run_id=f"{sweep_id}-{trial_id}", callbacks=[TuneReportCallback()],
+        fit(cfg, store=store, run_id=run_id, callbacks=[TuneReportCallback()],
             sweep_id=sweep_id, sweep_config=sweep_config)
 
     return run_trial
+
+
+def _finished_history(store: ExperimentStore, run_id: str) -> list[dict[str, Any]]:
+    """The metric history of a run that finished with its results stored, else []."""
+    record = store.run(run_id)
+    if not record.loc.join(STATUS).exists() or record.read_status().get("status") != "finished":
+        return []
+    return record.read_history() if record.read_results() is not None else []
 
 
 def _resolve_sweep_id(store: ExperimentStore, name: str, resume: bool, sweep_id: str | None) -> str:
