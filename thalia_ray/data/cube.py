@@ -170,14 +170,18 @@ class Cube:
         out: list[np.ndarray | BaseException] = []
         for variable in variables:
             dims = [d for d in self.dataset[variable].dims if d != schema.PRIMARY_DIM]
-            if variable in fetched:
-                values = fetched[variable]
-            else:
-                data = self.dataset[variable]
-                values = data.isel({d: v for d, v in wanted.items() if d in data.dims}).values
+            values = fetched[variable] if variable in fetched else _read_decoded(self.dataset[variable], wanted)
             out.append(values if isinstance(values, BaseException)
                        else _to_series(np.asarray(values), dims, inverse, window, ydim))
         return out
+
+
+def _read_decoded(data: xr.DataArray, wanted: dict[str, Any]) -> np.ndarray | BaseException:
+    """One variable through xarray's CF decoding; a failure is returned, as the direct reads do."""
+    try:
+        return data.isel({d: v for d, v in wanted.items() if d in data.dims}).values
+    except Exception as err:  # noqa: BLE001 - named by the caller with its variable
+        return err
 
 
 async def _gather(reads: list[Any]) -> list[Any]:
@@ -211,8 +215,9 @@ def _direct_arrays(store: Any, dataset: xr.Dataset) -> dict[str, Any]:
         fills = [encoding[k] for k in ("_FillValue", "missing_value") if encoding.get(k) is not None]
         if any(not (np.asarray(f).dtype.kind == "f" and np.isnan(f)) for f in np.ravel(fills)):
             continue
-        if name in group and tuple(group[name].shape) == variable.shape:
-            arrays[name] = group[name].async_array
+        array = group.get(name)
+        if isinstance(array, zarr.Array) and tuple(array.shape) == variable.shape:
+            arrays[name] = array.async_array
     return arrays
 
 
