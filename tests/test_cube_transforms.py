@@ -12,16 +12,9 @@ import xarray as xr
 from thalia_ray.config import AugmentConfig, DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationSet, parse_annotation
-from thalia_ray.data.cube import (
-    CountingStore,
-    CubeCache,
-    DataError,
-    Window,
-    crop_window,
-    load_sample,
-    read_raw,
-)
-from thalia_ray.data.index import Sample, SampleIndex
+from thalia_ray.data.cube import CountingStore, CubeCache, DataError, crop_window, read_raw, read_sample
+from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.transforms import augment, finalize, load_statistics, mask_target, normalize
 from thalia_ray.storage import resolve
 
@@ -210,7 +203,7 @@ def test_crop_keeps_target_mask_inside_and_is_deterministic_for_eval():
         crop_window(sample, anns, (32, 32), 64)
 
 
-def test_load_sample_crop_contains_whole_cube_mask(tmp_path):
+def test_read_sample_crop_contains_whole_cube_mask(tmp_path):
     mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
     mask[20:26, 28:34] = 1
     write_cube(str(tmp_path), masks={(0, 1): mask})
@@ -222,8 +215,10 @@ def test_load_sample_crop_contains_whole_cube_mask(tmp_path):
     index = SampleIndex.build(anns, timeseries, cfg, seed=0)
     [sample] = index.samples("train")
     cache = CubeCache(str(tmp_path))
+    stats = load_statistics(tmp_path / "statistics.json")
     for seed in range(10):
-        rec = load_sample(sample, index, cfg, cache, np.random.default_rng(seed), training=True)
+        rng = np.random.default_rng(seed)
+        rec = finalize(read_sample(sample, index.annotations, cache, cfg, rng), cfg, stats, rng, training=True)
         assert rec["mask"].shape == (16, 16) and rec["mask"].sum() == 36
         assert rec["image"].shape == (3, 16, 16) and rec["label"] == 1
 
@@ -245,8 +240,6 @@ def test_mask_targets_and_earthquake_mapping():
 
 
 def raw_sample(member_positive, masks, image=None):
-    from thalia_ray.data.cube import RawSample
-
     steps = len(member_positive)
     meta = {
         "frame_id": FRAME, "member_positive": list(member_positive), "confidence": 0.7, "phase": "Unrest",

@@ -11,9 +11,12 @@ import pytest
 
 from test_shards import build_root, write_published
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.data import pipeline, shards
+from thalia_ray.data import pipeline
 from thalia_ray.data.cube import DataError
 from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.shards.export import export_shards
+from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
+from thalia_ray.storage import resolve
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 
@@ -27,7 +30,7 @@ def dataset(tmp_path_factory, ray_cluster) -> tuple[str, str]:
     """(dataset root, shard root with T=1 exported)."""
     base = tmp_path_factory.mktemp("pipeline")
     root = build_root(base / "root")
-    shards.export_shards(config(root).data, str(base / "shards"), length=1, samples_per_shard=4)
+    export_shards(config(root).data, str(base / "shards"), length=1, samples_per_shard=4)
     return root, str(base / "shards")
 
 
@@ -138,9 +141,9 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
 
 def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
     """Overwrite the npy header of one sample's image member; returns (shard path, key)."""
-    base = shards.shard_root(out, 1)
-    entry = shards.manifest_entries(shards.load_manifest(out, 1), base, split)[position]
-    path = Path(entry.shard)
+    base = shard_root(resolve(out), 1)
+    entry = manifest_entries(load_manifest(resolve(out), 1), base, split)[position]
+    path = Path(entry.shard.path)
     data = bytearray(path.read_bytes())
     start = entry.offset + tarfile.BLOCKSIZE
     data[start:start + 16] = b"\xff" * 16
@@ -151,7 +154,7 @@ def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
 def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
     root, _ = dataset
     out = str(tmp_path / "shards")
-    shards.export_shards(config(root).data, out, length=1, splits=("val",), samples_per_shard=4)
+    export_shards(config(root).data, out, length=1, splits=("val",), samples_per_shard=4)
     path, key = _corrupt_member(out, "val", 1)
     data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("val",))
     got = keys(data.datasets["val"])

@@ -17,9 +17,15 @@ import pytest
 import xarray as xr
 
 from thalia_ray.config import DataConfig
-from thalia_ray.data import schema, shards
-from thalia_ray.data.cube import get_cache, load_sample
+from thalia_ray.data import schema
+from thalia_ray.data.cube import get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.shards.export import export_shards
+from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
+from thalia_ray.data.shards.npy import decode_own
+from thalia_ray.data.shards.published import decode_published, published_members, scan_published
+from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
+                                        parse_members, write_tar)
 from thalia_ray.storage import resolve
 
 FRAMES = ("021D_09150_131313", "128A_09016_110500")
@@ -118,11 +124,11 @@ def _torch_bytes(obj) -> bytes:
 
 
 def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
-    """The sample's members as the original exporter writes them (see shards.published_members)."""
-    raw = shards.eval_raw(sample, index.annotations, data_cfg, channels=data_cfg.channels)
+    """The sample's members as the original exporter writes them (see published_members)."""
+    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg)
     records = [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
                for u, a in ((u, index.annotations[u]) for u in sample.unique_ids)]
-    return shards.published_members(raw, records)
+    return published_members(raw, records)
 
 
 def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4,
@@ -138,7 +144,7 @@ def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int 
         members = dict(items[0][1], **{"sample.pth": _torch_bytes({"frame_id": Payload(), "label": [True]})})
         items.append((malicious_key, members))
     for n, start in enumerate(range(0, len(items), per_shard)):
-        shards.write_tar(str(folder / f"shard-{n:06d}.tar"), items[start:start + per_shard])
+        write_tar(str(folder / f"shard-{n:06d}.tar"), items[start:start + per_shard])
     return [k for k, _ in items]
 
 
@@ -152,87 +158,86 @@ def root(tmp_path_factory) -> str:
 def test_tar_ranges_read_back_members(tmp_path):
     path = str(tmp_path / "a.tar")
     items = [(f"k{i}", {"image.npy": bytes([i]) * (300 + i), "json": b"{}"}) for i in range(3)]
-    ranges = shards.write_tar(path, items)
+    ranges = write_tar(path, items)
     data = Path(path).read_bytes()
     for (key, members), (rkey, offset, size) in zip(items, ranges):
         assert rkey == key
-        assert shards.parse_members(data[offset:offset + size], "t") == {key: members}
-    assert shards.write_tar(str(tmp_path / "b.tar"), items) == ranges
-    assert shards.file_sha256(path) == shards.file_sha256(str(tmp_path / "b.tar"))  # reproducible bytes
+        assert parse_members(data[offset:offset + size], "t") == {key: members}
+    assert write_tar(str(tmp_path / "b.tar"), items) == ranges
+    assert file_sha256(path) == file_sha256(str(tmp_path / "b.tar"))  # reproducible bytes
 
 
 def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
     cfg = data_config(root, length=2)
-    report = shards.export_shards(cfg, str(tmp_path / "out"), length=2, samples_per_shard=2)
+    report = export_shards(cfg, str(tmp_path / "out"), length=2, samples_per_shard=2)
     assert report.shards_written > 0 and report.shards_kept == 0 and not report.skipped
-    base = shards.shard_root(str(tmp_path / "out"), 2)
-    manifest = json.loads(Path(base.path, shards.MANIFEST).read_text())
+    base = shard_root(resolve(str(tmp_path / "out")), 2)
+    manifest = json.loads(Path(base.path, MANIFEST).read_text())
     assert manifest["channels"] == cfg.channels  # the configured channels only, as published shards
     index = SampleIndex.from_config(cfg, 0)
     for split in ("train", "val", "test"):
-        entries = shards.manifest_entries(manifest, base, split)
+        entries = manifest_entries(manifest, base, split)
         assert [e.key for e in entries] == [s.key for s in index.samples(split)]
     assert {s["name"].split("/")[0] for s in manifest["shards"]} == {"train_pos", "train_neg", "val", "test"}
     for s in manifest["shards"]:
         tar = Path(base.path, s["name"])
-        assert shards.file_sha256(str(tar)) == s["sha256"] and tar.stat().st_size == s["bytes"]
+        assert file_sha256(str(tar)) == s["sha256"] and tar.stat().st_size == s["bytes"]
         with tarfile.open(tar) as handle:
             names = handle.getnames()
         assert all(n.split(".", 1)[1] in ("image.npy", "mask.npy", "json") for n in names)
         assert all(e[3] == (1 if s["name"].startswith("train_pos") else e[3]) for e in s["entries"])
     # every sample decodes to exactly what the cube path reads (evaluation crop, selected channels)
     cache = get_cache(root)
-    entries = shards.manifest_entries(manifest, base, "val") + shards.manifest_entries(manifest, base, "train")
+    entries = manifest_entries(manifest, base, "val") + manifest_entries(manifest, base, "train")
     by_key = {s.key: s for split in ("train", "val") for s in index.samples(split)}
-    for entry, blob in shards.fetch_ranges(entries):
-        members = shards.parse_members(blob, entry.where)[entry.key]
+    for entry, blob in fetch_ranges(entries):
+        members = parse_members(blob, entry.where)[entry.key]
         assert np.load(io.BytesIO(bytes(members["image.npy"]))).shape[:2] == (2, len(cfg.channels))
-        raw = shards.decode_own(members, entry, cfg.channels, manifest["channels"])
-        direct = shards.eval_raw(by_key[entry.key], index.annotations, cfg)
+        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"])
+        direct = read_sample(by_key[entry.key], index.annotations, cache, cfg, channels=schema.ALL_CHANNELS)
         picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
         np.testing.assert_array_equal(raw.image, direct.image[:, picked])
         np.testing.assert_array_equal(raw.mask, direct.mask)
         assert raw.meta == json.loads(json.dumps(direct.meta))
-        record = load_sample(by_key[entry.key], index, cfg, cache, None, training=False)
-        assert record["key"] == entry.key
+        np.testing.assert_array_equal(raw.image, read_sample(by_key[entry.key], index.annotations, cache, cfg).image)
 
 
 def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     cfg = data_config(root)
     out = f"{s3_bucket}/shards"
-    report = shards.export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, dtype="float16",
+    report = export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, dtype="float16",
                                   compress=True)
     assert report.samples == {"val": 6} and report.shards_written == 2
-    manifest = shards.load_manifest(out, 1)
-    entries = shards.manifest_entries(manifest, shards.shard_root(out, 1), "val")
+    manifest = load_manifest(resolve(out), 1)
+    entries = manifest_entries(manifest, shard_root(resolve(out), 1), "val")
     index = SampleIndex.from_config(cfg, 0)
-    for entry, blob in shards.fetch_ranges(entries):
-        members = shards.parse_members(blob, entry.where)[entry.key]
+    for entry, blob in fetch_ranges(entries):
+        members = parse_members(blob, entry.where)[entry.key]
         assert set(members) == {"image.npy.gz", "mask.npy.gz", "json"}
-        raw = shards.decode_own(members, entry, cfg.channels, manifest["channels"])
-        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg, channels=cfg.channels)
+        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"])
+        direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg)
         np.testing.assert_array_equal(raw.image, direct.image.astype(np.float16).astype(np.float32))
 
 
 def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ray_cluster):
     cfg = data_config(root)
     out = str(tmp_path / "out")
-    first = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    first = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
     base = Path(out, "1")
-    manifest = json.loads((base / shards.MANIFEST).read_text())
+    manifest = json.loads((base / MANIFEST).read_text())
     victim, truncated = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
     os.remove(base / f"{victim}.done")  # interrupted before its done record
     (base / truncated).write_bytes((base / truncated).read_bytes()[:700])  # a half-written tar under its name
-    (base / shards.MANIFEST).unlink()
-    second = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    (base / MANIFEST).unlink()
+    second = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
     assert second.shards_written == 2 and second.shards_kept == first.shards_written - 2
-    again = json.loads((base / shards.MANIFEST).read_text())
+    again = json.loads((base / MANIFEST).read_text())
     assert again["shards"] == manifest["shards"]  # identical bytes and hashes after the resume
     assert not list(base.rglob("*.tmp"))
     # another member layout (all nine channels) reuses nothing: every shard is written again
-    third = shards.export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
+    third = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
     assert third.shards_kept == 0 and third.shards_written == first.shards_written
-    assert json.loads((base / shards.MANIFEST).read_text())["channels"] == list(schema.ALL_CHANNELS)
+    assert json.loads((base / MANIFEST).read_text())["channels"] == list(schema.ALL_CHANNELS)
 
 
 def test_all_channel_export_serves_any_subset_and_a_missing_channel_is_named(root, tmp_path, ray_cluster):
@@ -241,20 +246,20 @@ def test_all_channel_export_serves_any_subset_and_a_missing_channel_is_named(roo
 
     cfg = data_config(root)
     full, narrow = str(tmp_path / "full"), str(tmp_path / "narrow")
-    shards.export_shards(cfg, full, length=1, splits=("val",), samples_per_shard=4, all_channels=True)
-    shards.export_shards(cfg, narrow, length=1, splits=("val",), samples_per_shard=4)
+    export_shards(cfg, full, length=1, splits=("val",), samples_per_shard=4, all_channels=True)
+    export_shards(cfg, narrow, length=1, splits=("val",), samples_per_shard=4)
     other_cfg = data_config(root, geomorphology=["insar_coherence"], atmospheric=["total_column_water_vapour"])
     other = other_cfg.channels  # coherence and both water-vapour channels: two are not in cfg.channels
-    manifest = shards.load_manifest(full, 1)
+    manifest = load_manifest(resolve(full), 1)
     index = SampleIndex.from_config(cfg, 0)
-    for entry, blob in shards.fetch_ranges(shards.manifest_entries(manifest, shards.shard_root(full, 1), "val")):
-        raw = shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, other, manifest["channels"])
-        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg, channels=other)
+    for entry, blob in fetch_ranges(manifest_entries(manifest, shard_root(resolve(full), 1), "val")):
+        raw = decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, other, manifest["channels"])
+        direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg, channels=other)
         np.testing.assert_array_equal(raw.image, direct.image)
-    [(entry, blob)] = list(shards.fetch_ranges(shards.manifest_entries(
-        shards.load_manifest(narrow, 1), shards.shard_root(narrow, 1), "val")[:1]))
-    with pytest.raises(shards.ShardError, match=rf"key {entry.key}: channels \['\w+_total_column_water_vapour"):
-        shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, other, cfg.channels)
+    [(entry, blob)] = list(fetch_ranges(manifest_entries(
+        load_manifest(resolve(narrow), 1), shard_root(resolve(narrow), 1), "val")[:1]))
+    with pytest.raises(ShardError, match=rf"key {entry.key}: channels \['\w+_total_column_water_vapour"):
+        decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, other, cfg.channels)
     run_cfg = ThaliaConfig.model_validate({"data": {**other_cfg.model_dump(), "source": "shards", "shards": narrow}})
     with pytest.raises(ValueError, match="data.geomorphology/data.atmospheric: .*_total_column_water_vapour.*--all-channels"):
         build_datasets(run_cfg, splits=("val",))
@@ -264,60 +269,60 @@ def test_member_parsing_matches_tarfile_and_falls_back_for_pax_headers(tmp_path)
     long_key = "k" * 120  # a name over 100 bytes needs a PAX header, which the fast path hands to tarfile
     items = [("a1", {"image.npy": b"x" * 700, "json": b"{}"}), (long_key, {"json": b"[1]"})]
     path = tmp_path / "m.tar"
-    (_, _, first_size), _ = shards.write_tar(str(path), items)
+    (_, _, first_size), _ = write_tar(str(path), items)
     data = path.read_bytes()
     with tarfile.open(path) as tar:
         expected = {m.name: tar.extractfile(m).read() for m in tar}
-    parsed = shards.parse_members(data, "t")
+    parsed = parse_members(data, "t")
     assert {f"{k}.{suffix}": bytes(v) for k, ms in parsed.items() for suffix, v in ms.items()} == expected
-    plain = shards.parse_members(data[:first_size], "t")  # the first sample alone: plain ustar, zero-copy views
+    plain = parse_members(data[:first_size], "t")  # the first sample alone: plain ustar, zero-copy views
     assert isinstance(plain["a1"]["image.npy"], memoryview) and bytes(plain["a1"]["image.npy"]) == b"x" * 700
-    with pytest.raises(shards.ShardError, match="t: member a1.image.npy is truncated"):
-        shards.parse_members(data[:900], "t")
+    with pytest.raises(ShardError, match="t: member a1.image.npy is truncated"):
+        parse_members(data[:900], "t")
 
 
 def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
     cfg = data_config(root)
     out = str(tmp_path / "out")
-    shards.export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=6)
-    base = shards.shard_root(out, 1)
-    entries = shards.manifest_entries(shards.load_manifest(out, 1), base, "val")
+    export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=6)
+    base = shard_root(resolve(out), 1)
+    entries = manifest_entries(load_manifest(resolve(out), 1), base, "val")
     tar = Path(base.path, "val", "shard-000000.tar")
     data = bytearray(tar.read_bytes())
     victim = entries[2]
     start = victim.offset + tarfile.BLOCKSIZE  # the image.npy header, right after its tar header
     data[start:start + 16] = b"\xff" * 16
     tar.write_bytes(bytes(data))
-    results = {e.key: blob for e, blob in shards.fetch_ranges(entries)}
-    with pytest.raises(shards.ShardError, match=f"{tar.name}, key {victim.key}"):
-        members = shards.parse_members(results[victim.key], victim.where)[victim.key]
-        shards.decode_own(members, victim, cfg.channels)
-    short = shards.ShardEntry(victim.key, victim.shard, len(data) - 100, 400, 0, 0)
-    [(entry, err)] = list(shards.fetch_ranges([short]))
-    assert isinstance(err, shards.ShardError) and victim.key in str(err) and "shard" in str(err)
+    results = {e.key: blob for e, blob in fetch_ranges(entries)}
+    with pytest.raises(ShardError, match=f"{tar.name}, key {victim.key}"):
+        members = parse_members(results[victim.key], victim.where)[victim.key]
+        decode_own(members, victim.key, victim.where, cfg.channels)
+    short = ShardEntry(victim.key, victim.shard, len(data) - 100, 400, 0, 0)
+    [(entry, err)] = list(fetch_ranges([short]))
+    assert isinstance(err, ShardError) and victim.key in str(err) and "shard" in str(err)
 
 
 def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cluster):
     cfg = data_config(root, length=1)
     out = str(tmp_path / "published")
     keys = write_published(out, cfg, "val", malicious_key="evil01")
-    with pytest.raises(shards.UnsafeShardError, match=r"shard-000001\.tar, key evil01"):
-        shards.scan_published(out, 1, "val", "union")
+    with pytest.raises(UnsafeShardError, match=r"shard-000001\.tar, key evil01"):
+        scan_published(resolve(out), 1, "val", "union")
     assert not Path("/tmp/thalia-pwned").exists()
     Path(out, "1", "val", "shard-000001.tar").unlink()  # the one holding the payload
-    entries = shards.scan_published(out, 1, "val", "union")
+    entries = scan_published(resolve(out), 1, "val", "union")
     assert [e.key for e in entries] == keys[:4]
     index = SampleIndex.from_config(cfg, 0)
-    for entry, blob in shards.fetch_ranges(entries):
-        raw = shards.decode_published(shards.parse_members(blob, entry.where)[entry.key], entry, cfg, "val")
-        direct = shards.eval_raw(index.samples("val")[entry.order], index.annotations, cfg)
+    for entry, blob in fetch_ranges(entries):
+        raw = decode_published(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, cfg, "val")
+        direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg,
+                             channels=schema.ALL_CHANNELS)
         picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
         np.testing.assert_array_equal(raw.image, direct.image[:, picked])
         np.testing.assert_array_equal(raw.mask, np.where(direct.mask == 2, 1, direct.mask))
         assert raw.meta["unique_ids"] == direct.meta["unique_ids"] and raw.meta["label"] == direct.meta["label"]
     evil = published_sample(index, index.samples("val")[0], cfg)
     evil["image.pth"] = _torch_bytes(Payload())
-    entry = shards.ShardEntry("evil02", "mem://x.tar", 0, 0, 0, 0, "published")
-    with pytest.raises(shards.UnsafeShardError, match="key evil02, member image.pth"):
-        shards.decode_published(evil, entry, cfg, "val")
+    with pytest.raises(UnsafeShardError, match="key evil02, member image.pth"):
+        decode_published(evil, "evil02", "shard mem://x.tar, key evil02", cfg, "val")
     assert not Path("/tmp/thalia-pwned").exists()

@@ -62,8 +62,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare_index(args: argparse.Namespace) -> int:
     from thalia_ray.data.index import index_counts
+    from thalia_ray.storage import resolve
 
-    counts = index_counts(args.data, args.length, args.policy)
+    counts = index_counts(resolve(args.data, _config(args).storage), args.length, args.policy)
     if args.json:
         print(json.dumps(counts, indent=2))
         return 0
@@ -77,12 +78,15 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
 def cmd_prepare_stats(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from thalia_ray import runtime
+    from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.stats import compute_statistics
+    from thalia_ray.storage import resolve
 
     if args.data:
         cfg = cfg.with_overrides({"data.root": args.data})
+    out = resolve(args.out, cfg.storage) if args.out else None
     with runtime.start(cfg.runtime):
-        stats = compute_statistics(cfg.data, split=args.split, out=args.out)
+        stats = compute_statistics(cfg.data, split=args.split, out=out, locations=DataLocations.of(cfg.data, cfg.storage))
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -90,16 +94,19 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from thalia_ray import runtime
-    from thalia_ray.data.shards import export_shards
+    from thalia_ray.data.locations import DataLocations
+    from thalia_ray.data.shards.export import export_shards
+    from thalia_ray.storage import resolve
 
     overrides = {"data.root": args.data} if args.data else {}
     if args.length:
         overrides["data.length"] = args.length
     cfg = cfg.with_overrides(overrides)
     with runtime.start(cfg.runtime):
-        report = export_shards(cfg.data, args.out, cfg.data.length, splits=tuple(args.split),
+        report = export_shards(cfg.data, resolve(args.out, cfg.storage), cfg.data.length, splits=tuple(args.split),
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
-                               all_channels=args.all_channels, seed=cfg.seed, storage_cfg=cfg.storage)
+                               all_channels=args.all_channels, seed=cfg.seed,
+                               locations=DataLocations.of(cfg.data, cfg.storage))
     print(report)
     return 0
 
@@ -257,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--length", type=int, default=1, help="time-series length T")
     index.add_argument("--policy", choices=["enumerate", "resample"], default="enumerate")
     index.add_argument("--json", action="store_true")
+    _add_config_args(index)  # storage settings (storage.endpoint_url) for an s3:// --data
     index.set_defaults(handler=cmd_prepare_index)
     stats = prepare.add_parser("stats", help="recompute statistics.json (a Ray job)")
     _add_config_args(stats)

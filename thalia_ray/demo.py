@@ -55,7 +55,7 @@ def demo_config(workdir: Path, overrides: Sequence[str] = ()) -> ThaliaConfig:
 
 def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray import runtime
-    from thalia_ray.data.shards import export_shards
+    from thalia_ray.data.shards.export import export_shards
     from thalia_ray.data.synthetic.generator import synthesize
     from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import leaderboard_text

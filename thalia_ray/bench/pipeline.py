@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 
 from thalia_ray.config import DataConfig
-from thalia_ray.data import schema, shards
-from thalia_ray.data.cube import CubeCache, crop_window, read_raw
+from thalia_ray.data import schema
+from thalia_ray.data.cube import CubeCache, crop_window, read_sample
 from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.shards.npy import decode_own
+from thalia_ray.data.shards.published import decode_published, published_members
+from thalia_ray.data.shards.tar import ShardEntry, fetch_ranges, parse_members, write_tar
 
 
 def original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.ndarray:
@@ -40,38 +43,36 @@ def original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.n
 
 
 def windowed_read(sample: Any, index: SampleIndex, data_cfg: DataConfig, cache: CubeCache) -> np.ndarray:
-    window = crop_window(sample, index.annotations, cache.get(sample.frame_id).shape, data_cfg.crop, None,
-                         data_cfg.mask_target)
-    return read_raw(sample, cache, window, data_cfg.channels, index.annotations).image
+    return read_sample(sample, index.annotations, cache, data_cfg).image
 
 
-def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[shards.ShardEntry]:
+def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[ShardEntry]:
     """The same samples in the published member layout (image/labels/sample `.pth`), each sample
     dict holding its real annotation records, as the original exporter pickles them."""
     from thalia_ray.storage import resolve
 
     records = resolve(data_cfg.root).join(schema.ANNOTATIONS_FILE).read_json()
-    items = [(raw.key, shards.published_members(raw, [records[str(u)] for u in raw.meta["unique_ids"]]))
+    items = [(raw.key, published_members(raw, [records[str(u)] for u in raw.meta["unique_ids"]]))
              for raw in raws]
-    ranges = shards.write_tar(path, items)
-    return [shards.ShardEntry(k, path, off, size, 0, i, "published") for i, (k, off, size) in enumerate(ranges)]
+    ranges = write_tar(path, items)
+    return [ShardEntry(k, resolve(path), off, size, 0, i, "published") for i, (k, off, size) in enumerate(ranges)]
 
 
-def read_published(entries: list[shards.ShardEntry], data_cfg: DataConfig) -> int:
+def read_published(entries: list[ShardEntry], data_cfg: DataConfig) -> int:
     """The baseline: every sample decoded from its `.pth` members (safe `torch.load`) to a RawSample."""
-    for entry, blob in shards.fetch_ranges(entries):
-        shards.decode_published(shards.parse_members(blob, entry.where)[entry.key], entry, data_cfg, "val")
+    for entry, blob in fetch_ranges(entries):
+        decode_published(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, data_cfg, "val")
     return len(entries)
 
 
-def read_own(entries: list[shards.ShardEntry], channels: list[str], stored: list[str]) -> int:
+def read_own(entries: list[ShardEntry], channels: list[str], stored: list[str]) -> int:
     """Our path: every sample decoded from its `.npy`/`.json` members to a RawSample."""
-    for entry, blob in shards.fetch_ranges(entries):
-        shards.decode_own(shards.parse_members(blob, entry.where)[entry.key], entry, channels, stored)
+    for entry, blob in fetch_ranges(entries):
+        decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, channels, stored)
     return len(entries)
 
 
-def stream_peak_rss(entries: list[shards.ShardEntry], channels: list[str], chunk: int) -> dict[str, float]:
+def stream_peak_rss(entries: list[ShardEntry], channels: list[str], chunk: int) -> dict[str, float]:
     """Ray task body: stream every entry in read-task-sized chunks; report the peak RSS (MiB)."""
     for start in range(0, len(entries), chunk):
         read_own(entries[start:start + chunk], channels, channels)

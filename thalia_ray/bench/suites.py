@@ -92,15 +92,18 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
     import ray
 
     from thalia_ray.bench import pipeline as pl
-    from thalia_ray.data import shards
+    from thalia_ray.data.cube import get_cache, read_sample
+    from thalia_ray.data.shards.npy import sample_members
+    from thalia_ray.data.shards.tar import ShardEntry, write_tar
+    from thalia_ray.storage import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         _, data_cfg, index, samples = _samples(tmp, p)
         channels = list(data_cfg.channels)
-        raws = [shards.eval_raw(s, index.annotations, data_cfg, channels=channels) for s in samples]
+        raws = [read_sample(s, index.annotations, get_cache(data_cfg.root), data_cfg) for s in samples]
         dtype = p.get("dtype", "float32")
-        own = shards.write_tar(f"{tmp}/own.tar", [(r.key, shards.sample_members(r, dtype, False)) for r in raws])
-        own_entries = [shards.ShardEntry(k, f"{tmp}/own.tar", off, size, 0, i) for i, (k, off, size) in enumerate(own)]
+        own = write_tar(f"{tmp}/own.tar", [(r.key, sample_members(r, dtype, False)) for r in raws])
+        own_entries = [ShardEntry(k, resolve(f"{tmp}/own.tar"), off, size, 0, i) for i, (k, off, size) in enumerate(own)]
         published = pl.published_tar(f"{tmp}/published.tar", raws, data_cfg)
         reps = interleave({
             "own": timed_rate(lambda: pl.read_own(own_entries, channels, channels)),
@@ -138,10 +141,12 @@ def _dataloader_epoch(samples: list[Any], index: Any, data_cfg: Any, batch_size:
     from torch.utils.data import DataLoader
 
     from thalia_ray.bench import pipeline as pl
-    from thalia_ray.data.cube import RawSample, crop_window, sample_meta
+    from thalia_ray.data.cube import crop_window, sample_meta
+    from thalia_ray.data.locations import DataLocations
+    from thalia_ray.data.samples import RawSample
     from thalia_ray.data.transforms import finalize, statistics_for
 
-    stats = statistics_for(data_cfg)
+    stats = statistics_for(DataLocations.of(data_cfg).statistics)
 
     class PerSample:
         def __len__(self) -> int:

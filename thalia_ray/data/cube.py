@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -24,10 +24,10 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
+from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.data.annotations import AnnotationSet
-from thalia_ray.data.index import Sample, SampleIndex
-from thalia_ray.data.transforms import finalize, statistics_for
+from thalia_ray.data.annotations import Annotation
+from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location, resolve
 
@@ -39,26 +39,6 @@ class DataError(ThaliaError, RuntimeError):
 
     The message names the cube, variable, dates and window; the pipeline decides to skip or fail.
     """
-
-
-class Window(NamedTuple):
-    """A crop in frame pixels: top-left (row, col) and size."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-
-    def describe(self) -> str:
-        return f"rows {self.row}:{self.row + self.height}, cols {self.col}:{self.col + self.width}"
-
-
-@dataclass
-class RawSample:
-    image: np.ndarray  # float32 (T, C, h, w), unnormalised, in `channels` order
-    mask: np.ndarray  # uint8 (T, h, w), raw cube values (0/1/2)
-    key: str
-    meta: dict[str, Any]  # JSON-serialisable
 
 
 # ------------------------------------------------------------------------- storage accounting
@@ -224,21 +204,19 @@ def _direct_arrays(store: Any, dataset: xr.Dataset) -> dict[str, Any]:
 class CubeCache:
     """Opens each `{root}/{frame_id}.zarr` once per process, lazily.
 
-    Pickling a cache ships only its root, so a Ray task or actor that receives one opens its own
+    Pickling a cache ships only its root (a Location, with its storage options), so a Ray task or actor that receives one opens its own
     cubes; `get_cache` returns the process-wide instance for a root.
     """
 
-    def __init__(self, root: str | Location, storage_cfg: Any | None = None,
-                 store_wrapper: Callable[[Any], Any] | None = None) -> None:
-        self.root = resolve(root, storage_cfg)
-        self.storage_cfg = storage_cfg
+    def __init__(self, root: str | Location, store_wrapper: Callable[[Any], Any] | None = None) -> None:
+        self.root = resolve(root)
         self.store_wrapper = store_wrapper
         self.stores: dict[str, Any] = {}
         self._cubes: dict[str, Cube] = {}
         self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CubeCache, (self.root.url, self.storage_cfg, self.store_wrapper))
+        return (CubeCache, (self.root, self.store_wrapper))
 
     def get(self, frame_id: str) -> Cube:
         with self._lock:
@@ -264,16 +242,16 @@ class CubeCache:
         return Cube(frame_id, location.url, dataset, _direct_arrays(store, dataset))
 
 
-_CACHES: dict[str, CubeCache] = {}
+_CACHES: dict[Location, CubeCache] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def get_cache(root: str | Location, storage_cfg: Any | None = None) -> CubeCache:
-    """The process-wide cache for a dataset root."""
-    key = resolve(root, storage_cfg).url
+def get_cache(root: str | Location) -> CubeCache:
+    """The process-wide cache for a dataset root (one per root and storage options)."""
+    key = resolve(root)
     with _CACHES_LOCK:
         if key not in _CACHES:
-            _CACHES[key] = CubeCache(root, storage_cfg)
+            _CACHES[key] = CubeCache(key)
         return _CACHES[key]
 
 
@@ -283,7 +261,7 @@ def polygon_area(polygon: Sequence[float]) -> float:
     return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
 
 
-def target_polygons(sample: Sample, annotations: AnnotationSet, mask_target: str = "union") -> list[tuple[float, ...]]:
+def target_polygons(sample: Sample, annotations: Mapping[int, Annotation], mask_target: str = "union") -> list[tuple[float, ...]]:
     """Polygons of the members whose masks form the target (`last`, `peak` or every member)."""
     members = [annotations[uid].polygons for uid in sample.unique_ids]
     if mask_target == "last":
@@ -311,7 +289,7 @@ def _start(center: int, crop: int, size: int) -> int:
 
 def crop_window(
     sample: Sample,
-    annotations: AnnotationSet,
+    annotations: Mapping[int, Annotation],
     frame_shape: tuple[int, int],
     crop: int,
     rng: np.random.Generator | None = None,
@@ -343,7 +321,7 @@ def crop_window(
 
 
 # ------------------------------------------------------------------------------------ reads
-def sample_meta(sample: Sample, annotations: AnnotationSet, window: Window) -> dict[str, Any]:
+def sample_meta(sample: Sample, annotations: Mapping[int, Annotation], window: Window) -> dict[str, Any]:
     """JSON-serialisable description of a sample, with the per-member annotation fields."""
     members = [annotations[uid] for uid in sample.unique_ids]
     return {
@@ -365,7 +343,7 @@ def sample_meta(sample: Sample, annotations: AnnotationSet, window: Window) -> d
 
 
 def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequence[str],
-             annotations: AnnotationSet) -> RawSample:
+             annotations: Mapping[int, Annotation]) -> RawSample:
     """Read only `window` of the sample's pairs for `channels` and the mask."""
     cube = cache.get(sample.frame_id)
     primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates)
@@ -393,12 +371,11 @@ def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequenc
     return RawSample(image=image, mask=mask, key=sample.key, meta=sample_meta(sample, annotations, window))
 
 
-def load_sample(sample: Sample, index: SampleIndex, data_cfg: Any, cache: CubeCache,
-                rng: np.random.Generator | None, training: bool) -> dict[str, Any]:
-    """crop_window + read_raw + finalize: one model-ready record (see transforms.finalize)."""
+def read_sample(sample: Sample, annotations: Mapping[int, Annotation], cache: CubeCache, data_cfg: DataConfig,
+                rng: np.random.Generator | None = None, channels: Sequence[str] | None = None) -> RawSample:
+    """The one way a sample is cut from its cube, for training, evaluation and export alike: the
+    crop (random with `rng`, else the deterministic evaluation crop), the windowed read of
+    `channels` (default: the configured ones) and the mask, and the sample's meta."""
     cube = cache.get(sample.frame_id)
-    window = crop_window(sample, index.annotations, cube.shape, data_cfg.crop,
-                         rng if training else None, data_cfg.mask_target)
-    raw = read_raw(sample, cache, window, data_cfg.channels, index.annotations)
-    stats = statistics_for(data_cfg) if data_cfg.normalize else None
-    return finalize(raw, data_cfg, stats, rng, training)
+    window = crop_window(sample, annotations, cube.shape, data_cfg.crop, rng, data_cfg.mask_target)
+    return read_raw(sample, cache, window, data_cfg.channels if channels is None else list(channels), annotations)

@@ -19,21 +19,10 @@ import numpy as np
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data.annotations import AnnotationSet, find_metadata, load_annotations, load_timeseries
+from thalia_ray.data.samples import Sample
 from thalia_ray.storage import Location
 
 SPLIT_NAMES = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str  # "{frame}-{primary}-{uid_uid_...}": unique, stable, no dots
-    frame_id: str
-    primary_date: str
-    secondary_dates: tuple[str, ...]  # length T
-    unique_ids: tuple[int, ...]
-    member_positive: tuple[bool, ...]
-    label: int
-    split: str
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sam
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -26,10 +26,15 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
-from thalia_ray.data import shards as shard_io
-from thalia_ray.data.cube import DataError, RawSample, crop_window, get_cache, read_raw
-from thalia_ray.data.index import Sample, SampleIndex, epoch_draw, group_rng
+from thalia_ray.data.cube import DataError
+from thalia_ray.data.index import group_rng
+from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.samples import BadSample
+from thalia_ray.data.shards.remote import remote_args
+from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
+from thalia_ray.data.sources import Source, open_source
 from thalia_ray.data.transforms import finalize, statistics_for
+from thalia_ray.storage import Location
 
 READ_CPUS = 0.25  # per read task and per map task: trainers holding most CPUs cannot starve Data
 NAMESPACE = "thalia_ray"
@@ -99,13 +104,12 @@ def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
 class Spec:
     """What read and map tasks need to know about a split (small and picklable)."""
 
-    kind: str  # "cube", "own" or "published"
+    source: Source  # a task copy (see Source.for_items)
     split: str
     data: DataConfig
-    storage: Any
+    statistics: Location  # where the normalisation statistics live, with its storage options
     seed: int
     handle: EpochHandle
-    stored_channels: tuple[str, ...] = ()  # own shards: the channels the export holds (its manifest)
 
     @property
     def training(self) -> bool:
@@ -113,13 +117,6 @@ class Spec:
 
     def rng(self, epoch: int, key: str) -> np.random.Generator:
         return group_rng(self.seed, "sample", epoch, key)
-
-
-@dataclass
-class BadSample:
-    origin: str  # the cube URL or shard URL
-    key: str
-    reason: str
 
 
 def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
@@ -136,37 +133,17 @@ def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_cube(spec: Spec, epoch: int, samples: Sequence[Sample], annotations: dict[int, Any]) -> Iterator[Any]:
-    """Windowed reads of the samples' crops: one block of raw arrays (bad samples reported)."""
-    cache = get_cache(spec.data.root, spec.storage)
-    rows: dict[str, list[Any]] = {"key": [], "origin": [], "image": [], "mask": [], "meta": []}
-    for sample in samples:
-        origin = cache.root.join(f"{sample.frame_id}.zarr").url
-        try:
-            cube = cache.get(sample.frame_id)
-            rng = spec.rng(epoch, sample.key) if spec.training else None
-            window = crop_window(sample, annotations, cube.shape, spec.data.crop, rng, spec.data.mask_target)
-            raw = read_raw(sample, cache, window, spec.data.channels, annotations)
-        except (DataError, OSError, ValueError) as err:
-            report_bad(spec, epoch, BadSample(origin, sample.key, f"{type(err).__name__}: {err}"))
+def _read(spec: Spec, epoch: int, items: Sequence[Any]) -> Iterator[Any]:
+    """The source's raw rows of `items` as one block (bad samples reported)."""
+    rng = (lambda key: spec.rng(epoch, key)) if spec.training else (lambda key: None)
+    rows: dict[str, list[Any]] = {}
+    for row in spec.source.read(items, rng):
+        if isinstance(row, BadSample):
+            report_bad(spec, epoch, row)
             continue
-        meta = json.dumps(raw.meta)
-        for name, value in (("key", raw.key), ("origin", origin), ("image", raw.image), ("mask", raw.mask), ("meta", meta)):
-            rows[name].append(value)
-    if rows["key"]:
-        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
-
-
-def _read_shards(spec: Spec, epoch: int, entries: Sequence[shard_io.ShardEntry]) -> Iterator[Any]:
-    """Ranged reads of the entries' tar members: one block of raw bytes (bad reads reported)."""
-    rows: dict[str, list[Any]] = {"key": [], "origin": [], "offset": [], "blob": []}
-    for entry, data in shard_io.fetch_ranges(entries, spec.storage):
-        if isinstance(data, Exception):
-            report_bad(spec, epoch, BadSample(entry.shard, entry.key, f"{type(data).__name__}: {data}"))
-            continue
-        for name, value in (("key", entry.key), ("origin", entry.shard), ("offset", entry.offset), ("blob", bytes(data))):
-            rows[name].append(value)
-    if rows["key"]:
+        for name, value in row.items():
+            rows.setdefault(name, []).append(value)
+    if rows:
         yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
 
 
@@ -181,18 +158,15 @@ def _column(values: list[Any]) -> np.ndarray:
 class EpochDatasource(Datasource):
     """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
 
-    def __init__(self, spec: Spec, index: SampleIndex | None, entries: list[shard_io.ShardEntry] | None,
-                 sample_bytes: int) -> None:
+    def __init__(self, spec: Spec, source: Source, sample_bytes: int) -> None:
         super().__init__()
-        self.spec, self.index, self.entries, self.sample_bytes = spec, index, entries, sample_bytes
+        self.spec, self.source, self.sample_bytes = spec, source, sample_bytes
 
     def get_name(self) -> str:
-        return f"Thalia{self.spec.kind.capitalize()}[{self.spec.split}]"
+        return f"Thalia{self.source.name.capitalize()}[{self.spec.split}]"
 
     def items(self, epoch: int) -> list[Any]:
-        if self.index is not None:
-            return self.index.epoch(self.spec.split, epoch, self.spec.seed)
-        return epoch_draw(self.entries or [], self.spec.split, epoch, self.spec.seed, self.spec.data.balance)
+        return self.source.epoch_items(self.spec.split, epoch)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
@@ -205,12 +179,8 @@ class EpochDatasource(Datasource):
         tasks = []
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
-            if self.index is not None:
-                uids = {u for s in chunk for u in s.unique_ids}
-                annotations = {u: self.index.annotations[u] for u in uids}
-                read = functools.partial(_read_cube, self.spec, epoch, chunk, annotations)
-            else:
-                read = functools.partial(_read_shards, self.spec, epoch, chunk)
+            spec = dataclasses.replace(self.spec, source=self.source.for_items(chunk))
+            read = functools.partial(_read, spec, epoch, chunk)
             meta = BlockMetadata(num_rows=len(chunk), size_bytes=len(chunk) * self.sample_bytes,
                                  input_files=None, exec_stats=None)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
@@ -218,38 +188,19 @@ class EpochDatasource(Datasource):
 
 
 # ------------------------------------------------------------------------------------ decoding
-def _decode(spec: Spec, batch: dict[str, np.ndarray], i: int) -> RawSample:
-    key = str(batch["key"][i])
-    if spec.kind == "cube":
-        return RawSample(image=batch["image"][i], mask=batch["mask"][i], key=key, meta=json.loads(batch["meta"][i]))
-    shard = str(batch["origin"][i])
-    entry = shard_io.ShardEntry(key, shard, int(batch["offset"][i]), 0, -1, -1, spec.kind)  # type: ignore[arg-type]
-    members = shard_io.parse_members(bytes(batch["blob"][i]), entry.where).get(key)
-    if members is None:
-        raise shard_io.ShardError(f"{entry.where}: the manifest's byte range holds no members of this key")
-    if spec.kind == "own":
-        raw = shard_io.decode_own(members, entry, spec.data.channels, spec.stored_channels)
-    else:
-        raw = shard_io.decode_published(members, entry, spec.data, spec.split)
-    bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
-    if bad:
-        raise shard_io.ShardError(f"{entry.where}: {bad} non-finite image values")
-    return raw
-
-
 def finalize_batch(batch: dict[str, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
     """map_batches: raw rows → model-ready records (decode, normalise, augment); bad rows reported."""
     epoch = ray.get(spec.handle.actor().get_epoch.remote()) if spec.training else 0
-    stats = statistics_for(spec.data) if spec.data.normalize else None
+    stats = statistics_for(spec.statistics) if spec.data.normalize else None
     records = []
     for i in range(len(batch["key"])):
         key = str(batch["key"][i])
         try:
-            raw = _decode(spec, batch, i)
+            raw = spec.source.decode({name: column[i] for name, column in batch.items()}, spec.split)
             record = finalize(raw, spec.data, stats, spec.rng(epoch, key), spec.training)
-        except shard_io.UnsafeShardError:
+        except UnsafeShardError:
             raise
-        except (DataError, shard_io.ShardError, ValueError, KeyError) as err:
+        except (DataError, ShardError, ValueError, KeyError) as err:
             report_bad(spec, epoch, BadSample(str(batch["origin"][i]), key, f"{type(err).__name__}: {err}"))
             continue
         records.append(record)
@@ -290,30 +241,6 @@ def _sample_bytes(data: DataConfig) -> int:
     return 4 * data.length * (len(data.channels) + 1) * data.crop * data.crop
 
 
-def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.ShardEntry], tuple[str, ...]]:
-    """(kind, entries, stored channels) of a split's shards, checked against the config first."""
-    data = cfg.data
-    if data.shard_format == "published":
-        entries = shard_io.scan_published(data.shards, data.length, split, data.label_rule, cfg.storage)
-        return "published", entries, ()
-    if data.policy == "resample":
-        raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
-                         "series: use data.source=cube")
-    manifest = shard_io.load_manifest(data.shards, data.length, cfg.storage)
-    if manifest["label_rule"] != data.label_rule:
-        raise ValueError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
-                         f"the config asks for {data.label_rule!r}")
-    if split not in manifest["splits"]:
-        raise ValueError(f"shards under {data.shards} hold splits {manifest['splits']}, not {split!r}")
-    missing = [c for c in data.channels if c not in manifest["channels"]]
-    if missing:
-        raise ValueError(f"data.geomorphology/data.atmospheric: channels {missing} are not in the shards under "
-                         f"{data.shards} (they hold "
-                         f"{manifest['channels']}); export again with these channels or with --all-channels")
-    base = shard_io.shard_root(data.shards, data.length, cfg.storage)
-    return "own", shard_io.manifest_entries(manifest, base, split), tuple(manifest["channels"])
-
-
 def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
     name = f"thalia-epoch-{run_id or uuid.uuid4().hex[:12]}"
     actor = EpochControl.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
@@ -325,20 +252,17 @@ def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
 def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
                    run_id: str | None = None) -> Datasets:
     """One Ray dataset per split from `cfg.data.source`; see the module docstring."""
+    locations = DataLocations.of(cfg.data, cfg.storage)
+    source = open_source(cfg, locations, splits)
     handle = _start_control(cfg, run_id)
-    index = SampleIndex.from_config(cfg.data, cfg.seed) if cfg.data.source == "cube" else None
     datasets, sizes = {}, {}
     for split in splits:
-        if index is not None:
-            kind, entries, stored = "cube", None, ()
-        else:
-            kind, entries, stored = _shard_entries(cfg, split)
-        spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
-        source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
-        sizes[split] = len(source.items(0))
-        options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)
+        spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
+        datasource = EpochDatasource(spec, source, _sample_bytes(cfg.data))
+        sizes[split] = len(datasource.items(0))
+        options = remote_args(READ_CPUS, source.location.url)
         extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
-        ds = ray.data.read_datasource(source, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
+        ds = ray.data.read_datasource(datasource, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
         ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
                             batch_format="numpy", **options)
         if cfg.runtime.data_cpu_limit is not None:

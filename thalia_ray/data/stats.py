@@ -16,9 +16,11 @@ import numpy as np
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.data.cube import CubeCache, Window, get_cache
+from thalia_ray.data.cube import CubeCache, get_cache
 from thalia_ray.data.index import SampleIndex
-from thalia_ray.storage import resolve
+from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.samples import Window
+from thalia_ray.storage import Location, resolve
 
 VARIABLES: tuple[str, ...] = schema.GEOMORPHOLOGY + schema.ATMOSPHERIC
 
@@ -85,7 +87,7 @@ def frame_moments(cache: CubeCache, frame_id: str, pairs: dict[str, Sequence[str
     return dict(partial)
 
 
-def _frame_task(root: str, frame_id: str, pairs: dict[str, list[str]]) -> Partials:
+def _frame_task(root: Location, frame_id: str, pairs: dict[str, list[str]]) -> Partials:
     return frame_moments(get_cache(root), frame_id, pairs)
 
 
@@ -105,23 +107,25 @@ def to_statistics(partials: Partials) -> dict[str, dict[str, float]]:
     }
 
 
-def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | None = None,
-                       seed: int = 0) -> dict[str, dict[str, float]]:
+def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | Location | None = None,
+                       seed: int = 0, locations: DataLocations | None = None) -> dict[str, dict[str, float]]:
     """Statistics of `split`, one Ray task per frame when Ray is initialised (in-process otherwise),
-    written to `out` (default: `data.statistics`, else `{root}/statistics.json`)."""
+    written to `out` (default: `data.statistics`, else `{root}/statistics.json`). `locations`
+    (default: the config's, resolved without storage settings) carry the S3 options."""
     import ray
 
-    index = SampleIndex.from_config(data_cfg, seed)
+    locations = locations or DataLocations.of(data_cfg)
+    root = locations.root
+    index = SampleIndex.from_config(data_cfg, seed, location=root)
     work = split_pairs(index, split)
     if not work:
         raise ValueError(f"split {split!r} has no samples under {data_cfg.root}; cannot compute statistics")
-    root = resolve(data_cfg.root).url
     if ray.is_initialized():
         task = ray.remote(num_cpus=1)(_frame_task)
         partials: list[Partials] = ray.get([task.remote(root, frame, pairs) for frame, pairs in work.items()])
     else:
         partials = [_frame_task(root, frame, pairs) for frame, pairs in work.items()]
     statistics = to_statistics(merge_partials(partials))
-    target = resolve(out or data_cfg.statistics or resolve(data_cfg.root).join(schema.STATISTICS_FILE))
+    target = resolve(out) if out is not None else locations.statistics
     target.write_json(statistics, indent=4)
     return statistics

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -16,10 +16,8 @@ from scipy import ndimage
 from thalia_ray.config import AugmentConfig, DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.index import series_label
+from thalia_ray.data.samples import RawSample
 from thalia_ray.storage import Location, resolve
-
-if TYPE_CHECKING:
-    from thalia_ray.data.cube import RawSample
 
 Statistics = dict[str, dict[str, float]]
 
@@ -41,18 +39,9 @@ def load_statistics(location: str | Location) -> Statistics:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_statistics(url: str) -> Statistics:
-    return load_statistics(url)
-
-
-def statistics_for(data_cfg: DataConfig) -> Statistics:
-    """The statistics a configuration normalises with (`data.statistics`, else
-    `{root}/statistics.json`), read once per process."""
-    if data_cfg.statistics:
-        location = resolve(data_cfg.statistics)
-    else:
-        location = resolve(data_cfg.root).join(schema.STATISTICS_FILE)
-    return _cached_statistics(location.url)
+def statistics_for(location: Location) -> Statistics:
+    """`load_statistics`, read once per process and location (see DataLocations.statistics)."""
+    return load_statistics(location)
 
 
 def normalize(image: np.ndarray, channels: Sequence[str], stats: Statistics) -> np.ndarray:
@@ -190,7 +179,7 @@ def augment(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
 
 
 # ---------------------------------------------------------------------------------- record
-def finalize(raw: "RawSample", data_cfg: DataConfig, stats: Statistics | None,
+def finalize(raw: RawSample, data_cfg: DataConfig, stats: Statistics | None,
              rng: np.random.Generator | None, training: bool) -> dict[str, Any]:
     """RawSample → record: target mask, label, normalised (T·C, H, W) image (time-major), aux targets."""
     steps, channels, height, width = raw.image.shape

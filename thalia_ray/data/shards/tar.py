@@ -1,0 +1,182 @@
+"""The tar container of WebDataset shards: where a sample lives, deterministic writing, zero-copy
+member parsing and ranged fetches.
+
+Reading is zero-copy until the final array: ustar headers are parsed directly (anything else, such
+as PAX or GNU long-name headers, goes through `tarfile`). Readers fetch exactly the byte ranges an
+epoch needs (one ranged GET per run of neighbouring samples of one shard), so a read task's memory
+is bounded by its own samples, whatever the number of shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence, Union
+
+from thalia_ray.storage import Location, with_retries
+
+
+_COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
+Blob = Union[bytes, memoryview]
+
+
+class ShardError(ValueError):
+    """A shard or member that cannot be used; the message names the shard and the sample key."""
+
+
+class UnsafeShardError(ShardError):
+    """A member needs arbitrary unpickling to load; it is refused, never executed."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """Where one sample lives: its tar, the byte range of its members, its label and index order."""
+
+    key: str
+    shard: Location  # the tar, with its storage options
+    offset: int
+    size: int
+    label: int
+    order: int  # position in the sample index (restores index order for epoch draws)
+    fmt: Literal["own", "published"] = "own"
+
+    @property
+    def where(self) -> str:
+        return f"shard {self.shard.url}, key {self.key}"
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """Fixed metadata, so the same samples always give the same bytes (and sha256)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(path: str, samples: Sequence[tuple[str, dict[str, bytes]]]) -> list[tuple[str, int, int]]:
+    """Write (key, members) to a tar at `path`; returns (key, offset, size) byte ranges per sample."""
+    ranges = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            start = tar.offset
+            for suffix, data in members.items():
+                tar.addfile(_tarinfo(f"{key}.{suffix}", len(data)), io.BytesIO(data))
+            ranges.append((key, start, tar.offset - start))
+    return ranges
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """`dir/key.image.npy` → (`key`, `image.npy`): the WebDataset rule (key ends at the first dot)."""
+    base = name.rsplit("/", 1)[-1]
+    key, _, suffix = base.partition(".")
+    return key, suffix
+
+
+def parse_members(chunk: Blob, where: str) -> dict[str, dict[str, Blob]]:
+    """Tar bytes (whole shard or a byte range of whole members) → {key: {suffix: member bytes}}.
+
+    Plain ustar members (what `write_tar` and most writers produce) are sliced out without copying;
+    any other header kind, or a header that fails its checksum, is handed to `tarfile`, which also
+    words the error for corrupt data."""
+    grouped: dict[str, dict[str, Blob]] = {}
+    members = _ustar_members(memoryview(chunk), where)
+    if members is None:
+        members = _tarfile_members(chunk, where)
+    for name, data in members:
+        key, suffix = split_name(name)
+        grouped.setdefault(key, {})[suffix] = data
+    return grouped
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_REGULAR = (ord("0"), 0)  # typeflags of a regular file in ustar (and the old "\0" spelling)
+
+
+def _ustar_members(view: memoryview, where: str) -> list[tuple[str, memoryview]] | None:
+    """(name, data view) of every regular member, or None where a header is not plain ustar."""
+    found, pos = [], 0
+    while pos + _BLOCK <= len(view):
+        header = view[pos:pos + _BLOCK]
+        if not any(header):  # end-of-archive block
+            break
+        if header[156] not in _REGULAR or header[124] & 0x80:  # other kinds, base-256 sizes
+            return None
+        try:
+            size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+            checksum = int(bytes(header[148:156]).strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        if sum(header) - sum(header[148:156]) + 8 * 32 != checksum:
+            return None
+        name = bytes(header[:100]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        if bytes(header[257:262]) == b"ustar" and header[345]:
+            name = bytes(header[345:500]).split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        start = pos + _BLOCK
+        if start + size > len(view):
+            raise ShardError(f"{where}: member {name} is truncated ({max(len(view) - start, 0)} of {size} bytes)")
+        found.append((name, view[start:start + size]))
+        pos = start + -(-size // _BLOCK) * _BLOCK
+    return found
+
+
+def _tarfile_members(chunk: Blob, where: str) -> list[tuple[str, bytes]]:
+    found = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                handle = tar.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise ShardError(f"{where}: member {info.name} is truncated ({len(data)} of {info.size} bytes)")
+                found.append((info.name, data))
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{where}: corrupt tar data ({err})") from None
+    return found
+
+
+def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    """Byte ranges of the entries, one request per run of neighbouring samples in the same shard.
+
+    Yields in shard/offset order; a failed request yields its error for each entry it covered, so
+    the caller can report every affected sample by shard and key."""
+    by_shard: dict[Location, list[ShardEntry]] = {}
+    for entry in entries:
+        by_shard.setdefault(entry.shard, []).append(entry)
+    for loc, items in by_shard.items():
+        items.sort(key=lambda e: e.offset)
+        run: list[ShardEntry] = []
+        for entry in items + [None]:  # type: ignore[list-item]
+            if run and (entry is None or entry.offset - (run[-1].offset + run[-1].size) > _COALESCE_GAP):
+                yield from _fetch_run(loc, run)
+                run = []
+            if entry is not None:
+                run.append(entry)
+
+
+def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    start, end = run[0].offset, run[-1].offset + run[-1].size
+    try:
+        data = with_retries(lambda: loc.fs.cat_file(loc.path, start=start, end=end), f"read {loc.url}")
+    except Exception as err:  # noqa: BLE001 - attributed to every sample of the run by the caller
+        for item in run:
+            yield item, err
+        return
+    view = memoryview(data)  # one buffer per run; each sample is a view of it
+    for item in run:
+        chunk = view[item.offset - start:item.offset - start + item.size]
+        if len(chunk) < item.size:
+            yield item, ShardError(f"{item.where}: shard ends at byte {start + len(data)}, the manifest says {end}")
+        else:
+            yield item, chunk

@@ -1,0 +1,209 @@
+"""Where a run's samples come from: minicubes, our own shards or the published shards.
+
+Each source owns the three steps the pipeline runs for it, so the pipeline needs no knowledge of
+formats:
+
+- `epoch_items(split, epoch)`: the items of one epoch (the same balanced, seeded draw for every
+  source: every positive plus fresh negatives for train, everything in index order otherwise);
+- `read(items, rng)`: fetch the raw data of those items, one row (a dict of columns) per item, or a
+  `BadSample` naming what could not be read; runs in Ray read tasks;
+- `decode(row, split)`: a row of `split` → RawSample; runs in `map_batches`.
+
+A source is shipped to every read and map task, so `for_items(items)` returns the slim copy that
+reading `items` needs (a cube source drops its index and keeps only the items' annotations).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from thalia_ray.config import DataConfig, ThaliaConfig
+from thalia_ray.data.annotations import Annotation
+from thalia_ray.data.cube import DataError, get_cache, read_sample
+from thalia_ray.data.index import SampleIndex, epoch_draw
+from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.samples import BadSample, RawSample, Sample
+from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
+from thalia_ray.data.shards.npy import decode_own
+from thalia_ray.data.shards.published import decode_published, scan_published
+from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_ranges, parse_members
+from thalia_ray.storage import Location
+
+Row = dict[str, Any]
+RngFor = Callable[[str], "np.random.Generator | None"]  # sample key → crop generator (None: evaluation crop)
+
+
+class Source(ABC):
+    """One kind of sample source; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def location(self) -> Location:
+        """Where the source reads from (for Ray task options and messages)."""
+
+    @abstractmethod
+    def epoch_items(self, split: str, epoch: int) -> list[Any]:
+        """One epoch's items of a split, in delivery order."""
+
+    def for_items(self, items: Sequence[Any]) -> "Source":
+        """The copy a task reading `items` needs (default: this source, already small)."""
+        return self
+
+    @abstractmethod
+    def read(self, items: Sequence[Any], rng: RngFor) -> Iterator[Row | BadSample]:
+        """Raw rows of `items` (each with `key` and `origin`), or a BadSample per unreadable item."""
+
+    @abstractmethod
+    def decode(self, row: Row, split: str) -> RawSample:
+        """A row of `split` from `read` → RawSample; raises DataError/ShardError/ValueError for bad data."""
+
+
+# ------------------------------------------------------------------------------------ cubes
+@dataclass(frozen=True)
+class CubeSource(Source):
+    """Windowed reads from `{root}/{frame}.zarr`: random crops for train (`rng`), evaluation crops otherwise."""
+
+    name: ClassVar[str] = "cube"
+    data: DataConfig
+    root: Location
+    seed: int
+    index: SampleIndex | None = field(default=None, compare=False)  # None in task copies
+    annotations: Mapping[int, Annotation] = field(default_factory=dict, compare=False)
+
+    @property
+    def location(self) -> Location:
+        return self.root
+
+    def epoch_items(self, split: str, epoch: int) -> list[Sample]:
+        if self.index is None:
+            raise RuntimeError("a task copy of a cube source has no index")
+        return self.index.epoch(split, epoch, self.seed)
+
+    def for_items(self, items: Sequence[Sample]) -> "CubeSource":
+        annotations = self.index.annotations if self.index is not None else self.annotations
+        needed = {u: annotations[u] for s in items for u in s.unique_ids}
+        return dataclasses.replace(self, index=None, annotations=needed)
+
+    def read(self, items: Sequence[Sample], rng: RngFor) -> Iterator[Row | BadSample]:
+        cache = get_cache(self.root)
+        for sample in items:
+            origin = cache.root.join(f"{sample.frame_id}.zarr").url
+            try:
+                raw = read_sample(sample, self.annotations, cache, self.data, rng(sample.key))
+            except (DataError, OSError, ValueError) as err:
+                yield BadSample(origin, sample.key, f"{type(err).__name__}: {err}")
+                continue
+            yield {"key": raw.key, "origin": origin, "image": raw.image, "mask": raw.mask, "meta": json.dumps(raw.meta)}
+
+    def decode(self, row: Row, split: str) -> RawSample:
+        return RawSample(image=row["image"], mask=row["mask"], key=str(row["key"]), meta=json.loads(row["meta"]))
+
+
+# ----------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class ShardSource(Source):
+    """Ranged reads of shard members; balanced epochs drawn from the entries' labels."""
+
+    data: DataConfig
+    root: Location
+    seed: int
+    entries: Mapping[str, list[ShardEntry]] = field(default_factory=dict, compare=False)  # per split; {} in task copies
+
+    @property
+    def location(self) -> Location:
+        return self.root
+
+    def epoch_items(self, split: str, epoch: int) -> list[ShardEntry]:
+        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.balance)
+
+    def for_items(self, items: Sequence[ShardEntry]) -> "ShardSource":
+        return dataclasses.replace(self, entries={})
+
+    def read(self, items: Sequence[ShardEntry], rng: RngFor) -> Iterator[Row | BadSample]:
+        for entry, data in fetch_ranges(items):
+            if isinstance(data, Exception):
+                yield BadSample(entry.shard.url, entry.key, f"{type(data).__name__}: {data}")
+            else:
+                yield {"key": entry.key, "origin": entry.shard.url, "offset": entry.offset, "blob": bytes(data)}
+
+    def decode(self, row: Row, split: str) -> RawSample:
+        key = str(row["key"])
+        where = f"shard {row['origin']}, key {key}"
+        members = parse_members(bytes(row["blob"]), where).get(key)
+        if members is None:
+            raise ShardError(f"{where}: the manifest's byte range holds no members of this key")
+        raw = self.decode_members(members, key, where, split)
+        bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
+        if bad:
+            raise ShardError(f"{where}: {bad} non-finite image values")
+        return raw
+
+    @abstractmethod
+    def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
+        """One sample's tar members → RawSample."""
+
+
+@dataclass(frozen=True)
+class OwnShards(ShardSource):
+    """Shards written by `export`: `.npy` members, entries and stored channels from the manifest."""
+
+    name: ClassVar[str] = "own"
+    stored_channels: tuple[str, ...] = ()
+
+    @classmethod
+    def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
+        """Read the manifest and check it against the config before any Ray work."""
+        if data.policy == "resample":
+            raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
+                             "series: use data.source=cube")
+        manifest = load_manifest(root, data.length)
+        if manifest["label_rule"] != data.label_rule:
+            raise ValueError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
+                             f"the config asks for {data.label_rule!r}")
+        absent = [s for s in splits if s not in manifest["splits"]]
+        if absent:
+            raise ValueError(f"shards under {data.shards} hold splits {manifest['splits']}, not {absent[0]!r}")
+        missing = [c for c in data.channels if c not in manifest["channels"]]
+        if missing:
+            raise ValueError(f"data.geomorphology/data.atmospheric: channels {missing} are not in the shards under "
+                             f"{data.shards} (they hold "
+                             f"{manifest['channels']}); export again with these channels or with --all-channels")
+        base = shard_root(root, data.length)
+        entries = {split: manifest_entries(manifest, base, split) for split in splits}
+        return cls(data, root, seed, entries, tuple(manifest["channels"]))
+
+    def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
+        return decode_own(members, key, where, self.data.channels, self.stored_channels)
+
+
+@dataclass(frozen=True)
+class PublishedShards(ShardSource):
+    """The published Thalia shards (`torch.save` members), indexed by scanning their tars."""
+
+    name: ClassVar[str] = "published"
+
+    @classmethod
+    def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "PublishedShards":
+        entries = {split: scan_published(root, data.length, split, data.label_rule) for split in splits}
+        return cls(data, root, seed, entries)
+
+    def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
+        return decode_published(members, key, where, self.data, split)
+
+
+def open_source(cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> Source:
+    """The source `cfg.data.source`/`shard_format` names, reading from `locations` (resolved with
+    the storage settings), with its catalogue (index, manifest or scan) loaded for `splits`."""
+    if cfg.data.source == "cube":
+        index = SampleIndex.from_config(cfg.data, cfg.seed, location=locations.root)
+        return CubeSource(cfg.data, locations.root, cfg.seed, index)
+    assert locations.shards is not None  # the config requires data.shards with source: shards
+    kind = PublishedShards if cfg.data.shard_format == "published" else OwnShards
+    return kind.open(cfg.data, locations.shards, cfg.seed, splits)
