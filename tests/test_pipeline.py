@@ -116,7 +116,7 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
     client = boto3.client("s3")
     bucket = s3_bucket.removeprefix("s3://")
     for path in Path(out).rglob("*"):
-        if path.is_file() and not path.name.endswith(".done"):
+        if path.is_file():
             client.upload_file(str(path), bucket, f"shards/{path.relative_to(out)}")
     cfg = config(root, source="shards", shards=f"{s3_bucket}/shards", atmospheric=[])
     data = pipeline.build_datasets(cfg, splits=("train",))

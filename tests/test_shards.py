@@ -5,6 +5,7 @@ Also holds the small hand-built dataset root and the published-shard writer used
 test_pipeline.py."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
-from thalia_ray.data.shards.export import export_shards
+from thalia_ray.data.shards.export import PROGRESS, export_shards
 from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.npy import decode_own
 from thalia_ray.data.shards.published import decode_published, published_members, scan_published
@@ -226,7 +227,7 @@ def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ra
     base = Path(out, "1")
     manifest = json.loads((base / MANIFEST).read_text())
     victim, truncated = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
-    os.remove(base / f"{victim}.done")  # interrupted before its done record
+    os.remove(base / PROGRESS / f"{victim}.json")  # interrupted before its completion record
     (base / truncated).write_bytes((base / truncated).read_bytes()[:700])  # a half-written tar under its name
     (base / MANIFEST).unlink()
     second = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
@@ -326,3 +327,40 @@ def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cl
     with pytest.raises(UnsafeShardError, match="key evil02, member image.pth"):
         decode_published(evil, "evil02", "shard mem://x.tar, key evil02", cfg, "val")
     assert not Path("/tmp/thalia-pwned").exists()
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, ray_cluster, compress):
+    import ray
+    import webdataset
+
+    cfg = data_config(root)
+    out = resolve(tmp_path / "out")
+    export_shards(cfg, out, length=1, samples_per_shard=4, compress=compress)
+    base = shard_root(out, 1)
+    manifest = load_manifest(out, 1)
+    ext = ".npy.gz" if compress else ".npy"
+    for folder in ("train_pos", "train_neg", "val", "test"):
+        split_dir = Path(base.path, folder)
+        assert {p.suffix for p in split_dir.iterdir()} == {".tar"}  # nothing but shards in a split folder
+        split = "train" if folder.startswith("train") else folder
+        expected = {e.key: e for e in manifest_entries(manifest, base, split) if e.shard.path.startswith(str(split_dir))}
+        assert expected and not any("." in key for key in expected)
+        ours = {e.key: decode_own(parse_members(blob, e.where)[e.key], e.key, e.where, cfg.channels, manifest["channels"])
+                for e, blob in fetch_ranges(list(expected.values()))}
+        tars = sorted(str(p) for p in split_dir.iterdir())
+        seen = {}
+        for row in webdataset.WebDataset(tars, shardshuffle=False).decode():  # decodes .npy and .npy.gz
+            seen[row["__key__"]] = row
+            np.testing.assert_array_equal(row[f"image{ext}"], ours[row["__key__"]].image)
+            np.testing.assert_array_equal(row[f"mask{ext}"], ours[row["__key__"]].mask)
+            assert row["json"] == ours[row["__key__"]].meta
+        assert set(seen) == set(expected)
+        rows = ray.data.read_webdataset(str(split_dir)).take_all()
+        assert sorted(r["__key__"] for r in rows) == sorted(expected)
+        for r in rows:
+            image = r[f"image{ext}"]
+            if compress:  # Ray hands gzipped members over as bytes
+                image = np.load(io.BytesIO(gzip.decompress(image)))
+            np.testing.assert_array_equal(image, ours[r["__key__"]].image)
+            assert r["json"] == ours[r["__key__"]].meta

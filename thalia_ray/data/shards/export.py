@@ -2,6 +2,9 @@
 
 Layout: `{out}/{T}/{train_pos|train_neg|val|test}/shard-NNNNNN.tar` plus `{out}/{T}/manifest.json`.
 Training positives and negatives live in separate directories so balanced epochs draw from each.
+The split folders hold nothing but tars, so standard WebDataset readers (`webdataset.WebDataset`,
+`ray.data.read_webdataset`) take them as they are: the per-shard completion records that make an
+export resumable live beside them, in `{out}/{T}/_progress/`.
 Members per sample: see `npy` (raw, unnormalised (T, C, h, w) of the configured channels, as the
 published shards hold them, or all nine with `all_channels` so one export serves any channel subset;
 the manifest lists them). With `compress`, the two arrays are gzipped; float16 halves them.
@@ -26,6 +29,8 @@ from thalia_ray.data.cube import get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.shards.manifest import FORMAT, MANIFEST, shard_root
+
+PROGRESS = "_progress"  # completion records of written shards, beside (not inside) the split folders
 from thalia_ray.data.shards.npy import sample_members
 from thalia_ray.data.shards.remote import remote_args
 from thalia_ray.data.shards.tar import ShardError, file_sha256, write_tar
@@ -84,7 +89,8 @@ class MemberLayout:
 
 
 def _done_marker(base: Location, plan: ShardPlan) -> Location:
-    return base.join(f"{plan.name}.done")
+    """The completion record of a shard, outside the split folders: `_progress/{name}.json`."""
+    return base.join(PROGRESS, f"{plan.name}.json")
 
 
 def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[str, Any] | None:
@@ -107,7 +113,7 @@ def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataCon
                  base: Location, layout: MemberLayout) -> dict[str, Any]:
     """Ray task: read the plan's samples from the cubes under `root` (evaluation crop, the layout's
     channels), write the tar to a temp name, move it into place under `base`, then write the
-    `.done` record (the manifest entry of this shard)."""
+    completion record (the manifest entry of this shard)."""
     cache = get_cache(root)
     members, skipped, keys_skipped = [], [], []
     for _, sample in plan.items:
