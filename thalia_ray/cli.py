@@ -130,13 +130,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray import runtime
+    from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
     from thalia_ray.predict.job import PredictOptions, predict
     from thalia_ray.store import ExperimentStore
 
     store = ExperimentStore(args.store)
     cfg = store.existing_run(args.run).read_config()
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     options = PredictOptions(data=args.data, out=args.out, pairs=args.pairs, frames=args.frames, overlap=args.overlap,
-                             batch_size=args.batch_size, actors=args.actors, threshold=args.threshold)
+                             batch_size=args.batch_size, actors=args.actors, threshold=threshold)
     with runtime.start(cfg.runtime):
         report = predict(store, args.run, options)
     print(report.summary())
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--batch-size", type=int, help="windows per model call (default: train.batch_size)")
     pred.add_argument("--actors", type=int, default=1, help="model actors (each train.cpus_per_worker CPUs, "
                       "train.gpus_per_worker GPUs on a GPU cluster)")
-    pred.add_argument("--threshold", type=float, default=0.5, help="probability counted as deformation")
+    pred.add_argument("--threshold", type=float, help="probability counted as deformation (default 0.5, the argmax rule)")
     pred.set_defaults(handler=cmd_predict)
 
     exp = verbs.add_parser("export-model", help="export a run's model (TorchScript, ONNX, safetensors) + model card")

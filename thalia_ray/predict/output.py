@@ -49,7 +49,11 @@ class FrameOutput:
         store = self.location.zarr_store(read_only=False)
         if not self.location.join("zarr.json").exists():
             self._create(store, cube, units)
-        self.array = zarr.open_group(store, mode="r+")[VARIABLE]
+        group = zarr.open_group(store, mode="r+")
+        if length > 1 and group.attrs.get("series_keys") != [u.key for u in units]:
+            raise ValueError(f"{self.location} holds other series than this job plans (another --pairs, --frames "
+                             f"or run?); write to a new --out")
+        self.array = group[VARIABLE]
 
     def _slots(self, cube: inputs.Cube, units: Sequence[Unit]) -> dict[str, tuple[int, ...]]:
         if self.length == 1:
@@ -76,6 +80,8 @@ class FrameOutput:
             })
             dims, shape = (SERIES_DIM, ydim, xdim), (len(units), height, width)
         coords.attrs = {"frame_id": cube.frame_id, "source": cube.url, "time_steps": self.length}
+        if self.length > 1:
+            coords.attrs["series_keys"] = [u.key for u in units]  # a rerun must plan the same series
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # xarray's note on zarr v3 consolidated metadata
             coords.to_zarr(store, mode="w", zarr_format=3, consolidated=False)
