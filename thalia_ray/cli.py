@@ -131,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray import runtime
     from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
-    from thalia_ray.predict.job import PredictOptions, predict
+    from thalia_ray.predict.job import PredictOptions, execute, prepare
     from thalia_ray.store import ExperimentStore
 
     store = ExperimentStore(args.store)
@@ -139,8 +139,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     options = PredictOptions(data=args.data, out=args.out, pairs=args.pairs, frames=args.frames, overlap=args.overlap,
                              batch_size=args.batch_size, actors=args.actors, threshold=threshold)
+    plan = prepare(store, args.run, options)  # run, frames and pairs are checked before Ray starts
     with runtime.start(cfg.runtime):
-        report = predict(store, args.run, options)
+        report = execute(store, plan, options)
     print(report.summary())
     return 1 if report.failed else 0
 

@@ -5,7 +5,6 @@ imported and adapted here, so a change of the data layer's modules touches this 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date
 from typing import Any, Sequence
 

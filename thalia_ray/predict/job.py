@@ -101,9 +101,12 @@ class Predictor:
     (segmenters) or per window, broadcast over it (classifiers)."""
 
     def __init__(self, raw_cfg: dict[str, Any], checkpoint: Any) -> None:
+        import ray
         import torch
 
         cfg = ThaliaConfig.model_validate(raw_cfg)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, round(cpus)))  # the actor's share, not every core of the node
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = inputs.load_model(cfg, checkpoint).to(self.device).eval()
         self.task, self.precision = cfg.model.task, cfg.train.precision
@@ -149,35 +152,62 @@ class _Progress:
         self.bar.set_postfix(failed=failed)
         self.bar.update(1)
 
+    def close(self) -> None:
+        self.bar.close()
 
-def predict(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictReport:
-    """Run `run_id`'s best checkpoint over the units of `options`; needs Ray (connected or local)."""
-    started = time.perf_counter()
+
+@dataclass
+class PredictPlan:
+    """Everything decided before Ray starts: the run, the units, what is left to do."""
+
+    run_id: str
+    cfg: ThaliaConfig
+    checkpoint: Any
+    out: Location
+    units: list[Unit]
+    todo: list[Unit]
+    spec: ReadSpec
+
+
+def prepare(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictPlan:
+    """Resolve the run, plan the units and find the complete ones; errors name the run, frame or option."""
     cfg, checkpoint, _ = inputs.run_checkpoint(store, run_id)
     out = resolve(options.out)
     units = plan_units(options.data, options.pairs, cfg.data.length, options.frames, cfg.seed, cfg.data.label_rule)
-    frames = sorted({u.frame_id for u in units})
-    done = output.completed(out, frames)
-    todo = [u for u in units if u.key not in done]
+    done = output.completed(out, sorted({u.frame_id for u in units}))
     spec = ReadSpec(options.data, tuple(cfg.data.channels), inputs.run_statistics(cfg.data), cfg.data.crop,
                     options.overlap, cfg.data.length)
-    failed = _run(cfg, checkpoint, units, todo, spec, out, options) if todo else {}
+    return PredictPlan(run_id, cfg, checkpoint, out, units, [u for u in units if u.key not in done], spec)
+
+
+def execute(store: ExperimentStore, plan: PredictPlan, options: PredictOptions) -> PredictReport:
+    """Run the plan's remaining units (needs Ray), then write the table and the evaluation."""
+    started = time.perf_counter()
+    out, units = plan.out, plan.units
+    failed = _run(plan, options) if plan.todo else {}
     output.write_failures(out, failed)
-    rows = [r for key, r in output.completed(out, frames).items() if key in {u.key for u in units}]
+    planned = {u.key for u in units}
+    rows = [r for key, r in output.completed(out, sorted({u.frame_id for u in units})).items() if key in planned]
     if rows:
         output.write_table(out, rows)
     evaluation = whole_frame_metrics(rows, options.threshold)
     if evaluation is not None:
         evaluation = {"out": out.url, "pairs": options.pairs, **evaluation}
         out.join(output.EVALUATION).write_json(evaluation)
-        store.run(run_id).write_whole_frame(evaluation)
-    return PredictReport(run_id, out.url, len(units), len(units) - len(todo), len(todo) - len(failed), failed,
-                         evaluation, time.perf_counter() - started)
+        store.run(plan.run_id).write_whole_frame(evaluation)
+    return PredictReport(plan.run_id, out.url, len(units), len(units) - len(plan.todo), len(plan.todo) - len(failed),
+                         failed, evaluation, time.perf_counter() - started)
 
 
-def _run(cfg: ThaliaConfig, checkpoint: Any, units: Sequence[Unit], todo: Sequence[Unit], spec: ReadSpec,
-         out: Location, options: PredictOptions) -> dict[str, str]:
-    """Stream the windows of `todo` through the model; write each unit when complete. Returns failures."""
+def predict(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictReport:
+    """`prepare` then `execute`: run `run_id`'s best checkpoint over the units of `options`."""
+    return execute(store, prepare(store, run_id, options), options)
+
+
+def _run(plan: PredictPlan, options: PredictOptions) -> dict[str, str]:
+    """Stream the windows of the remaining units through the model; write each unit when complete.
+    Returns the failures, by unit key."""
+    cfg, units, todo, spec, out = plan.cfg, plan.units, plan.todo, plan.spec, plan.out
     by_key = {u.key: u for u in todo}
     cubes = {f: inputs.open_cube(options.data, f) for f in sorted({u.frame_id for u in todo})}
     frames: dict[str, output.FrameOutput] = {}
@@ -186,7 +216,7 @@ def _run(cfg: ThaliaConfig, checkpoint: Any, units: Sequence[Unit], todo: Sequen
     stitchers: dict[str, Stitcher] = {}
     failed: dict[str, str] = {}
     progress = _Progress(len(todo), options.progress)
-    for batch in _window_batches(cfg, checkpoint, todo, spec, options):
+    for batch in _window_batches(cfg, plan.checkpoint, todo, spec, options):
         for i, key in enumerate(batch["key"]):
             unit = by_key[str(key)]
             if batch["error"][i]:
@@ -205,4 +235,5 @@ def _run(cfg: ThaliaConfig, checkpoint: Any, units: Sequence[Unit], todo: Sequen
                 frames[unit.frame_id].write(unit, probability)
                 output.mark_done(out, unit, output.summary_row(unit, probability, options.threshold))
                 progress.update(len(failed))
+    progress.close()
     return failed

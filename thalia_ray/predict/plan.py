@@ -11,9 +11,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from thalia_ray.errors import ThaliaError
 from thalia_ray.predict import inputs
 
 _RANGE = re.compile(r"^(\d{8})?:(\d{8})?$")
+
+
+class PlanError(ThaliaError, ValueError):
+    """A predict request that names frames or pairs the data cannot give; reported before Ray starts work."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ def parse_pairs(value: str) -> tuple[str, str | None, str | None]:
         return value, None, None
     match = _RANGE.match(value)
     if not match:
-        raise ValueError(f"--pairs {value!r}: use annotated, all, or a primary-date range YYYYMMDD:YYYYMMDD")
+        raise PlanError(f"--pairs {value!r}: use annotated, all, or a primary-date range YYYYMMDD:YYYYMMDD")
     return "range", match.group(1), match.group(2)
 
 
@@ -74,18 +81,18 @@ def _cube_groups(root: str, frame_id: str, first: str | None, last: str | None) 
 
 def plan_units(root: str, pairs: str, length: int, frames: Sequence[str] | None, seed: int = 0,
                label_rule: str = "union") -> list[Unit]:
-    """Every unit to predict, sorted by key. Raises ValueError naming a requested frame with no cube."""
+    """Every unit to predict, sorted by key. Raises PlanError naming a requested frame with no cube."""
     mode, first, last = parse_pairs(pairs)
     available = inputs.frame_ids(root)
     missing = sorted(set(frames or ()) - set(available))
     if missing:
-        raise ValueError(f"--frames: no cube for {missing} under {root} (cubes: {available or 'none'})")
+        raise PlanError(f"--frames: no cube for {missing} under {root} (cubes: {available or 'none'})")
     wanted = list(frames) if frames else available
     try:
         annotated = inputs.annotated_groups(root, wanted)
-    except inputs.AnnotationError:
+    except inputs.AnnotationError as err:
         if mode == "annotated":
-            raise
+            raise PlanError(f"--pairs annotated needs the annotations: {err} (use --pairs all)") from None
         annotated = []
     if mode == "annotated":
         groups = [g for g in annotated if g.frame_id in set(available)]
