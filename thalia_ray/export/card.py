@@ -39,7 +39,8 @@ def model_card(cfg: ThaliaConfig, run_id: str, fmt: str, file: str, input_diviso
             "shape": ["batch", steps * len(channels), data.crop, data.crop],
             "channels": channels, "time_steps": steps, "crop": data.crop,
             "layout": "time-major: input channel t * C + c holds channel c of interferogram t (oldest first)",
-            "spatial_size": f"any height and width that are multiples of {input_divisor}; trained on {data.crop}²",
+            "spatial_size": f"trained and checked at {data.crop}²; the network takes heights and widths that are "
+                            f"multiples of {input_divisor}",
         },
         "normalisation": None if per_channel is None else {
             "formula": "(x - mean) / std per channel, before stacking", "statistics": per_channel},

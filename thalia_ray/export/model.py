@@ -57,9 +57,16 @@ class ExportResult:
 def _torchscript(model: LogitsOnly, example: Tensor, path: Path, cfg: Any) -> Callable[[Tensor], np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of torch.export, still the portable file
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input-size check is constant for the crop
         torch.jit.trace(model, example).save(str(path))
         loaded = torch.jit.load(str(path), map_location="cpu")
     return lambda x: loaded(x).detach().numpy()
+
+
+def _dynamic_axes(task: str) -> dict[str, dict[int, str]]:
+    """Batch, height and width are free; segmentation logits follow the input's height and width."""
+    image = {0: "batch", 2: "height", 3: "width"}
+    return {"image": image, "logits": image if task == "segmentation" else {0: "batch"}}
 
 
 def _onnx(model: LogitsOnly, example: Tensor, path: Path, cfg: Any) -> Callable[[Tensor], np.ndarray]:
@@ -69,7 +76,7 @@ def _onnx(model: LogitsOnly, example: Tensor, path: Path, cfg: Any) -> Callable[
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated but needs no onnxscript
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+                          dynamic_axes=_dynamic_axes(cfg.model.task))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: session.run(["logits"], {"image": x.numpy()})[0]
 

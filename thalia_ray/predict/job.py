@@ -228,7 +228,7 @@ def _run(plan: PredictPlan, options: PredictOptions) -> dict[str, str]:
             window = inputs.Window(*(int(batch[k][i]) for k in ("row", "col", "height", "width")))
             stitcher.add(window, batch["probability"][i].astype(np.float32))
             if stitcher.complete:
-                probability = stitchers.pop(unit.key).result()
+                probability = stitchers.pop(unit.key).result().astype(np.float16)  # as stored: the table agrees
                 if unit.frame_id not in frames:
                     frames[unit.frame_id] = output.FrameOutput(
                         out, cube, [u for u in units if u.frame_id == unit.frame_id], spec.length)

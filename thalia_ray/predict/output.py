@@ -95,7 +95,7 @@ class FrameOutput:
         zarr.consolidate_metadata(store)  # the metadata is final: only chunks are written from here on
 
     def write(self, unit: Unit, probability: np.ndarray) -> None:
-        self.array[self.slots[unit.key]] = probability.astype(np.float16)
+        self.array[self.slots[unit.key]] = probability.astype(np.float16, copy=False)
 
 
 def _iso(day: str) -> str:
