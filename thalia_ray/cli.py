@@ -135,6 +135,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from thalia_ray import runtime
+    from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
+    from thalia_ray.predict.job import PredictOptions, execute, prepare
+    from thalia_ray.store import ExperimentStore
+
+    store = ExperimentStore(args.store)
+    cfg = store.existing_run(args.run).read_config()
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    options = PredictOptions(data=args.data, out=args.out, pairs=args.pairs, frames=args.frames, overlap=args.overlap,
+                             batch_size=args.batch_size, actors=args.actors, threshold=threshold)
+    plan = prepare(store, args.run, options)  # run, frames and pairs are checked before Ray starts
+    with runtime.start(cfg.runtime):
+        report = execute(store, plan, options)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from thalia_ray.export.model import export_run
+    from thalia_ray.store import ExperimentStore
+
+    result = export_run(ExperimentStore(args.store), args.run, args.format, args.out)
+    print(result.summary())
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from thalia_ray.store import ExperimentStore, format_run, format_runs_table
 
@@ -297,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--store", default="./runs")
     evaluate.add_argument("--split", default="test")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    pred = verbs.add_parser("predict", help="run a trained model over whole frames (Ray Data batch inference)")
+    pred.add_argument("run", help="run id")
+    pred.add_argument("--data", required=True, help="dataset root with the cubes: local path or s3://")
+    pred.add_argument("--out", required=True, help="output root: local path or s3:// (rerun to resume)")
+    pred.add_argument("--frames", nargs="+", metavar="ID", help="only these frames")
+    pred.add_argument("--pairs", default="annotated",
+                      help="annotated (the time-series index), all (every pair in the cubes), or YYYYMMDD:YYYYMMDD")
+    pred.add_argument("--store", default="./runs")
+    pred.add_argument("--overlap", type=float, default=0.25, help="least overlap of neighbouring windows (fraction)")
+    pred.add_argument("--batch-size", type=int, help="windows per model call (default: train.batch_size)")
+    pred.add_argument("--actors", type=int, default=1, help="model actors (each train.cpus_per_worker CPUs, "
+                      "train.gpus_per_worker GPUs on a GPU cluster)")
+    pred.add_argument("--threshold", type=float, help="probability counted as deformation (default 0.5, the argmax rule)")
+    pred.set_defaults(handler=cmd_predict)
+
+    exp = verbs.add_parser("export-model", help="export a run's model (TorchScript, ONNX, safetensors) + model card")
+    exp.add_argument("run", help="run id")
+    exp.add_argument("--format", choices=["torchscript", "onnx", "safetensors"], required=True)
+    exp.add_argument("--out", required=True, help="file to write; the model card goes beside it (.card.json)")
+    exp.add_argument("--store", default="./runs")
+    exp.set_defaults(handler=cmd_export_model)
 
     runs = verbs.add_parser("runs", help="list runs in the experiment store, or show one")
     runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")

@@ -303,6 +303,39 @@ def gpu_suite(p: Params, repeats: int, result: BenchResult) -> None:
     result.notes.append(f"{name}, batch {p['batch_size']}, {p['crop']}², T={p['length']}, fp32")
 
 
+def predict_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """`thalia-ray predict` over whole frames (T = 1 and 3) vs the model's forward rate on resident windows."""
+    from thalia_ray.bench import predict as pr
+    from thalia_ray.predict.inputs import frame_ids
+    from thalia_ray.predict.plan import plan_units
+    from thalia_ray.predict.windows import tile
+    from thalia_ray.runtime import usable_cpus
+
+    cores = usable_cpus()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _synthesize(tmp, p)
+        frames = frame_ids(root)
+        for length in (1, 3):
+            setup = pr.PredictSetup(root, length, p["crop"], p["model"], p["batch_size"], p["actors"], p["actor_cpus"])
+            cfg = setup.config(f"{tmp}/store")
+            store, run_id = pr.untrained_run(f"{tmp}/store", cfg)
+            units = len(plan_units(root, "annotated", length, frames))
+            windows = len(tile((p["size"], p["size"]), p["crop"], setup.overlap))
+            reps = interleave({"job": lambda: pr.predict_rep(store, run_id, setup, frames, cores),
+                               "ceiling": lambda: pr.ceiling_rep(setup, cfg, units, windows, cores)}, repeats)
+            job = result.add(f"predict job, T={length}", "frames/s/core", reps["job"])
+            ceiling = result.add(f"model forward only, T={length} (ceiling)", "frames/s/core", reps["ceiling"])
+            result.ratios.append(ratio(f"T={length}: predict / model forward", job, ceiling, 0.8,
+                                       "reads, normalisation, Ray Data start-up or blending cost more than the model"))
+            part = pr.predict_rep(store, run_id, setup, frames[:1], cores)
+            peak = job.extra_stats("peak_rss_mib")
+            result.notes.append(f"T={length}: {units} units over {len(frames)} frames, {windows} windows each; driver peak "
+                                f"RSS {part.extra['peak_rss_mib']:.0f} MiB for {part.extra['units']:.0f} units, "
+                                f"{peak.median if peak else float('nan'):.0f} MiB for {units}")
+    result.notes.append(f"{p['model']} segmenter, frames {p['size']}², crop {p['crop']}², batch {p['batch_size']}, "
+                        f"{p['actors']} actors × {p['actor_cpus']} CPU, {cores} cores; rates include the job's start-up")
+
+
 def _gpu_precheck() -> None:
     from thalia_ray.bench import gpu
 
@@ -343,6 +376,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           synthetic_suite, {"small": {"gen_size": 256, "length": 3, "series": 4, "target_per_s": 10},
                             "medium": {"gen_size": 512, "length": 3, "series": 10, "target_per_s": 10},
                             "large": {"gen_size": 512, "length": 3, "series": 20, "target_per_s": 10}}, needs_ray=False),
+    Suite("predict", "whole-frame predict frames/s per core (512², T=1 and 3) vs the model's forward rate",
+          predict_suite, {s: {"frames": f, "size": 512, "groups": g, "crop": 128, "model": "unet",
+                              "batch_size": 8, "actors": 2, "actor_cpus": 0.75}
+                          for s, f, g in (("small", 1, 2), ("medium", 2, 4), ("large", 4, 8))}, repeats=2),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,
                           "steps": 25, "warmup": 5} for s, f, b in (("small", 2, 8), ("medium", 4, 16), ("large", 8, 32))},

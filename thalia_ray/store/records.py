@@ -32,6 +32,7 @@ HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_defor
 
 CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json")
+WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
 
 
 T = TypeVar("T")
@@ -202,6 +203,15 @@ class RunRecord:
             raise StoreError(f"run {self.run_id} has no {split} predictions (it has: {have or 'none'})")
         return loc.read_json()
 
+    # ------------------------------------------------------------------------------ whole frames
+    def write_whole_frame(self, evaluation: Mapping[str, Any]) -> None:
+        """The latest whole-frame evaluation of `thalia-ray predict` (AP, F1 per frame and overall)."""
+        self.loc.join(WHOLE_FRAME).write_json(jsonable(dict(evaluation), f"run {self.run_id} whole-frame evaluation"))
+
+    def read_whole_frame(self) -> dict[str, Any] | None:
+        loc = self.loc.join(WHOLE_FRAME)
+        return loc.read_json() if loc.exists() else None
+
     # ------------------------------------------------------------------------------ summary
     def summary(self) -> RunSummary:
         """Identity, status and headline metric, for listings."""
@@ -306,6 +316,19 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
     return "\n".join(lines)
 
 
+def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
+    """Lines for a whole-frame evaluation: overall, then each frame."""
+    def line(name: str, m: Mapping[str, Any]) -> str:
+        ap = "-" if m.get("ap") is None else f"{m['ap']:.4f}"
+        return f"  {name:<26} n={m['n']:<5} AP={ap:<7} F1={m['f1']:.4f}"
+
+    lines = [f"whole-frame evaluation (threshold {evaluation['threshold']}, {evaluation.get('out', '?')}):",
+             line("overall", evaluation["overall"])]
+    return lines + [line(frame, m) for frame, m in sorted(evaluation["per_frame"].items())]
+
+
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
-    return format_run_details(record.read_status(), record.read_history(), record.read_results())
+    text = format_run_details(record.read_status(), record.read_history(), record.read_results())
+    whole_frame = record.read_whole_frame()
+    return "\n".join([text, *format_whole_frame(whole_frame)]) if whole_frame else text

@@ -1,0 +1,215 @@
+"""Whole-frame inference: windows and blending as units, then the Ray Data job end to end.
+
+The job tests share one small synthetic dataset (72-px frames, not a multiple of the 32-px crop)
+and one stored run; each job runs over one frame to keep the suite short on a loaded machine.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from tests.helpers import stored_run
+from thalia_ray.predict.windows import Stitcher, blend_weights, tile
+
+CROP, OVERLAP = 32, 0.25
+
+
+# ------------------------------------------------------------------------------ windows
+@pytest.mark.parametrize("shape", [(72, 72), (100, 37), (20, 50), (32, 65)])
+def test_windows_cover_every_pixel_of_frames_not_a_multiple_of_the_crop(shape):
+    windows = tile(shape, CROP, OVERLAP)
+    cover = np.zeros(shape, dtype=int)
+    for w in windows:
+        assert w.row >= 0 and w.col >= 0 and w.row + w.height <= shape[0] and w.col + w.width <= shape[1]
+        assert (w.height, w.width) == (min(CROP, shape[0]), min(CROP, shape[1]))
+        cover[w.row:w.row + w.height, w.col:w.col + w.width] += 1
+    assert cover.min() >= 1
+    for axis in (0, 1):  # neighbouring windows overlap by at least the requested fraction
+        starts = sorted({w[axis] for w in windows})
+        assert all(b - a <= CROP - math.ceil(OVERLAP * CROP) for a, b in zip(starts, starts[1:]))
+
+
+def test_blend_weights_are_positive_and_fall_towards_the_edges():
+    weights = blend_weights(CROP, OVERLAP)
+    assert weights.min() > 0 and weights.max() == 1.0
+    assert weights[0, 0] < weights[0, CROP // 2] < weights[CROP // 2, CROP // 2]
+
+
+def _stitched(predict, image: np.ndarray) -> np.ndarray:
+    """Run `predict` (C, crop, crop) → (crop, crop) over the windows of `image` and blend them."""
+    stitcher = Stitcher(image.shape[-2:], len(tile(image.shape[-2:], CROP, OVERLAP)), blend_weights(CROP, OVERLAP))
+    for w in tile(image.shape[-2:], CROP, OVERLAP):
+        patch = np.zeros((image.shape[0], CROP, CROP), dtype=np.float32)
+        patch[:, :w.height, :w.width] = image[:, w.row:w.row + w.height, w.col:w.col + w.width]
+        stitcher.add(w, predict(patch))
+    return stitcher.result()
+
+
+def test_stitched_fully_convolutional_segmenter_equals_a_whole_frame_pass():
+    """A pointwise segmenter sees no context, so its windows must blend back to the whole-frame pass."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1)).eval()
+
+    def probability(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)[None]).softmax(1)[0, 1].numpy()
+
+    image = np.random.default_rng(0).normal(size=(3, 75, 90)).astype(np.float32)
+    np.testing.assert_allclose(_stitched(probability, image), probability(image), atol=1e-6)
+
+
+def test_an_incomplete_frame_is_refused():
+    stitcher = Stitcher((40, 40), 4, blend_weights(CROP, OVERLAP))
+    stitcher.add(tile((40, 40), CROP, OVERLAP)[0], np.ones((CROP, CROP), np.float32))
+    with pytest.raises(ValueError, match="1 of 4 windows"):
+        stitcher.result()
+
+
+# ------------------------------------------------------------------------------ the job
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from thalia_ray.data.synthetic.generator import synthesize
+
+    root = tmp_path_factory.mktemp("predict") / "thalia"
+    synthesize(str(root), frames=2, size=72, seed=3, max_groups_per_frame=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    return stored_run(tmp_path_factory.mktemp("predict-store"), dataset)
+
+
+@pytest.fixture(scope="module")
+def frame(dataset) -> str:
+    from thalia_ray.predict.inputs import frame_ids
+
+    return frame_ids(dataset)[0]
+
+
+def _predict(run, data, out, frame, **options):
+    from thalia_ray.predict.job import PredictOptions, predict
+
+    store, run_id = run
+    return predict(store, run_id, PredictOptions(data=str(data), out=str(out), frames=[frame], progress=False, **options))
+
+
+def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
+    """The unit's probability map computed here, window by window, with the run's model and statistics."""
+    from thalia_ray.predict import inputs
+
+    store, run_id = run
+    cfg, checkpoint, _ = inputs.run_checkpoint(store, run_id)
+    model = inputs.load_model(cfg, checkpoint).eval()
+    stack = inputs.read_stack(inputs.open_cube(data, frame), unit.primary_date, unit.secondary_dates, cfg.data.channels)
+    image = inputs.normalize(stack, cfg.data.channels, inputs.run_statistics(cfg.data)).reshape(-1, *stack.shape[-2:])
+
+    def probability(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)[None])["logits"].softmax(1)[0, 1].numpy()
+
+    return _stitched(probability, image)
+
+
+@pytest.fixture(scope="module")
+def first(ray_cluster, run, dataset, frame, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict-out") / "out"
+    return out, _predict(run, dataset, out, frame)
+
+
+def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, run, dataset, frame):
+    from thalia_ray.predict.output import read_table
+    from thalia_ray.predict.plan import plan_units
+    from thalia_ray.store.records import format_run
+
+    out, report = first
+    units = plan_units(str(dataset), "annotated", 1, [frame])
+    assert report.failed == {} and report.written == report.planned == len(units) > 0
+    source, result = xr.open_zarr(dataset / f"{frame}.zarr"), xr.open_zarr(out / f"{frame}.zarr")
+    for dim in ("primary_date", "secondary_date", "y", "x"):
+        np.testing.assert_array_equal(result[dim].values, source[dim].values)
+    probability = result["deformation_probability"]
+    assert probability.dtype == np.float16 and probability.dims == ("primary_date", "secondary_date", "y", "x")
+    written = np.isfinite(probability.values).all(axis=(2, 3))
+    assert written.sum() == len(units)  # every planned pair, nothing else
+    unit = units[0]
+    values = probability.sel(primary_date=np.datetime64(f"{unit.primary_date[:4]}-{unit.primary_date[4:6]}-{unit.primary_date[6:]}"),
+                             secondary_date=np.datetime64(f"{unit.secondary_dates[0][:4]}-{unit.secondary_dates[0][4:6]}-"
+                                                          f"{unit.secondary_dates[0][6:]}")).values.astype(np.float32)
+    np.testing.assert_allclose(values, _reference(run, dataset, frame, unit), atol=1e-3)
+    rows = read_table(out)
+    assert [r["key"] for r in rows] == [u.key for u in units]
+    row = rows[0]
+    assert row["max_probability"] == pytest.approx(float(values.max()), abs=1e-3)
+    assert row["area_above_threshold"] == int((values >= 0.5).sum())
+    assert row["annotated_label"] == unit.label and row["predicted_label"] == int(row["max_probability"] >= 0.5)
+    evaluation = report.evaluation
+    assert evaluation is not None and set(evaluation["per_frame"]) == {frame}
+    assert evaluation["overall"]["n"] == len(units) and 0 <= evaluation["overall"]["f1"] <= 1
+    store, run_id = run
+    assert "whole-frame evaluation" in format_run(store.run(run_id))
+
+
+def test_a_rerun_after_a_kill_skips_complete_units_and_completes_the_rest(first, run, dataset, frame, tmp_path):
+    import zarr
+
+    from thalia_ray.predict.output import DONE, VARIABLE
+
+    out, report = first
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    records = sorted((resumed / DONE / frame).glob("*.json"))
+    assert len(records) >= 2
+    lost = records[:2]  # the state a kill leaves: the last units have no completion record, maybe no values
+    for record in lost:
+        record.unlink()
+    untouched = {r: r.stat().st_mtime_ns for r in records[2:]}
+    # Blank every value: complete units must not be recomputed, so only the two lost ones come back.
+    zarr.open_group(str(resumed / f"{frame}.zarr"), mode="r+")[VARIABLE][:] = np.nan
+    again = _predict(run, dataset, resumed, frame)
+    assert (again.skipped, again.written, again.failed) == (report.planned - 2, 2, {})
+    assert all(r.exists() for r in lost) and {r: r.stat().st_mtime_ns for r in records[2:]} == untouched
+    restored = zarr.open_group(str(resumed / f"{frame}.zarr"), mode="r")[VARIABLE][:]
+    assert np.isfinite(restored).all(axis=(2, 3)).sum() == 2
+
+
+def test_an_unreadable_pair_is_reported_by_name_and_the_others_are_written(ray_cluster, run, dataset, frame, tmp_path):
+    from thalia_ray.predict.output import read_table
+    from thalia_ray.predict.plan import plan_units
+
+    data = tmp_path / "thalia"
+    shutil.copytree(dataset, data)
+    bad = plan_units(str(data), "annotated", 1, [frame])[0]
+    source = xr.open_zarr(data / f"{frame}.zarr")
+    p = list(source.indexes["primary_date"].strftime("%Y%m%d")).index(bad.primary_date)
+    s = list(source.indexes["secondary_date"].strftime("%Y%m%d")).index(bad.secondary_dates[0])
+    chunks = list((data / f"{frame}.zarr" / "insar_coherence" / "c" / str(p) / str(s)).rglob("*"))
+    for chunk in (c for c in chunks if c.is_file()):
+        chunk.write_bytes(b"not a zstd frame")
+    report = _predict(run, data, tmp_path / "out", frame)
+    assert set(report.failed) == {bad.key} and "insar_coherence" in report.failed[bad.key]
+    assert report.written == report.planned - 1
+    assert bad.key not in {r["key"] for r in read_table(tmp_path / "out")}
+
+
+def test_predict_reads_and_writes_s3_on_the_moto_server(ray_cluster, run, dataset, frame, s3_bucket):
+    from thalia_ray.predict.output import read_table
+    from thalia_ray.storage import resolve
+
+    data, out = f"{s3_bucket}/thalia", f"{s3_bucket}/predictions"
+    for name in (f"{frame}.zarr", "annotations.json", "quality_timeseries.json", "statistics.json"):
+        local = dataset / name
+        files = [local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]
+        for file in files:
+            resolve(f"{data}/{file.relative_to(dataset).as_posix()}").put_file(file)
+    report = _predict(run, data, out, frame)
+    assert report.failed == {} and report.written == report.planned > 0
+    assert len(read_table(out)) == report.planned
+    result = xr.open_zarr(resolve(f"{out}/{frame}.zarr").zarr_store())
+    np.testing.assert_array_equal(result["y"].values, xr.open_zarr(dataset / f"{frame}.zarr")["y"].values)
