@@ -108,7 +108,7 @@ def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
     cfg, checkpoint, _ = inputs.run_checkpoint(store, run_id)
     model = inputs.load_model(cfg, checkpoint).eval()
     stack = inputs.read_stack(inputs.open_cube(data, frame), unit.primary_date, unit.secondary_dates, cfg.data.channels)
-    image = inputs.normalize(stack, cfg.data.channels, inputs.run_statistics(cfg.data)).reshape(-1, *stack.shape[-2:])
+    image = inputs.normalize(stack, cfg.data.channels, inputs.run_statistics(cfg)).reshape(-1, *stack.shape[-2:])
 
     def probability(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -122,7 +122,7 @@ def export_run(store: ExperimentStore, run_id: str, fmt: str, out: str) -> Expor
                               f"exceeds {TOLERANCE:g}; nothing written")
         resolve(out).put_file(local)
     parity = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": "2 random normal batches at the crop size"}
-    card = model_card(cfg, run_id, fmt, out, getattr(model, "input_divisor", 1), inputs.run_statistics(cfg.data),
+    card = model_card(cfg, run_id, fmt, out, getattr(model, "input_divisor", 1), inputs.run_statistics(cfg),
                       results, parity)
     resolve(card_path(out)).write_text(json.dumps(card, indent=2) + "\n")
     return ExportResult(resolve(out).url, resolve(card_path(out)).url, diff)

@@ -15,6 +15,7 @@ from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError, find_metadata, load_annotations, load_timeseries
 from thalia_ray.data.cube import Cube, DataError, Window, get_cache
 from thalia_ray.data.index import Group, build_groups, enumerated_positions, series_label
+from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
 from thalia_ray.storage import Location, resolve
 from thalia_ray.store.layout import ExperimentStore
@@ -91,6 +92,6 @@ def run_checkpoint(store: ExperimentStore, run_id: str) -> tuple[ThaliaConfig, A
     return cfg, Checkpoint(results["best_checkpoint"], filesystem=filesystem), results
 
 
-def run_statistics(data_cfg: DataConfig) -> Statistics | None:
+def run_statistics(cfg: ThaliaConfig) -> Statistics | None:
     """The normalisation statistics the run trained with (None when it did not normalise)."""
-    return statistics_for(data_cfg) if data_cfg.normalize else None
+    return statistics_for(DataLocations.of(cfg.data, cfg.storage).statistics) if cfg.data.normalize else None

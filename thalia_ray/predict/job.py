@@ -175,7 +175,7 @@ def prepare(store: ExperimentStore, run_id: str, options: PredictOptions) -> Pre
     out = resolve(options.out)
     units = plan_units(options.data, options.pairs, cfg.data.length, options.frames, cfg.seed, cfg.data.label_rule)
     done = output.completed(out, sorted({u.frame_id for u in units}))
-    spec = ReadSpec(options.data, tuple(cfg.data.channels), inputs.run_statistics(cfg.data), cfg.data.crop,
+    spec = ReadSpec(options.data, tuple(cfg.data.channels), inputs.run_statistics(cfg), cfg.data.crop,
                     options.overlap, cfg.data.length)
     return PredictPlan(run_id, cfg, checkpoint, out, units, [u for u in units if u.key not in done], spec)
 
