@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from thalia_ray.config import DataConfig, ThaliaConfig
+from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError, find_metadata, load_annotations, load_timeseries
 from thalia_ray.data.cube import Cube, DataError, Window, get_cache
