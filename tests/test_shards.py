@@ -24,7 +24,7 @@ from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import PROGRESS, export_shards
 from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.npy import decode_own
-from thalia_ray.data.shards.published import decode_published, published_members, scan_published
+from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
                                         parse_members, write_tar)
 from thalia_ray.storage import resolve
@@ -125,28 +125,54 @@ def _torch_bytes(obj) -> bytes:
 
 
 def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
-    """The sample's members as the original exporter writes them (see published_members)."""
-    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg)
-    records = [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
-               for u, a in ((u, index.annotations[u]) for u in sample.unique_ids)]
-    return published_members(raw, records)
+    """The sample's members as the reference exporter writes them: `torch.save` of the image
+    (T·C, H, W) float32 of all nine channels (its default), the labels (T, H, W) int64 with
+    earthquake 2 → 1, and the sample dict (frame_id, raw annotation records, per-member labels)."""
+    import torch
+
+    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg, channels=schema.ALL_CHANNELS)
+    annotations = [index.annotations[u] for u in sample.unique_ids]
+    info = {"frame_id": sample.frame_id,
+            "annotation": [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
+                           for u, a in zip(sample.unique_ids, annotations)],
+            "label": [a.positive for a in annotations],
+            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
+    image = torch.from_numpy(raw.image.reshape(-1, *raw.image.shape[2:]).copy())
+    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    return {"image.pth": _torch_bytes(image), "labels.pth": _torch_bytes(labels), "sample.pth": _torch_bytes(info)}
 
 
-def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4,
+def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4, writers: int = 2,
                     malicious_key: str | None = None) -> list[str]:
-    """`{root}/{T}/{split}/shard-N.tar` in the published member layout; returns the keys written.
-    With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload."""
+    """The split as the reference exporter writes it: `writers` webdataset.ShardWriters, writer w
+    taking samples w, w + writers, ..., keyed `sample{index:06d}`, train sorted into `train_pos` /
+    `train_neg` by any positive member, into `{root}/{T}/{folder}/sample-{folder}-{w}-NNNNNN.tar`,
+    then renamed `sample-{folder}-NNNNNN.tar` as the published copies are. Returns the keys in
+    index order. With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload,
+    written last by writer 0."""
+    import webdataset
+
     index = SampleIndex.from_config(data_cfg, 0)
-    samples = index.samples(split)
-    folder = Path(root) / str(data_cfg.length) / split
-    folder.mkdir(parents=True, exist_ok=True)
-    items = [(f"sample{i:05d}", published_sample(index, s, data_cfg)) for i, s in enumerate(samples)]
-    if malicious_key:
-        members = dict(items[0][1], **{"sample.pth": _torch_bytes({"frame_id": Payload(), "label": [True]})})
-        items.append((malicious_key, members))
-    for n, start in enumerate(range(0, len(items), per_shard)):
-        write_tar(str(folder / f"shard-{n:06d}.tar"), items[start:start + per_shard])
-    return [k for k, _ in items]
+    items = [(f"sample{i:06d}", published_sample(index, s, data_cfg), any(s.member_positive))
+             for i, s in enumerate(index.samples(split))]
+    folders = ("train_pos", "train_neg") if split == "train" else (split,)
+    base = Path(root, str(data_cfg.length))
+    for folder in folders:
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for w in range(writers):
+        sinks = {f: webdataset.ShardWriter(str(base / f / f"sample-{f}-{w}-%06d.tar"), maxcount=per_shard, verbose=0)
+                 for f in folders}
+        for key, members, positive in items[w::writers]:
+            sinks[folders[0] if positive or split != "train" else folders[1]].write({"__key__": key, **members})
+        if malicious_key and w == 0:
+            payload = _torch_bytes({"frame_id": Payload(), "label": [True]})
+            sinks[folders[0]].write({"__key__": malicious_key, **dict(items[0][1], **{"sample.pth": payload})})
+        for sink in sinks.values():
+            sink.close()
+    for folder in folders:
+        for n, tar in enumerate(sorted((base / folder).glob("*.tar"))):
+            tar.rename(base / folder / f"sample-{folder}-{n:06d}.tar")
+    return [key for key, _, _ in items]
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -306,18 +332,18 @@ def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
 def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cluster):
     cfg = data_config(root, length=1)
     out = str(tmp_path / "published")
-    keys = write_published(out, cfg, "val", malicious_key="evil01")
-    with pytest.raises(UnsafeShardError, match=r"shard-000001\.tar, key evil01"):
+    keys = write_published(out, cfg, "val", writers=1, malicious_key="evil01")
+    with pytest.raises(UnsafeShardError, match=r"sample-val-000001\.tar, key evil01"):
         scan_published(resolve(out), 1, "val", "union")
     assert not Path("/tmp/thalia-pwned").exists()
-    Path(out, "1", "val", "shard-000001.tar").unlink()  # the one holding the payload
+    Path(out, "1", "val", "sample-val-000001.tar").unlink()  # the one holding the payload
     entries = scan_published(resolve(out), 1, "val", "union")
     assert [e.key for e in entries] == keys[:4]
     index = SampleIndex.from_config(cfg, 0)
     for entry, blob in fetch_ranges(entries):
         raw = decode_published(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, cfg, "val")
-        direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg,
-                             channels=schema.ALL_CHANNELS)
+        direct = read_sample(index.samples("val")[int(entry.key.removeprefix("sample"))], index.annotations,
+                             get_cache(root), cfg, channels=schema.ALL_CHANNELS)
         picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
         np.testing.assert_array_equal(raw.image, direct.image[:, picked])
         np.testing.assert_array_equal(raw.mask, np.where(direct.mask == 2, 1, direct.mask))

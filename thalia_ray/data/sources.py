@@ -127,7 +127,10 @@ class ShardSource(Source):
         return dataclasses.replace(self, entries={})
 
     def read(self, items: Sequence[ShardEntry], rng: RngFor) -> Iterator[Row | BadSample]:
-        for entry, data in fetch_ranges(items):
+        """Rows in the order of `items` (fetches run in shard/offset order)."""
+        fetched = dict(fetch_ranges(items))
+        for entry in items:
+            data = fetched[entry]
             if isinstance(data, Exception):
                 yield BadSample(entry.shard.url, entry.key, f"{type(data).__name__}: {data}")
             else:
