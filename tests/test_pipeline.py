@@ -168,11 +168,12 @@ def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
     assert "DataError" in err.typename or isinstance(err.value, DataError) or "DataError" in str(err.value)
 
 
-def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster):
+@pytest.mark.parametrize("variable", ["insar_difference", "deformation_mask"])
+def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster, variable):
     root = build_root(tmp_path / "root")
     index = SampleIndex.from_config(config(root).data, 3)
     victim = index.samples("val")[0]
-    chunks = sorted(Path(root, f"{victim.frame_id}.zarr", "insar_difference", "c").rglob("*"))
+    chunks = sorted(Path(root, f"{victim.frame_id}.zarr", variable, "c").rglob("*"))
     [c.unlink() for c in chunks if c.is_file()]  # every chunk of one variable of one frame
     data = pipeline.build_datasets(config(root), splits=("val",))
     got = keys(data.datasets["val"])
@@ -180,7 +181,8 @@ def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster
     lost = {s.key for s in index.samples("val") if s.frame_id == victim.frame_id}
     assert set(got) == {s.key for s in index.samples("val")} - lost
     assert {b["key"] for b in report["samples"]} == lost and report["count"] == len(lost)
-    assert all(b["origin"].endswith(f"{victim.frame_id}.zarr") and "NaN" in b["reason"] for b in report["samples"])
+    assert all(b["origin"].endswith(f"{victim.frame_id}.zarr") and variable in b["reason"]
+               and "never written" in b["reason"] for b in report["samples"])
     limited = pipeline.build_datasets(config(root, max_bad_samples=1), splits=("val",))
     with pytest.raises(Exception, match="exceed data.max_bad_samples=1"):
         keys(limited.datasets["val"])

@@ -94,7 +94,7 @@ def build_root(root: str | Path) -> str:
         ds = _cube(fi, positives, frame)
         encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
         ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
-                   encoding=encoding, consolidated=False)
+                   encoding=encoding, consolidated=False, write_empty_chunks=True)
     base = resolve(root)
     base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
     base.join(schema.TIMESERIES_FILE).write_json(timeseries)
@@ -241,7 +241,7 @@ def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     for entry, blob in fetch_ranges(entries):
         members = parse_members(blob, entry.where)[entry.key]
         assert set(members) == {"image.npy.gz", "mask.npy.gz", "json"}
-        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"])
+        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"], compressed=True)
         direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg)
         np.testing.assert_array_equal(raw.image, direct.image.astype(np.float16).astype(np.float32))
 
@@ -372,7 +372,8 @@ def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, 
         split = "train" if folder.startswith("train") else folder
         expected = {e.key: e for e in manifest_entries(manifest, base, split) if e.shard.path.startswith(str(split_dir))}
         assert expected and not any("." in key for key in expected)
-        ours = {e.key: decode_own(parse_members(blob, e.where)[e.key], e.key, e.where, cfg.channels, manifest["channels"])
+        ours = {e.key: decode_own(parse_members(blob, e.where)[e.key], e.key, e.where, cfg.channels, manifest["channels"],
+                                  compressed=compress)
                 for e, blob in fetch_ranges(list(expected.values()))}
         tars = sorted(str(p) for p in split_dir.iterdir())
         seen = {}
@@ -390,3 +391,37 @@ def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, 
                 image = np.load(io.BytesIO(gzip.decompress(image)))
             np.testing.assert_array_equal(image, ours[r["__key__"]].image)
             assert r["json"] == ours[r["__key__"]].meta
+
+
+def test_gzip_bomb_is_refused_before_inflating_and_compression_must_match_the_manifest():
+    import tracemalloc
+    import zlib
+
+    from thalia_ray.data.samples import RawSample
+    from thalia_ray.data.shards.npy import sample_members
+
+    raw = RawSample(np.ones((1, 2, 4, 4), np.float32), np.zeros((1, 4, 4), np.uint8), "k1", {"frame_id": "f"})
+    for compress in (False, True):
+        members = sample_members(raw, "float32", compress)
+        decoded = decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=compress)
+        np.testing.assert_array_equal(decoded.image, raw.image)
+        with pytest.raises(ShardError, match=rf"key k1: member image\.npy{'.gz' if compress else ''} found, but the "
+                                             rf"manifest says the export is {'un' if compress else ''}compressed"):
+            decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=not compress)
+    # a valid header for 32 bytes of data, followed by 256 MiB of zeros: under 1 MiB compressed
+    header = io.BytesIO()
+    np.save(header, np.zeros(8, np.float32))
+    deflate = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    bomb = deflate.compress(header.getvalue()) + b"".join(deflate.compress(bytes(1 << 20)) for _ in range(256))
+    bomb += deflate.flush()
+    assert len(bomb) < 1 << 20
+    members = dict(sample_members(raw, "float32", True), **{"image.npy.gz": bomb})
+    tracemalloc.start()
+    with pytest.raises(ShardError, match=r"key k1: member image\.npy\.gz inflates beyond the \d+ bytes its .npy header"):
+        decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20  # nothing near the 256 MiB the member would inflate to
+    truncated = sample_members(raw, "float32", True)["image.npy.gz"][:-10]
+    with pytest.raises(ShardError, match="image.npy.gz is not valid gzip"):
+        decode_own(dict(members, **{"image.npy.gz": truncated}), "k1", "w", ["a"], ["a", "b"], compressed=True)

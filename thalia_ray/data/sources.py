@@ -159,6 +159,7 @@ class OwnShards(ShardSource):
 
     name: ClassVar[str] = "own"
     stored_channels: tuple[str, ...] = ()
+    compressed: bool = False  # the manifest's `compress`: members are `.npy.gz`
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
@@ -180,10 +181,10 @@ class OwnShards(ShardSource):
                              f"{manifest['channels']}); export again with these channels or with --all-channels")
         base = shard_root(root, data.length)
         entries = {split: manifest_entries(manifest, base, split) for split in splits}
-        return cls(data, root, seed, entries, tuple(manifest["channels"]))
+        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]))
 
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
-        return decode_own(members, key, where, self.data.channels, self.stored_channels)
+        return decode_own(members, key, where, self.data.channels, self.stored_channels, self.compressed)
 
 
 @dataclass(frozen=True)
