@@ -55,7 +55,7 @@ def write_cube(root: str, frame: str = FRAME, masks=None, dataset: xr.Dataset | 
     ds = dataset if dataset is not None else cube_dataset(masks)
     encoding = {v: {"chunks": chunk if ds[v].ndim == 4 else chunk[2:]} for v in ds.data_vars}
     store = resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False)
-    ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False)
+    ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False, write_empty_chunks=True)
 
 
 def record(uid: int, primary: str, secondary: str, positive: bool, polygons=(), frame=FRAME, **extra):
@@ -137,7 +137,7 @@ def test_cf_packed_variables_read_as_xarray_decodes_them(tmp_path):
     encoding["insar_difference"].update(dtype="int32", scale_factor=0.25, _FillValue=-1)
     encoding["insar_coherence"].update(dtype="float32", _FillValue=-7.0)
     ds.to_zarr(resolve(str(tmp_path)).join(f"{FRAME}.zarr").zarr_store(read_only=False), mode="w",
-               encoding=encoding, consolidated=False)
+               encoding=encoding, consolidated=False, write_empty_chunks=True)
     cache = CubeCache(str(tmp_path))
     arrays = cache.get(FRAME).arrays
     assert "dem" in arrays and schema.MASK_VAR in arrays
@@ -165,6 +165,29 @@ def test_missing_date_and_nan_raise_data_error(tmp_path):
         read_raw(make_sample([2], ["20190301"], [False]), cache, Window(0, 0, 8, 8), ["dem"], anns)
     with pytest.raises(DataError, match="not found|cannot open"):
         CubeCache(str(tmp_path / "nowhere")).get(FRAME)
+
+
+def test_unwritten_chunks_are_refused_unless_the_cube_declares_them_fill(tmp_path):
+    """A deleted mask chunk must not read as "no deformation"; a cube whose variable declares
+    `unwritten_chunks: fill_value` reads it as the fill value."""
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    mask[16:24, 24:32] = 1
+    anns = annotation_set([record(1, "20190101", "20190125", True, polygons=[box(16, 24, 23, 31)])])
+    sample = make_sample([1], ["20190125"], [True])
+    for declared in (False, True):
+        root = tmp_path / f"declared-{declared}"
+        dataset = cube_dataset({(0, 1): mask})
+        if declared:
+            dataset[schema.MASK_VAR].attrs["unwritten_chunks"] = "fill_value"
+        write_cube(str(root), dataset=dataset)
+        (root / f"{FRAME}.zarr" / schema.MASK_VAR / "c" / "0" / "1" / "2" / "3").unlink()  # rows 16:24, cols 24:32
+        cache = CubeCache(str(root))
+        assert read_raw(sample, cache, Window(0, 0, 8, 8), ["dem"], anns).mask.sum() == 0  # chunks that exist
+        if declared:
+            assert read_raw(sample, cache, Window(16, 24, 8, 8), ["dem"], anns).mask.sum() == 0
+        else:
+            with pytest.raises(DataError, match=rf"variable '{schema.MASK_VAR}'.*rows 16:24.*never written"):
+                read_raw(sample, cache, Window(16, 24, 8, 8), ["dem"], anns)
 
 
 def test_reads_from_s3_endpoint(s3_bucket):

@@ -168,11 +168,12 @@ def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
     assert "DataError" in err.typename or isinstance(err.value, DataError) or "DataError" in str(err.value)
 
 
-def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster):
+@pytest.mark.parametrize("variable", ["insar_difference", "deformation_mask"])
+def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster, variable):
     root = build_root(tmp_path / "root")
     index = SampleIndex.from_config(config(root).data, 3)
     victim = index.samples("val")[0]
-    chunks = sorted(Path(root, f"{victim.frame_id}.zarr", "insar_difference", "c").rglob("*"))
+    chunks = sorted(Path(root, f"{victim.frame_id}.zarr", variable, "c").rglob("*"))
     [c.unlink() for c in chunks if c.is_file()]  # every chunk of one variable of one frame
     data = pipeline.build_datasets(config(root), splits=("val",))
     got = keys(data.datasets["val"])
@@ -180,20 +181,48 @@ def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster
     lost = {s.key for s in index.samples("val") if s.frame_id == victim.frame_id}
     assert set(got) == {s.key for s in index.samples("val")} - lost
     assert {b["key"] for b in report["samples"]} == lost and report["count"] == len(lost)
-    assert all(b["origin"].endswith(f"{victim.frame_id}.zarr") and "NaN" in b["reason"] for b in report["samples"])
+    assert all(b["origin"].endswith(f"{victim.frame_id}.zarr") and variable in b["reason"]
+               and "never written" in b["reason"] for b in report["samples"])
     limited = pipeline.build_datasets(config(root, max_bad_samples=1), splits=("val",))
     with pytest.raises(Exception, match="exceed data.max_bad_samples=1"):
         keys(limited.datasets["val"])
 
 
-def test_published_shards_as_a_source(dataset, tmp_path):
+def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
+    """Shards in the published layout (written as the reference exporter writes them) are read for
+    every split: val/test equal the cube path record for record, train draws balanced epochs from
+    train_pos/train_neg with fresh negatives and feeds a training step."""
+    import torch
+
     root, _ = dataset
     out = str(tmp_path / "published")
     cfg = config(root, source="shards", shards=out, shard_format="published")
-    written = {split: write_published(out, cfg.data, split) for split in ("train", "val")}
-    data = pipeline.build_datasets(cfg, splits=("train", "val"))
-    assert keys(data.datasets["val"]) == written["val"]
-    labels = {}
-    for batch in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy"):
-        labels.update(zip(batch["key"], batch["label"]))
-    assert sum(labels.values()) == len(labels) // 2 and set(labels) <= set(written["train"])
+    written = {split: write_published(out, cfg.data, split) for split in ("train", "val", "test")}
+    assert sorted(p.name for p in Path(out, "1").iterdir()) == ["test", "train_neg", "train_pos", "val"]
+    data = pipeline.build_datasets(cfg, splits=("train", "val", "test"))
+    cube = pipeline.build_datasets(config(root), splits=("val", "test"))
+    for split in ("val", "test"):
+        assert keys(data.datasets[split]) == written[split]
+        ours, theirs = (next(iter(d.datasets[split].iter_batches(batch_size=100, batch_format="numpy")))
+                        for d in (data, cube))
+        for name in ("image", "mask", "label", "aux_activity_type", "confidence"):
+            np.testing.assert_array_equal(ours[name], theirs[name])
+    index = SampleIndex.from_config(config(root).data, 3)
+    positives = {key for key, s in zip(written["train"], index.samples("train")) if s.label == 1}
+    negatives_drawn = []
+    for epoch in (0, 1):
+        pipeline.set_epoch(data.epoch_control, epoch)
+        labels = {}
+        for batch in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy"):
+            labels.update(zip(batch["key"], batch["label"]))
+        assert len(labels) == data.sizes["train"] == 2 * len(positives) and set(labels) <= set(written["train"])
+        assert {k for k, label in labels.items() if label == 1} == positives
+        negatives_drawn.append({k for k, label in labels.items() if label == 0})
+    assert negatives_drawn[0] != negatives_drawn[1]
+    pipeline.set_epoch(data.epoch_control, 2)
+    batch = next(iter(data.datasets["train"].iter_torch_batches(batch_size=4, collate_fn=pipeline.TorchCollate())))
+    model = torch.nn.Sequential(torch.nn.Conv2d(batch["image"].shape[1], 2, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())

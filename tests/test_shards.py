@@ -24,7 +24,7 @@ from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import PROGRESS, export_shards
 from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.npy import decode_own
-from thalia_ray.data.shards.published import decode_published, published_members, scan_published
+from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
                                         parse_members, write_tar)
 from thalia_ray.storage import resolve
@@ -94,7 +94,7 @@ def build_root(root: str | Path) -> str:
         ds = _cube(fi, positives, frame)
         encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
         ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
-                   encoding=encoding, consolidated=False)
+                   encoding=encoding, consolidated=False, write_empty_chunks=True)
     base = resolve(root)
     base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
     base.join(schema.TIMESERIES_FILE).write_json(timeseries)
@@ -125,28 +125,54 @@ def _torch_bytes(obj) -> bytes:
 
 
 def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
-    """The sample's members as the original exporter writes them (see published_members)."""
-    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg)
-    records = [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
-               for u, a in ((u, index.annotations[u]) for u in sample.unique_ids)]
-    return published_members(raw, records)
+    """The sample's members as the reference exporter writes them: `torch.save` of the image
+    (T·C, H, W) float32 of all nine channels (its default), the labels (T, H, W) int64 with
+    earthquake 2 → 1, and the sample dict (frame_id, raw annotation records, per-member labels)."""
+    import torch
+
+    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg, channels=schema.ALL_CHANNELS)
+    annotations = [index.annotations[u] for u in sample.unique_ids]
+    info = {"frame_id": sample.frame_id,
+            "annotation": [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
+                           for u, a in zip(sample.unique_ids, annotations)],
+            "label": [a.positive for a in annotations],
+            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
+    image = torch.from_numpy(raw.image.reshape(-1, *raw.image.shape[2:]).copy())
+    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    return {"image.pth": _torch_bytes(image), "labels.pth": _torch_bytes(labels), "sample.pth": _torch_bytes(info)}
 
 
-def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4,
+def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4, writers: int = 2,
                     malicious_key: str | None = None) -> list[str]:
-    """`{root}/{T}/{split}/shard-N.tar` in the published member layout; returns the keys written.
-    With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload."""
+    """The split as the reference exporter writes it: `writers` webdataset.ShardWriters, writer w
+    taking samples w, w + writers, ..., keyed `sample{index:06d}`, train sorted into `train_pos` /
+    `train_neg` by any positive member, into `{root}/{T}/{folder}/sample-{folder}-{w}-NNNNNN.tar`,
+    then renamed `sample-{folder}-NNNNNN.tar` as the published copies are. Returns the keys in
+    index order. With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload,
+    written last by writer 0."""
+    import webdataset
+
     index = SampleIndex.from_config(data_cfg, 0)
-    samples = index.samples(split)
-    folder = Path(root) / str(data_cfg.length) / split
-    folder.mkdir(parents=True, exist_ok=True)
-    items = [(f"sample{i:05d}", published_sample(index, s, data_cfg)) for i, s in enumerate(samples)]
-    if malicious_key:
-        members = dict(items[0][1], **{"sample.pth": _torch_bytes({"frame_id": Payload(), "label": [True]})})
-        items.append((malicious_key, members))
-    for n, start in enumerate(range(0, len(items), per_shard)):
-        write_tar(str(folder / f"shard-{n:06d}.tar"), items[start:start + per_shard])
-    return [k for k, _ in items]
+    items = [(f"sample{i:06d}", published_sample(index, s, data_cfg), any(s.member_positive))
+             for i, s in enumerate(index.samples(split))]
+    folders = ("train_pos", "train_neg") if split == "train" else (split,)
+    base = Path(root, str(data_cfg.length))
+    for folder in folders:
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for w in range(writers):
+        sinks = {f: webdataset.ShardWriter(str(base / f / f"sample-{f}-{w}-%06d.tar"), maxcount=per_shard, verbose=0)
+                 for f in folders}
+        for key, members, positive in items[w::writers]:
+            sinks[folders[0] if positive or split != "train" else folders[1]].write({"__key__": key, **members})
+        if malicious_key and w == 0:
+            payload = _torch_bytes({"frame_id": Payload(), "label": [True]})
+            sinks[folders[0]].write({"__key__": malicious_key, **dict(items[0][1], **{"sample.pth": payload})})
+        for sink in sinks.values():
+            sink.close()
+    for folder in folders:
+        for n, tar in enumerate(sorted((base / folder).glob("*.tar"))):
+            tar.rename(base / folder / f"sample-{folder}-{n:06d}.tar")
+    return [key for key, _, _ in items]
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -215,7 +241,7 @@ def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     for entry, blob in fetch_ranges(entries):
         members = parse_members(blob, entry.where)[entry.key]
         assert set(members) == {"image.npy.gz", "mask.npy.gz", "json"}
-        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"])
+        raw = decode_own(members, entry.key, entry.where, cfg.channels, manifest["channels"], compressed=True)
         direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg)
         np.testing.assert_array_equal(raw.image, direct.image.astype(np.float16).astype(np.float32))
 
@@ -306,18 +332,18 @@ def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
 def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cluster):
     cfg = data_config(root, length=1)
     out = str(tmp_path / "published")
-    keys = write_published(out, cfg, "val", malicious_key="evil01")
-    with pytest.raises(UnsafeShardError, match=r"shard-000001\.tar, key evil01"):
+    keys = write_published(out, cfg, "val", writers=1, malicious_key="evil01")
+    with pytest.raises(UnsafeShardError, match=r"sample-val-000001\.tar, key evil01"):
         scan_published(resolve(out), 1, "val", "union")
     assert not Path("/tmp/thalia-pwned").exists()
-    Path(out, "1", "val", "shard-000001.tar").unlink()  # the one holding the payload
+    Path(out, "1", "val", "sample-val-000001.tar").unlink()  # the one holding the payload
     entries = scan_published(resolve(out), 1, "val", "union")
     assert [e.key for e in entries] == keys[:4]
     index = SampleIndex.from_config(cfg, 0)
     for entry, blob in fetch_ranges(entries):
         raw = decode_published(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, cfg, "val")
-        direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg,
-                             channels=schema.ALL_CHANNELS)
+        direct = read_sample(index.samples("val")[int(entry.key.removeprefix("sample"))], index.annotations,
+                             get_cache(root), cfg, channels=schema.ALL_CHANNELS)
         picked = [schema.ALL_CHANNELS.index(c) for c in cfg.channels]
         np.testing.assert_array_equal(raw.image, direct.image[:, picked])
         np.testing.assert_array_equal(raw.mask, np.where(direct.mask == 2, 1, direct.mask))
@@ -346,7 +372,8 @@ def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, 
         split = "train" if folder.startswith("train") else folder
         expected = {e.key: e for e in manifest_entries(manifest, base, split) if e.shard.path.startswith(str(split_dir))}
         assert expected and not any("." in key for key in expected)
-        ours = {e.key: decode_own(parse_members(blob, e.where)[e.key], e.key, e.where, cfg.channels, manifest["channels"])
+        ours = {e.key: decode_own(parse_members(blob, e.where)[e.key], e.key, e.where, cfg.channels, manifest["channels"],
+                                  compressed=compress)
                 for e, blob in fetch_ranges(list(expected.values()))}
         tars = sorted(str(p) for p in split_dir.iterdir())
         seen = {}
@@ -364,3 +391,37 @@ def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, 
                 image = np.load(io.BytesIO(gzip.decompress(image)))
             np.testing.assert_array_equal(image, ours[r["__key__"]].image)
             assert r["json"] == ours[r["__key__"]].meta
+
+
+def test_gzip_bomb_is_refused_before_inflating_and_compression_must_match_the_manifest():
+    import tracemalloc
+    import zlib
+
+    from thalia_ray.data.samples import RawSample
+    from thalia_ray.data.shards.npy import sample_members
+
+    raw = RawSample(np.ones((1, 2, 4, 4), np.float32), np.zeros((1, 4, 4), np.uint8), "k1", {"frame_id": "f"})
+    for compress in (False, True):
+        members = sample_members(raw, "float32", compress)
+        decoded = decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=compress)
+        np.testing.assert_array_equal(decoded.image, raw.image)
+        with pytest.raises(ShardError, match=rf"key k1: member image\.npy{'.gz' if compress else ''} found, but the "
+                                             rf"manifest says the export is {'un' if compress else ''}compressed"):
+            decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=not compress)
+    # a valid header for 32 bytes of data, followed by 256 MiB of zeros: under 1 MiB compressed
+    header = io.BytesIO()
+    np.save(header, np.zeros(8, np.float32))
+    deflate = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    bomb = deflate.compress(header.getvalue()) + b"".join(deflate.compress(bytes(1 << 20)) for _ in range(256))
+    bomb += deflate.flush()
+    assert len(bomb) < 1 << 20
+    members = dict(sample_members(raw, "float32", True), **{"image.npy.gz": bomb})
+    tracemalloc.start()
+    with pytest.raises(ShardError, match=r"key k1: member image\.npy\.gz inflates beyond the \d+ bytes its .npy header"):
+        decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20  # nothing near the 256 MiB the member would inflate to
+    truncated = sample_members(raw, "float32", True)["image.npy.gz"][:-10]
+    with pytest.raises(ShardError, match="image.npy.gz is not valid gzip"):
+        decode_own(dict(members, **{"image.npy.gz": truncated}), "k1", "w", ["a"], ["a", "b"], compressed=True)

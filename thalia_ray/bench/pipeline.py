@@ -55,7 +55,7 @@ def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[Shar
     items = [(raw.key, published_members(raw, [records[str(u)] for u in raw.meta["unique_ids"]]))
              for raw in raws]
     ranges = write_tar(path, items)
-    return [ShardEntry(k, resolve(path), off, size, 0, i, "published") for i, (k, off, size) in enumerate(ranges)]
+    return [ShardEntry(k, resolve(path), off, size, 0, i) for i, (k, off, size) in enumerate(ranges)]
 
 
 def read_published(entries: list[ShardEntry], data_cfg: DataConfig) -> int:

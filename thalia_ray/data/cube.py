@@ -32,6 +32,7 @@ from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location, resolve
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+UNWRITTEN_CHUNKS = "unwritten_chunks"  # variable attribute; "fill_value": chunks may be omitted
 
 
 class DataError(ThaliaError, RuntimeError):
@@ -41,7 +42,44 @@ class DataError(ThaliaError, RuntimeError):
     """
 
 
-# ------------------------------------------------------------------------- storage accounting
+# ------------------------------------------------------------------------- storage wrappers
+def _chunk_array(key: str) -> str | None:
+    """The array a store key holds a chunk of (v3 "var/c/0/1", v2 "var/0.1"), None for metadata."""
+    path, _, last = key.rpartition("/")
+    if last in _METADATA_FILES or key in _METADATA_FILES:
+        return None
+    return key.split("/c/")[0] if "/c/" in key else path
+
+
+class MissingChunkError(LookupError):
+    """A chunk the read needs was never written (Zarr would silently return the fill value)."""
+
+
+class StrictChunks(WrapperStore):
+    """Refuses chunks that were never written. Zarr reads them as the fill value, which for the
+    mask would turn a damaged positive into "no deformation" and for integer variables into
+    plausible numbers; a variable whose attributes say `unwritten_chunks: fill_value` (its cube
+    declares unwritten chunks mean the fill value) reads as Zarr does."""
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.fill_ok: frozenset[str] = frozenset()
+
+    def _check(self, key: str, buffer: Any) -> Any:
+        array = _chunk_array(key)
+        if buffer is None and array is not None and array not in self.fill_ok:
+            raise MissingChunkError(f"chunk {key} was never written")
+        return buffer
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        return self._check(key, await self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+        key_ranges = list(key_ranges)
+        buffers = await self._store.get_partial_values(prototype, key_ranges)
+        return [self._check(key, buffer) for (key, _), buffer in zip(key_ranges, buffers)]
+
+
 class CountingStore(WrapperStore):
     """A Zarr store wrapper counting reads, so tests and benchmarks can see what a read fetched."""
 
@@ -52,10 +90,9 @@ class CountingStore(WrapperStore):
         self._lock = threading.Lock()
 
     def _record(self, key: str, buffer: Any) -> None:
-        path, _, last = key.rpartition("/")
-        if last in _METADATA_FILES or key in _METADATA_FILES:
+        array = _chunk_array(key)
+        if array is None:
             return
-        array = key.split("/c/")[0] if "/c/" in key else path  # v3 "var/c/0/1", v2 "var/0.1"
         with self._lock:
             self.chunk_reads[array] += 1
             self.bytes_read += len(buffer) if buffer is not None else 0
@@ -226,7 +263,8 @@ class CubeCache:
 
     def _open(self, frame_id: str) -> Cube:
         location = self.root.join(f"{frame_id}{schema.CUBE_SUFFIX}")
-        store = location.zarr_store(read_only=True)
+        strict = StrictChunks(location.zarr_store(read_only=True))
+        store: Any = strict
         if self.store_wrapper is not None:
             store = self.store_wrapper(store)
         self.stores[frame_id] = store
@@ -239,6 +277,8 @@ class CubeCache:
             raise DataError(f"cube {location}: not found (frame {frame_id})") from err
         except Exception as err:  # noqa: BLE001 - any open failure is reported with the cube named
             raise DataError(f"cube {location}: cannot open ({type(err).__name__}: {err})") from err
+        strict.fill_ok = frozenset(str(name) for name, variable in dataset.variables.items()
+                                   if variable.attrs.get(UNWRITTEN_CHUNKS) == "fill_value")
         return Cube(frame_id, location.url, dataset, _direct_arrays(store, dataset))
 
 

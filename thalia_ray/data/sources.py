@@ -127,7 +127,10 @@ class ShardSource(Source):
         return dataclasses.replace(self, entries={})
 
     def read(self, items: Sequence[ShardEntry], rng: RngFor) -> Iterator[Row | BadSample]:
-        for entry, data in fetch_ranges(items):
+        """Rows in the order of `items` (fetches run in shard/offset order)."""
+        fetched = dict(fetch_ranges(items))
+        for entry in items:
+            data = fetched[entry]
             if isinstance(data, Exception):
                 yield BadSample(entry.shard.url, entry.key, f"{type(data).__name__}: {data}")
             else:
@@ -156,6 +159,7 @@ class OwnShards(ShardSource):
 
     name: ClassVar[str] = "own"
     stored_channels: tuple[str, ...] = ()
+    compressed: bool = False  # the manifest's `compress`: members are `.npy.gz`
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
@@ -177,10 +181,10 @@ class OwnShards(ShardSource):
                              f"{manifest['channels']}); export again with these channels or with --all-channels")
         base = shard_root(root, data.length)
         entries = {split: manifest_entries(manifest, base, split) for split in splits}
-        return cls(data, root, seed, entries, tuple(manifest["channels"]))
+        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]))
 
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
-        return decode_own(members, key, where, self.data.channels, self.stored_channels)
+        return decode_own(members, key, where, self.data.channels, self.stored_channels, self.compressed)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import functools
 import gzip
 import io
 import json
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -37,17 +38,16 @@ def sample_members(raw: RawSample, dtype: str, compress: bool) -> dict[str, byte
     }
 
 
-def _load_npy(members: dict[str, Blob], name: str, where: str) -> np.ndarray:
-    """A `.npy` (or `.npy.gz`) member as a read-only array viewing the member's bytes."""
-    if f"{name}.npy" in members:
-        data = members[f"{name}.npy"]
-    elif f"{name}.npy.gz" in members:
-        try:
-            data = gzip.decompress(members[f"{name}.npy.gz"])
-        except (OSError, EOFError) as err:
-            raise ShardError(f"{where}: member {name}.npy.gz is not valid gzip ({err})") from None
-    else:
-        raise ShardError(f"{where}: member {name}.npy is missing (members: {sorted(members)})")
+def _load_npy(members: dict[str, Blob], name: str, where: str, compressed: bool) -> np.ndarray:
+    """A `.npy` member (`.npy.gz` where the export is `compressed`, as its manifest says) as a
+    read-only array viewing the member's bytes; the other form is refused, not guessed."""
+    wanted, other = (f"{name}.npy.gz", f"{name}.npy") if compressed else (f"{name}.npy", f"{name}.npy.gz")
+    if wanted not in members:
+        if other in members:
+            raise ShardError(f"{where}: member {other} found, but the manifest says the export is "
+                             f"{'' if compressed else 'un'}compressed ({wanted})")
+        raise ShardError(f"{where}: member {wanted} is missing (members: {sorted(members)})")
+    data = _inflate_npy(members[wanted], wanted, where) if compressed else members[wanted]
     try:
         dtype, shape, fortran, offset = _npy_layout(bytes(data[:_npy_header_end(data)]))
         count = int(np.prod(shape))
@@ -57,8 +57,33 @@ def _load_npy(members: dict[str, Blob], name: str, where: str) -> np.ndarray:
             raise ValueError(f"{len(data) - offset} data bytes, the header needs {count * dtype.itemsize}")
         array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     except (ValueError, EOFError, OSError, SyntaxError) as err:
-        raise ShardError(f"{where}: member {name}.npy is corrupt ({err})") from None
+        raise ShardError(f"{where}: member {wanted} is corrupt ({err})") from None
     return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+_NPY_HEADER_MAX = 65_536 + 12  # numpy writes headers of a few hundred bytes; 64 KiB is generous
+
+
+def _inflate_npy(data: Blob, member: str, where: str) -> bytes:
+    """Gunzip a `.npy.gz` member no further than its own header allows: the header is inflated
+    first, and the rest only up to the size it declares, so a small member that would inflate to
+    gigabytes (a gzip bomb) is refused after at most one byte past that size."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        out = inflater.decompress(data, _NPY_HEADER_MAX)
+        dtype, shape, _, offset = _npy_layout(bytes(out[:_npy_header_end(out)]))
+        size = offset + int(np.prod(shape)) * dtype.itemsize
+        if len(out) <= size:
+            out += inflater.decompress(inflater.unconsumed_tail, size - len(out) + 1)
+    except zlib.error as err:
+        raise ShardError(f"{where}: member {member} is not valid gzip ({err})") from None
+    except (ValueError, SyntaxError) as err:
+        raise ShardError(f"{where}: member {member} is corrupt ({err})") from None
+    if len(out) > size:
+        raise ShardError(f"{where}: member {member} inflates beyond the {size} bytes its .npy header declares")
+    if not inflater.eof or inflater.unused_data:
+        raise ShardError(f"{where}: member {member} is not valid gzip (truncated stream or trailing data)")
+    return out
 
 
 def _npy_header_end(data: Blob) -> int:
@@ -84,11 +109,11 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
 
 
 def decode_own(members: dict[str, Blob], key: str, where: str, channels: Sequence[str],
-               stored: Sequence[str] = schema.ALL_CHANNELS) -> RawSample:
-    """Our members of sample `key` → RawSample with the selected `channels`, from the `stored` ones
-    (the manifest's); errors name `where` (shard and key)."""
-    image = _load_npy(members, "image", where)
-    mask = _load_npy(members, "mask", where)
+               stored: Sequence[str] = schema.ALL_CHANNELS, compressed: bool = False) -> RawSample:
+    """Our members of sample `key` → RawSample with the selected `channels`, from the `stored` ones;
+    `stored` and `compressed` are what the manifest says. Errors name `where` (shard and key)."""
+    image = _load_npy(members, "image", where, compressed)
+    mask = _load_npy(members, "mask", where, compressed)
     try:
         meta = json.loads(bytes(members["json"]))
     except (KeyError, ValueError) as err:

@@ -1,6 +1,9 @@
 """The published Thalia shards (`torch.save` members): safe loading, decoding, listing and writing.
 
-Members per sample: `image.pth` (T*C, H, W) float32, `labels.pth` (T, H, W) int64 and `sample.pth`
+Layout: `{root}/{T}/train_pos/`, `{T}/train_neg/`, `{T}/val/`, `{T}/test/` (or the folders directly
+under the root given), tars `sample-{folder}-NNNNNN.tar` (any `*.tar` is read, so the exporter's
+`sample-{folder}-{writer}-NNNNNN.tar` names work too), keys `sampleNNNNNN` (the sample's position in
+its split, which restores the split's order whatever the number of writers). Members per sample: `image.pth` (T*C, H, W) float32, `labels.pth` (T, H, W) int64 and `sample.pth`
 (a dict: frame_id, the raw annotation records, per-member labels, annotation paths). They are
 pickles, so every load is `torch.load(weights_only=True)`: anything needing arbitrary unpickling
 is refused before it can run.
@@ -23,6 +26,9 @@ from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.shards.remote import remote_args
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, UnsafeShardError, split_name
 from thalia_ray.storage import Location
+
+TRAIN_FOLDERS = ("train_pos", "train_neg")
+FOLDERS: dict[str, tuple[str, ...]] = {"train": TRAIN_FOLDERS, "val": ("val",), "test": ("test",)}
 
 
 def safe_torch_load(data: Blob, where: str) -> Any:
@@ -126,8 +132,9 @@ def published_members(raw: RawSample, records: Sequence[dict[str, Any]]) -> dict
     return {"image.pth": saved(image), "labels.pth": saved(labels), "sample.pth": saved(info)}
 
 
-def _scan_published_shard(loc: Location, label_rule: str) -> list[tuple[str, int, int, int]]:
-    """(key, offset, size, label) of every sample of one published tar (labels from sample.pth)."""
+def _scan_published_shard(loc: Location, folder: str, label_rule: str) -> list[tuple[str, int, int, int]]:
+    """(key, offset, size, label) of every sample of one published tar (labels from sample.pth).
+    In `train_pos`/`train_neg` a sample's members must be (not) any positive, as the exporter sorts them."""
     url = loc.url
     data = loc.read_bytes()
     spans: dict[str, list[int]] = {}
@@ -147,7 +154,10 @@ def _scan_published_shard(loc: Location, label_rule: str) -> list[tuple[str, int
                     member_labels = sample.get("label") if isinstance(sample, dict) else None
                     if not isinstance(member_labels, (list, tuple)) or not member_labels:
                         raise ShardError(f"{where}: no per-member 'label' list")
-                    labels[key] = series_label([bool(v) for v in member_labels], label_rule)
+                    positive = [bool(v) for v in member_labels]
+                    if folder in TRAIN_FOLDERS and any(positive) != (folder == TRAIN_FOLDERS[0]):
+                        raise ShardError(f"{where}: member labels {positive} do not belong in {folder}/")
+                    labels[key] = series_label(positive, label_rule)
     except (tarfile.TarError, EOFError) as err:
         raise ShardError(f"shard {url}: corrupt tar ({err})") from None
     unlabelled = sorted(set(spans) - set(labels))
@@ -156,22 +166,27 @@ def _scan_published_shard(loc: Location, label_rule: str) -> list[tuple[str, int
     return [(key, start, end - start, labels[key]) for key, (start, end) in spans.items()]
 
 
-def published_shards(base: Location, length: int, split: str) -> list[Location]:
-    """Tars of a published split: `{root}/{T}/{split}/*.tar`, else `{root}/{split}/*.tar`."""
-    for folder in (base.join(str(length), split), base.join(split)):
-        tars = [t for t in folder.glob("*.tar")] if folder.exists() else []
+def published_shards(base: Location, length: int, folder: str) -> list[Location]:
+    """Tars of a published folder: `{root}/{T}/{folder}/*.tar`, else `{root}/{folder}/*.tar`."""
+    for place in (base.join(str(length), folder), base.join(folder)):
+        tars = place.glob("*.tar") if place.exists() else []
         if tars:
             return tars
-    raise ShardError(f"{base.url}: no published shards for split {split!r} (looked in {length}/{split}/ and {split}/)")
+    raise ShardError(f"{base.url}: no published shards in {folder!r} (looked in {length}/{folder}/ and {folder}/)")
 
 
 def scan_published(root: Location, length: int, split: str, label_rule: str,
                    num_cpus: float = 0.25) -> list[ShardEntry]:
-    """Index the published shards of a split (one Ray task per tar), in shard/key order."""
+    """Index the published shards of a split (one Ray task per tar), in key order (the split's
+    order); train gathers `train_pos` and `train_neg`."""
     import ray
 
     scan = ray.remote(_scan_published_shard).options(**remote_args(num_cpus, root.url))
-    tars = published_shards(root, length, split)
-    found = ray.get([scan.remote(tar, label_rule) for tar in tars])
-    rows = [(tar, row) for tar, rows in zip(tars, found) for row in rows]
-    return [ShardEntry(key, tar, off, size, label, i, "published") for i, (tar, (key, off, size, label)) in enumerate(rows)]
+    tars = [(folder, tar) for folder in FOLDERS.get(split, (split,)) for tar in published_shards(root, length, folder)]
+    found = ray.get([scan.remote(tar, folder, label_rule) for folder, tar in tars])
+    rows = sorted(((key, tar, off, size, label) for (_, tar), rows in zip(tars, found) for key, off, size, label in rows),
+                  key=lambda row: row[0])
+    for (key, first, *_), (other, second, *_) in zip(rows, rows[1:]):
+        if key == other:
+            raise ShardError(f"key {key} is in both shard {first.url} and shard {second.url}")
+    return [ShardEntry(key, tar, off, size, label, i) for i, (key, tar, off, size, label) in enumerate(rows)]

@@ -12,7 +12,7 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 from thalia_ray.storage import Location, with_retries
 
@@ -39,7 +39,6 @@ class ShardEntry:
     size: int
     label: int
     order: int  # position in the sample index (restores index order for epoch draws)
-    fmt: Literal["own", "published"] = "own"
 
     @property
     def where(self) -> str:

@@ -1,7 +1,8 @@
 """Writing synthetic minicubes (Zarr v3, consolidated) and the dataset's JSON side files.
 
 Arrays are created empty and only the chunks of existing (primary, secondary) pairs are written,
-so the sparse date grid costs nothing on disk; missing pairs read back as NaN (or 0 for the mask).
+so the sparse date grid costs nothing on disk. Every chunk of an existing pair is written, even an
+all-zero mask chunk, because readers refuse chunks that were never written.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class CubeWriter:
             self.arrays[name] = self.root.create_array(
                 name, shape=(len(primaries), len(secondaries), size, size), chunks=(1, 1, c, c), dtype=dtype,
                 fill_value=0 if dtype == np.uint8 else np.nan, dimension_names=list(PAIR_DIMS),
-                attributes=_attrs(name), compressors=COMPRESSOR)
+                attributes=_attrs(name), compressors=COMPRESSOR,
+                config={"write_empty_chunks": True})  # an all-zero mask chunk is data: readers refuse unwritten ones
         self.dem = self.root.create_array("dem", shape=(size, size), chunks=(c, c), dtype=np.float32,
                                           fill_value=np.nan, dimension_names=[schema.Y_DIM, schema.X_DIM],
                                           attributes=_attrs("dem"), compressors=COMPRESSOR)
