@@ -48,6 +48,43 @@ def test_focal_hand_computed() -> None:
     assert parts == {"focal": pytest.approx(expected, rel=1e-5), "total": pytest.approx(expected, rel=1e-5)}
 
 
+def _reference_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """The reference's FocalLoss(gamma, alpha) written out: α becomes [α, 1 − α], gathered by class."""
+    if logits.dim() > 2:
+        logits = logits.reshape(logits.shape[0], logits.shape[1], -1).transpose(1, 2).reshape(-1, logits.shape[1])
+    target = target.reshape(-1, 1)
+    logpt = F.log_softmax(logits, dim=1).gather(1, target).reshape(-1)
+    pt = logpt.detach().exp()
+    at = torch.tensor([alpha, 1 - alpha]).gather(0, target.reshape(-1))
+    return (-1 * (1 - pt) ** gamma * (logpt * at)).mean()
+
+
+@pytest.mark.parametrize("task,shape", [("classification", (8,)), ("segmentation", (2, 5, 6))])
+def test_focal_reference_weighting_equals_the_reference_formula(task: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    target = torch.randint(0, 2, shape)
+    logits = torch.randn(shape[0], 2, *shape[1:])
+    batch = {"label": target} if task == "classification" else {"mask": target}
+    paper = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=[0.25, 0.75]), task)
+    expected = _reference_focal(logits, target, gamma=2, alpha=0.25)
+    torch.testing.assert_close(paper({"logits": logits}, batch)[0], expected)
+    # A number is the Deformation weight: 0.75 is the same weighting, 0.25 the opposite one.
+    same = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.75), task)
+    torch.testing.assert_close(same({"logits": logits}, batch)[0], expected)
+    opposite = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25), task)
+    assert not torch.allclose(opposite({"logits": logits}, batch)[0], expected)
+
+
+def test_focal_alpha_is_validated() -> None:
+    with pytest.raises(ValueError, match="one focal α per class"):
+        LossConfig(focal_alpha=[0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        LossConfig(focal_alpha=[0.5, 1.5])
+    unweighted = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=None), "classification")
+    logits, label = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(unweighted({"logits": logits}, {"label": label})[0], F.cross_entropy(logits, label))
+
+
 def test_class_weights_match_torch_and_confidence_weights_samples() -> None:
     torch.manual_seed(0)
     logits, label = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 0])

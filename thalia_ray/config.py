@@ -164,9 +164,28 @@ class ModelConfig(Section):
 class LossConfig(Section):
     name: Literal["ce", "focal", "dice", "ce+dice", "focal+dice"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
-    focal_alpha: float = Field(0.25, ge=0, le=1)
+    # Focal α, explicit: a number is the weight of the Deformation class (Non_Deformation gets 1 − α);
+    # a list gives one weight per class index, [Non_Deformation, Deformation]; null: no α weighting.
+    # The reference's FocalLoss(alpha=0.25) weights the classes [0.25, 0.75] (configs/paper/).
+    focal_alpha: float | list[float] | None = 0.25
     class_weights: list[float] | None = None
     confidence_weighting: bool = False
+
+    @field_validator("focal_alpha")
+    @classmethod
+    def _alpha_range(cls, alpha: float | list[float] | None) -> float | list[float] | None:
+        values = alpha if isinstance(alpha, list) else [] if alpha is None else [alpha]
+        if any(not 0 <= a <= 1 for a in values):
+            raise ValueError(f"focal α weights must lie in [0, 1], got {alpha}")
+        if isinstance(alpha, list) and len(alpha) != len(schema.CLASSES):
+            raise ValueError(f"give one focal α per class {list(schema.CLASSES)}, got {len(alpha)} values")
+        return alpha
+
+    def focal_class_weights(self) -> list[float] | None:
+        """α per class index: a number α is the Deformation weight, so [1 − α, α]."""
+        if self.focal_alpha is None or isinstance(self.focal_alpha, list):
+            return self.focal_alpha
+        return [1.0 - self.focal_alpha, self.focal_alpha]
 
 
 class EarlyStoppingConfig(Section):
