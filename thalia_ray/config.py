@@ -102,6 +102,9 @@ class DataConfig(Section):
     crop: int = Field(64, ge=8)
     mask_target: Literal["last", "peak", "union", "all"] = "union"
     label_rule: Literal["union", "last"] = "union"
+    # Label rule of val/test series; null: label_rule. The reference labels val/test by union whatever
+    # rule it trains with: set `union` to compare a `last` run with it.
+    eval_label_rule: Literal["union", "last"] | None = None
     balance: bool = True  # per-epoch undersampling of training negatives
     normalize: bool = True
     statistics: str | None = None  # defaults to {root}/statistics.json
@@ -133,6 +136,10 @@ class DataConfig(Section):
     @property
     def channels(self) -> list[str]:
         return schema.channel_names(self.geomorphology, self.atmospheric)
+
+    def label_rule_for(self, split: str) -> str:
+        """The rule that labels a series of `split` (train: label_rule; val/test: eval_label_rule)."""
+        return self.label_rule if split == "train" or self.eval_label_rule is None else self.eval_label_rule
 
 
 # ---------------------------------------------------------------------------------------- model

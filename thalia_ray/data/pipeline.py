@@ -294,7 +294,7 @@ def _shard_entries(cfg: ThaliaConfig, split: str) -> tuple[str, list[shard_io.Sh
     """(kind, entries, stored channels) of a split's shards, checked against the config first."""
     data = cfg.data
     if data.shard_format == "published":
-        entries = shard_io.scan_published(data.shards, data.length, split, data.label_rule, cfg.storage)
+        entries = shard_io.scan_published(data.shards, data.length, split, data.label_rule_for(split), cfg.storage)
         return "published", entries, ()
     if data.policy == "resample":
         raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
