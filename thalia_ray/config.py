@@ -145,11 +145,31 @@ class DataConfig(Section):
 # ---------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
     task: Literal["classification", "segmentation"] = "classification"
-    name: str | None = None  # a registry key (`thalia-ray models`); default: resnet18 / unet
-    encoder: str = "resnet18"  # encoder of smp segmenters
-    pretrained: str | None = None  # local weights file; nothing is downloaded
+    # A registry key or, for classification, any timm model name (`thalia-ray models --all`);
+    # default: resnet18 / unet. The reference's "deeplabv3" is `deeplabv3plus` (smp DeepLabV3Plus).
+    name: str | None = None
+    encoder: str = "resnet18"  # smp segmenters: any smp encoder, or tu-<timm model>
+    # Initial weights: none (null) | imagenet (timm/smp through the Hugging Face / torch hub caches)
+    # | a local state-dict file | run:<RUN_ID> (that stored run's best checkpoint).
+    pretrained: str | None = None
+    freeze_encoder: float = Field(0.0, ge=0, le=1)  # fraction of encoder layers frozen, input side first
     dropout: float = Field(0.0, ge=0, lt=1)
     aux_heads: dict[Literal["activity_type", "intensity", "phase", "fringes"], float] = {}
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() == "none":
+            return None
+        if value is not None and value.startswith("run:"):
+            from thalia_ray.store.layout import check_id
+            from thalia_ray.store.records import StoreError
+
+            try:
+                check_id(value[len("run:"):], "the run id of run:<RUN_ID>")
+            except StoreError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @field_validator("name")
     @classmethod
@@ -159,6 +179,17 @@ class ModelConfig(Section):
         if name is not None:
             check_model_name(info.data.get("task", "classification"), name)
         return name
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, encoder: str, info: ValidationInfo) -> str:
+        from thalia_ray.models.registry import REGISTRY, check_encoder
+
+        spec = REGISTRY.get(info.data.get("name") or "unet")
+        if info.data.get("task") == "segmentation" and spec is not None and spec.builder.endswith(
+                "build_smp_segmenter"):
+            check_encoder(encoder)
+        return encoder
 
     @model_validator(mode="after")
     def _default_model(self) -> "ModelConfig":
