@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
-from thalia_ray.models.pretrained import IMAGENET, run_reference
+from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference
 from thalia_ray.models.registry import check_model_name
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def build_model(cfg: ModelConfig, in_channels: int, time_steps: int, num_classes
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     spec = check_model_name(cfg.task, cfg.name)
+    if cfg.pretrained == IMAGENET:
+        check_imagenet_available(spec, cfg.encoder)
     builder = spec.resolve()
     model = builder(spec, cfg, in_channels, num_classes, time_steps, in_channels // time_steps)
     if run_reference(cfg.pretrained) is not None:
