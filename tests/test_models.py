@@ -91,7 +91,7 @@ def test_bad_inputs_are_rejected_clearly() -> None:
         build_model(ModelConfig(name="resnet18"), 8, 3)
     with pytest.raises(ValueError, match="not available for classification"):
         build_model(ModelConfig.model_construct(task="classification", name="unet"), 3, 1)
-    with pytest.raises(ValueError, match="model.encoder 'nope'"):
+    with pytest.raises(ValueError, match="'nope' is not an smp encoder"):
         _build("segmentation", "unet", 1, encoder="nope")
 
 
