@@ -113,3 +113,28 @@ def test_run_reference_starts_from_that_runs_best_checkpoint(tmp_path: Path) -> 
     torch.testing.assert_close(tuned.backbone.conv1.weight, adapt_input_conv(9, trained.backbone.conv1.weight))
     with pytest.raises(PretrainedWeightsError, match="run:nope.*no run 'nope'"):
         model_from_config(source_cfg.with_overrides({"model.pretrained": "run:nope"}))
+
+
+@pytest.mark.slow
+def test_a_ray_train_run_fine_tunes_from_a_stored_run(ray_cluster, synthetic_root: Path, tmp_path: Path) -> None:
+    """run:<ID> end to end: the driver checks it, every worker starts from that run's best checkpoint."""
+    from thalia_ray.train.checkpoint import load_state
+    from thalia_ray.train.evaluate import best_checkpoint
+    from thalia_ray.train.trainer import fit
+
+    store = ExperimentStore(tmp_path / "store")
+    cfg = load_config(overrides=[
+        f"data.root={synthetic_root}", "data.crop=32", f"storage.store={store.root.path}", "runtime.wandb.mode=disabled",
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.num_workers=1", "train.batch_size=4",
+        "train.cpus_per_worker=0.5", "train.max_failures=0", "train.test_best=false", "train.grad_clip=null",
+        "train.scheduler=constant", "train.warmup_fraction=0", "train.weight_decay=0", "model.name=resnet18",
+    ])
+    first = fit(cfg, store=store)
+    # One step at a vanishing learning rate: the fine-tuned weights are the first run's, to rounding.
+    tuned = fit(cfg.with_overrides({"model.pretrained": f"run:{first.run_id}", "train.lr": 1e-12}), store=store)
+    before = load_state(best_checkpoint(store, first.run_id))["model"]
+    after = load_state(best_checkpoint(store, tuned.run_id))["model"]
+    weights = [k for k in before if k.endswith("conv1.weight") or k.endswith("fc.weight")]
+    assert weights and all(torch.allclose(after[k], before[k], atol=1e-6) for k in weights)
+    fresh = model_from_config(cfg).state_dict()
+    assert not torch.allclose(fresh["backbone.layer1.0.conv1.weight"], after["backbone.layer1.0.conv1.weight"])

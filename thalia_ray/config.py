@@ -161,12 +161,15 @@ class ModelConfig(Section):
     def _pretrained(cls, value: str | None) -> str | None:
         if value is not None and value.strip().lower() == "none":
             return None
-        if value is not None and value.startswith("run:"):
+        from thalia_ray.models.pretrained import run_reference
+
+        run_id = run_reference(value)
+        if run_id is not None:
             from thalia_ray.store.layout import check_id
             from thalia_ray.store.records import StoreError
 
             try:
-                check_id(value[len("run:"):], "the run id of run:<RUN_ID>")
+                check_id(run_id, "the run id of run:<RUN_ID>")
             except StoreError as err:
                 raise ValueError(str(err)) from None
         return value

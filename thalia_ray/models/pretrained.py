@@ -39,7 +39,8 @@ def hub_caches() -> str:
     import torch.hub
     from huggingface_hub import constants
 
-    return f"Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_CACHE / HF_HOME), torch hub cache {torch.hub.get_dir()}/checkpoints (TORCH_HOME)"
+    return (f"Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_CACHE / HF_HOME), "
+            f"torch hub cache {torch.hub.get_dir()}/checkpoints (TORCH_HOME)")
 
 
 def _timm_name(spec: ModelSpec, encoder: str) -> str | None:
