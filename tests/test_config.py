@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -103,3 +104,21 @@ def test_cli_reports_bad_field_before_any_work():
     shown = subprocess.run([sys.executable, "-m", "thalia_ray.cli", "config", "show", "--set", "train.lr=3e-4"],
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "lr: 0.0003" in shown.stdout
+
+
+def test_eval_label_rule_labels_val_and_test_like_the_reference():
+    from thalia_ray.data import schema
+    from thalia_ray.data.cube import RawSample
+    from thalia_ray.data.transforms import finalize
+
+    cfg = load_config(overrides=["data.label_rule=last", "data.eval_label_rule=union", "data.normalize=false",
+                                 "data.augmentations=false"])
+    assert [cfg.data.label_rule_for(s) for s in ("train", "val", "test")] == ["last", "union", "union"]
+    assert load_config(overrides=["data.label_rule=last"]).data.label_rule_for("test") == "last"
+    meta = {"frame_id": "128D_x", "member_positive": [True, False], "confidence": 1.0, "phase": "Rest",
+            "activity_types": [[], []], "intensity_levels": [[], []],
+            "flags": [dict.fromkeys(schema.FLAGS, 0)] * 2}
+    raw = RawSample(image=np.zeros((2, 3, 8, 8), np.float32), mask=np.zeros((2, 8, 8), np.uint8), key="k", meta=meta)
+    # The last member is negative: a training sample is negative, the same series in val/test positive.
+    assert finalize(raw, cfg.data, None, np.random.default_rng(0), training=True)["label"] == 0
+    assert finalize(raw, cfg.data, None, None, training=False)["label"] == 1

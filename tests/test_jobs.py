@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, where `thalia-ray` lives
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))
 EXPECTED_SPECS = {"train-cls-single", "train-cls-series", "train-seg-single", "train-seg-series",
-                  "sweep-backbones", "export-shards", "stats", "predict"}
+                  "sweep-backbones", "export-shards", "stats",
+                  "paper-cls-single", "paper-cls-series", "paper-seg-single", "paper-seg-series", "predict"}
 NOW = datetime(2025, 3, 1, 14, 22, 10, tzinfo=timezone.utc)
 
 

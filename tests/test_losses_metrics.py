@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from thalia_ray.config import LossConfig
 from thalia_ray.losses import build_loss
-from thalia_ray.metrics import MetricSuite, deformation_metrics, grouped_metrics
+from torchmetrics.classification import MulticlassAveragePrecision
+
+from thalia_ray.metrics import MetricSuite, subgroup_metrics
 
 
 def _logits_for(scores: np.ndarray) -> torch.Tensor:
@@ -46,6 +48,43 @@ def test_focal_hand_computed() -> None:
     expected = (0.25 * 0.25**2 * -math.log(0.75) + 0.75 * 0.75**2 * -math.log(0.25)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert parts == {"focal": pytest.approx(expected, rel=1e-5), "total": pytest.approx(expected, rel=1e-5)}
+
+
+def _reference_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """The reference's FocalLoss(gamma, alpha) written out: α becomes [α, 1 − α], gathered by class."""
+    if logits.dim() > 2:
+        logits = logits.reshape(logits.shape[0], logits.shape[1], -1).transpose(1, 2).reshape(-1, logits.shape[1])
+    target = target.reshape(-1, 1)
+    logpt = F.log_softmax(logits, dim=1).gather(1, target).reshape(-1)
+    pt = logpt.detach().exp()
+    at = torch.tensor([alpha, 1 - alpha]).gather(0, target.reshape(-1))
+    return (-1 * (1 - pt) ** gamma * (logpt * at)).mean()
+
+
+@pytest.mark.parametrize("task,shape", [("classification", (8,)), ("segmentation", (2, 5, 6))])
+def test_focal_reference_weighting_equals_the_reference_formula(task: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    target = torch.randint(0, 2, shape)
+    logits = torch.randn(shape[0], 2, *shape[1:])
+    batch = {"label": target} if task == "classification" else {"mask": target}
+    paper = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=[0.25, 0.75]), task)
+    expected = _reference_focal(logits, target, gamma=2, alpha=0.25)
+    torch.testing.assert_close(paper({"logits": logits}, batch)[0], expected)
+    # A number is the Deformation weight: 0.75 is the same weighting, 0.25 the opposite one.
+    same = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.75), task)
+    torch.testing.assert_close(same({"logits": logits}, batch)[0], expected)
+    opposite = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25), task)
+    assert not torch.allclose(opposite({"logits": logits}, batch)[0], expected)
+
+
+def test_focal_alpha_is_validated() -> None:
+    with pytest.raises(ValueError, match="one focal α per class"):
+        LossConfig(focal_alpha=[0.5])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        LossConfig(focal_alpha=[0.5, 1.5])
+    unweighted = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=None), "classification")
+    logits, label = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(unweighted({"logits": logits}, {"label": label})[0], F.cross_entropy(logits, label))
 
 
 def test_class_weights_match_torch_and_confidence_weights_samples() -> None:
@@ -162,14 +201,39 @@ def _numpy_reference(preds: np.ndarray, targets: np.ndarray, scores: np.ndarray)
 
 
 def test_exact_ap_and_auroc_on_a_tiny_example() -> None:
-    result = deformation_metrics(SCORES > 0.5, TARGETS, SCORES)
+    suite = MetricSuite("classification")
+    suite.update({"logits": _logits_for(SCORES)}, {"label": torch.as_tensor(TARGETS)})
+    result = suite.compute()
     # ranks of positives 1, 3, 4, 7: AP = (1/1 + 2/3 + 3/4 + 4/7) / 4; AUROC = 11 ordered pairs of 16.
-    assert result["ap"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 7) / 4)
-    assert result["auroc"] == pytest.approx(11 / 16)
-    reference = _numpy_reference((SCORES > 0.5).astype(int), TARGETS, SCORES)
-    for key in ("precision", "recall", "f1", "ap", "auroc"):
-        assert result[key] == pytest.approx(reference[key])
-    assert result["n"] == 8 and result["n_deformation"] == 4
+    assert result["ap_deformation"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 7) / 4, rel=1e-6)
+    assert result["auroc_deformation"] == pytest.approx(11 / 16, rel=1e-6)
+
+
+def _reference_ap5(logits: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """The reference's metric: AveragePrecision(multiclass, average none, thresholds=5) fed the raw logits."""
+    metric = MulticlassAveragePrecision(num_classes=2, average="none", thresholds=5)
+    metric.update(logits, target)
+    return metric.compute().tolist()
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_ap5_equals_torchmetrics_with_5_thresholds_and_differs_from_exact_ap(task: str) -> None:
+    torch.manual_seed(3)
+    shape = (40,) if task == "classification" else (4, 6, 6)
+    target = torch.randint(0, 2, shape)
+    logits = torch.randn(shape[0], 2, *shape[1:]) + target.unsqueeze(1) * torch.tensor([0.0, 1.0]).reshape(1, 2, *[1] * (len(shape) - 1))
+    batch = {"label": target} if task == "classification" else {"mask": target}
+    suite = MetricSuite(task)
+    for part in range(2):  # two batches accumulate
+        half = slice(part * shape[0] // 2, (part + 1) * shape[0] // 2)
+        suite.update({"logits": logits[half]}, {k: v[half] for k, v in batch.items()})
+    values = suite.compute()
+    expected = _reference_ap5(logits, target)
+    assert [values["ap5_non_deformation"], values["ap5_deformation"]] == pytest.approx(expected, rel=1e-6)
+    if task == "classification":
+        assert values["ap_deformation"] != pytest.approx(values["ap5_deformation"], rel=1e-3)
+    else:
+        assert "ap_deformation" not in values  # exact pixel AP is not offered (see metrics docstring)
 
 
 def test_metric_suite_classification_matches_numpy() -> None:
@@ -207,16 +271,28 @@ def test_metric_suite_segmentation_matches_numpy() -> None:
     assert "auroc_deformation" not in values and "iou_non_deformation" in values
 
 
-def test_deformation_metrics_edge_cases_and_groups() -> None:
-    only_negatives = deformation_metrics(np.array([0, 1]), np.array([0, 0]), np.array([0.2, 0.7]))
-    assert math.isnan(only_negatives["ap"]) and math.isnan(only_negatives["auroc"])
-    assert only_negatives["accuracy"] == 0.5
+def test_subgroups_report_recall_and_ap_against_all_negatives() -> None:
+    # SCORES / TARGETS: positives at 0.9, 0.7, 0.6, 0.2; negatives at 0.8, 0.4, 0.3, 0.1.
+    preds = SCORES > 0.5
+    high = ["High", "", "High", "Low", "", "", "Low", ""]  # two groups of positives only
+    frames = [["f1"], ["f1"], ["f1"], ["f1"], ["f2"], ["f2"], ["f2"], ["f2"]]
+    by_intensity = subgroup_metrics([[g] if g else [] for g in high], preds, TARGETS, SCORES)
+    assert set(by_intensity) == {"High", "Low"}
+    # High = the positives at 0.9 and 0.7, ranked against all four negatives: hits at ranks 1 and 3.
+    assert by_intensity["High"]["ap"] == pytest.approx((1 + 2 / 3) / 2)
+    assert by_intensity["High"]["recall"] == 1.0
+    # Low = the positives at 0.6 and 0.2: ranks 2 (behind 0.8) and 5 (behind 0.8, 0.4, 0.3).
+    assert by_intensity["Low"]["ap"] == pytest.approx((1 / 2 + 2 / 5) / 2)
+    assert by_intensity["Low"]["recall"] == 0.5
+    assert math.isnan(by_intensity["High"]["false_alarms"])
+    by_frame = subgroup_metrics(frames, preds, TARGETS, SCORES)
+    assert by_frame["f2"]["n"] == 4 and by_frame["f2"]["n_deformation"] == 1
+    assert by_frame["f1"]["false_alarms"] == 1.0 and by_frame["f2"]["false_alarms"] == 0.0
+    # A sample may belong to several groups (a frame that covers two volcanoes).
+    both = subgroup_metrics([["a", "b"]] * 8, preds, TARGETS, SCORES)
+    assert both["a"] == both["b"] and both["a"]["n"] == 8
     with pytest.raises(ValueError, match="equally long"):
-        deformation_metrics(np.array([0, 1]), np.array([0]), np.array([0.2, 0.7]))
-    groups = np.array(["a", "a", "a", "a", "b", "b", "b", "b"])
-    by_group = grouped_metrics(groups, SCORES > 0.5, TARGETS, SCORES)
-    assert set(by_group) == {"a", "b"}
-    assert by_group["b"] == deformation_metrics(SCORES[4:] > 0.5, TARGETS[4:], SCORES[4:])
+        subgroup_metrics([["a"]], preds, TARGETS, SCORES)
 
 
 def _free_port() -> int:

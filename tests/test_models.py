@@ -1,11 +1,15 @@
 """Model zoo: every family builds, runs forward and backward with T·C channels, and honours the contract."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 
-from thalia_ray.config import ModelConfig
+from thalia_ray.config import ModelConfig, load_config
 from thalia_ray.models.factory import adapt_input_conv, build_model, load_pretrained
 from thalia_ray.models.heads import AUX_HEADS
 
@@ -20,7 +24,7 @@ FAMILIES = [
     ("classification", "spatiotemporal"),
     ("segmentation", "unet"),
     ("segmentation", "deeplabv3plus"),
-    ("segmentation", "deeplabv3"),
+    ("segmentation", "deeplabv3_plain"),
     ("segmentation", "segformer"),
     ("segmentation", "spatiotemporal"),
 ]
@@ -87,7 +91,7 @@ def test_bad_inputs_are_rejected_clearly() -> None:
         build_model(ModelConfig(name="resnet18"), 8, 3)
     with pytest.raises(ValueError, match="not available for classification"):
         build_model(ModelConfig.model_construct(task="classification", name="unet"), 3, 1)
-    with pytest.raises(ValueError, match="model.encoder 'nope'"):
+    with pytest.raises(ValueError, match="'nope' is not an smp encoder"):
         _build("segmentation", "unet", 1, encoder="nope")
 
 
@@ -143,8 +147,8 @@ def test_pretrained_round_trip_of_our_own_model(tmp_path) -> None:
 
 
 def test_pretrained_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
-        _build("classification", "resnet18", 1, pretrained="imagenet")
+    with pytest.raises(FileNotFoundError, match="not a local file"):
+        _build("classification", "resnet18", 1, pretrained="weights.pt")
     not_a_state = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), not_a_state)
     with pytest.raises(ValueError, match="does not hold a state dict"):
@@ -153,3 +157,53 @@ def test_pretrained_errors(tmp_path) -> None:
     torch.save({"foo.weight": torch.zeros(2)}, unrelated)
     with pytest.raises(ValueError, match="no tensor matches"):
         _build("classification", "resnet18", 1, pretrained=str(unrelated))
+
+
+# ------------------------------------------------------------------------- names, freezing, DeepLab
+def test_any_timm_classifier_and_smp_encoder_by_name() -> None:
+    model = _build("classification", "resnet10t", 3)  # a timm name outside the short list
+    assert model.backbone.default_cfg["architecture"] == "resnet10t" and model.in_channels == 9
+    assert model(torch.randn(2, 9, CROP, CROP))["logits"].shape == (2, 2)
+    tu = _build("segmentation", "unet", 1, encoder="tu-resnet10t")
+    assert tu.eval()(torch.randn(1, C, CROP, CROP))["logits"].shape == (1, 2, CROP, CROP)
+    with pytest.raises(ValueError, match="not available for classification.*any timm model name"):
+        ModelConfig(name="no_such_net")
+    with pytest.raises(ValueError, match="model.encoder.*not an smp encoder"):
+        load_config(overrides=["model.task=segmentation", "model.encoder=no_such_encoder"])
+
+
+def test_deeplab_names_say_which_network() -> None:
+    with pytest.raises(ValueError, match="reference's 'deeplabv3' is smp.DeepLabV3Plus, use 'deeplabv3plus'"):
+        ModelConfig(task="segmentation", name="deeplabv3")
+    plus = _build("segmentation", "deeplabv3plus", 1).net
+    plain = _build("segmentation", "deeplabv3_plain", 1).net
+    assert type(plus) is smp.DeepLabV3Plus and type(plain) is smp.DeepLabV3
+
+
+@pytest.mark.parametrize("task,name", [("classification", "resnet18"), ("segmentation", "unet"),
+                                       ("classification", "spatiotemporal")])
+def test_freeze_encoder_freezes_the_first_layers_and_training_leaves_them(task: str, name: str) -> None:
+    torch.manual_seed(0)
+    model = _build(task, name, 1, freeze_encoder=0.5)
+    layers = model.encoder_layers()
+    frozen, trained = layers[: len(layers) // 2], layers[len(layers) // 2:]
+    assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in trained for p in m.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, C, CROP, CROP))["logits"].float().pow(2).mean().backward()
+    optimizer.step()
+    frozen_params = {id(p) for m in frozen for p in m.parameters()}
+    changed = {id(p) for key, p in model.named_parameters() if not torch.equal(p, before[key])}
+    assert not changed & frozen_params and changed  # frozen layers stay, the rest learns
+    everything = _build(task, name, 1, freeze_encoder=1.0)
+    assert all(not p.requires_grad for m in everything.encoder_layers() for p in m.parameters())
+
+
+def test_models_all_lists_installed_timm_models_and_smp_encoders() -> None:
+    out = subprocess.run([sys.executable, "-m", "thalia_ray.cli", "models", "--all"], capture_output=True,
+                         text=True, check=True).stdout
+    names = set(out.split())
+    assert {"resnet18", "deeplabv3plus", "deeplabv3_plain"} <= names
+    assert {"resnet10t", "convnext_small", "vit_base_patch16_224"} <= names  # timm
+    assert {"resnext50_32x4d", "mit_b2"} <= names  # smp encoders

@@ -34,10 +34,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from thalia_ray.models.registry import REGISTRY
+    from thalia_ray.models.registry import REGISTRY, smp_encoders, timm_classifiers
 
     for name, spec in REGISTRY.items():
         print(f"{name:22s} {spec.family:16s} {'/'.join(spec.tasks):28s} {spec.arch}")
+    if args.all:
+        print("\nclassification, model.name = any timm model (installed timm):")
+        print("\n".join(timm_classifiers()))
+        print("\nsegmentation, model.encoder = any smp encoder, or tu-<timm model> (installed smp):")
+        print("\n".join(smp_encoders()))
     return 0
 
 
@@ -272,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_config_show)
 
-    verbs.add_parser("models", help="list the model registry").set_defaults(handler=cmd_models)
+    models = verbs.add_parser("models", help="list the model registry")
+    models.add_argument("--all", action="store_true", help="also every timm model and smp encoder installed")
+    models.set_defaults(handler=cmd_models)
 
     synth = verbs.add_parser("synth", help="generate synthetic Thalia minicubes")
     synth.add_argument("--out", required=True, help="dataset root: local path or s3://bucket/prefix")

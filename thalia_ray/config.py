@@ -102,6 +102,9 @@ class DataConfig(Section):
     crop: int = Field(64, ge=8)
     mask_target: Literal["last", "peak", "union", "all"] = "union"
     label_rule: Literal["union", "last"] = "union"
+    # Label rule of val/test series; null: label_rule. The reference labels val/test by union whatever
+    # rule it trains with: set `union` to compare a `last` run with it.
+    eval_label_rule: Literal["union", "last"] | None = None
     balance: bool = True  # per-epoch undersampling of training negatives
     normalize: bool = True
     statistics: str | None = None  # defaults to {root}/statistics.json
@@ -134,15 +137,42 @@ class DataConfig(Section):
     def channels(self) -> list[str]:
         return schema.channel_names(self.geomorphology, self.atmospheric)
 
+    def label_rule_for(self, split: str) -> str:
+        """The rule that labels a series of `split` (train: label_rule; val/test: eval_label_rule)."""
+        return self.label_rule if split == "train" or self.eval_label_rule is None else self.eval_label_rule
+
 
 # ---------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
     task: Literal["classification", "segmentation"] = "classification"
-    name: str | None = None  # a registry key (`thalia-ray models`); default: resnet18 / unet
-    encoder: str = "resnet18"  # encoder of smp segmenters
-    pretrained: str | None = None  # local weights file; nothing is downloaded
+    # A registry key or, for classification, any timm model name (`thalia-ray models --all`);
+    # default: resnet18 / unet. The reference's "deeplabv3" is `deeplabv3plus` (smp DeepLabV3Plus).
+    name: str | None = None
+    encoder: str = "resnet18"  # smp segmenters: any smp encoder, or tu-<timm model>
+    # Initial weights: none (null) | imagenet (timm/smp through the Hugging Face / torch hub caches)
+    # | a local state-dict file | run:<RUN_ID> (that stored run's best checkpoint).
+    pretrained: str | None = None
+    freeze_encoder: float = Field(0.0, ge=0, le=1)  # fraction of encoder layers frozen, input side first
     dropout: float = Field(0.0, ge=0, lt=1)
     aux_heads: dict[Literal["activity_type", "intensity", "phase", "fringes"], float] = {}
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() == "none":
+            return None
+        from thalia_ray.models.pretrained import run_reference
+
+        run_id = run_reference(value)
+        if run_id is not None:
+            from thalia_ray.store.layout import check_id
+            from thalia_ray.store.records import StoreError
+
+            try:
+                check_id(run_id, "the run id of run:<RUN_ID>")
+            except StoreError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @field_validator("name")
     @classmethod
@@ -152,6 +182,17 @@ class ModelConfig(Section):
         if name is not None:
             check_model_name(info.data.get("task", "classification"), name)
         return name
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, encoder: str, info: ValidationInfo) -> str:
+        from thalia_ray.models.registry import REGISTRY, check_encoder
+
+        spec = REGISTRY.get(info.data.get("name") or "unet")
+        if info.data.get("task") == "segmentation" and spec is not None and spec.builder.endswith(
+                "build_smp_segmenter"):
+            check_encoder(encoder)
+        return encoder
 
     @model_validator(mode="after")
     def _default_model(self) -> "ModelConfig":
@@ -164,9 +205,28 @@ class ModelConfig(Section):
 class LossConfig(Section):
     name: Literal["ce", "focal", "dice", "ce+dice", "focal+dice"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
-    focal_alpha: float = Field(0.25, ge=0, le=1)
+    # Focal α, explicit: a number is the weight of the Deformation class (Non_Deformation gets 1 − α);
+    # a list gives one weight per class index, [Non_Deformation, Deformation]; null: no α weighting.
+    # The reference's FocalLoss(alpha=0.25) weights the classes [0.25, 0.75] (configs/paper/).
+    focal_alpha: float | list[float] | None = 0.25
     class_weights: list[float] | None = None
     confidence_weighting: bool = False
+
+    @field_validator("focal_alpha")
+    @classmethod
+    def _alpha_range(cls, alpha: float | list[float] | None) -> float | list[float] | None:
+        values = alpha if isinstance(alpha, list) else [] if alpha is None else [alpha]
+        if any(not 0 <= a <= 1 for a in values):
+            raise ValueError(f"focal α weights must lie in [0, 1], got {alpha}")
+        if isinstance(alpha, list) and len(alpha) != len(schema.CLASSES):
+            raise ValueError(f"give one focal α per class {list(schema.CLASSES)}, got {len(alpha)} values")
+        return alpha
+
+    def focal_class_weights(self) -> list[float] | None:
+        """α per class index: a number α is the Deformation weight, so [1 − α, α]."""
+        if self.focal_alpha is None or isinstance(self.focal_alpha, list):
+            return self.focal_alpha
+        return [1.0 - self.focal_alpha, self.focal_alpha]
 
 
 class EarlyStoppingConfig(Section):

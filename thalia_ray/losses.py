@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from thalia_ray.config import LossConfig
-from thalia_ray.data import schema
 from thalia_ray.models.heads import is_multilabel
 
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tensor, dict[str, float]]]
@@ -51,11 +50,11 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def focal(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t; α_t = α for Deformation, 1 − α otherwise."""
+def focal(logits: Tensor, target: Tensor, gamma: float, alpha: Tensor | None) -> Tensor:
+    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t, α_t = `alpha[target]` (1 when `alpha` is None)."""
     log_p = -cross_entropy(logits, target)
-    alpha_t = torch.where(target == schema.DEFORMATION_CLASS, alpha, 1.0 - alpha)
-    return -alpha_t * (1.0 - log_p.exp()).pow(gamma) * log_p
+    loss = -(1.0 - log_p.exp()).pow(gamma) * log_p
+    return loss if alpha is None else alpha.to(loss.device)[target] * loss
 
 
 def dice(logits: Tensor, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
@@ -85,6 +84,8 @@ class ThaliaLoss:
         for head in self.aux_weights:
             is_multilabel(head)  # validates the name
         self.class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights)
+        alpha = cfg.focal_class_weights()
+        self.focal_alpha = None if alpha is None else torch.tensor(alpha)
 
     def __call__(
         self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]
@@ -131,7 +132,7 @@ class ThaliaLoss:
         if term == "ce":
             per_element = cross_entropy(logits, target)
         else:
-            per_element = focal(logits, target, self.cfg.focal_gamma, self.cfg.focal_alpha)
+            per_element = focal(logits, target, self.cfg.focal_gamma, self.focal_alpha)
         weights = _broadcast(sample_weights, per_element)
         if class_weights is not None:
             weights = weights * class_weights[target]

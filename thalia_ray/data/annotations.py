@@ -271,3 +271,15 @@ def find_metadata(root: str | Location) -> tuple[Location, Location, Location | 
         )
     statistics = _first_existing([f.join(schema.STATISTICS_FILE) for f in folders])
     return annotations, timeseries, statistics  # type: ignore[return-value]
+
+
+def load_frame_names(root: str | Location, storage_cfg: Any | None = None) -> dict[str, list[str]]:
+    """frame id → the volcano names of `{root}/frame_names.json` (as published: one comma-separated
+    string per frame); {} when the dataset root has no such file (it is optional)."""
+    loc = resolve(root, storage_cfg).join(schema.FRAME_NAMES_FILE)
+    if not loc.exists():
+        return {}
+    raw = loc.read_json()
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise AnnotationError(f"{loc}: expected {{frame_id: 'Volcano A, Volcano B'}}")
+    return {frame: [n.strip() for n in names.split(",") if n.strip()] for frame, names in raw.items()}

@@ -219,7 +219,7 @@ class SampleIndex:
         return cls.build(annotations, load_timeseries(ts_loc), data_cfg, seed)
 
     def _draw(self, split: str, epoch: int) -> list[Sample]:
-        length, rule = self.data_cfg.length, self.data_cfg.label_rule
+        length, rule = self.data_cfg.length, self.data_cfg.label_rule_for(split)
         samples = []
         for group in self.groups[split]:
             if self.data_cfg.policy == "enumerate":

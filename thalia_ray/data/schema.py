@@ -99,6 +99,7 @@ PUBLISHED_FRAME_SIZE = 1000
 ANNOTATIONS_FILE = "annotations.json"
 TIMESERIES_FILE = "quality_timeseries.json"
 STATISTICS_FILE = "statistics.json"
+FRAME_NAMES_FILE = "frame_names.json"  # optional: {frame_id: "Volcano A, Volcano B"}
 CUBE_SUFFIX = ".zarr"
 
 

@@ -195,7 +195,7 @@ class PublishedShards(ShardSource):
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "PublishedShards":
-        entries = {split: scan_published(root, data.length, split, data.label_rule) for split in splits}
+        entries = {split: scan_published(root, data.length, split, data.label_rule_for(split)) for split in splits}
         return cls(data, root, seed, entries)
 
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:

@@ -198,7 +198,7 @@ def finalize(raw: RawSample, data_cfg: DataConfig, stats: Statistics | None,
     return {
         "image": np.ascontiguousarray(image, dtype=np.float32),
         "mask": mask.astype(np.int64),
-        "label": np.int64(series_label(meta["member_positive"], data_cfg.label_rule)),
+        "label": np.int64(series_label(meta["member_positive"], data_cfg.label_rule_for("train" if training else "test"))),
         "confidence": np.float32(meta["confidence"]),
         **aux_targets(meta),
         "key": raw.key,

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
+from thalia_ray.models.pretrained import IMAGENET, imagenet_weights
 from thalia_ray.models.registry import ModelSpec
 
 # Vision transformers are created for 224 px; these let them take any crop (position embeddings are
@@ -25,6 +26,11 @@ class TimmClassifier(MultiHeadModel):
         super().__init__(name, in_channels, feature_dim, aux_heads, dropout)
         self.backbone = backbone
 
+    def encoder_layers(self) -> list[nn.Module]:
+        """The backbone's top-level layers, input first, without the classifier."""
+        classifier = self.backbone.get_classifier()
+        return [m for m in self.backbone.children() if not any(c is classifier for c in m.modules())]
+
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone.forward_features(x)
         pooled = self.backbone.forward_head(features, pre_logits=True)
@@ -39,14 +45,16 @@ def build_timm_classifier(
     time_steps: int,
     channels_per_step: int,
 ) -> TimmClassifier:
-    """Randomly initialised timm model (weights are never downloaded; see `factory.load_pretrained`)."""
+    """A timm model, with timm's ImageNet weights (stem adapted to `in_channels`) when model.pretrained is imagenet."""
     extra = _VIT_KWARGS if spec.family == "vit" else {}
-    backbone = timm.create_model(
-        spec.arch,
-        pretrained=False,
-        in_chans=in_channels,
-        num_classes=num_classes,
-        drop_rate=cfg.dropout,
-        **extra,
-    )
+    imagenet = cfg.pretrained == IMAGENET
+    with imagenet_weights(spec, cfg.encoder, enabled=imagenet):
+        backbone = timm.create_model(
+            spec.arch,
+            pretrained=imagenet,
+            in_chans=in_channels,
+            num_classes=num_classes,
+            drop_rate=cfg.dropout,
+            **extra,
+        )
     return TimmClassifier(spec.name, backbone, in_channels, cfg.aux_heads, cfg.dropout)

@@ -1,7 +1,9 @@
-"""Build a model from its configuration: registry lookup, builder call, optional local weights.
+"""Build a model from its configuration: registry lookup, builder call, initial weights, frozen layers.
 
-Nothing is ever downloaded: builders create randomly initialised networks and `model.pretrained`,
-when set, must be a local state-dict file.
+`model.pretrained`: `imagenet` is handled by the builders through timm's and smp's own loaders
+(see `thalia_ray.models.pretrained`); a path is a local state-dict file, loaded here with its first
+convolution adapted to the input channels; `run:<RUN_ID>` needs the experiment store and is
+resolved by `thalia_ray.train.evaluate.model_from_config`, which then calls `load_weights`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
+from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference
 from thalia_ray.models.registry import check_model_name
 
 log = logging.getLogger(__name__)
@@ -33,11 +36,20 @@ def build_model(cfg: ModelConfig, in_channels: int, time_steps: int, num_classes
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     spec = check_model_name(cfg.task, cfg.name)
+    if cfg.pretrained == IMAGENET:
+        check_imagenet_available(spec, cfg.encoder)
     builder = spec.resolve()
     model = builder(spec, cfg, in_channels, num_classes, time_steps, in_channels // time_steps)
-    if cfg.pretrained:
+    if run_reference(cfg.pretrained) is not None:
+        raise ValueError(f"model.pretrained {cfg.pretrained!r} names a stored run: build the model with "
+                         "thalia_ray.train.evaluate.model_from_config, which reads the experiment store")
+    if cfg.pretrained not in (None, IMAGENET):
         report = load_pretrained(model, cfg.pretrained)
         log.info("model.pretrained %s: %s", cfg.pretrained, report.summary())
+    if cfg.freeze_encoder:
+        frozen = model.freeze_encoder(cfg.freeze_encoder)
+        log.info("model.freeze_encoder %s: %d of %d encoder layers frozen",
+                 cfg.freeze_encoder, frozen, len(model.encoder_layers()))
     return model
 
 
@@ -75,19 +87,22 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
-            f"model.pretrained {str(path)!r} is not a local file (weights are never downloaded)"
+            f"model.pretrained {str(path)!r} is not a local file (nor imagenet, none or run:<RUN_ID>)"
         )
     state = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
+    return load_weights(model, state, f"model.pretrained {str(path)!r}")
+
+
+def load_weights(model: nn.Module, state: object, source: str) -> LoadReport:
+    """Load the tensors of `state` that fit `model` (see `load_pretrained`); `source` names it in errors."""
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"model.pretrained {str(path)!r} does not hold a state dict of tensors")
+        raise ValueError(f"{source} does not hold a state dict of tensors")
     target = _best_target(model, state)
     report = _match(target.state_dict(), state)
     if not report.loaded and not report.adapted:
-        raise ValueError(
-            f"model.pretrained {str(path)!r}: no tensor matches the model ({report.summary()})"
-        )
+        raise ValueError(f"{source}: no tensor matches the model ({report.summary()})")
     target.load_state_dict(_merged(target.state_dict(), state, report), strict=True)
     return report
 

@@ -79,6 +79,21 @@ class MultiHeadModel(nn.Module):
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def encoder_layers(self) -> list[nn.Module]:
+        """The encoder's top-level layers, input side first (what `model.freeze_encoder` freezes)."""
+        raise NotImplementedError
+
+    def freeze_encoder(self, fraction: float) -> int:
+        """Freeze the first `fraction` of the encoder's layers, as the reference does; returns how many.
+
+        Frozen layers keep their weights (no gradient); batch-norm statistics still follow the data.
+        """
+        layers = self.encoder_layers()
+        count = int(len(layers) * fraction)
+        for layer in layers[:count]:
+            layer.requires_grad_(False)
+        return count
+
     def check_input_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the crop when this model cannot take it."""
         d = self.input_divisor

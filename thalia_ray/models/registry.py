@@ -3,6 +3,14 @@
 Each entry names the tasks it serves, its family (for leaderboards) and the `module:function` that
 builds it. Builders take `(spec, cfg, in_channels, num_classes, time_steps, channels_per_step)`
 and return an `nn.Module`; see `thalia_ray.models.factory.build_model`.
+
+Beyond the short names below, classification takes any timm model by its timm name (as the
+reference's `architecture` does), and segmenters take any smp encoder (`model.encoder`, including
+`tu-<timm name>`); both are checked against the installed libraries, which are imported only then.
+
+DeepLab: the Thalia reference's `architecture: "deeplabv3"` builds `smp.DeepLabV3Plus`. So that no
+one gets the other network by accident, the bare name `deeplabv3` is refused; `deeplabv3plus` is
+smp's DeepLabV3Plus (the reference's "deeplabv3") and `deeplabv3_plain` smp's DeepLabV3.
 """
 from __future__ import annotations
 
@@ -48,12 +56,18 @@ REGISTRY: dict[str, ModelSpec] = {
         # smp segmenters (encoder chosen by model.encoder)
         ModelSpec("unet", _SEG, "unet", _SMP, "Unet"),
         ModelSpec("deeplabv3plus", _SEG, "deeplabv3plus", _SMP, "DeepLabV3Plus"),
-        ModelSpec("deeplabv3", _SEG, "deeplabv3", _SMP, "DeepLabV3"),
+        ModelSpec("deeplabv3_plain", _SEG, "deeplabv3", _SMP, "DeepLabV3"),
         ModelSpec("segformer", _SEG, "segformer", _SMP, "Segformer"),
         # time kept as its own axis: (T, C, H, W)
         ModelSpec("spatiotemporal", _BOTH, "spatiotemporal", _ST, "factorised-3d"),
     ]
 }
+AMBIGUOUS = {
+    "deeplabv3": "ambiguous: the Thalia reference's 'deeplabv3' is smp.DeepLabV3Plus, use 'deeplabv3plus'; "
+    "for smp.DeepLabV3 use 'deeplabv3_plain'",
+}
+# timm modules whose models take `dynamic_img_size` (any crop, position embeddings interpolated).
+_VIT_MODULES = ("vision_transformer", "deit")
 
 
 def available(task: str | None = None) -> list[str]:
@@ -61,17 +75,59 @@ def available(task: str | None = None) -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}") from None
+    """A registry entry, or a timm classifier by its timm name."""
+    spec = REGISTRY.get(name) or _timm_spec(name)
+    if spec is None:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())} or any timm model name")
+    return spec
 
 
 def check_model_name(task: str, name: str) -> ModelSpec:
     """Validate a (task, name) pair; the message lists the models that serve the task."""
-    spec = REGISTRY.get(name)
+    if name in AMBIGUOUS:
+        raise ValueError(f"model {name!r} is {AMBIGUOUS[name]}")
+    spec = REGISTRY.get(name) or (_timm_spec(name) if task == "classification" else None)
     if spec is None or task not in spec.tasks:
+        extra = " or any timm model name (`thalia-ray models --all`)" if task == "classification" else ""
         raise ValueError(
-            f"model {name!r} is not available for {task}; choose one of: {', '.join(available(task))}"
+            f"model {name!r} is not available for {task}; choose one of: {', '.join(available(task))}{extra}"
         )
     return spec
+
+
+def check_encoder(encoder: str) -> str:
+    """An smp encoder name, or `tu-<timm model>`, checked against the installed libraries."""
+    if encoder.startswith("tu-"):
+        import timm
+
+        if timm.is_model(encoder[3:]):
+            return encoder
+        raise ValueError(f"{encoder!r}: timm has no model {encoder[3:]!r} (`thalia-ray models --all`)")
+    if encoder in smp_encoders():
+        return encoder
+    raise ValueError(
+        f"{encoder!r} is not an smp encoder; e.g. resnet18, resnet50, resnext50_32x4d, mit_b2, "
+        "or tu-<timm model> (`thalia-ray models --all` lists them)"
+    )
+
+
+def smp_encoders() -> list[str]:
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    return get_encoder_names()
+
+
+def timm_classifiers() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _timm_spec(name: str) -> ModelSpec | None:
+    import timm
+
+    if not timm.is_model(name):
+        return None
+    module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    family = "vit" if module in _VIT_MODULES else module
+    return ModelSpec(name, _CLS, family, _TIMM, name)

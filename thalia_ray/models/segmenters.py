@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ModelConfig
 from thalia_ray.models.heads import MultiHeadModel, global_pool
+from thalia_ray.models.pretrained import IMAGENET, imagenet_weights
 from thalia_ray.models.registry import ModelSpec
 
 
@@ -24,6 +25,9 @@ class SmpSegmenter(MultiHeadModel):
         self.net = net
         self.dropout = nn.Dropout(dropout)
 
+    def encoder_layers(self) -> list[nn.Module]:
+        return list(self.net.encoder.children())
+
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.net.encoder(x)
         decoded = self.dropout(self.net.decoder(features))
@@ -38,15 +42,19 @@ def build_smp_segmenter(
     time_steps: int,
     channels_per_step: int,
 ) -> SmpSegmenter:
-    """Randomly initialised smp model with encoder `cfg.encoder` (nothing is downloaded)."""
+    """An smp model with encoder `cfg.encoder`; smp's ImageNet encoder weights (stem adapted to
+    `in_channels`) when model.pretrained is imagenet (`tu-` encoders: timm's default pretrained tag)."""
+    imagenet = cfg.pretrained == IMAGENET
+    weights = (True if cfg.encoder.startswith("tu-") else IMAGENET) if imagenet else None
     try:
-        net = smp.create_model(
-            spec.arch,
-            encoder_name=cfg.encoder,
-            encoder_weights=None,
-            in_channels=in_channels,
-            classes=num_classes,
-        )
+        with imagenet_weights(spec, cfg.encoder, enabled=imagenet):
+            net = smp.create_model(
+                spec.arch,
+                encoder_name=cfg.encoder,
+                encoder_weights=weights,
+                in_channels=in_channels,
+                classes=num_classes,
+            )
     except (KeyError, ValueError) as err:
         reason = err.args[0] if err.args else err
         raise ValueError(f"model.encoder {cfg.encoder!r} cannot be used with {spec.name}: {reason}") from None

@@ -113,6 +113,9 @@ class SpatioTemporalNet(MultiHeadModel):
         head = ClassificationHead if task == "classification" else SegmentationDecoder
         self.head = head(WIDTHS, num_classes, dropout)
 
+    def encoder_layers(self) -> list[nn.Module]:
+        return list(self.encoder.stages)
+
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = x.shape
         cube = x.reshape(b, self.time_steps, self.channels_per_step, h, w).transpose(1, 2)

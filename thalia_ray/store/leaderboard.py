@@ -20,7 +20,8 @@ from thalia_ray.store.records import StoreError
 
 # Paths that never distinguish one configuration from another in a comparison.
 _IGNORED = ("name", "seed", "storage.", "runtime.", "sweep")
-BREAKDOWNS = ("frame_id", "intensity", "activity_type")
+BREAKDOWNS = ("frame_id", "volcano", "intensity", "activity_type")
+BREAKDOWN_COLUMNS = ("n", "n_deformation", "recall", "false_alarms", "ap")
 
 
 def default_metric(task: str) -> str:
@@ -110,14 +111,27 @@ def seed_groups(rows: list[Row], keys: list[str], metrics: list[str]) -> list[di
 
 
 def breakdown(store: ExperimentStore, run_id: str, by: str, split: str = "test") -> dict[str, dict[str, float]]:
-    """Deformation metrics per group (volcano frame, intensity, activity type) from stored predictions."""
-    from thalia_ray.metrics import grouped_metrics
+    """Deformation metrics per subgroup from stored predictions (see `metrics.subgroup_metrics`).
 
-    rows = store.run(run_id).read_predictions(split)
+    `by` is a prediction column (frame_id, intensity, activity_type) or `volcano`: the volcano names of
+    each sample's frame, from the run's dataset root `frame_names.json` (none: no breakdown). A frame
+    names every volcano it covers, so its samples count for each of them.
+    """
+    from thalia_ray.data.annotations import load_frame_names
+    from thalia_ray.metrics import subgroup_metrics
+
+    record = store.run(run_id)
+    rows = record.read_predictions(split)
     if not rows:
         return {}
+    if by == "volcano":
+        cfg = record.read_config()
+        names = load_frame_names(cfg.data.root, cfg.storage)
+        memberships = [names.get(r["frame_id"], []) for r in rows]
+    else:
+        memberships = [[r[by]] for r in rows]
     column = lambda name: np.asarray([r[name] for r in rows])  # noqa: E731
-    return grouped_metrics(column(by), column("pred"), column("label"), column("score"))
+    return subgroup_metrics(memberships, column("pred"), column("label"), column("score"))
 
 
 # ------------------------------------------------------------------------------------- rendering
@@ -184,10 +198,10 @@ def leaderboard_text(store: ExperimentStore, sweep: str | None = None, fmt: str 
         except StoreError:
             break  # no test predictions (e.g. a trial stopped early): no breakdowns
         if groups:
-            parts += [f"\nbest run {best.run_id}: Deformation metrics by {by}",
-                      render([by, "n", "n_deformation", "precision", "recall", "f1", "ap"],
-                             [[g, v["n"], v["n_deformation"], v["precision"], v["recall"], v["f1"], v["ap"]]
-                              for g, v in sorted(groups.items())], fmt)]
+            parts += [f"\nbest run {best.run_id}: Deformation by {by} (recall, false alarms at the run's "
+                      "threshold; AP of the group's positives against all negatives)",
+                      render([by, *BREAKDOWN_COLUMNS],
+                             [[g, *(v[c] for c in BREAKDOWN_COLUMNS)] for g, v in sorted(groups.items())], fmt)]
     return "\n".join(parts)
 
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.losses import LossFn, build_loss
 from thalia_ray.metrics import MetricSuite
-from thalia_ray.models.factory import build_model
+from thalia_ray.models.factory import build_model, load_weights
+from thalia_ray.models.pretrained import PretrainedWeightsError, run_reference
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError
 from thalia_ray.train.checkpoint import load_state
@@ -47,10 +48,36 @@ class Evaluation:
         return {f"{prefix}/loss": self.loss, **{f"{prefix}/{k}": v for k, v in self.metrics.items()}}
 
 
-def model_from_config(cfg: ThaliaConfig) -> nn.Module:
-    """The configured model for inputs of T·C stacked channels."""
+def model_from_config(cfg: ThaliaConfig, initial_weights: bool = True) -> nn.Module:
+    """The configured model for inputs of T·C stacked channels, with `model.pretrained`'s weights.
+
+    `initial_weights=False` skips them (a checkpoint is loaded next). `run:<RUN_ID>` starts from that
+    run's best checkpoint in the configured store; tensors that do not fit (another head, other
+    channels) are adapted or skipped as for a weights file.
+    """
     time_steps = cfg.data.length
-    return build_model(cfg.model, time_steps * len(cfg.data.channels), time_steps)
+    run_id = run_reference(cfg.model.pretrained)
+    keep = initial_weights and run_id is None
+    model_cfg = cfg.model if keep else cfg.model.model_copy(update={"pretrained": None})
+    model = build_model(model_cfg, time_steps * len(cfg.data.channels), time_steps)
+    if initial_weights and run_id is not None:
+        store = ExperimentStore(cfg.storage.store, cfg.storage)
+        try:
+            state = load_state(best_checkpoint(store, run_id))["model"]
+        except StoreError as err:
+            raise PretrainedWeightsError(f"model.pretrained {cfg.model.pretrained!r}: {err}") from None
+        report = load_weights(model, state, f"model.pretrained {cfg.model.pretrained!r}")
+        log.info("model.pretrained %s: %s", cfg.model.pretrained, report.summary())
+    return model
+
+
+def best_checkpoint(store: ExperimentStore, run_id: str) -> Checkpoint:
+    """A finished run's best checkpoint, as its results recorded it."""
+    results = store.existing_run(run_id).read_results()
+    if not results or not results.get("best_checkpoint"):
+        raise StoreError(f"run {run_id} has no best checkpoint in its results (has it finished?)")
+    filesystem, _ = store.ray_storage()
+    return Checkpoint(results["best_checkpoint"], filesystem=filesystem)
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:
@@ -133,7 +160,7 @@ def evaluate_batches(
 
 def load_model(cfg: ThaliaConfig, checkpoint: Checkpoint) -> nn.Module:
     """The configured model with the checkpoint's weights."""
-    model = model_from_config(cfg)
+    model = model_from_config(cfg, initial_weights=False)
     model.load_state_dict(load_state(checkpoint)["model"])
     return model
 
@@ -178,11 +205,5 @@ def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) 
 
 def evaluate_run(store: ExperimentStore, run_id: str, split: str = "test") -> dict[str, float]:
     """Re-evaluate a finished run's best checkpoint on `split`, from its stored config and results."""
-    record = store.existing_run(run_id)
-    cfg = record.read_config()
-    results = record.read_results()
-    if not results or not results.get("best_checkpoint"):
-        raise StoreError(f"run {run_id} has no best checkpoint in its results (has it finished?)")
-    filesystem, _ = store.ray_storage()
-    checkpoint = Checkpoint(results["best_checkpoint"], filesystem=filesystem)
-    return evaluate_checkpoint(cfg, checkpoint, split, gpu_wanted(cfg)).flat(split)
+    cfg = store.existing_run(run_id).read_config()
+    return evaluate_checkpoint(cfg, best_checkpoint(store, run_id), split, gpu_wanted(cfg)).flat(split)

@@ -160,11 +160,11 @@ class WorkerLoop:
         if train.deterministic:
             use_deterministic_kernels()
         seed_everything(self.cfg.seed)  # identical initial weights on every rank
-        model = model_from_config(self.cfg)
+        restored = self._latest_state()
+        model = model_from_config(self.cfg, initial_weights=restored is None)
         self.optimizer_steps = train.epochs * settings.steps_per_epoch
         self.progress = Progress()
         self.stopper = EarlyStopping(train.early_stopping.mode, train.early_stopping.patience)
-        restored = self._latest_state()
         if restored is not None:
             model.load_state_dict(restored["model"])
         self.model = ray.train.torch.prepare_model(model)

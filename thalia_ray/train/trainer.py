@@ -21,7 +21,8 @@ from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import build_datasets
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import RunRecord
-from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted
+from thalia_ray.models.pretrained import IMAGENET, run_reference
+from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def fit(
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any]) -> TrainResult:
     run_id = record.run_id
+    if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
+        model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
     data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id)
     use_gpu = gpu_wanted(cfg)
     settings = LoopSettings(

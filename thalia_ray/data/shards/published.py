@@ -106,7 +106,7 @@ def decode_published(members: dict[str, Blob], key: str, where: str, data_cfg: D
     mask = mask[None] if mask.ndim == 2 else mask
     if mask.shape != (length, *image.shape[2:]):
         raise ShardError(f"{where}: labels.pth has shape {mask.shape}, expected {(length, *image.shape[2:])}")
-    sample, annotations = _published_meta_sample(info, key, data_cfg.label_rule, split, where)
+    sample, annotations = _published_meta_sample(info, key, data_cfg.label_rule_for(split), split, where)
     # The crop position inside the frame is not recorded in published shards: the window is the whole stored crop.
     window = Window(0, 0, image.shape[-2], image.shape[-1])
     return RawSample(image=image, mask=mask.astype(np.uint8), key=key, meta=sample_meta(sample, annotations, window))

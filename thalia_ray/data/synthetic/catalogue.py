@@ -118,6 +118,14 @@ def rescale_polygons(record: Record, size: int) -> Record:
     return {**record, "segmentation_mask": polygons}
 
 
+def frame_names(plans: list[FramePlan], meta_dir: str | None) -> dict[str, str]:
+    """frame id → volcano names: the real ones when `meta_dir` has a frame_names.json, else one
+    made-up name per frame (a sampled frame is one synthetic volcano field)."""
+    real = resolve(meta_dir).join(schema.FRAME_NAMES_FILE) if meta_dir is not None else None
+    known = real.read_json() if real is not None and real.exists() else {}
+    return {p.frame_id: known.get(p.frame_id, f"Synthetic volcano {p.index:03d}") for p in plans}
+
+
 def plans_from_annotations(
     annotations: dict[str, Record],
     timeseries: dict[str, GroupIndex],

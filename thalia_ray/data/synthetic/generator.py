@@ -201,6 +201,7 @@ def synthesize(out: str, *, frames: int = 4, size: int = 128, seed: int = 0, met
         {str(r["uniqueID"]): r for plan in plans for r in plan.records},
         {plan.frame_id: plan.groups for plan in plans},
         moments.statistics(),
+        catalogue.frame_names(plans, meta_dir),
     )
     return SynthReport(len(plans), sum(r.pairs for r in results), sum(r.groups for r in results),
                        time.perf_counter() - start)

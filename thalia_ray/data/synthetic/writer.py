@@ -157,8 +157,9 @@ class DatasetMoments:
 
 
 def write_side_files(root: Location, annotations: dict[str, dict], timeseries: dict[str, dict],
-                     statistics: dict[str, dict[str, float]]) -> None:
-    """annotations.json, quality_timeseries.json and statistics.json in the published layouts."""
+                     statistics: dict[str, dict[str, float]], frame_names: dict[str, str]) -> None:
+    """annotations.json, quality_timeseries.json, statistics.json and frame_names.json, as published."""
     root.join(schema.ANNOTATIONS_FILE).write_json(annotations)
     root.join(schema.TIMESERIES_FILE).write_json(timeseries)
     root.join(schema.STATISTICS_FILE).write_json(statistics)
+    root.join(schema.FRAME_NAMES_FILE).write_json(frame_names)

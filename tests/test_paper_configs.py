@@ -1,0 +1,72 @@
+"""configs/paper/: the reference recipe, value by value, and one real training step of each preset on CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from thalia_ray.config import load_config
+from thalia_ray.data import schema
+from thalia_ray.data.cube import get_cache, load_sample
+from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.pipeline import TorchCollate
+from thalia_ray.losses import build_loss
+from thalia_ray.models.pretrained import check_imagenet_available, weights_repo
+from thalia_ray.models.registry import check_model_name
+from thalia_ray.train.evaluate import model_from_config
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
+PRESETS = sorted(PAPER.glob("*.yaml"))
+
+
+def test_the_four_presets_exist() -> None:
+    assert [p.stem for p in PRESETS] == ["cls-series", "cls-single", "seg-series", "seg-single"]
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_is_the_reference_recipe(path: Path) -> None:
+    cfg = load_config(path)
+    task = "classification" if path.stem.startswith("cls") else "segmentation"
+    data, train = cfg.data, cfg.train
+    assert (cfg.seed, cfg.model.task, data.length) == (333, task, 3 if path.stem.endswith("series") else 1)
+    assert data.channels == list(schema.ALL_CHANNELS)  # the reference config's 3 + 2 × 3 channels
+    assert (data.crop, data.mask_target, data.label_rule, data.label_rule_for("test")) == (512, "union", "union", "union")
+    assert (data.augmentations, data.balance, data.normalize, data.policy) == (False, True, True, "enumerate")
+    assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (1e-5, 1e-4, 2, 90)
+    assert (train.scheduler, train.warmup_fraction, train.grad_clip, train.precision) == ("constant", 0.0, None, "fp32")
+    assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_class_weights()) == ("focal", 2.0, [0.25, 0.75])
+    assert not train.loss.confidence_weighting and train.loss.class_weights is None
+    stopping = train.early_stopping
+    assert (stopping.metric, stopping.mode, stopping.patience, train.test_best) == ("val/loss", "min", None, True)
+    assert (train.num_workers, train.max_steps_per_epoch, cfg.model.pretrained) == (1, None, "imagenet")
+    spec = check_model_name(task, cfg.model.name)
+    check_imagenet_available(spec, cfg.model.encoder)  # weights exist upstream for the preset's network
+    assert weights_repo(spec, cfg.model.encoder).startswith(("timm/", "smp-hub/"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_runs_one_training_step_on_cpu(path: Path, synthetic_root: Path) -> None:
+    # A small crop for the CPU; ImageNet initialisation is covered offline in test_pretrained.
+    cfg = load_config(path, [f"data.root={synthetic_root}", "data.crop=32", "model.pretrained=none"])
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
+    epoch = index.epoch("train", 0)
+    batch_samples = [next(s for s in epoch if s.label == 1), next(s for s in epoch if s.label == 0)]
+    assert len(batch_samples) == cfg.train.batch_size
+    cache = get_cache(cfg.data.root)
+    rng = np.random.default_rng(cfg.seed)
+    records = [load_sample(s, index, cfg.data, cache, rng, training=True) for s in batch_samples]
+    batch = TorchCollate()({k: np.stack([r[k] for r in records]) for k in records[0]})
+    assert batch["image"].shape == (2, cfg.data.length * len(schema.ALL_CHANNELS), 32, 32)
+
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, parts = loss_fn(model(batch["image"]), batch)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and set(parts) == {"focal", "total"}
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

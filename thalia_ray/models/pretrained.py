@@ -1,0 +1,113 @@
+"""ImageNet initialisation through timm's and smp's own loaders and caches.
+
+`model.pretrained: imagenet` asks timm (`create_model(pretrained=True, in_chans=T·C)`) or smp
+(`encoder_weights="imagenet"`) for their weights: both fetch them from the Hugging Face hub into its
+cache (`HF_HUB_CACHE`, default `~/.cache/huggingface/hub`; timm models without a hub copy use the
+torch hub cache, `TORCH_HOME`) and adapt the 3-channel stem to T·C inputs themselves (filters
+repeated over the new channels and scaled by 3 / (T·C)). With `HF_HUB_OFFLINE=1` nothing is
+downloaded and a pre-filled cache is used. When the weights are neither cached nor downloadable,
+`imagenet_weights` raises one error that names the caches and how to fill them.
+"""
+from __future__ import annotations
+
+import contextlib
+import urllib.error
+from typing import Iterator
+
+from thalia_ray.errors import ThaliaError
+from thalia_ray.models.registry import ModelSpec
+
+IMAGENET = "imagenet"
+RUN_PREFIX = "run:"
+
+
+class PretrainedWeightsError(ThaliaError, RuntimeError):
+    """The requested initial weights cannot be had; the message says where they were looked for."""
+
+    exit_code = 2
+
+
+def run_reference(pretrained: str | None) -> str | None:
+    """The run id of `run:<RUN_ID>`, else None."""
+    if pretrained is None or not pretrained.startswith(RUN_PREFIX):
+        return None
+    return pretrained[len(RUN_PREFIX):]
+
+
+def hub_caches() -> str:
+    """Where timm and smp look for downloaded weights, as a user would set them."""
+    import torch.hub
+    from huggingface_hub import constants
+
+    return (f"Hugging Face cache {constants.HF_HUB_CACHE} (HF_HUB_CACHE / HF_HOME), "
+            f"torch hub cache {torch.hub.get_dir()}/checkpoints (TORCH_HOME)")
+
+
+def _timm_name(spec: ModelSpec, encoder: str) -> str | None:
+    """The timm model whose weights are loaded: the classifier itself or a `tu-` encoder; None for smp's own."""
+    if spec.builder.endswith("build_timm_classifier"):
+        return spec.arch
+    return encoder[3:] if encoder.startswith("tu-") else None
+
+
+def weights_repo(spec: ModelSpec, encoder: str) -> str:
+    """The hub repository (`repo[@revision]`) that holds the ImageNet weights timm or smp would load."""
+    import timm
+
+    timm_name = _timm_name(spec, encoder)
+    if timm_name is not None:
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+        return (cfg.hf_hub_id or cfg.url or "?") if cfg is not None else "?"
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders[encoder]["pretrained_settings"].get(IMAGENET)
+    return f"{settings['repo_id']}@{settings['revision']}" if settings else "?"
+
+
+def check_imagenet_available(spec: ModelSpec, encoder: str) -> None:
+    """Refuse `imagenet` for networks that have no ImageNet weights, naming what to use instead."""
+    if spec.builder.endswith("build_spatiotemporal"):
+        raise PretrainedWeightsError(
+            f"model.pretrained 'imagenet': {spec.name!r} is our own network and has no ImageNet weights; "
+            "use none, a weights file or run:<RUN_ID>"
+        )
+    import timm
+
+    timm_name = _timm_name(spec, encoder)
+    if timm_name is not None and not timm.models.is_model_pretrained(timm_name):
+        raise PretrainedWeightsError(
+            f"model.pretrained 'imagenet': timm has no pretrained weights for {timm_name!r} (the reference trains "
+            "EfficientNet v2 from scratch: model.pretrained none); or pick a pretrained variant, e.g. tf_efficientnetv2_s"
+        )
+    if timm_name is None:
+        from segmentation_models_pytorch.encoders import encoders
+
+        if IMAGENET not in encoders[encoder]["pretrained_settings"]:
+            have = ", ".join(encoders[encoder]["pretrained_settings"]) or "none"
+            raise PretrainedWeightsError(
+                f"model.pretrained 'imagenet': smp encoder {encoder!r} has no ImageNet weights (it has: {have})"
+            )
+
+
+@contextlib.contextmanager
+def imagenet_weights(spec: ModelSpec, encoder: str, enabled: bool = True) -> Iterator[None]:
+    """Around a timm/smp constructor that loads ImageNet weights (when `enabled`): a missing download
+    becomes one clear error."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if not enabled:
+        yield
+        return
+    try:
+        yield
+    except (LocalEntryNotFoundError, HfHubHTTPError, urllib.error.URLError, ConnectionError) as err:
+        repo = weights_repo(spec, encoder)
+        hub_id, _, revision = repo.partition("@")
+        fetch = f"hf download {hub_id}" + (f" --revision {revision}" if revision else "")
+        raise PretrainedWeightsError(
+            f"model.pretrained 'imagenet': the ImageNet weights of {spec.name!r}"
+            f"{f' (encoder {encoder!r})' if spec.builder.endswith('build_smp_segmenter') else ''} ({repo}) are not "
+            f"in the local caches and cannot be downloaded here ({type(err).__name__}). Looked in: {hub_caches()}. "
+            f"Fill the cache on a machine with network access (`{fetch}`, or run this configuration once there), "
+            "copy it here or point HF_HUB_CACHE at it, and set HF_HUB_OFFLINE=1 to use it without network"
+        ) from None
