@@ -1,0 +1,33 @@
+"""Helpers shared by tests: read tracking outputs back with each tracker's own reader."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def read_tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the TensorBoard event files under `folder`, as (step, value), via TensorBoard."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(folder))
+    mux.Reload()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for run, tags in mux.Runs().items():
+        for tag in tags.get("scalars", []):
+            series.setdefault(tag, []).extend((e.step, e.value) for e in mux.Scalars(run, tag))
+    return {tag: sorted(points) for tag, points in series.items()}
+
+
+def read_mlflow_metrics(folder: Path, run_name: str) -> dict[str, list[tuple[int, float]]]:
+    """The metric histories of the MLflow run `run_name` in the file store `folder`, via MLflow's client."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=Path(folder).as_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.mlflow.runName = '{run_name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
+    run_id = runs[0].info.run_id
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+            for name in runs[0].data.metrics}
