@@ -31,3 +31,20 @@ def read_mlflow_metrics(folder: Path, run_name: str) -> dict[str, list[tuple[int
     run_id = runs[0].info.run_id
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
             for name in runs[0].data.metrics}
+
+
+def assert_report_renders(page, min_images: int = 1) -> None:
+    """Open a written report (a storage Location) in headless Chromium: no console errors, every image
+    decodes, the screenshot (saved beside the page, in the store) is not blank."""
+    import io
+
+    from PIL import Image
+
+    from thalia_ray.report.browser import SCREENSHOT, screenshot_beside
+
+    shot = screenshot_beside(page)  # raises BrowserError naming console errors and undecoded images
+    assert shot == page.parent().join(SCREENSHOT)
+    pixels = Image.open(io.BytesIO(shot.read_bytes())).convert("L")
+    low, high = pixels.getextrema()
+    assert high - low > 100 and pixels.height > 1000, "the screenshot is blank or cut short"
+    assert page.read_text().count("<img ") >= min_images

@@ -1,7 +1,7 @@
 """`thalia-ray demo`: the whole service end to end on a local single-node Ray, sized for a 2-core laptop.
 
 synthetic dataset → WebDataset shards → classifier (from shards) → segmenter (from minicubes) → backbone sweep
-with ASHA → leaderboard. Every stage is the real code path with small sizes; nothing is faked.
+with ASHA → leaderboard → an HTML report of the best run. Every stage is the real code path with small sizes; nothing is faked.
 """
 from __future__ import annotations
 
@@ -102,4 +102,17 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     print(f"\nfinished in {time.time() - began:.0f} s")
     print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
     print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
+    best = best_run(store, summary.sweep_id) or summary.best_run
+    if best:
+        from thalia_ray.report.page import write_report
+
+        print(f"report of the best run ({best}): {write_report(store, best).url}")
     return 0
+
+
+def best_run(store: object, sweep_id: str) -> str | None:
+    """The sweep's best run by test F1 (trials stopped early have no test results and rank last)."""
+    from thalia_ray.store.leaderboard import collect, rank
+
+    rows = [r for r in collect(store, sweep_id) if "test/f1_deformation" in r.metrics]  # type: ignore[arg-type]
+    return rank(rows, "test/f1_deformation")[0].run_id if rows else None

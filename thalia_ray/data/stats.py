@@ -111,6 +111,8 @@ def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | No
     written to `out` (default: `data.statistics`, else `{root}/statistics.json`)."""
     import ray
 
+    from thalia_ray.progress import gather
+
     index = SampleIndex.from_config(data_cfg, seed)
     work = split_pairs(index, split)
     if not work:
@@ -118,7 +120,8 @@ def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | No
     root = resolve(data_cfg.root).url
     if ray.is_initialized():
         task = ray.remote(num_cpus=1)(_frame_task)
-        partials: list[Partials] = ray.get([task.remote(root, frame, pairs) for frame, pairs in work.items()])
+        partials: list[Partials] = gather([task.remote(root, frame, pairs) for frame, pairs in work.items()],
+                                          "statistics", unit="frame")
     else:
         partials = [_frame_task(root, frame, pairs) for frame, pairs in work.items()]
     statistics = to_statistics(merge_partials(partials))

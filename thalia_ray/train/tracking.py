@@ -101,7 +101,7 @@ class RunTracker:
         wb = self.cfg.runtime.wandb
         return wandb.init(project=wb.project, entity=wb.entity, mode=wb.mode, name=self.run_id, id=self.run_id,
                           group=wb.group, resume="allow", config=self.cfg.model_dump(mode="json"),
-                          dir=str(self.local), settings=wandb.Settings(quiet=True, console="off"))
+                          dir=str(self.local), settings=wandb.Settings(silent=True, console="off"))
 
     def _start_tensorboard(self) -> Any:
         from torch.utils.tensorboard import SummaryWriter
