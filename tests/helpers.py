@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 
 def read_tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in the TensorBoard event files under `folder`, as (step, value), via TensorBoard."""
@@ -48,3 +50,21 @@ def assert_report_renders(page, min_images: int = 1) -> None:
     low, high = pixels.getextrema()
     assert high - low > 100 and pixels.height > 1000, "the screenshot is blank or cut short"
     assert page.read_text().count("<img ") >= min_images
+
+
+def assert_tracked(record, epochs: int) -> None:
+    """A run's W&B, TensorBoard and MLflow files are in its own store folder (local or S3) and hold every epoch."""
+    import tempfile
+
+    from thalia_ray.train.tracking import TRACKING, FolderSync
+
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch)
+        FolderSync(local, record.loc.join(TRACKING)).restore()  # a copy, wherever the store is
+        assert list(local.glob("wandb/offline-run-*/run-*.wandb")), f"no W&B run under {record.loc}"
+        history = [row["val/loss"] for row in record.read_history()]
+        expected = list(zip(range(1, epochs + 1), history))
+        tensorboard = read_tensorboard_scalars(local / "tensorboard")["val/loss"]
+        assert [step for step, _ in tensorboard] == list(range(1, epochs + 1))
+        assert [v for _, v in tensorboard] == pytest.approx(history, rel=1e-6)  # float32 in event files
+        assert read_mlflow_metrics(local / "mlflow", record.run_id)["val/loss"] == expected
