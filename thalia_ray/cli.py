@@ -6,6 +6,7 @@ Configuration errors are reported before any cluster work starts, and exit with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Callable, Sequence
@@ -41,11 +42,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit_json(value: object) -> None:
-    """A command's `--json` summary: one JSON document on stdout (logs and bars go to stderr)."""
+def _emit_json(args: argparse.Namespace, value: object) -> None:
+    """A command's `--json` summary: the one JSON document on stdout (see `main`)."""
     from dataclasses import asdict, is_dataclass
 
-    print(json.dumps(asdict(value) if is_dataclass(value) else value, indent=2, default=str))
+    stream = getattr(args, "summary_out", sys.stdout)
+    print(json.dumps(asdict(value) if is_dataclass(value) else value, indent=2, default=str), file=stream)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     )
     frames.close()
     if args.json:
-        _emit_json(report)
+        _emit_json(args, report)
         return 0
     print(f"wrote {report.frames} frames, {report.pairs} interferograms, {report.groups} series to {args.out} "
           f"in {report.seconds:.1f} s")
@@ -96,7 +98,7 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides({"data.root": args.data})
     with runtime.start(cfg.runtime):
         stats = compute_statistics(cfg.data, split=args.split, out=args.out)
-    _emit_json(stats)  # the statistics are JSON either way; --json is accepted for uniformity
+    _emit_json(args, stats)  # the statistics are JSON either way; --json is accepted for uniformity
     return 0
 
 
@@ -114,7 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
                                all_channels=args.all_channels, seed=cfg.seed, storage_cfg=cfg.storage)
     if args.json:
-        _emit_json(report)
+        _emit_json(args, report)
         return 0
     print(f"{report.shards_written} shards written, {report.shards_kept} kept, {sum(report.samples.values())} "
           f"samples {report.samples}, {report.bytes / 1e6:.1f} MB, {len(report.skipped)} skipped, "
@@ -130,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with runtime.start(cfg.runtime):
         result = fit(cfg, run_id=args.run_id)
     if args.json:
-        _emit_json(result)
+        _emit_json(args, result)
         return 0
     print(result)
     return 0
@@ -172,7 +174,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
     if args.json:
-        _emit_json(summary.to_json())
+        _emit_json(args, summary.to_json())
         return 0 if summary.status == "finished" else 1
     print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))
     print(f"sweep {summary.sweep_id}: {len(summary.trials)} trials, best {summary.best_run} "
@@ -197,7 +199,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         from thalia_ray.storage import resolve
 
         resolve(args.best_config).write_text(best_config(store, args.sweep, args.metric, args.mode).to_yaml())
-        print(f"best configuration written to {args.best_config}")
+        print(f"best configuration written to {args.best_config}", file=sys.stderr)  # stdout: the table only
     return 0
 
 
@@ -269,6 +271,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     print(f"record: {where.url}", file=sys.stderr)
     return 0
+
+
+# Commands whose `--json` prints a summary with `_emit_json`.
+JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_sweep)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -405,8 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A `--json` summary must be all of stdout, but Ray prints to the driver's stdout from its own threads
+    # (e.g. raylet warnings): everything else written to stdout goes to stderr while the command runs.
+    summary = args.handler in JSON_SUMMARIES and args.json
+    args.summary_out = sys.stdout
     try:
-        return args.handler(args)
+        with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
+            return args.handler(args)
     except ThaliaError as err:  # config, storage, store, data, job-spec errors: one line, no traceback
         print(f"thalia-ray: {err}", file=sys.stderr)
         return err.exit_code

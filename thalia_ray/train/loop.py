@@ -92,6 +92,14 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def quiet_train_reports(level: str) -> None:
+    """Ray Train logs every report ("Reporting training result ...", each metric) under a logger named after
+    its file, which its own log-level setting misses; keep it to warnings unless debugging."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -152,6 +160,7 @@ class WorkerLoop:
     def __init__(self, settings: LoopSettings) -> None:
         self.settings = settings
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
+        quiet_train_reports(self.cfg.runtime.log_level)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.device = ray.train.torch.get_device()
