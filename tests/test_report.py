@@ -68,9 +68,21 @@ def _stored_run(store: ExperimentStore, root, run_id: str, task: str = "classifi
     record.set_status("finished")
 
 
+def _predict_output(record, out, frame_id: str) -> None:
+    """An output cube as `thalia-ray predict` writes it, and the whole-frame record that points at it."""
+    import xarray as xr
+
+    probability = np.random.default_rng(1).random((2, 3, 24, 24)).astype("float16")
+    dims = ("primary_date", "secondary_date", "y", "x")
+    xr.Dataset({samples.PROBABILITY: (dims, probability)}).to_zarr(
+        str(out / f"{frame_id}.zarr"), zarr_format=3, consolidated=False)
+    record.loc.join("whole_frame.json").write_json({"out": str(out), "overall": {"ap": 0.5, "f1": 0.4, "n": 6}})
+
+
 def test_run_report_opens_in_chromium_with_every_figure_and_the_gallery(synthetic_root, tmp_path):
     store = ExperimentStore(tmp_path / "store")
     _stored_run(store, synthetic_root, "series-run", length=2)
+    _predict_output(store.run("series-run"), tmp_path / "predicted", "078A_00001_010569")
     page = write_report(store, "series-run")
     assert page.path == str(tmp_path / "store" / "runs" / "series-run" / "report" / "index.html")
     text = page.read_text()
@@ -78,7 +90,8 @@ def test_run_report_opens_in_chromium_with_every_figure_and_the_gallery(syntheti
         assert heading in text
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
     assert text.count('alt="TP ') >= 1 and text.count('alt="FN ') + text.count('alt="FP ') >= 1
-    assert_report_renders(page, min_images=6)
+    assert 'alt="map 078A_00001_010569"' in text  # predict's output, found through its whole-frame record
+    assert_report_renders(page, min_images=7)
 
 
 def test_sweep_report_ranks_trials_and_marks_the_stopped_one(synthetic_root, tmp_path):

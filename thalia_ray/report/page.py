@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 PAGE = "index.html"
 REPORT = "report"
+WHOLE_FRAME = "whole_frame.json"  # `predict`'s record in the run folder: its output location, AP/F1
 GALLERY = {"TP": 3, "FP": 3, "FN": 3, "TN": 2}
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #1f2328; }
@@ -169,11 +170,16 @@ def _gallery(store: ExperimentStore, record: RunRecord, cfg: Any, rows: Sequence
 
 
 def _predict_maps(record: RunRecord) -> str:
-    """A map per frame where `predict` wrote probability cubes under the run's predictions folder."""
+    """A map per frame where `predict` wrote probability cubes: under the run's predictions folder, or
+    where its whole-frame evaluation (`whole_frame.json`, written by `predict`) says it wrote them."""
     from thalia_ray.report import figures, samples
 
     folder = record.loc.join(PREDICTIONS)
     candidates = [folder, *(folder.join(n) for n in folder.list() if not n.endswith((".json", ".zarr")))]
+    whole_frame = record.loc.join(WHOLE_FRAME)
+    evaluation = whole_frame.read_json() if whole_frame.exists() else {}
+    if evaluation.get("out"):
+        candidates.append(resolve(evaluation["out"]))
     maps = {}
     for loc in candidates:
         try:
