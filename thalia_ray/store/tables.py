@@ -29,7 +29,7 @@ def _plain(value: Any) -> Any:
 def _ranked(store: ExperimentStore, sweep: str | None, metric: str | None, mode: str) -> tuple[list[Any], str]:
     rows = collect(store, None if sweep in (None, "all") else sweep)
     if not rows:
-        return [], metric or ""
+        return [], ""
     metric = metric or default_metric(rows[0].task)
     if not any(metric in r.metrics for r in rows):
         metric = metric.replace("test/", "val/")  # e.g. trials stopped before testing
@@ -40,8 +40,10 @@ def runs_table(store: ExperimentStore, sweep: str | None = None, metric: str | N
                mode: str = "max") -> Table:
     """rank, identity, the configuration values that differ, seed, then every metric (ranking metric first)."""
     ranked, metric = _ranked(store, sweep, metric, mode)
+    if not ranked:
+        return ["rank", "run_id", "status", "sweep", "task", "model", "seed"], []
     keys = differences(ranked)
-    metrics = sorted(set().union(*(r.metrics for r in ranked)) - {metric}) if ranked else []
+    metrics = sorted(set().union(*(r.metrics for r in ranked)) - {metric})
     header = ["rank", "run_id", "status", "sweep", "task", "model", *keys, "seed", metric, *metrics]
     table = [[i + 1, r.run_id, r.status, r.sweep, r.task, r.model, *(r.config.get(k) for k in keys), r.seed,
               r.metrics.get(metric), *(r.metrics.get(m) for m in metrics)] for i, r in enumerate(ranked)]
