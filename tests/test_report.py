@@ -160,3 +160,14 @@ def test_ray_commands_print_json_summaries(ray_cluster, synthetic_root, tmp_path
     assert main([*args, "--data", str(synthetic_root), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary  # a non-empty JSON object
+
+
+def test_demo_reports_the_best_trial_with_test_results(synthetic_root, tmp_path):
+    """A stopped trial has validation metrics only; the demo's report goes to the best tested trial."""
+    from thalia_ray.demo import best_run
+
+    store = ExperimentStore(tmp_path / "store")
+    _stored_run(store, synthetic_root, "t-stopped", sweep="sw", stopped=True)
+    _stored_run(store, synthetic_root, "t-done", sweep="sw")
+    assert best_run(store, "sw") == "t-done"
+    assert best_run(store, "other") is None
