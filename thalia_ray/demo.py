@@ -1,7 +1,8 @@
 """`thalia-ray demo`: the whole service end to end on a local single-node Ray, sized for a 2-core laptop.
 
 synthetic dataset → WebDataset shards → classifier (from shards) → segmenter (from minicubes) → backbone sweep
-with ASHA → leaderboard → an HTML report of the best run. Every stage is the real code path with small sizes; nothing is faked.
+with ASHA → leaderboard → an HTML report of the best run. Every stage is the real code path with small sizes;
+nothing is faked.
 """
 from __future__ import annotations
 
