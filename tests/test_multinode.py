@@ -21,6 +21,8 @@ from test_jobs import kill_session  # pytest puts tests/ on sys.path
 from thalia_ray.storage import resolve
 from thalia_ray.store import ExperimentStore
 
+from tests.helpers import assert_tracked
+
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = "multinode-cls"
 
@@ -98,7 +100,7 @@ def test_two_workers_on_two_nodes_read_and_write_s3(s3_bucket: str, synthetic_ro
             f"data.root={data}", f"storage.store={store}", "data.crop=32", "train.epochs=1",
             "train.max_steps_per_epoch=2", "train.batch_size=4", "train.num_workers=2",
             "train.cpus_per_worker=1.5", "train.device=cpu", "train.test_best=false", "runtime.data_cpu_limit=1",
-            "runtime.wandb.mode=disabled",
+            "runtime.wandb.mode=offline", "runtime.tracking=[wandb,tensorboard,mlflow]",
         ],
         "run_id": RUN_ID,
         "dashboard_port": _free_port(),
@@ -113,5 +115,6 @@ def test_two_workers_on_two_nodes_read_and_write_s3(s3_bucket: str, synthetic_ro
     assert run.read_status()["status"] == "finished"
     results = run.read_results()
     assert results is not None and results["metrics"] and results["best_checkpoint"]
+    assert_tracked(run, epochs=1)  # uploaded to S3 by rank 0 on a worker node
     ray_storage = resolve(store).join("ray")
     assert ray_storage.fs.find(ray_storage.path), "no Ray Train files (checkpoints) were written to S3"

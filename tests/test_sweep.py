@@ -111,10 +111,14 @@ def test_a_trial_rerun_after_an_interruption_finds_its_finished_run(tmp_path):
 def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains(
     ray_cluster, synthetic_root, s3_bucket, tmp_path
 ):
+    from thalia_ray.report.page import write_report
     from thalia_ray.train.trainer import fit
     from thalia_ray.tune.driver import run_sweep
 
-    cfg = sweep_config(synthetic_root, f"{s3_bucket}/store")
+    from tests.helpers import assert_report_renders, assert_tracked
+
+    cfg = sweep_config(synthetic_root, f"{s3_bucket}/store").with_overrides(
+        {"runtime.wandb.mode": "offline", "runtime.tracking": ["wandb", "tensorboard", "mlflow"]})
     summary = run_sweep(cfg)
     assert summary.status == "finished" and not summary.errors
     assert len(summary.trials) == 4
@@ -129,8 +133,13 @@ def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains
         record = store.run(trial["run_id"])
         assert record.read_status()["sweep"] == summary.sweep_id
         assert len(record.read_history()) == trial["epochs"] >= 1
+        assert_tracked(record, trial["epochs"])  # stopped trials too, uploaded from the trial's rank 0
         if trial["status"] == "finished":
             assert "test/f1_deformation" in record.read_results()["metrics"]
+    page = write_report(store, summary.sweep_id)
+    assert page.url == f"{store.root.url}/sweeps/{summary.sweep_id}/report/index.html"
+    assert "stopped after epoch" in page.read_text()
+    assert_report_renders(page, min_images=8)
     exported = tmp_path / "best.yaml"
     exported.write_text(best_config(store, summary.sweep_id, metric="val/loss", mode="min").to_yaml())
     retrain = load_config(exported, ["train.epochs=1", f"storage.store={tmp_path / 'retrain'}"])
@@ -165,8 +174,9 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(synthetic
     done = {p.name: (p / "results.json").read_bytes() for p in _finished_trials(store)}
     assert done and len(done) < 4
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*command, "--resume", "--json"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(json.loads(resumed.stdout)["trials"]) == 4  # --json: stdout is one JSON document
     finished = _finished_trials(store)
     assert len(finished) == 4
     for name, results in done.items():  # kept as they were: not re-run, not rewritten

@@ -6,6 +6,7 @@ mid-run and replaced, early stopping, and that `evaluate_run` reproduces the sto
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -123,16 +124,28 @@ def _check_finished_run(store, result, epochs: int) -> dict:
 
 
 @pytest.mark.slow
-def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cluster, synthetic_root, tmp_path):
+def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cluster, synthetic_root, tmp_path,
+                                                                          capsys):
+    """`thalia-ray train --json` on 2 workers: records, every tracker's files and the report land in the store."""
+    from types import SimpleNamespace
+
+    from thalia_ray.cli import main
     from thalia_ray.data.pipeline import build_datasets
+    from thalia_ray.report.page import write_report
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.train.evaluate import evaluate_run
-    from thalia_ray.train.trainer import fit
 
-    cfg = _config(synthetic_root, tmp_path / "store").with_overrides({"runtime.wandb.mode": "offline"})
+    from tests.helpers import assert_report_renders, assert_tracked
+
+    cfg = _config(synthetic_root, tmp_path / "store").with_overrides(
+        {"runtime.wandb.mode": "offline", "runtime.tracking": ["wandb", "tensorboard", "mlflow"]})
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    assert main(["train", str(tmp_path / "run.yaml"), "--json"]) == 0
+    result = SimpleNamespace(**json.loads(capsys.readouterr().out))
     store = ExperimentStore(cfg.storage.store)
-    result = fit(cfg, store=store)
     results = _check_finished_run(store, result, epochs=2)
+    assert_tracked(store.run(result.run_id), epochs=2)
+    assert_report_renders(write_report(store, result.run_id), min_images=6)
     test_size = build_datasets(cfg, splits=("test",)).sizes["test"]
     assert len(store.run(result.run_id).read_predictions("test")) == test_size
     assert {"val/loss", "val/f1_deformation", "val/ap_deformation"} <= set(result.val_metrics)

@@ -6,6 +6,7 @@ Configuration errors are reported before any cluster work starts, and exit with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Callable, Sequence
@@ -46,9 +47,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit_json(args: argparse.Namespace, value: object) -> None:
+    """A command's `--json` summary: the one JSON document on stdout (see `main`)."""
+    from dataclasses import asdict, is_dataclass
+
+    stream = getattr(args, "summary_out", sys.stdout)
+    print(json.dumps(asdict(value) if is_dataclass(value) else value, indent=2, default=str), file=stream)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
+    from thalia_ray import progress
     from thalia_ray.data.synthetic.generator import synthesize
 
+    frames = progress.bar(args.frames if not args.frame_ids else len(args.frame_ids), "synth", unit="frame")
     report = synthesize(
         args.out,
         frames=args.frames,
@@ -58,8 +69,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         frame_ids=args.frame_ids,
         max_groups_per_frame=args.max_groups,
         workers=args.workers,
-        progress=print,
+        progress=lambda line: frames.update(1) if progress.on_terminal() else print(line, file=sys.stderr),
     )
+    frames.close()
+    if args.json:
+        _emit_json(args, report)
+        return 0
     print(f"wrote {report.frames} frames, {report.pairs} interferograms, {report.groups} series to {args.out} "
           f"in {report.seconds:.1f} s")
     return 0
@@ -92,7 +107,7 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
     out = resolve(args.out, cfg.storage) if args.out else None
     with runtime.start(cfg.runtime):
         stats = compute_statistics(cfg.data, split=args.split, out=out, locations=DataLocations.of(cfg.data, cfg.storage))
-    print(json.dumps(stats, indent=2))
+    _emit_json(args, stats)  # the statistics are JSON either way; --json is accepted for uniformity
     return 0
 
 
@@ -112,7 +127,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
                                all_channels=args.all_channels, seed=cfg.seed,
                                locations=DataLocations.of(cfg.data, cfg.storage))
-    print(report)
+    if args.json:
+        _emit_json(args, report)
+        return 0
+    print(f"{report.shards_written} shards written, {report.shards_kept} kept, {sum(report.samples.values())} "
+          f"samples {report.samples}, {report.bytes / 1e6:.1f} MB, {len(report.skipped)} skipped, "
+          f"{report.seconds:.1f} s → {report.root}")
     return 0
 
 
@@ -123,6 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with runtime.start(cfg.runtime):
         result = fit(cfg, run_id=args.run_id)
+    if args.json:
+        _emit_json(args, result)
+        return 0
     print(result)
     return 0
 
@@ -189,6 +212,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
+    if args.json:
+        _emit_json(args, summary.to_json())
+        return 0 if summary.status == "finished" else 1
     print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))
     print(f"sweep {summary.sweep_id}: {len(summary.trials)} trials, best {summary.best_run} "
           f"({summary.metric} = {summary.best_value}), {summary.worker_seconds:.0f} worker-seconds")
@@ -200,12 +226,32 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from thalia_ray.store.leaderboard import best_config, leaderboard_text
 
     store = ExperimentStore(args.store)
-    print(leaderboard_text(store, args.sweep, fmt=args.format, metric=args.metric, mode=args.mode))
+    if args.breakdown or args.format in ("csv", "json"):
+        from thalia_ray.store import tables
+
+        table = (tables.breakdown_table(store, args.breakdown, args.sweep, args.metric, args.mode) if args.breakdown
+                 else tables.runs_table(store, args.sweep, args.metric, args.mode))
+        print(tables.as_text(table, args.format))
+    else:
+        print(leaderboard_text(store, args.sweep, fmt=args.format, metric=args.metric, mode=args.mode))
     if args.best_config:
         from thalia_ray.storage import resolve
 
         resolve(args.best_config).write_text(best_config(store, args.sweep, args.metric, args.mode).to_yaml())
-        print(f"best configuration written to {args.best_config}")
+        print(f"best configuration written to {args.best_config}", file=sys.stderr)  # stdout: the table only
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from thalia_ray.report.page import write_report
+    from thalia_ray.store import ExperimentStore
+
+    page = write_report(ExperimentStore(args.store), args.target, args.out)
+    print(page.url)
+    if args.screenshot:
+        from thalia_ray.report.browser import screenshot_beside
+
+        print(screenshot_beside(page).url)
     return 0
 
 
@@ -266,6 +312,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose `--json` prints a summary with `_emit_json`.
+JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_sweep)
+
+
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
@@ -290,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--frame-ids", nargs="+", metavar="ID")
     synth.add_argument("--max-groups", type=int, default=None, help="time-series groups per frame")
     synth.add_argument("--workers", type=int, default=1)
+    synth.add_argument("--json", action="store_true", help="print the summary as JSON")
     synth.set_defaults(handler=cmd_synth)
 
     prepare = verbs.add_parser("prepare", help="dataset preparation").add_subparsers(dest="what", required=True)
@@ -305,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--data", help="dataset root (overrides data.root)")
     stats.add_argument("--split", default="train")
     stats.add_argument("--out", help="where to write statistics.json (default: print only)")
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON (the default too)")
     stats.set_defaults(handler=cmd_prepare_stats)
 
     export = verbs.add_parser("export", help="write WebDataset shards (Ray tasks)")
@@ -319,11 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--compress", action="store_true", help="gzip the array members")
     export.add_argument("--all-channels", action="store_true",
                         help="store all nine channels, not only data.channels (one export for any channel subset)")
+    export.add_argument("--json", action="store_true", help="print the export summary as JSON")
     export.set_defaults(handler=cmd_export)
 
     train = verbs.add_parser("train", help="train a model with Ray Train")
     _add_config_args(train)
     train.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
+    train.add_argument("--json", action="store_true", help="print the run's result as JSON")
     train.set_defaults(handler=cmd_train)
 
     evaluate = verbs.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
@@ -364,16 +418,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sweep, required=True)
     sweep.add_argument("--resume", action="store_true", help="resume the newest sweep of this name")
     sweep.add_argument("--sweep-id", help="resume or name this exact sweep")
+    sweep.add_argument("--json", action="store_true", help="print the sweep summary as JSON")
     sweep.set_defaults(handler=cmd_sweep)
 
     board = verbs.add_parser("leaderboard", help="rank stored runs; breakdowns; best config")
     board.add_argument("sweep", nargs="?", default="all", help="a sweep id, or 'all'")
     board.add_argument("--store", default="./runs")
-    board.add_argument("--format", choices=["terminal", "markdown", "csv"], default="terminal")
+    board.add_argument("--format", choices=["terminal", "markdown", "csv", "json"], default="terminal",
+                       help="csv and json: one table, one row per run, full precision")
+    board.add_argument("--breakdown", choices=["frame_id", "intensity", "activity_type"],
+                       help="instead: the best run's Deformation metrics per group of this field")
     board.add_argument("--metric", help="ranking metric (default test/f1_deformation or test/iou_deformation)")
     board.add_argument("--mode", choices=["max", "min"], default="max")
     board.add_argument("--best-config", metavar="PATH", help="write the best run's config here")
     board.set_defaults(handler=cmd_leaderboard)
+
+    report = verbs.add_parser("report", help="an HTML report of a run or a sweep (figures, gallery)")
+    report.add_argument("target", metavar="RUN_ID|SWEEP_ID")
+    report.add_argument("--store", default="./runs")
+    report.add_argument("--out", help="folder for index.html (default: the run's or sweep's report/ folder)")
+    report.add_argument("--screenshot", action="store_true",
+                        help="also check the page in headless Chromium and save screenshot.png beside it")
+    report.set_defaults(handler=cmd_report)
 
     submit = verbs.add_parser("submit", help="submit a job spec through the Ray Jobs API")
     submit.add_argument("spec", help="a job spec, e.g. jobs/train-cls-single.yaml")
@@ -409,8 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A `--json` summary must be all of stdout, but Ray prints to the driver's stdout from its own threads
+    # (e.g. raylet warnings): everything else written to stdout goes to stderr while the command runs.
+    summary = args.handler in JSON_SUMMARIES and args.json
+    args.summary_out = sys.stdout
     try:
-        return args.handler(args)
+        with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
+            return args.handler(args)
     except ThaliaError as err:  # config, storage, store, data, job-spec errors: one line, no traceback
         print(f"thalia-ray: {err}", file=sys.stderr)
         return err.exit_code

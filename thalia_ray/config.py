@@ -276,6 +276,16 @@ class WandbConfig(Section):
     group: str | None = None  # sweeps group their trials' runs under the sweep id
 
 
+class MlflowConfig(Section):
+    """MLflow, when `runtime.tracking` lists it. Credentials for a server come from MLFLOW_* env vars."""
+
+    tracking_uri: str | None = None  # None: an MLflow file store in the run's folder ({run}/tracking/mlflow)
+    experiment: str = "thalia-ray"
+
+
+Tracker = Literal["wandb", "tensorboard", "mlflow"]
+
+
 class RuntimeConfig(Section):
     address: str | None = None  # RAY_ADDRESS wins when set; otherwise a local Ray is started
     num_cpus: int | None = Field(None, ge=1)
@@ -284,6 +294,9 @@ class RuntimeConfig(Section):
     data_cpu_limit: float | None = Field(None, gt=0)  # cap Ray Data's CPUs so trainers are not starved
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    # Trackers each run writes to; their files land in the run's folder, {run}/tracking/{tracker}/.
+    tracking: list[Tracker] = ["wandb", "tensorboard"]
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 # ---------------------------------------------------------------------------------------- sweep

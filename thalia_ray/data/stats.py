@@ -114,6 +114,8 @@ def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | Lo
     (default: the config's, resolved without storage settings) carry the S3 options."""
     import ray
 
+    from thalia_ray.progress import gather
+
     locations = locations or DataLocations.of(data_cfg)
     root = locations.root
     index = SampleIndex.from_config(data_cfg, seed, location=root)
@@ -122,7 +124,8 @@ def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | Lo
         raise ValueError(f"split {split!r} has no samples under {data_cfg.root}; cannot compute statistics")
     if ray.is_initialized():
         task = ray.remote(num_cpus=1)(_frame_task)
-        partials: list[Partials] = ray.get([task.remote(root, frame, pairs) for frame, pairs in work.items()])
+        partials: list[Partials] = gather([task.remote(root, frame, pairs) for frame, pairs in work.items()],
+                                          "statistics", unit="frame")
     else:
         partials = [_frame_task(root, frame, pairs) for frame, pairs in work.items()]
     statistics = to_statistics(merge_partials(partials))

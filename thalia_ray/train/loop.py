@@ -4,7 +4,8 @@ One `WorkerLoop` per worker: build (seeded model, DDP, AdamW, per-step schedule,
 from the latest checkpoint when Ray restarts the worker group, then per epoch: train on this
 worker's shard of the balanced draw, validate on its shard of the validation split, decide early
 stopping the same way on every rank, and report flat metrics with a checkpoint to Ray. Rank 0
-alone writes the checkpoint, the store's history, the progress line and W&B.
+alone writes the checkpoint, the store's history, the progress line and the trackers (W&B, TensorBoard,
+MLflow: see `tracking`).
 
 Every collective (DDP gradients, metric and loss reductions, the stop decision) is entered by all
 ranks the same number of times: Ray's equal split gives every rank as many rows (so batches),
@@ -91,6 +92,14 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def quiet_train_reports(level: str) -> None:
+    """Ray Train logs every report ("Reporting training result ...", each metric) under a logger named after
+    its file, which its own log-level setting misses; keep it to warnings unless debugging."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -151,6 +160,7 @@ class WorkerLoop:
     def __init__(self, settings: LoopSettings) -> None:
         self.settings = settings
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
+        quiet_train_reports(self.cfg.runtime.log_level)
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.device = ray.train.torch.get_device()
@@ -177,7 +187,7 @@ class WorkerLoop:
             self._restore(restored)
         # From here on each rank (and each resumption) draws its own random stream, e.g. for dropout.
         seed_everything(hash((self.cfg.seed, self.rank, self.progress.epoch)) % 2**31)
-        self.wandb = self._start_wandb()
+        self.tracker = self._start_tracking()
 
     # ------------------------------------------------------------------------------ setup
     def _precision(self) -> str:
@@ -203,23 +213,14 @@ class WorkerLoop:
         if self.rank == 0:
             log.info("run %s resumes after epoch %d", self.settings.run_id, self.progress.epoch)
 
-    def _start_wandb(self) -> Any:
-        wb = self.cfg.runtime.wandb
-        if self.rank != 0 or wb.mode == "disabled":
+    def _start_tracking(self) -> Any:
+        """Rank 0's trackers (W&B, TensorBoard, MLflow), uploading into the run's folder in the store."""
+        if self.rank != 0:
             return None
-        import wandb
+        from thalia_ray.train.tracking import TRACKING, RunTracker
 
-        return wandb.init(
-            project=wb.project,
-            entity=wb.entity,
-            mode=wb.mode,
-            name=self.settings.run_id,
-            id=self.settings.run_id,
-            group=wb.group,  # a sweep groups its trials' runs
-            resume="allow",
-            config=self.settings.cfg,
-            dir=os.environ.get("WANDB_DIR"),
-        )
+        record = self.settings.record
+        return RunTracker(self.cfg, self.settings.run_id, record.loc.join(TRACKING) if record is not None else None)
 
     # ------------------------------------------------------------------------------ epochs
     def run(self) -> None:
@@ -240,8 +241,8 @@ class WorkerLoop:
                     log.info("early stopping after epoch %d: %s has not improved for %d epochs",
                              epoch, train.early_stopping.metric, self.stopper.bad_epochs)
                 break
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.tracker is not None:
+            self.tracker.finish()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from thalia_ray.data.pipeline import TorchCollate, set_epoch
@@ -325,15 +326,15 @@ class WorkerLoop:
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        # History first: a sweep scheduler may stop the run as soon as it sees the report. It is written
+        # History and trackers first: a sweep scheduler may stop the run as soon as it sees the report. It is written
         # from the checkpointed progress, so a resumed run rewrites it and never doubles an epoch.
         if self.settings.record is not None:
             self.settings.record.write_history(self.progress.history)
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=int(metrics["epoch"]))
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=int(metrics["epoch"]))
         log.info(progress_line(metrics, self.cfg.train.epochs, improved))
 
 

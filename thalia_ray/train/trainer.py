@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ThaliaConfig
@@ -66,6 +67,8 @@ def run_config(cfg: ThaliaConfig, store: ExperimentStore, run_id: str, callbacks
         storage_path=path,
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        # Ray Train's own records (worker group starts, every report) only when debugging; ours pass through.
+        logging_config=LoggingConfig(log_level="DEBUG" if cfg.runtime.log_level == "DEBUG" else "WARNING"),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
             checkpoint_score_attribute=stopping.metric,

@@ -119,7 +119,8 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
                 max_concurrent_trials=sweep.max_concurrent_trials,
             ),
             run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=0),  # no status tables: the store and the leaderboard tell
         )
     record.write_summary({"sweep_id": sweep_id, "status": "running", "store": store.root.url})
     grid = tuner.fit()

@@ -175,6 +175,8 @@ def export_shards(
     config's, without storage settings) carry their S3 options."""
     import ray
 
+    from thalia_ray.progress import bar
+
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype {dtype!r}: allowed float32, float16")
     started = time.perf_counter()
@@ -187,22 +189,30 @@ def export_shards(
     records: dict[str, dict[str, Any]] = {}
     pending = []
     task = ray.remote(_write_shard).options(**remote_args(num_cpus, base.url, root.url))
-    for plan in plan_shards(index, splits, samples_per_shard):
+    plans = list(plan_shards(index, splits, samples_per_shard))
+    progress = bar(len(plans), "export", unit="shard")
+    for plan in plans:
         done = _completed(base, plan, layout)
         if done is not None:
             records[plan.name] = done
             report.shards_kept += 1
+            progress.update(1)
             continue
         if len(pending) >= max_in_flight:  # bounded: never more than max_in_flight shards in memory
             ready, pending = ray.wait(pending, num_returns=1)
             for record in ray.get(ready):
                 records[record["name"]] = record
+                progress.update(1)
         uids = {u for _, s in plan.items for u in s.unique_ids}
         subset = {u: index.annotations[u] for u in uids}
         pending.append(task.remote(plan, subset, cfg, root, base, layout))
         report.shards_written += 1
-    for record in ray.get(pending):
-        records[record["name"]] = record
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for record in ray.get(ready):
+            records[record["name"]] = record
+            progress.update(1)
+    progress.close()
     shards = [records[name] for name in sorted(records)]
     for shard in shards:
         folder = shard["name"].split("/", 1)[0]

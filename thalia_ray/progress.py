@@ -1,0 +1,33 @@
+"""Progress bars for long commands (synth, export, prepare stats), drawn only on a terminal.
+
+Off a terminal (logs, pipes, `--json` output read by programs, Ray workers) nothing is drawn, so
+captured output stays clean. Bars go to stderr, never into a command's stdout.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
+    """A tqdm bar on stderr, disabled (a no-op with the same methods) off a terminal."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not on_terminal(), leave=False,
+                dynamic_ncols=True)
+
+
+def gather(refs: Sequence[Any], desc: str, unit: str = "task") -> list[Any]:
+    """`ray.get(refs)` in the order given, advancing a bar as each result arrives."""
+    import ray
+
+    pending = list(refs)
+    with bar(len(pending), desc, unit) as progress:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            progress.update(len(ready))
+    return ray.get(list(refs))
