@@ -1,12 +1,15 @@
 """The `thalia-ray` command. Thin: it parses arguments and delegates to the modules that do the work.
 
 Handlers import their modules lazily so that `thalia-ray config show` answers without importing torch.
-Configuration errors are reported before any cluster work starts, and exit with status 2.
+Every mistake a user can fix is a `ThaliaError`, printed as one line with the exit status of its kind
+(see `thalia_ray.errors`); commands that start Ray run `thalia_ray.preflight` first, so such mistakes
+are reported before any cluster work. `--debug` or THALIA_DEBUG=1 shows the traceback as well.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -14,6 +17,7 @@ from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import ThaliaError
 
 Handler = Callable[[argparse.Namespace], int]
+DEBUG_ENV = "THALIA_DEBUG"
 
 
 def _config(args: argparse.Namespace) -> ThaliaConfig:
@@ -62,7 +66,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare_index(args: argparse.Namespace) -> int:
     from thalia_ray.data.index import index_counts
+    from thalia_ray.preflight import location_present
 
+    location_present(args.data, "--data")
     counts = index_counts(args.data, args.length, args.policy)
     if args.json:
         print(json.dumps(counts, indent=2))
@@ -76,11 +82,12 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
 
 def cmd_prepare_stats(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.data.stats import compute_statistics
 
     if args.data:
         cfg = cfg.with_overrides({"data.root": args.data})
+    preflight.for_stats(cfg, args.split)
     with runtime.start(cfg.runtime):
         stats = compute_statistics(cfg.data, split=args.split, out=args.out)
     print(json.dumps(stats, indent=2))
@@ -89,13 +96,14 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.data.shards import export_shards
 
     overrides = {"data.root": args.data} if args.data else {}
     if args.length:
         overrides["data.length"] = args.length
     cfg = cfg.with_overrides(overrides)
+    preflight.for_export(cfg, args.out, args.split)
     with runtime.start(cfg.runtime):
         report = export_shards(cfg.data, args.out, cfg.data.length, splits=tuple(args.split),
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
@@ -106,9 +114,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.train.trainer import fit
 
+    preflight.for_training(cfg, args.run_id)
     with runtime.start(cfg.runtime):
         result = fit(cfg, run_id=args.run_id)
     print(result)
@@ -116,12 +125,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.train.evaluate import evaluate_run
 
     store = ExperimentStore(args.store)
     cfg = store.run(args.run).read_config()
+    preflight.for_evaluation(cfg, args.split)
     with runtime.start(cfg.runtime):
         metrics = evaluate_run(store, args.run, split=args.split)
     print(json.dumps(metrics, indent=2))
@@ -143,11 +153,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.sweep is None:
         raise ConfigError(f"{args.config}: no sweep section (a sweep file needs `sweep:` with a search space)")
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import leaderboard_text
     from thalia_ray.tune.driver import run_sweep
 
+    preflight.for_training(cfg)
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
     print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))
@@ -230,6 +241,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     config = verbs.add_parser("config", help="show the resolved configuration").add_subparsers(dest="what", required=True)
@@ -343,16 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ThaliaError as err:  # config, storage, store, data, job-spec errors: one line, no traceback
+    except (ThaliaError, OSError) as err:  # a user's mistake: one line, no traceback
+        if _debug(args):
+            raise
         print(f"thalia-ray: {err}", file=sys.stderr)
-        return err.exit_code
-    except FileNotFoundError as err:
-        print(f"thalia-ray: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
 
 
 if __name__ == "__main__":

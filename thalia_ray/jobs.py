@@ -55,7 +55,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import ClusterProblem, JobSpecProblem
 from thalia_ray.store.layout import make_run_id
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -73,13 +73,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
-class JobSpecError(ThaliaError, ValueError):
+class JobSpecError(JobSpecProblem):
     """A job spec that cannot be submitted; the message names the file and the field."""
 
-    exit_code = 2
 
-
-class JobError(ThaliaError, RuntimeError):
+class JobError(ClusterProblem):
     """The cluster could not be reached or refused a request."""
 
 

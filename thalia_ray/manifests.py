@@ -23,6 +23,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from thalia_ray.errors import ManifestProblem
+
 CRD_DIR_ENV = "THALIA_KUBERAY_CRDS"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CRD_DIR = _REPO_ROOT.parent / "shared" / "kuberay"
@@ -55,7 +57,7 @@ _SECRET_ASSIGNMENT = re.compile(
 _SECRET_ENV_NAME = re.compile(r"(?i)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|KEY_ID)")
 
 
-class ManifestError(ValueError):
+class ManifestError(ManifestProblem):
     """A CRD or schema file is missing or unusable (not a finding about the manifest itself)."""
 
 

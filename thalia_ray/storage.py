@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import fsspec
 
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import StorageProblem
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ _TRANSIENT = (ConnectionError, TimeoutError)
 _TRANSIENT_NAMES = ("ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
 
 
-class StorageError(ThaliaError, RuntimeError):
+class StorageError(StorageProblem):
     """A storage operation failed; the message names the location and the likely cause."""
 
 

@@ -28,13 +28,13 @@ from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationSet
 from thalia_ray.data.index import Sample, SampleIndex
 from thalia_ray.data.transforms import finalize, statistics_for
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import DataProblem
 from thalia_ray.storage import Location, resolve
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 
 
-class DataError(ThaliaError, RuntimeError):
+class DataError(DataProblem, RuntimeError):
     """A sample cannot be read as asked (missing date, NaN values, unreadable chunk).
 
     The message names the cube, variable, dates and window; the pipeline decides to skip or fail.

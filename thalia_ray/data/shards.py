@@ -42,6 +42,7 @@ import numpy as np
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
+from thalia_ray.errors import ShardProblem
 from thalia_ray.storage import Location, resolve, with_retries
 
 MANIFEST = "manifest.json"
@@ -67,7 +68,7 @@ def remote_args(num_cpus: float, *urls: str | None) -> dict[str, Any]:
     return options
 
 
-class ShardError(ValueError):
+class ShardError(ShardProblem):
     """A shard or member that cannot be used; the message names the shard and the sample key."""
 
 

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from thalia_ray.config import ModelConfig
+from thalia_ray.config import ConfigError, ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
 from thalia_ray.models.registry import check_model_name
 
@@ -26,12 +26,12 @@ def build_model(cfg: ModelConfig, in_channels: int, time_steps: int, num_classes
     `forward(x)` returns `{"logits": ..., <aux head>: ...}`; see `thalia_ray.models.heads`.
     """
     if time_steps < 1 or in_channels < 1 or in_channels % time_steps:
-        raise ValueError(
+        raise ConfigError(
             f"in_channels ({in_channels}) must be a positive multiple of time_steps ({time_steps}): "
             "the input stacks T time steps of C channels"
         )
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
     spec = check_model_name(cfg.task, cfg.name)
     builder = spec.resolve()
     model = builder(spec, cfg, in_channels, num_classes, time_steps, in_channels // time_steps)
@@ -81,11 +81,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"model.pretrained {str(path)!r} does not hold a state dict of tensors")
+        raise ConfigError(f"model.pretrained {str(path)!r} does not hold a state dict of tensors")
     target = _best_target(model, state)
     report = _match(target.state_dict(), state)
     if not report.loaded and not report.adapted:
-        raise ValueError(
+        raise ConfigError(
             f"model.pretrained {str(path)!r}: no tensor matches the model ({report.summary()})"
         )
     target.load_state_dict(_merged(target.state_dict(), state, report), strict=True)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
+from thalia_ray.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -64,14 +66,14 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}") from None
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available())}") from None
 
 
 def check_model_name(task: str, name: str) -> ModelSpec:
     """Validate a (task, name) pair; the message lists the models that serve the task."""
     spec = REGISTRY.get(name)
     if spec is None or task not in spec.tasks:
-        raise ValueError(
+        raise ConfigError(
             f"model {name!r} is not available for {task}; choose one of: {', '.join(available(task))}"
         )
     return spec

@@ -16,7 +16,7 @@ import yaml
 
 from thalia_ray.config import ConfigError, ThaliaConfig, validate
 from thalia_ray.data import schema
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location
 
@@ -37,7 +37,7 @@ CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY = (
 T = TypeVar("T")
 
 
-class StoreError(ThaliaError, RuntimeError):
+class StoreError(StoreProblem):
     """A run or sweep record is missing, malformed, or asked to do something it cannot."""
 
 
