@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_META = REPO.parent / "shared" / "thalia_meta"
+SHARED_CRDS = REPO.parent / "shared" / "kuberay"  # KubeRay CRDs: the package ships none
 
 # Quiet, fast Ray for tests (see ../shared/docs/ray-notes.md).
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -129,3 +130,12 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "thalia"
     synthesize(str(root), frames=3, size=96, seed=0, max_groups_per_frame=8)
     return root
+
+
+@pytest.fixture()
+def kuberay_crds(monkeypatch) -> Path:
+    """The KubeRay CRD folder from ../shared, also given to the code as THALIA_CRDS."""
+    if not any(SHARED_CRDS.glob("*.yaml")):
+        pytest.skip(f"KubeRay CRDs not found at {SHARED_CRDS}")
+    monkeypatch.setenv("THALIA_CRDS", str(SHARED_CRDS))
+    return SHARED_CRDS

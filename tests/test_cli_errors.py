@@ -24,6 +24,7 @@ from thalia_ray.errors import (
     ConfigProblem,
     DataProblem,
     JobSpecProblem,
+    ManifestProblem,
     ShardProblem,
     StorageProblem,
     StoreProblem,
@@ -31,6 +32,8 @@ from thalia_ray.errors import (
 
 CONFIG, DATA, SHARDS = ConfigProblem.exit_code, DataProblem.exit_code, ShardProblem.exit_code
 STORAGE, STORE, JOBSPEC = StorageProblem.exit_code, StoreProblem.exit_code, JobSpecProblem.exit_code
+MANIFEST = ManifestProblem.exit_code
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,11 @@ class Case:
     argv: list[str]  # `{root}`, `{tmp}`, `{bucket}` are filled in per test
     code: int
     culprit: str  # must appear in the message
-    setup: Callable[[Path, Path], None] | None = None  # (tmp, root) → writes the bad input
+    setup: Callable[[Path, Path | None], None] | None = None  # (tmp, root) → writes the bad input
 
 
-def _write(rel: str, content: bytes | str) -> Callable[[Path, Path], None]:
-    def setup(tmp: Path, root: Path) -> None:
+def _write(rel: str, content: bytes | str) -> Callable[[Path, Path | None], None]:
+    def setup(tmp: Path, root: Path | None) -> None:
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -62,7 +65,12 @@ def _copy_without_cube(tmp: Path, root: Path) -> None:
     shutil.rmtree(next((tmp / "partial").glob("*.zarr")))
 
 
-def _store_file(tmp: Path, root: Path) -> None:
+def _broken_annotations(tmp: Path, root: Path) -> None:
+    shutil.copytree(root, tmp / "broken")
+    (tmp / "broken/annotations.json").write_text("{oops")
+
+
+def _store_file(tmp: Path, root: Path | None) -> None:
     (tmp / "afile").write_text("not a folder")
 
 
@@ -94,8 +102,7 @@ CASES = [
     Case("data root without metadata", [*_TRAIN[:2], "data.root={tmp}/empty", *_TRAIN[3:]], DATA,
          "no annotations", _write("empty/readme.txt", "")),
     Case("annotations not JSON", [*_TRAIN[:2], "data.root={tmp}/broken", *_TRAIN[3:]], STORAGE,
-         "annotations.json", lambda tmp, root: (shutil.copytree(root, tmp / "broken"),
-                                                (tmp / "broken/annotations.json").write_text("{oops"))),
+         "annotations.json", _broken_annotations),
     Case("cube missing", [*_TRAIN[:2], "data.root={tmp}/partial", *_TRAIN[3:]], DATA, ".zarr", _copy_without_cube),
     Case("crop larger than frames", [*_TRAIN, "--set", "data.crop=4096"], CONFIG, "data.crop 4096"),
     Case("export crop larger than frames", ["export", "--data", "{root}", "--set", "data.crop=4096",
@@ -128,6 +135,13 @@ CASES = [
     Case("run id with a slash", [*_TRAIN, "--run-id", "a/b"], STORE, "'a/b'"),
     Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
     Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    # cluster configurations
+    Case("KubeRay manifest without CRDs", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml")],
+         MANIFEST, "--crds PATH or THALIA_CRDS"),
+    Case("CRD path missing", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml"), "--crds",
+                              "{tmp}/crds"], MANIFEST, "crds: no such file"),
+    Case("launcher config with a typo", ["cluster", "validate", "{tmp}/up.yaml"], MANIFEST, "max_workerz",
+         _write("up.yaml", "cluster_name: x\nmax_workerz: 2\nprovider: {type: local, head_ip: h}\n")),
     # job specs
     Case("job spec missing", ["submit", "{tmp}/nope-job.yaml", "--print-ray-command"], JOBSPEC, "nope-job.yaml"),
     Case("job spec with a password in a URL", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
@@ -138,17 +152,21 @@ CASES = [
 
 @pytest.fixture()
 def no_ray(monkeypatch):
+    monkeypatch.delenv("THALIA_CRDS", raising=False)
     def tripwire(*args, **kwargs):
         raise AssertionError("the CLI started Ray before answering a bad input")
     monkeypatch.setattr(runtime, "start", tripwire)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, synthetic_root, no_ray, capsys, request):
+def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, request):
+    words = " ".join(case.argv)
+    needs_root = "{root}" in words or case.setup in (_copy_without_cube, _broken_annotations)
+    root = request.getfixturevalue("synthetic_root") if needs_root else None  # generated once, if needed
     if case.setup:
-        case.setup(tmp_path, synthetic_root)
-    bucket = request.getfixturevalue("s3_bucket") if "{bucket}" in " ".join(case.argv) else ""
-    argv = [a.format(root=synthetic_root, tmp=tmp_path, bucket=bucket) for a in case.argv]
+        case.setup(tmp_path, root)
+    bucket = request.getfixturevalue("s3_bucket") if "{bucket}" in words else ""
+    argv = [a.format(root=root, tmp=tmp_path, bucket=bucket) for a in case.argv]
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == case.code, f"{case.name}: exit {code}, expected {case.code}; stderr:\n{err}"
@@ -174,5 +192,5 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 
 
 def test_every_kind_has_its_own_status():
-    kinds = [ConfigProblem, DataProblem, ShardProblem, StorageProblem, StoreProblem, JobSpecProblem]
+    kinds = [ConfigProblem, DataProblem, ShardProblem, ManifestProblem, StorageProblem, StoreProblem, JobSpecProblem]
     assert len({k.exit_code for k in kinds}) == len(kinds) and 1 not in {k.exit_code for k in kinds}

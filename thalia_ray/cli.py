@@ -209,6 +209,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_validate(args: argparse.Namespace) -> int:
+    from thalia_ray.manifests import ManifestError, validate_file
+
+    reports = {path: validate_file(path, args.crds) for path in args.files}
+    bad = {path: problems for path, problems in reports.items() if problems}
+    if bad:
+        raise ManifestError("; ".join(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p) for path, p in bad.items()))
+    for path in reports:
+        print(f"{path}: valid")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from thalia_ray.demo import run_demo
 
@@ -338,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?")
     jobs.add_argument("--address")
     jobs.set_defaults(handler=cmd_jobs)
+
+    cluster = verbs.add_parser("cluster", help="cluster configurations").add_subparsers(dest="what", required=True)
+    check = cluster.add_parser("validate", help="validate KubeRay manifests and `ray up` configs offline, strictly")
+    check.add_argument("files", nargs="+", help="YAML files (KubeRay resources or cluster-launcher configs)")
+    check.add_argument("--crds", metavar="PATH", help="KubeRay CRDs: a folder of CRD YAML files or the output of "
+                       "`kubectl get crd rayclusters.ray.io rayjobs.ray.io -o yaml` (default: $THALIA_CRDS)")
+    check.set_defaults(handler=cmd_cluster_validate)
 
     demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
     demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")

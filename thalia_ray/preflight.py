@@ -124,13 +124,14 @@ def non_empty(cfg: ThaliaConfig, pools: dict[str, list[Any]]) -> None:
 def for_training(cfg: ThaliaConfig, run_id: str | None = None) -> None:
     """Everything `train` (and each sweep trial's base config) needs, checked without Ray."""
     from thalia_ray.store.layout import check_id
-    from thalia_ray.train.trainer import steps_per_epoch
 
     if run_id is not None:
         check_id(run_id)
     pools = cube_pools(cfg, SPLITS) if cfg.data.source == "cube" else shard_pools(cfg, SPLITS)
     if pools is not None:
         non_empty(cfg, pools)
+        from thalia_ray.train.trainer import steps_per_epoch  # imports torch and Ray Train: only when needed
+
         sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.balance)) for split, pool in pools.items()}
         steps_per_epoch(cfg, sizes)
     writable(cfg.storage.store, "storage.store", cfg.storage)
