@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_META = REPO.parent / "shared" / "thalia_meta"
 SHARED_CRDS = REPO.parent / "shared" / "kuberay"  # KubeRay CRDs: the package ships none
 
-# Quiet, fast Ray for tests (see ../shared/docs/ray-notes.md).
+# Quiet, fast Ray for tests.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
