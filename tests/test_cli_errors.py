@@ -118,6 +118,9 @@ CASES = [
          CONFIG, "holdout"),
     Case("missing bucket as data root", [*_TRAIN[:2], "data.root={bucket}-absent/thalia", *_TRAIN[3:]], STORAGE,
          "bucket"),
+    Case("data root prefix absent in a bucket", [*_TRAIN[:2], "data.root={bucket}/nothing-here", *_TRAIN[3:]], DATA,
+         "nothing-here"),
+    Case("stats of a missing root", ["prepare", "stats", "--data", "{tmp}/nothing"], DATA, "data.root"),
     # shards
     Case("shards never exported", _SHARDS, SHARDS, "data.shards"),
     Case("shards folder without manifest", _SHARDS, SHARDS, "no shard manifest", _write("shards/1/x.txt", "")),
@@ -134,6 +137,7 @@ CASES = [
          _store_file),
     Case("run id with a slash", [*_TRAIN, "--run-id", "a/b"], STORE, "'a/b'"),
     Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
+    Case("show an unknown run", ["runs", "show", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
     Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
     # cluster configurations
     Case("KubeRay manifest without CRDs", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml")],
@@ -194,3 +198,4 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 def test_every_kind_has_its_own_status():
     kinds = [ConfigProblem, DataProblem, ShardProblem, ManifestProblem, StorageProblem, StoreProblem, JobSpecProblem]
     assert len({k.exit_code for k in kinds}) == len(kinds) and 1 not in {k.exit_code for k in kinds}
+

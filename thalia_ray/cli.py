@@ -158,7 +158,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from thalia_ray.store.leaderboard import leaderboard_text
     from thalia_ray.tune.driver import run_sweep
 
-    preflight.for_training(cfg)
+    preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
     print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))

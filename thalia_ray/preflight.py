@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.annotations import AnnotationError
@@ -121,19 +121,25 @@ def non_empty(cfg: ThaliaConfig, pools: dict[str, list[Any]]) -> None:
                         f"{f' and data.frames={cfg.data.frames}' if cfg.data.frames else ''}")
 
 
-def for_training(cfg: ThaliaConfig, run_id: str | None = None) -> None:
-    """Everything `train` (and each sweep trial's base config) needs, checked without Ray."""
+def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collection[str] = ()) -> None:
+    """Everything `train` needs, checked without Ray. A sweep passes the dotted paths its search space
+    `varied`: checks that depend on them are left to the trials (a base value may be one no trial uses)."""
     from thalia_ray.store.layout import check_id
 
     if run_id is not None:
         check_id(run_id)
-    pools = cube_pools(cfg, SPLITS) if cfg.data.source == "cube" else shard_pools(cfg, SPLITS)
-    if pools is not None:
-        non_empty(cfg, pools)
-        from thalia_ray.train.trainer import steps_per_epoch  # imports torch and Ray Train: only when needed
+    if any(path.startswith("data.") or path == "seed" for path in varied):
+        location_present(cfg.data.root if cfg.data.source == "cube" else str(cfg.data.shards),
+                         "data.root" if cfg.data.source == "cube" else "data.shards", cfg.storage)
+    else:
+        pools = cube_pools(cfg, SPLITS) if cfg.data.source == "cube" else shard_pools(cfg, SPLITS)
+        if pools is not None:
+            non_empty(cfg, pools)
+        if pools is not None and not any(path.startswith("train.") for path in varied):
+            from thalia_ray.train.trainer import steps_per_epoch  # imports torch and Ray Train: only when needed
 
-        sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.balance)) for split, pool in pools.items()}
-        steps_per_epoch(cfg, sizes)
+            sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.balance)) for split, pool in pools.items()}
+            steps_per_epoch(cfg, sizes)
     writable(cfg.storage.store, "storage.store", cfg.storage)
 
 
