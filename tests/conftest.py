@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_META = REPO.parent / "shared" / "thalia_meta"
+SHARED_CRDS = REPO.parent / "shared" / "kuberay"  # KubeRay CRDs: the package ships none
 
-# Quiet, fast Ray for tests (see ../shared/docs/ray-notes.md).
+# Quiet, fast Ray for tests.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -129,3 +130,12 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "thalia"
     synthesize(str(root), frames=3, size=96, seed=0, max_groups_per_frame=8)
     return root
+
+
+@pytest.fixture()
+def kuberay_crds(monkeypatch) -> Path:
+    """The KubeRay CRD folder from ../shared, also given to the code as THALIA_CRDS."""
+    if not any(SHARED_CRDS.glob("*.yaml")):
+        pytest.skip(f"KubeRay CRDs not found at {SHARED_CRDS}")
+    monkeypatch.setenv("THALIA_CRDS", str(SHARED_CRDS))
+    return SHARED_CRDS

@@ -18,9 +18,11 @@ from thalia_ray.manifests import (
     ManifestError,
     credential_leaks,
     crd_for,
+    load_crds,
     load_documents,
     strict_schema,
     validate_cluster_launcher,
+    validate_file,
     validate_manifest,
 )
 
@@ -29,12 +31,13 @@ KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 GPU_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 
 
-def _crd(kind: str) -> Path:
-    """The CRD file; the tests skip only when no CRD directory exists at all."""
-    dirs = [manifests.DEFAULT_CRD_DIR, os.environ.get(manifests.CRD_DIR_ENV)]
-    if not any(d and Path(d).is_dir() for d in dirs):
-        pytest.skip(f"KubeRay CRDs not available: no directory {manifests.DEFAULT_CRD_DIR}")
-    return crd_for(kind)
+@pytest.fixture(autouse=True)
+def _crds_given(kuberay_crds):
+    """Every test here sees the CRDs the way a user gives them: THALIA_CRDS."""
+
+
+def _crd(kind: str) -> manifests.Crd:
+    return crd_for(kind, load_crds())
 
 
 def _kuberay(name: str) -> dict[str, Any]:
@@ -191,14 +194,35 @@ def test_strict_schema_honours_preserve_unknown_fields_and_nullable():
         assert list(validator.iter_errors(bad)), bad
 
 
-def test_crd_lookup_honours_the_environment(tmp_path, monkeypatch):
-    real = _crd("RayJob")
-    (tmp_path / real.name).write_text(real.read_text())
-    monkeypatch.setenv(manifests.CRD_DIR_ENV, str(tmp_path))
-    assert crd_for("RayJob") == tmp_path / real.name
-    monkeypatch.setattr(manifests, "DEFAULT_CRD_DIR", tmp_path / "absent")
-    with pytest.raises(ManifestError, match="no CRD ray.io_rayservices.yaml for kind 'RayService'"):
-        crd_for("RayService")
+def test_crds_come_from_the_option_the_environment_or_kubectl_output(tmp_path, monkeypatch, kuberay_crds):
+    assert set(load_crds()) == {"RayCluster", "RayJob"}  # THALIA_CRDS: a folder
+    crds = [json.loads(json.dumps(c.doc)) for c in load_crds().values()]
+    listed = tmp_path / "kubectl-get-crd.yaml"  # `kubectl get crd a b -o yaml` prints a List
+    listed.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": crds}))  # JSON is YAML
+    assert {k: c.source for k, c in load_crds(listed).items()} == {"RayCluster": str(listed), "RayJob": str(listed)}
+    doc = load_documents(CLUSTER / "kuberay" / "raycluster.yaml")[0]
+    assert validate_manifest(doc, crd_for("RayCluster", load_crds(listed))) == []
+    with pytest.raises(ManifestError, match=r"no CRD for kind 'RayService' .*kubectl get crd"):
+        crd_for("RayService", load_crds(listed))
+
+
+@pytest.mark.parametrize("given,message", [
+    (None, "no KubeRay CRDs: give the KubeRay CRDs with --crds PATH or THALIA_CRDS"),
+    ("absent", "no such file or folder"),
+    ("empty", "no CustomResourceDefinition found"),
+])
+def test_missing_crds_are_a_clear_error(tmp_path, monkeypatch, given, message):
+    monkeypatch.delenv("THALIA_CRDS")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match=message):
+        load_crds(tmp_path / given if given else None)
+
+
+def test_validate_file_reads_crds_only_for_kuberay_resources(tmp_path, monkeypatch):
+    monkeypatch.delenv("THALIA_CRDS")
+    assert validate_file(CLUSTER / "aws-gpu.yaml") == []
+    with pytest.raises(ManifestError, match="no KubeRay CRDs"):
+        validate_file(CLUSTER / "kuberay" / "raycluster.yaml")
 
 
 # ----------------------------------------------------------------------- what the manifests say

@@ -136,6 +136,58 @@ def test_a_secret_value_is_rejected_without_echoing_it(tmp_path: Path, where: di
     assert any(name in str(err.value) for name in ("AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "HF_TOKEN", "password"))
 
 
+CANARY = "hunter2canary"
+
+
+@pytest.mark.parametrize("where,culprit", [
+    ({"runtime_env": {"working_dir": str(REPO), "env_vars": {"DB_PASS": CANARY}}}, "DB_PASS"),
+    ({"runtime_env": {"working_dir": str(REPO), "env_vars": {"GH_PAT": CANARY}}}, "GH_PAT"),
+    ({"runtime_env": {"working_dir": str(REPO), "env_vars": {"DATABASE_URL": f"postgres://me:{CANARY}@db/x"}}},
+     "DATABASE_URL"),
+    ({"runtime_env": {"working_dir": str(REPO), "pip": [f"--index-url https://__token__:{CANARY}@pkgs.example/simple",
+                                                        "timm"]}}, "pip[0]"),
+    ({"runtime_env": {"working_dir": str(REPO), "pip": [f"https://ghp_{CANARY}{CANARY}@github.com/o/r.whl"]}},
+     "pip[0]"),
+    ({"runtime_env": {"working_dir": str(REPO), "env_vars": {"INDEX": f"https://h/simple?token={CANARY}"}}}, "INDEX"),
+    ({"overrides": ["data.root=/d", f"storage.endpoint_url=http://admin:{CANARY}@minio:9000"]}, "overrides[1]"),
+], ids=["pass", "pat", "database-url", "pip-index-userinfo", "token-as-user", "token-query", "endpoint-userinfo"])
+def test_credentials_in_names_and_urls_are_refused_without_echoing_them(
+        tmp_path: Path, where: dict[str, Any], culprit: str) -> None:
+    with pytest.raises(jobs.JobSpecError) as err:
+        jobs.load_spec(_write_spec(tmp_path, **where))
+    assert CANARY not in str(err.value) and culprit in str(err.value), str(err.value)
+
+
+def test_a_credential_in_the_config_files_endpoint_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(f"storage: {{endpoint_url: 'http://admin:{CANARY}@minio:9000'}}\n")
+    spec = _write_spec(tmp_path, entrypoint=f"thalia-ray train {tmp_path}/cfg.yaml", config=f"{tmp_path}/cfg.yaml")
+    with pytest.raises(jobs.JobSpecError, match="storage.endpoint_url") as err:
+        jobs.load_spec(spec)
+    assert CANARY not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x", "https://pypi.org/simple", "git+https://git@github.com/o/r",
+                                 "http://minio:9000", "file:///abs/data"])
+def test_urls_without_credentials_pass(url: str) -> None:
+    assert not jobs.secret_in_url(url)
+
+
+@pytest.mark.parametrize("override,shown", [
+    ("data.root=file://data/thalia", "data.root=file://data/thalia is a relative path"),
+    ("data.shards=file://shards", "data.shards=file://shards is a relative path"),
+], ids=["file-data", "file-shards"])
+def test_relative_file_urls_are_relative_paths(tmp_path: Path, override: str, shown: str) -> None:
+    with pytest.raises(jobs.JobSpecError, match=shown):
+        jobs.load_spec(_write_spec(tmp_path, overrides=["data.root=/d", override]))
+
+
+def test_a_relative_file_url_store_needs_the_clusters_store(tmp_path: Path) -> None:
+    with pytest.raises(jobs.JobSpecError, match="storage.store=file://runs is a relative path"):
+        jobs.load_spec(_write_spec(tmp_path, env_from_cluster=[], overrides=["data.root=/d", "storage.store=file://runs"]))
+    spec = jobs.load_spec(_write_spec(tmp_path, overrides=["data.root=/d", "storage.store=file://runs"]))
+    assert spec.store == "$THALIA_STORE"
+
+
 def test_secret_names_may_be_required_from_the_cluster(tmp_path: Path) -> None:
     spec = jobs.load_spec(_write_spec(tmp_path, env_from_cluster=["THALIA_STORE", "AWS_SECRET_ACCESS_KEY"]))
     assert "${AWS_SECRET_ACCESS_KEY:?is not set on the cluster" in spec.entrypoint

@@ -37,6 +37,13 @@ def test_resolve_local_forms(tmp_path):
     assert resolve(plain) is plain
 
 
+def test_a_file_url_without_a_leading_slash_is_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve("file://data/x").path == str(tmp_path / "data" / "x")
+    assert resolve("file://runs").path == str(tmp_path / "runs")
+    assert resolve("file://localhost/abs/p").path == "/abs/p"
+
+
 def test_resolve_s3_endpoint_precedence(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:1")
     assert resolve("s3://b/p").s3.endpoint_url == "http://from-env:1"

@@ -1,4 +1,4 @@
-"""Physics of the synthetic generator against analytic facts (docs/synthetic-insar.md)."""
+"""Physics of the synthetic generator against analytic facts (docs/synthetic.md)."""
 from __future__ import annotations
 
 import numpy as np

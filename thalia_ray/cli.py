@@ -1,13 +1,16 @@
 """The `thalia-ray` command. Thin: it parses arguments and delegates to the modules that do the work.
 
 Handlers import their modules lazily so that `thalia-ray config show` answers without importing torch.
-Configuration errors are reported before any cluster work starts, and exit with status 2.
+Every mistake a user can fix is a `ThaliaError`, printed as one line with the exit status of its kind
+(see `thalia_ray.errors`); commands that start Ray run `thalia_ray.preflight` first, so such mistakes
+are reported before any cluster work. `--debug` or THALIA_DEBUG=1 shows the traceback as well.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -15,6 +18,7 @@ from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import ThaliaError
 
 Handler = Callable[[argparse.Namespace], int]
+DEBUG_ENV = "THALIA_DEBUG"
 
 
 def _config(args: argparse.Namespace) -> ThaliaConfig:
@@ -82,8 +86,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_prepare_index(args: argparse.Namespace) -> int:
     from thalia_ray.data.index import index_counts
+    from thalia_ray.preflight import location_present
     from thalia_ray.storage import resolve
 
+    location_present(args.data, "--data")
     counts = index_counts(resolve(args.data, _config(args).storage), args.length, args.policy)
     if args.json:
         print(json.dumps(counts, indent=2))
@@ -97,13 +103,14 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
 
 def cmd_prepare_stats(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.stats import compute_statistics
     from thalia_ray.storage import resolve
 
     if args.data:
         cfg = cfg.with_overrides({"data.root": args.data})
+    preflight.for_stats(cfg, args.split)
     out = resolve(args.out, cfg.storage) if args.out else None
     with runtime.start(cfg.runtime):
         stats = compute_statistics(cfg.data, split=args.split, out=out, locations=DataLocations.of(cfg.data, cfg.storage))
@@ -113,7 +120,7 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.storage import resolve
@@ -122,6 +129,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.length:
         overrides["data.length"] = args.length
     cfg = cfg.with_overrides(overrides)
+    preflight.for_export(cfg, args.out, args.split)
     with runtime.start(cfg.runtime):
         report = export_shards(cfg.data, resolve(args.out, cfg.storage), cfg.data.length, splits=tuple(args.split),
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
@@ -138,9 +146,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.train.trainer import fit
 
+    preflight.for_training(cfg, args.run_id)
     with runtime.start(cfg.runtime):
         result = fit(cfg, run_id=args.run_id)
     if args.json:
@@ -151,12 +160,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.train.evaluate import evaluate_run
 
     store = ExperimentStore(args.store)
     cfg = store.run(args.run).read_config()
+    preflight.for_evaluation(cfg, args.split)
     with runtime.start(cfg.runtime):
         metrics = evaluate_run(store, args.run, split=args.split)
     print(json.dumps(metrics, indent=2))
@@ -205,11 +215,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg.sweep is None:
         raise ConfigError(f"{args.config}: no sweep section (a sweep file needs `sweep:` with a search space)")
-    from thalia_ray import runtime
+    from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import leaderboard_text
     from thalia_ray.tune.driver import run_sweep
 
+    preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
     if args.json:
@@ -283,6 +294,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_validate(args: argparse.Namespace) -> int:
+    from thalia_ray.manifests import ManifestError, validate_file
+
+    reports = {path: validate_file(path, args.crds) for path in args.files}
+    bad = {path: problems for path, problems in reports.items() if problems}
+    if bad:
+        raise ManifestError("; ".join(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p) for path, p in bad.items()))
+    for path in reports:
+        print(f"{path}: valid")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from thalia_ray.demo import run_demo
 
@@ -319,6 +342,8 @@ JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_sweep
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     config = verbs.add_parser("config", help="show the resolved configuration").add_subparsers(dest="what", required=True)
@@ -456,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--address")
     jobs.set_defaults(handler=cmd_jobs)
 
+    cluster = verbs.add_parser("cluster", help="cluster configurations").add_subparsers(dest="what", required=True)
+    check = cluster.add_parser("validate", help="validate KubeRay manifests and `ray up` configs offline, strictly")
+    check.add_argument("files", nargs="+", help="YAML files (KubeRay resources or cluster-launcher configs)")
+    check.add_argument("--crds", metavar="PATH", help="KubeRay CRDs: a folder of CRD YAML files or the output of "
+                       "`kubectl get crd rayclusters.ray.io rayjobs.ray.io -o yaml` (default: $THALIA_CRDS)")
+    check.set_defaults(handler=cmd_cluster_validate)
+
     demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
     demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -473,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A `--json` summary must be all of stdout, but Ray prints to the driver's stdout from its own threads
@@ -482,12 +518,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
             return args.handler(args)
-    except ThaliaError as err:  # config, storage, store, data, job-spec errors: one line, no traceback
+    except (ThaliaError, OSError) as err:  # a user's mistake: one line, no traceback
+        if _debug(args):
+            raise
         print(f"thalia-ray: {err}", file=sys.stderr)
-        return err.exit_code
-    except FileNotFoundError as err:
-        print(f"thalia-ray: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,11 @@ from pydantic import (
 )
 
 from thalia_ray.data import schema
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import ConfigProblem
 
 
-class ConfigError(ThaliaError, ValueError):
+class ConfigError(ConfigProblem):
     """A configuration that cannot be used; the message names every offending field."""
-
-    exit_code = 2
 
 
 class Section(BaseModel):
@@ -397,7 +395,10 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         path, sep, text = item.partition("=")
         if not sep or not path.strip():
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
-        parsed[path.strip()] = yaml.safe_load(text) if text.strip() else None
+        try:
+            parsed[path.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_reason(err)})") from None
     return parsed
 
 
@@ -438,12 +439,27 @@ def validate(raw: dict[str, Any]) -> ThaliaConfig:
         raise ConfigError("invalid configuration:\n" + _format(err)) from None
 
 
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    """The parser's complaint and where, in one line (its default text spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+    """A YAML file's top-level mapping; a missing, unreadable, binary or malformed file is a ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML configuration is UTF-8 text)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration ({err.strerror or err})") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_reason(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw

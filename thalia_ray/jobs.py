@@ -50,12 +50,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from subprocess import list2cmdline
 from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import ClusterProblem, JobSpecProblem
+from thalia_ray.storage import file_url_path
 from thalia_ray.store.layout import make_run_id
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -63,7 +65,12 @@ STORE_ENV = "THALIA_STORE"
 PROGRAM = "thalia-ray"
 ID_FLAGS = {"train": "--run-id", "sweep": "--sweep-id"}  # the store records these jobs under the submission id
 STORE_VERBS = ("train", "sweep")  # verbs that read the dataset and write to the experiment store
-SECRET_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
+SECRET_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASS", "PWD", "PAT", "CREDENTIAL", "CREDENTIALS")
+# Query parameters that carry a credential (presigned URLs, token-in-URL package indexes).
+_SECRET_QUERY = re.compile(r"(?i)[?&](token|access_token|auth|password|passwd|pwd|key|api_key|sig|signature|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token)=[^&\s]")
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
+TOKEN_USER_MIN = 16  # a URL user name this long is a token (`https://ghp_...@github.com`), not a login
 LOG_TAIL_LINES = 40
 AGENT_NOT_READY = "No available agent to submit job"  # Ray's answer while the job agent starts
 AGENT_WAIT_S = 60.0
@@ -73,13 +80,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
-class JobSpecError(ThaliaError, ValueError):
+class JobSpecError(JobSpecProblem):
     """A job spec that cannot be submitted; the message names the file and the field."""
 
-    exit_code = 2
 
-
-class JobError(ThaliaError, RuntimeError):
+class JobError(ClusterProblem):
     """The cluster could not be reached or refused a request."""
 
 
@@ -196,10 +201,27 @@ def looks_secret(name: str) -> bool:
     return any(p in SECRET_PARTS or p.endswith(("KEY", "TOKEN", "SECRET", "PASSWORD")) for p in parts)
 
 
+def secret_in_url(text: str) -> bool:
+    """Whether a value holds a URL carrying a credential: a password in its user info
+    (`postgres://me:pw@db`, `https://__token__:pypi-...@host/simple`), a token as the user name, or a
+    credential query parameter. Plain `s3://bucket/key` and `https://host/simple` are fine."""
+    for url in _URL.findall(text):
+        netloc = urlsplit(url).netloc
+        user, at, _ = netloc.rpartition("@")
+        if at and (":" in user or len(user) >= TOKEN_USER_MIN):
+            return True
+        if _SECRET_QUERY.search(url):
+            return True
+    return False
+
+
 def find_secret_values(node: Any, where: str = "") -> list[str]:
-    """Dotted locations in a parsed spec where a secret-looking name is given a value."""
+    """Dotted locations in a parsed spec where a secret-looking name is given a value, or where a
+    value is a URL that carries a credential (`DATABASE_URL`, a pip index, `endpoint_url`)."""
     found: list[str] = []
-    if isinstance(node, dict):
+    if isinstance(node, str) and secret_in_url(node):
+        found.append(f"{where} (a URL with a credential)" if where else "(a URL with a credential)")
+    elif isinstance(node, dict):
         for key, value in node.items():
             here = f"{where}.{key}" if where else str(key)
             if looks_secret(str(key)) and value not in (None, "") and not isinstance(value, (dict, list)):
@@ -283,6 +305,8 @@ def _load_run_config(path: Path, project: Path, config: str, overrides: Sequence
 
 
 def _is_relative_local(location: str | None) -> bool:
+    if location is not None and location.startswith("file:"):
+        location = file_url_path(location)
     return location is not None and not _REMOTE.match(location) and not Path(location).is_absolute()
 
 
@@ -346,6 +370,10 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), now: datetime | N
     verb = tokens[1]
     project = _project_dir(path, spec.runtime_env.working_dir)
     cfg = _load_run_config(path, project, spec.config, all_overrides) if spec.config else None
+    if cfg is not None and find_secret_values(cfg.model_dump(mode="json")):
+        raise JobSpecError(f"{path}: config {spec.config} holds a URL with a credential at "
+                           f"{', '.join(find_secret_values(cfg.model_dump(mode='json')))}; credentials come "
+                           "from the cluster's environment, never from a URL")
     store, store_tokens = (None, [])
     if cfg is not None and verb in STORE_VERBS:
         store, store_tokens = _job_locations(path, cfg, spec.env_from_cluster)

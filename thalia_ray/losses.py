@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from thalia_ray.config import LossConfig
+from thalia_ray.config import ConfigError, LossConfig
 from thalia_ray.models.heads import is_multilabel
 
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tensor, dict[str, float]]]
@@ -77,7 +77,7 @@ class ThaliaLoss:
             raise ValueError(f"unknown task {task!r}; expected classification or segmentation")
         self.terms = cfg.name.split("+")
         if "dice" in self.terms and task != "segmentation":
-            raise ValueError(f"train.loss.name {cfg.name!r} uses Dice, which needs task segmentation")
+            raise ConfigError(f"train.loss.name {cfg.name!r} uses Dice, which needs task segmentation")
         self.cfg = cfg
         self.task = task
         self.aux_weights = dict(aux_weights or {})
@@ -114,7 +114,7 @@ class ThaliaLoss:
         if self.class_weights is None:
             return None
         if len(self.class_weights) != logits.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"train.loss.class_weights has {len(self.class_weights)} values for {logits.shape[1]} classes"
             )
         return self.class_weights.to(logits.device)

@@ -17,15 +17,18 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-CRD_DIR_ENV = "THALIA_KUBERAY_CRDS"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CRD_DIR = _REPO_ROOT.parent / "shared" / "kuberay"
+from thalia_ray.errors import ManifestProblem
+
+CRDS_ENV = "THALIA_CRDS"  # where the KubeRay CRDs are when `--crds` is not given
+CRDS_HOWTO = ("give the KubeRay CRDs with --crds PATH or THALIA_CRDS=PATH: a folder of CRD YAML files, or the "
+              "output of `kubectl get crd rayclusters.ray.io rayjobs.ray.io -o yaml`")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes of YAML
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -55,7 +58,7 @@ _SECRET_ASSIGNMENT = re.compile(
 _SECRET_ENV_NAME = re.compile(r"(?i)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|KEY_ID)")
 
 
-class ManifestError(ValueError):
+class ManifestError(ManifestProblem):
     """A CRD or schema file is missing or unusable (not a finding about the manifest itself)."""
 
 
@@ -81,7 +84,10 @@ _UniqueKeyLoader.add_constructor(
 
 def load_documents(path: str | Path) -> list[Any]:
     """All YAML documents of a manifest file (empty documents dropped), duplicate keys refused."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read ({err})") from None
     try:
         return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
     except ManifestError as err:
@@ -91,29 +97,79 @@ def load_documents(path: str | Path) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------- CRDs
-def crd_for(kind: str) -> Path:
-    """The KubeRay CRD file for `kind` (e.g. RayCluster → ray.io_rayclusters.yaml).
+@dataclass(eq=False)
+class Crd:
+    """One CustomResourceDefinition, where it was read from, and its strict validators per version."""
 
-    Looked up in $THALIA_KUBERAY_CRDS, then in ../shared/kuberay next to the repository root.
+    doc: dict[str, Any]
+    source: str
+    _validators: dict[str, jsonschema.Draft7Validator] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.doc["spec"]["names"]["kind"]
+
+    def served(self) -> dict[str, str]:
+        """apiVersion → version name, for the versions the CRD serves."""
+        group = self.doc["spec"]["group"]
+        return {f"{group}/{v['name']}": v["name"] for v in self.doc["spec"]["versions"] if v.get("served")}
+
+    def validator(self, version: str) -> jsonschema.Draft7Validator:
+        if version not in self._validators:
+            spec = next(v for v in self.doc["spec"]["versions"] if v["name"] == version)
+            schema = strict_schema(spec["schema"]["openAPIV3Schema"])
+            schema["properties"]["metadata"] = _OBJECT_META
+            schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
+            self._validators[version] = jsonschema.Draft7Validator(schema)
+        return self._validators[version]
+
+
+def load_crds(source: str | Path | None = None) -> dict[str, Crd]:
+    """The CRDs under `source` (else $THALIA_CRDS), by kind: a folder of YAML files, or one file with
+    several documents or a `kind: List` (what `kubectl get crd ... -o yaml` prints).
+
+    The package ships no CRDs: they belong to the KubeRay version the cluster runs.
     """
-    name = f"ray.io_{kind.lower()}s.yaml"
-    dirs = [Path(os.environ[CRD_DIR_ENV])] if os.environ.get(CRD_DIR_ENV) else []
-    dirs.append(DEFAULT_CRD_DIR)
-    for directory in dirs:
-        if (directory / name).is_file():
-            return directory / name
-    raise ManifestError(f"no CRD {name} for kind {kind!r} in {', '.join(map(str, dirs))}")
+    source = source or os.environ.get(CRDS_ENV)
+    if not source:
+        raise ManifestError(f"no KubeRay CRDs: {CRDS_HOWTO}")
+    return _crds_at(Path(source).resolve())
 
 
 @functools.lru_cache(maxsize=8)
-def _load_crd(crd_path: str) -> dict[str, Any]:
+def _crds_at(path: Path) -> dict[str, Crd]:
+    """`load_crds` for one resolved path, cached so that each CRD's validators compile once per process."""
+    if not path.exists():
+        raise ManifestError(f"KubeRay CRDs {path}: no such file or folder; {CRDS_HOWTO}")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json")) if path.is_dir() else [path]
+    crds: dict[str, Crd] = {}
+    for file in files:
+        for doc in _load_crd_file(file):
+            items = doc.get("items") or [] if doc.get("kind") == "List" else [doc]
+            for item in items:
+                if isinstance(item, dict) and item.get("kind") == "CustomResourceDefinition":
+                    crd = Crd(item, str(file))
+                    crds[crd.kind] = crd
+    if not crds:
+        raise ManifestError(f"KubeRay CRDs {path}: no CustomResourceDefinition found; {CRDS_HOWTO}")
+    return crds
+
+
+def _load_crd_file(path: Path) -> tuple[dict[str, Any], ...]:
+    """The mapping documents of one CRD file."""
     try:
-        crd = yaml.load(Path(crd_path).read_text(), Loader=_YAML_LOADER)
-    except (OSError, yaml.YAMLError) as err:
-        raise ManifestError(f"cannot read CRD {crd_path}: {err}") from None
-    if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
-        raise ManifestError(f"{crd_path} is not a CustomResourceDefinition")
-    return crd
+        docs = yaml.load_all(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        return tuple(doc for doc in docs if isinstance(doc, dict))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ManifestError(f"cannot read CRD file {path}: {' '.join(str(err).split())}") from None
+
+
+def crd_for(kind: str, crds: Mapping[str, Crd]) -> Crd:
+    """The CRD of `kind`, or an error naming what was given."""
+    if kind not in crds:
+        sources = sorted({c.source for c in crds.values()})
+        raise ManifestError(f"no CRD for kind {kind!r} in {', '.join(sources)} (it has {sorted(crds)}); {CRDS_HOWTO}")
+    return crds[kind]
 
 
 def strict_schema(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,37 +201,43 @@ def strict_schema(node: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(crd_path: str, version: str) -> jsonschema.Draft7Validator:
-    crd = _load_crd(crd_path)
-    spec = next(v for v in crd["spec"]["versions"] if v["name"] == version)
-    schema = strict_schema(spec["schema"]["openAPIV3Schema"])
-    schema["properties"]["metadata"] = _OBJECT_META
-    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
-    return jsonschema.Draft7Validator(schema)
-
-
-def _served_api_versions(crd: Mapping[str, Any]) -> dict[str, str]:
-    group = crd["spec"]["group"]
-    return {f"{group}/{v['name']}": v["name"] for v in crd["spec"]["versions"] if v.get("served")}
-
-
 # ----------------------------------------------------------------------------------- validation
-def validate_manifest(doc: Any, crd_path: str | Path) -> list[str]:
+def validate_manifest(doc: Any, crd: Crd) -> list[str]:
     """Errors (each prefixed with its JSON path) of a custom resource against its CRD; [] when valid."""
     if not isinstance(doc, dict):
         return [f"$: a manifest must be a mapping, got {type(doc).__name__}"]
-    crd = _load_crd(str(crd_path))
-    kind = crd["spec"]["names"]["kind"]
-    if doc.get("kind") != kind:
-        return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {kind!r}"]
-    served = _served_api_versions(crd)
+    if doc.get("kind") != crd.kind:
+        return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {crd.kind!r}"]
+    served = crd.served()
     if doc.get("apiVersion") not in served:
         wanted = doc.get("apiVersion")
-        return [f"$.apiVersion: {wanted!r} is not served for {kind} (served: {sorted(served)})"]
-    validator = _compiled(str(crd_path), served[doc["apiVersion"]])
-    errors = _schema_errors(validator, doc)
+        return [f"$.apiVersion: {wanted!r} is not served for {crd.kind} (served: {sorted(served)})"]
+    errors = _schema_errors(crd.validator(served[doc["apiVersion"]]), doc)
     return errors + _metadata_errors(doc.get("metadata")) + _replica_errors(doc.get("spec"))
+
+
+def validate_file(path: str | Path, crds_source: str | Path | None = None) -> list[str]:
+    """Every problem of a cluster configuration file, each prefixed with its document number:
+    KubeRay resources against their CRDs (read only when the file holds one), cluster-launcher
+    configs against Ray's schema, and literal credentials anywhere."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read ({err})") from None
+    docs = load_documents(path)
+    if not docs:
+        raise ManifestError(f"{path}: no YAML documents")
+    crds: dict[str, Crd] | None = None
+    problems = [f"credentials: {leak}" for leak in credential_leaks(text)]
+    for n, doc in enumerate(docs):
+        if isinstance(doc, dict) and "apiVersion" in doc:
+            crds = crds if crds is not None else load_crds(crds_source)
+            errors = validate_manifest(doc, crd_for(str(doc.get("kind")), crds))
+        else:
+            errors = validate_cluster_launcher(doc)
+        problems += [f"document {n}: {e}" for e in errors]
+    return problems
 
 
 def _metadata_errors(meta: Any) -> list[str]:

@@ -159,7 +159,7 @@ def local_resources(runtime_cfg: RuntimeConfig) -> dict[str, int]:
 
 
 def _dashboard_available() -> bool:
-    # The dashboard ships with ray[default]; without it, Tune leaks placement groups (ray-notes.md).
+    # The dashboard ships with ray[default]; without it, Tune leaks placement groups.
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
 
 

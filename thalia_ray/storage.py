@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import fsspec
 
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import StorageProblem
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ _TRANSIENT = (ConnectionError, TimeoutError)
 _TRANSIENT_NAMES = ("ServerDisconnectedError", "ClientOSError", "SlowDown", "ServiceUnavailable")
 
 
-class StorageError(ThaliaError, RuntimeError):
+class StorageError(StorageProblem):
     """A storage operation failed; the message names the location and the likely cause."""
 
 
@@ -301,6 +301,15 @@ def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 3, base_dela
     raise AssertionError("unreachable")
 
 
+def file_url_path(url: str) -> str:
+    """The local path of a `file:` URL: `file:///abs` → `/abs`; `file://data/x` and `file://runs` are the
+    relative paths `data/x` and `runs` (what the writer meant), not host `data` with path `/x`."""
+    parts = urlsplit(url)
+    if parts.netloc in ("", "localhost"):
+        return parts.path
+    return f"{parts.netloc}{parts.path}"
+
+
 def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = None) -> Location:
     """Turn a path or URL into a Location. `storage_cfg` (StorageConfig) supplies endpoint/region."""
     if isinstance(url, Location):
@@ -308,7 +317,7 @@ def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = No
     text = str(url)
     parts = urlsplit(text)
     if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
-        local = parts.path if parts.scheme == "file" else text
+        local = file_url_path(text) if parts.scheme == "file" else text
         path = str(Path(local).expanduser().resolve())
         return Location(path, "file", path)
     if parts.scheme in ("s3", "s3a"):

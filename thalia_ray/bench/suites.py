@@ -261,7 +261,7 @@ def synthetic_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Generator speed in series per CPU-second against the fixed target of `target_per_s` at 512², T=3.
 
     There is no slower code path a user would otherwise run, so the reference is a fixed target
-    (issue #3: ≥ 10 series/s per core; docs/synthetic-insar.md §6 estimates ≈ 70 ms a series),
+    (issue #3: ≥ 10 series/s per core; docs/synthetic.md §6),
     not a measured baseline.
     """
     from thalia_ray.data.synthetic.bench import series_per_second

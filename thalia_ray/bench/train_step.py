@@ -136,7 +136,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         timings = {"steps_per_s": rate, "timed_s": seconds, "worker_started": first}
         with open(os.path.join(tmp, "timings.json"), "w") as fh:
             json.dump(timings, fh)
-        # Result.metrics is filled only from reports that carry a checkpoint (docs/ray-notes.md).
+        # Result.metrics is filled only from reports that carry a checkpoint.
         ray.train.report(timings, checkpoint=Checkpoint.from_directory(tmp))
 
 

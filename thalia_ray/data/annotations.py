@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from thalia_ray.data import schema
+from thalia_ray.errors import DataProblem
 from thalia_ray.storage import Location, resolve
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DataProblem):
     """Malformed annotation or time-series metadata; the message names the record and field."""
 
 

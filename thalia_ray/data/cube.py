@@ -28,14 +28,14 @@ from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import Annotation
 from thalia_ray.data.samples import RawSample, Sample, Window
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import DataProblem
 from thalia_ray.storage import Location, resolve
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 UNWRITTEN_CHUNKS = "unwritten_chunks"  # variable attribute; "fill_value": chunks may be omitted
 
 
-class DataError(ThaliaError, RuntimeError):
+class DataError(DataProblem, RuntimeError):
     """A sample cannot be read as asked (missing date, NaN values, unreadable chunk).
 
     The message names the cube, variable, dates and window; the pipeline decides to skip or fail.

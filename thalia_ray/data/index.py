@@ -1,6 +1,6 @@
 """The sample index: temporal splits, time series of length T, labels and balanced epochs.
 
-Samples are built exactly as the published benchmark does (see docs/thalia-benchmark.md): groups
+Samples are built exactly as the published benchmark does (see docs/benchmark.md): groups
 are (frame, primary date); short groups are padded by duplicating members in place; long groups
 are enumerated greedily (lexicographic combinations, dropping those that share `min_distinct`
 members with a kept one) or re-drawn every epoch. All randomness is derived from the seed and the

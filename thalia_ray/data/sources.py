@@ -165,18 +165,18 @@ class OwnShards(ShardSource):
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
         """Read the manifest and check it against the config before any Ray work."""
         if data.policy == "resample":
-            raise ValueError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
+            raise ShardError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
                              "series: use data.source=cube")
         manifest = load_manifest(root, data.length)
         if manifest["label_rule"] != data.label_rule:
-            raise ValueError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
+            raise ShardError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
                              f"the config asks for {data.label_rule!r}")
         absent = [s for s in splits if s not in manifest["splits"]]
         if absent:
-            raise ValueError(f"shards under {data.shards} hold splits {manifest['splits']}, not {absent[0]!r}")
+            raise ShardError(f"shards under {data.shards} hold splits {manifest['splits']}, not {absent[0]!r}")
         missing = [c for c in data.channels if c not in manifest["channels"]]
         if missing:
-            raise ValueError(f"data.geomorphology/data.atmospheric: channels {missing} are not in the shards under "
+            raise ShardError(f"data.geomorphology/data.atmospheric: channels {missing} are not in the shards under "
                              f"{data.shards} (they hold "
                              f"{manifest['channels']}); export again with these channels or with --all-channels")
         base = shard_root(root, data.length)

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from thalia_ray.config import ModelConfig
+from thalia_ray.config import ConfigError, ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
 from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference
 from thalia_ray.models.registry import check_model_name
@@ -29,12 +29,12 @@ def build_model(cfg: ModelConfig, in_channels: int, time_steps: int, num_classes
     `forward(x)` returns `{"logits": ..., <aux head>: ...}`; see `thalia_ray.models.heads`.
     """
     if time_steps < 1 or in_channels < 1 or in_channels % time_steps:
-        raise ValueError(
+        raise ConfigError(
             f"in_channels ({in_channels}) must be a positive multiple of time_steps ({time_steps}): "
             "the input stacks T time steps of C channels"
         )
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
     spec = check_model_name(cfg.task, cfg.name)
     if cfg.pretrained == IMAGENET:
         check_imagenet_available(spec, cfg.encoder)
@@ -98,11 +98,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
 def load_weights(model: nn.Module, state: object, source: str) -> LoadReport:
     """Load the tensors of `state` that fit `model` (see `load_pretrained`); `source` names it in errors."""
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{source} does not hold a state dict of tensors")
+        raise ConfigError(f"{source} does not hold a state dict of tensors")
     target = _best_target(model, state)
     report = _match(target.state_dict(), state)
     if not report.loaded and not report.adapted:
-        raise ValueError(f"{source}: no tensor matches the model ({report.summary()})")
+        raise ConfigError(f"{source}: no tensor matches the model ({report.summary()})")
     target.load_state_dict(_merged(target.state_dict(), state, report), strict=True)
     return report
 

@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 
 # Fringe flags predicted by the `fringes` head, in output order. `atmospheric_fringes` is a level 0-3
@@ -35,7 +36,7 @@ def _aux_spec(head: str) -> tuple[int, bool]:
     try:
         return AUX_HEADS[head]
     except KeyError:
-        raise ValueError(f"unknown auxiliary head {head!r}; available: {', '.join(AUX_HEADS)}") from None
+        raise ConfigError(f"unknown auxiliary head {head!r}; available: {', '.join(AUX_HEADS)}") from None
 
 
 class AuxHeads(nn.Module):
@@ -98,7 +99,7 @@ class MultiHeadModel(nn.Module):
         """Raise a ValueError naming the crop when this model cannot take it."""
         d = self.input_divisor
         if height % d or width % d:
-            raise ValueError(
+            raise ConfigError(
                 f"model {self.name!r} needs height and width divisible by {d}, got a crop of "
                 f"{height}x{width}; choose data.crop as a multiple of {d} "
                 f"(e.g. {max(d, round(height / d) * d)})"
@@ -106,7 +107,7 @@ class MultiHeadModel(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"model {self.name!r} expects input (B, {self.in_channels}, H, W) "
                 f"(time steps stacked into channels), got {tuple(x.shape)}"
             )

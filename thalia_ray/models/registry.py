@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
+from thalia_ray.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -78,18 +80,18 @@ def get_spec(name: str) -> ModelSpec:
     """A registry entry, or a timm classifier by its timm name."""
     spec = REGISTRY.get(name) or _timm_spec(name)
     if spec is None:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())} or any timm model name")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(available())} or any timm model name")
     return spec
 
 
 def check_model_name(task: str, name: str) -> ModelSpec:
     """Validate a (task, name) pair; the message lists the models that serve the task."""
     if name in AMBIGUOUS:
-        raise ValueError(f"model {name!r} is {AMBIGUOUS[name]}")
+        raise ConfigError(f"model {name!r} is {AMBIGUOUS[name]}")
     spec = REGISTRY.get(name) or (_timm_spec(name) if task == "classification" else None)
     if spec is None or task not in spec.tasks:
         extra = " or any timm model name (`thalia-ray models --all`)" if task == "classification" else ""
-        raise ValueError(
+        raise ConfigError(
             f"model {name!r} is not available for {task}; choose one of: {', '.join(available(task))}{extra}"
         )
     return spec
@@ -102,10 +104,10 @@ def check_encoder(encoder: str) -> str:
 
         if timm.is_model(encoder[3:]):
             return encoder
-        raise ValueError(f"{encoder!r}: timm has no model {encoder[3:]!r} (`thalia-ray models --all`)")
+        raise ConfigError(f"{encoder!r}: timm has no model {encoder[3:]!r} (`thalia-ray models --all`)")
     if encoder in smp_encoders():
         return encoder
-    raise ValueError(
+    raise ConfigError(
         f"{encoder!r} is not an smp encoder; e.g. resnet18, resnet50, resnext50_32x4d, mit_b2, "
         "or tu-<timm model> (`thalia-ray models --all` lists them)"
     )

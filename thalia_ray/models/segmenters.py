@@ -6,7 +6,7 @@ from typing import Iterable
 import segmentation_models_pytorch as smp
 from torch import Tensor, nn
 
-from thalia_ray.config import ModelConfig
+from thalia_ray.config import ConfigError, ModelConfig
 from thalia_ray.models.heads import MultiHeadModel, global_pool
 from thalia_ray.models.pretrained import IMAGENET, imagenet_weights
 from thalia_ray.models.registry import ModelSpec
@@ -57,5 +57,5 @@ def build_smp_segmenter(
             )
     except (KeyError, ValueError) as err:
         reason = err.args[0] if err.args else err
-        raise ValueError(f"model.encoder {cfg.encoder!r} cannot be used with {spec.name}: {reason}") from None
+        raise ConfigError(f"model.encoder {cfg.encoder!r} cannot be used with {spec.name}: {reason}") from None
     return SmpSegmenter(spec.name, net, in_channels, cfg.aux_heads, cfg.dropout)

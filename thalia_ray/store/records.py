@@ -16,7 +16,7 @@ import yaml
 
 from thalia_ray.config import ConfigError, ThaliaConfig, validate
 from thalia_ray.data import schema
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location
 
@@ -38,7 +38,7 @@ WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annota
 T = TypeVar("T")
 
 
-class StoreError(ThaliaError, RuntimeError):
+class StoreError(StoreProblem):
     """A run or sweep record is missing, malformed, or asked to do something it cannot."""
 
 

@@ -19,7 +19,8 @@ import torch
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from thalia_ray.config import ThaliaConfig
+from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.data.cube import DataError
 from thalia_ray.losses import LossFn, build_loss
 from thalia_ray.metrics import MetricSuite
 from thalia_ray.models.factory import build_model, load_weights
@@ -169,7 +170,7 @@ def gpu_wanted(cfg: ThaliaConfig) -> bool:
     """`train.device`: auto uses GPUs when the connected cluster has any; gpu insists on them."""
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.train.device == "gpu" and not gpus:
-        raise ValueError("train.device is 'gpu' but the Ray cluster has no GPU")
+        raise ConfigError("train.device is 'gpu' but the Ray cluster has no GPU")
     return cfg.train.device == "gpu" or (cfg.train.device == "auto" and gpus > 0)
 
 
@@ -198,7 +199,7 @@ def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) 
     loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
     result = evaluate_batches(model, batches, loss_fn, suite, device, cfg.train.precision, collect=True)
     if not result.count:
-        raise ValueError(f"split {split!r} of {cfg.data.root!r} has no samples to evaluate")
+        raise DataError(f"split {split!r} of {cfg.data.root!r} has no samples to evaluate")
     result.metrics = suite.compute()
     return result
 

@@ -12,6 +12,8 @@ from functools import partial
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from thalia_ray.config import ConfigError
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
     """Multiplier of the base learning rate before optimiser step `step` (0-based).
@@ -24,7 +26,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     if kind == "constant":
         return 1.0
     if kind != "cosine":
-        raise ValueError(f"train.scheduler {kind!r} is not one of: cosine, constant")
+        raise ConfigError(f"train.scheduler {kind!r} is not one of: cosine, constant")
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -37,7 +39,7 @@ def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
 def build_scheduler(optimizer: Optimizer, kind: str, total_steps: int, warmup_fraction: float) -> LambdaLR:
     """A per-step scheduler; its state dict holds only counters, so it checkpoints without pickles."""
     if total_steps < 1:
-        raise ValueError(f"the schedule needs at least one optimiser step, got total_steps={total_steps}")
+        raise ConfigError(f"the schedule needs at least one optimiser step, got total_steps={total_steps}")
     factor = partial(
         lr_factor, total_steps=total_steps, warmup_steps=warmup_steps(total_steps, warmup_fraction), kind=kind
     )

@@ -18,7 +18,7 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
                        ScalingConfig)
 from ray.train.torch import TorchTrainer
 
-from thalia_ray.config import ThaliaConfig
+from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.pipeline import build_datasets
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import RunRecord
@@ -86,11 +86,11 @@ def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int]) -> int:
     """
     workers, batch = cfg.train.num_workers, cfg.train.batch_size
     if sizes["val"] < workers:
-        raise ValueError(f"the val split of {cfg.data.root!r} has {sizes['val']} samples, fewer than "
+        raise ConfigError(f"the val split of {cfg.data.root!r} has {sizes['val']} samples, fewer than "
                          f"train.num_workers={workers}: every worker needs at least one")
     steps = sizes["train"] // workers // batch
     if steps == 0:
-        raise ValueError(f"the train split of {cfg.data.root!r} has {sizes['train']} samples per epoch: too few "
+        raise ConfigError(f"the train split of {cfg.data.root!r} has {sizes['train']} samples per epoch: too few "
                          f"for one batch of train.batch_size={batch} on each of train.num_workers={workers}")
     cap = cfg.train.max_steps_per_epoch
     return min(steps, cap) if cap is not None else steps

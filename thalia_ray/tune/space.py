@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from thalia_ray.config import Dimension, SweepConfig, ThaliaConfig
 
 # Tune reports the epoch as a metric; ASHA uses it as its time attribute because Tune's own
-# `training_iteration` restarts after a resume (see ray-notes.md).
+# `training_iteration` restarts after a resume.
 TIME_ATTR = "epoch"
 
 

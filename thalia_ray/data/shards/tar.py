@@ -14,6 +14,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
+from thalia_ray.errors import ShardProblem
 from thalia_ray.storage import Location, with_retries
 
 
@@ -21,7 +22,7 @@ _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one req
 Blob = Union[bytes, memoryview]
 
 
-class ShardError(ValueError):
+class ShardError(ShardProblem):
     """A shard or member that cannot be used; the message names the shard and the sample key."""
 
 

@@ -1,4 +1,4 @@
-"""Generator speed: time series per second per core at 512², as in docs/synthetic-insar.md §6.
+"""Generator speed: time series per second per core at 512², as in docs/synthetic.md §6.
 
 Measured in process CPU time (not wall time), so that the figure is per core and holds on a busy
 machine; writing is excluded (it depends on the storage, not on the physics).

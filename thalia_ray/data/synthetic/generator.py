@@ -171,7 +171,7 @@ def _plans(frames: int, size: int, seed: int, meta_dir: str | None, frame_ids: l
 def synthesize(out: str, *, frames: int = 4, size: int = 128, seed: int = 0, meta_dir: str | None = None,
                frame_ids: list[str] | None = None, max_groups_per_frame: int | None = None, workers: int = 1,
                progress: Callable[[str], None] | None = None) -> SynthReport:
-    """Write a synthetic Thalia dataset to `out` (local path or s3://); see docs/synthetic-insar.md.
+    """Write a synthetic Thalia dataset to `out` (local path or s3://); see docs/synthetic.md.
 
     With `meta_dir`, the real annotation records of the chosen frames drive the imagery; without it
     the records are sampled. The same arguments always give byte-identical cubes.

@@ -2,7 +2,7 @@
 and a Mogi-based approximation of a vertical prolate spheroid.
 
 All functions take east/north offsets from the source (metres, arrays) and return (u_e, u_n, u_z) in
-metres at the free surface; depths are positive. Formulas follow docs/synthetic-insar.md §1.
+metres at the free surface; depths are positive. The models are described in docs/synthetic.md §1.
 """
 from __future__ import annotations
 

@@ -1,0 +1,201 @@
+"""Bad inputs through the CLI: each is answered in one line naming the culprit, with its kind's exit
+status, before Ray starts.
+
+Cases run in-process through `cli.main`; `runtime.start` is replaced by a tripwire, so a case that got
+past the checks and tried to start Ray fails loudly instead of training. One case runs as a real
+subprocess to check the status and output a shell sees.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from thalia_ray import cli, runtime
+from thalia_ray.config import DataConfig
+from thalia_ray.data.shards import manifest as shard_io
+from thalia_ray.errors import (
+    ConfigProblem,
+    DataProblem,
+    JobSpecProblem,
+    ManifestProblem,
+    ShardProblem,
+    StorageProblem,
+    StoreProblem,
+)
+
+CONFIG, DATA, SHARDS = ConfigProblem.exit_code, DataProblem.exit_code, ShardProblem.exit_code
+STORAGE, STORE, JOBSPEC = StorageProblem.exit_code, StoreProblem.exit_code, JobSpecProblem.exit_code
+MANIFEST = ManifestProblem.exit_code
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: list[str]  # `{root}`, `{tmp}`, `{bucket}` are filled in per test
+    code: int
+    culprit: str  # must appear in the message
+    setup: Callable[[Path, Path | None], None] | None = None  # (tmp, root) → writes the bad input
+
+
+def _write(rel: str, content: bytes | str) -> Callable[[Path, Path | None], None]:
+    def setup(tmp: Path, root: Path | None) -> None:
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def _manifest(**changes: object) -> Callable[[Path, Path], None]:
+    """An export's manifest (T=1) that differs from the default config in `changes`."""
+    manifest = {"format": shard_io.FORMAT, "label_rule": "union", "splits": ["train", "val", "test"],
+                "channels": DataConfig().channels, "shards": [], **changes}
+    return _write(f"shards/1/{shard_io.MANIFEST}", json.dumps(manifest))
+
+
+def _copy_without_cube(tmp: Path, root: Path) -> None:
+    shutil.copytree(root, tmp / "partial")
+    shutil.rmtree(next((tmp / "partial").glob("*.zarr")))
+
+
+def _broken_annotations(tmp: Path, root: Path) -> None:
+    shutil.copytree(root, tmp / "broken")
+    (tmp / "broken/annotations.json").write_text("{oops")
+
+
+def _store_file(tmp: Path, root: Path | None) -> None:
+    (tmp / "afile").write_text("not a folder")
+
+
+_TRAIN = ["train", "--set", "data.root={root}", "--set", "storage.store={tmp}/runs", "--set", "train.batch_size=2"]
+_SHARDS = [*_TRAIN, "--set", "data.source=shards", "--set", "data.shards={tmp}/shards"]
+_SPEC = "name: x\nentrypoint: thalia-ray train\n"
+
+CASES = [
+    # configuration files and overrides
+    Case("config file missing", ["config", "show", "{tmp}/nope.yaml"], CONFIG, "nope.yaml"),
+    Case("config is a folder", ["config", "show", "{tmp}"], CONFIG, "is a folder"),
+    Case("config is binary", ["config", "show", "{tmp}/bin.yaml"], CONFIG, "bin.yaml: not a text file",
+         _write("bin.yaml", bytes(range(256)) * 4)),
+    Case("config YAML malformed", ["config", "show", "{tmp}/bad.yaml"], CONFIG, "bad.yaml: not valid YAML",
+         _write("bad.yaml", "train: {epochs: 3\n")),
+    Case("config top level a list", ["config", "show", "{tmp}/list.yaml"], CONFIG, "top level must be a mapping",
+         _write("list.yaml", "- train\n")),
+    Case("config with a python tag", ["config", "show", "{tmp}/tag.yaml"], CONFIG, "tag.yaml",
+         _write("tag.yaml", "train: !!python/object/apply:os.system ['true']\n")),
+    Case("--set unterminated list", ["config", "show", "--set", "train.epochs=[1"], CONFIG, "train.epochs=[1"),
+    Case("--set without =", ["config", "show", "--set", "train.epochs"], CONFIG, "'train.epochs'"),
+    Case("--set unknown field", ["config", "show", "--set", "train.epoch=3"], CONFIG, "train.epoch"),
+    Case("--set bad value", ["config", "show", "--set", "train.lr=-1"], CONFIG, "train.lr"),
+    Case("--set unknown model", ["config", "show", "--set", "model.name=nope"], CONFIG, "'nope'"),
+    Case("sweep without a sweep section", ["sweep", "{tmp}/plain.yaml"], CONFIG, "no sweep section",
+         _write("plain.yaml", "train: {epochs: 1}\n")),
+    # the dataset
+    Case("data root missing", [*_TRAIN[:2], "data.root={tmp}/nothing", *_TRAIN[3:]], DATA, "data.root"),
+    Case("data root without metadata", [*_TRAIN[:2], "data.root={tmp}/empty", *_TRAIN[3:]], DATA,
+         "no annotations", _write("empty/readme.txt", "")),
+    Case("annotations not JSON", [*_TRAIN[:2], "data.root={tmp}/broken", *_TRAIN[3:]], STORAGE,
+         "annotations.json", _broken_annotations),
+    Case("cube missing", [*_TRAIN[:2], "data.root={tmp}/partial", *_TRAIN[3:]], DATA, ".zarr", _copy_without_cube),
+    Case("crop larger than frames", [*_TRAIN, "--set", "data.crop=4096"], CONFIG, "data.crop 4096"),
+    Case("export crop larger than frames", ["export", "--data", "{root}", "--set", "data.crop=4096",
+                                            "--out", "{tmp}/out"], CONFIG, "data.crop 4096"),
+    Case("frames filter leaves nothing", [*_TRAIN, "--set", "data.frames=[NOPE_FRAME]"], DATA, "no samples"),
+    Case("batch too large for the data", [*_TRAIN, "--set", "train.batch_size=4096"], CONFIG, "train.batch_size=4096"),
+    Case("prepare index on an empty folder", ["prepare", "index", "--data", "{tmp}/empty"], DATA, "no annotations",
+         _write("empty/readme.txt", "")),
+    Case("prepare index on a missing folder", ["prepare", "index", "--data", "{tmp}/nothing"], DATA, "--data"),
+    Case("stats of an unknown split", ["prepare", "stats", "--data", "{root}", "--split", "holdout"], CONFIG,
+         "holdout"),
+    Case("export of an unknown split", ["export", "--data", "{root}", "--split", "holdout", "--out", "{tmp}/o"],
+         CONFIG, "holdout"),
+    Case("missing bucket as data root", [*_TRAIN[:2], "data.root={bucket}-absent/thalia", *_TRAIN[3:]], STORAGE,
+         "bucket"),
+    Case("data root prefix absent in a bucket", [*_TRAIN[:2], "data.root={bucket}/nothing-here", *_TRAIN[3:]], DATA,
+         "nothing-here"),
+    Case("stats of a missing root", ["prepare", "stats", "--data", "{tmp}/nothing"], DATA, "data.root"),
+    # shards
+    Case("shards never exported", _SHARDS, SHARDS, "data.shards"),
+    Case("shards folder without manifest", _SHARDS, SHARDS, "no shard manifest", _write("shards/1/x.txt", "")),
+    Case("shards lack a channel", [*_SHARDS, "--set", "data.atmospheric=[surface_pressure]"], SHARDS,
+         "surface_pressure", _manifest()),
+    Case("shards with another label rule", [*_SHARDS, "--set", "data.label_rule=last"], SHARDS, "label_rule",
+         _manifest()),
+    Case("shards without the test split", _SHARDS, SHARDS, "'test'", _manifest(splits=["train", "val"])),
+    Case("published shards absent", [*_SHARDS, "--set", "data.shard_format=published"], SHARDS,
+         "no published shards", _write("shards/readme.txt", "")),
+    # the experiment store
+    Case("store is a file", [*_TRAIN[:4], "storage.store={tmp}/afile", *_TRAIN[5:]], STORE, "afile", _store_file),
+    Case("store below a file", [*_TRAIN[:4], "storage.store={tmp}/afile/runs", *_TRAIN[5:]], STORE, "afile",
+         _store_file),
+    Case("run id with a slash", [*_TRAIN, "--run-id", "a/b"], STORE, "'a/b'"),
+    Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
+    Case("show an unknown run", ["runs", "show", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    # cluster configurations
+    Case("KubeRay manifest without CRDs", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml")],
+         MANIFEST, "--crds PATH or THALIA_CRDS"),
+    Case("CRD path missing", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml"), "--crds",
+                              "{tmp}/crds"], MANIFEST, "crds: no such file"),
+    Case("launcher config with a typo", ["cluster", "validate", "{tmp}/up.yaml"], MANIFEST, "max_workerz",
+         _write("up.yaml", "cluster_name: x\nmax_workerz: 2\nprovider: {type: local, head_ip: h}\n")),
+    # job specs
+    Case("job spec missing", ["submit", "{tmp}/nope-job.yaml", "--print-ray-command"], JOBSPEC, "nope-job.yaml"),
+    Case("job spec with a password in a URL", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
+         "DATABASE_URL", _write("job.yaml", _SPEC + "runtime_env:\n  env_vars:\n"
+                                "    DATABASE_URL: postgres://me:hunter2@db/x\n")),
+]
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    monkeypatch.delenv("THALIA_CRDS", raising=False)
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the CLI started Ray before answering a bad input")
+    monkeypatch.setattr(runtime, "start", tripwire)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, request):
+    words = " ".join(case.argv)
+    needs_root = "{root}" in words or case.setup in (_copy_without_cube, _broken_annotations)
+    root = request.getfixturevalue("synthetic_root") if needs_root else None  # generated once, if needed
+    if case.setup:
+        case.setup(tmp_path, root)
+    bucket = request.getfixturevalue("s3_bucket") if "{bucket}" in words else ""
+    argv = [a.format(root=root, tmp=tmp_path, bucket=bucket) for a in case.argv]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == case.code, f"{case.name}: exit {code}, expected {case.code}; stderr:\n{err}"
+    assert err.startswith("thalia-ray: ") and "Traceback" not in err, err
+    assert case.culprit in err, f"{case.name}: {case.culprit!r} not named in {err!r}"
+
+
+def test_a_shell_sees_one_line_and_the_status(tmp_path):
+    bad = tmp_path / "cfg.yaml"
+    bad.write_bytes(bytes(range(256)))
+    proc = subprocess.run([sys.executable, "-m", "thalia_ray.cli", "config", "show", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == CONFIG and proc.stdout == ""
+    assert proc.stderr.strip() == f"thalia-ray: {bad}: not a text file (a YAML configuration is UTF-8 text)"
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigProblem):
+        cli.main(["--debug", "config", "show", str(tmp_path)])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ConfigProblem):
+        cli.main(["config", "show", str(tmp_path)])
+
+
+def test_every_kind_has_its_own_status():
+    kinds = [ConfigProblem, DataProblem, ShardProblem, ManifestProblem, StorageProblem, StoreProblem, JobSpecProblem]
+    assert len({k.exit_code for k in kinds}) == len(kinds) and 1 not in {k.exit_code for k in kinds}
+

@@ -1,0 +1,19 @@
+"""Checks before Ray: what they refuse is covered through the CLI in test_cli_errors.py; here, how a
+sweep's search space relaxes them."""
+from __future__ import annotations
+
+import pytest
+
+from thalia_ray import preflight
+from thalia_ray.config import load_config
+from thalia_ray.errors import ConfigProblem, DataProblem
+
+
+def test_a_sweep_leaves_checks_on_what_it_varies_to_its_trials(tmp_path, synthetic_root):
+    """A base batch size too large for the data is no error when the sweep varies the batch size."""
+    cfg = load_config(None, [f"data.root={synthetic_root}", f"storage.store={tmp_path}/runs", "train.batch_size=4096"])
+    with pytest.raises(ConfigProblem, match="train.batch_size=4096"):
+        preflight.for_training(cfg)
+    preflight.for_training(cfg, varied=("train.batch_size",))
+    with pytest.raises(DataProblem, match="data.root"):
+        preflight.for_training(cfg.with_overrides({"data.root": str(tmp_path / "nothing")}), varied=("data.crop",))
