@@ -56,16 +56,16 @@ def writable(url: str, field: str, storage_cfg: Any = None) -> Location:
 
 def sample_index(cfg: ThaliaConfig) -> SampleIndex:
     """The dataset's index, after checking that `data.root` exists (its metadata are read here)."""
-    location_present(cfg.data.root, "data.root", cfg.storage)
+    root = location_present(cfg.data.root, "data.root", cfg.storage)
     try:
-        return SampleIndex.from_config(cfg.data, cfg.seed)
+        return SampleIndex.from_config(cfg.data, cfg.seed, location=root)
     except AnnotationError as err:
         raise AnnotationError(f"data.root: {err}") from None
 
 
 def cube_shapes(cfg: ThaliaConfig, frame_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
     """(height, width) of each frame's cube, read from the cube headers (a missing cube is a DataError)."""
-    cache = CubeCache(cfg.data.root, cfg.storage)
+    cache = CubeCache(resolve(cfg.data.root, cfg.storage))
     with ThreadPoolExecutor(min(_CUBE_THREADS, max(len(frame_ids), 1))) as pool:
         shapes = list(pool.map(lambda frame: cache.get(frame).shape, frame_ids))
     return dict(zip(frame_ids, shapes))
