@@ -108,9 +108,8 @@ class Location:
             kwargs["scheme"] = parts.scheme or "https"
         if self.s3.region:
             kwargs["region"] = self.s3.region
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:
-            kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        # No keys here: the filesystem is pickled to Ray workers (and into Ray's own state files), so
+        # each process finds its credentials itself (environment, profile, instance role).
         return pafs.S3FileSystem(**kwargs), self.path
 
     def zarr_store(self, read_only: bool = True) -> Any:

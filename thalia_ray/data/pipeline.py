@@ -336,11 +336,10 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
         source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
         sizes[split] = len(source.items(0))
-        options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)
-        extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
-        ds = ray.data.read_datasource(source, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
+        # No runtime_env: Ray logs it, and credentials reach workers through their environment.
+        ds = ray.data.read_datasource(source, num_cpus=READ_CPUS)
         ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
-                            batch_format="numpy", **options)
+                            batch_format="numpy", num_cpus=READ_CPUS)
         if cfg.runtime.data_cpu_limit is not None:
             ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
                 cpu=cfg.runtime.data_cpu_limit)

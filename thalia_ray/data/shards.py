@@ -51,22 +51,6 @@ _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one req
 Blob = Union[bytes, memoryview]
 
 
-_FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
-def remote_args(num_cpus: float, *urls: str | None) -> dict[str, Any]:
-    """Ray options for tasks that read or write `urls`. Workers inherit the environment of the
-    process that started Ray, which may predate the S3 settings of this driver: when a location is
-    on S3, the driver's standard AWS variables are forwarded in the task's runtime_env."""
-    options: dict[str, Any] = {"num_cpus": num_cpus}
-    if any(str(u).startswith(("s3://", "s3a://")) for u in urls if u):
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-    return options
-
-
 class ShardError(ValueError):
     """A shard or member that cannot be used; the message names the shard and the sample key."""
 
@@ -496,7 +480,7 @@ def scan_published(root: str | Location, length: int, split: str, label_rule: st
     """Index the published shards of a split (one Ray task per tar), in shard/key order."""
     import ray
 
-    scan = ray.remote(_scan_published_shard).options(**remote_args(num_cpus, str(root)))
+    scan = ray.remote(_scan_published_shard).options(num_cpus=num_cpus)
     urls = [t.url for t in published_shards(root, length, split, storage_cfg)]
     found = ray.get([scan.remote(url, label_rule, storage_cfg) for url in urls])
     rows = [(url, row) for url, rows in zip(urls, found) for row in rows]
@@ -662,7 +646,7 @@ def export_shards(
     report = ExportReport(root=base.url, length=length)
     records: dict[str, dict[str, Any]] = {}
     pending = []
-    task = ray.remote(_write_shard).options(**remote_args(num_cpus, out, cfg.root))
+    task = ray.remote(_write_shard).options(num_cpus=num_cpus)
     for plan in plan_shards(index, splits, samples_per_shard):
         done = _completed(base, plan, layout)
         if done is not None:
