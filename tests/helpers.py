@@ -1,11 +1,14 @@
-"""Helpers shared by tests: the CLI in a fresh interpreter, with its own environment."""
+"""Helpers shared by tests: the CLI in a fresh interpreter, tiny run configs, a frozen endpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -38,3 +41,31 @@ def tiny_train_config(path: Path, data_root: Path, store: Path, **train: Any) ->
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """An 'S3 endpoint' on 127.0.0.1 that accepts every connection and never sends a byte (a frozen
+    server); yields its URL. Connections are held open until the block ends."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()

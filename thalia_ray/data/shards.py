@@ -42,7 +42,7 @@ import numpy as np
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.storage import Location, resolve, with_retries
+from thalia_ray.storage import Location, resolve
 
 MANIFEST = "manifest.json"
 FORMAT = "thalia-ray-shards/1"
@@ -220,7 +220,7 @@ def fetch_ranges(entries: Sequence[ShardEntry], storage_cfg: Any = None) -> Iter
 def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
     start, end = run[0].offset, run[-1].offset + run[-1].size
     try:
-        data = with_retries(lambda: loc.fs.cat_file(loc.path, start=start, end=end), f"read {loc.url}")
+        data = loc.read_range(start, end)
     except Exception as err:  # noqa: BLE001 - attributed to every sample of the run by the caller
         for item in run:
             yield item, err
