@@ -7,6 +7,11 @@ mid-run and replaced, early stopping, and that `evaluate_run` reproduces the sto
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +208,132 @@ def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):
         steps_per_epoch(cfg, {"train": 15, "val": 9})
     with pytest.raises(ValueError, match="fewer than train.num_workers=2"):
         steps_per_epoch(cfg, {"train": 50, "val": 1})
+
+
+# ------------------------------------------------------------------------------ faults, each with a real driver
+def _driver(config: Path, run_id: str, log: Path) -> subprocess.Popen:
+    """`thalia-ray train CONFIG --run-id RUN_ID` as its own session (its local Ray with it), output to `log`."""
+    from tests.helpers import REPO, cli_env
+
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", "train", str(config), "--run-id", run_id],
+                                env=cli_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _epochs(record) -> int:
+    try:
+        return len(record.read_history())
+    except Exception:  # noqa: BLE001 - the store may be away: not there yet
+        return 0
+
+
+def _check_resumed(record, epochs: int) -> None:
+    """A rerun finished every epoch once, from a checkpoint of the interrupted run (not from scratch)."""
+    assert record.read_status()["status"] == "finished"
+    assert [h["epoch"] for h in record.read_history()] == list(range(1, epochs + 1))
+    assert record.read_results()["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(synthetic_root, tmp_path):
+    from test_jobs import kill_session
+    from tests.helpers import cli, tiny_train_config, wait_for
+    from thalia_ray.store.layout import ExperimentStore
+
+    config = tiny_train_config(tmp_path / "run.yaml", synthetic_root, tmp_path / "store", model="mobilenetv3_small",
+                               epochs=6)
+    record = ExperimentStore(tmp_path / "store").run("dup")
+    first = _driver(config, "dup", tmp_path / "first.log")
+    try:
+        wait_for(lambda: record.read_lease() or first.poll() is not None, 300, "the first run's lease")
+        second = cli(["train", str(config), "--run-id", "dup"])
+        assert second.returncode != 0
+        assert f"run dup is already being written by pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        # Two epochs reported: the first epoch's checkpoint is in the store. Then the driver is killed.
+        wait_for(lambda: _epochs(record) >= 2 or first.poll() is not None, 420, "two epochs of the first run")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        kill_session(first.pid)
+    assert record.read_status()["status"] == "running"  # nothing could record the kill...
+    shown = cli(["runs", "show", "dup", "--store", str(tmp_path / "store")])
+    assert "status    interrupted" in shown.stdout and f"pid {first.pid}" in shown.stdout  # ...until looked at
+    rerun = cli(["train", str(config), "--run-id", "dup"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _check_resumed(record, epochs=6)
+
+
+@pytest.mark.slow
+def test_a_store_outage_ends_the_run_and_a_rerun_resumes_from_its_last_checkpoint(
+    synthetic_root, tmp_path, s3_bucket, moto_endpoint
+):
+    from test_jobs import kill_session
+    from tests.helpers import CuttableProxy, cli, tiny_train_config, wait_for
+    from thalia_ray.config import StorageConfig
+    from thalia_ray.store.layout import ExperimentStore
+
+    proxy = CuttableProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    store_url = f"{s3_bucket}/store"
+    config = tiny_train_config(tmp_path / "run.yaml", synthetic_root, store_url, model="mobilenetv3_small",
+                               storage={"endpoint_url": proxy.url, "timeout_s": 5}, epochs=4)
+    record = ExperimentStore(store_url, StorageConfig(endpoint_url=moto_endpoint)).run("outage")  # our own view
+    driver = _driver(config, "outage", tmp_path / "driver.log")
+    try:
+        wait_for(lambda: _epochs(record) >= 2 or driver.poll() is not None, 420, "two epochs")
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        proxy.cut()
+        assert driver.wait(timeout=300) != 0
+    finally:
+        kill_session(driver.pid)
+        proxy.cut()
+    output = (tmp_path / "driver.log").read_text()
+    assert "Traceback" not in output.splitlines()[-1]
+    proxy.restore()
+    shown = cli(["runs", "show", "outage", "--store", store_url])  # AWS_ENDPOINT_URL: moto, not the proxy
+    assert re.search(r"status +(failed|interrupted)", shown.stdout), shown.stdout + shown.stderr
+    rerun = cli(["train", str(config), "--run-id", "outage"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _check_resumed(record, epochs=4)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 30 MiB tmpfs (room for one checkpoint of the tiny model, not two); root may mount, others skip."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(synthetic_root, tmp_path, small_disk):
+    import torch
+
+    from tests.helpers import cli, tiny_train_config
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.checkpoint import STATE_FILE
+
+    store = small_disk / "store"
+    config = tiny_train_config(tmp_path / "run.yaml", synthetic_root, store, model="mobilenetv3_small", epochs=3)
+    record = ExperimentStore(store).run("full")
+    full = cli(["train", str(config), "--run-id", "full"])
+    assert full.returncode != 0
+    shown = cli(["runs", "show", "full", "--store", str(store)])
+    assert re.search(r"status +(failed|interrupted)", shown.stdout), shown.stdout + shown.stderr
+    assert len(record.read_history()) == 1  # the second checkpoint did not fit
+    # Nothing half-written is left where a reader looks: run records parse, and every checkpoint loads.
+    for name in ("run.json", "history.json", "config.yaml"):
+        assert (record.loc.join(name).read_text()).strip()
+    checkpoints = sorted((store / "ray" / "full").glob("checkpoint_*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
+    rerun = cli(["train", str(config), "--run-id", "full"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _check_resumed(record, epochs=3)
