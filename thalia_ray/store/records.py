@@ -239,7 +239,7 @@ class RunRecord:
 
         A new record describes the machine it was created on unless `host` is given.
 
-        A finished run stays finished; `error` is kept only while the run is failed or stopped.
+        A finished run stays finished; `error` is kept only while the run is failed, stopped or interrupted.
         """
         if status not in STATUSES:
             raise StoreError(f"run {self.run_id}: status {status!r} is not one of {STATUSES}")
