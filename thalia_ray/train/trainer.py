@@ -149,8 +149,8 @@ def _record_end(record: RunRecord, status: Status, error: str) -> None:
     try:
         record.set_status(status, error=error)
     except (StorageError, OSError) as err:
-        log.error("run %s: cannot record that it %s (%s); it will be marked interrupted", record.run_id,
-                  status, err)
+        log.error("run %s: cannot record its status %r (%s); the next command that meets it marks it "
+                  "interrupted", record.run_id, status, err)
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
