@@ -3,13 +3,14 @@
 The end-to-end runs use the real pipeline on the synthetic dataset, tiny crops and a few steps per
 epoch: they check what a run leaves in the store (history, results, predictions), a worker killed
 mid-run and replaced, early stopping, and that `evaluate_run` reproduces the stored test metrics.
+Faults: a killed driver, two drivers on one run id, a store outage and a full disk while checkpointing
+each leave a truthful record, and a rerun resumes from the last checkpoint written.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
