@@ -79,6 +79,8 @@ class CuttableProxy:
 
     def cut(self) -> None:
         assert self.server is not None
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (Linux), freeing the port
         self.server.close()
         for conn in self.conns:
             with contextlib.suppress(OSError):
