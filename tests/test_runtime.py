@@ -37,13 +37,14 @@ def _last_json(stdout: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- pure parts
-def test_storage_env_vars_takes_names_from_environment_and_config():
-    environ = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "", "HOME": "/root",
-               "AWS_ENDPOINT_URL": "http://env:1"}
+def test_storage_env_vars_forwards_settings_never_credentials():
+    environ = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t", "AWS_REGION": "",
+               "HOME": "/root", "AWS_ENDPOINT_URL": "http://env:1", "AWS_PROFILE": "lab"}
     env = runtime.storage_env_vars(StorageConfig(endpoint_url="http://cfg:2", region="eu-west-3"), environ)
-    assert env == {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
-                   "AWS_ENDPOINT_URL": "http://env:1", "AWS_REGION": "eu-west-3"}
+    assert env == {"AWS_PROFILE": "lab", "AWS_ENDPOINT_URL": "http://env:1", "AWS_REGION": "eu-west-3"}
     assert runtime.storage_env_vars(None, {"HOME": "/root"}) == {}
+    with_password = {"AWS_ENDPOINT_URL": "http://user:pw@env:1"}  # a credential inside a URL stays out
+    assert runtime.storage_env_vars(StorageConfig(endpoint_url="http://u:pw@cfg:2"), with_password) == {}
 
 
 def test_cluster_address_prefers_ray_address():
@@ -116,7 +117,7 @@ def test_reuses_an_already_initialised_ray(ray_cluster):
 
 @pytest.mark.slow
 def test_local_ray_start_and_shutdown():
-    """A local Ray sized by the config; credentials reach workers by name, values never reach the logs."""
+    """A local Ray sized by the config; workers inherit credentials, which are never forwarded or logged."""
     proc = _python("""
         import json, ray
         from ray.data import DataContext
@@ -136,7 +137,7 @@ def test_local_ray_start_and_shutdown():
     """ % SECRET, env={"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "id-for-test"})
     out = _last_json(proc.stdout)
     assert out["started"] and out["address"] is None and out["cpus"] == 1.0
-    assert {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} <= set(out["names"])
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(out["names"])
     assert out["worker_key_ok"]
     assert out["data_cpu"] == 0.5 and out["bars"] is False
     assert out["after"] is False
@@ -186,3 +187,41 @@ def test_joins_existing_cluster_from_ray_address(tmp_path):
             owner.kill()
             owner.wait()
         owner_log.close()
+
+
+def _files_holding(secret: str, *roots: Path) -> list[str]:
+    """Every file under `roots` whose bytes contain `secret` (plain, or as Ray's escaped JSON would)."""
+    needle = secret.encode()
+    return [str(p) for root in roots if root.exists() for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_credentials_never_reach_ray_logs_the_store_or_wandb(synthetic_root, tmp_path):
+    """A real export and a real training run with canary credentials in the environment: the canary is in
+    no file of the Ray session, the shards, the store or W&B, and in nothing printed."""
+    import tempfile
+
+    from tests.helpers import cli, tiny_train_config
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    canary = {"AWS_ACCESS_KEY_ID": "AKIACANARY" + SECRET[-6:], "AWS_SECRET_ACCESS_KEY": "canary-key-" + SECRET,
+              "AWS_SESSION_TOKEN": "canary-token-" + SECRET}
+    env = {**canary, "RAY_TMPDIR": str(ray_tmp), "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_MODE": "offline"}
+    config = tiny_train_config(tmp_path / "run.yaml", synthetic_root, tmp_path / "store")
+    try:
+        export = cli(["export", str(config), "--out", str(tmp_path / "shards"), "--split", "val",
+                      "--samples-per-shard", "8"], env)
+        train = cli(["train", str(config), "--set", "runtime.wandb.mode=offline", "--run-id", "canary"], env)
+        printed = export.stdout + export.stderr + train.stdout + train.stderr
+        assert export.returncode == 0 and train.returncode == 0, printed[-4000:]
+        sessions = list((ray_tmp / "ray").glob("session_2*"))
+        assert len(sessions) == 2 and any((s / "logs").rglob("runtime_env*") for s in sessions)  # Ray's logs
+        assert (tmp_path / "wandb").exists() and (tmp_path / "store" / "runs" / "canary" / "run.json").exists()
+        for value in canary.values():
+            assert value not in printed
+            assert _files_holding(value, ray_tmp, tmp_path) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)

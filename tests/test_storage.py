@@ -238,3 +238,30 @@ def test_access_denied_is_clear(strict_s3_endpoint, s3_env):
             action()
         assert "s3://private/data/a.json" in str(err.value)
         assert "AWS_ACCESS_KEY_ID" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- frozen endpoint
+def test_a_silent_endpoint_gives_a_clear_error_within_the_limit(s3_env, tmp_path):
+    """An endpoint that accepts connections and never answers: every kind of call, the S3 clients' own
+    retries included, ends in a StorageError naming the limit within `storage.timeout_s`."""
+    from tests.helpers import silent_endpoint
+    from thalia_ray.data.cube import CubeCache
+    from thalia_ray.errors import ThaliaError
+
+    with silent_endpoint() as url:
+        cfg = StorageConfig(endpoint_url=url, timeout_s=3)
+        loc = resolve("s3://frozen/data/run.json", cfg)
+        calls = {"exists": loc.exists, "read": loc.read_bytes, "write": lambda: loc.write_json({"a": 1}),
+                 "list": loc.parent().list, "upload": lambda: loc.put_file(__file__)}
+        for name, call in calls.items():
+            began = time.monotonic()
+            with pytest.raises(StorageError, match=r"no answer within 3 s \(storage.timeout_s\)") as err:
+                call()
+            assert time.monotonic() - began < 5, name
+            assert url in str(err.value) and "s3://frozen/data" in str(err.value)
+        # Zarr goes through the asynchronous client, bounded by its timeouts per request: opening a cube
+        # tries a few metadata keys in a row, so it ends after a few limits, not never.
+        began = time.monotonic()
+        with pytest.raises(ThaliaError, match="cube s3://frozen/cubes/f1.zarr"):
+            CubeCache("s3://frozen/cubes", cfg).get("f1")
+        assert time.monotonic() - began < 3 * 5

@@ -1,7 +1,9 @@
 """Experiment store: run records, listings and sweeps, the same on local disk and on S3 (moto)."""
 from __future__ import annotations
 
+import os
 import re
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -205,3 +207,77 @@ def test_format_run(tmp_path):
     details = format_run_details({"run_id": "x", "status": "finished"}, [],
                                  {"metrics": {"test/f1_deformation": 0.5}, "best_epoch": 3, "best_checkpoint": "c"})
     assert "best      epoch 3, checkpoint c" in details and "test/f1_deformation" in details
+
+
+# ------------------------------------------------------------------------------------- one writer
+def _hold_lease_in_a_subprocess(store: ExperimentStore, run_id: str):
+    """Another driver: a fresh process that takes the run's lease, marks it running and waits."""
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    code = ("import sys; from thalia_ray.store.layout import ExperimentStore\n"
+            f"record = ExperimentStore({store.root.url!r}).run({run_id!r})\n"
+            "lease = record.acquire(settle_s=0); record.set_status('running')\n"
+            "print('held', flush=True); sys.stdin.readline(); lease.release()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_live_run_id_is_refused_and_a_dead_drivers_lease_is_taken_over(store):
+    from thalia_ray.store.records import RunBusyError
+
+    proc = _hold_lease_in_a_subprocess(store, "shared-id")
+    try:
+        with pytest.raises(RunBusyError, match=rf"run shared-id is already being written by pid {proc.pid} on"):
+            store.run("shared-id").acquire(settle_s=0)
+        assert store.reconcile_runs() == []  # a live driver's run stays running
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+    record = store.run("shared-id")
+    lease = record.acquire(settle_s=0)  # the driver died on this machine: no need to wait for staleness
+    try:
+        status = record.read_status()
+        assert status["status"] == "interrupted" and f"pid {proc.pid}" in status["error"]
+        assert "rerun with the same --run-id" in status["error"]
+        assert record.read_lease().owner == lease.holder.owner and record.read_lease().pid == os.getpid()
+    finally:
+        lease.release()
+    assert record.read_lease() is None
+
+
+def test_a_lease_from_another_machine_lapses_only_when_its_heartbeat_is_stale(store):
+    from thalia_ray.store.records import Holder, RunBusyError
+
+    record = store.run("remote-id")
+    record.set_status("running")
+    fresh = Holder("other", "another-host", 1, None, time.time())
+    record.write_lease(fresh)
+    with pytest.raises(RunBusyError, match="pid 1 on another-host, last heartbeat 0 s ago"):
+        record.acquire(settle_s=0)
+    record.write_lease(Holder("other", "another-host", 1, None, time.time() - 121))
+    assert store.reconcile_runs() == ["remote-id"]
+    assert "another-host, last heartbeat 121 s ago" in record.read_status()["error"]
+    record.acquire(settle_s=0).release()
+
+
+def test_a_driver_whose_lease_was_taken_over_writes_no_outcome(store):
+    from thalia_ray.store.records import Holder, RunBusyError
+
+    record = store.run("taken")
+    lease = record.acquire(settle_s=0)
+    try:
+        lease.renew()
+        lease.check()  # still ours
+        record.write_lease(Holder("intruder", "another-host", 7, None, time.time()))
+        lease.renew()
+        with pytest.raises(RunBusyError, match="taken over by another driver .pid 7 on another-host"):
+            lease.check()
+    finally:
+        lease.release()
+    assert record.read_lease().owner == "intruder"  # release never removes someone else's lease

@@ -3,11 +3,17 @@
 The end-to-end runs use the real pipeline on the synthetic dataset, tiny crops and a few steps per
 epoch: they check what a run leaves in the store (history, results, predictions), a worker killed
 mid-run and replaced, early stopping, and that `evaluate_run` reproduces the stored test metrics.
+Faults: a killed driver, two drivers on one run id, a store outage and a full disk while checkpointing
+each leave a truthful record, and a rerun resumes from the last checkpoint written.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +222,154 @@ def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):
         steps_per_epoch(cfg, {"train": 15, "val": 9})
     with pytest.raises(ValueError, match="fewer than train.num_workers=2"):
         steps_per_epoch(cfg, {"train": 50, "val": 1})
+
+
+# ------------------------------------------------------------------------------ faults
+# The killed driver is a real `thalia-ray train` process; the other faults hit a driver in this process
+# (the session's Ray), which sees the same errors and leaves the same records.
+def _tiny(root: Path, store: str | Path, tmp_path: Path, **storage) -> ThaliaConfig:
+    from tests.helpers import tiny_train_config
+    from thalia_ray.config import load_config
+
+    return load_config(tiny_train_config(tmp_path / "run.yaml", root, store, model="mobilenetv3_small",
+                                         storage=storage, epochs=4))
+
+
+def _epochs(record) -> int:
+    try:
+        return len(record.read_history())
+    except Exception:  # noqa: BLE001 - the store may be away: not there yet
+        return 0
+
+
+def _check_resumed(record, epochs: int) -> None:
+    """A rerun finished every epoch once, from a checkpoint of the interrupted run (not from scratch)."""
+    assert record.read_status()["status"] == "finished"
+    assert [h["epoch"] for h in record.read_history()] == list(range(1, epochs + 1))
+    assert record.read_results()["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ray_cluster, synthetic_root, tmp_path):
+    from test_jobs import kill_session
+    from tests.helpers import REPO, cli, cli_env, wait_for
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.store.records import RunBusyError
+    from thalia_ray.train.trainer import fit
+
+    cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
+    store = ExperimentStore(tmp_path / "store")
+    record = store.run("dup")
+    with open(tmp_path / "driver.log", "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", "train", str(tmp_path / "run.yaml"),
+                                   "--run-id", "dup"], env=cli_env(), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: record.read_lease() or driver.poll() is not None, 300, "the driver's lease")
+        with pytest.raises(RunBusyError, match=f"run dup is already being written by pid {driver.pid} on"):
+            fit(cfg, store=store, run_id="dup")
+        # Two epochs reported: the first epoch's checkpoint is in the store. Then the driver is killed.
+        wait_for(lambda: _epochs(record) >= 2 or driver.poll() is not None, 420, "two epochs of the driver")
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_session(driver.pid)
+    assert record.read_status()["status"] == "running"  # nothing could record the kill...
+    shown = cli(["runs", "show", "dup", "--store", str(tmp_path / "store")])
+    assert "status    interrupted" in shown.stdout and f"pid {driver.pid}" in shown.stdout  # ...until looked at
+    fit(cfg, store=store, run_id="dup")
+    _check_resumed(record, epochs=4)
+
+
+def _fit_until_fault(cfg: ThaliaConfig, store, run_id: str, fault) -> BaseException:
+    """Run `fit` while a thread calls `fault()` once two epochs are stored; return what `fit` raised."""
+    import threading
+
+    record = store.run(run_id)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.3):
+            if _epochs(record) >= 2:
+                fault()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        from thalia_ray.train.trainer import fit
+
+        with pytest.raises(Exception) as err:  # noqa: PT011 - whatever the fault raises, checked by the caller
+            fit(cfg, store=store, run_id=run_id)
+    finally:
+        stop.set()
+        watcher.join()
+    return err.value
+
+
+@pytest.mark.slow
+def test_a_store_outage_ends_the_run_and_a_rerun_resumes_from_its_last_checkpoint(
+    ray_cluster, synthetic_root, tmp_path, s3_bucket, moto_endpoint
+):
+    from tests.helpers import CuttableProxy
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.trainer import fit
+
+    proxy = CuttableProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    cfg = _tiny(synthetic_root, f"{s3_bucket}/store", tmp_path, endpoint_url=proxy.url, timeout_s=5)
+    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    record = store.run("outage")
+    try:
+        _fit_until_fault(cfg, store, "outage", proxy.cut)
+    finally:
+        proxy.cut()
+    proxy.restore()
+    assert store.reconcile_runs() == ["outage"] or record.read_status()["status"] == "failed"
+    assert record.read_status()["status"] in ("failed", "interrupted") and record.read_status()["error"]
+    assert _epochs(record) < 4
+    fit(cfg, store=store, run_id="outage")
+    _check_resumed(record, epochs=4)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 30 MiB tmpfs (room for one checkpoint of the tiny model, not two); root may mount, others skip."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
+    ray_cluster, synthetic_root, tmp_path, small_disk
+):
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.checkpoint import STATE_FILE
+    from thalia_ray.train.trainer import fit
+
+    cfg = _tiny(synthetic_root, small_disk / "store", tmp_path)
+    store = ExperimentStore(cfg.storage.store)
+    record = store.run("full")
+    with pytest.raises(Exception) as err:  # noqa: PT011 - checked below
+        fit(cfg, store=store, run_id="full")
+    assert "No space left on device" in str(err.value)
+    store.reconcile_runs()
+    status = record.read_status()
+    assert status["status"] in ("failed", "interrupted") and status["error"]
+    assert 1 <= _epochs(record) < 4
+    # Nothing half-written where a reader looks: the records parse, and the checkpoints Ray registered load.
+    for name in ("run.json", "history.json", "config.yaml"):
+        assert record.loc.join(name).read_text().strip()
+    snapshot = json.loads((small_disk / "store" / "ray" / "full" / "checkpoint_manager_snapshot.json").read_text())
+    registered = [small_disk / "store" / "ray" / "full" / r["checkpoint_dir_name"]
+                  for r in snapshot["checkpoint_results"]]
+    assert registered
+    for checkpoint in registered:
+        torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
+    fit(cfg, store=store, run_id="full")
+    _check_resumed(record, epochs=4)

@@ -204,6 +204,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from thalia_ray.store import ExperimentStore, format_run, format_runs_table
 
     store = ExperimentStore(args.store)
+    store.reconcile_runs(args.run_id)  # a `running` run whose driver is gone becomes `interrupted`
     if args.run_id:
         print(format_run(store.run(args.run_id)))
     else:

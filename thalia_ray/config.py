@@ -265,6 +265,7 @@ class StorageConfig(Section):
     store: str = "./runs"
     endpoint_url: str | None = None  # S3-compatible endpoint; AWS_ENDPOINT_URL is used when unset
     region: str | None = None
+    timeout_s: float = Field(60.0, gt=0)  # longest wait for one storage call, retries included
 
 
 class WandbConfig(Section):

@@ -2,9 +2,11 @@
 
 `start` joins the cluster named by `RAY_ADDRESS` (or `runtime.address`) when there is one, so the same
 command works inside a Ray Job and on a laptop; otherwise it starts a single-node Ray sized to what
-this process may really use (CPU affinity and cgroup quota, not the host's core count). Workers need
-the S3 endpoint and credentials to reach the store: their *names* are forwarded through the job's
-`runtime_env` with values read from this process's environment, and never written to logs or files.
+this process may really use (CPU affinity and cgroup quota, not the host's core count). Credentials
+never pass through Ray: Ray writes a job's `runtime_env` into its session logs, so only non-secret
+storage settings (endpoint, region, profile name) are forwarded there. Workers of a local Ray inherit
+this process's environment, credentials included; on a cluster they come from the cluster's own
+environment (instance roles, secret references), see the README.
 Workers forward warnings only; Ray folds repeated worker lines unless `RAY_DEDUP_LOGS=0` (read when
 `ray` is imported, so set it in the environment, as the tests do).
 """
@@ -22,16 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from thalia_ray.config import RuntimeConfig, StorageConfig
 
 log = logging.getLogger("thalia_ray.runtime")
 
-# What workers need to reach S3-compatible storage; the values stay in the environment.
+# Non-secret settings workers need to reach S3-compatible storage. Key ids, secret keys and session
+# tokens are never forwarded: `runtime_env` values end up in Ray's world-readable session logs.
 STORAGE_ENV_NAMES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
@@ -136,14 +137,19 @@ def describe_machine() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- Ray
 def storage_env_vars(storage_cfg: StorageConfig | None = None,
                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Environment for workers to reach the store: the AWS_* variables set here, plus the endpoint and
-    region from the storage config (not secrets) when the environment does not already name them."""
-    env = {name: environ[name] for name in STORAGE_ENV_NAMES if environ.get(name)}
-    if storage_cfg is not None and storage_cfg.endpoint_url:
+    """Non-secret environment for workers to reach the store: the endpoint, region and profile set here,
+    or else from the storage config. An endpoint carrying a user or password in its URL is left out."""
+    env = {name: environ[name] for name in STORAGE_ENV_NAMES if environ.get(name) and not _has_userinfo(environ[name])}
+    if storage_cfg is not None and storage_cfg.endpoint_url and not _has_userinfo(storage_cfg.endpoint_url):
         env.setdefault("AWS_ENDPOINT_URL", storage_cfg.endpoint_url)
     if storage_cfg is not None and storage_cfg.region:
         env.setdefault("AWS_REGION", storage_cfg.region)
     return env
+
+
+def _has_userinfo(value: str) -> bool:
+    """`https://user:pass@host`: a credential inside a URL, never forwarded."""
+    return "://" in value and "@" in urlsplit(value).netloc
 
 
 def cluster_address(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -208,8 +214,8 @@ class RayRuntime:
 def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = None) -> RayRuntime:
     """Connect to the configured cluster or start a local one; configure Ray Data for this driver.
 
-    `storage_env` adds environment variables for workers on top of the AWS_* ones found here
-    (for example `storage_env_vars(cfg.storage)`).
+    `storage_env` adds non-secret environment variables for workers on top of the storage settings
+    found here (for example `storage_env_vars(cfg.storage)`); it must never carry credentials.
     """
     import ray
 

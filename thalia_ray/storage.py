@@ -5,7 +5,10 @@ It yields an fsspec filesystem (s3fs for S3) for our own I/O and Zarr, and a pya
 Ray's `storage_filesystem`. The endpoint comes from the config, `?endpoint_override=` on the URL, or
 `AWS_ENDPOINT_URL`; credentials only from the environment or the standard AWS configuration.
 Writes are atomic (write a temporary sibling, then rename/copy into place), so a reader never sees a
-half-written file, and transient errors are retried with backoff.
+half-written file, and transient errors are retried with backoff. Every S3 call ends within the
+configured `storage.timeout_s`, retries included: the S3 clients get connect/read timeouts that fit
+inside it, and each of our calls runs under a deadline, so an endpoint that accepts connections but
+never answers gives a StorageError instead of a hang.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ import fsspec
 from thalia_ray.errors import StorageProblem
 
 T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 60.0  # StorageConfig.timeout_s
 
 # Errors worth retrying: timeouts and dropped connections, not missing keys or denied access.
 # botocore's own connection errors (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)
@@ -43,9 +48,11 @@ class StorageError(StorageProblem):
 class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S  # the longest any one storage call may take, retries included
 
     @classmethod
-    def resolve(cls, query: dict[str, list[str]], endpoint_url: str | None, region: str | None) -> "S3Options":
+    def resolve(cls, query: dict[str, list[str]], endpoint_url: str | None, region: str | None,
+                timeout_s: float = DEFAULT_TIMEOUT_S) -> "S3Options":
         from_query = query.get("endpoint_override", [None])[0]
         if from_query and "://" not in from_query:
             scheme = query.get("scheme", ["https"])[0]
@@ -56,7 +63,19 @@ class S3Options:
         region = query.get("region", [None])[0] or region or os.environ.get("AWS_REGION") or os.environ.get(
             "AWS_DEFAULT_REGION"
         )
-        return cls(endpoint.rstrip("/") if endpoint else None, region)
+        return cls(endpoint.rstrip("/") if endpoint else None, region, timeout_s)
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """Connect/read timeout of one request: two client attempts, each retried once by s3fs, fit
+        in `timeout_s` (a read timeout is a stall without bytes, not a limit on a long transfer)."""
+        return max(self.timeout_s / 4, 0.5)
+
+
+def _client_config(options: S3Options) -> dict[str, Any]:
+    attempt = options.attempt_timeout_s
+    return {"connect_timeout": min(5.0, attempt), "read_timeout": attempt,
+            "retries": {"max_attempts": 2, "mode": "standard"}}
 
 
 def _client_kwargs(options: S3Options) -> dict[str, Any]:
@@ -68,15 +87,18 @@ def _client_kwargs(options: S3Options) -> dict[str, Any]:
     return kwargs
 
 
-@functools.lru_cache(maxsize=16)
-def _s3fs(options: S3Options) -> fsspec.AbstractFileSystem:
+def _s3_filesystem(options: S3Options, asynchronous: bool) -> fsspec.AbstractFileSystem:
     import s3fs
 
-    return s3fs.S3FileSystem(
-        client_kwargs=_client_kwargs(options),
-        config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
-        skip_instance_cache=True,
-    )
+    fs = s3fs.S3FileSystem(asynchronous=asynchronous, client_kwargs=_client_kwargs(options),
+                           config_kwargs=_client_config(options), skip_instance_cache=True)
+    fs.retries = 2  # s3fs's own retry loop, around the client's attempts (default 5)
+    return fs
+
+
+@functools.lru_cache(maxsize=16)
+def _s3fs(options: S3Options) -> fsspec.AbstractFileSystem:
+    return _s3_filesystem(options, asynchronous=False)
 
 
 @dataclass(frozen=True)
@@ -108,9 +130,11 @@ class Location:
             kwargs["scheme"] = parts.scheme or "https"
         if self.s3.region:
             kwargs["region"] = self.s3.region
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if key and secret:
-            kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        attempt = self.s3.attempt_timeout_s
+        kwargs.update(connect_timeout=min(5.0, attempt), request_timeout=attempt,
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        # No keys here: the filesystem is pickled to Ray workers (and into Ray's own state files), so
+        # each process finds its credentials itself (environment, profile, instance role).
         return pafs.S3FileSystem(**kwargs), self.path
 
     def zarr_store(self, read_only: bool = True) -> Any:
@@ -160,6 +184,10 @@ class Location:
 
     def read_bytes(self) -> bytes:
         return self._call("read", lambda: self.fs.cat_file(self.path))
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes `start` to `end` (exclusive): one ranged GET on S3."""
+        return self._call("read", lambda: self.fs.cat_file(self.path, start=start, end=end))
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -234,7 +262,11 @@ class Location:
 
     # ---------------------------------------------------------------------- errors
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return with_retries(fn, f"{what} {self.url}", endpoint=self.s3.endpoint_url if self.protocol == "s3" else None)
+        if self.protocol != "s3":
+            return with_retries(fn, f"{what} {self.url}")
+        endpoint = self.s3.endpoint_url
+        return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint),
+                               self.s3.timeout_s, f"{what} {self.url}", endpoint)
 
 
 @contextlib.contextmanager
@@ -252,10 +284,7 @@ def _local_temp_sibling(path: str) -> Iterator[str]:
 
 @functools.lru_cache(maxsize=16)
 def _async_s3fs(options: S3Options) -> Any:
-    import s3fs
-
-    return s3fs.S3FileSystem(asynchronous=True, client_kwargs=_client_kwargs(options), skip_instance_cache=True,
-                             config_kwargs={"connect_timeout": 5, "retries": {"max_attempts": 3}})
+    return _s3_filesystem(options, asynchronous=True)
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -310,6 +339,32 @@ def file_url_path(url: str) -> str:
     return f"{parts.netloc}{parts.path}"
 
 
+def within_deadline(fn: Callable[[], T], seconds: float, what: str, endpoint: str | None = None) -> T:
+    """`fn()`, or a StorageError once `seconds` have passed without its answer.
+
+    fsspec waits on its event loop without a limit, so the call runs in a daemon thread that is
+    abandoned on timeout; the client timeouts make it end by itself soon after.
+    """
+    done, box = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"storage: {what}", daemon=True).start()
+    if not done.wait(seconds):
+        where = f" (endpoint {endpoint})" if endpoint else ""
+        raise StorageError(f"cannot {what}{where}: no answer within {seconds:g} s (storage.timeout_s); "
+                           "the endpoint accepts connections but does not respond")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = None) -> Location:
     """Turn a path or URL into a Location. `storage_cfg` (StorageConfig) supplies endpoint/region."""
     if isinstance(url, Location):
@@ -327,6 +382,7 @@ def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = No
             parse_qs(parts.query),
             getattr(storage_cfg, "endpoint_url", None),
             getattr(storage_cfg, "region", None),
+            getattr(storage_cfg, "timeout_s", DEFAULT_TIMEOUT_S),
         )
         path = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
         return Location(f"s3://{path}", "s3", path, options)

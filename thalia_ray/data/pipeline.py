@@ -30,7 +30,6 @@ from thalia_ray.data.cube import DataError
 from thalia_ray.data.index import group_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
-from thalia_ray.data.shards.remote import remote_args
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
 from thalia_ray.data.sources import Source, open_source
 from thalia_ray.data.transforms import finalize, statistics_for
@@ -260,11 +259,10 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
         datasource = EpochDatasource(spec, source, _sample_bytes(cfg.data))
         sizes[split] = len(datasource.items(0))
-        options = remote_args(READ_CPUS, source.location.url)
-        extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
-        ds = ray.data.read_datasource(datasource, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
+        # No runtime_env: Ray logs it, and credentials reach workers through their environment.
+        ds = ray.data.read_datasource(datasource, num_cpus=READ_CPUS)
         ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
-                            batch_format="numpy", **options)
+                            batch_format="numpy", num_cpus=READ_CPUS)
         if cfg.runtime.data_cpu_limit is not None:
             ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
                 cpu=cfg.runtime.data_cpu_limit)

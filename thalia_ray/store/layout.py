@@ -81,6 +81,11 @@ class ExperimentStore:
                 summaries.append(summary)
         return sorted(summaries, key=lambda s: (s.created or "", s.run_id), reverse=True)
 
+    def reconcile_runs(self, run_id: str | None = None) -> list[str]:
+        """Mark `running` runs whose driver is gone (all, or `run_id`) as interrupted; returns their ids."""
+        ids = [run_id] if run_id else self.run_ids()
+        return [i for i in ids if self.run(i).reconcile() is not None]
+
     def ray_storage(self) -> tuple[Any, str]:
         """(pyarrow filesystem, path) for `RunConfig(storage_filesystem=..., storage_path=...)`."""
         self.ray_root.makedirs()

@@ -2,14 +2,22 @@
 
 A run folder holds `config.yaml` (the resolved config: enough to reproduce the run), `run.json`
 (status and identity), `history.json` (one metric dict per epoch), `results.json` (final metrics,
-best epoch and checkpoint) and `predictions/{split}.json` (per-sample outputs for breakdowns).
+best epoch and checkpoint), `predictions/{split}.json` (per-sample outputs for breakdowns) and,
+while a driver writes the run, `lease.json` (who, where, last heartbeat): one run id has one writer.
 Only plain JSON and YAML: anything can read them, nothing needs unpickling.
 """
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
 import yaml
@@ -18,9 +26,9 @@ from thalia_ray.config import ConfigError, ThaliaConfig, validate
 from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, StorageError
 
-Status = Literal["running", "finished", "failed", "stopped"]
+Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
 Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
 STATUSES: tuple[str, ...] = get_args(Status)
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -30,9 +38,14 @@ PREDICTION_FIELDS = ("key", "frame_id", "intensity", "activity_type", "label", "
 HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_deformation",
                     "val/iou_deformation", "val/loss")
 
-CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY = (
-    "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json")
+CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
+    "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
+# A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
@@ -40,6 +53,10 @@ T = TypeVar("T")
 
 class StoreError(StoreProblem):
     """A run or sweep record is missing, malformed, or asked to do something it cannot."""
+
+
+class RunBusyError(StoreError):
+    """Another live driver holds the run's lease."""
 
 
 def utc_now() -> str:
@@ -91,6 +108,107 @@ def headline(results: Mapping[str, Any] | None, history: list[dict[str, Any]],
     return None, None
 
 
+# ------------------------------------------------------------------------------------- leases
+_ACTIVE: set[str] = set()  # owners of the leases this process holds now
+
+
+def _process_start(pid: int) -> str | None:
+    """When `pid` started (Linux clock ticks since boot), so a reused pid is not taken for the driver."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    if started is not None:
+        return _process_start(pid) == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who writes a run: a driver process, and when it last said it was alive (`time.time()`)."""
+
+    owner: str
+    host: str
+    pid: int
+    pid_start: str | None
+    heartbeat: float
+
+    @classmethod
+    def this_process(cls, owner: str) -> "Holder":
+        return cls(owner, socket.gethostname(), os.getpid(), _process_start(os.getpid()), time.time())
+
+    def describe(self, now: float) -> str:
+        return f"pid {self.pid} on {self.host}, last heartbeat {max(0.0, now - self.heartbeat):.0f} s ago"
+
+    def stale(self, now: float, stale_after: float) -> bool:
+        """Gone: a dead process on this machine at once (this very process if it no longer holds the
+        lease), anywhere else once its heartbeat is older than `stale_after` seconds."""
+        if self.host == socket.gethostname():
+            if self.pid == os.getpid():
+                return self.owner not in _ACTIVE
+            if not _alive(self.pid, self.pid_start):
+                return True
+        return now - self.heartbeat > stale_after
+
+
+class Lease:
+    """This driver's hold on a run id, renewed every HEARTBEAT_S by a daemon thread until `release`."""
+
+    def __init__(self, record: "RunRecord", holder: Holder, interval: float = HEARTBEAT_S) -> None:
+        self.record, self.holder, self.interval = record, holder, interval
+        self.lost_to: Holder | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease {record.run_id}", daemon=True)
+        _ACTIVE.add(holder.owner)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.renew()
+            except (StorageError, OSError) as err:  # the store is away: try again at the next beat
+                log.warning("run %s: cannot renew its lease: %s", self.record.run_id, err)
+            if self.lost_to is not None:
+                return
+
+    def renew(self) -> None:
+        current = self.record.read_lease()
+        if current is not None and current.owner != self.holder.owner:
+            self.lost_to = current
+            log.error("run %s: another driver took it over (%s); this one's results will not be written",
+                      self.record.run_id, current.describe(time.time()))
+            return
+        self.holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
+        self.record.write_lease(self.holder)
+
+    def check(self) -> None:
+        """Refuse to write outcomes once another driver holds the run."""
+        if self.lost_to is not None:
+            raise RunBusyError(f"run {self.record.run_id} was taken over by another driver "
+                               f"({self.lost_to.describe(time.time())}); this driver's results are not written")
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease if it is still ours (best effort: a stale one lapses anyway)."""
+        self._stop.set()
+        self._thread.join()
+        _ACTIVE.discard(self.holder.owner)
+        try:
+            current = self.record.read_lease()
+            if current is not None and current.owner == self.holder.owner:
+                self.record.loc.join(LEASE).remove()
+        except (StorageError, OSError) as err:
+            log.warning("run %s: cannot remove its lease (it lapses by itself): %s", self.record.run_id, err)
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """The files of one run, under `loc` (`{store}/runs/{run_id}`)."""
@@ -122,7 +240,7 @@ class RunRecord:
 
         A new record describes the machine it was created on unless `host` is given.
 
-        A finished run stays finished; `error` is kept only while the run is failed or stopped.
+        A finished run stays finished; `error` is kept only while the run is failed, stopped or interrupted.
         """
         if status not in STATUSES:
             raise StoreError(f"run {self.run_id}: status {status!r} is not one of {STATUSES}")
@@ -146,6 +264,63 @@ class RunRecord:
     def read_status(self) -> dict[str, Any]:
         loc = self.loc.join(STATUS)
         return self._read(loc, lambda: loc.read_json())
+
+    # ------------------------------------------------------------------------------ lease
+    def read_lease(self) -> Holder | None:
+        """The driver holding this run, or None; an unreadable lease counts as none."""
+        loc = self.loc.join(LEASE)
+        try:
+            return Holder(**loc.read_json())
+        except FileNotFoundError:
+            return None
+        except (StorageError, TypeError) as err:
+            if isinstance(err, StorageError) and "not valid JSON" not in str(err):
+                raise
+            log.warning("run %s: ignoring an unreadable lease (%s)", self.run_id, err)
+            return None
+
+    def write_lease(self, holder: Holder) -> None:
+        self.loc.join(LEASE).write_json(asdict(holder))
+
+    def acquire(self, stale_after: float = STALE_AFTER_S, settle_s: float = 1.0) -> Lease:
+        """Become the run's only writer, or raise RunBusyError naming the live one.
+
+        A stale lease is taken over (its `running` record is marked interrupted first). Two drivers
+        starting together both write a lease; after `settle_s` only the one whose lease is still there
+        goes on, and a driver that later finds another lease in place stops writing outcomes.
+        """
+        now = time.time()
+        current = self.read_lease()
+        if current is not None and not current.stale(now, stale_after):
+            raise RunBusyError(
+                f"run {self.run_id} is already being written by {current.describe(now)}: give this run "
+                f"another --run-id, or wait for that one to end (a lease left by a crashed driver on another "
+                f"machine lapses {stale_after:.0f} s after its last heartbeat)")
+        self.reconcile(stale_after)
+        mine = Holder.this_process(uuid.uuid4().hex)
+        self.write_lease(mine)
+        time.sleep(settle_s)
+        winner = self.read_lease()
+        if winner is None or winner.owner != mine.owner:
+            raise RunBusyError(f"run {self.run_id} was claimed at the same moment by "
+                               f"{winner.describe(time.time()) if winner else 'another driver'}")
+        return Lease(self, mine)
+
+    def reconcile(self, stale_after: float = STALE_AFTER_S) -> dict[str, Any] | None:
+        """Mark a `running` record whose driver is gone as interrupted; returns the new record, if any."""
+        loc = self.loc.join(STATUS)
+        if not loc.exists():
+            return None
+        if loc.read_json().get("status") != "running":
+            return None
+        now = time.time()
+        holder = self.read_lease()
+        if holder is not None and not holder.stale(now, stale_after):
+            return None
+        who = f"its driver ({holder.describe(now)})" if holder else "its driver"
+        return self.set_status("interrupted", error=(
+            f"{who} stopped without recording an outcome: killed, or it lost its store or disk; "
+            "rerun with the same --run-id to resume from its last checkpoint"))
 
     # ------------------------------------------------------------------------------ history
     def append_history(self, metrics: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -21,8 +21,9 @@ from ray.train.torch import TorchTrainer
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.pipeline import build_datasets
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import RunRecord
 from thalia_ray.models.pretrained import IMAGENET, run_reference
+from thalia_ray.storage import StorageError
+from thalia_ray.store.records import Lease, RunRecord, Status
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 
@@ -127,22 +128,37 @@ def fit(
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     run_id = run_id or store.new_run_id(cfg.name)
     record = store.run(run_id)
-    record.write_config(cfg)
-    trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
-    record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
+    lease = record.acquire()  # one writer per run id: a live one refuses, a stale one is taken over
     try:
-        outcome = _fit(cfg, store, record, callbacks)
-    except KeyboardInterrupt:
-        record.set_status("stopped", error="interrupted")
-        raise
-    except Exception as err:
-        record.set_status("failed", error=f"{type(err).__name__}: {err}")
-        raise
-    record.set_status("finished")
+        record.write_config(cfg)
+        trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
+        record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
+        try:
+            outcome = _fit(cfg, store, record, callbacks, lease)
+        except KeyboardInterrupt:
+            _record_end(record, "interrupted", "interrupted by the user")
+            raise
+        except Exception as err:
+            _record_end(record, "failed", f"{type(err).__name__}: {err}")
+            raise
+        record.set_status("finished")
+    finally:
+        lease.release()
     return outcome
 
 
-def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any]) -> TrainResult:
+def _record_end(record: RunRecord, status: Status, error: str) -> None:
+    """Record how a run ended; if the store cannot take it (gone, full), the next command that meets
+    the run's stale `running` record marks it interrupted."""
+    try:
+        record.set_status(status, error=error)
+    except (StorageError, OSError) as err:
+        log.error("run %s: cannot record its status %r (%s); the next command that meets it marks it "
+                  "interrupted", record.run_id, status, err)
+
+
+def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
+         lease: Lease) -> TrainResult:
     run_id = record.run_id
     if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
         model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
@@ -179,6 +195,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         record.write_predictions("test", test.predictions)
         test_metrics = test.flat("test")
     best_epoch = int(best["epoch"]) if "epoch" in best else None
+    lease.check()
     record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
                          epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)))
     history = record.read_history()

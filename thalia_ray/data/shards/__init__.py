@@ -5,5 +5,4 @@
 - `published`: the published `torch.save` format (safe loading, decoding, listing, writing);
 - `manifest`: an export's manifest (samples, byte ranges, labels, index order);
 - `export`: cubes → shards as Ray tasks, resumable;
-- `remote`: Ray task options for shard and cube I/O.
 """

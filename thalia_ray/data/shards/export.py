@@ -32,7 +32,6 @@ from thalia_ray.data.shards.manifest import FORMAT, MANIFEST, shard_root
 
 PROGRESS = "_progress"  # completion records of written shards, beside (not inside) the split folders
 from thalia_ray.data.shards.npy import sample_members
-from thalia_ray.data.shards.remote import remote_args
 from thalia_ray.data.shards.tar import ShardError, file_sha256, write_tar
 from thalia_ray.storage import Location, resolve
 
@@ -188,7 +187,7 @@ def export_shards(
     report = ExportReport(root=base.url, length=length)
     records: dict[str, dict[str, Any]] = {}
     pending = []
-    task = ray.remote(_write_shard).options(**remote_args(num_cpus, base.url, root.url))
+    task = ray.remote(_write_shard).options(num_cpus=num_cpus)  # no runtime_env: Ray logs it
     plans = list(plan_shards(index, splits, samples_per_shard))
     progress = bar(len(plans), "export", unit="shard")
     for plan in plans:

@@ -23,7 +23,6 @@ from thalia_ray.data.annotations import AnnotationError, parse_annotation
 from thalia_ray.data.cube import sample_meta
 from thalia_ray.data.index import series_label
 from thalia_ray.data.samples import RawSample, Sample, Window
-from thalia_ray.data.shards.remote import remote_args
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, UnsafeShardError, split_name
 from thalia_ray.storage import Location
 
@@ -181,7 +180,7 @@ def scan_published(root: Location, length: int, split: str, label_rule: str,
     order); train gathers `train_pos` and `train_neg`."""
     import ray
 
-    scan = ray.remote(_scan_published_shard).options(**remote_args(num_cpus, root.url))
+    scan = ray.remote(_scan_published_shard).options(num_cpus=num_cpus)
     tars = [(folder, tar) for folder in FOLDERS.get(split, (split,)) for tar in published_shards(root, length, folder)]
     found = ray.get([scan.remote(tar, folder, label_rule) for folder, tar in tars])
     rows = sorted(((key, tar, off, size, label) for (_, tar), rows in zip(tars, found) for key, off, size, label in rows),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 from thalia_ray.errors import ShardProblem
-from thalia_ray.storage import Location, with_retries
+from thalia_ray.storage import Location
 
 
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
@@ -168,7 +168,7 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
 def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
     start, end = run[0].offset, run[-1].offset + run[-1].size
     try:
-        data = with_retries(lambda: loc.fs.cat_file(loc.path, start=start, end=end), f"read {loc.url}")
+        data = loc.read_range(start, end)
     except Exception as err:  # noqa: BLE001 - attributed to every sample of the run by the caller
         for item in run:
             yield item, err
