@@ -26,32 +26,48 @@ class ThaliaError(Exception):
 
 
 class ConfigProblem(ThaliaError, ValueError):
+    """A YAML file, a `--set` override or a field value that cannot be used."""
+
     exit_code = 2
 
 
 class DataProblem(ThaliaError, ValueError):
+    """A dataset root, its annotations or time-series index, or a cube that is missing or unreadable."""
+
     exit_code = 3
 
 
 class ShardProblem(ThaliaError, ValueError):
+    """An export that is missing, damaged, or does not match the configuration."""
+
     exit_code = 4
 
 
 class ManifestProblem(ThaliaError, ValueError):
+    """A cluster manifest, cluster-launcher config or CRD schema that cannot be used."""
+
     exit_code = 5
 
 
 class StorageProblem(ThaliaError, RuntimeError):
+    """A location that cannot be reached: endpoint down or silent, bucket missing, access denied."""
+
     exit_code = 6
 
 
 class StoreProblem(ThaliaError, RuntimeError):
+    """An experiment-store record that is missing or malformed, or a store that cannot be written."""
+
     exit_code = 7
 
 
 class JobSpecProblem(ThaliaError, ValueError):
+    """A job spec that cannot be submitted (e.g. it holds a secret or a relative path)."""
+
     exit_code = 8
 
 
 class ClusterProblem(ThaliaError, RuntimeError):
+    """A Ray cluster or Jobs API that cannot be reached or refuses a request."""
+
     exit_code = 9

@@ -22,12 +22,15 @@ Rules, and why:
 - `config` is loaded with `overrides` (then the `--set` values given to `thalia-ray submit`) exactly as
   the job will load it, so a wrong field fails before submission, naming the field. Paths are relative
   to the working directory (for a remote `working_dir`, to the repository holding the spec).
-- A value for a secret-looking name (a name part KEY, SECRET, TOKEN, PASSWORD, CREDENTIALS) anywhere
-  in a spec is rejected: specs live in git. Secrets reach jobs through the cluster's environment (a
+- A value for a secret-looking name (a name part KEY, SECRET, TOKEN, PASSWORD, PASS, PWD, PAT,
+  CREDENTIALS) anywhere in a spec is rejected, and so is any URL carrying a credential (a password in
+  its user info as in `DATABASE_URL=postgres://me:pw@db`, a token as user name or query parameter as in
+  a private pip index, user info in `storage.endpoint_url`): specs live in git. Secrets reach jobs through the cluster's environment (a
   Kubernetes Secret, an instance role), which every Ray process on a node inherits. Each name in
   `env_from_cluster` is checked when the job starts: a missing one fails the job at once, naming it.
-- Train and sweep jobs must not write to, or read from, a relative path: it would resolve inside Ray's
-  temporary copy of the working directory. When `storage.store` is relative and `THALIA_STORE` is in
+- Train and sweep jobs must not write to, or read from, a relative path (`file://data/x` included: a
+  `file:` URL without a leading slash is a relative path): it would resolve inside Ray's temporary copy
+  of the working directory. When `storage.store` is relative and `THALIA_STORE` is in
   `env_from_cluster`, the job writes to the cluster's `$THALIA_STORE`.
 - The submission id is `{prefix}-{UTC time}-{hash of the resolved spec}`: unique per submission. It is
   also the run id of a train job (`--run-id`) and the sweep id of a sweep job (`--sweep-id`), so the
