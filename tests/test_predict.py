@@ -117,6 +117,10 @@ def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
     return _stitched(probability, image)
 
 
+def _day(text: str) -> np.datetime64:
+    return np.datetime64(f"{text[:4]}-{text[4:6]}-{text[6:]}")
+
+
 @pytest.fixture(scope="module")
 def first(ray_cluster, run, dataset, frame, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict-out") / "out"
@@ -139,9 +143,8 @@ def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, 
     written = np.isfinite(probability.values).all(axis=(2, 3))
     assert written.sum() == len(units)  # every planned pair, nothing else
     unit = units[0]
-    values = probability.sel(primary_date=np.datetime64(f"{unit.primary_date[:4]}-{unit.primary_date[4:6]}-{unit.primary_date[6:]}"),
-                             secondary_date=np.datetime64(f"{unit.secondary_dates[0][:4]}-{unit.secondary_dates[0][4:6]}-"
-                                                          f"{unit.secondary_dates[0][6:]}")).values.astype(np.float32)
+    values = probability.sel(primary_date=_day(unit.primary_date),
+                             secondary_date=_day(unit.secondary_dates[0])).values.astype(np.float32)
     np.testing.assert_allclose(values, _reference(run, dataset, frame, unit), atol=1e-3)
     rows = read_table(out)
     assert [r["key"] for r in rows] == [u.key for u in units]
