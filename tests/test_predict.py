@@ -117,6 +117,10 @@ def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
     return _stitched(probability, image)
 
 
+def _day(text: str) -> np.datetime64:
+    return np.datetime64(f"{text[:4]}-{text[4:6]}-{text[6:]}")
+
+
 @pytest.fixture(scope="module")
 def first(ray_cluster, run, dataset, frame, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict-out") / "out"
@@ -139,9 +143,8 @@ def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, 
     written = np.isfinite(probability.values).all(axis=(2, 3))
     assert written.sum() == len(units)  # every planned pair, nothing else
     unit = units[0]
-    values = probability.sel(primary_date=np.datetime64(f"{unit.primary_date[:4]}-{unit.primary_date[4:6]}-{unit.primary_date[6:]}"),
-                             secondary_date=np.datetime64(f"{unit.secondary_dates[0][:4]}-{unit.secondary_dates[0][4:6]}-"
-                                                          f"{unit.secondary_dates[0][6:]}")).values.astype(np.float32)
+    values = probability.sel(primary_date=_day(unit.primary_date),
+                             secondary_date=_day(unit.secondary_dates[0])).values.astype(np.float32)
     np.testing.assert_allclose(values, _reference(run, dataset, frame, unit), atol=1e-3)
     rows = read_table(out)
     assert [r["key"] for r in rows] == [u.key for u in units]
@@ -213,3 +216,22 @@ def test_predict_reads_and_writes_s3_on_the_moto_server(ray_cluster, run, datase
     assert len(read_table(out)) == report.planned
     result = xr.open_zarr(resolve(f"{out}/{frame}.zarr").zarr_store())
     np.testing.assert_array_equal(result["y"].values, xr.open_zarr(dataset / f"{frame}.zarr")["y"].values)
+
+
+def test_series_of_a_classifier_become_heat_maps_on_the_series_grid(ray_cluster, dataset, frame, tmp_path):
+    from thalia_ray.predict.output import read_table
+    from thalia_ray.predict.plan import plan_units
+
+    run = stored_run(tmp_path / "store", dataset, task="classification", length=3)
+    report = _predict(run, dataset, tmp_path / "out", frame, pairs="all")
+    units = plan_units(str(dataset), "all", 3, [frame])
+    assert report.failed == {} and report.written == len(units) > 0
+    result = xr.open_zarr(tmp_path / "out" / f"{frame}.zarr")
+    probability = result["deformation_probability"]
+    assert probability.dims == ("series", "y", "x") and np.isfinite(probability.values).all()
+    days = result["secondary_date"].dt.strftime("%Y%m%d").values
+    assert [tuple(row) for row in days] == [u.secondary_dates for u in units]
+    np.testing.assert_array_equal(result["x"].values, xr.open_zarr(dataset / f"{frame}.zarr")["x"].values)
+    rows = read_table(tmp_path / "out")
+    assert [r["annotated_label"] for r in rows] == [u.label for u in units]
+    assert all(len(r["secondary_dates"]) == 3 for r in rows)

@@ -378,7 +378,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                             "large": {"gen_size": 512, "length": 3, "series": 20, "target_per_s": 10}}, needs_ray=False),
     Suite("predict", "whole-frame predict frames/s per core (512², T=1 and 3) vs the model's forward rate",
           predict_suite, {s: {"frames": f, "size": 512, "groups": g, "crop": 128, "model": "unet",
-                              "batch_size": 8, "actors": 2, "actor_cpus": 0.75}
+                              "batch_size": 8, "actors": 2, "actor_cpus": 0.5}
                           for s, f, g in (("small", 1, 2), ("medium", 2, 4), ("large", 4, 8))}, repeats=2),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,

@@ -5,8 +5,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.data.schema import CLASSES
 from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
+from thalia_ray.predict.inputs import schema
 
 
 def card_path(out: str) -> str:
@@ -23,9 +23,7 @@ def model_card(cfg: ThaliaConfig, run_id: str, fmt: str, file: str, input_diviso
     data, channels, steps = cfg.data, list(cfg.data.channels), cfg.data.length
     per_channel = None
     if statistics is not None:
-        from thalia_ray.data.schema import statistics_key
-
-        per_channel = {c: dict(statistics[statistics_key(c)]) for c in channels}
+        per_channel = {c: dict(statistics[schema.statistics_key(c)]) for c in channels}
     task = cfg.model.task
     return {
         "run_id": run_id,
@@ -46,8 +44,8 @@ def model_card(cfg: ThaliaConfig, run_id: str, fmt: str, file: str, input_diviso
             "formula": "(x - mean) / std per channel, before stacking", "statistics": per_channel},
         "output": {
             "name": "logits", "dtype": "float32",
-            "shape": ["batch", len(CLASSES), "height", "width"] if task == "segmentation" else ["batch", len(CLASSES)],
-            "classes": list(CLASSES), "probability": "softmax over the class axis; index 1 is Deformation",
+            "shape": ["batch", len(schema.CLASSES), *(("height", "width") if task == "segmentation" else ())],
+            "classes": list(schema.CLASSES), "probability": "softmax over the class axis; index 1 is Deformation",
         },
         "threshold": DEFAULT_THRESHOLD,
         "training_data": {"root": data.root, "splits": {k: [str(v.start), str(v.end)] for k, v in data.splits.items()},

@@ -19,11 +19,11 @@ from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
 from thalia_ray.storage import Location, resolve
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import RunRecord, StoreError
+from thalia_ray.store.records import StoreError
 from thalia_ray.train.evaluate import autocast, gpu_wanted, load_model, model_from_config
 
 __all__ = [
-    "AnnotationError", "Cube", "autocast", "gpu_wanted", "DataError", "Group", "RunRecord", "Statistics", "Window", "annotated_groups",
+    "AnnotationError", "Cube", "autocast", "gpu_wanted", "DataError", "Group", "Statistics", "Window", "annotated_groups",
     "enumerated_positions", "existing_pairs", "frame_ids", "load_model", "model_from_config", "normalize",
     "open_cube", "read_stack", "run_checkpoint", "run_statistics", "schema", "series_label",
 ]

@@ -130,10 +130,12 @@ def _window_batches(cfg: ThaliaConfig, checkpoint: Any, todo: Sequence[Unit], sp
 
     use_gpu = inputs.gpu_wanted(cfg)
     dataset = ray.data.from_items([u.row() for u in todo], override_num_blocks=max(1, len(todo)))
-    dataset = dataset.flat_map(functools.partial(read_windows, spec=spec), num_cpus=0.5)
+    # Readers ask for a quarter CPU: beside actors holding most of a small node's CPUs, Ray Data's per-operator
+    # reservation must still fit one read task, or the job waits for resources that never come.
+    dataset = dataset.flat_map(functools.partial(read_windows, spec=spec), num_cpus=0.25)
     dataset = dataset.map_batches(
         Predictor, fn_constructor_args=(cfg.model_dump(mode="json"), checkpoint), batch_format="numpy",
-        batch_size=options.batch_size or cfg.train.batch_size, concurrency=options.actors,
+        batch_size=options.batch_size or cfg.train.batch_size, compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_cpus=cfg.train.cpus_per_worker, num_gpus=cfg.train.gpus_per_worker if use_gpu else 0,
     )
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")

@@ -92,7 +92,9 @@ class FrameOutput:
             attributes={"long_name": "probability of deformation", "units": "1",
                         "description": "float16 in [0, 1]; NaN where no prediction was made"},
         )
-        zarr.consolidate_metadata(store)  # the metadata is final: only chunks are written from here on
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # consolidated metadata is not yet in the v3 spec
+            zarr.consolidate_metadata(store)  # the metadata is final: only chunks are written from here on
 
     def write(self, unit: Unit, probability: np.ndarray) -> None:
         self.array[self.slots[unit.key]] = probability.astype(np.float16, copy=False)
