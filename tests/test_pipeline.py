@@ -16,6 +16,7 @@ from thalia_ray.data.cube import DataError
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
+from thalia_ray.data.shards.tar import file_sha256
 from thalia_ray.storage import resolve
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
@@ -151,11 +152,24 @@ def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
     return str(path), entry.key
 
 
-def test_corrupt_shard_is_reported_by_name(dataset, tmp_path):
+def test_tampered_and_corrupt_shards_are_reported_by_name(dataset, tmp_path):
     root, _ = dataset
     out = str(tmp_path / "shards")
     export_shards(config(root).data, out, length=1, splits=("val",), samples_per_shard=4)
     path, key = _corrupt_member(out, "val", 1)
+    # changed after export: the shard fails its manifest digest, and every sample in it is refused
+    base = shard_root(resolve(out), 1)
+    manifest = load_manifest(resolve(out), 1)
+    in_shard = {e.key for e in manifest_entries(manifest, base, "val") if e.shard.path == path}
+    tampered = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("val",))
+    assert set(keys(tampered.datasets["val"])) == {e.key for e in manifest_entries(manifest, base, "val")} - in_shard
+    bad = pipeline.bad_sample_report(tampered.epoch_control)["epochs"]["0"]["samples"]
+    assert {b["key"] for b in bad} == in_shard and all("sha256" in b["reason"] for b in bad)
+    # written corrupt (the digest in the manifest is the corrupt shard's): only the damaged sample
+    for shard in manifest["shards"]:
+        if path.endswith(shard["name"]):
+            shard["sha256"] = file_sha256(path)
+    base.join("manifest.json").write_json(manifest)
     data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("val",))
     got = keys(data.datasets["val"])
     assert key not in got and len(got) == data.sizes["val"] - 1

@@ -5,6 +5,7 @@ Also holds the small hand-built dataset root and the published-shard writer used
 test_pipeline.py."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -265,6 +266,15 @@ def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ra
     third = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
     assert third.shards_kept == 0 and third.shards_written == first.shards_written
     assert json.loads((base / MANIFEST).read_text())["channels"] == list(schema.ALL_CHANNELS)
+    # a shard changed after export (same size, other bytes) is written again, not kept under its old digest
+    tampered = base / victim
+    data = bytearray(tampered.read_bytes())
+    data[-2000] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    fourth = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
+    assert fourth.shards_written == 1 and fourth.shards_kept == first.shards_written - 1
+    [record] = [s for s in json.loads((base / MANIFEST).read_text())["shards"] if s["name"] == victim]
+    assert file_sha256(str(tampered)) == record["sha256"] and tampered.read_bytes() != bytes(data)
 
 
 def test_all_channel_export_serves_any_subset_and_a_missing_channel_is_named(root, tmp_path, ray_cluster):
@@ -320,7 +330,12 @@ def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
     start = victim.offset + tarfile.BLOCKSIZE  # the image.npy header, right after its tar header
     data[start:start + 16] = b"\xff" * 16
     tar.write_bytes(bytes(data))
-    results = {e.key: blob for e, blob in fetch_ranges(entries)}
+    # the shard no longer matches its manifest digest: every sample of it is refused, by shard
+    checked = list(fetch_ranges(entries))
+    assert len(checked) == len(entries) and all(
+        isinstance(err, ShardError) and f"shard {tar.as_posix()}: sha256" in str(err) for _, err in checked)
+    # without a digest to check (as for published shards) the damaged member is named by key
+    results = {e.key: blob for e, blob in fetch_ranges([dataclasses.replace(e, sha256=None) for e in entries])}
     with pytest.raises(ShardError, match=f"{tar.name}, key {victim.key}"):
         members = parse_members(results[victim.key], victim.where)[victim.key]
         decode_own(members, victim.key, victim.where, cfg.channels)

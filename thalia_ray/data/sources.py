@@ -52,9 +52,9 @@ class Source(ABC):
     def epoch_items(self, split: str, epoch: int) -> list[Any]:
         """One epoch's items of a split, in delivery order."""
 
+    @abstractmethod
     def for_items(self, items: Sequence[Any]) -> "Source":
-        """The copy a task reading `items` needs (default: this source, already small)."""
-        return self
+        """The copy a task reading `items` needs, without the catalogue of the whole source."""
 
     @abstractmethod
     def read(self, items: Sequence[Any], rng: RngFor) -> Iterator[Row | BadSample]:

@@ -93,8 +93,8 @@ def _done_marker(base: Location, plan: ShardPlan) -> Location:
 
 
 def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[str, Any] | None:
-    """The done record of a shard that is complete, holds the planned samples and was written with
-    this layout (channels, dtype, compression), else None."""
+    """The completion record of a shard that is complete, holds the planned samples, was written
+    with this layout (channels, dtype, compression) and still has its recorded sha256, else None."""
     marker = _done_marker(base, plan)
     if not marker.exists():
         return None
@@ -104,6 +104,8 @@ def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[st
     tar = base.join(plan.name)
     planned = [k for k in plan.keys if k not in record.get("skipped_keys", [])]
     if [e[0] for e in record.get("entries", [])] != planned or not tar.exists() or tar.size() != record.get("bytes"):
+        return None
+    if file_sha256(tar) != record.get("sha256"):  # changed since it was written: write it again
         return None
     return record
 
@@ -169,8 +171,8 @@ def export_shards(
     """Export the dataset under `data_cfg.root` for series length `length` as WebDataset shards,
     one Ray task per shard. Samples hold the configured channels (as published shards do), or all
     nine with `all_channels`, so that one export serves any channel subset. Complete shards of an
-    earlier run (done record + tar of the recorded size, same planned samples, same layout) are
-    kept; the manifest is written atomically at the end. `out` and `locations` (default: the
+    earlier run (completion record + tar of the recorded size and sha256, same planned samples,
+    same layout) are kept; the manifest is written atomically at the end. `out` and `locations` (default: the
     config's, without storage settings) carry their S3 options."""
     import ray
 

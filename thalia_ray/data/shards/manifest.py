@@ -33,7 +33,7 @@ def load_manifest(root: Location, length: int) -> dict[str, Any]:
 def manifest_entries(manifest: dict[str, Any], base: Location, split: str) -> list[ShardEntry]:
     """The split's samples from a manifest, in sample-index order."""
     entries = [
-        ShardEntry(key, base.join(shard["name"]), offset, size, label, order)
+        ShardEntry(key, base.join(shard["name"]), offset, size, label, order, shard["sha256"])
         for shard in manifest["shards"]
         if shard["split"] == split
         for key, offset, size, label, order in shard["entries"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
 from thalia_ray.errors import ShardProblem
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, resolve
 
 
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
@@ -40,6 +41,7 @@ class ShardEntry:
     size: int
     label: int
     order: int  # position in the sample index (restores index order for epoch draws)
+    sha256: str | None = None  # the whole shard's, from the manifest (published shards have none)
 
     @property
     def where(self) -> str:
@@ -67,12 +69,32 @@ def write_tar(path: str, samples: Sequence[tuple[str, dict[str, bytes]]]) -> lis
     return ranges
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str | Location) -> str:
+    """sha256 of a file (local or remote), streamed in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with resolve(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_VERIFIED: set[tuple[Location, str]] = set()  # shards whose bytes matched their digest in this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def verify_shard(loc: Location, sha256: str) -> None:
+    """Raise ShardError unless the shard hashes to `sha256`. Checked once per shard and process:
+    readers fetch byte ranges, so without this a shard changed after export would decode to
+    whatever its bytes now hold."""
+    with _VERIFIED_LOCK:
+        if (loc, sha256) in _VERIFIED:
+            return
+    actual = file_sha256(loc)
+    if actual != sha256:
+        raise ShardError(f"shard {loc.url}: sha256 {actual[:16]}… does not match the manifest's {sha256[:16]}…; "
+                         "the shard changed after export (export again to rewrite it)")
+    with _VERIFIED_LOCK:
+        _VERIFIED.add((loc, sha256))
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -147,15 +169,22 @@ def _tarfile_members(chunk: Blob, where: str) -> list[tuple[str, bytes]]:
 
 
 def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
-    """Byte ranges of the entries, one request per run of neighbouring samples in the same shard.
+    """Byte ranges of the entries, one request per run of neighbouring samples in the same shard,
+    each shard verified against its digest first (see verify_shard).
 
-    Yields in shard/offset order; a failed request yields its error for each entry it covered, so
-    the caller can report every affected sample by shard and key."""
+    Yields in shard/offset order; a failed request or check yields its error for each entry it
+    covered, so the caller can report every affected sample by shard and key."""
     by_shard: dict[Location, list[ShardEntry]] = {}
     for entry in entries:
         by_shard.setdefault(entry.shard, []).append(entry)
     for loc, items in by_shard.items():
         items.sort(key=lambda e: e.offset)
+        if items[0].sha256:
+            try:
+                verify_shard(loc, items[0].sha256)
+            except Exception as err:  # noqa: BLE001 - attributed to every sample of the shard by the caller
+                yield from ((item, err) for item in items)
+                continue
         run: list[ShardEntry] = []
         for entry in items + [None]:  # type: ignore[list-item]
             if run and (entry is None or entry.offset - (run[-1].offset + run[-1].size) > _COALESCE_GAP):
