@@ -42,6 +42,20 @@ STORAGE_ENV_NAMES = (
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# Keep idle worker processes (and their imports, open cubes, parsed headers) between epochs. Ray's
+# defaults end idle workers above one per CPU after about a second, so every epoch re-imported torch,
+# zarr and xarray in fresh processes (ray-notes.md, "Worker-process churn"). Set here when this process
+# starts Ray; a cluster the service joins needs the same settings as environment variables of
+# `ray start` on every node: RAY_num_workers_soft_limit, RAY_idle_worker_killing_time_threshold_ms.
+WORKER_REUSE_MIN_SOFT_LIMIT = 16
+IDLE_WORKER_KEEP_MS = 600_000
+
+
+def worker_reuse_config(num_cpus: int) -> dict[str, int]:
+    """Ray `_system_config` that keeps idle workers: soft limit well above the CPU count, 10 min idle."""
+    return {"num_workers_soft_limit": max(WORKER_REUSE_MIN_SOFT_LIMIT, 4 * num_cpus),
+            "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+
 
 # ------------------------------------------------------------------------------------- logging
 def setup_logging(level: str | int = "INFO") -> logging.Logger:
@@ -245,6 +259,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             object_store_memory=runtime_cfg.object_store_memory,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            _system_config=worker_reuse_config(sizes["num_cpus"]),
             **common,
         )
         # Ray's own helpers (the state API used by Train's placement-group cleaner) look the cluster up

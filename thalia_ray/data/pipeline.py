@@ -5,19 +5,26 @@ epoch: Ray Train's `streaming_split` coordinator starts an execution only after 
 asked for the next epoch, and every worker calls `set_epoch` before that. `get_read_tasks` asks the
 run's epoch-control actor for the epoch and plans exactly that epoch's samples (every positive plus
 a fresh, seeded draw of as many negatives; val/test: everything, in index order), so the set of
-samples is the same whether they come from cubes or shards. Read tasks fetch raw data (windowed Zarr
-reads, or the byte ranges of shard members); decoding, normalisation and augmentation run in
-`map_batches`. Read and map tasks ask for a quarter CPU, so trainers on a small machine cannot
-starve them. Unreadable samples are counted per epoch with their cube or shard and key by the same
+samples is the same whether they come from cubes or shards.
+
+Execution is designed by measurement (BENCHMARKS.md, ../shared/docs/ray-notes.md "Worker-process
+churn"): a read task does a sample's whole work (windowed Zarr read or ranged shard read, decode,
+normalise, augment) in one process, so raw arrays never round-trip the object store, and yields
+one model-ready block of `data.samples_per_read_task` samples (blocks sized to batches; Ray Data
+is told the block count so it does not split them into one-row blocks). Tasks ask for a whole CPU
+out of a budget of the cluster's CPUs less the trainers' (`data_cpus`), so there are never more
+busy processes than cores; the worker processes they run in are kept between epochs (see
+`runtime.WORKER_REUSE`), and with them the open cubes, parsed `.npy` headers and imports.
+Unreadable samples are counted per epoch with their cube or shard and key by the epoch-control
 actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sample: fail`).
 """
 from __future__ import annotations
 
 import functools
-import json
+import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import ray
@@ -31,7 +38,7 @@ from thalia_ray.data.cube import DataError, RawSample, crop_window, get_cache, r
 from thalia_ray.data.index import Sample, SampleIndex, epoch_draw, group_rng
 from thalia_ray.data.transforms import finalize, statistics_for
 
-READ_CPUS = 0.25  # per read task and per map task: trainers holding most CPUs cannot starve Data
+MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
@@ -136,38 +143,83 @@ def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_cube(spec: Spec, epoch: int, samples: Sequence[Sample], annotations: dict[int, Any]) -> Iterator[Any]:
-    """Windowed reads of the samples' crops: one block of raw arrays (bad samples reported)."""
+def cube_record(spec: Spec, epoch: int, sample: Sample, annotations: dict[int, Any]) -> dict[str, Any]:
+    """One cube sample's whole per-sample work: crop window, windowed read, finalize (may raise)."""
     cache = get_cache(spec.data.root, spec.storage)
-    rows: dict[str, list[Any]] = {"key": [], "origin": [], "image": [], "mask": [], "meta": []}
+    rng = spec.rng(epoch, sample.key) if spec.training else None
+    window = crop_window(sample, annotations, cache.get(sample.frame_id).shape, spec.data.crop, rng,
+                         spec.data.mask_target)
+    raw = read_raw(sample, cache, window, spec.data.channels, annotations)
+    return _finalize(spec, epoch, raw)
+
+
+def shard_record(spec: Spec, epoch: int, entry: shard_io.ShardEntry, blob: Any) -> dict[str, Any]:
+    """One shard sample's whole per-sample work once its bytes are fetched: decode, finalize (may raise)."""
+    return _finalize(spec, epoch, _decode(spec, entry, blob))
+
+
+def _finalize(spec: Spec, epoch: int, raw: RawSample) -> dict[str, Any]:
+    stats = statistics_for(spec.data) if spec.data.normalize else None
+    return finalize(raw, spec.data, stats, spec.rng(epoch, raw.key), spec.training)
+
+
+def _decode(spec: Spec, entry: shard_io.ShardEntry, blob: Any) -> RawSample:
+    members = shard_io.parse_members(blob, entry.where).get(entry.key)
+    if members is None:
+        raise shard_io.ShardError(f"{entry.where}: the manifest's byte range holds no members of this key")
+    if spec.kind == "own":
+        raw = shard_io.decode_own(members, entry, spec.data.channels, spec.stored_channels)
+    else:
+        raw = shard_io.decode_published(members, entry, spec.data, spec.split)
+    bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
+    if bad:
+        raise shard_io.ShardError(f"{entry.where}: {bad} non-finite image values")
+    return raw
+
+
+Load = Callable[[], dict[str, Any]]
+
+
+def _read_cube(spec: Spec, epoch: int, samples: Sequence[Sample], annotations: dict[int, Any]
+               ) -> Iterator[tuple[str, str, Load]]:
+    """(origin, key, load) per sample: windowed Zarr reads of the crops, in planned order."""
+    root = get_cache(spec.data.root, spec.storage).root
     for sample in samples:
-        origin = cache.root.join(f"{sample.frame_id}.zarr").url
-        try:
-            cube = cache.get(sample.frame_id)
-            rng = spec.rng(epoch, sample.key) if spec.training else None
-            window = crop_window(sample, annotations, cube.shape, spec.data.crop, rng, spec.data.mask_target)
-            raw = read_raw(sample, cache, window, spec.data.channels, annotations)
-        except (DataError, OSError, ValueError) as err:
-            report_bad(spec, epoch, BadSample(origin, sample.key, f"{type(err).__name__}: {err}"))
-            continue
-        meta = json.dumps(raw.meta)
-        for name, value in (("key", raw.key), ("origin", origin), ("image", raw.image), ("mask", raw.mask), ("meta", meta)):
-            rows[name].append(value)
-    if rows["key"]:
-        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
+        origin = root.join(f"{sample.frame_id}.zarr").url
+        yield origin, sample.key, functools.partial(cube_record, spec, epoch, sample, annotations)
 
 
-def _read_shards(spec: Spec, epoch: int, entries: Sequence[shard_io.ShardEntry]) -> Iterator[Any]:
-    """Ranged reads of the entries' tar members: one block of raw bytes (bad reads reported)."""
-    rows: dict[str, list[Any]] = {"key": [], "origin": [], "offset": [], "blob": []}
+def _read_shards(spec: Spec, epoch: int, entries: Sequence[shard_io.ShardEntry]) -> Iterator[tuple[str, str, Load]]:
+    """(origin, key, load) per entry: ranged reads of the tar members, a run of neighbours per request."""
     for entry, data in shard_io.fetch_ranges(entries, spec.storage):
         if isinstance(data, Exception):
-            report_bad(spec, epoch, BadSample(entry.shard, entry.key, f"{type(data).__name__}: {data}"))
-            continue
-        for name, value in (("key", entry.key), ("origin", entry.shard), ("offset", entry.offset), ("blob", bytes(data))):
-            rows[name].append(value)
-    if rows["key"]:
-        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
+            yield entry.shard, entry.key, functools.partial(_raise, data)
+        else:
+            yield entry.shard, entry.key, functools.partial(shard_record, spec, epoch, entry, data)
+
+
+def _raise(err: Exception) -> dict[str, Any]:
+    raise err
+
+
+def records_block(spec: Spec, epoch: int, items: Iterator[tuple[str, str, Load]]) -> Iterator[Any]:
+    """A read task's body: read, decode and finalize its samples in one process (raw data never
+    crosses the object store) and yield them as one model-ready block; bad samples are reported."""
+    records = []
+    for origin, key, load in items:
+        try:
+            records.append(load())
+        except shard_io.UnsafeShardError:
+            raise
+        except (DataError, shard_io.ShardError, OSError, ValueError, KeyError) as err:
+            report_bad(spec, epoch, BadSample(origin, key, f"{type(err).__name__}: {err}"))
+    if records:
+        yield BlockAccessor.batch_to_block(records_to_batch(records))
+
+
+def records_to_batch(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {name: _column([r[name] for r in records]) if name in _STRING_COLUMNS
+            else np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -182,9 +234,10 @@ class EpochDatasource(Datasource):
     """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
 
     def __init__(self, spec: Spec, index: SampleIndex | None, entries: list[shard_io.ShardEntry] | None,
-                 sample_bytes: int) -> None:
+                 sample_bytes: int, samples_per_task: int) -> None:
         super().__init__()
         self.spec, self.index, self.entries, self.sample_bytes = spec, index, entries, sample_bytes
+        self.samples_per_task = samples_per_task
 
     def get_name(self) -> str:
         return f"Thalia{self.spec.kind.capitalize()}[{self.spec.split}]"
@@ -194,6 +247,10 @@ class EpochDatasource(Datasource):
             return self.index.epoch(self.spec.split, epoch, self.spec.seed)
         return epoch_draw(self.entries or [], self.spec.split, epoch, self.spec.seed, self.spec.data.balance)
 
+    def num_tasks(self) -> int:
+        """Read tasks per epoch (constant: a balanced draw has as many negatives as positives)."""
+        return max(1, math.ceil(len(self.items(0)) / self.samples_per_task))
+
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
 
@@ -201,62 +258,25 @@ class EpochDatasource(Datasource):
                        data_context: Any = None) -> list[ReadTask]:
         epoch = ray.get(self.spec.handle.actor().get_epoch.remote()) if self.spec.training else 0
         items = self.items(epoch)
-        size = self.spec.data.samples_per_read_task
+        size = self.samples_per_task
         tasks = []
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             if self.index is not None:
                 uids = {u for s in chunk for u in s.unique_ids}
                 annotations = {u: self.index.annotations[u] for u in uids}
-                read = functools.partial(_read_cube, self.spec, epoch, chunk, annotations)
+                rows = functools.partial(_read_cube, self.spec, epoch, chunk, annotations)
             else:
-                read = functools.partial(_read_shards, self.spec, epoch, chunk)
+                rows = functools.partial(_read_shards, self.spec, epoch, chunk)
             meta = BlockMetadata(num_rows=len(chunk), size_bytes=len(chunk) * self.sample_bytes,
                                  input_files=None, exec_stats=None)
+            read = functools.partial(_task, self.spec, epoch, rows)
             tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-# ------------------------------------------------------------------------------------ decoding
-def _decode(spec: Spec, batch: dict[str, np.ndarray], i: int) -> RawSample:
-    key = str(batch["key"][i])
-    if spec.kind == "cube":
-        return RawSample(image=batch["image"][i], mask=batch["mask"][i], key=key, meta=json.loads(batch["meta"][i]))
-    shard = str(batch["origin"][i])
-    entry = shard_io.ShardEntry(key, shard, int(batch["offset"][i]), 0, -1, -1, spec.kind)  # type: ignore[arg-type]
-    members = shard_io.parse_members(bytes(batch["blob"][i]), entry.where).get(key)
-    if members is None:
-        raise shard_io.ShardError(f"{entry.where}: the manifest's byte range holds no members of this key")
-    if spec.kind == "own":
-        raw = shard_io.decode_own(members, entry, spec.data.channels, spec.stored_channels)
-    else:
-        raw = shard_io.decode_published(members, entry, spec.data, spec.split)
-    bad = int(np.size(raw.image) - np.isfinite(raw.image).sum())
-    if bad:
-        raise shard_io.ShardError(f"{entry.where}: {bad} non-finite image values")
-    return raw
-
-
-def finalize_batch(batch: dict[str, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
-    """map_batches: raw rows → model-ready records (decode, normalise, augment); bad rows reported."""
-    epoch = ray.get(spec.handle.actor().get_epoch.remote()) if spec.training else 0
-    stats = statistics_for(spec.data) if spec.data.normalize else None
-    records = []
-    for i in range(len(batch["key"])):
-        key = str(batch["key"][i])
-        try:
-            raw = _decode(spec, batch, i)
-            record = finalize(raw, spec.data, stats, spec.rng(epoch, key), spec.training)
-        except shard_io.UnsafeShardError:
-            raise
-        except (DataError, shard_io.ShardError, ValueError, KeyError) as err:
-            report_bad(spec, epoch, BadSample(str(batch["origin"][i]), key, f"{type(err).__name__}: {err}"))
-            continue
-        records.append(record)
-    if not records:
-        return {}
-    return {name: _column([r[name] for r in records]) if name in _STRING_COLUMNS
-            else np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
+def _task(spec: Spec, epoch: int, rows: Callable[[], Iterator[tuple[str, str, Load]]]) -> Iterator[Any]:
+    return records_block(spec, epoch, rows())
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -322,11 +342,25 @@ def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
     return EpochHandle(name, actor)
 
 
+def data_cpus(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0) -> float:
+    """CPUs Ray Data may use: `runtime.data_cpu_limit`, else what the trainers leave of the cluster.
+
+    Read tasks ask for min(1, budget) CPUs each, so Ray runs at most one per CPU of the budget:
+    no more processes than cores (each extra one only adds context switches and memory)."""
+    if cfg.runtime.data_cpu_limit is not None:
+        return float(cfg.runtime.data_cpu_limit)
+    return max(MIN_TASK_CPUS, float(total_cpus) - trainer_cpus)
+
+
 def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
-                   run_id: str | None = None) -> Datasets:
-    """One Ray dataset per split from `cfg.data.source`; see the module docstring."""
+                   run_id: str | None = None, trainer_cpus: float = 0.0) -> Datasets:
+    """One Ray dataset per split from `cfg.data.source`; see the module docstring.
+
+    `trainer_cpus`: the CPUs the Ray Train workers hold, left out of Ray Data's budget."""
     handle = _start_control(cfg, run_id)
     index = SampleIndex.from_config(cfg.data, cfg.seed) if cfg.data.source == "cube" else None
+    budget = data_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
+    task_cpus = min(1.0, budget)
     datasets, sizes = {}, {}
     for split in splits:
         if index is not None:
@@ -334,16 +368,16 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         else:
             kind, entries, stored = _shard_entries(cfg, split)
         spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
-        source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data))
+        source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data), cfg.data.samples_per_read_task)
         sizes[split] = len(source.items(0))
-        options = shard_io.remote_args(READ_CPUS, cfg.data.root if kind == "cube" else cfg.data.shards)
+        options = shard_io.remote_args(task_cpus, cfg.data.root if kind == "cube" else cfg.data.shards)
         extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
-        ds = ray.data.read_datasource(source, num_cpus=options["num_cpus"], ray_remote_args=extra or None)
-        ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
-                            batch_format="numpy", **options)
-        if cfg.runtime.data_cpu_limit is not None:
-            ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
-                cpu=cfg.runtime.data_cpu_limit)
-        ds.context.execution_options.preserve_order = not spec.training or cfg.train.deterministic
+        # One block per read task, as planned: without override_num_blocks Ray Data splits small
+        # reads into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
+        ds = ray.data.read_datasource(source, num_cpus=task_cpus, override_num_blocks=source.num_tasks(),
+                                      ray_remote_args=extra or None)
+        options_ = ds.context.execution_options
+        options_.resource_limits = options_.resource_limits.copy(cpu=budget)
+        options_.preserve_order = not spec.training or cfg.train.deterministic
         datasets[split] = ds
     return Datasets(datasets, sizes, handle)

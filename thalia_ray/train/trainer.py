@@ -140,7 +140,8 @@ def fit(
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any]) -> TrainResult:
     run_id = record.run_id
-    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id)
+    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id,
+                          trainer_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     use_gpu = gpu_wanted(cfg)
     settings = LoopSettings(
         cfg=cfg.model_dump(mode="json"),
