@@ -62,10 +62,13 @@ def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
         np.testing.assert_array_equal(rows[0][name], rows[1][name])
 
 
-def test_streaming_split_gives_disjoint_worker_shards(dataset):
+@pytest.mark.parametrize("source", ["cube", "shards"])
+def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, source):
     root, out = dataset
-    data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("train",))
+    cfg = config(root, source="shards", shards=out) if source == "shards" else config(root)
+    data = pipeline.build_datasets(cfg, splits=("train",))
     first, second = data.datasets["train"].streaming_split(2, equal=True)
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
     seen = []
     for epoch in (0, 1):
         pipeline.set_epoch(data.epoch_control, epoch)
@@ -79,8 +82,12 @@ def test_streaming_split_gives_disjoint_worker_shards(dataset):
         threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate((first, second))]
         [t.start() for t in threads]
         [t.join() for t in threads]
-        assert not set(got[0]) & set(got[1]) and len(got[0]) == len(got[1]) == data.sizes["train"] // 2
-        seen.append(set(got[0]) | set(got[1]))
+        delivered = got[0] + got[1]
+        assert len(got[0]) == len(got[1]) == data.sizes["train"] // 2
+        assert len(set(delivered)) == len(delivered)  # no sample twice, within or across workers
+        # a balanced draw is even (as many negatives as positives): nothing is dropped by the equal split
+        assert sorted(delivered) == sorted(s.key for s in index.epoch("train", epoch, cfg.seed))
+        seen.append(set(delivered))
     assert seen[0] != seen[1]
 
 

@@ -178,6 +178,7 @@ def _decode(spec: Spec, entry: shard_io.ShardEntry, blob: Any) -> RawSample:
 
 
 Load = Callable[[], dict[str, Any]]
+Rows = Callable[[], Iterator[tuple[str, str, Load]]]
 
 
 def _read_cube(spec: Spec, epoch: int, samples: Sequence[Sample], annotations: dict[int, Any]
@@ -254,28 +255,30 @@ class EpochDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
 
+    def chunks(self, epoch: int) -> list[tuple[int, Rows]]:
+        """An epoch's samples in read-task-sized chunks: (size, rows) where `rows()` yields each
+        sample's (origin, key, load). The bench's DataLoader baseline runs exactly these."""
+        items = self.items(epoch)
+        out = []
+        for start in range(0, len(items), self.samples_per_task):
+            chunk = items[start:start + self.samples_per_task]
+            if self.index is not None:
+                annotations = {u: self.index.annotations[u] for s in chunk for u in s.unique_ids}
+                out.append((len(chunk), functools.partial(_read_cube, self.spec, epoch, chunk, annotations)))
+            else:
+                out.append((len(chunk), functools.partial(_read_shards, self.spec, epoch, chunk)))
+        return out
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         epoch = ray.get(self.spec.handle.actor().get_epoch.remote()) if self.spec.training else 0
-        items = self.items(epoch)
-        size = self.samples_per_task
-        tasks = []
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
-            if self.index is not None:
-                uids = {u for s in chunk for u in s.unique_ids}
-                annotations = {u: self.index.annotations[u] for u in uids}
-                rows = functools.partial(_read_cube, self.spec, epoch, chunk, annotations)
-            else:
-                rows = functools.partial(_read_shards, self.spec, epoch, chunk)
-            meta = BlockMetadata(num_rows=len(chunk), size_bytes=len(chunk) * self.sample_bytes,
-                                 input_files=None, exec_stats=None)
-            read = functools.partial(_task, self.spec, epoch, rows)
-            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
-        return tasks
+        return [ReadTask(functools.partial(_task, self.spec, epoch, rows),
+                         BlockMetadata(num_rows=n, size_bytes=n * self.sample_bytes, input_files=None, exec_stats=None),
+                         per_task_row_limit=per_task_row_limit)
+                for n, rows in self.chunks(epoch)]
 
 
-def _task(spec: Spec, epoch: int, rows: Callable[[], Iterator[tuple[str, str, Load]]]) -> Iterator[Any]:
+def _task(spec: Spec, epoch: int, rows: Rows) -> Iterator[Any]:
     return records_block(spec, epoch, rows())
 
 
@@ -304,6 +307,7 @@ class Datasets:
     datasets: dict[str, ray.data.Dataset]
     sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
     epoch_control: EpochHandle
+    sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
 
 
 def _sample_bytes(data: DataConfig) -> int:
@@ -361,7 +365,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     index = SampleIndex.from_config(cfg.data, cfg.seed) if cfg.data.source == "cube" else None
     budget = data_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
     task_cpus = min(1.0, budget)
-    datasets, sizes = {}, {}
+    datasets, sizes, sources = {}, {}, {}
     for split in splits:
         if index is not None:
             kind, entries, stored = "cube", None, ()
@@ -369,7 +373,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
             kind, entries, stored = _shard_entries(cfg, split)
         spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
         source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data), cfg.data.samples_per_read_task)
-        sizes[split] = len(source.items(0))
+        sizes[split], sources[split] = len(source.items(0)), source
         options = shard_io.remote_args(task_cpus, cfg.data.root if kind == "cube" else cfg.data.shards)
         extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
         # One block per read task, as planned: without override_num_blocks Ray Data splits small
@@ -380,4 +384,4 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         options_.resource_limits = options_.resource_limits.copy(cpu=budget)
         options_.preserve_order = not spec.training or cfg.train.deterministic
         datasets[split] = ds
-    return Datasets(datasets, sizes, handle)
+    return Datasets(datasets, sizes, handle, sources)
