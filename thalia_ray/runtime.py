@@ -177,11 +177,27 @@ def _dashboard_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
 
 
+# Ray's own chatter (Data execution plans and progress bars, W&B banners) unless debugging; the
+# values are not secrets, so they may travel in the job's runtime_env. Ray Train's is filtered by the
+# run's LoggingConfig (train.trainer.run_config).
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true"}
+
+
+def quiet_env(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """QUIET_ENV less what the user set; nothing at `runtime.log_level: DEBUG`."""
+    if runtime_cfg.log_level == "DEBUG":
+        return {}
+    return {k: v for k, v in QUIET_ENV.items() if k not in environ}
+
+
 def _configure_data(runtime_cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
+    quiet = runtime_cfg.log_level != "DEBUG"
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # this driver's own executions
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = sys.stderr.isatty() and not quiet
     if runtime_cfg.data_cpu_limit is not None:
         # Train workers holding CPUs otherwise starve Data's read tasks on small machines.
         limits = ctx.execution_options.resource_limits
@@ -232,7 +248,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         log.info("using the Ray already initialised in this process")
         return RayRuntime(None, False, dict(ray.cluster_resources()))
 
-    env = {**storage_env_vars(), **(storage_env or {})}
+    env = {**quiet_env(runtime_cfg), **storage_env_vars(), **(storage_env or {})}
     if not sys.stderr.isatty():  # drivers inside the cluster (Tune trials) would draw bars into the log
         env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from ray import LoggingConfig
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -71,6 +72,8 @@ def run_config(cfg: ThaliaConfig, store: ExperimentStore, run_id: str, callbacks
             checkpoint_score_order=stopping.mode,
         ),
         callbacks=list(callbacks),
+        # Ray Train's own INFO lines (worker group start, "Reporting training result ...") only when debugging
+        logging_config=LoggingConfig(log_level="DEBUG" if cfg.runtime.log_level == "DEBUG" else "WARNING"),
     )
 
 
