@@ -72,3 +72,50 @@ def timed_epoch(batches: Iterable[dict[str, Any]]) -> Rep:
     steady = (total - first_n) / (end - first) if end > first else float("nan")
     return Rep(total / wall if wall else float("nan"), wall,
                {"items": float(total), "steady": steady, "first_batch_s": first - start})
+
+
+def plain_run(cfg: Any, sources: dict[str, Any], steps_per_epoch: int, loader_workers: int, threads: int) -> list[float]:
+    """What a user would write instead of `thalia-ray train`: one process, the same model, loss, AdamW,
+    schedule, batch size and torch threads, persistent DataLoader workers running the pipeline's
+    per-sample work on the same epoch plans. Returns each epoch's (train + val samples) / epoch seconds."""
+    import torch
+
+    from thalia_ray.losses import build_loss
+    from thalia_ray.train.evaluate import model_from_config
+    from thalia_ray.train.schedule import build_scheduler
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    train = cfg.train
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = build_scheduler(optimizer, train.scheduler, train.epochs * steps_per_epoch, train.warmup_fraction)
+    loss_fn = build_loss(train.loss, cfg.model.task, cfg.model.aux_heads)
+    plans = {split: EpochPlan() for split in ("train", "val")}
+    loaders = {split: make_loader(loader_workers, plan) for split, plan in plans.items()}
+    plans["val"].chunks = [rows for _, rows in sources["val"].chunks(0)]
+    rates = []
+    try:
+        for epoch in range(train.epochs):
+            plans["train"].chunks = [rows for _, rows in sources["train"].chunks(epoch)]
+            start, samples = time.perf_counter(), 0
+            model.train()
+            for step, batch in enumerate(loaders["train"]):
+                if step == steps_per_epoch:
+                    break
+                loss, _ = loss_fn(model(batch["image"]), batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                samples += len(batch["key"])
+            model.eval()
+            with torch.no_grad():
+                for batch in loaders["val"]:
+                    loss_fn(model(batch["image"]), batch)
+                    samples += len(batch["key"])
+            rates.append(samples / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(saved_threads)
+    return rates

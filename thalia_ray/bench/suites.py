@@ -44,7 +44,7 @@ def _synthesize(workdir: str, p: Params) -> str:
     from thalia_ray.data.synthetic.generator import synthesize
 
     root = f"{workdir}/data"
-    synthesize(root, frames=p["frames"], size=p["size"], seed=0, max_groups_per_frame=p["groups"])
+    synthesize(root, frames=p["frames"], size=p["size"], seed=p.get("seed", 0), max_groups_per_frame=p["groups"])
     return root
 
 
@@ -212,6 +212,58 @@ def _decode_limit(cfg: Any, source: Any, per_core: Any, result: BenchResult) -> 
                         f"the pipeline reaches {100 * fraction:.1f} % of it per data CPU (target ≥ 50 %)")
 
 
+def e2e_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """`thalia-ray train` (Ray Train fed by the pipeline) vs a plain PyTorch script with the same model,
+    batch, optimiser and threads whose DataLoader workers read the same cubes; samples/s = (train + val
+    samples) / epoch seconds, median over the epochs after the first (which pays start-up on both sides)."""
+    from thalia_ray.bench import ingest
+    from thalia_ray.config import load_config
+    from thalia_ray.data.pipeline import build_datasets
+    from thalia_ray.runtime import usable_cpus
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.train.trainer import fit, steps_per_epoch
+
+    loader_workers = p["loader_workers"] or usable_cpus()
+    threads = max(1, int(p["cpus_per_worker"]))  # Ray Train gives a worker this many torch threads
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
+                     "data.atmospheric=[]", "data.augmentations=false", f"model.name={p['model']}",
+                     "model.task=classification", f"train.batch_size={p['batch_size']}",
+                     f"data.samples_per_read_task={p['batch_size']}", f"train.epochs={p['epochs']}",
+                     "train.num_workers=1", f"train.cpus_per_worker={p['cpus_per_worker']}",
+                     "train.max_steps_per_epoch=null", "train.test_best=false", "train.early_stopping.patience=null",
+                     "runtime.wandb.mode=disabled", f"storage.store={tmp}/store"]
+        if p["data_cpus"]:
+            overrides.append(f"runtime.data_cpu_limit={p['data_cpus']}")
+        cfg = load_config(None, overrides)
+        data = build_datasets(cfg, splits=("train", "val"))
+        sources = {split: ingest.detached(source) for split, source in data.sources.items()}
+        steps = steps_per_epoch(cfg, data.sizes)
+
+        def service() -> Rep:
+            started = time.perf_counter()
+            history = fit(cfg, store=ExperimentStore(f"{tmp}/store")).history
+            rates = [float(row["time/samples_per_s"]) for row in history[1:]]
+            return Rep(harness.spread(rates).median, time.perf_counter() - started, {"epochs": len(rates)})
+
+        def plain() -> Rep:
+            started = time.perf_counter()
+            rates = ingest.plain_run(cfg, sources, steps, loader_workers, threads)[1:]
+            return Rep(harness.spread(rates).median, time.perf_counter() - started, {"epochs": len(rates)})
+
+        reps = interleave({"service": service, "plain": plain}, repeats, warmup=0)
+    ours = result.add("thalia-ray train (Ray Train + Ray Data)", "samples/s", reps["service"])
+    base = result.add(f"plain PyTorch script, DataLoader with {loader_workers} workers", "samples/s", reps["plain"])
+    result.ratios.append(ratio("train vs plain script", ours, base, 0.9,
+                               "the data path or Ray Train's per-epoch work (reports, checkpoints) costs more "
+                               "than the script's"))
+    result.notes.append(f"{data.sizes['train']} train / {data.sizes['val']} val samples per epoch, {steps} steps, "
+                        f"{p['model']}, batch {p['batch_size']}, T={p['length']}, crop {p['crop']}², "
+                        f"{threads} torch thread(s) each side, 1 Ray Train worker with {p['cpus_per_worker']} CPU; "
+                        f"median over epochs 2–{p['epochs']} of each run")
+
+
 def train_step_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Ray Train (one worker, the project's WorkerLoop) vs a bare PyTorch loop, same model and batches."""
     import torch
@@ -333,6 +385,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                            "medium": {**_DATA, "size": 256, "frames": 3, "groups": 24, "batch_size": 16, **_INGEST},
                            "large": {**_DATA, "size": 256, "frames": 16, "groups": 150, "crop": 128, "length": 3,
                                      "batch_size": 16, **_INGEST}}, repeats=3),
+    Suite("e2e", "thalia-ray train samples/s vs a plain PyTorch script (same model, batch, optimiser, threads)",
+          e2e_suite, {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3,
+                             "crop": 96, "model": "mobilenetv3_small", "batch_size": 16, "epochs": epochs,
+                             "cpus_per_worker": 1.0, "data_cpus": 0, "loader_workers": 0}
+                      for size, groups, epochs in (("small", 20, 3), ("medium", 150, 4), ("large", 150, 8))},
+          repeats=1),
     Suite("train_step", "Ray Train step throughput vs a bare PyTorch loop (same model, same batches)",
           train_step_suite, {
               "small": {"model": "mobilenetv3_small", "task": "classification", "crop": 48, "length": 1,

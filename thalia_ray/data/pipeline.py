@@ -11,10 +11,12 @@ Execution is designed by measurement (BENCHMARKS.md, ../shared/docs/ray-notes.md
 churn"): a read task does a sample's whole work (windowed Zarr read or ranged shard read, decode,
 normalise, augment) in one process, so raw arrays never round-trip the object store, and yields
 one model-ready block of `data.samples_per_read_task` samples (blocks sized to batches; Ray Data
-is told the block count so it does not split them into one-row blocks). Tasks ask for a whole CPU
-out of a budget of the cluster's CPUs less the trainers' (`data_cpus`), so there are never more
-busy processes than cores; the worker processes they run in are kept between epochs (see
-`runtime.WORKER_REUSE`), and with them the open cubes, parsed `.npy` headers and imports.
+is told the block count so it does not split them into one-row blocks). A `DataBudget` sets how
+many read tasks run at once (one busy process per core Ray Data may use) and sizes their CPU
+requests to that, so Ray never packs several processes onto a core. The worker processes they run
+in are kept between epochs (`runtime.worker_reuse_config`), and with them the open cubes, parsed
+`.npy` headers and imports. Training workers start the next epoch's execution before validating
+(`EpochStart`), so its first blocks are read while validation runs.
 Unreadable samples are counted per epoch with their cube or shard and key by the epoch-control
 actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sample: fail`).
 """
@@ -22,9 +24,10 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import ray
@@ -42,7 +45,7 @@ MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to 
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
-__all__ = ["DataError", "Datasets", "EpochHandle", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
+__all__ = ["DataError", "Datasets", "EpochHandle", "EpochStart", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
 
 
 # ------------------------------------------------------------------------------ epoch control
@@ -94,6 +97,33 @@ class EpochHandle:
 def set_epoch(handle: EpochHandle, epoch: int) -> None:
     """Call on every training worker before iterating its train shard for `epoch`."""
     ray.get(handle.actor().set_epoch.remote(epoch))
+
+
+class EpochStart:
+    """An epoch's batches whose first one is fetched in a background thread, so that Ray Data plans
+    the epoch and reads its first blocks while the caller does other work (validation)."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = iter(batches)
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="thalia-epoch-start", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = [next(self._batches)]
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised in the consuming thread instead
+            self._error = err
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._batches
 
 
 def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
@@ -346,14 +376,26 @@ def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
     return EpochHandle(name, actor)
 
 
-def data_cpus(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0) -> float:
-    """CPUs Ray Data may use: `runtime.data_cpu_limit`, else what the trainers leave of the cluster.
+@dataclass(frozen=True)
+class DataBudget:
+    """Read tasks that run at once (`processes`: each keeps one core busy) and the Ray CPUs each asks for."""
 
-    Read tasks ask for min(1, budget) CPUs each, so Ray runs at most one per CPU of the budget:
-    no more processes than cores (each extra one only adds context switches and memory)."""
-    if cfg.runtime.data_cpu_limit is not None:
-        return float(cfg.runtime.data_cpu_limit)
-    return max(MIN_TASK_CPUS, float(total_cpus) - trainer_cpus)
+    processes: int
+    task_cpus: float
+
+    @property
+    def cpus(self) -> float:
+        return self.processes * self.task_cpus
+
+
+def data_budget(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0) -> DataBudget:
+    """Ray Data's share: `runtime.data_cpu_limit` busy cores (default: the CPUs the trainers leave),
+    never more Ray CPUs than the trainers leave nor than the limit. Ray then runs no more read
+    tasks than `processes`: not the many quarter-CPU processes per core that thrash a small machine."""
+    free = max(float(total_cpus) - trainer_cpus, MIN_TASK_CPUS)
+    limit = cfg.runtime.data_cpu_limit
+    processes = max(1, math.floor(limit if limit is not None else free))
+    return DataBudget(processes, min(1.0, free / processes, (limit or free) / processes))
 
 
 def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
@@ -363,8 +405,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     `trainer_cpus`: the CPUs the Ray Train workers hold, left out of Ray Data's budget."""
     handle = _start_control(cfg, run_id)
     index = SampleIndex.from_config(cfg.data, cfg.seed) if cfg.data.source == "cube" else None
-    budget = data_cpus(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
-    task_cpus = min(1.0, budget)
+    budget = data_budget(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
     datasets, sizes, sources = {}, {}, {}
     for split in splits:
         if index is not None:
@@ -374,14 +415,14 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         spec = Spec(kind, split, cfg.data, cfg.storage, cfg.seed, handle, stored)
         source = EpochDatasource(spec, index, entries, _sample_bytes(cfg.data), cfg.data.samples_per_read_task)
         sizes[split], sources[split] = len(source.items(0)), source
-        options = shard_io.remote_args(task_cpus, cfg.data.root if kind == "cube" else cfg.data.shards)
+        options = shard_io.remote_args(budget.task_cpus, cfg.data.root if kind == "cube" else cfg.data.shards)
         extra = {k: v for k, v in options.items() if k != "num_cpus"}  # runtime_env for S3, when needed
         # One block per read task, as planned: without override_num_blocks Ray Data splits small
         # reads into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
-        ds = ray.data.read_datasource(source, num_cpus=task_cpus, override_num_blocks=source.num_tasks(),
+        ds = ray.data.read_datasource(source, num_cpus=budget.task_cpus, override_num_blocks=source.num_tasks(),
                                       ray_remote_args=extra or None)
         options_ = ds.context.execution_options
-        options_.resource_limits = options_.resource_limits.copy(cpu=budget)
+        options_.resource_limits = options_.resource_limits.copy(cpu=budget.cpus)
         options_.preserve_order = not spec.training or cfg.train.deterministic
         datasets[split] = ds
     return Datasets(datasets, sizes, handle, sources)

@@ -152,7 +152,9 @@ class WorkerLoop:
         self.settings = settings
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
         context = ray.train.get_context()
-        self.rank = context.get_world_rank()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.upcoming: Any = None  # the next epoch's batches, started before validation
+        self.samples = 0  # samples trained and validated this epoch, over all ranks
         self.device = ray.train.torch.get_device()
         self.precision = self._precision()
         train = self.cfg.train
@@ -229,6 +231,7 @@ class WorkerLoop:
             maybe_inject_fault(self.settings.fault, self.rank, epoch)
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             metrics["time/epoch_s"] = time.perf_counter() - started
+            metrics["time/samples_per_s"] = self.samples / metrics["time/epoch_s"]  # train + val, all ranks
             improved = self.stopper.update(self._monitored(metrics), epoch)
             stop = rank_zero_decides(self.stopper.should_stop, self.device)
             metrics.update({"best_epoch": self.stopper.best_epoch, "restarts": self.progress.restarts})
@@ -243,17 +246,21 @@ class WorkerLoop:
         if self.wandb is not None:
             self.wandb.finish()
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        from thalia_ray.data.pipeline import TorchCollate, set_epoch
+    def start_epoch(self, epoch: int) -> Any:
+        """Training batches of `epoch`; the execution starts now, in the background (EpochStart)."""
+        from thalia_ray.data.pipeline import EpochStart, TorchCollate, set_epoch
 
         set_epoch(self.settings.epoch_control, epoch - 1)  # the pipeline counts epochs from 0
-        self.model.train()
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        return EpochStart(ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
             prefetch_batches=self.cfg.data.prefetch_batches,
             drop_last=True,  # a last batch of one sample breaks batch norm
-        )
+        ))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        batches, self.upcoming = self.upcoming or self.start_epoch(epoch), None
         totals: dict[str, float] = {}
         steps = 0
         for batch in batches:
@@ -264,6 +271,9 @@ class WorkerLoop:
             steps += 1
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
+        if epoch < self.cfg.train.epochs:  # the next epoch's first blocks are read while validation runs
+            self.upcoming = self.start_epoch(epoch + 1)
+        self.samples = steps * self.cfg.train.batch_size * self.world_size
         means = all_mean({name: total / steps for name, total in totals.items()}, self.device)
         return {"train/loss": means.pop("total"), **{f"train/loss_{k}": v for k, v in means.items()},
                 "lr": self.scheduler.get_last_lr()[0]}
@@ -298,6 +308,7 @@ class WorkerLoop:
         )
         result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
         result.count = int(count)
+        self.samples += result.count
         result.metrics = self.suite.compute()
         return result.flat("val")
 
@@ -341,7 +352,7 @@ def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> 
     return (
         f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
         f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
-        f"{metrics['time/epoch_s']:.1f}s{'  *' if improved else ''}"
+        f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
     )
 
 
