@@ -201,3 +201,30 @@ def test_published_shards_as_a_source(dataset, tmp_path):
     for batch in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy"):
         labels.update(zip(batch["key"], batch["label"]))
     assert sum(labels.values()) == len(labels) // 2 and set(labels) <= set(written["train"])
+
+
+@pytest.mark.parametrize("total, trainers, limit, processes, task_cpus", [
+    (2, 1.0, None, 1, 1.0),   # what the trainer leaves: one busy reader, one whole CPU
+    (4, 0.0, None, 4, 1.0),   # no trainer (a driver consumes): one reader per core
+    (2, 1.0, 2, 2, 0.5),      # two busy readers asked for: they share the one CPU the trainer leaves
+    (4, 1.0, 0.5, 1, 0.5),    # a cap below one CPU: one reader asking for the cap
+    (2, 2.0, None, 1, 0.25),  # trainers hold every CPU: one small reader, never none
+])
+def test_data_budget_never_packs_more_readers_than_asked(total, trainers, limit, processes, task_cpus):
+    cfg = ThaliaConfig.model_validate({"data": {"root": "x"}, "runtime": {"data_cpu_limit": limit}})
+    budget = pipeline.data_budget(cfg, total, trainers)
+    assert (budget.processes, budget.task_cpus) == (processes, task_cpus)
+    assert budget.cpus <= max(total - trainers, pipeline.MIN_TASK_CPUS) and budget.cpus <= (limit or total)
+
+
+def test_read_tasks_yield_one_model_ready_block_each(dataset):
+    """Read, decode and finalize run in the read task: one block per task of samples_per_read_task rows,
+    no map stage and no split into one-row blocks."""
+    root, out = dataset
+    for cfg in (config(root), config(root, source="shards", shards=out)):
+        data = pipeline.build_datasets(cfg, splits=("val",))
+        ds = data.datasets["val"]
+        blocks = [len(b["key"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        size = cfg.data.samples_per_read_task
+        assert blocks == [size] * (data.sizes["val"] // size) + ([data.sizes["val"] % size] if data.sizes["val"] % size else [])
+        assert "MapBatches" not in str(ds) and "image" in ds.schema().names

@@ -158,7 +158,7 @@ def test_local_ray_start_and_shutdown():
     assert out["worker_key_ok"]
     assert out["data_cpu"] == 0.5 and out["bars"] is False
     assert len({pid for pid, _ in out["first"]}) == 4 and out["again"] == out["first"]  # idle workers kept
-    assert {quiet for _, quiet in out["first"]} == {"WARNING"}  # Ray Data's INFO chatter off in workers
+    assert {quiet for _, quiet in out["first"]} == {"ERROR"}  # Ray Data's INFO chatter off in workers
     assert out["after"] is False
     assert "starting a local Ray: 1 CPUs" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr

@@ -180,7 +180,8 @@ def _dashboard_available() -> bool:
 # Ray's own chatter (Data execution plans and progress bars, W&B banners) unless debugging; the
 # values are not secrets, so they may travel in the job's runtime_env. Ray Train's is filtered by the
 # run's LoggingConfig (train.trainer.run_config).
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true"}
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR",  # at WARNING each execution still says "Progress bars disabled"
+             "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true"}
 
 
 def quiet_env(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> dict[str, str]:

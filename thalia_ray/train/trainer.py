@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from ray import LoggingConfig
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig,
+                       ScalingConfig)
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ThaliaConfig
