@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -144,23 +144,15 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Ray Data into a `streaming_split` consumer vs a DataLoader with as many persistent workers as the
     data may use, both running the pipeline's own plan and per-sample work (thalia_ray.bench.ingest)."""
     from thalia_ray.bench import ingest
-    from thalia_ray.data.pipeline import TorchCollate, build_datasets, set_epoch
 
     with tempfile.TemporaryDirectory() as tmp:
         root = p["data"] or _synthesize(tmp, p)
         cfg = _ingest_config(p, root, tmp)
         cpus = int(cfg.runtime.data_cpu_limit)
-        data = build_datasets(cfg, splits=("train",))
-        (split,) = data.datasets["train"].streaming_split(1, equal=True)
+        data, ray_epoch, epoch = _ray_epochs(cfg)
         source = ingest.detached(data.sources["train"])
         plan = ingest.EpochPlan()
         loader = ingest.make_loader(cpus, plan)
-        epoch = iter(range(10**6))
-
-        def ray_epoch() -> Rep:
-            set_epoch(data.epoch_control, next(epoch))
-            return ingest.timed_epoch(split.iter_torch_batches(
-                batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches))
 
         def loader_epoch() -> Rep:
             plan.chunks = [rows for _, rows in source.chunks(next(epoch))]
@@ -186,6 +178,55 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
                         f"{first['ray']:.2f} s (Ray Data) vs {first['loader']:.2f} s (DataLoader)")
     if cfg.data.source == "shards":
         _decode_limit(cfg, source, per_core, result)
+
+
+def _ray_epochs(cfg: Any) -> tuple[Any, Callable[[], Rep], Iterator[int]]:
+    """(datasets, one timed epoch of the train split into a `streaming_split` consumer, the epoch counter)."""
+    from thalia_ray.bench import ingest
+    from thalia_ray.data.pipeline import TorchCollate, build_datasets, set_epoch
+
+    data = build_datasets(cfg, splits=("train",))
+    (split,) = data.datasets["train"].streaming_split(1, equal=True)
+    epoch = iter(range(10**6))
+
+    def run() -> Rep:
+        set_epoch(data.epoch_control, next(epoch))
+        return ingest.timed_epoch(split.iter_torch_batches(
+            batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches))
+
+    return data, run, epoch
+
+
+def cluster_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """The pipeline on a multi-node `ray.cluster_utils.Cluster` (nodes on this machine): one worker node
+    vs `nodes` worker nodes of `node_cpus` CPUs each, every node started with the service's worker reuse."""
+    from ray.cluster_utils import Cluster
+
+    from thalia_ray import runtime
+    from thalia_ray.config import RuntimeConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        rates: dict[int, list[Rep]] = {}
+        for nodes in (1, p["nodes"]):
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "include_dashboard": False,
+                "_system_config": runtime.worker_reuse_config(nodes * p["node_cpus"])})
+            try:
+                for _ in range(nodes):
+                    cluster.add_node(num_cpus=p["node_cpus"])
+                cluster.wait_for_nodes()
+                with runtime.start(RuntimeConfig(address=cluster.address, log_level="WARNING")):
+                    cfg = _ingest_config({**p, "cpus": nodes * p["node_cpus"]}, root, tmp)
+                    _, ray_epoch, _ = _ray_epochs(cfg)
+                    rates[nodes] = interleave({"ray": ray_epoch}, repeats)["ray"]
+            finally:
+                cluster.shutdown()
+    one = result.add(f"1 worker node × {p['node_cpus']} CPU", "samples/s", rates[1])
+    many = result.add(f"{p['nodes']} worker nodes × {p['node_cpus']} CPU", "samples/s", rates[p["nodes"]])
+    result.ratios.append(ratio(f"{p['nodes']} nodes vs 1", many, one))
+    result.notes.append(f"cube source, T={p['length']}, crop {p['crop']}², batch {p['batch_size']}; all nodes share "
+                        "this machine's cores, so the ratio shows the pipeline spreading over nodes, not extra hardware")
 
 
 def _extra(reps: list[Rep], key: str) -> list[Rep]:
@@ -385,6 +426,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                            "medium": {**_DATA, "size": 256, "frames": 3, "groups": 24, "batch_size": 16, **_INGEST},
                            "large": {**_DATA, "size": 256, "frames": 16, "groups": 150, "crop": 128, "length": 3,
                                      "batch_size": 16, **_INGEST}}, repeats=3),
+    Suite("cluster", "Ray Data pipeline on a 1-node vs a multi-node ray.cluster_utils.Cluster",
+          cluster_suite, {"small": {**_DATA, "batch_size": 8, **_INGEST, "nodes": 2, "node_cpus": 1},
+                          "medium": {**_DATA, "size": 256, "frames": 3, "groups": 24, "batch_size": 16, **_INGEST,
+                                     "nodes": 2, "node_cpus": 1}}, repeats=3, needs_ray=False),
     Suite("e2e", "thalia-ray train samples/s vs a plain PyTorch script (same model, batch, optimiser, threads)",
           e2e_suite, {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3,
                              "crop": 96, "model": "mobilenetv3_small", "batch_size": 16, "epochs": epochs,

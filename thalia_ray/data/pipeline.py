@@ -57,6 +57,7 @@ class EpochControl:
         self.epoch = 0
         self.policy, self.max_bad = policy, max_bad
         self.bad: dict[int, list[dict[str, str]]] = {}
+        self.progress = (0, 0)
 
     def set_epoch(self, epoch: int) -> int:
         self.epoch = int(epoch)
@@ -72,6 +73,13 @@ class EpochControl:
         if entry not in records:  # a re-executed task reports the same sample again
             records.append(entry)
         return len(records)
+
+    def advance(self, epoch: int, steps: int) -> None:
+        """Rank 0's training progress (epoch, steps done), for the driver's progress bar."""
+        self.progress = (int(epoch), int(steps))
+
+    def get_progress(self) -> tuple[int, int]:
+        return self.progress
 
     def report(self) -> dict[str, Any]:
         return {

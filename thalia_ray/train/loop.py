@@ -269,6 +269,8 @@ class WorkerLoop:
             for name, value in self.train_step(to_device(batch, self.device)).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
+            if self.rank == 0:  # the driver's progress bar (fire and forget)
+                self.settings.epoch_control.actor().advance.remote(epoch, steps)
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
         if epoch < self.cfg.train.epochs:  # the next epoch's first blocks are read while validation runs
