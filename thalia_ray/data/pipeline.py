@@ -27,7 +27,7 @@ import math
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 import ray
@@ -126,7 +126,7 @@ class EpochStart:
         except BaseException as err:  # noqa: BLE001 - raised in the consuming thread instead
             self._error = err
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -260,7 +260,7 @@ class WorkerLoop:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        batches, self.upcoming = self.upcoming or self.start_epoch(epoch), None
+        batches, self.upcoming = iter(self.upcoming or self.start_epoch(epoch)), None
         totals: dict[str, float] = {}
         steps = 0
         for batch in batches:
@@ -273,6 +273,7 @@ class WorkerLoop:
                 self.settings.epoch_control.actor().advance.remote(epoch, steps)
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
+        batches.close()  # end this epoch's iteration (left early at a step cap) before the next one starts
         if epoch < self.cfg.train.epochs:  # the next epoch's first blocks are read while validation runs
             self.upcoming = self.start_epoch(epoch + 1)
         self.samples = steps * self.cfg.train.batch_size * self.world_size
