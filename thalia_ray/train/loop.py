@@ -363,4 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: `config` is `{"settings": LoopSettings(...)}`."""
     settings: LoopSettings = config["settings"]
     setup_logging(settings.cfg["runtime"]["log_level"])  # workers forward only warnings otherwise
+    if settings.cfg["runtime"]["log_level"] != "DEBUG":
+        # Ray Train logs some internals ("Reporting training result ...") through the root logger
+        logging.getLogger().setLevel(logging.WARNING)
     WorkerLoop(settings).run()
