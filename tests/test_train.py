@@ -203,3 +203,12 @@ def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):
         steps_per_epoch(cfg, {"train": 15, "val": 9})
     with pytest.raises(ValueError, match="fewer than train.num_workers=2"):
         steps_per_epoch(cfg, {"train": 50, "val": 1})
+
+
+def test_epoch_line_reports_throughput():
+    from thalia_ray.train.loop import progress_line
+
+    metrics = {"epoch": 2, "train/loss": 0.5, "val/loss": 0.25, "val/f1_deformation": 0.75,
+               "time/epoch_s": 4.0, "time/samples_per_s": 37.25}
+    line = progress_line(metrics, 5, improved=True)
+    assert line.startswith("epoch 2/5") and "4.0s  37.2 samples/s  *" in line and "\n" not in line
