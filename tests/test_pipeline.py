@@ -204,11 +204,11 @@ def test_published_shards_as_a_source(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("total, trainers, limit, processes, task_cpus", [
-    (2, 1.0, None, 1, 1.0),   # what the trainer leaves: one busy reader, one whole CPU
-    (4, 0.0, None, 4, 1.0),   # no trainer (a driver consumes): one reader per core
-    (2, 1.0, 2, 2, 0.5),      # two busy readers asked for: they share the one CPU the trainer leaves
-    (4, 1.0, 0.5, 1, 0.5),    # a cap below one CPU: one reader asking for the cap
-    (2, 2.0, None, 1, 0.25),  # trainers hold every CPU: one small reader, never none
+    (2, 1.0, None, 2, 0.5),    # one reader per core, sharing the one CPU the trainer leaves
+    (4, 0.0, None, 4, 1.0),    # no trainer (a driver consumes): one reader per core, a whole CPU each
+    (2, 1.0, 1, 1, 1.0),       # one busy reader asked for
+    (4, 1.0, 0.5, 1, 0.5),     # a cap below one CPU: one reader asking for the cap
+    (2, 2.0, None, 2, 0.125),  # trainers hold every CPU: small requests, never none
 ])
 def test_data_budget_never_packs_more_readers_than_asked(total, trainers, limit, processes, task_cpus):
     cfg = ThaliaConfig.model_validate({"data": {"root": "x"}, "runtime": {"data_cpu_limit": limit}})

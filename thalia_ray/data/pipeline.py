@@ -12,8 +12,8 @@ churn"): a read task does a sample's whole work (windowed Zarr read or ranged sh
 normalise, augment) in one process, so raw arrays never round-trip the object store, and yields
 one model-ready block of `data.samples_per_read_task` samples (blocks sized to batches; Ray Data
 is told the block count so it does not split them into one-row blocks). A `DataBudget` sets how
-many read tasks run at once (one busy process per core Ray Data may use) and sizes their CPU
-requests to that, so Ray never packs several processes onto a core. The worker processes they run
+many read tasks run at once (one busy process per core) and sizes their CPU requests to fit what
+the trainers leave, so Ray never packs several read processes onto a core. The worker processes they run
 in are kept between epochs (`runtime.worker_reuse_config`), and with them the open cubes, parsed
 `.npy` headers and imports. Training workers start the next epoch's execution before validating
 (`EpochStart`), so its first blocks are read while validation runs.
@@ -397,12 +397,15 @@ class DataBudget:
 
 
 def data_budget(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0) -> DataBudget:
-    """Ray Data's share: `runtime.data_cpu_limit` busy cores (default: the CPUs the trainers leave),
-    never more Ray CPUs than the trainers leave nor than the limit. Ray then runs no more read
-    tasks than `processes`: not the many quarter-CPU processes per core that thrash a small machine."""
+    """Ray Data's share: `runtime.data_cpu_limit` busy read processes, by default one per CPU of the
+    cluster, whose CPU requests together fit in what the trainers leave (and in the limit). The trainers
+    mostly wait for data or a GPU, so readers share their cores as a DataLoader's workers share the
+    training process's (measured: `bench e2e` 0.93× of a plain script with one reader per core, 0.74×
+    with one per CPU the trainers leave); what Ray no longer does is pack four quarter-CPU processes
+    onto every core."""
     free = max(float(total_cpus) - trainer_cpus, MIN_TASK_CPUS)
     limit = cfg.runtime.data_cpu_limit
-    processes = max(1, math.floor(limit if limit is not None else free))
+    processes = max(1, math.floor(limit if limit is not None else total_cpus))
     return DataBudget(processes, min(1.0, free / processes, (limit or free) / processes))
 
 
