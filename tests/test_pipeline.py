@@ -66,10 +66,13 @@ def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
         np.testing.assert_array_equal(rows[0][name], rows[1][name])
 
 
-def test_streaming_split_gives_disjoint_worker_shards(dataset):
+@pytest.mark.parametrize("source", ["cube", "shards"])
+def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, source):
     root, out = dataset
-    data = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("train",))
+    cfg = config(root, source="shards", shards=out) if source == "shards" else config(root)
+    data = pipeline.build_datasets(cfg, splits=("train",))
     first, second = data.datasets["train"].streaming_split(2, equal=True)
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
     seen = []
     for epoch in (0, 1):
         pipeline.set_epoch(data.epoch_control, epoch)
@@ -83,8 +86,12 @@ def test_streaming_split_gives_disjoint_worker_shards(dataset):
         threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate((first, second))]
         [t.start() for t in threads]
         [t.join() for t in threads]
-        assert not set(got[0]) & set(got[1]) and len(got[0]) == len(got[1]) == data.sizes["train"] // 2
-        seen.append(set(got[0]) | set(got[1]))
+        delivered = got[0] + got[1]
+        assert len(got[0]) == len(got[1]) == data.sizes["train"] // 2
+        assert len(set(delivered)) == len(delivered)  # no sample twice, within or across workers
+        # a balanced draw is even (as many negatives as positives): nothing is dropped by the equal split
+        assert sorted(delivered) == sorted(s.key for s in index.epoch("train", epoch, cfg.seed))
+        seen.append(set(delivered))
     assert seen[0] != seen[1]
 
 
@@ -240,3 +247,30 @@ def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
     loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("total, trainers, limit, processes, task_cpus", [
+    (2, 1.0, None, 2, 0.5),    # one reader per core, sharing the one CPU the trainer leaves
+    (4, 0.0, None, 4, 1.0),    # no trainer (a driver consumes): one reader per core, a whole CPU each
+    (2, 1.0, 1, 1, 1.0),       # one busy reader asked for
+    (4, 1.0, 0.5, 1, 0.5),     # a cap below one CPU: one reader asking for the cap
+    (2, 2.0, None, 2, 0.125),  # trainers hold every CPU: small requests, never none
+])
+def test_data_budget_never_packs_more_readers_than_asked(total, trainers, limit, processes, task_cpus):
+    cfg = ThaliaConfig.model_validate({"data": {"root": "x"}, "runtime": {"data_cpu_limit": limit}})
+    budget = pipeline.data_budget(cfg, total, trainers)
+    assert (budget.processes, budget.task_cpus) == (processes, task_cpus)
+    assert budget.cpus <= max(total - trainers, pipeline.MIN_TASK_CPUS) and budget.cpus <= (limit or total)
+
+
+def test_read_tasks_yield_one_model_ready_block_each(dataset):
+    """Read, decode and finalize run in the read task: one block per task of samples_per_read_task rows,
+    no map stage and no split into one-row blocks."""
+    root, out = dataset
+    for cfg in (config(root), config(root, source="shards", shards=out)):
+        data = pipeline.build_datasets(cfg, splits=("val",))
+        ds = data.datasets["val"]
+        blocks = [len(b["key"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        size = cfg.data.samples_per_read_task
+        assert blocks == [size] * (data.sizes["val"] // size) + ([data.sizes["val"] % size] if data.sizes["val"] % size else [])
+        assert "MapBatches" not in str(ds) and "image" in ds.schema().names

@@ -119,7 +119,7 @@ def test_reuses_an_already_initialised_ray(ray_cluster):
 def test_local_ray_start_and_shutdown():
     """A local Ray sized by the config; workers inherit credentials, which are never forwarded or logged."""
     proc = _python("""
-        import json, ray
+        import json, ray, time
         from ray.data import DataContext
         from thalia_ray.config import RuntimeConfig
         from thalia_ray.runtime import setup_logging, start
@@ -128,10 +128,28 @@ def test_local_ray_start_and_shutdown():
         with start(cfg) as rt:
             key = ray.get(ray.remote(lambda: __import__("os").environ.get("AWS_SECRET_ACCESS_KEY")).remote())
             ctx = DataContext.get_current()
+
+            @ray.remote(num_cpus=0)
+            class Gate:  # holds 4 tasks until all have started: 4 worker processes on 1 CPU
+                def __init__(self): self.n = 0
+                def arrive(self): self.n += 1
+                def count(self): return self.n
+
+            @ray.remote(num_cpus=0.25)
+            def held(gate):
+                import os, time
+                ray.get(gate.arrive.remote())
+                while ray.get(gate.count.remote()) < 4:
+                    time.sleep(0.05)
+                return os.getpid(), os.environ.get("RAY_DATA_LOG_LEVEL")
+
+            first = ray.get([held.remote(gate) for gate in [Gate.remote()] for _ in range(4)])
+            time.sleep(3)  # Ray's default ends idle workers above one per CPU after about a second
+            again = ray.get([held.remote(gate) for gate in [Gate.remote()] for _ in range(4)])
             out = {"started": rt.started, "address": rt.address, "cpus": rt.resources.get("CPU"),
                    "names": list(rt.env_var_names), "worker_key_ok": key == "%s",
                    "data_cpu": ctx.execution_options.resource_limits.cpu,
-                   "bars": ctx.enable_progress_bars}
+                   "bars": ctx.enable_progress_bars, "first": sorted(first), "again": sorted(again)}
         out["after"] = ray.is_initialized()
         print(json.dumps(out))
     """ % SECRET, env={"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "id-for-test"})
@@ -140,6 +158,8 @@ def test_local_ray_start_and_shutdown():
     assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(out["names"])
     assert out["worker_key_ok"]
     assert out["data_cpu"] == 0.5 and out["bars"] is False
+    assert len({pid for pid, _ in out["first"]}) == 4 and out["again"] == out["first"]  # idle workers kept
+    assert {quiet for _, quiet in out["first"]} == {"ERROR"}  # Ray Data's INFO chatter off in workers
     assert out["after"] is False
     assert "starting a local Ray: 1 CPUs" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr

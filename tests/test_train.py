@@ -373,3 +373,12 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
     fit(cfg, store=store, run_id="full")
     _check_resumed(record, epochs=4)
+
+
+def test_epoch_line_reports_throughput():
+    from thalia_ray.train.loop import progress_line
+
+    metrics = {"epoch": 2, "train/loss": 0.5, "val/loss": 0.25, "val/f1_deformation": 0.75,
+               "time/epoch_s": 4.0, "time/samples_per_s": 37.25}
+    line = progress_line(metrics, 5, improved=True)
+    assert line.startswith("epoch 2/5") and "4.0s  37.2 samples/s  *" in line and "\n" not in line

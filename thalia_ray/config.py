@@ -290,7 +290,7 @@ class RuntimeConfig(Section):
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: int | None = Field(None, ge=0)
     object_store_memory: int | None = Field(None, ge=78_643_200)
-    data_cpu_limit: float | None = Field(None, gt=0)  # cap Ray Data's CPUs so trainers are not starved
+    data_cpu_limit: float | None = Field(None, gt=0)  # busy read processes for Ray Data (pipeline.data_budget)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     # Trackers each run writes to; their files land in the run's folder, {run}/tracking/{tracker}/.

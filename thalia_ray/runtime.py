@@ -43,6 +43,20 @@ STORAGE_ENV_NAMES = (
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+# Keep idle worker processes (and their imports, open cubes, parsed headers) between epochs. Ray's
+# defaults end idle workers above one per CPU after about a second, so every epoch re-imported torch,
+# zarr and xarray in fresh processes (ray-notes.md, "Worker-process churn"). Set here when this process
+# starts Ray; a cluster the service joins needs the same settings as environment variables of
+# `ray start` on every node: RAY_num_workers_soft_limit, RAY_idle_worker_killing_time_threshold_ms.
+WORKER_REUSE_MIN_SOFT_LIMIT = 16
+IDLE_WORKER_KEEP_MS = 600_000
+
+
+def worker_reuse_config(num_cpus: int) -> dict[str, int]:
+    """Ray `_system_config` that keeps idle workers: soft limit well above the CPU count, 10 min idle."""
+    return {"num_workers_soft_limit": max(WORKER_REUSE_MIN_SOFT_LIMIT, 4 * num_cpus),
+            "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+
 
 # ------------------------------------------------------------------------------------- logging
 def setup_logging(level: str | int = "INFO") -> logging.Logger:
@@ -169,11 +183,28 @@ def _dashboard_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
 
 
+# Ray's own chatter (Data execution plans and progress bars, W&B banners) unless debugging; the
+# values are not secrets, so they may travel in the job's runtime_env. Ray Train's is filtered by the
+# run's LoggingConfig (train.trainer.run_config).
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR",  # at WARNING each execution still says "Progress bars disabled"
+             "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "WANDB_SILENT": "true"}
+
+
+def quiet_env(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """QUIET_ENV less what the user set; nothing at `runtime.log_level: DEBUG`."""
+    if runtime_cfg.log_level == "DEBUG":
+        return {}
+    return {k: v for k, v in QUIET_ENV.items() if k not in environ}
+
+
 def _configure_data(runtime_cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
+    quiet = runtime_cfg.log_level != "DEBUG"
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # this driver's own executions
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = sys.stderr.isatty() and not quiet
     if runtime_cfg.data_cpu_limit is not None:
         # Train workers holding CPUs otherwise starve Data's read tasks on small machines.
         limits = ctx.execution_options.resource_limits
@@ -224,7 +255,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         log.info("using the Ray already initialised in this process")
         return RayRuntime(None, False, dict(ray.cluster_resources()))
 
-    env = {**storage_env_vars(), **(storage_env or {})}
+    env = {**quiet_env(runtime_cfg), **storage_env_vars(), **(storage_env or {})}
     if not sys.stderr.isatty():  # drivers inside the cluster (Tune trials) would draw bars into the log
         env.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -251,6 +282,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             object_store_memory=runtime_cfg.object_store_memory,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            _system_config=worker_reuse_config(sizes["num_cpus"]),
             **common,
         )
         # Ray's own helpers (the state API used by Train's placement-group cleaner) look the cluster up

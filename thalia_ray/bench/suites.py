@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _synthesize(workdir: str, p: Params) -> str:
     from thalia_ray.data.synthetic.generator import synthesize
 
     root = f"{workdir}/data"
-    synthesize(root, frames=p["frames"], size=p["size"], seed=0, max_groups_per_frame=p["groups"])
+    synthesize(root, frames=p["frames"], size=p["size"], seed=p.get("seed", 0), max_groups_per_frame=p["groups"])
     return root
 
 
@@ -122,87 +122,192 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
         f"{n}× shards ({m['samples']} samples) {m['peak_rss_mib']:.0f} MiB" for n, m in memory.items()))
 
 
-def _pipeline_epoch(iterators: list[Any], batch_size: int, prefetch: int) -> int:
-    """Drain one epoch from each split iterator in its own thread (as Ray Train workers would)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _ingest_config(p: Params, root: str, tmp: str) -> Any:
+    """The run config the pipeline suite streams: an existing dataset (`data=`) or a fresh synthetic
+    one; for `source=shards`, an existing export (`shards=`) or one exported now."""
+    from thalia_ray.config import load_config
+    from thalia_ray.data.shards.export import export_shards
+    from thalia_ray.runtime import usable_cpus
 
-    from thalia_ray.data.pipeline import TorchCollate
-
-    def drain(it: Any) -> int:
-        return sum(len(b["label"]) for b in it.iter_torch_batches(
-            batch_size=batch_size, collate_fn=TorchCollate(), prefetch_batches=prefetch))
-
-    with ThreadPoolExecutor(len(iterators)) as pool:
-        return sum(pool.map(drain, iterators))
-
-
-def _dataloader_epoch(samples: list[Any], index: Any, data_cfg: Any, batch_size: int, epoch: int) -> int:
-    """The original strategy: a single-process DataLoader whose items open the cube and read whole frames."""
-    from torch.utils.data import DataLoader
-
-    from thalia_ray.bench import pipeline as pl
-    from thalia_ray.data.cube import crop_window, sample_meta
-    from thalia_ray.data.locations import DataLocations
-    from thalia_ray.data.samples import RawSample
-    from thalia_ray.data.transforms import finalize, statistics_for
-
-    stats = statistics_for(DataLocations.of(data_cfg).statistics)
-
-    class PerSample:
-        def __len__(self) -> int:
-            return len(samples)
-
-        def __getitem__(self, i: int) -> dict[str, Any]:
-            s = samples[i]
-            stack = pl.original_read(s, index, data_cfg)
-            window = crop_window(s, index.annotations, _frame_shape(data_cfg, s), data_cfg.crop, None, data_cfg.mask_target)
-            raw = RawSample(np.ascontiguousarray(stack[:, :-1]), stack[:, -1].astype(np.uint8), s.key,
-                            sample_meta(s, index.annotations, window))
-            return finalize(raw, data_cfg, stats, np.random.default_rng((epoch, i)), True)
-
-    return sum(len(b["label"]) for b in DataLoader(PerSample(), batch_size=batch_size, num_workers=0))
-
-
-def _frame_shape(data_cfg: Any, sample: Any) -> tuple[int, int]:
-    from thalia_ray.data.cube import get_cache
-
-    return get_cache(data_cfg.root).get(sample.frame_id).shape
+    cpus = p["cpus"] or usable_cpus()
+    overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
+                 f"data.balance={p['balance']}", f"data.samples_per_read_task={p['batch_size']}",
+                 "data.atmospheric=[]",  # the three geomorphology channels
+                 f"train.batch_size={p['batch_size']}", f"runtime.data_cpu_limit={cpus}"]
+    cfg = load_config(None, overrides)
+    if p["source"] == "shards":
+        out = p["shards"] or f"{tmp}/shards"
+        if not p["shards"]:
+            export_shards(cfg.data, out, length=p["length"], splits=("train",))
+        cfg = load_config(None, [*overrides, "data.source=shards", f"data.shards={out}"])
+    return cfg
 
 
 def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
-    """The Ray Data train pipeline split into 1 and 2 consumers vs a single-process DataLoader."""
-    from thalia_ray.config import load_config
-    from thalia_ray.data.index import SampleIndex
-    from thalia_ray.data.pipeline import build_datasets, set_epoch
+    """Ray Data into a `streaming_split` consumer vs a DataLoader with as many persistent workers as the
+    data may use, both running the pipeline's own plan and per-sample work (thalia_ray.bench.ingest)."""
+    from thalia_ray.bench import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = _synthesize(tmp, p)
-        cfg = load_config(None, [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
-                                 f"train.batch_size={p['batch_size']}"])
-        data = build_datasets(cfg, splits=("train",))
-        index = SampleIndex.from_config(cfg.data, cfg.seed)
-        splits = {n: data.datasets["train"].streaming_split(n, equal=True) for n in (1, 2)}
-        epoch = iter(range(10**6))
+        root = p["data"] or _synthesize(tmp, p)
+        cfg = _ingest_config(p, root, tmp)
+        cpus = int(cfg.runtime.data_cpu_limit)
+        data, ray_epoch, epoch = _ray_epochs(cfg)
+        source = ingest.detached(data.sources["train"])
+        plan = ingest.EpochPlan()
+        loader = ingest.make_loader(cpus, plan)
 
-        def ray_epoch(n: int) -> Callable[[], float]:
-            def run() -> float:
-                set_epoch(data.epoch_control, next(epoch))
-                return _pipeline_epoch(splits[n], cfg.train.batch_size, cfg.data.prefetch_batches)
-            return run
+        def loader_epoch() -> Rep:
+            plan.chunks = [rows for _, rows in source.chunks(next(epoch))]
+            return ingest.timed_epoch(loader)
 
-        def loader_epoch() -> float:
-            e = next(epoch)
-            return _dataloader_epoch(index.epoch("train", e, cfg.seed), index, cfg.data, cfg.train.batch_size, e)
+        reps = interleave({"ray": ray_epoch, "loader": loader_epoch}, repeats)
+    name = f"{cfg.data.source} source"
+    ray_all = result.add(f"Ray Data ({name}), epoch incl. start-up", "samples/s", reps["ray"])
+    base_all = result.add(f"DataLoader, {cpus} persistent workers, epoch incl. start-up", "samples/s", reps["loader"])
+    ray_steady = result.add("Ray Data, steady (after the first batch)", "samples/s", _extra(reps["ray"], "steady"))
+    base_steady = result.add("DataLoader, steady (after the first batch)", "samples/s", _extra(reps["loader"], "steady"))
+    per_core = result.add("Ray Data steady per data CPU", "samples/s/CPU",
+                          [Rep(r.extra["steady"] / cpus, r.wall_s) for r in reps["ray"]])
+    result.ratios += [
+        ratio("pipeline vs DataLoader, steady", ray_steady, base_steady, 1.0,
+              "per-block overhead of Ray Data (task scheduling, object store, the split coordinator)"),
+        ratio("pipeline vs DataLoader, incl. start-up", ray_all, base_all, 0.9,
+              "each epoch plans and starts a new Ray Data execution before its first batch"),
+    ]
+    first = {n: harness.spread([r.extra["first_batch_s"] for r in reps[n]]).median for n in ("ray", "loader")}
+    result.notes.append(f"{data.sizes['train']} samples per epoch ({name}), T={p['length']}, crop {p['crop']}², "
+                        f"batch = read task = {p['batch_size']} samples, {cpus} data CPUs each side; first batch after "
+                        f"{first['ray']:.2f} s (Ray Data) vs {first['loader']:.2f} s (DataLoader)")
+    if cfg.data.source == "shards":
+        _decode_limit(cfg, source, per_core, result)
 
-        reps = interleave({"ray1": timed_rate(ray_epoch(1)), "ray2": timed_rate(ray_epoch(2)),
-                           "loader": timed_rate(loader_epoch)}, repeats)
-    one = result.add("Ray Data → 1 worker", "samples/s", reps["ray1"])
-    two = result.add("Ray Data → 2 workers", "samples/s", reps["ray2"])
-    base = result.add("DataLoader, 1 process, per-sample open", "samples/s", reps["loader"])
-    result.ratios += [ratio("Ray Data 1 worker vs DataLoader", one, base), ratio("Ray Data 2 workers vs DataLoader", two, base),
-                      ratio("2 vs 1 worker", two, one)]
-    result.notes.append(f"{data.sizes['train']} samples per epoch, T={p['length']}, crop {p['crop']}², "
-                        f"frames {p['size']}², batch {p['batch_size']}; rates include each epoch's task start-up")
+
+def _ray_epochs(cfg: Any) -> tuple[Any, Callable[[], Rep], Iterator[int]]:
+    """(datasets, one timed epoch of the train split into a `streaming_split` consumer, the epoch counter)."""
+    from thalia_ray.bench import ingest
+    from thalia_ray.data.pipeline import TorchCollate, build_datasets, set_epoch
+
+    data = build_datasets(cfg, splits=("train",))
+    (split,) = data.datasets["train"].streaming_split(1, equal=True)
+    epoch = iter(range(10**6))
+
+    def run() -> Rep:
+        set_epoch(data.epoch_control, next(epoch))
+        return ingest.timed_epoch(split.iter_torch_batches(
+            batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches))
+
+    return data, run, epoch
+
+
+def cluster_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """The pipeline on a multi-node `ray.cluster_utils.Cluster` (nodes on this machine): one worker node
+    vs `nodes` worker nodes of `node_cpus` CPUs each, every node started with the service's worker reuse."""
+    from ray.cluster_utils import Cluster
+
+    from thalia_ray import runtime
+    from thalia_ray.config import RuntimeConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        rates: dict[int, list[Rep]] = {}
+        for nodes in (1, p["nodes"]):
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "include_dashboard": False,
+                "_system_config": runtime.worker_reuse_config(nodes * p["node_cpus"])})
+            try:
+                for _ in range(nodes):
+                    cluster.add_node(num_cpus=p["node_cpus"])
+                cluster.wait_for_nodes()
+                with runtime.start(RuntimeConfig(address=cluster.address, log_level="WARNING")):
+                    cfg = _ingest_config({**p, "cpus": nodes * p["node_cpus"]}, root, tmp)
+                    _, ray_epoch, _ = _ray_epochs(cfg)
+                    rates[nodes] = interleave({"ray": ray_epoch}, repeats)["ray"]
+            finally:
+                cluster.shutdown()
+    one = result.add(f"1 worker node × {p['node_cpus']} CPU", "samples/s", rates[1])
+    many = result.add(f"{p['nodes']} worker nodes × {p['node_cpus']} CPU", "samples/s", rates[p["nodes"]])
+    result.ratios.append(ratio(f"{p['nodes']} nodes vs 1", many, one))
+    result.notes.append(f"cube source, T={p['length']}, crop {p['crop']}², batch {p['batch_size']}; all nodes share "
+                        "this machine's cores, so the ratio shows the pipeline spreading over nodes, not extra hardware")
+
+
+def _extra(reps: list[Rep], key: str) -> list[Rep]:
+    return [Rep(r.extra[key], r.wall_s) for r in reps]
+
+
+def _decode_limit(cfg: Any, source: Any, per_core: Any, result: BenchResult) -> None:
+    """Fraction of the raw decode limit: the single-core rate of the codec alone (member parsing and
+    `.npy` decoding into owned arrays) over the bytes of one sample, against the pipeline's rate per CPU."""
+    from thalia_ray.data.shards.npy import decode_own
+    from thalia_ray.data.shards.tar import fetch_ranges, parse_members
+
+    entries = source.items(0)[:256]
+    fetched = [(e, bytes(b)) for e, b in fetch_ranges(entries)]
+    shards = source.source  # OwnShards: the export's stored channels and compression
+    start, nbytes = time.process_time(), 0
+    for entry, blob in fetched:
+        members = parse_members(blob, entry.where)[entry.key]
+        raw = decode_own(members, entry.key, entry.where, cfg.data.channels, shards.stored_channels, shards.compressed)
+        nbytes += np.ascontiguousarray(raw.image).nbytes + np.ascontiguousarray(raw.mask).nbytes
+    seconds = time.process_time() - start
+    limit = len(fetched) / seconds  # samples/s on one core for the codec alone
+    fraction = per_core.stats.median / limit
+    result.notes.append(f"raw decode limit: {nbytes / len(fetched) / 2**20:.2f} MiB per sample at "
+                        f"{nbytes / seconds / 2**30:.2f} GiB/s on one core = {limit:,.0f} samples/s per core; "
+                        f"the pipeline reaches {100 * fraction:.1f} % of it per data CPU (target ≥ 50 %)")
+
+
+def e2e_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """`thalia-ray train` (Ray Train fed by the pipeline) vs a plain PyTorch script with the same model,
+    batch, optimiser and threads whose DataLoader workers read the same cubes; samples/s = (train + val
+    samples) / epoch seconds, median over the epochs after the first (which pays start-up on both sides)."""
+    from thalia_ray.bench import ingest
+    from thalia_ray.config import load_config
+    from thalia_ray.data.pipeline import build_datasets
+    from thalia_ray.runtime import usable_cpus
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.train.trainer import fit, steps_per_epoch
+
+    loader_workers = p["loader_workers"] or usable_cpus()
+    threads = max(1, int(p["cpus_per_worker"]))  # Ray Train gives a worker this many torch threads
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
+                     "data.atmospheric=[]", "data.augmentations=false", f"model.name={p['model']}",
+                     "model.task=classification", f"train.batch_size={p['batch_size']}",
+                     f"data.samples_per_read_task={p['batch_size']}", f"train.epochs={p['epochs']}",
+                     "train.num_workers=1", f"train.cpus_per_worker={p['cpus_per_worker']}",
+                     "train.max_steps_per_epoch=null", "train.test_best=false", "train.early_stopping.patience=null",
+                     "runtime.wandb.mode=disabled", f"storage.store={tmp}/store"]
+        if p["data_cpus"]:
+            overrides.append(f"runtime.data_cpu_limit={p['data_cpus']}")
+        cfg = load_config(None, overrides)
+        data = build_datasets(cfg, splits=("train", "val"))
+        sources = {split: ingest.detached(source) for split, source in data.sources.items()}
+        steps = steps_per_epoch(cfg, data.sizes)
+
+        def service() -> Rep:
+            started = time.perf_counter()
+            history = fit(cfg, store=ExperimentStore(f"{tmp}/store")).history
+            rates = [float(row["time/samples_per_s"]) for row in history[1:]]
+            return Rep(harness.spread(rates).median, time.perf_counter() - started, {"epochs": len(rates)})
+
+        def plain() -> Rep:
+            started = time.perf_counter()
+            rates = ingest.plain_run(cfg, sources, steps, loader_workers, threads)[1:]
+            return Rep(harness.spread(rates).median, time.perf_counter() - started, {"epochs": len(rates)})
+
+        reps = interleave({"service": service, "plain": plain}, repeats, warmup=0)
+    ours = result.add("thalia-ray train (Ray Train + Ray Data)", "samples/s", reps["service"])
+    base = result.add(f"plain PyTorch script, DataLoader with {loader_workers} workers", "samples/s", reps["plain"])
+    result.ratios.append(ratio("train vs plain script", ours, base, 0.9,
+                               "the data path or Ray Train's per-epoch work (reports, checkpoints) costs more "
+                               "than the script's"))
+    result.notes.append(f"{data.sizes['train']} train / {data.sizes['val']} val samples per epoch, {steps} steps, "
+                        f"{p['model']}, batch {p['batch_size']}, T={p['length']}, crop {p['crop']}², "
+                        f"{threads} torch thread(s) each side, 1 Ray Train worker with {p['cpus_per_worker']} CPU; "
+                        f"median over epochs 2–{p['epochs']} of each run")
 
 
 def train_step_suite(p: Params, repeats: int, result: BenchResult) -> None:
@@ -344,6 +449,9 @@ def _gpu_precheck() -> None:
 
 # ------------------------------------------------------------------------------------ registry
 _DATA = {"frames": 2, "size": 96, "groups": 12, "length": 1, "crop": 48, "samples": 32}
+# data=/shards=: an existing dataset root / shard export instead of synthesising (and exporting) one;
+# cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw
+_INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False}
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("cube", "minicube windowed reads vs per-sample cube open + whole-frame reads", cube_suite,
           {"small": _DATA, "medium": {**_DATA, "size": 256, "frames": 3, "crop": 64},
@@ -351,11 +459,21 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("shards", "own WebDataset shards vs published .pth members (torch.load), worker memory 1× vs 4×",
           shards_suite, {"small": _DATA, "medium": {**_DATA, "crop": 96, "size": 128, "samples": 48},
                          "large": {**_DATA, "size": 512, "frames": 4, "crop": 256, "length": 3, "samples": 64}}),
-    Suite("pipeline", "Ray Data train pipeline into 1 and 2 workers vs a single-process DataLoader",
-          pipeline_suite, {"small": {**_DATA, "batch_size": 8}, "medium": {**_DATA, "size": 256, "frames": 3,
-                                                                           "groups": 24, "batch_size": 16},
-                           "large": {**_DATA, "size": 512, "frames": 4, "groups": 48, "crop": 128, "length": 3,
-                                     "batch_size": 16}}, repeats=3),
+    Suite("pipeline", "Ray Data pipeline vs a DataLoader with persistent workers, same plan and per-sample work",
+          pipeline_suite, {"small": {**_DATA, "batch_size": 8, **_INGEST},
+                           "medium": {**_DATA, "size": 256, "frames": 3, "groups": 24, "batch_size": 16, **_INGEST},
+                           "large": {**_DATA, "size": 256, "frames": 16, "groups": 150, "crop": 128, "length": 3,
+                                     "batch_size": 16, **_INGEST}}, repeats=3),
+    Suite("cluster", "Ray Data pipeline on a 1-node vs a multi-node ray.cluster_utils.Cluster",
+          cluster_suite, {"small": {**_DATA, "batch_size": 8, **_INGEST, "nodes": 2, "node_cpus": 1},
+                          "medium": {**_DATA, "size": 256, "frames": 3, "groups": 24, "batch_size": 16, **_INGEST,
+                                     "nodes": 2, "node_cpus": 1}}, repeats=3, needs_ray=False),
+    Suite("e2e", "thalia-ray train samples/s vs a plain PyTorch script (same model, batch, optimiser, threads)",
+          e2e_suite, {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3,
+                             "crop": 96, "model": "mobilenetv3_small", "batch_size": 16, "epochs": epochs,
+                             "cpus_per_worker": 1.0, "data_cpus": 0, "loader_workers": 0}
+                      for size, groups, epochs in (("small", 20, 3), ("medium", 150, 4), ("large", 150, 8))},
+          repeats=1),
     Suite("train_step", "Ray Train step throughput vs a bare PyTorch loop (same model, same batches)",
           train_step_suite, {
               "small": {"model": "mobilenetv3_small", "task": "classification", "crop": 48, "length": 1,

@@ -5,19 +5,30 @@ epoch: Ray Train's `streaming_split` coordinator starts an execution only after 
 asked for the next epoch, and every worker calls `set_epoch` before that. `get_read_tasks` asks the
 run's epoch-control actor for the epoch and plans exactly that epoch's samples (every positive plus
 a fresh, seeded draw of as many negatives; val/test: everything, in index order), so the set of
-samples is the same whether they come from cubes or shards. Read tasks fetch raw data (windowed Zarr
-reads, or the byte ranges of shard members); decoding, normalisation and augmentation run in
-`map_batches`. Read and map tasks ask for a quarter CPU, so trainers on a small machine cannot
-starve them. Unreadable samples are counted per epoch with their cube or shard and key by the same
+samples is the same whether they come from cubes or shards.
+
+Execution is designed by measurement (BENCHMARKS.md): a read task does its samples' whole work
+(the source's windowed Zarr read or ranged shard read, decode, normalise, augment) in one process,
+so raw arrays never round-trip the object store, and yields one model-ready block of
+`data.samples_per_read_task` samples (blocks sized to batches; Ray Data is told the block count so
+it does not split them into one-row blocks). A `DataBudget` sets how many read tasks run at once
+(one busy process per core) and sizes their CPU requests to fit what the trainers leave, so Ray
+never packs several read processes onto a core. The worker processes they run in are kept between
+epochs (`runtime.worker_reuse_config`), and with them the open cubes, parsed `.npy` headers and
+imports. Training workers start the next epoch's execution before validating (`EpochStart`), so
+its first blocks are read while validation runs.
+Unreadable samples are counted per epoch with their cube or shard and key by the epoch-control
 actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sample: fail`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import ray
@@ -31,15 +42,15 @@ from thalia_ray.data.index import group_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
-from thalia_ray.data.sources import Source, open_source
+from thalia_ray.data.sources import Row, Source, open_source
 from thalia_ray.data.transforms import finalize, statistics_for
 from thalia_ray.storage import Location
 
-READ_CPUS = 0.25  # per read task and per map task: trainers holding most CPUs cannot starve Data
+MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
-__all__ = ["DataError", "Datasets", "EpochHandle", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
+__all__ = ["DataError", "Datasets", "EpochHandle", "EpochStart", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
 
 
 # ------------------------------------------------------------------------------ epoch control
@@ -51,6 +62,7 @@ class EpochControl:
         self.epoch = 0
         self.policy, self.max_bad = policy, max_bad
         self.bad: dict[int, list[dict[str, str]]] = {}
+        self.progress = (0, 0)
 
     def set_epoch(self, epoch: int) -> int:
         self.epoch = int(epoch)
@@ -66,6 +78,13 @@ class EpochControl:
         if entry not in records:  # a re-executed task reports the same sample again
             records.append(entry)
         return len(records)
+
+    def advance(self, epoch: int, steps: int) -> None:
+        """Rank 0's training progress (epoch, steps done), for the driver's progress bar."""
+        self.progress = (int(epoch), int(steps))
+
+    def get_progress(self) -> tuple[int, int]:
+        return self.progress
 
     def report(self) -> dict[str, Any]:
         return {
@@ -93,6 +112,33 @@ def set_epoch(handle: EpochHandle, epoch: int) -> None:
     ray.get(handle.actor().set_epoch.remote(epoch))
 
 
+class EpochStart:
+    """An epoch's batches whose first one is fetched in a background thread, so that Ray Data plans
+    the epoch and reads its first blocks while the caller does other work (validation)."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self._batches = iter(batches)
+        self._first: list[Any] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pull, name="thalia-epoch-start", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = [next(self._batches)]
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised in the consuming thread instead
+            self._error = err
+
+    def __iter__(self) -> Generator[Any, None, None]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._batches
+
+
 def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
     """`{"policy", "max_bad_samples", "epochs": {epoch: {"count", "samples": [{split, origin, key, reason}]}}}`."""
     return ray.get(handle.actor().report.remote())
@@ -101,7 +147,7 @@ def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ epoch draws
 @dataclass(frozen=True)
 class Spec:
-    """What read and map tasks need to know about a split (small and picklable)."""
+    """What a read task needs to know about a split (small and picklable)."""
 
     source: Source  # a task copy (see Source.for_items)
     split: str
@@ -132,18 +178,51 @@ def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read(spec: Spec, epoch: int, items: Sequence[Any]) -> Iterator[Any]:
-    """The source's raw rows of `items` as one block (bad samples reported)."""
-    rng = (lambda key: spec.rng(epoch, key)) if spec.training else (lambda key: None)
-    rows: dict[str, list[Any]] = {}
-    for row in spec.source.read(items, rng):
+Load = Callable[[], dict[str, Any]]
+Loads = Iterator[Union[BadSample, tuple[str, str, Load]]]  # per sample: what its read found, in planned order
+Rows = Callable[[], Loads]
+
+
+def sample_loads(spec: Spec, epoch: int, items: Sequence[Any]) -> Loads:
+    """The source's reads of `items` (windowed Zarr reads or ranged shard reads), each sample's
+    decode and finalize deferred to its `load()`; unreadable samples come as BadSample."""
+    crop_rng = (lambda key: spec.rng(epoch, key)) if spec.training else (lambda key: None)
+    for row in spec.source.read(items, crop_rng):
         if isinstance(row, BadSample):
-            report_bad(spec, epoch, row)
+            yield row
+        else:
+            yield str(row["origin"]), str(row["key"]), functools.partial(model_record, spec, epoch, row)
+
+
+def model_record(spec: Spec, epoch: int, row: Row) -> dict[str, Any]:
+    """One sample's decode, normalisation and augmentation (may raise for bad data)."""
+    raw = spec.source.decode(row, spec.split)
+    stats = statistics_for(spec.statistics) if spec.data.normalize else None
+    return finalize(raw, spec.data, stats, spec.rng(epoch, raw.key), spec.training)
+
+
+def records_block(spec: Spec, epoch: int, loads: Loads) -> Iterator[Any]:
+    """A read task's body: read, decode and finalize its samples in one process (raw data never
+    crosses the object store) and yield them as one model-ready block; bad samples are reported."""
+    records = []
+    for item in loads:
+        if isinstance(item, BadSample):
+            report_bad(spec, epoch, item)
             continue
-        for name, value in row.items():
-            rows.setdefault(name, []).append(value)
-    if rows:
-        yield BlockAccessor.batch_to_block({k: _column(v) for k, v in rows.items()})
+        origin, key, load = item
+        try:
+            records.append(load())
+        except UnsafeShardError:
+            raise
+        except (DataError, ShardError, OSError, ValueError, KeyError) as err:
+            report_bad(spec, epoch, BadSample(origin, key, f"{type(err).__name__}: {err}"))
+    if records:
+        yield BlockAccessor.batch_to_block(records_to_batch(records))
+
+
+def records_to_batch(records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {name: _column([r[name] for r in records]) if name in _STRING_COLUMNS
+            else np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -157,9 +236,10 @@ def _column(values: list[Any]) -> np.ndarray:
 class EpochDatasource(Datasource):
     """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
 
-    def __init__(self, spec: Spec, source: Source, sample_bytes: int) -> None:
+    def __init__(self, spec: Spec, source: Source, sample_bytes: int, samples_per_task: int) -> None:
         super().__init__()
         self.spec, self.source, self.sample_bytes = spec, source, sample_bytes
+        self.samples_per_task = samples_per_task
 
     def get_name(self) -> str:
         return f"Thalia{self.source.name.capitalize()}[{self.spec.split}]"
@@ -167,46 +247,35 @@ class EpochDatasource(Datasource):
     def items(self, epoch: int) -> list[Any]:
         return self.source.epoch_items(self.spec.split, epoch)
 
+    def num_tasks(self) -> int:
+        """Read tasks per epoch (constant: a balanced draw has as many negatives as positives)."""
+        return max(1, math.ceil(len(self.items(0)) / self.samples_per_task))
+
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
+
+    def chunks(self, epoch: int) -> list[tuple[int, Rows]]:
+        """An epoch's samples in read-task-sized chunks: (size, rows) where `rows()` yields each
+        sample's (origin, key, load) or BadSample. The bench's DataLoader baseline runs exactly these."""
+        items = self.items(epoch)
+        out = []
+        for start in range(0, len(items), self.samples_per_task):
+            chunk = items[start:start + self.samples_per_task]
+            spec = dataclasses.replace(self.spec, source=self.source.for_items(chunk))
+            out.append((len(chunk), functools.partial(sample_loads, spec, epoch, chunk)))
+        return out
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         epoch = ray.get(self.spec.handle.actor().get_epoch.remote()) if self.spec.training else 0
-        items = self.items(epoch)
-        size = self.spec.data.samples_per_read_task
-        tasks = []
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
-            spec = dataclasses.replace(self.spec, source=self.source.for_items(chunk))
-            read = functools.partial(_read, spec, epoch, chunk)
-            meta = BlockMetadata(num_rows=len(chunk), size_bytes=len(chunk) * self.sample_bytes,
-                                 input_files=None, exec_stats=None)
-            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
-        return tasks
+        return [ReadTask(functools.partial(_task, self.spec, epoch, rows),
+                         BlockMetadata(num_rows=n, size_bytes=n * self.sample_bytes, input_files=None, exec_stats=None),
+                         per_task_row_limit=per_task_row_limit)
+                for n, rows in self.chunks(epoch)]
 
 
-# ------------------------------------------------------------------------------------ decoding
-def finalize_batch(batch: dict[str, np.ndarray], spec: Spec) -> dict[str, np.ndarray]:
-    """map_batches: raw rows → model-ready records (decode, normalise, augment); bad rows reported."""
-    epoch = ray.get(spec.handle.actor().get_epoch.remote()) if spec.training else 0
-    stats = statistics_for(spec.statistics) if spec.data.normalize else None
-    records = []
-    for i in range(len(batch["key"])):
-        key = str(batch["key"][i])
-        try:
-            raw = spec.source.decode({name: column[i] for name, column in batch.items()}, spec.split)
-            record = finalize(raw, spec.data, stats, spec.rng(epoch, key), spec.training)
-        except UnsafeShardError:
-            raise
-        except (DataError, ShardError, ValueError, KeyError) as err:
-            report_bad(spec, epoch, BadSample(str(batch["origin"][i]), key, f"{type(err).__name__}: {err}"))
-            continue
-        records.append(record)
-    if not records:
-        return {}
-    return {name: _column([r[name] for r in records]) if name in _STRING_COLUMNS
-            else np.stack([np.asarray(r[name]) for r in records]) for name in records[0]}
+def _task(spec: Spec, epoch: int, rows: Rows) -> Iterator[Any]:
+    return records_block(spec, epoch, rows())
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -234,6 +303,7 @@ class Datasets:
     datasets: dict[str, ray.data.Dataset]
     sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
     epoch_control: EpochHandle
+    sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
 
 
 def _sample_bytes(data: DataConfig) -> int:
@@ -248,24 +318,52 @@ def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
     return EpochHandle(name, actor)
 
 
+@dataclass(frozen=True)
+class DataBudget:
+    """Read tasks that run at once (`processes`: each keeps one core busy) and the Ray CPUs each asks for."""
+
+    processes: int
+    task_cpus: float
+
+    @property
+    def cpus(self) -> float:
+        return self.processes * self.task_cpus
+
+
+def data_budget(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0) -> DataBudget:
+    """Ray Data's share: `runtime.data_cpu_limit` busy read processes, by default one per CPU of the
+    cluster, whose CPU requests together fit in what the trainers leave (and in the limit). The trainers
+    mostly wait for data or a GPU, so readers share their cores as a DataLoader's workers share the
+    training process's (measured: `bench e2e` 0.93× of a plain script with one reader per core, 0.74×
+    with one per CPU the trainers leave); what Ray no longer does is pack four quarter-CPU processes
+    onto every core."""
+    free = max(float(total_cpus) - trainer_cpus, MIN_TASK_CPUS)
+    limit = cfg.runtime.data_cpu_limit
+    processes = max(1, math.floor(limit if limit is not None else total_cpus))
+    return DataBudget(processes, min(1.0, free / processes, (limit or free) / processes))
+
+
 def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
-                   run_id: str | None = None) -> Datasets:
-    """One Ray dataset per split from `cfg.data.source`; see the module docstring."""
+                   run_id: str | None = None, trainer_cpus: float = 0.0) -> Datasets:
+    """One Ray dataset per split from `cfg.data.source`; see the module docstring.
+
+    `trainer_cpus`: the CPUs the Ray Train workers hold, left out of Ray Data's budget."""
     locations = DataLocations.of(cfg.data, cfg.storage)
     source = open_source(cfg, locations, splits)
     handle = _start_control(cfg, run_id)
-    datasets, sizes = {}, {}
+    budget = data_budget(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
+    datasets, sizes, sources = {}, {}, {}
     for split in splits:
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
-        datasource = EpochDatasource(spec, source, _sample_bytes(cfg.data))
-        sizes[split] = len(datasource.items(0))
+        datasource = EpochDatasource(spec, source, _sample_bytes(cfg.data), cfg.data.samples_per_read_task)
+        sizes[split], sources[split] = len(datasource.items(0)), datasource
+        # One block per read task, as planned: without override_num_blocks Ray Data splits small
+        # reads into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
         # No runtime_env: Ray logs it, and credentials reach workers through their environment.
-        ds = ray.data.read_datasource(datasource, num_cpus=READ_CPUS)
-        ds = ds.map_batches(finalize_batch, fn_kwargs={"spec": spec}, batch_size=None,
-                            batch_format="numpy", num_cpus=READ_CPUS)
-        if cfg.runtime.data_cpu_limit is not None:
-            ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
-                cpu=cfg.runtime.data_cpu_limit)
-        ds.context.execution_options.preserve_order = not spec.training or cfg.train.deterministic
+        ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus,
+                                      override_num_blocks=datasource.num_tasks())
+        options = ds.context.execution_options
+        options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
+        options.preserve_order = not spec.training or cfg.train.deterministic
         datasets[split] = ds
-    return Datasets(datasets, sizes, handle)
+    return Datasets(datasets, sizes, handle, sources)

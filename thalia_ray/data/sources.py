@@ -7,7 +7,7 @@ formats:
   source: every positive plus fresh negatives for train, everything in index order otherwise);
 - `read(items, rng)`: fetch the raw data of those items, one row (a dict of columns) per item, or a
   `BadSample` naming what could not be read; runs in Ray read tasks;
-- `decode(row, split)`: a row of `split` → RawSample; runs in `map_batches`.
+- `decode(row, split)`: a row of `split` → RawSample; runs in the same read task, right after `read`.
 
 A source is shipped to every read and map task, so `for_items(items)` returns the slim copy that
 reading `items` needs (a cube source drops its index and keeps only the items' annotations).
@@ -134,12 +134,12 @@ class ShardSource(Source):
             if isinstance(data, Exception):
                 yield BadSample(entry.shard.url, entry.key, f"{type(data).__name__}: {data}")
             else:
-                yield {"key": entry.key, "origin": entry.shard.url, "offset": entry.offset, "blob": bytes(data)}
+                yield {"key": entry.key, "origin": entry.shard.url, "offset": entry.offset, "blob": data}
 
     def decode(self, row: Row, split: str) -> RawSample:
         key = str(row["key"])
         where = f"shard {row['origin']}, key {key}"
-        members = parse_members(bytes(row["blob"]), where).get(key)
+        members = parse_members(row["blob"], where).get(key)
         if members is None:
             raise ShardError(f"{where}: the manifest's byte range holds no members of this key")
         raw = self.decode_members(members, key, where, split)

@@ -92,14 +92,6 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def quiet_train_reports(level: str) -> None:
-    """Ray Train logs every report ("Reporting training result ...", each metric) under a logger named after
-    its file, which its own log-level setting misses; keep it to warnings unless debugging."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -160,9 +152,10 @@ class WorkerLoop:
     def __init__(self, settings: LoopSettings) -> None:
         self.settings = settings
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
-        quiet_train_reports(self.cfg.runtime.log_level)
         context = ray.train.get_context()
-        self.rank = context.get_world_rank()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.upcoming: Any = None  # the next epoch's batches, started before validation
+        self.samples = 0  # samples trained and validated this epoch, over all ranks
         self.device = ray.train.torch.get_device()
         self.precision = self._precision()
         train = self.cfg.train
@@ -230,6 +223,7 @@ class WorkerLoop:
             maybe_inject_fault(self.settings.fault, self.rank, epoch)
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             metrics["time/epoch_s"] = time.perf_counter() - started
+            metrics["time/samples_per_s"] = self.samples / metrics["time/epoch_s"]  # train + val, all ranks
             improved = self.stopper.update(self._monitored(metrics), epoch)
             stop = rank_zero_decides(self.stopper.should_stop, self.device)
             metrics.update({"best_epoch": self.stopper.best_epoch, "restarts": self.progress.restarts})
@@ -244,17 +238,21 @@ class WorkerLoop:
         if self.tracker is not None:
             self.tracker.finish()
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        from thalia_ray.data.pipeline import TorchCollate, set_epoch
+    def start_epoch(self, epoch: int) -> Any:
+        """Training batches of `epoch`; the execution starts now, in the background (EpochStart)."""
+        from thalia_ray.data.pipeline import EpochStart, TorchCollate, set_epoch
 
         set_epoch(self.settings.epoch_control, epoch - 1)  # the pipeline counts epochs from 0
-        self.model.train()
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+        return EpochStart(ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
             prefetch_batches=self.cfg.data.prefetch_batches,
             drop_last=True,  # a last batch of one sample breaks batch norm
-        )
+        ))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        batches, self.upcoming = iter(self.upcoming or self.start_epoch(epoch)), None
         totals: dict[str, float] = {}
         steps = 0
         for batch in batches:
@@ -263,8 +261,14 @@ class WorkerLoop:
             for name, value in self.train_step(to_device(batch, self.device)).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
+            if self.rank == 0:  # the driver's progress bar (fire and forget)
+                self.settings.epoch_control.actor().advance.remote(epoch, steps)
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
+        batches.close()  # end this epoch's iteration (left early at a step cap) before the next one starts
+        if epoch < self.cfg.train.epochs:  # the next epoch's first blocks are read while validation runs
+            self.upcoming = self.start_epoch(epoch + 1)
+        self.samples = steps * self.cfg.train.batch_size * self.world_size
         means = all_mean({name: total / steps for name, total in totals.items()}, self.device)
         return {"train/loss": means.pop("total"), **{f"train/loss_{k}": v for k, v in means.items()},
                 "lr": self.scheduler.get_last_lr()[0]}
@@ -299,6 +303,7 @@ class WorkerLoop:
         )
         result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
         result.count = int(count)
+        self.samples += result.count
         result.metrics = self.suite.compute()
         return result.flat("val")
 
@@ -342,7 +347,7 @@ def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> 
     return (
         f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
         f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
-        f"{metrics['time/epoch_s']:.1f}s{'  *' if improved else ''}"
+        f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
     )
 
 
@@ -350,4 +355,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: `config` is `{"settings": LoopSettings(...)}`."""
     settings: LoopSettings = config["settings"]
     setup_logging(settings.cfg["runtime"]["log_level"])  # workers forward only warnings otherwise
+    if settings.cfg["runtime"]["log_level"] != "DEBUG":
+        # Ray Train logs some internals ("Reporting training result ...") through loggers named after their
+        # files, below the root logger, which its own log-level setting misses
+        logging.getLogger().setLevel(logging.WARNING)
     WorkerLoop(settings).run()

@@ -8,11 +8,14 @@ stores results and per-sample predictions. A Tune trial calls `fit` with Tune's 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig,
                        ScalingConfig)
@@ -108,6 +111,37 @@ def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint,
     return pick(scored, key=lambda pair: float(pair[1][metric]))
 
 
+@contextlib.contextmanager
+def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
+    """On a terminal, a tqdm bar of rank 0's training steps (polled from the epoch-control actor)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    import ray
+    from tqdm import tqdm
+
+    done = threading.Event()
+    bar = tqdm(total=epochs * steps, unit="step", leave=False, dynamic_ncols=True)
+
+    def poll() -> None:
+        while not done.wait(0.5):
+            try:
+                epoch, step = ray.get(handle.actor().get_progress.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - a missed update only delays the bar
+                continue
+            bar.n = max(0, (epoch - 1) * steps + step)
+            bar.set_description(f"epoch {max(epoch, 1)}/{epochs}", refresh=True)
+
+    thread = threading.Thread(target=poll, name="thalia-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -162,7 +196,8 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     run_id = record.run_id
     if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
         model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
-    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id)
+    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id,
+                          trainer_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     use_gpu = gpu_wanted(cfg)
     settings = LoopSettings(
         cfg=cfg.model_dump(mode="json"),
@@ -185,7 +220,8 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS), execution_options={
             name: ds.context.execution_options for name, ds in data.datasets.items()}),
     )
-    result = trainer.fit()
+    with progress_bar(data.epoch_control, cfg.train.epochs, settings.steps_per_epoch):
+        result = trainer.fit()
     stopping = cfg.train.early_stopping
     checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
     val_metrics = {k: v for k, v in best.items() if k.startswith("val/")}
