@@ -26,8 +26,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
-from thalia_ray.data.cube import DataError
-from thalia_ray.data.index import group_rng
+from thalia_ray.data.cube import DataError, crop_rng
+from thalia_ray.data.index import sample_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
@@ -115,7 +115,10 @@ class Spec:
         return self.split == "train"
 
     def rng(self, epoch: int, key: str) -> np.random.Generator:
-        return group_rng(self.seed, "sample", epoch, key)
+        return sample_rng(self.seed, epoch, key)
+
+    def crop_rng(self, epoch: int, key: str) -> np.random.Generator | None:
+        return crop_rng(self.data.crop_policy, self.seed, key, epoch if self.training else None)
 
 
 def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
@@ -134,9 +137,8 @@ def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
 # ------------------------------------------------------------------------------------ reading
 def _read(spec: Spec, epoch: int, items: Sequence[Any]) -> Iterator[Any]:
     """The source's raw rows of `items` as one block (bad samples reported)."""
-    rng = (lambda key: spec.rng(epoch, key)) if spec.training else (lambda key: None)
     rows: dict[str, list[Any]] = {}
-    for row in spec.source.read(items, rng):
+    for row in spec.source.read(items, lambda key: spec.crop_rng(epoch, key)):
         if isinstance(row, BadSample):
             report_bad(spec, epoch, row)
             continue
