@@ -76,8 +76,8 @@ def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset,
     images = []
     for epoch in (0, 1):
         pipeline.set_epoch(cube.epoch_control, epoch)
-        images.append({str(k): image for batch in cube.datasets["train"].iter_batches(batch_size=None, batch_format="numpy")
-                       for k, image in zip(batch["key"], batch["image"])})
+        batches = cube.datasets["train"].iter_batches(batch_size=None, batch_format="numpy")
+        images.append({str(k): image for batch in batches for k, image in zip(batch["key"], batch["image"])})
     common = images[0].keys() & images[1].keys()  # every positive, and the negatives drawn twice
     assert len(common) >= 2
     for key in common:  # the same crop every epoch, as the reference's shards

@@ -388,7 +388,8 @@ def reference_window(target: np.ndarray, crop: int, rng: np.random.Generator, fr
     height, width = target.shape
     _check_fits(crop, (height, width), frame_id)
     pixels = np.argwhere(target)
-    centre = (pixels.min(axis=0) + pixels.max(axis=0)) // 2 if len(pixels) else np.array([(height - 1) // 2, (width - 1) // 2])
+    box = (pixels.min(axis=0), pixels.max(axis=0)) if len(pixels) else (np.zeros(2, int), np.array([height - 1, width - 1]))
+    centre = (box[0] + box[1]) // 2  # no mask: the whole frame's box, so the frame centre
     for _ in range(max_retries if len(pixels) else 1):
         dr, dc = rng.integers(-(crop // 4), crop // 4 + 1, size=2)
         window = Window(_start(int(centre[0] + dr), crop, height), _start(int(centre[1] + dc), crop, width), crop, crop)

@@ -54,10 +54,11 @@ def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoin
     from thalia_ray.data import schema
     from thalia_ray.data.cube import crop_rng, get_cache, read_raw, sample_window
     from thalia_ray.data.index import SampleIndex
+    from thalia_ray.data.locations import DataLocations
 
     index = SampleIndex.from_config(cfg.data, cfg.seed)
     by_key = {s.key: s for s in index.samples(split)}
-    cache = get_cache(cfg.data.root, cfg.storage)
+    cache = get_cache(DataLocations.of(cfg.data, cfg.storage).root)
     predictor = _Predictor(cfg, checkpoint, index, cache) if checkpoint is not None else None
     gallery = []
     for row in rows:

@@ -115,8 +115,9 @@ def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[st
 def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataConfig, root: Location,
                  base: Location, layout: MemberLayout, seed: int) -> dict[str, Any]:
     """Ray task: read the plan's samples from the cubes under `root` (each sample's fixed crop, as
-    evaluation reads it: `crop_rng` without an epoch; the layout's channels), write the tar to a temp name, move it into place under `base`, then write the
-    completion record (the manifest entry of this shard)."""
+    evaluation reads it: `crop_rng` without an epoch; the layout's channels), write the tar to a
+    temp name, move it into place under `base`, then write the completion record (the manifest
+    entry of this shard)."""
     cache = get_cache(root)
     members, skipped, keys_skipped = [], [], []
     for _, sample in plan.items:
@@ -226,8 +227,8 @@ def export_shards(
         report.skipped.extend(shard["skipped"])
     manifest = {
         "format": FORMAT, "length": length, "channels": list(layout.channels), "dtype": dtype,
-        "compress": compress, "crop": cfg.crop, "crop_policy": cfg.crop_policy, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
-        "seed": seed, "splits": list(splits),
+        "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
+        "crop_policy": cfg.crop_policy, "seed": seed, "splits": list(splits),
         "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
     }
     base.join(MANIFEST).write_json(manifest, indent=None)
