@@ -12,8 +12,9 @@ import xarray as xr
 from thalia_ray.config import AugmentConfig, DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationSet, parse_annotation
-from thalia_ray.data.cube import CountingStore, CubeCache, DataError, crop_window, read_raw, read_sample
-from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.cube import (CountingStore, CubeCache, DataError, crop_rng, crop_window, read_raw, read_sample,
+                                  reference_window)
+from thalia_ray.data.index import SampleIndex, group_rng
 from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.transforms import augment, finalize, load_statistics, mask_target, normalize
 from thalia_ray.storage import resolve
@@ -244,6 +245,77 @@ def test_read_sample_crop_contains_whole_cube_mask(tmp_path):
         rec = finalize(read_sample(sample, index.annotations, cache, cfg, rng), cfg, stats, rng, training=True)
         assert rec["mask"].shape == (16, 16) and rec["mask"].sum() == 36
         assert rec["image"].shape == (3, 16, 16) and rec["label"] == 1
+
+
+def _centre_offset(window: Window, centre: tuple[int, int]) -> tuple[int, int]:
+    return window.row + window.height // 2 - centre[0], window.col + window.width // 2 - centre[1]
+
+
+def test_reference_crop_holds_a_mask_pixel_near_the_box_centre():
+    target = np.zeros((128, 128), dtype=bool)
+    target[40:61, 50:71] = True  # box centre (50, 60)
+    windows = {reference_window(target, 32, np.random.default_rng(seed)) for seed in range(200)}
+    assert len(windows) > 50  # offsets are random
+    for w in windows:
+        assert (w.height, w.width) == (32, 32) and target[w.row:w.row + 32, w.col:w.col + 32].any()
+        assert all(abs(d) <= 8 for d in _centre_offset(w, (50, 60)))  # ±crop/4, nowhere near a border
+    # a mask at the corner: clamped inside the frame, still holding mask pixels
+    corner = np.zeros((128, 128), dtype=bool)
+    corner[0:4, 120:128] = True
+    assert {reference_window(corner, 32, np.random.default_rng(seed)) for seed in range(50)} == {Window(0, 96, 32, 32)}
+
+
+def test_reference_crop_of_a_negative_is_near_the_frame_centre():
+    empty = np.zeros((128, 96), dtype=bool)
+    windows = {reference_window(empty, 32, np.random.default_rng(seed)) for seed in range(200)}
+    assert len(windows) > 50
+    assert all(all(abs(d) <= 8 for d in _centre_offset(w, (63, 47))) for w in windows)
+    with pytest.raises(ValueError, match="larger than frame F"):
+        reference_window(empty, 100, np.random.default_rng(0), "F")
+
+
+def test_reference_crop_falls_back_to_the_mask_pixel_nearest_the_box_centre():
+    sparse = np.zeros((128, 128), dtype=bool)
+    sparse[2, 2] = sparse[125, 125] = True  # box centre (63, 63): no ±4 shift of a 16 crop reaches either
+    for seed in range(20):
+        assert reference_window(sparse, 16, np.random.default_rng(seed)) == Window(0, 0, 16, 16)
+
+
+def test_reference_crops_are_fixed_per_sample_and_follow_the_cube_mask(tmp_path):
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    mask[20:24, 28:32] = 2  # earthquake counts as deformation; the polygon (elsewhere) is not used
+    write_cube(str(tmp_path), masks={(0, 1): mask})
+    anns = annotation_set([record(1, "20190101", "20190125", True, polygons=[box(2, 2, 5, 5)]),
+                           record(2, "20190101", "20190206", False)])
+    sample = make_sample([1, 2], ["20190125", "20190206"], [True, False])
+    cache = CubeCache(str(tmp_path))
+    cfg = DataConfig(root=str(tmp_path), crop=16, crop_policy="reference")
+    windows = {}
+    for seed in range(12):
+        raws = [read_sample(sample, anns, cache, cfg, crop_rng("reference", seed, sample.key, epoch))
+                for epoch in (None, 0, 1, 7)]  # evaluation, then three training epochs
+        assert all(r.meta["window"] == raws[0].meta["window"] for r in raws)  # fixed whatever the epoch
+        np.testing.assert_array_equal(raws[0].image, raws[-1].image)
+        assert raws[0].mask.max() == 2  # the crop holds cube mask pixels
+        windows[seed] = Window(*raws[0].meta["window"])
+        drow, dcol = _centre_offset(windows[seed], (21, 29))
+        assert abs(drow) <= 4 and (abs(dcol) <= 4 or windows[seed].col == WIDTH - 16)  # or clamped
+    assert len(set(windows.values())) > 5  # the seed draws the crop
+    # mask_target 'last': member 2 has no mask, so the crop is a negative's, around the frame centre
+    last = DataConfig(root=str(tmp_path), crop=16, crop_policy="reference", mask_target="last")
+    for seed in range(6):
+        w = Window(*read_sample(sample, anns, cache, last, crop_rng("reference", seed, sample.key)).meta["window"])
+        assert all(abs(d) <= 4 for d in _centre_offset(w, ((HEIGHT - 1) // 2, (WIDTH - 1) // 2)))
+    with pytest.raises(ValueError, match="reference crop policy needs"):
+        read_sample(sample, anns, cache, cfg)
+
+
+def test_centred_policy_crops_are_unchanged():
+    assert crop_rng("centred", 3, "k") is None  # evaluation: the centred crop
+    for epoch in (0, 1):
+        np.testing.assert_array_equal(crop_rng("centred", 3, "k", epoch).integers(1 << 30, size=4),
+                                      group_rng(3, "sample", epoch, "k").integers(1 << 30, size=4))
+    assert DataConfig().crop_policy == "centred"
 
 
 # ------------------------------------------------------------------------------- targets

@@ -9,9 +9,11 @@ import torch
 
 from thalia_ray.config import load_config
 from thalia_ray.data import schema
-from thalia_ray.data.cube import get_cache, load_sample
-from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.cube import crop_rng, get_cache, read_sample
+from thalia_ray.data.index import SampleIndex, sample_rng
+from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.pipeline import TorchCollate
+from thalia_ray.data.transforms import finalize, statistics_for
 from thalia_ray.losses import build_loss
 from thalia_ray.models.pretrained import check_imagenet_available, weights_repo
 from thalia_ray.models.registry import check_model_name
@@ -34,6 +36,7 @@ def test_preset_is_the_reference_recipe(path: Path) -> None:
     assert data.channels == list(schema.ALL_CHANNELS)  # the reference config's 3 + 2 × 3 channels
     assert (data.crop, data.mask_target, data.label_rule, data.label_rule_for("test")) == (512, "union", "union", "union")
     assert (data.augmentations, data.balance, data.normalize, data.policy) == (False, True, True, "enumerate")
+    assert data.crop_policy == "reference"  # cube-mask box ±crop/4, one fixed crop per sample
     assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (1e-5, 1e-4, 2, 90)
     assert (train.scheduler, train.warmup_fraction, train.grad_clip, train.precision) == ("constant", 0.0, None, "fp32")
     assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_class_weights()) == ("focal", 2.0, [0.25, 0.75])
@@ -55,8 +58,12 @@ def test_preset_runs_one_training_step_on_cpu(path: Path, synthetic_root: Path) 
     batch_samples = [next(s for s in epoch if s.label == 1), next(s for s in epoch if s.label == 0)]
     assert len(batch_samples) == cfg.train.batch_size
     cache = get_cache(cfg.data.root)
-    rng = np.random.default_rng(cfg.seed)
-    records = [load_sample(s, index, cfg.data, cache, rng, training=True) for s in batch_samples]
+    raws = [read_sample(s, index.annotations, cache, cfg.data, crop_rng(cfg.data.crop_policy, cfg.seed, s.key, 0))
+            for s in batch_samples]  # as the pipeline reads epoch 0
+    assert raws[0].mask.any()  # the positive's reference crop holds some of its cube mask
+    stats = statistics_for(DataLocations.of(cfg.data).statistics)
+    records = [finalize(raw, cfg.data, stats, sample_rng(cfg.seed, 0, s.key), training=True)
+               for raw, s in zip(raws, batch_samples)]
     batch = TorchCollate()({k: np.stack([r[k] for r in records]) for k in records[0]})
     assert batch["image"].shape == (2, cfg.data.length * len(schema.ALL_CHANNELS), 32, 32)
 

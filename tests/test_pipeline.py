@@ -66,6 +66,28 @@ def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
         np.testing.assert_array_equal(rows[0][name], rows[1][name])
 
 
+def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset, tmp_path):
+    root, _ = dataset
+    settings = {"crop": 16, "crop_policy": "reference", "augmentations": False}
+    out = str(tmp_path / "reference")
+    export_shards(config(root, **settings).data, out, length=1, splits=("val",), samples_per_shard=4, seed=3)
+    cube = pipeline.build_datasets(config(root, **settings), splits=("train", "val"))
+    shard = pipeline.build_datasets(config(root, source="shards", shards=out, **settings), splits=("val",))
+    images = []
+    for epoch in (0, 1):
+        pipeline.set_epoch(cube.epoch_control, epoch)
+        batches = cube.datasets["train"].iter_batches(batch_size=None, batch_format="numpy")
+        images.append({str(k): image for batch in batches for k, image in zip(batch["key"], batch["image"])})
+    common = images[0].keys() & images[1].keys()  # every positive, and the negatives drawn twice
+    assert len(common) >= 2
+    for key in common:  # the same crop every epoch, as the reference's shards
+        np.testing.assert_array_equal(images[0][key], images[1][key])
+    rows = [next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
+            for ds in (cube.datasets["val"], shard.datasets["val"])]
+    assert list(rows[0]["key"]) == list(rows[1]["key"])
+    np.testing.assert_array_equal(rows[0]["image"], rows[1]["image"])  # the cube path cuts the exported crops
+
+
 @pytest.mark.parametrize("source", ["cube", "shards"])
 def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, source):
     root, out = dataset

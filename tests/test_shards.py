@@ -20,7 +20,7 @@ import xarray as xr
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.data.cube import get_cache, read_sample
+from thalia_ray.data.cube import crop_rng, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import PROGRESS, export_shards
 from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
@@ -228,6 +228,35 @@ def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
         np.testing.assert_array_equal(raw.mask, direct.mask)
         assert raw.meta == json.loads(json.dumps(direct.meta))
         np.testing.assert_array_equal(raw.image, read_sample(by_key[entry.key], index.annotations, cache, cfg).image)
+
+
+def test_reference_crops_export_equals_cube_path(root, tmp_path, ray_cluster):
+    """Under the reference policy every split is exported with each sample's fixed random crop,
+    the window the cube path cuts for it (seeded by the run seed and the sample key)."""
+    cfg = data_config(root, crop=16, crop_policy="reference")
+    out = str(tmp_path / "ref")
+    export_shards(cfg, out, length=1, splits=("train", "val"), samples_per_shard=4, seed=333)
+    manifest = load_manifest(resolve(out), 1)
+    assert manifest["crop_policy"] == "reference"
+    index = SampleIndex.from_config(cfg, 333)
+    by_key = {s.key: s for split in ("train", "val") for s in index.samples(split)}
+    entries = manifest_entries(manifest, shard_root(resolve(out), 1), "val")
+    entries += manifest_entries(manifest, shard_root(resolve(out), 1), "train")
+    windows = []
+    for entry, blob in fetch_ranges(entries):
+        raw = decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, cfg.channels,
+                         manifest["channels"])
+        sample = by_key[entry.key]
+        direct = read_sample(sample, index.annotations, get_cache(root), cfg, crop_rng("reference", 333, sample.key, 5))
+        np.testing.assert_array_equal(raw.image, direct.image)
+        np.testing.assert_array_equal(raw.mask, direct.mask)
+        assert raw.meta["window"] == direct.meta["window"]
+        assert (raw.mask.max() > 0) == (sample.label == 1)  # positives keep mask pixels in the crop
+        windows.append(tuple(raw.meta["window"]))
+    assert len(set(windows)) > 3  # random crops, not one centred window
+    # another seed draws other crops: the earlier shards are not kept on resume
+    again = export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, seed=334)
+    assert again.shards_kept == 0 and again.shards_written > 0
 
 
 def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):

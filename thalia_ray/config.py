@@ -99,6 +99,10 @@ class DataConfig(Section):
     ] = []
     crop: int = Field(64, ge=8)
     mask_target: Literal["last", "peak", "union", "all"] = "union"
+    # centred: training crops around the annotation polygons' box ±crop/4, fresh each epoch; val/test
+    # centred on it. reference: the reference's crops, one random crop per sample fixed by its key
+    # (every split and epoch; cubes and exports agree), around the rasterised cube mask.
+    crop_policy: Literal["centred", "reference"] = "centred"
     label_rule: Literal["union", "last"] = "union"
     # Label rule of val/test series; null: label_rule. The reference labels val/test by union whatever
     # rule it trains with: set `union` to compare a `last` run with it.

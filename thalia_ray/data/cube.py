@@ -27,7 +27,9 @@ from zarr.storage import WrapperStore
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import Annotation
+from thalia_ray.data.index import group_rng, sample_rng
 from thalia_ray.data.samples import RawSample, Sample, Window
+from thalia_ray.data.transforms import mask_target
 from thalia_ray.errors import DataProblem
 from thalia_ray.storage import Location, resolve
 
@@ -327,6 +329,12 @@ def _start(center: int, crop: int, size: int) -> int:
     return int(np.clip(center - crop // 2, 0, size - crop))
 
 
+def _check_fits(crop: int, frame_shape: tuple[int, int], frame_id: str) -> None:
+    height, width = frame_shape
+    if crop > height or crop > width:
+        raise ValueError(f"crop {crop} is larger than frame {frame_id} ({height}x{width})")
+
+
 def crop_window(
     sample: Sample,
     annotations: Mapping[int, Annotation],
@@ -336,12 +344,11 @@ def crop_window(
     mask_target: str = "union",
     max_retries: int = 10,
 ) -> Window:
-    """Square crop around the target mask's bounding box, shifted by up to ±crop/4 per axis and
-    clamped into the frame, retried until the whole box is inside (else centred). Without a mask:
-    a random position. `rng=None` gives the deterministic evaluation crop (centred)."""
+    """The `centred` policy: a square crop around the target polygons' bounding box, shifted by up to
+    ±crop/4 per axis and clamped into the frame, retried until the whole box is inside (else centred).
+    Without a mask: a random position. `rng=None` gives the deterministic evaluation crop (centred)."""
     height, width = frame_shape
-    if crop > height or crop > width:
-        raise ValueError(f"crop {crop} is larger than frame {sample.frame_id} ({height}x{width})")
+    _check_fits(crop, frame_shape, sample.frame_id)
     box = mask_bbox(target_polygons(sample, annotations, mask_target), frame_shape)
     if box is None:
         if rng is None:
@@ -358,6 +365,55 @@ def crop_window(
         if r <= row0 and row1 < r + crop and c <= col0 and col1 < c + crop:
             return Window(r, c, crop, crop)
     return centred
+
+
+def crop_rng(policy: str, seed: int, key: str, epoch: int | None = None) -> np.random.Generator | None:
+    """The generator of a sample's crop. `reference`: one per sample key whatever the split, epoch or
+    reader, so a sample keeps its crop every epoch (as the reference's shards freeze it) and the cube
+    path and an export cut the same window. `centred`: a fresh one per training `epoch`; None (the
+    centred evaluation crop) without an epoch."""
+    if policy == "reference":
+        return group_rng(seed, "crop", key)
+    return None if epoch is None else sample_rng(seed, epoch, key)
+
+
+def reference_window(target: np.ndarray, crop: int, rng: np.random.Generator, frame_id: str = "",
+                     max_retries: int = 10) -> Window:
+    """The `reference` policy on the (H, W) target mask of the whole frame: the crop centred on the
+    mask's bounding box (no mask: on the frame centre) shifted by up to ±crop/4 per axis and clamped
+    into the frame, redrawn up to `max_retries` times until it holds a mask pixel. Each draw starts
+    from the box centre (the reference lets retries drift from the previous draw). When every draw
+    misses (a sparse mask whose box centre is empty), the crop is centred on the mask pixel nearest
+    the box centre, so a positive always shows some of its mask."""
+    height, width = target.shape
+    _check_fits(crop, (height, width), frame_id)
+    pixels = np.argwhere(target)
+    box = (pixels.min(axis=0), pixels.max(axis=0)) if len(pixels) else (np.zeros(2, int), np.array([height - 1, width - 1]))
+    centre = (box[0] + box[1]) // 2  # no mask: the whole frame's box, so the frame centre
+    for _ in range(max_retries if len(pixels) else 1):
+        dr, dc = rng.integers(-(crop // 4), crop // 4 + 1, size=2)
+        window = Window(_start(int(centre[0] + dr), crop, height), _start(int(centre[1] + dc), crop, width), crop, crop)
+        if not len(pixels) or target[window.row:window.row + crop, window.col:window.col + crop].any():
+            return window
+    nearest = pixels[int(np.argmin(((pixels - centre) ** 2).sum(axis=1)))]
+    return Window(_start(int(nearest[0]), crop, height), _start(int(nearest[1]), crop, width), crop, crop)
+
+
+def frame_target_mask(sample: Sample, cube: Cube, rule: str) -> np.ndarray:
+    """The sample's binary target mask (`data.mask_target`; `all` as the union) over the whole frame,
+    read from the cube's mask plane alone: what the reference crops around."""
+    [mask] = _read_checked(cube, sample, [schema.MASK_VAR], Window(0, 0, *cube.shape))
+    return mask_target(mask.astype(np.uint8), "union" if rule == "all" else rule).astype(bool)
+
+
+def sample_window(sample: Sample, annotations: Mapping[int, Annotation], cube: Cube, data_cfg: DataConfig,
+                  rng: np.random.Generator | None) -> Window:
+    """The crop of a sample under `data.crop_policy`; `rng` comes from `crop_rng`."""
+    if data_cfg.crop_policy == "centred":
+        return crop_window(sample, annotations, cube.shape, data_cfg.crop, rng, data_cfg.mask_target)
+    if rng is None:
+        raise ValueError(f"sample {sample.key}: the reference crop policy needs the sample's crop generator (crop_rng)")
+    return reference_window(frame_target_mask(sample, cube, data_cfg.mask_target), data_cfg.crop, rng, sample.frame_id)
 
 
 # ------------------------------------------------------------------------------------ reads
@@ -382,30 +438,34 @@ def sample_meta(sample: Sample, annotations: Mapping[int, Annotation], window: W
     }
 
 
-def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequence[str],
-             annotations: Mapping[int, Annotation]) -> RawSample:
-    """Read only `window` of the sample's pairs for `channels` and the mask."""
-    cube = cache.get(sample.frame_id)
-    primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates)
+def _checked(cube: Cube, sample: Sample, variable: str, window: Window,
+             values: np.ndarray | BaseException) -> np.ndarray:
+    """The values read, or a DataError naming cube, variable, dates and window (failure or NaN)."""
+    where = (f"cube {cube.url}: variable {variable!r}, dates {sample.primary_date}/"
+             f"{list(sample.secondary_dates)}, window {window.describe()}")
+    if isinstance(values, BaseException):
+        raise DataError(f"{where}: read failed ({type(values).__name__}: {values})") from values
+    if np.isnan(values).any():
+        raise DataError(f"{where}: {int(np.isnan(values).sum())} NaN values (missing chunk or no data)")
+    return values
 
-    variables = [*channels, schema.MASK_VAR]
+
+def _read_checked(cube: Cube, sample: Sample, variables: Sequence[str], window: Window) -> list[np.ndarray]:
+    """`window` of the sample's pairs for `variables`; any failure is a DataError naming the read."""
+    primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates)
     try:
         results = cube.read_many(variables, primary, secondaries, window)
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - storage and codec errors become DataErrors
         results = [err] * len(variables)
+    return [_checked(cube, sample, v, window, r) for v, r in zip(variables, results)]
 
-    def checked(variable: str, values: np.ndarray | BaseException) -> np.ndarray:
-        where = (f"cube {cube.url}: variable {variable!r}, dates {sample.primary_date}/"
-                 f"{list(sample.secondary_dates)}, window {window.describe()}")
-        if isinstance(values, BaseException):
-            raise DataError(f"{where}: read failed ({type(values).__name__}: {values})") from values
-        if np.isnan(values).any():
-            raise DataError(f"{where}: {int(np.isnan(values).sum())} NaN values (missing chunk or no data)")
-        return values
 
-    arrays = [checked(v, r) for v, r in zip(variables, results)]
+def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequence[str],
+             annotations: Mapping[int, Annotation]) -> RawSample:
+    """Read only `window` of the sample's pairs for `channels` and the mask."""
+    arrays = _read_checked(cache.get(sample.frame_id), sample, [*channels, schema.MASK_VAR], window)
     image = np.stack(arrays[:-1], axis=1).astype(np.float32, copy=False)
     mask = arrays[-1].astype(np.uint8)
     return RawSample(image=image, mask=mask, key=sample.key, meta=sample_meta(sample, annotations, window))
@@ -414,8 +474,9 @@ def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequenc
 def read_sample(sample: Sample, annotations: Mapping[int, Annotation], cache: CubeCache, data_cfg: DataConfig,
                 rng: np.random.Generator | None = None, channels: Sequence[str] | None = None) -> RawSample:
     """The one way a sample is cut from its cube, for training, evaluation and export alike: the
-    crop (random with `rng`, else the deterministic evaluation crop), the windowed read of
-    `channels` (default: the configured ones) and the mask, and the sample's meta."""
+    crop (`data.crop_policy`, drawn from `rng`, see `crop_rng`; centred policy without one: the
+    deterministic evaluation crop), the windowed read of `channels` (default: the configured ones)
+    and the mask, and the sample's meta."""
     cube = cache.get(sample.frame_id)
-    window = crop_window(sample, annotations, cube.shape, data_cfg.crop, rng, data_cfg.mask_target)
+    window = sample_window(sample, annotations, cube, data_cfg, rng)
     return read_raw(sample, cache, window, data_cfg.channels if channels is None else list(channels), annotations)

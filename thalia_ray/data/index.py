@@ -62,6 +62,11 @@ def group_rng(seed: int, *parts: str | int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, *words])
 
 
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A training sample's generator for one epoch (its crop under the centred policy, its augmentations)."""
+    return group_rng(seed, "sample", epoch, key)
+
+
 def pad_positions(n: int, length: int, rng: np.random.Generator) -> tuple[int, ...]:
     """Member positions padded to `length` by duplicating random members in place (order kept)."""
     positions = list(range(n))

@@ -37,8 +37,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
-from thalia_ray.data.cube import DataError
-from thalia_ray.data.index import group_rng
+from thalia_ray.data.cube import DataError, crop_rng
+from thalia_ray.data.index import sample_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
@@ -161,7 +161,10 @@ class Spec:
         return self.split == "train"
 
     def rng(self, epoch: int, key: str) -> np.random.Generator:
-        return group_rng(self.seed, "sample", epoch, key)
+        return sample_rng(self.seed, epoch, key)
+
+    def crop_rng(self, epoch: int, key: str) -> np.random.Generator | None:
+        return crop_rng(self.data.crop_policy, self.seed, key, epoch if self.training else None)
 
 
 def report_bad(spec: Spec, epoch: int, bad: BadSample) -> None:
@@ -186,8 +189,7 @@ Rows = Callable[[], Loads]
 def sample_loads(spec: Spec, epoch: int, items: Sequence[Any]) -> Loads:
     """The source's reads of `items` (windowed Zarr reads or ranged shard reads), each sample's
     decode and finalize deferred to its `load()`; unreadable samples come as BadSample."""
-    crop_rng = (lambda key: spec.rng(epoch, key)) if spec.training else (lambda key: None)
-    for row in spec.source.read(items, crop_rng):
+    for row in spec.source.read(items, lambda key: spec.crop_rng(epoch, key)):
         if isinstance(row, BadSample):
             yield row
         else:

@@ -35,7 +35,7 @@ from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_range
 from thalia_ray.storage import Location
 
 Row = dict[str, Any]
-RngFor = Callable[[str], "np.random.Generator | None"]  # sample key → crop generator (None: evaluation crop)
+RngFor = Callable[[str], "np.random.Generator | None"]  # sample key → crop generator (see cube.crop_rng)
 
 
 class Source(ABC):

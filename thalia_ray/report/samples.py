@@ -52,12 +52,13 @@ def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoin
                  split: str = "test") -> list[GallerySample]:
     """The chosen prediction rows as images; a segmentation model's probability map when `checkpoint` is set."""
     from thalia_ray.data import schema
-    from thalia_ray.data.cube import crop_window, get_cache, read_raw
+    from thalia_ray.data.cube import crop_rng, get_cache, read_raw, sample_window
     from thalia_ray.data.index import SampleIndex
+    from thalia_ray.data.locations import DataLocations
 
     index = SampleIndex.from_config(cfg.data, cfg.seed)
     by_key = {s.key: s for s in index.samples(split)}
-    cache = get_cache(cfg.data.root, cfg.storage)
+    cache = get_cache(DataLocations.of(cfg.data, cfg.storage).root)
     predictor = _Predictor(cfg, checkpoint, index, cache) if checkpoint is not None else None
     gallery = []
     for row in rows:
@@ -65,8 +66,8 @@ def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoin
         if sample is None:
             log.warning("report: sample %s is not in the %s split of %s", row["key"], split, cfg.data.root)
             continue
-        window = crop_window(sample, index.annotations, cache.get(sample.frame_id).shape, cfg.data.crop,
-                             None, cfg.data.mask_target)
+        window = sample_window(sample, index.annotations, cache.get(sample.frame_id), cfg.data,
+                               crop_rng(cfg.data.crop_policy, cfg.seed, sample.key))  # the evaluated crop
         raw = read_raw(sample, cache, window, list(schema.GEOMORPHOLOGY), index.annotations)
         gallery.append(GallerySample(
             key=sample.key, outcome=outcome(row), score=float(row["score"]), label=int(row["label"]),

@@ -25,7 +25,7 @@ from typing import Any, Literal, Sequence
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.data.cube import get_cache, read_sample
+from thalia_ray.data.cube import crop_rng, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.shards.manifest import FORMAT, MANIFEST, shard_root
@@ -80,11 +80,13 @@ def plan_shards(index: Any, splits: Sequence[str], samples_per_shard: int) -> li
 
 @dataclass(frozen=True)
 class MemberLayout:
-    """How an export stores samples; a shard written with another layout is not reused on resume."""
+    """How an export crops and stores samples; a shard written with another layout is not reused on resume."""
 
     channels: tuple[str, ...]
     dtype: Literal["float32", "float16"] = "float32"
     compress: bool = False
+    crop_policy: Literal["centred", "reference"] = "centred"
+    crop_seed: int | None = None  # the seed of the reference policy's crops (centred crops need none)
 
 
 def _done_marker(base: Location, plan: ShardPlan) -> Location:
@@ -111,15 +113,17 @@ def _completed(base: Location, plan: ShardPlan, layout: MemberLayout) -> dict[st
 
 
 def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataConfig, root: Location,
-                 base: Location, layout: MemberLayout) -> dict[str, Any]:
-    """Ray task: read the plan's samples from the cubes under `root` (evaluation crop, the layout's
-    channels), write the tar to a temp name, move it into place under `base`, then write the
-    completion record (the manifest entry of this shard)."""
+                 base: Location, layout: MemberLayout, seed: int) -> dict[str, Any]:
+    """Ray task: read the plan's samples from the cubes under `root` (each sample's fixed crop, as
+    evaluation reads it: `crop_rng` without an epoch; the layout's channels), write the tar to a
+    temp name, move it into place under `base`, then write the completion record (the manifest
+    entry of this shard)."""
     cache = get_cache(root)
     members, skipped, keys_skipped = [], [], []
     for _, sample in plan.items:
         try:
-            raw = read_sample(sample, annotations, cache, data_cfg, channels=layout.channels)
+            raw = read_sample(sample, annotations, cache, data_cfg, crop_rng(data_cfg.crop_policy, seed, sample.key),
+                              channels=layout.channels)
         except Exception as err:  # noqa: BLE001 - any unreadable sample is reported, never dropped silently
             if data_cfg.on_bad_sample == "fail":
                 raise ShardError(f"cube {sample.frame_id}, key {sample.key}: unreadable ({err})") from err
@@ -184,7 +188,8 @@ def export_shards(
     cfg = DataConfig.model_validate({**data_cfg.model_dump(), "length": length})
     root = (locations or DataLocations.of(cfg)).root
     index = SampleIndex.from_config(cfg, seed, location=root)
-    layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress)
+    layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress,
+                          cfg.crop_policy, seed if cfg.crop_policy == "reference" else None)
     base = shard_root(resolve(out), length)
     report = ExportReport(root=base.url, length=length)
     records: dict[str, dict[str, Any]] = {}
@@ -206,7 +211,7 @@ def export_shards(
                 progress.update(1)
         uids = {u for _, s in plan.items for u in s.unique_ids}
         subset = {u: index.annotations[u] for u in uids}
-        pending.append(task.remote(plan, subset, cfg, root, base, layout))
+        pending.append(task.remote(plan, subset, cfg, root, base, layout, seed))
         report.shards_written += 1
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -223,7 +228,7 @@ def export_shards(
     manifest = {
         "format": FORMAT, "length": length, "channels": list(layout.channels), "dtype": dtype,
         "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
-        "seed": seed, "splits": list(splits),
+        "crop_policy": cfg.crop_policy, "seed": seed, "splits": list(splits),
         "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
     }
     base.join(MANIFEST).write_json(manifest, indent=None)
