@@ -1,10 +1,12 @@
 """Helpers shared by test modules (fixtures live in conftest.py): the CLI in a fresh interpreter, tiny run
-configs, endpoints that freeze or go away, stored runs, and tracking outputs read back with each tracker's
-own reader."""
+configs, endpoints that freeze or go away, stored runs, tracking outputs read back with each tracker's
+own reader, hand-made cubes and dataset roots whose values are known, and published-style shards."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,8 +15,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 import pytest
+import xarray as xr
 import yaml
+
+from thalia_ray.config import DataConfig
+from thalia_ray.data import schema
+from thalia_ray.data.cube import get_cache, read_sample
+from thalia_ray.data.index import SampleIndex
+from thalia_ray.storage import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +69,30 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def kill_session(sid: int, grace_s: float = 10.0) -> None:
+    """End every process of session `sid` (a `ray start --block` started with start_new_session)."""
+    def members() -> list[int]:
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                alive = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                if alive and os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (OSError, IndexError):
+                pass  # gone meanwhile
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while members() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 class CuttableProxy:
@@ -139,6 +174,7 @@ def silent_endpoint() -> Iterator[str]:
             conn.close()
         server.close()
 
+
 def stored_run(store_dir: Path, data_root: Path, task: str = "segmentation", seed: int = 0,
                **data: Any) -> tuple[Any, str]:
     """A finished run (unet or resnet18, 32-px crop) whose best checkpoint holds the seeded initial
@@ -187,8 +223,6 @@ def read_mlflow_metrics(folder: Path, run_name: str) -> dict[str, list[tuple[int
 def assert_report_renders(page, min_images: int = 1) -> None:
     """Open a written report (a storage Location) in headless Chromium: no console errors, every image
     decodes, the screenshot (saved beside the page, in the store) is not blank."""
-    import io
-
     from PIL import Image
 
     from thalia_ray.report.browser import SCREENSHOT, screenshot_beside
@@ -217,3 +251,202 @@ def assert_tracked(record, epochs: int) -> None:
         assert [step for step, _ in tensorboard] == list(range(1, epochs + 1))
         assert [v for _, v in tensorboard] == pytest.approx(history, rel=1e-6)  # float32 in event files
         assert read_mlflow_metrics(local / "mlflow", record.run_id)["val/loss"] == expected
+
+
+# ------------------------------------------------------------ hand-made cubes of known values
+FRAME = "021D_09150_131313"
+PRIMARIES = ["20190101", "20190113"]
+SECONDARIES = ["20190113", "20190125", "20190206"]
+HEIGHT, WIDTH, CHUNK = 32, 40, 8
+VAR_OFFSET = {name: 0.25 * i for i, name in enumerate(schema.ALL_CHANNELS)}
+
+
+def known_value(variable: str, p: int, s: int, row, col):
+    """The value every test cube holds at (primary p, secondary s, row, col): exact in float32."""
+    return p * 1_000_000 + s * 100_000 + row * 100 + col + VAR_OFFSET[variable]
+
+
+def cube_dataset(masks: dict[tuple[int, int], np.ndarray] | None = None) -> xr.Dataset:
+    """A 2×3-pair cube with spatial dims named `rows`/`cols` (readers must not assume y/x)."""
+    p, s, r, c = np.meshgrid(np.arange(2), np.arange(3), np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
+    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "rows", "cols")
+    data = {
+        name: (dims, known_value(name, p, s, r, c).astype(np.float32))
+        for name in schema.ALL_CHANNELS if name != "dem"
+    }
+    data["dem"] = (("rows", "cols"), known_value("dem", 0, 0, r[0, 0], c[0, 0]).astype(np.float32))
+    mask = np.zeros((2, 3, HEIGHT, WIDTH), dtype=np.uint8)
+    for (pi, si), m in (masks or {}).items():
+        mask[pi, si] = m
+    data[schema.MASK_VAR] = (dims, mask)
+    coords = {
+        schema.PRIMARY_DIM: pd.to_datetime(PRIMARIES).values,
+        schema.SECONDARY_DIM: pd.to_datetime(SECONDARIES).values,
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def write_cube(root: str, frame: str = FRAME, masks=None, dataset: xr.Dataset | None = None,
+               chunk: tuple[int, int, int, int] = (1, 1, CHUNK, CHUNK)) -> None:
+    """`{root}/{frame}.zarr`: `dataset`, else the known-value cube with `masks`, stored in `chunk` chunks."""
+    ds = dataset if dataset is not None else cube_dataset(masks)
+    encoding = {v: {"chunks": chunk if ds[v].ndim == 4 else chunk[2:]} for v in ds.data_vars}
+    store = resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False)
+    ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False, write_empty_chunks=True)
+
+
+def record(uid: int, primary: str, secondary: str, positive: bool, polygons=(), frame=FRAME, **extra):
+    """One raw annotation record as published (fields overridden by `extra`)."""
+    raw = {
+        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
+        "label": ["Deformation"] if positive else ["Non_Deformation"],
+        "activity_type": ["Sill"] if positive else [], "intensity_level": ["Medium"] if positive else [],
+        "phase": "Unrest" if positive else "Rest", "confidence": 0.8, "segmentation_mask": [list(p) for p in polygons],
+        "caption": "", **{f: 0 for f in schema.FLAGS},
+    }
+    raw.update(extra)
+    return raw
+
+
+# ------------------------------------------------------------------ a tiny dataset root
+ROOT_FRAMES = ("021D_09150_131313", "128A_09016_110500")
+# (primary, secondaries): train 2018, val 2019-07, test 2020-03
+ROOT_GROUPS = [
+    ("20180105", ["20180111", "20180117", "20180123"]),
+    ("20180117", ["20180123", "20180129", "20180204"]),
+    ("20180129", ["20180204", "20180210", "20180216"]),
+    ("20180210", ["20180216", "20180222", "20180228"]),
+    ("20190705", ["20190711", "20190717", "20190723"]),
+    ("20200310", ["20200316", "20200322", "20200328"]),
+]
+ROOT_SIZE, ROOT_CHUNK = 40, 16
+ROOT_BOX = (10, 12, 19, 21)  # row0, col0, row1, col1 of the deformation of positive members
+
+
+def _root_record(uid: int, frame: str, primary: str, secondary: str, positive: bool) -> dict:
+    r0, c0, r1, c1 = ROOT_BOX
+    return {
+        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
+        "label": ["Deformation"] if positive else ["Non_Deformation"],
+        "activity_type": ["Mogi"] if positive else [], "intensity_level": ["High"] if positive else [],
+        "phase": "Unrest" if positive else "Rest", "confidence": 0.9,
+        "segmentation_mask": [[c0, r0, c1, r0, c1, r1, c0, r1]] if positive else [],
+        "is_crowd": 0, "caption": f"sample {uid}", **{f: 0 for f in schema.FLAGS},
+    }
+
+
+def _root_cube(frame_index: int, positives: set[tuple[str, str]], frame: str) -> xr.Dataset:
+    primaries = sorted({p for p, _ in ROOT_GROUPS})
+    secondaries = sorted({s for _, ss in ROOT_GROUPS for s in ss})
+    rng = np.random.default_rng(frame_index)
+    shape = (len(primaries), len(secondaries), ROOT_SIZE, ROOT_SIZE)
+    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "y", "x")
+    data = {name: (dims, rng.normal(size=shape).astype(np.float32)) for name in schema.ALL_CHANNELS if name != "dem"}
+    data["dem"] = (("y", "x"), rng.normal(size=(ROOT_SIZE, ROOT_SIZE)).astype(np.float32))
+    mask = np.zeros(shape, dtype=np.uint8)
+    r0, c0, r1, c1 = ROOT_BOX
+    for p, s in positives:
+        mask[primaries.index(p), secondaries.index(s), r0:r1 + 1, c0:c1 + 1] = 1 + (len(positives) % 2)
+    data[schema.MASK_VAR] = (dims, mask)
+    coords = {schema.PRIMARY_DIM: pd.to_datetime(primaries).values,
+              schema.SECONDARY_DIM: pd.to_datetime(secondaries).values}
+    return xr.Dataset(data, coords=coords)
+
+
+def build_root(root: str | Path) -> str:
+    """A tiny dataset root: two 40×40 frames, 36 annotated pairs (train 24, val 6, test 6), about a
+    quarter positive, with cubes, annotations, time-series index and statistics."""
+    root = str(root)
+    annotations, timeseries, uid = {}, {}, 1
+    for fi, frame in enumerate(ROOT_FRAMES):
+        positives = set()
+        timeseries[frame] = {}
+        for gi, (primary, secondaries) in enumerate(ROOT_GROUPS):
+            uids = []
+            for si, secondary in enumerate(secondaries):
+                positive = (gi + si + fi) % 4 == 0
+                annotations[str(uid)] = _root_record(uid, frame, primary, secondary, positive)
+                if positive:
+                    positives.add((primary, secondary))
+                uids.append(uid)
+                uid += 1
+            timeseries[frame][primary] = {"length": 3, "secondary_date": secondaries, "uniqueID": uids}
+        ds = _root_cube(fi, positives, frame)
+        chunks = (1, 1, ROOT_CHUNK, ROOT_CHUNK)
+        encoding = {v: {"chunks": chunks if ds[v].ndim == 4 else chunks[2:]} for v in ds.data_vars}
+        ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
+                   encoding=encoding, consolidated=False, write_empty_chunks=True)
+    base = resolve(root)
+    base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
+    base.join(schema.TIMESERIES_FILE).write_json(timeseries)
+    stats = {schema.statistics_key(c): {"mean": 0.1, "std": 2.0} for c in schema.ALL_CHANNELS}
+    base.join(schema.STATISTICS_FILE).write_json(stats)
+    return root
+
+
+# --------------------------------------------------------------------- published-style shards
+class Payload:
+    """A pickle whose loading would run code: must be refused by weights_only loading."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/thalia-pwned",))
+
+
+def torch_bytes(obj) -> bytes:
+    """`obj` as the bytes `torch.save` writes (the published shards' member format)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
+    """The sample's members as the reference exporter writes them: `torch.save` of the image
+    (T·C, H, W) float32 of all nine channels (its default), the labels (T, H, W) int64 with
+    earthquake 2 → 1, and the sample dict (frame_id, raw annotation records, per-member labels)."""
+    import torch
+
+    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg, channels=schema.ALL_CHANNELS)
+    annotations = [index.annotations[u] for u in sample.unique_ids]
+    info = {"frame_id": sample.frame_id,
+            "annotation": [_root_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
+                           for u, a in zip(sample.unique_ids, annotations)],
+            "label": [a.positive for a in annotations],
+            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
+    image = torch.from_numpy(raw.image.reshape(-1, *raw.image.shape[2:]).copy())
+    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
+    return {"image.pth": torch_bytes(image), "labels.pth": torch_bytes(labels), "sample.pth": torch_bytes(info)}
+
+
+def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4, writers: int = 2,
+                    malicious_key: str | None = None) -> list[str]:
+    """The split as the reference exporter writes it: `writers` webdataset.ShardWriters, writer w
+    taking samples w, w + writers, ..., keyed `sample{index:06d}`, train sorted into `train_pos` /
+    `train_neg` by any positive member, into `{root}/{T}/{folder}/sample-{folder}-{w}-NNNNNN.tar`,
+    then renamed `sample-{folder}-NNNNNN.tar` as the published copies are. Returns the keys in
+    index order. With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload,
+    written last by writer 0."""
+    import webdataset
+
+    index = SampleIndex.from_config(data_cfg, 0)
+    items = [(f"sample{i:06d}", published_sample(index, s, data_cfg), any(s.member_positive))
+             for i, s in enumerate(index.samples(split))]
+    folders = ("train_pos", "train_neg") if split == "train" else (split,)
+    base = Path(root, str(data_cfg.length))
+    for folder in folders:
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    for w in range(writers):
+        sinks = {f: webdataset.ShardWriter(str(base / f / f"sample-{f}-{w}-%06d.tar"), maxcount=per_shard, verbose=0)
+                 for f in folders}
+        for key, members, positive in items[w::writers]:
+            sinks[folders[0] if positive or split != "train" else folders[1]].write({"__key__": key, **members})
+        if malicious_key and w == 0:
+            payload = torch_bytes({"frame_id": Payload(), "label": [True]})
+            sinks[folders[0]].write({"__key__": malicious_key, **dict(items[0][1], **{"sample.pth": payload})})
+        for sink in sinks.values():
+            sink.close()
+    for folder in folders:
+        for n, tar in enumerate(sorted((base / folder).glob("*.tar"))):
+            tar.rename(base / folder / f"sample-{folder}-{n:06d}.tar")
+    return [key for key, _, _ in items]

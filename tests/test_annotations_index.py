@@ -8,7 +8,6 @@ import json
 from collections import Counter
 
 import pytest
-from test_cube_transforms import record
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data.annotations import (
@@ -28,7 +27,8 @@ from thalia_ray.data.index import (
     pad_positions,
 )
 
-FRAME = "021D_09150_131313"
+from tests.helpers import FRAME, record
+
 OTHER = "128D_09016_110500"
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
-import xarray as xr
 
 from thalia_ray.config import AugmentConfig, DataConfig
 from thalia_ray.data import schema
@@ -19,56 +17,8 @@ from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.transforms import augment, finalize, load_statistics, mask_target, normalize
 from thalia_ray.storage import resolve
 
-FRAME = "021D_09150_131313"
-PRIMARIES = ["20190101", "20190113"]
-SECONDARIES = ["20190113", "20190125", "20190206"]
-HEIGHT, WIDTH, CHUNK = 32, 40, 8
-VAR_OFFSET = {name: 0.25 * i for i, name in enumerate(schema.ALL_CHANNELS)}
-
-
-def known_value(variable: str, p: int, s: int, row, col):
-    """The value every test cube holds at (primary p, secondary s, row, col): exact in float32."""
-    return p * 1_000_000 + s * 100_000 + row * 100 + col + VAR_OFFSET[variable]
-
-
-def cube_dataset(masks: dict[tuple[int, int], np.ndarray] | None = None) -> xr.Dataset:
-    """A 2×3-pair cube with spatial dims named `rows`/`cols` (readers must not assume y/x)."""
-    p, s, r, c = np.meshgrid(np.arange(2), np.arange(3), np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
-    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "rows", "cols")
-    data = {
-        name: (dims, known_value(name, p, s, r, c).astype(np.float32))
-        for name in schema.ALL_CHANNELS if name != "dem"
-    }
-    data["dem"] = (("rows", "cols"), known_value("dem", 0, 0, r[0, 0], c[0, 0]).astype(np.float32))
-    mask = np.zeros((2, 3, HEIGHT, WIDTH), dtype=np.uint8)
-    for (pi, si), m in (masks or {}).items():
-        mask[pi, si] = m
-    data[schema.MASK_VAR] = (dims, mask)
-    coords = {
-        schema.PRIMARY_DIM: pd.to_datetime(PRIMARIES).values,
-        schema.SECONDARY_DIM: pd.to_datetime(SECONDARIES).values,
-    }
-    return xr.Dataset(data, coords=coords)
-
-
-def write_cube(root: str, frame: str = FRAME, masks=None, dataset: xr.Dataset | None = None,
-               chunk: tuple[int, int, int, int] = (1, 1, CHUNK, CHUNK)) -> None:
-    ds = dataset if dataset is not None else cube_dataset(masks)
-    encoding = {v: {"chunks": chunk if ds[v].ndim == 4 else chunk[2:]} for v in ds.data_vars}
-    store = resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False)
-    ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False, write_empty_chunks=True)
-
-
-def record(uid: int, primary: str, secondary: str, positive: bool, polygons=(), frame=FRAME, **extra):
-    raw = {
-        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
-        "label": ["Deformation"] if positive else ["Non_Deformation"],
-        "activity_type": ["Sill"] if positive else [], "intensity_level": ["Medium"] if positive else [],
-        "phase": "Unrest" if positive else "Rest", "confidence": 0.8, "segmentation_mask": [list(p) for p in polygons],
-        "caption": "", **{f: 0 for f in schema.FLAGS},
-    }
-    raw.update(extra)
-    return raw
+from tests.helpers import (CHUNK, FRAME, HEIGHT, PRIMARIES, SECONDARIES, WIDTH, cube_dataset, known_value, record,
+                           write_cube)
 
 
 def box(row0, col0, row1, col1):

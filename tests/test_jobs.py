@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import yaml
 from thalia_ray import jobs
 from thalia_ray.config import load_config
 from thalia_ray.models.registry import get_spec
+
+from tests.helpers import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, where `thalia-ray` lives
@@ -237,30 +238,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def kill_session(sid: int, grace_s: float = 10.0) -> None:
-    """End every process of session `sid` (a `ray start --block` started with start_new_session)."""
-    def members() -> list[int]:
-        pids = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                alive = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-                if alive and os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except (OSError, IndexError):
-                pass  # gone meanwhile
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace_s
-        while members() and time.time() < deadline:
-            time.sleep(0.2)
 
 
 def _wait_for_job_server(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import boto3
 import numpy as np
 
-from test_shards import build_root
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import pipeline
 from thalia_ray.data.cube import get_cache, read_sample
@@ -21,6 +20,8 @@ from thalia_ray.data.shards.npy import decode_own
 from thalia_ray.data.shards.tar import fetch_ranges, parse_members
 from thalia_ray.data.stats import compute_statistics
 from thalia_ray.storage import resolve
+
+from tests.helpers import build_root
 
 DATA = {"crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 
-from test_jobs import kill_session  # pytest puts tests/ on sys.path
 from thalia_ray.storage import resolve
 from thalia_ray.store import ExperimentStore
 
-from tests.helpers import assert_tracked
+from tests.helpers import assert_tracked, kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID = "multinode-cls"

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_shards import build_root, write_published
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import pipeline
 from thalia_ray.data.cube import DataError
@@ -18,6 +17,8 @@ from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.tar import file_sha256
 from thalia_ray.storage import resolve
+
+from tests.helpers import build_root, write_published
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 

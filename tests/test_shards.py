@@ -1,8 +1,5 @@
 """WebDataset export and reads: our own shards (read back equal to the cube path, resume, corrupt
-members) and the published `torch.save` shards (read safely; unsafe pickles refused).
-
-Also holds the small hand-built dataset root and the published-shard writer used by
-test_pipeline.py."""
+members) and the published `torch.save` shards (read safely; unsafe pickles refused)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +11,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import xarray as xr
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
@@ -30,150 +25,12 @@ from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError
                                         parse_members, write_tar)
 from thalia_ray.storage import resolve
 
-FRAMES = ("021D_09150_131313", "128A_09016_110500")
-# (primary, secondaries): train 2018, val 2019-07, test 2020-03
-GROUPS = [
-    ("20180105", ["20180111", "20180117", "20180123"]),
-    ("20180117", ["20180123", "20180129", "20180204"]),
-    ("20180129", ["20180204", "20180210", "20180216"]),
-    ("20180210", ["20180216", "20180222", "20180228"]),
-    ("20190705", ["20190711", "20190717", "20190723"]),
-    ("20200310", ["20200316", "20200322", "20200328"]),
-]
-SIZE, CHUNK = 40, 16
-BOX = (10, 12, 19, 21)  # row0, col0, row1, col1 of the deformation of positive members
-
-
-def _record(uid: int, frame: str, primary: str, secondary: str, positive: bool) -> dict:
-    r0, c0, r1, c1 = BOX
-    return {
-        "uniqueID": uid, "frameID": frame, "primary_date": primary, "secondary_date": secondary,
-        "label": ["Deformation"] if positive else ["Non_Deformation"],
-        "activity_type": ["Mogi"] if positive else [], "intensity_level": ["High"] if positive else [],
-        "phase": "Unrest" if positive else "Rest", "confidence": 0.9,
-        "segmentation_mask": [[c0, r0, c1, r0, c1, r1, c0, r1]] if positive else [],
-        "is_crowd": 0, "caption": f"sample {uid}", **{f: 0 for f in schema.FLAGS},
-    }
-
-
-def _cube(frame_index: int, positives: set[tuple[str, str]], frame: str) -> xr.Dataset:
-    primaries = sorted({p for p, _ in GROUPS})
-    secondaries = sorted({s for _, ss in GROUPS for s in ss})
-    rng = np.random.default_rng(frame_index)
-    shape = (len(primaries), len(secondaries), SIZE, SIZE)
-    dims = (schema.PRIMARY_DIM, schema.SECONDARY_DIM, "y", "x")
-    data = {name: (dims, rng.normal(size=shape).astype(np.float32)) for name in schema.ALL_CHANNELS if name != "dem"}
-    data["dem"] = (("y", "x"), rng.normal(size=(SIZE, SIZE)).astype(np.float32))
-    mask = np.zeros(shape, dtype=np.uint8)
-    r0, c0, r1, c1 = BOX
-    for p, s in positives:
-        mask[primaries.index(p), secondaries.index(s), r0:r1 + 1, c0:c1 + 1] = 1 + (len(positives) % 2)
-    data[schema.MASK_VAR] = (dims, mask)
-    coords = {schema.PRIMARY_DIM: pd.to_datetime(primaries).values,
-              schema.SECONDARY_DIM: pd.to_datetime(secondaries).values}
-    return xr.Dataset(data, coords=coords)
-
-
-def build_root(root: str | Path) -> str:
-    """A tiny dataset root: two 40×40 frames, 36 annotated pairs (train 24, val 6, test 6), about a
-    quarter positive, with cubes, annotations, time-series index and statistics."""
-    root = str(root)
-    annotations, timeseries, uid = {}, {}, 1
-    for fi, frame in enumerate(FRAMES):
-        positives = set()
-        timeseries[frame] = {}
-        for gi, (primary, secondaries) in enumerate(GROUPS):
-            uids = []
-            for si, secondary in enumerate(secondaries):
-                positive = (gi + si + fi) % 4 == 0
-                annotations[str(uid)] = _record(uid, frame, primary, secondary, positive)
-                if positive:
-                    positives.add((primary, secondary))
-                uids.append(uid)
-                uid += 1
-            timeseries[frame][primary] = {"length": 3, "secondary_date": secondaries, "uniqueID": uids}
-        ds = _cube(fi, positives, frame)
-        encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
-        ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
-                   encoding=encoding, consolidated=False, write_empty_chunks=True)
-    base = resolve(root)
-    base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
-    base.join(schema.TIMESERIES_FILE).write_json(timeseries)
-    stats = {schema.statistics_key(c): {"mean": 0.1, "std": 2.0} for c in schema.ALL_CHANNELS}
-    base.join(schema.STATISTICS_FILE).write_json(stats)
-    return root
+from tests.helpers import Payload, build_root, published_sample, torch_bytes, write_published
 
 
 def data_config(root: str, **overrides) -> DataConfig:
     return DataConfig.model_validate({"root": root, "crop": 24, "length": 1, "samples_per_read_task": 4,
                                       "atmospheric": ["surface_pressure"], **overrides})
-
-
-# --------------------------------------------------------------------- published-style shards
-class Payload:
-    """A pickle whose loading would run code: must be refused by weights_only loading."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/thalia-pwned",))
-
-
-def _torch_bytes(obj) -> bytes:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def published_sample(index: SampleIndex, sample, data_cfg: DataConfig) -> dict[str, bytes]:
-    """The sample's members as the reference exporter writes them: `torch.save` of the image
-    (T·C, H, W) float32 of all nine channels (its default), the labels (T, H, W) int64 with
-    earthquake 2 → 1, and the sample dict (frame_id, raw annotation records, per-member labels)."""
-    import torch
-
-    raw = read_sample(sample, index.annotations, get_cache(data_cfg.root), data_cfg, channels=schema.ALL_CHANNELS)
-    annotations = [index.annotations[u] for u in sample.unique_ids]
-    info = {"frame_id": sample.frame_id,
-            "annotation": [_record(u, a.frame_id, a.primary_date, a.secondary_date, a.positive)
-                           for u, a in zip(sample.unique_ids, annotations)],
-            "label": [a.positive for a in annotations],
-            "annotation_path": [f"annotations/{u}.json" for u in sample.unique_ids]}
-    image = torch.from_numpy(raw.image.reshape(-1, *raw.image.shape[2:]).copy())
-    labels = torch.from_numpy(np.where(raw.mask == 2, 1, raw.mask).astype(np.int64))
-    return {"image.pth": _torch_bytes(image), "labels.pth": _torch_bytes(labels), "sample.pth": _torch_bytes(info)}
-
-
-def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int = 4, writers: int = 2,
-                    malicious_key: str | None = None) -> list[str]:
-    """The split as the reference exporter writes it: `writers` webdataset.ShardWriters, writer w
-    taking samples w, w + writers, ..., keyed `sample{index:06d}`, train sorted into `train_pos` /
-    `train_neg` by any positive member, into `{root}/{T}/{folder}/sample-{folder}-{w}-NNNNNN.tar`,
-    then renamed `sample-{folder}-NNNNNN.tar` as the published copies are. Returns the keys in
-    index order. With `malicious_key`, one extra sample's sample.pth holds a `__reduce__` payload,
-    written last by writer 0."""
-    import webdataset
-
-    index = SampleIndex.from_config(data_cfg, 0)
-    items = [(f"sample{i:06d}", published_sample(index, s, data_cfg), any(s.member_positive))
-             for i, s in enumerate(index.samples(split))]
-    folders = ("train_pos", "train_neg") if split == "train" else (split,)
-    base = Path(root, str(data_cfg.length))
-    for folder in folders:
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    for w in range(writers):
-        sinks = {f: webdataset.ShardWriter(str(base / f / f"sample-{f}-{w}-%06d.tar"), maxcount=per_shard, verbose=0)
-                 for f in folders}
-        for key, members, positive in items[w::writers]:
-            sinks[folders[0] if positive or split != "train" else folders[1]].write({"__key__": key, **members})
-        if malicious_key and w == 0:
-            payload = _torch_bytes({"frame_id": Payload(), "label": [True]})
-            sinks[folders[0]].write({"__key__": malicious_key, **dict(items[0][1], **{"sample.pth": payload})})
-        for sink in sinks.values():
-            sink.close()
-    for folder in folders:
-        for n, tar in enumerate(sorted((base / folder).glob("*.tar"))):
-            tar.rename(base / folder / f"sample-{folder}-{n:06d}.tar")
-    return [key for key, _, _ in items]
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -393,7 +250,7 @@ def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cl
         np.testing.assert_array_equal(raw.mask, np.where(direct.mask == 2, 1, direct.mask))
         assert raw.meta["unique_ids"] == direct.meta["unique_ids"] and raw.meta["label"] == direct.meta["label"]
     evil = published_sample(index, index.samples("val")[0], cfg)
-    evil["image.pth"] = _torch_bytes(Payload())
+    evil["image.pth"] = torch_bytes(Payload())
     with pytest.raises(UnsafeShardError, match="key evil02, member image.pth"):
         decode_published(evil, "evil02", "shard mem://x.tar, key evil02", cfg, "val")
     assert not Path("/tmp/thalia-pwned").exists()

@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_cube_transforms import FRAME, cube_dataset, record, write_cube
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import DataError
 from thalia_ray.data.stats import Moments, compute_statistics, merge_partials
 from thalia_ray.storage import resolve
+
+from tests.helpers import FRAME, cube_dataset, record, write_cube
 
 OTHER = "128D_09016_110500"
 

@@ -251,8 +251,7 @@ def _check_resumed(record, epochs: int) -> None:
 
 @pytest.mark.slow
 def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ray_cluster, synthetic_root, tmp_path):
-    from test_jobs import kill_session
-    from tests.helpers import REPO, cli, cli_env, wait_for
+    from tests.helpers import REPO, cli, cli_env, kill_session, wait_for
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.store.records import RunBusyError
     from thalia_ray.train.trainer import fit
