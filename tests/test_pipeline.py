@@ -212,6 +212,16 @@ def test_tampered_and_corrupt_shards_are_reported_by_name(dataset, tmp_path):
     assert "DataError" in err.typename or isinstance(err.value, DataError) or "DataError" in str(err.value)
 
 
+def test_skipped_samples_number_train_epochs_from_one_and_list_val_once():
+    sample = {"origin": "f.zarr", "key": "f/1", "reason": "DataError: never written"}
+    report = {"policy": "skip", "max_bad_samples": 16, "epochs": {
+        "0": {"count": 2, "samples": [{"split": "val", **sample}, {"split": "train", **sample}]},
+        "2": {"count": 1, "samples": [{"split": "train", **sample, "key": "f/2"}]}}}
+    assert [(r["epoch"], r["split"], r["key"]) for r in pipeline.skipped_samples(report)] == [
+        (None, "val", "f/1"), (1, "train", "f/1"), (3, "train", "f/2")]
+    assert pipeline.skipped_samples({"epochs": {}}) == []
+
+
 @pytest.mark.parametrize("variable", ["insar_difference", "deformation_mask"])
 def test_missing_zarr_chunk_is_reported_and_limit_enforced(tmp_path, ray_cluster, variable):
     root = build_root(tmp_path / "root")

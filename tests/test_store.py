@@ -80,6 +80,26 @@ def test_run_record_round_trip(store):
     assert run.loc.list() == ["config.yaml", "history.json", "predictions", "results.json", "run.json"]
 
 
+
+def test_skipped_samples_round_trip_and_show(store):
+    run = store.run("skips")
+    run.set_status("running", host=HOST)
+    assert run.read_skipped() is None and "skipped" not in format_run(run)  # not recorded yet
+    rows = [{"epoch": np.int64(1), "split": "train", "origin": "a.zarr", "key": "a/1", "reason": "DataError: chunk"},
+            *({"epoch": None, "split": "test", "origin": "shard-000001.tar", "key": f"t/{i}",
+               "reason": "sha256 differs"} for i in range(11))]
+    assert run.write_skipped(rows) == 12
+    got = run.read_skipped()
+    assert got[0] == {"epoch": 1, "split": "train", "origin": "a.zarr", "key": "a/1", "reason": "DataError: chunk"}
+    assert [r["key"] for r in got[1:]] == [f"t/{i}" for i in range(11)] and got[1]["epoch"] is None
+    shown = format_run(run).splitlines()
+    assert "skipped   12 samples (test 11, train 1)" in shown and "  train a.zarr a/1: DataError: chunk" in shown
+    assert "  ... 2 more in skipped.json" in shown
+    with pytest.raises(StoreError, match=r"skipped\[0\]: missing \['reason'\]"):
+        run.write_skipped([{"epoch": 1, "split": "val", "origin": "o", "key": "k"}])
+    run.write_skipped([])
+    assert run.read_skipped() == [] and "skipped   0 samples" in format_run(run)
+
 def test_new_record_describes_its_host(store):
     run = store.run("described")
     run.set_status("running")

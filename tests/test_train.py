@@ -156,6 +156,9 @@ def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cl
     assert len(store.run(result.run_id).read_predictions("test")) == test_size
     assert {"val/loss", "val/f1_deformation", "val/ap_deformation"} <= set(result.val_metrics)
     assert results["epochs"] == 2 and results["restarts"] == 0
+    assert store.run(result.run_id).read_skipped() == [] and result.skipped == 0  # recorded, none skipped
+    assert main(["runs", "show", result.run_id, "--store", str(cfg.storage.store)]) == 0
+    assert "skipped   0 samples" in capsys.readouterr().out.splitlines()
     again = evaluate_run(store, result.run_id, split="test")
     assert again == pytest.approx(result.test_metrics, nan_ok=True)
 
@@ -209,6 +212,15 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     results = record.read_results()
     assert results["epochs"] == 3 and results["restarts"] == 1
     assert result.test_metrics == {}
+
+
+def test_train_summary_line_counts_skipped_samples():
+    from thalia_ray.train.trainer import TrainResult
+
+    result = TrainResult("r1", 2, {"val/f1_deformation": 0.5, "val/loss": 0.25}, {"test/f1_deformation": 0.75},
+                         "ckpt", "file:///store", skipped=3)
+    assert str(result) == ("run r1: best epoch 2, val/f1_deformation 0.500, test/f1_deformation 0.750, "
+                           "3 samples skipped (store file:///store)")
 
 
 def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):

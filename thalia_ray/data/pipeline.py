@@ -50,7 +50,8 @@ MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to 
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
-__all__ = ["DataError", "Datasets", "EpochHandle", "EpochStart", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch"]
+__all__ = ["DataError", "Datasets", "EpochHandle", "EpochStart", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch",
+           "skipped_samples"]
 
 
 # ------------------------------------------------------------------------------ epoch control
@@ -142,6 +143,15 @@ class EpochStart:
 def bad_sample_report(handle: EpochHandle) -> dict[str, Any]:
     """`{"policy", "max_bad_samples", "epochs": {epoch: {"count", "samples": [{split, origin, key, reason}]}}}`."""
     return ray.get(handle.actor().report.remote())
+
+
+def skipped_samples(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A `bad_sample_report` as one row per skipped sample: {epoch, split, origin, key, reason}.
+
+    `epoch` is the run's training epoch, counted from 1 as in its history, for train samples; val
+    and test read the same samples every epoch and are listed once, without one."""
+    return [{"epoch": int(epoch) + 1 if row["split"] == "train" else None, **row}
+            for epoch, entry in report["epochs"].items() for row in entry["samples"]]
 
 
 # ------------------------------------------------------------------------------ epoch draws

@@ -2,8 +2,9 @@
 
 A run folder holds `config.yaml` (the resolved config: enough to reproduce the run), `run.json`
 (status and identity), `history.json` (one metric dict per epoch), `results.json` (final metrics,
-best epoch and checkpoint), `predictions/{split}.json` (per-sample outputs for breakdowns) and,
-while a driver writes the run, `lease.json` (who, where, last heartbeat): one run id has one writer.
+best epoch and checkpoint), `predictions/{split}.json` (per-sample outputs for breakdowns),
+`skipped.json` (every sample the run could not read, and why) and, while a driver writes the run,
+`lease.json` (who, where, last heartbeat): one run id has one writer.
 Only plain JSON and YAML: anything can read them, nothing needs unpickling.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +36,7 @@ STATUSES: tuple[str, ...] = get_args(Status)
 KINDS: tuple[str, ...] = get_args(Kind)
 SPLITS = tuple(schema.SPLITS)
 PREDICTION_FIELDS = ("key", "frame_id", "intensity", "activity_type", "label", "score", "pred")
+SKIPPED_FIELDS = ("epoch", "split", "origin", "key", "reason")
 # The first of these found in a run's results (then its last epoch) is shown in listings.
 HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_deformation",
                     "val/iou_deformation", "val/loss")
@@ -41,8 +44,10 @@ HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_defor
 CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
+SKIPPED = "skipped.json"
 # A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
 HEARTBEAT_S = 10.0
+SHOWN_SKIPPED = 10  # `runs show` lists this many skipped samples; the rest are in skipped.json
 STALE_AFTER_S = 120.0
 
 log = logging.getLogger(__name__)
@@ -378,6 +383,29 @@ class RunRecord:
             raise StoreError(f"run {self.run_id} has no {split} predictions (it has: {have or 'none'})")
         return loc.read_json()
 
+    # ------------------------------------------------------------------------------ skipped samples
+    def write_skipped(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Every sample the run skipped as unreadable, one row of SKIPPED_FIELDS each (an empty list
+        says none was). Returns the row count."""
+        checked = []
+        for i, row in enumerate(rows):
+            missing = [f for f in SKIPPED_FIELDS if f not in row]
+            if missing:
+                raise StoreError(f"run {self.run_id} skipped[{i}]: missing {missing}")
+            checked.append(jsonable({f: row[f] for f in SKIPPED_FIELDS}, f"run {self.run_id} skipped[{i}]"))
+        self.loc.join(SKIPPED).write_json(checked)
+        return len(checked)
+
+    def read_skipped(self) -> list[dict[str, Any]] | None:
+        """The skipped samples, or None when the run recorded none (still running, or older runs)."""
+        loc = self.loc.join(SKIPPED)
+        if not loc.exists():
+            return None
+        rows = loc.read_json()
+        if not isinstance(rows, list):
+            raise StoreError(f"{loc}: expected a list of skipped samples, got {type(rows).__name__}")
+        return rows
+
     # ------------------------------------------------------------------------------ whole frames
     def write_whole_frame(self, evaluation: Mapping[str, Any]) -> None:
         """The latest whole-frame evaluation of `thalia-ray predict` (AP, F1 per frame and overall)."""
@@ -465,8 +493,14 @@ def _format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]
     return lines
 
 
+def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
+    """`N samples` with the count per split, e.g. `3 samples (test 1, train 2)`."""
+    per_split = ", ".join(f"{split} {n}" for split, n in sorted(Counter(str(r.get("split")) for r in skipped).items()))
+    return f"{len(skipped)} samples" + (f" ({per_split})" if per_split else "")
+
+
 def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
-                       results: Mapping[str, Any] | None) -> str:
+                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None) -> str:
     """The text of `thalia-ray runs show ID`, from a run's records (pure)."""
     lines = [f"run       {status.get('run_id', '?')}"]
     for key in ("name", "status", "kind", "task", "model", "sweep", "created", "updated"):
@@ -478,6 +512,12 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
         lines.append(f"host      {host.get('hostname', '?')}: {host.get('cpu_count', '?')} CPUs "
                      f"({host.get('cpu_model', '?')}), {gpus}")
     lines.append(f"epochs    {len(history)}")
+    if skipped is not None:
+        lines.append(f"skipped   {format_skipped(skipped)}")
+        lines.extend(f"  {row.get('split')} {row.get('origin')} {row.get('key')}: {row.get('reason')}"
+                     for row in skipped[:SHOWN_SKIPPED])
+        if len(skipped) > SHOWN_SKIPPED:
+            lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
         lines.append("results:")
@@ -504,6 +544,7 @@ def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
 
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
-    text = format_run_details(record.read_status(), record.read_history(), record.read_results())
+    text = format_run_details(record.read_status(), record.read_history(), record.read_results(),
+                              record.read_skipped())
     whole_frame = record.read_whole_frame()
     return "\n".join([text, *format_whole_frame(whole_frame)]) if whole_frame else text

@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """Summed loss over `count` samples (so ranks can be added up), metrics and optional predictions."""
+    """Summed loss over `count` samples (so ranks can be added up), metrics, optional predictions and
+    the samples a whole-split evaluation skipped as unreadable (see `pipeline.skipped_samples`)."""
 
     loss_sum: float = 0.0
     count: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def loss(self) -> float:
@@ -186,18 +188,19 @@ def evaluate_checkpoint(cfg: ThaliaConfig, checkpoint: Checkpoint, split: str = 
 
 
 def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) -> Evaluation:
-    from thalia_ray.data.pipeline import TorchCollate, build_datasets
+    from thalia_ray.data.pipeline import TorchCollate, bad_sample_report, build_datasets, skipped_samples
 
     cfg = ThaliaConfig.model_validate(raw_cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg, checkpoint).to(device)
-    dataset = build_datasets(cfg, splits=(split,)).datasets[split]
-    batches = dataset.iter_torch_batches(
+    data = build_datasets(cfg, splits=(split,))
+    batches = data.datasets[split].iter_torch_batches(
         batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches
     )
     suite = MetricSuite(cfg.model.task).to(device)
     loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
     result = evaluate_batches(model, batches, loss_fn, suite, device, cfg.train.precision, collect=True)
+    result.skipped = skipped_samples(bad_sample_report(data.epoch_control))  # before the ledger's actor goes
     if not result.count:
         raise DataError(f"split {split!r} of {cfg.data.root!r} has no samples to evaluate")
     result.metrics = suite.compute()

@@ -4,7 +4,8 @@
 sizes, places the workers (fractional CPUs; GPUs when the cluster has them), lets Ray restart the
 worker group from the latest checkpoint after a failure, and keeps the best checkpoints by the
 early-stopping metric. After training it tests the best checkpoint on the whole test split and
-stores results and per-sample predictions. A Tune trial calls `fit` with Tune's report callback.
+stores results, per-sample predictions and every sample skipped as unreadable (also when the run
+fails). A Tune trial calls `fit` with Tune's report callback.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, 
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
-from thalia_ray.data.pipeline import build_datasets
+from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
@@ -47,12 +48,14 @@ class TrainResult:
     checkpoint: str | None  # path of the best checkpoint on the store's filesystem
     store: str  # the experiment store's URL
     history: list[dict[str, float]] = field(default_factory=list)
+    skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
 
     def __str__(self) -> str:
-        """One readable line: the headline Deformation metrics and where the run is."""
+        """One readable line: the headline Deformation metrics, skipped samples and where the run is."""
         shown = [f"{k} {v:.3f}" for k, v in {**self.val_metrics, **self.test_metrics}.items()
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
-        return f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)} (store {self.store})"
+        return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
+                f"{self.skipped} samples skipped (store {self.store})")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
@@ -191,6 +194,14 @@ def _record_end(record: RunRecord, status: Status, error: str) -> None:
                   "interrupted", record.run_id, status, err)
 
 
+def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
+    """A failing run's skipped samples so far, best effort: the failure is what gets reported."""
+    try:
+        record.write_skipped(skipped_samples(bad_sample_report(handle)))
+    except Exception as err:  # noqa: BLE001 - Ray or the store may be what failed
+        log.warning("run %s: cannot record its skipped samples: %s", record.run_id, err)
+
+
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
          lease: Lease) -> TrainResult:
     run_id = record.run_id
@@ -220,21 +231,27 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS), execution_options={
             name: ds.context.execution_options for name, ds in data.datasets.items()}),
     )
-    with progress_bar(data.epoch_control, cfg.train.epochs, settings.steps_per_epoch):
-        result = trainer.fit()
-    stopping = cfg.train.early_stopping
-    checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
+    try:
+        with progress_bar(data.epoch_control, cfg.train.epochs, settings.steps_per_epoch):
+            result = trainer.fit()
+        stopping = cfg.train.early_stopping
+        checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
+        test = evaluate_checkpoint(cfg, checkpoint, "test", use_gpu) if cfg.train.test_best else None
+    except Exception:
+        _keep_skipped(record, data.epoch_control)
+        raise
     val_metrics = {k: v for k, v in best.items() if k.startswith("val/")}
-    test_metrics: dict[str, float] = {}
-    if cfg.train.test_best:
-        test = evaluate_checkpoint(cfg, checkpoint, "test", use_gpu)
-        record.write_predictions("test", test.predictions)
-        test_metrics = test.flat("test")
+    test_metrics = test.flat("test") if test is not None else {}
     best_epoch = int(best["epoch"]) if "epoch" in best else None
     lease.check()
+    if test is not None:
+        record.write_predictions("test", test.predictions)
+    skipped = record.write_skipped([*skipped_samples(bad_sample_report(data.epoch_control)),
+                                    *(test.skipped if test is not None else [])])
     record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
                          epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)))
     history = record.read_history()
     log.info("run %s finished: best epoch %s, %s", run_id, best_epoch,
              ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "deformation" in k and "f1" in k))
-    return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history)
+    return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history,
+                       skipped)
