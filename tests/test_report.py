@@ -111,10 +111,13 @@ def test_sweep_report_ranks_trials_and_marks_the_stopped_one(synthetic_root, tmp
     assert_report_renders(page, min_images=4)
 
 
-def test_report_of_an_unknown_id_is_a_clear_error(tmp_path):
+def test_report_of_an_unknown_id_is_a_clear_error(tmp_path, capsys):
     from thalia_ray.cli import main
+    from thalia_ray.errors import StoreProblem
 
-    assert main(["report", "nope", "--store", str(tmp_path)]) == 1
+    assert main(["report", "nope", "--store", str(tmp_path)]) == StoreProblem.exit_code
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
 
 
 def test_leaderboard_csv_and_json_are_one_row_per_run(synthetic_root, tmp_path, capsys):

@@ -31,7 +31,12 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
     binary_average_precision,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
     multiclass_auroc,
     multiclass_average_precision,
 )
@@ -143,6 +148,31 @@ class MetricSuite:
     def reset(self) -> None:
         for metric in self._metrics():
             metric.reset()
+
+
+def detection_metrics(preds: np.ndarray, targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Deformation-class metrics of whole units (e.g. `predict`'s interferograms scored by their highest
+    probability): `preds` and `targets` are 0/1 (1 = Deformation), `scores` the Deformation probability.
+    AP is NaN without positives, AUROC without both classes; precision is 0 without predicted positives.
+    """
+    p, t, s = (torch.as_tensor(np.asarray(a)).reshape(-1) for a in (preds, targets, scores))
+    if not (len(p) == len(t) == len(s)) or len(t) == 0:
+        raise ValueError(
+            f"preds, targets and scores must be non-empty and equally long, got {len(p)}, {len(t)}, {len(s)}"
+        )
+    p, t, s = p.long(), t.long(), s.double()
+    positives = int(t.sum())
+    both_classes = 0 < positives < len(t)
+    return {
+        "n": len(t),
+        "n_deformation": positives,
+        "accuracy": float(binary_accuracy(p, t)),
+        "precision": float(binary_precision(p, t)),
+        "recall": float(binary_recall(p, t)),
+        "f1": float(binary_f1_score(p, t)),
+        "ap": float(binary_average_precision(s, t, thresholds=None)) if positives else math.nan,
+        "auroc": float(binary_auroc(s, t, thresholds=None)) if both_classes else math.nan,
+    }
 
 
 def subgroup_metrics(

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from thalia_ray.metrics import deformation_metrics, grouped_metrics
+from thalia_ray.metrics import detection_metrics
 
 # The decision the run's own metrics use: the Deformation class wins the two-class argmax exactly
 # when its probability exceeds one half.
@@ -29,8 +29,9 @@ def whole_frame_metrics(rows: Sequence[dict[str, Any]], threshold: float) -> dic
     return {
         "threshold": threshold,
         "n": len(labelled),
-        "overall": _clean(deformation_metrics(preds, targets, scores)),
-        "per_frame": {f: _clean(m) for f, m in grouped_metrics(frames, preds, targets, scores).items()},
+        "overall": _clean(detection_metrics(preds, targets, scores)),
+        "per_frame": {str(f): _clean(detection_metrics(*(a[frames == f] for a in (preds, targets, scores))))
+                      for f in np.unique(frames)},
     }
 
 
