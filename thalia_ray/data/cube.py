@@ -247,7 +247,7 @@ class CubeCache:
     cubes; `get_cache` returns the process-wide instance for a root.
     """
 
-    def __init__(self, root: str | Location, store_wrapper: Callable[[Any], Any] | None = None) -> None:
+    def __init__(self, root: str | Location, *, store_wrapper: Callable[[Any], Any] | None = None) -> None:
         self.root = resolve(root)
         self.store_wrapper = store_wrapper
         self.stores: dict[str, Any] = {}
