@@ -359,11 +359,15 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
                    run_id: str | None = None, trainer_cpus: float = 0.0) -> Datasets:
     """One Ray dataset per split from `cfg.data.source`; see the module docstring.
 
-    `trainer_cpus`: the CPUs the Ray Train workers hold, left out of Ray Data's budget."""
+    `trainer_cpus`: the CPUs the Ray Train workers will hold, left out of Ray Data's budget, as are the
+    CPUs others hold right now (other sweep trials, an evaluation task that builds these datasets):
+    read tasks asking for more than is left would never be scheduled."""
     locations = DataLocations.of(cfg.data, cfg.storage)
     source = open_source(cfg, locations, splits)
     handle = _start_control(cfg, run_id)
-    budget = data_budget(cfg, ray.cluster_resources().get("CPU", 1.0), trainer_cpus)
+    total = ray.cluster_resources().get("CPU", 1.0)
+    held = max(0.0, total - ray.available_resources().get("CPU", 0.0))
+    budget = data_budget(cfg, total, trainer_cpus + held)
     datasets, sizes, sources = {}, {}, {}
     for split in splits:
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
