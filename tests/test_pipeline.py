@@ -307,3 +307,26 @@ def test_read_tasks_yield_one_model_ready_block_each(dataset):
         size = cfg.data.samples_per_read_task
         assert blocks == [size] * (data.sizes["val"] // size) + ([data.sizes["val"] % size] if data.sizes["val"] % size else [])
         assert "MapBatches" not in str(ds) and "image" in ds.schema().names
+
+
+@pytest.mark.timeout(300)
+def test_read_tasks_fit_in_what_others_leave(dataset):
+    """Datasets built while other work holds most CPUs (another trial, the evaluation task building them)
+    still get their read tasks scheduled: the budget leaves those CPUs out."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    root, _ = dataset
+    spare = 0.75
+    held = ray.cluster_resources()["CPU"] - ray.available_resources()["CPU"]
+    holder = Holder.options(num_cpus=ray.cluster_resources()["CPU"] - held - spare).remote()
+    try:
+        ray.get(holder.ready.remote())
+        data = pipeline.build_datasets(config(root), splits=("val",))
+        assert len(keys(data.datasets["val"])) == data.sizes["val"]
+    finally:
+        ray.kill(holder)
