@@ -13,7 +13,7 @@ import numpy as np
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError, find_metadata, load_annotations, load_timeseries
-from thalia_ray.data.cube import Cube, DataError, Window, get_cache
+from thalia_ray.data.cube import Cube, DataError, MissingChunkError, Window, get_cache
 from thalia_ray.data.index import Group, build_groups, enumerated_positions, series_label
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
@@ -59,18 +59,23 @@ def read_stack(cube: Cube, primary: str, secondaries: Sequence[str], channels: S
 
 def existing_pairs(cube: Cube) -> dict[str, list[str]]:
     """{primary: [secondary, ...]} of the interferograms the cube holds: those with a phase value at
-    the frame centre (absent pairs read as NaN: their chunks were never written)."""
+    the frame centre (the grid is sparse: an absent pair's chunk was never written, or reads NaN)."""
     height, width = cube.shape
     centre = Window(height // 2, width // 2, 1, 1)
     secondaries = sorted(cube.secondary_index, key=cube.secondary_index.__getitem__)
-    positions = [cube.secondary_index[s] for s in secondaries]
     pairs = {}
     for primary, p in sorted(cube.primary_index.items()):
-        values = cube.read("insar_difference", p, positions, centre)[:, 0, 0]
-        present = [s for s, v in zip(secondaries, values) if np.isfinite(v)]
+        present = [s for s in secondaries if _has_phase(cube, p, cube.secondary_index[s], centre)]
         if present:
             pairs[primary] = present
     return pairs
+
+
+def _has_phase(cube: Cube, primary: int, secondary: int, centre: Window) -> bool:
+    try:
+        return bool(np.isfinite(cube.read("insar_difference", primary, [secondary], centre)[0, 0, 0]))
+    except MissingChunkError:
+        return False
 
 
 def annotated_groups(root: str | Location, frames: Sequence[str] | None) -> list[Group]:
