@@ -296,17 +296,46 @@ def test_data_budget_never_packs_more_readers_than_asked(total, trainers, limit,
     assert budget.cpus <= max(total - trainers, pipeline.MIN_TASK_CPUS) and budget.cpus <= (limit or total)
 
 
-def test_read_tasks_yield_one_model_ready_block_each(dataset):
-    """Read, decode and finalize run in the read task: one block per task of samples_per_read_task rows,
-    no map stage and no split into one-row blocks."""
+def test_read_tasks_stream_model_ready_blocks_of_the_configured_size(dataset):
+    """Read, decode and finalize run in the read task, which streams a block every samples_per_block
+    samples: no map stage, no split into one-row blocks, no merging of a task's blocks into one."""
     root, out = dataset
-    for cfg in (config(root), config(root, source="shards", shards=out)):
+    for cfg in (config(root, samples_per_read_task=6, samples_per_block=4),
+                config(root, source="shards", shards=out, samples_per_read_task=6, samples_per_block=4)):
         data = pipeline.build_datasets(cfg, splits=("val",))
         ds = data.datasets["val"]
         blocks = [len(b["key"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-        size = cfg.data.samples_per_read_task
-        assert blocks == [size] * (data.sizes["val"] // size) + ([data.sizes["val"] % size] if data.sizes["val"] % size else [])
+        tasks = [min(6, data.sizes["val"] - start) for start in range(0, data.sizes["val"], 6)]
+        assert blocks == [n for t in tasks for n in ([4, t - 4] if t > 4 else [t])]
         assert "MapBatches" not in str(ds) and "image" in ds.schema().names
+
+
+@pytest.mark.parametrize("samples, readers, explicit, expected", [
+    (1118, 2, None, 144),  # about 4 tasks per reader, in whole 16-sample blocks
+    (100, 2, None, 13),  # a small epoch: tasks of less than a block, 4 per reader
+    (3, 2, None, 1),
+    (1118, 2, 50, 50),  # data.samples_per_read_task as given
+])
+def test_read_task_size(samples, readers, explicit, expected):
+    data = config("x", samples_per_read_task=explicit, samples_per_block=16).data
+    assert pipeline.task_size(data, samples, readers) == expected
+
+
+def test_block_size_limit_passes_each_block_on_whole(dataset):
+    """Ray Data holds a task's output until it exceeds the limit and slices blocks over 1.5 × the limit:
+    a block of real model-ready records must land between the two."""
+    from ray.data.block import BlockAccessor
+
+    root, _ = dataset
+    for extra in ({}, {"mask_target": "all", "length": 2}):
+        cfg = config(root, samples_per_block=4, **extra)
+        data = pipeline.build_datasets(cfg, splits=("train",))
+        (_, rows), *_ = data.sources["train"].chunks(0, cfg.data.samples_per_block)
+        records = [load() for _, _, load in rows()]
+        assert len(records) == 4
+        block = BlockAccessor.batch_to_block(pipeline.records_to_batch(records))
+        size = BlockAccessor.for_block(block).size_bytes()
+        assert pipeline.block_size_limit(cfg.data) < size < 1.5 * pipeline.block_size_limit(cfg.data)
 
 
 @pytest.mark.timeout(300)

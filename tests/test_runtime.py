@@ -108,6 +108,24 @@ def test_setup_logging_one_handler_one_line_format(restore_thalia_logger):
 
 
 # ------------------------------------------------------------------------------------- Ray
+def test_raylet_worker_count_warnings_are_dropped_and_other_raylet_messages_print(capsys):
+    from ray._private import worker
+
+    runtime.drop_raylet_noise()
+    runtime.drop_raylet_noise()  # wraps once
+    noise = ("WARNING: 12 PYTHON worker processes have been started on node: abc with address: 10.0.0.1, "
+             "which is 6x the maximum expected startup concurrency (2).")
+    oom = "4 Workers (tasks / actors) killed due to memory pressure (OOM)"
+    worker.print_to_stdstream({"lines": [noise], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": [noise, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": ["worker processes have been started on node (a user's own print)"],
+                               "pid": 123, "is_err": False}, ignore_prefix=False)
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "PYTHON worker processes" not in text
+    assert text.count(oom) == 1 and "a user's own print" in text
+
+
 def test_reuses_an_already_initialised_ray(ray_cluster):
     rt = runtime.start(RuntimeConfig())
     assert not rt.started

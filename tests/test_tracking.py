@@ -57,6 +57,25 @@ def test_folder_sync_uploads_only_changed_files_to_s3(s3_bucket, tmp_path):
     assert (tmp_path / "restored" / "y.txt").read_text() == "two, longer"
 
 
+def test_a_file_that_fails_to_upload_does_not_hold_back_the_others_and_goes_next_time(tmp_path):
+    from thalia_ray.storage import StorageError
+
+    local, store = tmp_path / "local", tmp_path / "store"
+    (local / "a").mkdir(parents=True)
+    (local / "a" / "x.txt").write_text("one")
+    (local / "empty").mkdir()
+    (local / "y.txt").write_text("two")
+    store.mkdir()
+    (store / "a").write_text("a file where the folder a/ should go")  # a/x.txt cannot be written
+    sync = FolderSync(local, resolve(store))
+    with pytest.raises(StorageError, match="1 tracking file.*a/x.txt"):
+        sync.push()
+    assert (store / "y.txt").read_text() == "two" and (store / "empty" / ".keep").exists()
+    (store / "a").unlink()
+    assert sync.push() == 1  # only the file that failed
+    assert (store / "a" / "x.txt").read_text() == "one"
+
+
 @pytest.mark.parametrize("bad", [["neptune"], "wandb"])
 def test_unknown_tracker_is_a_config_error(bad):
     from thalia_ray.config import ConfigError, load_config

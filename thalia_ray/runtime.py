@@ -203,12 +203,41 @@ def _configure_data(runtime_cfg: RuntimeConfig) -> None:
     quiet = runtime_cfg.log_level != "DEBUG"
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # this driver's own executions
+        # Once per process, at WARNING: "Progress bars disabled. To enable, set ...".
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() and not quiet
     if runtime_cfg.data_cpu_limit is not None:
         # Train workers holding CPUs otherwise starve Data's read tasks on small machines.
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(cpu=runtime_cfg.data_cpu_limit)
+
+
+# Printed by the driver each time the node's Python worker processes pass another multiple of Ray's
+# start-up concurrency (the CPU count): warm workers (worker_reuse_config) pass it by design.
+RAYLET_NOISE = ("worker processes have been started on node",)
+
+
+def drop_raylet_noise() -> None:
+    """Keep RAYLET_NOISE off this driver's terminal; every other raylet message (out of memory,
+    crashed workers) still prints. Ray prints them through `ray._private.worker.print_to_stdstream`,
+    which has no filter hook, so that function is wrapped (once; left alone if Ray renames it)."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_thalia", False):
+        return
+
+    def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if data.get("pid") == "raylet":
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOISE)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+        return original(data, *args, **kwargs)
+
+    filtered._thalia = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = filtered
 
 
 @dataclass
@@ -251,6 +280,9 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
     import ray
 
     _configure_data(runtime_cfg)
+    if runtime_cfg.log_level != "DEBUG":
+        drop_raylet_noise()
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints a header box even at verbose=0
     if ray.is_initialized():
         log.info("using the Ray already initialised in this process")
         return RayRuntime(None, False, dict(ray.cluster_resources()))

@@ -110,7 +110,7 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
             "published": timed_rate(lambda: pl.read_published(published, data_cfg)),
         }, repeats)
         fresh = ray.remote(num_cpus=0.25, max_calls=1)(pl.stream_peak_rss)  # a new worker per measurement
-        memory = {n: ray.get(fresh.remote(own_entries * n, channels, data_cfg.samples_per_read_task))
+        memory = {n: ray.get(fresh.remote(own_entries * n, channels, data_cfg.samples_per_block))
                   for n in (1, 4)}
     project = result.add(f"own shards (.npy, {dtype})", "samples/s", reps["own"])
     baseline = result.add("published shards (torch.load .pth)", "samples/s", reps["published"])
@@ -131,7 +131,7 @@ def _ingest_config(p: Params, root: str, tmp: str) -> Any:
 
     cpus = p["cpus"] or usable_cpus()
     overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
-                 f"data.balance={p['balance']}", f"data.samples_per_read_task={p['batch_size']}",
+                 f"data.balance={p['balance']}", *([f"data.samples_per_block={p['block']}"] if p["block"] else []),
                  "data.atmospheric=[]",  # the three geomorphology channels
                  f"train.batch_size={p['batch_size']}", f"runtime.data_cpu_limit={cpus}"]
     cfg = load_config(None, overrides)
@@ -158,7 +158,7 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
         loader = ingest.make_loader(cpus, plan)
 
         def loader_epoch() -> Rep:
-            plan.chunks = [rows for _, rows in source.chunks(next(epoch))]
+            plan.chunks = [rows for _, rows in source.chunks(next(epoch), cfg.train.batch_size)]
             return ingest.timed_epoch(loader)
 
         reps = interleave({"ray": ray_epoch, "loader": loader_epoch}, repeats)
@@ -177,7 +177,8 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
     ]
     first = {n: harness.spread([r.extra["first_batch_s"] for r in reps[n]]).median for n in ("ray", "loader")}
     result.notes.append(f"{data.sizes['train']} samples per epoch ({name}), T={p['length']}, crop {p['crop']}², "
-                        f"batch = read task = {p['batch_size']} samples, {cpus} data CPUs each side; first batch after "
+                        f"batch {p['batch_size']} (a DataLoader item), Ray Data blocks of {cfg.data.samples_per_block} in read "
+                        f"tasks of {data.sources['train'].samples_per_task}, {cpus} data CPUs each side; first batch after "
                         f"{first['ray']:.2f} s (Ray Data) vs {first['loader']:.2f} s (DataLoader)")
     if cfg.data.source == "shards":
         _decode_limit(cfg, source, per_core, result)
@@ -276,7 +277,7 @@ def e2e_suite(p: Params, repeats: int, result: BenchResult) -> None:
         overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
                      "data.atmospheric=[]", "data.augmentations=false", f"model.name={p['model']}",
                      "model.task=classification", f"train.batch_size={p['batch_size']}",
-                     f"data.samples_per_read_task={p['batch_size']}", f"train.epochs={p['epochs']}",
+                     f"train.epochs={p['epochs']}",
                      "train.num_workers=1", f"train.cpus_per_worker={p['cpus_per_worker']}",
                      "train.max_steps_per_epoch=null", "train.test_best=false", "train.early_stopping.patience=null",
                      "runtime.wandb.mode=disabled", f"storage.store={tmp}/store"]
@@ -450,8 +451,9 @@ def _gpu_precheck() -> None:
 # ------------------------------------------------------------------------------------ registry
 _DATA = {"frames": 2, "size": 96, "groups": 12, "length": 1, "crop": 48, "samples": 32}
 # data=/shards=: an existing dataset root / shard export instead of synthesising (and exporting) one;
-# cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw
-_INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False}
+# cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw;
+# block: Ray Data's samples per block (0: the config's default)
+_INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False, "block": 0}
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("cube", "minicube windowed reads vs per-sample cube open + whole-frame reads", cube_suite,
           {"small": _DATA, "medium": {**_DATA, "size": 256, "frames": 3, "crop": 64},

@@ -9,9 +9,11 @@ samples is the same whether they come from cubes or shards.
 
 Execution is designed by measurement (BENCHMARKS.md): a read task does its samples' whole work
 (the source's windowed Zarr read or ranged shard read, decode, normalise, augment) in one process,
-so raw arrays never round-trip the object store, and yields one model-ready block of
-`data.samples_per_read_task` samples (blocks sized to batches; Ray Data is told the block count so
-it does not split them into one-row blocks). A `DataBudget` sets how many read tasks run at once
+so raw arrays never round-trip the object store, and streams a model-ready block every
+`data.samples_per_block` samples (a few batches: Ray Data's cost is per block; it is told the task
+count so it does not split them into one-row blocks). Tasks are long (`data.samples_per_read_task`, by default
+about four per read process an epoch): each task start costs its process a scheduling round trip and
+~0.1 s of set-up, which short tasks paid every few samples. A `DataBudget` sets how many read tasks run at once
 (one busy process per core) and sizes their CPU requests to fit what the trainers leave, so Ray
 never packs several read processes onto a core. The worker processes they run in are kept between
 epochs (`runtime.worker_reuse_config`), and with them the open cubes, parsed `.npy` headers and
@@ -47,6 +49,8 @@ from thalia_ray.data.transforms import finalize, statistics_for
 from thalia_ray.storage import Location
 
 MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
+BLOCK_LIMIT_FRACTION = 0.9  # of a block's estimated bytes (see block_size_limit)
+TASKS_PER_READER = 4  # read tasks per read process an epoch: few start-ups, and no reader idles long at the end
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
@@ -213,9 +217,10 @@ def model_record(spec: Spec, epoch: int, row: Row) -> dict[str, Any]:
     return finalize(raw, spec.data, stats, spec.rng(epoch, raw.key), spec.training)
 
 
-def records_block(spec: Spec, epoch: int, loads: Loads) -> Iterator[Any]:
+def records_blocks(spec: Spec, epoch: int, loads: Loads) -> Iterator[Any]:
     """A read task's body: read, decode and finalize its samples in one process (raw data never
-    crosses the object store) and yield them as one model-ready block; bad samples are reported."""
+    crosses the object store), yielding a model-ready block every `samples_per_block` good samples
+    (Ray Data streams each block on while the task goes on); bad samples are reported."""
     records = []
     for item in loads:
         if isinstance(item, BadSample):
@@ -228,6 +233,9 @@ def records_block(spec: Spec, epoch: int, loads: Loads) -> Iterator[Any]:
             raise
         except (DataError, ShardError, OSError, ValueError, KeyError) as err:
             report_bad(spec, epoch, BadSample(origin, key, f"{type(err).__name__}: {err}"))
+        if len(records) == spec.data.samples_per_block:
+            yield BlockAccessor.batch_to_block(records_to_batch(records))
+            records = []
     if records:
         yield BlockAccessor.batch_to_block(records_to_batch(records))
 
@@ -248,10 +256,10 @@ def _column(values: list[Any]) -> np.ndarray:
 class EpochDatasource(Datasource):
     """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
 
-    def __init__(self, spec: Spec, source: Source, sample_bytes: int, samples_per_task: int) -> None:
+    def __init__(self, spec: Spec, source: Source, sample_bytes: int, readers: int) -> None:
         super().__init__()
         self.spec, self.source, self.sample_bytes = spec, source, sample_bytes
-        self.samples_per_task = samples_per_task
+        self.samples_per_task = task_size(spec.data, len(self.items(0)), readers)
 
     def get_name(self) -> str:
         return f"Thalia{self.source.name.capitalize()}[{self.spec.split}]"
@@ -266,13 +274,14 @@ class EpochDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
 
-    def chunks(self, epoch: int) -> list[tuple[int, Rows]]:
-        """An epoch's samples in read-task-sized chunks: (size, rows) where `rows()` yields each
-        sample's (origin, key, load) or BadSample. The bench's DataLoader baseline runs exactly these."""
-        items = self.items(epoch)
+    def chunks(self, epoch: int, size: int | None = None) -> list[tuple[int, Rows]]:
+        """An epoch's samples in chunks of `size` (default: a read task's): (size, rows) where `rows()`
+        yields each sample's (origin, key, load) or BadSample. The bench's DataLoader baseline runs
+        exactly these, cut into batches."""
+        items, size = self.items(epoch), size or self.samples_per_task
         out = []
-        for start in range(0, len(items), self.samples_per_task):
-            chunk = items[start:start + self.samples_per_task]
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
             spec = dataclasses.replace(self.spec, source=self.source.for_items(chunk))
             out.append((len(chunk), functools.partial(sample_loads, spec, epoch, chunk)))
         return out
@@ -287,7 +296,19 @@ class EpochDatasource(Datasource):
 
 
 def _task(spec: Spec, epoch: int, rows: Rows) -> Iterator[Any]:
-    return records_block(spec, epoch, rows())
+    return records_blocks(spec, epoch, rows())
+
+
+def task_size(data: DataConfig, samples: int, readers: int) -> int:
+    """Samples per read task: `data.samples_per_read_task`, or an epoch of `samples` cut into about
+    `TASKS_PER_READER` tasks per read process, in whole blocks (an epoch too small for that gets
+    tasks of less than a block, so that every reader still has work)."""
+    if data.samples_per_read_task is not None:
+        return data.samples_per_read_task
+    share = max(1, math.ceil(samples / (readers * TASKS_PER_READER)))
+    if share <= data.samples_per_block:
+        return share
+    return math.ceil(share / data.samples_per_block) * data.samples_per_block
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -318,8 +339,19 @@ class Datasets:
     sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
 
 
-def _sample_bytes(data: DataConfig) -> int:
-    return 4 * data.length * (len(data.channels) + 1) * data.crop * data.crop
+def record_bytes(data: DataConfig) -> int:
+    """Bytes of one model-ready record (see `transforms.finalize`): the float32 (T·C, H, W) image, the
+    int64 mask (one per member for `mask_target: all`) and a few hundred bytes of labels and names."""
+    masks = data.length if data.mask_target == "all" else 1
+    return (4 * data.length * len(data.channels) + 8 * masks) * data.crop * data.crop + 256
+
+
+def block_size_limit(data: DataConfig) -> int:
+    """The read operator's `target_max_block_size`: a little under one block of `samples_per_block`
+    records, so Ray Data passes each block on as it comes (its output buffer holds blocks until they
+    exceed the limit, and slices only those above 1.5 × the limit); the default 128 MiB would hold a
+    whole task's samples back until the task ends."""
+    return int(BLOCK_LIMIT_FRACTION * data.samples_per_block * record_bytes(data))
 
 
 def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
@@ -371,13 +403,14 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     datasets, sizes, sources = {}, {}, {}
     for split in splits:
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
-        datasource = EpochDatasource(spec, source, _sample_bytes(cfg.data), cfg.data.samples_per_read_task)
+        datasource = EpochDatasource(spec, source, record_bytes(cfg.data), budget.processes)
         sizes[split], sources[split] = len(datasource.items(0)), datasource
-        # One block per read task, as planned: without override_num_blocks Ray Data splits small
-        # reads into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
+        # The read tasks as planned: without override_num_blocks Ray Data splits small reads
+        # into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
         # No runtime_env: Ray logs it, and credentials reach workers through their environment.
         ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus,
                                       override_num_blocks=datasource.num_tasks())
+        ds.context.target_max_block_size = block_size_limit(cfg.data)
         options = ds.context.execution_options
         options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
         options.preserve_order = not spec.training or cfg.train.deterministic

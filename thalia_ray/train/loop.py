@@ -331,12 +331,15 @@ class WorkerLoop:
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        # History and trackers first: a sweep scheduler may stop the run as soon as it sees the report. It is written
-        # from the checkpointed progress, so a resumed run rewrites it and never doubles an epoch.
-        if self.settings.record is not None:
-            self.settings.record.write_history(self.progress.history)
+        # Trackers, then history, before the report: a sweep scheduler may stop the run as soon as it sees a
+        # report, and Ray Train lets the workers run ahead into the next epoch meanwhile, so the kill can land
+        # anywhere. The history is the store's commit of an epoch: written last, an epoch it holds is tracked
+        # too (a killed worker's trackers may lead it by the epoch it was cut in). It is written from the
+        # checkpointed progress, so a resumed run rewrites it and never doubles an epoch.
         if self.tracker is not None:
             self.tracker.log(metrics, step=int(metrics["epoch"]))
+        if self.settings.record is not None:
+            self.settings.record.write_history(self.progress.history)
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)

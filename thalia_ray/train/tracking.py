@@ -12,6 +12,7 @@ tracking server given as `runtime.mlflow.tracking_uri` (credentials from MLFLOW_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRACKING = "tracking"  # the folder under a run's own folder
 KEEP = ".keep"
+UPLOAD_ATTEMPTS = 3  # per epoch; then a warning, and the next epoch tries again
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -58,21 +60,41 @@ class FolderSync:
     def push(self) -> int:
         """Upload new and changed files (symlinks skipped); returns how many were uploaded.
 
-        An empty folder gets an empty `.keep` file first: object stores have no folders, and MLflow's
-        file store does not recognise a run without its (empty) `artifacts` folder.
+        The trackers keep writing in the background (W&B's own process creates and deletes temporary
+        files), so a file or folder that vanishes during the walk is skipped, and a file that fails to
+        upload does not stop the others: every failure is raised together at the end, and those files
+        go again on the next push. An empty folder gets an empty `.keep` file first: object stores have
+        no folders, and MLflow's file store does not recognise a run without its (empty) `artifacts` folder.
         """
-        for folder in [p for p in self.local.rglob("*") if p.is_dir() and not p.is_symlink()]:
-            if not any(folder.iterdir()):
-                (folder / KEEP).touch()
-        uploaded = 0
-        for path in sorted(p for p in self.local.rglob("*") if p.is_file() and not p.is_symlink()):
+        uploaded, failed = 0, []
+        for path in self._files():
             rel = path.relative_to(self.local).as_posix()
-            stamp = self._stamp(path)
-            if self._seen.get(rel) != stamp:
+            try:
+                stamp = self._stamp(path)
+                if self._seen.get(rel) == stamp:
+                    continue
                 self.target.join(rel).put_file(path)
-                self._seen[rel] = stamp
-                uploaded += 1
+            except FileNotFoundError:
+                continue  # deleted by its tracker since the walk
+            except (OSError, StorageError) as err:
+                failed.append(f"{rel} ({err})")
+                continue
+            self._seen[rel] = stamp
+            uploaded += 1
+        if failed:
+            raise StorageError(f"{len(failed)} tracking file(s) not uploaded to {self.target.url}: {failed[0]}")
         return uploaded
+
+    def _files(self) -> list[Path]:
+        """The regular files under the local folder, sorted; empty folders below it get a `.keep` file."""
+        files: list[Path] = []
+        for folder, dirs, names in os.walk(self.local):  # os.walk skips folders that vanish meanwhile
+            if not dirs and not names and Path(folder) != self.local:
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(folder) / KEEP).touch()
+                    names = [KEEP]
+            files.extend(p for p in (Path(folder) / n for n in names) if not p.is_symlink())
+        return sorted(files)
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
@@ -154,12 +176,22 @@ class RunTracker:
         self.upload()
 
     def upload(self) -> None:
+        """Upload what changed, retrying a failed upload twice: a stopped sweep trial gets no later chance.
+
+        Tracking never fails a training run: after the last attempt a warning names what is missing,
+        and the files go again with the next epoch.
+        """
         if self.sync is None:
             return
-        try:
-            self.sync.push()
-        except (OSError, StorageError) as err:  # tracking must never fail a training run
-            log.warning("run %s: tracking files not uploaded yet (%s); retried next epoch", self.run_id, err)
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                self.sync.push()
+                return
+            except StorageError as err:
+                if attempt + 1 == UPLOAD_ATTEMPTS:
+                    log.warning("run %s: %s; retried next epoch", self.run_id, err)
+                else:
+                    time.sleep(2.0 ** attempt)
 
     def finish(self) -> None:
         """Close every tracker, upload the final files and drop the scratch folder."""
