@@ -305,8 +305,10 @@ def test_read_tasks_stream_model_ready_blocks_of_the_configured_size(dataset):
         data = pipeline.build_datasets(cfg, splits=("val",))
         ds = data.datasets["val"]
         blocks = [len(b["key"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-        tasks = [min(6, data.sizes["val"] - start) for start in range(0, data.sizes["val"], 6)]
-        assert blocks == [n for t in tasks for n in ([4, t - 4] if t > 4 else [t])]
+        n = data.sizes["val"]
+        short = min(2 * data.sources["val"].readers, n)  # two one-sample tasks per reader start the epoch
+        tasks = [1] * short + [min(6, n - start) for start in range(short, n, 6)]
+        assert sorted(blocks) == sorted(b for t in tasks for b in ([4, t - 4] if t > 4 else [t]))
         assert "MapBatches" not in str(ds) and "image" in ds.schema().names
 
 
@@ -319,6 +321,17 @@ def test_read_tasks_stream_model_ready_blocks_of_the_configured_size(dataset):
 def test_read_task_size(samples, readers, explicit, expected):
     data = config("x", samples_per_read_task=explicit, samples_per_block=16).data
     assert pipeline.task_size(data, samples, readers) == expected
+
+
+@pytest.mark.parametrize("samples, per_task, per_block, readers", [
+    (1118, 192, 64, 2), (10, 3, 64, 2), (7, 7, 2, 1), (0, 4, 4, 2), (1, 4, 4, 2), (20, 8, 16, 3)])
+def test_task_bounds_cover_the_epoch_once_starting_with_short_tasks(samples, per_task, per_block, readers):
+    bounds = pipeline.task_bounds(samples, per_task, per_block, readers)
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(samples))
+    assert all(end - start <= per_task for start, end in bounds)
+    first = min(per_task, max(1, per_block // 4))
+    short = min(2 * readers, -(-samples // first))
+    assert [end - start for start, end in bounds[:short]] == [min(first, samples - i * first) for i in range(short)]
 
 
 def test_block_size_limit_passes_each_block_on_whole(dataset):

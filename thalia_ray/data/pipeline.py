@@ -50,6 +50,7 @@ from thalia_ray.storage import Location
 
 MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
 BLOCK_LIMIT_FRACTION = 0.9  # of a block's estimated bytes (see block_size_limit)
+SHORT_TASKS_PER_READER = 2  # quarter-block tasks that start each epoch (see task_bounds)
 TASKS_PER_READER = 4  # read tasks per read process an epoch: few start-ups, and no reader idles long at the end
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
@@ -258,7 +259,7 @@ class EpochDatasource(Datasource):
 
     def __init__(self, spec: Spec, source: Source, sample_bytes: int, readers: int) -> None:
         super().__init__()
-        self.spec, self.source, self.sample_bytes = spec, source, sample_bytes
+        self.spec, self.source, self.sample_bytes, self.readers = spec, source, sample_bytes, readers
         self.samples_per_task = task_size(spec.data, len(self.items(0)), readers)
 
     def get_name(self) -> str:
@@ -269,7 +270,10 @@ class EpochDatasource(Datasource):
 
     def num_tasks(self) -> int:
         """Read tasks per epoch (constant: a balanced draw has as many negatives as positives)."""
-        return max(1, math.ceil(len(self.items(0)) / self.samples_per_task))
+        return max(1, len(self.bounds(len(self.items(0)))))
+
+    def bounds(self, samples: int) -> list[tuple[int, int]]:
+        return task_bounds(samples, self.samples_per_task, self.spec.data.samples_per_block, self.readers)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return len(self.items(0)) * self.sample_bytes
@@ -278,10 +282,14 @@ class EpochDatasource(Datasource):
         """An epoch's samples in chunks of `size` (default: a read task's): (size, rows) where `rows()`
         yields each sample's (origin, key, load) or BadSample. The bench's DataLoader baseline runs
         exactly these, cut into batches."""
-        items, size = self.items(epoch), size or self.samples_per_task
+        items = self.items(epoch)
+        if size is None:
+            bounds = self.bounds(len(items))
+        else:
+            bounds = [(start, min(start + size, len(items))) for start in range(0, len(items), size)]
         out = []
-        for start in range(0, len(items), size):
-            chunk = items[start:start + size]
+        for start, end in bounds:
+            chunk = items[start:end]
             spec = dataclasses.replace(self.spec, source=self.source.for_items(chunk))
             out.append((len(chunk), functools.partial(sample_loads, spec, epoch, chunk)))
         return out
@@ -297,6 +305,23 @@ class EpochDatasource(Datasource):
 
 def _task(spec: Spec, epoch: int, rows: Rows) -> Iterator[Any]:
     return records_blocks(spec, epoch, rows())
+
+
+def task_bounds(samples: int, per_task: int, per_block: int, readers: int = 1) -> list[tuple[int, int]]:
+    """(start, end) of each read task over an epoch of `samples`: first two tasks of a quarter block per
+    reader, then tasks of `per_task` samples. Ray's batch iterator hands out an epoch's first batch
+    only once it holds its prefetch depth of rows beyond it, so the first few blocks of an epoch should
+    come quickly (a block is passed on when it is full or its task ends)."""
+    first = min(per_task, max(1, per_block // 4))
+    sizes = [first] * (SHORT_TASKS_PER_READER * readers)
+    total = min(samples, first * len(sizes))
+    sizes = sizes[:math.ceil(total / first)] if total else []
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, min(start + size, samples)))
+        start += size
+    bounds += [(s, min(s + per_task, samples)) for s in range(start, samples, per_task)]
+    return bounds
 
 
 def task_size(data: DataConfig, samples: int, readers: int) -> int:
