@@ -126,6 +126,22 @@ def test_raylet_worker_count_warnings_are_dropped_and_other_raylet_messages_prin
     assert text.count(oom) == 1 and "a user's own print" in text
 
 
+def test_a_quiet_start_never_lowers_a_stricter_ray_data_level(ray_cluster):
+    """A worker process reused for Ray Data's split coordinator keeps the ERROR level it was given."""
+    data_logger = logging.getLogger("ray.data")
+    before = data_logger.level
+    try:
+        data_logger.setLevel(logging.ERROR)
+        runtime.start(RuntimeConfig(log_level="INFO"))
+        assert data_logger.level == logging.ERROR
+        data_logger.setLevel(logging.NOTSET)
+        runtime.start(RuntimeConfig(log_level="INFO"))
+        assert data_logger.level == logging.WARNING  # a driver's own executions: warnings only
+        assert logging.getLogger("ray.data._internal.progress").getEffectiveLevel() == logging.ERROR
+    finally:
+        data_logger.setLevel(before)
+
+
 def test_reuses_an_already_initialised_ray(ray_cluster):
     rt = runtime.start(RuntimeConfig())
     assert not rt.started

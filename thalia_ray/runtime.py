@@ -202,7 +202,10 @@ def _configure_data(runtime_cfg: RuntimeConfig) -> None:
 
     quiet = runtime_cfg.log_level != "DEBUG"
     if quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # this driver's own executions
+        # This driver's own executions; never lower a stricter level (a Ray worker process that ran this
+        # is later reused for Ray Data's split coordinator, which QUIET_ENV sets to ERROR).
+        data_logger = logging.getLogger("ray.data")
+        data_logger.setLevel(max(data_logger.level, logging.WARNING))
         # Once per process, at WARNING: "Progress bars disabled. To enable, set ...".
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
