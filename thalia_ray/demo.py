@@ -6,7 +6,6 @@ nothing is faked.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -31,8 +30,6 @@ DEMO_OVERRIDES = [
     "train.max_steps_per_epoch=12",
     "runtime.wandb.mode=offline",
 ]
-# Library chatter that would bury the demo's own lines: Ray Data's per-dataset plans and progress bars.
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 SWEEP = {
     "name": "demo-backbones",
     "search": "grid",
@@ -73,8 +70,7 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     cfg = demo_config(root, overrides)
     shards = root / "data" / "shards"
     began = time.time()
-    os.environ.update(QUIET_ENV)  # the driver's own Ray Data executor (export) too
-    with runtime.start(cfg.runtime, storage_env=QUIET_ENV):
+    with runtime.start(cfg.runtime):  # quiet: Ray internals only at runtime.log_level DEBUG
         t = _stage(f"1/5 synthetic Thalia minicubes → {cfg.data.root}")
         syn = cfg.data.synthetic
         report = synthesize(cfg.data.root, frames=syn.frames, size=syn.size, seed=syn.seed,
@@ -106,7 +102,9 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
 
     store = ExperimentStore(cfg.storage.store, cfg.storage)
     print("\n=== leaderboard (sweep)")
-    print(leaderboard_text(store, summary.sweep_id, fmt="terminal"))
+    print(leaderboard_text(store, summary.sweep_id, fmt="terminal", breakdown_by=()))
+    print(f"the best run by frame, intensity or activity type (also in its report): thalia-ray leaderboard "
+          f"{summary.sweep_id} --store {store.root.url} --breakdown frame_id|intensity|activity_type")
     print(f"\nfinished in {time.time() - began:.0f} s")
     print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
     print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
