@@ -135,6 +135,7 @@ def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, 
     out, report = first
     units = plan_units(str(dataset), "annotated", 1, [frame])
     assert report.failed == {} and report.written == report.planned == len(units) > 0
+    assert 0 < report.first_unit_s < report.seconds  # the start-up a throughput figure leaves out
     source, result = xr.open_zarr(dataset / f"{frame}.zarr"), xr.open_zarr(out / f"{frame}.zarr")
     for dim in ("primary_date", "secondary_date", "y", "x"):
         np.testing.assert_array_equal(result[dim].values, source[dim].values)

@@ -104,7 +104,10 @@ def predict_rep(store: ExperimentStore, run_id: str, setup: PredictSetup, frames
         seconds = time.perf_counter() - start
     if report.failed or not report.written:
         raise RuntimeError(f"bench predict: {report.summary()}")
-    return Rep(report.written / seconds / cores, seconds, {"units": report.written, "peak_rss_mib": rss.peak_mib})
+    extra = {"units": report.written, "peak_rss_mib": rss.peak_mib, "steady": float("nan")}
+    if report.first_unit_s is not None and report.written > 1 and report.seconds > report.first_unit_s:
+        extra["steady"] = (report.written - 1) / (report.seconds - report.first_unit_s) / cores  # after the first unit
+    return Rep(report.written / seconds / cores, seconds, extra)
 
 
 def ceiling_rep(setup: PredictSetup, cfg: ThaliaConfig, units: int, windows_per_unit: int, cores: int) -> Rep:

@@ -50,6 +50,7 @@ class PredictReport:
     failed: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     seconds: float = 0.0
+    first_unit_s: float | None = None  # seconds to the first finished unit: the start-up a rate should leave out
 
     def summary(self) -> str:
         lines = [f"predict {self.run_id} → {self.out}: {self.planned} units, {self.skipped} already complete, "
@@ -149,8 +150,12 @@ class _Progress:
 
         self.bar = tqdm(total=total, unit="unit", desc="predict", disable=not (sys.stderr.isatty() if enabled is None
                                                                                else enabled))
+        self.started = time.perf_counter()
+        self.first_unit_s: float | None = None  # the job's start-up plus its first unit
 
     def update(self, failed: int) -> None:
+        if self.first_unit_s is None:
+            self.first_unit_s = time.perf_counter() - self.started
         self.bar.set_postfix(failed=failed)
         self.bar.update(1)
 
@@ -186,7 +191,9 @@ def execute(store: ExperimentStore, plan: PredictPlan, options: PredictOptions) 
     """Run the plan's remaining units (needs Ray), then write the table and the evaluation."""
     started = time.perf_counter()
     out, units = plan.out, plan.units
-    failed = _run(plan, options) if plan.todo else {}
+    progress = _Progress(len(plan.todo), options.progress)
+    failed = _run(plan, options, progress) if plan.todo else {}
+    progress.close()
     output.write_failures(out, failed)
     planned = {u.key for u in units}
     rows = [r for key, r in output.completed(out, sorted({u.frame_id for u in units})).items() if key in planned]
@@ -198,7 +205,7 @@ def execute(store: ExperimentStore, plan: PredictPlan, options: PredictOptions) 
         out.join(output.EVALUATION).write_json(evaluation)
         store.run(plan.run_id).write_whole_frame(evaluation)
     return PredictReport(plan.run_id, out.url, len(units), len(units) - len(plan.todo), len(plan.todo) - len(failed),
-                         failed, evaluation, time.perf_counter() - started)
+                         failed, evaluation, time.perf_counter() - started, progress.first_unit_s)
 
 
 def predict(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictReport:
@@ -206,7 +213,7 @@ def predict(store: ExperimentStore, run_id: str, options: PredictOptions) -> Pre
     return execute(store, prepare(store, run_id, options), options)
 
 
-def _run(plan: PredictPlan, options: PredictOptions) -> dict[str, str]:
+def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress) -> dict[str, str]:
     """Stream the windows of the remaining units through the model; write each unit when complete.
     Returns the failures, by unit key."""
     cfg, units, todo, spec, out = plan.cfg, plan.units, plan.todo, plan.spec, plan.out
@@ -217,7 +224,6 @@ def _run(plan: PredictPlan, options: PredictOptions) -> dict[str, str]:
     expected = {f: len(tile(c.shape, spec.crop, spec.overlap)) for f, c in cubes.items()}
     stitchers: dict[str, Stitcher] = {}
     failed: dict[str, str] = {}
-    progress = _Progress(len(todo), options.progress)
     for batch in _window_batches(cfg, plan.checkpoint, todo, spec, options):
         for i, key in enumerate(batch["key"]):
             unit = by_key[str(key)]
@@ -237,5 +243,4 @@ def _run(plan: PredictPlan, options: PredictOptions) -> dict[str, str]:
                 frames[unit.frame_id].write(unit, probability)
                 output.mark_done(out, unit, output.summary_row(unit, probability, options.threshold))
                 progress.update(len(failed))
-    progress.close()
     return failed
