@@ -187,7 +187,7 @@ class RunTracker:
             try:
                 self.sync.push()
                 return
-            except StorageError as err:
+            except (OSError, StorageError) as err:  # never fails the training run
                 if attempt + 1 == UPLOAD_ATTEMPTS:
                     log.warning("run %s: %s; retried next epoch", self.run_id, err)
                 else:
