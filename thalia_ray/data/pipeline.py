@@ -313,15 +313,9 @@ def task_bounds(samples: int, per_task: int, per_block: int, readers: int = 1) -
     only once it holds its prefetch depth of rows beyond it, so the first few blocks of an epoch should
     come quickly (a block is passed on when it is full or its task ends)."""
     first = min(per_task, max(1, per_block // 4))
-    sizes = [first] * (SHORT_TASKS_PER_READER * readers)
-    total = min(samples, first * len(sizes))
-    sizes = sizes[:math.ceil(total / first)] if total else []
-    bounds, start = [], 0
-    for size in sizes:
-        bounds.append((start, min(start + size, samples)))
-        start += size
-    bounds += [(s, min(s + per_task, samples)) for s in range(start, samples, per_task)]
-    return bounds
+    short_end = min(samples, first * SHORT_TASKS_PER_READER * readers)
+    short = [(start, min(start + first, short_end)) for start in range(0, short_end, first)]
+    return short + [(start, min(start + per_task, samples)) for start in range(short_end, samples, per_task)]
 
 
 def task_size(data: DataConfig, samples: int, readers: int) -> int:
