@@ -1,8 +1,11 @@
 """Leaderboard breakdowns: subgroup recall and AP against all negatives, per volcano from frame_names.json."""
 from __future__ import annotations
 
+import io
 import json
 import math
+
+import pandas as pd
 
 import pytest
 
@@ -56,6 +59,21 @@ def test_volcano_breakdown_from_the_dataset_roots_frame_names(tmp_path) -> None:
     assert by_volcano["Vesuvius"]["n"] == 3 and by_volcano["Vesuvius"]["n_deformation"] == 1
     text = leaderboard_text(store, fmt="csv")
     assert "Deformation by volcano" in text and "volcano,n,n_deformation,recall,false_alarms,ap" in text
+
+
+def test_breakdown_tables_for_programs_hold_the_subgroup_columns(tmp_path, capsys) -> None:
+    from thalia_ray.cli import main
+
+    store = _store_with_run(tmp_path, {"A": "Etna, Stromboli", "B": "Vesuvius"})
+    assert main(["leaderboard", "--store", str(tmp_path / "store"), "--format", "csv", "--breakdown", "volcano"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(frame.columns) == ["run_id", "volcano", "n", "n_deformation", "recall", "false_alarms", "ap"]
+    vesuvius = frame.set_index("volcano").loc["Vesuvius"]
+    assert vesuvius["recall"] == breakdown(store, "r1", "volcano")["Vesuvius"]["recall"] == 1.0
+    assert vesuvius["false_alarms"] == 0.0
+    assert main(["leaderboard", "--store", str(tmp_path / "store"), "--format", "json", "--breakdown", "intensity"]) == 0
+    rows = {r["intensity"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["Low"]["ap"] == 0.5 and rows["None"]["recall"] is None  # NaN is a JSON null
 
 
 def test_frame_names_format_is_checked(tmp_path) -> None:

@@ -18,6 +18,7 @@ from thalia_ray.losses import build_loss
 from thalia_ray.models.pretrained import check_imagenet_available, weights_repo
 from thalia_ray.models.registry import check_model_name
 from thalia_ray.train.evaluate import model_from_config
+from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
@@ -39,6 +40,7 @@ def test_preset_is_the_reference_recipe(path: Path) -> None:
     assert data.crop_policy == "reference"  # cube-mask box ±crop/4, one fixed crop per sample
     assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (1e-5, 1e-4, 2, 90)
     assert (train.scheduler, train.warmup_fraction, train.grad_clip, train.precision) == ("constant", 0.0, None, "fp32")
+    assert train.grad_reset == "epoch"  # the reference clears gradients once per epoch
     assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_class_weights()) == ("focal", 2.0, [0.25, 0.75])
     assert not train.loss.confidence_weighting and train.loss.class_weights is None
     stopping = train.early_stopping
@@ -69,11 +71,11 @@ def test_preset_runs_one_training_step_on_cpu(path: Path, synthetic_root: Path) 
 
     torch.manual_seed(cfg.seed)
     model = model_from_config(cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(model, cfg.train)
     loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
     before = [p.detach().clone() for p in model.parameters()]
     loss, parts = loss_fn(model(batch["image"]), batch)
-    loss.backward()
-    optimizer.step()
+    clear_gradients(optimizer)  # as the loop does at the start of an epoch
+    optimizer_step(loss, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), cfg.train)
     assert torch.isfinite(loss) and set(parts) == {"focal", "total"}
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -15,7 +15,8 @@ from timm.models import adapt_input_conv
 
 from thalia_ray.config import ModelConfig, load_config
 from thalia_ray.models.factory import build_model
-from thalia_ray.models.pretrained import PretrainedWeightsError
+from thalia_ray.models.pretrained import PretrainedWeightsError, fetch_command, weights_repo
+from thalia_ray.models.registry import check_model_name
 from thalia_ray.store import ExperimentStore
 from thalia_ray.train.checkpoint import save_state
 from thalia_ray.train.evaluate import model_from_config
@@ -84,6 +85,15 @@ def test_smp_encoder_imagenet_weights_load_from_the_filled_cache(offline_hub: Pa
     encoder = model.net.encoder
     torch.testing.assert_close(encoder.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     torch.testing.assert_close(encoder.conv1.weight, adapt_input_conv(9, source.conv1.weight))
+
+
+def test_weights_without_a_hub_copy_are_fetched_into_the_torch_hub_cache(offline_hub: Path) -> None:
+    spec = check_model_name("classification", "gcvit_base")  # timm loads its weights from a plain URL
+    url = weights_repo(spec, "")
+    assert url.startswith("https://") and url.endswith(".pth")
+    target = offline_hub.parent / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]  # TORCH_HOME/hub
+    assert fetch_command(url) == f"curl -L --create-dirs -o {target} {url}"
+    assert fetch_command("smp-hub/resnet18.imagenet@abc") == "hf download smp-hub/resnet18.imagenet --revision abc"
 
 
 def test_imagenet_is_refused_where_no_weights_exist() -> None:

@@ -88,6 +88,7 @@ def test_run_report_opens_in_chromium_with_every_figure_and_the_gallery(syntheti
     text = page.read_text()
     for heading in ("Learning curves", "Test evaluation", "Breakdowns", "Gallery of test samples"):
         assert heading in text
+    assert ">false_alarms</th>" in text  # the subgroup columns (metrics.subgroup_metrics)
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
     assert text.count('alt="TP ') >= 1 and text.count('alt="FN ') + text.count('alt="FP ') >= 1
     assert 'alt="map 078A_00001_010569"' in text  # predict's output, found through its whole-frame record

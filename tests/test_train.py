@@ -23,6 +23,7 @@ from thalia_ray.config import ThaliaConfig
 from thalia_ray.train.checkpoint import STATE_FILE, load_state, to_checkpoint, unwrap
 from thalia_ray.train.loop import EarlyStopping
 from thalia_ray.train.schedule import build_scheduler, lr_factor
+from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -55,6 +56,42 @@ def test_scheduler_steps_the_optimiser_learning_rate():
 
 
 # ------------------------------------------------------------------------------ early stopping
+def _two_steps(grad_reset: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    train = ThaliaConfig(train={"grad_reset": grad_reset, "grad_clip": None}).train
+    optimizer, scaler = build_optimizer(model, train), torch.amp.GradScaler("cuda", enabled=False)
+    clear_gradients(optimizer)  # the loop's start of an epoch
+    for x in (torch.ones(4, 3), torch.full((4, 3), -2.0)):
+        optimizer_step(model(x).square().mean(), model, optimizer, scaler, train)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _reference_two_steps(clear_each_step: bool) -> list[torch.Tensor]:
+    """A literal transcription of the reference's train_epoch: grads set to None once, then per batch
+    backward and AdamW step (lr 1e-4 and weight decay 1e-4 are our defaults, used on both sides)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+    for param in model.parameters():
+        param.grad = None
+    for x in (torch.ones(4, 3), torch.full((4, 3), -2.0)):
+        if clear_each_step:
+            optimizer.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_grad_reset_epoch_accumulates_gradients_as_the_reference_does():
+    per_epoch, per_step = _two_steps("epoch"), _two_steps("step")
+    for ours, reference in zip(per_epoch, _reference_two_steps(clear_each_step=False)):
+        assert torch.equal(ours, reference)
+    for ours, reference in zip(per_step, _reference_two_steps(clear_each_step=True)):
+        assert torch.equal(ours, reference)
+    assert any(not torch.equal(a, b) for a, b in zip(per_epoch, per_step))  # the two rules really differ
+
+
 def test_early_stopping_counts_epochs_without_improvement():
     stopper = EarlyStopping(mode="min", patience=2)
     assert stopper.update(1.0, 1) and not stopper.should_stop

@@ -342,6 +342,8 @@ JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_sweep
 
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from thalia_ray.store.leaderboard import BREAKDOWNS
+
     parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
@@ -452,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--store", default="./runs")
     board.add_argument("--format", choices=["terminal", "markdown", "csv", "json"], default="terminal",
                        help="csv and json: one table, one row per run, full precision")
-    board.add_argument("--breakdown", choices=["frame_id", "intensity", "activity_type"],
+    board.add_argument("--breakdown", choices=BREAKDOWNS,
                        help="instead: the best run's Deformation metrics per group of this field")
     board.add_argument("--metric", help="ranking metric (default test/f1_deformation or test/iou_deformation)")
     board.add_argument("--mode", choices=["max", "min"], default="max")

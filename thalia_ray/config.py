@@ -250,6 +250,9 @@ class TrainConfig(Section):
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of the real number of optimiser steps
     grad_clip: float | None = Field(1.0, gt=0)
+    # When gradients are cleared: before every step, or once per epoch so that each step applies the sum
+    # of the epoch's gradients so far (the reference's training loop; the paper presets). train/step.py.
+    grad_reset: Literal["step", "epoch"] = "step"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss: LossConfig = Field(default_factory=LossConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
@@ -265,6 +268,15 @@ class TrainConfig(Section):
     # (slower). Exact with one worker; with several, Ray's streaming split hands blocks to whichever
     # worker asks first, so the per-worker assignment may differ between runs.
     deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _grad_reset_fits_precision(self) -> "TrainConfig":
+        # fp16's loss scaler unscales all of .grad at each step, so a sum kept across steps would be
+        # unscaled again and again.
+        if self.grad_reset == "epoch" and self.precision == "fp16":
+            raise ValueError("grad_reset 'epoch' keeps gradients across steps, which fp16's loss scaling "
+                             "does not allow: set train.precision to fp32 or bf16, or train.grad_reset to step")
+        return self
 
 
 # -------------------------------------------------------------------------------- storage/runtime

@@ -11,7 +11,9 @@ downloaded and a pre-filled cache is used. When the weights are neither cached n
 from __future__ import annotations
 
 import contextlib
+import os
 import urllib.error
+import urllib.parse
 from typing import Iterator
 
 from thalia_ray.errors import ThaliaError
@@ -89,6 +91,18 @@ def check_imagenet_available(spec: ModelSpec, encoder: str) -> None:
             )
 
 
+def fetch_command(repo: str) -> str:
+    """The command that fills the right cache with `repo`'s weights: a Hugging Face repository goes into
+    the hub cache; a plain URL (timm models without a hub copy) into torch hub's checkpoints folder."""
+    if repo.startswith(("http://", "https://")):
+        import torch.hub
+
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(repo).path))
+        return f"curl -L --create-dirs -o {target} {repo}"
+    hub_id, _, revision = repo.partition("@")
+    return f"hf download {hub_id}" + (f" --revision {revision}" if revision else "")
+
+
 @contextlib.contextmanager
 def imagenet_weights(spec: ModelSpec, encoder: str, enabled: bool = True) -> Iterator[None]:
     """Around a timm/smp constructor that loads ImageNet weights (when `enabled`): a missing download
@@ -102,8 +116,7 @@ def imagenet_weights(spec: ModelSpec, encoder: str, enabled: bool = True) -> Ite
         yield
     except (LocalEntryNotFoundError, HfHubHTTPError, urllib.error.URLError, ConnectionError) as err:
         repo = weights_repo(spec, encoder)
-        hub_id, _, revision = repo.partition("@")
-        fetch = f"hf download {hub_id}" + (f" --revision {revision}" if revision else "")
+        fetch = fetch_command(repo)
         raise PretrainedWeightsError(
             f"model.pretrained 'imagenet': the ImageNet weights of {spec.name!r}"
             f"{f' (encoder {encoder!r})' if spec.builder.endswith('build_smp_segmenter') else ''} ({repo}) are not "

@@ -128,11 +128,12 @@ def confusion(labels: Sequence[int], preds: Sequence[int], classes: Sequence[str
 
 
 def breakdown_chart(groups: Mapping[str, Mapping[str, float]], by: str) -> bytes:
-    """Precision, recall and F1 of Deformation per group, the group's sample counts under its name."""
+    """Per group: recall of its Deformation samples, its false-alarm share and AP against all negatives
+    (metrics.subgroup_metrics); the group's sample counts under its name. A missing value is no bar."""
     names = sorted(groups)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2), 3.4))
     x = np.arange(len(names))
-    for i, metric in enumerate(("precision", "recall", "f1")):
+    for i, metric in enumerate(("recall", "false_alarms", "ap")):
         values = [groups[n].get(metric, math.nan) for n in names]
         ax.bar(x + (i - 1) * 0.27, np.nan_to_num(values, nan=0.0), width=0.27, label=metric)
     ax.set_xticks(x, [f"{n}\nn={int(groups[n]['n'])}, def={int(groups[n]['n_deformation'])}" for n in names],

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.leaderboard import BREAKDOWNS, breakdown, collect, differences
+from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, breakdown, collect, differences
 from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError, utc_now
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,12 @@ def _breakdowns(store: ExperimentStore, run_id: str) -> str:
         if not groups:
             continue
         parts.append(image(figures.breakdown_chart(groups, by), f"breakdown by {by}"))
-        parts.append(table([by, "n", "n_deformation", "precision", "recall", "f1", "ap"],
-                           [(g, *(v.get(k) for k in ("n", "n_deformation", "precision", "recall", "f1", "ap")))
-                            for g, v in sorted(groups.items())]))
-    return section("Breakdowns (volcano frame, intensity, activity type)", *parts)
+        parts.append(table([by, *BREAKDOWN_COLUMNS],
+                           [(g, *(v.get(k) for k in BREAKDOWN_COLUMNS)) for g, v in sorted(groups.items())]))
+    return section("Breakdowns (volcano frame, volcano, intensity, activity type)",
+                   note("recall: of the group's Deformation samples at the run's threshold; false_alarms: share "
+                        "of the group's other samples predicted Deformation; ap: the group's Deformation "
+                        "samples ranked against every negative of the test split"), *parts)
 
 
 def _gallery(store: ExperimentStore, record: RunRecord, cfg: Any, rows: Sequence[Mapping[str, Any]],

@@ -13,10 +13,10 @@ import math
 from typing import Any
 
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.leaderboard import breakdown, collect, default_metric, differences, rank
+from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, breakdown, collect, default_metric, differences, rank
 
 Table = tuple[list[str], list[list[Any]]]
-BREAKDOWN_COLUMNS = ("n", "n_deformation", "precision", "recall", "f1", "ap")
+
 
 
 def _plain(value: Any) -> Any:

@@ -28,7 +28,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.losses import build_loss
@@ -37,6 +36,7 @@ from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
 from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
 from thalia_ray.train.schedule import build_scheduler
+from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class WorkerLoop:
         if restored is not None:
             model.load_state_dict(restored["model"])
         self.model = ray.train.torch.prepare_model(model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = build_optimizer(self.model, train)
         self.scheduler = build_scheduler(self.optimizer, train.scheduler, self.optimizer_steps, train.warmup_fraction)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.loss_fn = build_loss(train.loss, self.cfg.model.task, self.cfg.model.aux_heads)
@@ -255,6 +255,7 @@ class WorkerLoop:
         batches, self.upcoming = iter(self.upcoming or self.start_epoch(epoch)), None
         totals: dict[str, float] = {}
         steps = 0
+        clear_gradients(self.optimizer)  # with train.grad_reset: epoch, the only clearing this epoch
         for batch in batches:
             if steps == self.settings.steps_per_epoch:
                 break
@@ -277,13 +278,7 @@ class WorkerLoop:
         with autocast(self.device, self.precision):
             outputs = self.model(batch["image"])
         loss, components = self.loss_fn(outputs, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(loss, self.model, self.optimizer, self.scaler, self.cfg.train)
         self.scheduler.step()
         return components
 
