@@ -60,14 +60,49 @@ def _manifest(**changes: object) -> Callable[[Path, Path], None]:
     return _write(f"shards/1/{shard_io.MANIFEST}", json.dumps(manifest))
 
 
-def _copy_without_cube(tmp: Path, root: Path) -> None:
-    shutil.copytree(root, tmp / "partial")
-    shutil.rmtree(next((tmp / "partial").glob("*.zarr")))
+@dataclass(frozen=True)
+class RootCopy:
+    """A setup: the synthetic dataset copied to `{tmp}/{folder}`, then damaged by `change(copy)`."""
+
+    folder: str
+    change: Callable[[Path], object]
+
+    def __call__(self, tmp: Path, root: Path | None) -> None:
+        assert root is not None
+        shutil.copytree(root, tmp / self.folder)
+        self.change(tmp / self.folder)
 
 
-def _broken_annotations(tmp: Path, root: Path) -> None:
-    shutil.copytree(root, tmp / "broken")
-    (tmp / "broken/annotations.json").write_text("{oops")
+def _without(variable: str, declared: bool = False) -> Callable[[Path], None]:
+    """Every cube without `variable`'s array; `declared`: still listed in the consolidated metadata (its
+    folder deleted or never uploaded), else the cube as written without it."""
+    def change(copy: Path) -> None:
+        for cube in copy.glob("*.zarr"):
+            shutil.rmtree(cube / variable)
+            if not declared:
+                meta = json.loads((cube / "zarr.json").read_text())
+                del meta["consolidated_metadata"]["metadata"][variable]
+                (cube / "zarr.json").write_text(json.dumps(meta))
+    return change
+
+
+def _unfinished_run(tmp: Path, root: Path | None) -> None:
+    from thalia_ray.store import ExperimentStore
+
+    ExperimentStore(str(tmp / "runs")).run("halfway").set_status("failed", error="killed")
+
+
+def _live_lease(tmp: Path, root: Path | None) -> None:
+    """Run `busy` held by a live driver on this machine (this test's parent process, heartbeat now)."""
+    import dataclasses
+    import os
+
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.records import Holder, _process_start
+
+    parent = os.getppid()
+    holder = dataclasses.replace(Holder.this_process("another-driver"), pid=parent, pid_start=_process_start(parent))
+    ExperimentStore(str(tmp / "runs")).run("busy").write_lease(holder)
 
 
 def _store_file(tmp: Path, root: Path | None) -> None:
@@ -97,18 +132,58 @@ CASES = [
     Case("--set unknown model", ["config", "show", "--set", "model.name=nope"], CONFIG, "'nope'"),
     Case("sweep without a sweep section", ["sweep", "{tmp}/plain.yaml"], CONFIG, "no sweep section",
          _write("plain.yaml", "train: {epochs: 1}\n")),
+    Case("synth frames too small", ["synth", "--out", "{tmp}/s", "--size", "8"], CONFIG, "--size 8"),
+    Case("synth of no frames", ["synth", "--out", "{tmp}/s", "--frames", "0"], CONFIG, "--frames 0"),
+    Case("synth frame ids without annotations", ["synth", "--out", "{tmp}/s", "--frame-ids", "F1"], CONFIG,
+         "--frame-ids needs --from-annotations"),
     # the dataset
     Case("data root missing", [*_TRAIN[:2], "data.root={tmp}/nothing", *_TRAIN[3:]], DATA, "data.root"),
     Case("data root without metadata", [*_TRAIN[:2], "data.root={tmp}/empty", *_TRAIN[3:]], DATA,
          "no annotations", _write("empty/readme.txt", "")),
     Case("annotations not JSON", [*_TRAIN[:2], "data.root={tmp}/broken", *_TRAIN[3:]], STORAGE,
-         "annotations.json", _broken_annotations),
-    Case("cube missing", [*_TRAIN[:2], "data.root={tmp}/partial", *_TRAIN[3:]], DATA, ".zarr", _copy_without_cube),
+         "annotations.json", RootCopy("broken", lambda copy: (copy / "annotations.json").write_text("{oops"))),
+    Case("cube missing", [*_TRAIN[:2], "data.root={tmp}/partial", *_TRAIN[3:]], DATA, ".zarr",
+         RootCopy("partial", lambda copy: shutil.rmtree(next(copy.glob("*.zarr"))))),
+    Case("cubes without a configured channel", [*_TRAIN[:2], "data.root={tmp}/nodem", *_TRAIN[3:]], DATA,
+         "['dem'] read for data.geomorphology", RootCopy("nodem", _without("dem"))),
+    Case("cubes whose channel folder is gone", [*_TRAIN[:2], "data.root={tmp}/stale", *_TRAIN[3:], "--set",
+                                                "data.atmospheric=[surface_pressure]"], DATA,
+         "['primary_date_surface_pressure'] read for data.atmospheric",
+         RootCopy("stale", _without("primary_date_surface_pressure", declared=True))),
+    Case("cubes whose mask folder is gone", [*_TRAIN[:2], "data.root={tmp}/nomask", *_TRAIN[3:]], DATA,
+         "['deformation_mask'] read for the labels", RootCopy("nomask", _without("deformation_mask", declared=True))),
+    Case("export of all channels from cubes without one", ["export", "--data", "{tmp}/noera", "--all-channels",
+                                                           "--out", "{tmp}/out"], DATA, "--all-channels",
+         RootCopy("noera", _without("secondary_date_surface_pressure"))),
+    Case("statistics missing", [*_TRAIN, "--set", "data.statistics={tmp}/nope.json"], DATA, "data.statistics"),
+    Case("default statistics missing", [*_TRAIN[:2], "data.root={tmp}/nostats", *_TRAIN[3:]], DATA,
+         "prepare stats", RootCopy("nostats", lambda copy: (copy / "statistics.json").unlink())),
+    Case("statistics without a channel", [*_TRAIN, "--set", "data.statistics={tmp}/stats.json"], DATA,
+         "no entry for ['insar_coherence', 'insar_difference']",
+         _write("stats.json", '{"dem": {"mean": 0, "std": 1}}')),
+    Case("statistics with a zero std", [*_TRAIN, "--set", "data.statistics={tmp}/stats.json"], DATA,
+         "positive std", _write("stats.json", '{"dem": {"mean": 0, "std": 0}}')),
     Case("crop larger than frames", [*_TRAIN, "--set", "data.crop=4096"], CONFIG, "data.crop 4096"),
     Case("export crop larger than frames", ["export", "--data", "{root}", "--set", "data.crop=4096",
                                             "--out", "{tmp}/out"], CONFIG, "data.crop 4096"),
     Case("frames filter leaves nothing", [*_TRAIN, "--set", "data.frames=[NOPE_FRAME]"], DATA, "no samples"),
     Case("batch too large for the data", [*_TRAIN, "--set", "train.batch_size=4096"], CONFIG, "train.batch_size=4096"),
+    Case("pretrained run absent", [*_TRAIN, "--set", "model.pretrained=run:ghost"], CONFIG,
+         "model.pretrained 'run:ghost': no run 'ghost'"),
+    Case("pretrained run without a best checkpoint", [*_TRAIN, "--set", "model.pretrained=run:halfway"], CONFIG,
+         "model.pretrained 'run:halfway': run halfway has no best checkpoint", _unfinished_run),
+    Case("run id another live driver writes", [*_TRAIN, "--run-id", "busy"], STORE,
+         "run busy is already being written by pid", _live_lease),
+    Case("pretrained file missing", [*_TRAIN, "--set", "model.pretrained={tmp}/nope.pt"], CONFIG,
+         "nope.pt' is not a local file"),
+    Case("export with no samples per shard", ["export", "--data", "{root}", "--samples-per-shard", "0", "--out",
+                                              "{tmp}/o"], CONFIG, "--samples-per-shard 0"),
+    Case("export with negative samples per shard", ["export", "--data", "{root}", "--samples-per-shard", "-3",
+                                                    "--out", "{tmp}/o"], CONFIG, "--samples-per-shard -3"),
+    Case("export with a zero length", ["export", "--data", "{root}", "--length", "0", "--out", "{tmp}/o"], CONFIG,
+         "--length 0"),
+    Case("prepare index with a zero length", ["prepare", "index", "--data", "{root}", "--length", "0"], CONFIG,
+         "--length 0"),
     Case("prepare index on an empty folder", ["prepare", "index", "--data", "{tmp}/empty"], DATA, "no annotations",
          _write("empty/readme.txt", "")),
     Case("prepare index on a missing folder", ["prepare", "index", "--data", "{tmp}/nothing"], DATA, "--data"),
@@ -165,7 +240,7 @@ def no_ray(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, request):
     words = " ".join(case.argv)
-    needs_root = "{root}" in words or case.setup in (_copy_without_cube, _broken_annotations)
+    needs_root = "{root}" in words or isinstance(case.setup, RootCopy)
     root = request.getfixturevalue("synthetic_root") if needs_root else None  # generated once, if needed
     if case.setup:
         case.setup(tmp_path, root)

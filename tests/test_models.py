@@ -12,6 +12,7 @@ import torch
 from thalia_ray.config import ModelConfig, load_config
 from thalia_ray.models.factory import adapt_input_conv, build_model, load_pretrained
 from thalia_ray.models.heads import AUX_HEADS
+from thalia_ray.models.pretrained import PretrainedWeightsError
 
 C = 3  # channels per time step
 CROP = 32
@@ -147,7 +148,7 @@ def test_pretrained_round_trip_of_our_own_model(tmp_path) -> None:
 
 
 def test_pretrained_errors(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="not a local file"):
+    with pytest.raises(PretrainedWeightsError, match="not a local file"):
         _build("classification", "resnet18", 1, pretrained="weights.pt")
     not_a_state = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), not_a_state)

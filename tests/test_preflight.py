@@ -7,6 +7,7 @@ import pytest
 from thalia_ray import preflight
 from thalia_ray.config import load_config
 from thalia_ray.errors import ConfigProblem, DataProblem
+from thalia_ray.models.pretrained import PretrainedWeightsError
 
 
 def test_a_sweep_leaves_checks_on_what_it_varies_to_its_trials(tmp_path, synthetic_root):
@@ -17,3 +18,17 @@ def test_a_sweep_leaves_checks_on_what_it_varies_to_its_trials(tmp_path, synthet
     preflight.for_training(cfg, varied=("train.batch_size",))
     with pytest.raises(DataProblem, match="data.root"):
         preflight.for_training(cfg.with_overrides({"data.root": str(tmp_path / "nothing")}), varied=("data.crop",))
+
+
+def test_evaluation_and_sweeps_check_statistics_and_pretrained_weights(tmp_path, synthetic_root):
+    """`evaluate` re-reads a split normalised: missing statistics are refused before Ray; a sweep that
+    varies `model.pretrained` leaves its base value to the trials."""
+    cfg = load_config(None, [f"data.root={synthetic_root}", f"storage.store={tmp_path}/runs", "train.batch_size=2"])
+    preflight.for_evaluation(cfg, "test")
+    with pytest.raises(DataProblem, match="data.statistics /nope.json"):
+        preflight.for_evaluation(cfg.with_overrides({"data.statistics": "/nope.json"}), "test")
+    preflight.for_evaluation(cfg.with_overrides({"data.statistics": "/nope.json", "data.normalize": False}), "test")
+    ghost = cfg.with_overrides({"model.pretrained": "run:ghost"})
+    with pytest.raises(PretrainedWeightsError, match="run:ghost"):
+        preflight.for_training(ghost)
+    preflight.for_training(ghost, varied=("model.pretrained",))

@@ -146,6 +146,27 @@ def test_leaderboard_csv_and_json_are_one_row_per_run(synthetic_root, tmp_path, 
     assert groups["intensity"].tolist() == ["Low"] and groups["n"].iloc[0] > 0
 
 
+def test_leaderboard_and_report_show_a_dead_drivers_run_as_interrupted(synthetic_root, tmp_path, capsys):
+    """A run left `running` by a driver on another machine that went silent is not shown as running."""
+    import time
+
+    from thalia_ray.cli import main
+    from thalia_ray.store.records import Holder
+
+    store = ExperimentStore(tmp_path / "store")
+    _stored_run(store, synthetic_root, "r-live", lr=1e-3)
+    _stored_run(store, synthetic_root, "r-dead", lr=0.5, stopped=True)  # validation metrics only
+    dead = store.run("r-dead")
+    dead.set_status("running")
+    dead.write_lease(Holder("gone", "another-host", 1, None, time.time() - 600))
+    assert main(["leaderboard", "--store", str(store.root.path), "--format", "json"]) == 0
+    rows = {r["run_id"]: r["status"] for r in json.loads(capsys.readouterr().out)}
+    assert rows == {"r-live": "finished", "r-dead": "interrupted"}
+    dead.set_status("running")  # and once more, for the report of that run alone
+    assert main(["report", "r-dead", "--store", str(store.root.path)]) == 0
+    assert dead.read_status()["status"] == "interrupted" and store.run("r-live").read_status()["status"] == "finished"
+
+
 def test_synth_json_summary_parses(tmp_path, capsys):
     from thalia_ray.cli import main
 

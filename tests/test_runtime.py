@@ -150,6 +150,17 @@ def test_reuses_an_already_initialised_ray(ray_cluster):
 
 
 @pytest.mark.slow
+def test_free_port_prefers_the_given_port_and_falls_back_to_any():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        assert runtime.free_port(taken) != taken
+    assert runtime.free_port(taken) == taken  # free again
+
+
 def test_local_ray_start_and_shutdown():
     """A local Ray sized by the config; workers inherit credentials, which are never forwarded or logged."""
     proc = _python("""
@@ -177,13 +188,21 @@ def test_local_ray_start_and_shutdown():
                     time.sleep(0.05)
                 return os.getpid(), os.environ.get("RAY_DATA_LOG_LEVEL")
 
+            @ray.remote(num_cpus=0)
+            def state_api_from_a_worker():  # as Ray Train's placement-group cleaner calls it
+                import os
+                from ray.util.state import list_nodes
+                return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_nodes())
+
+            api = ray.get(state_api_from_a_worker.remote())
             first = ray.get([held.remote(gate) for gate in [Gate.remote()] for _ in range(4)])
             time.sleep(3)  # Ray's default ends idle workers above one per CPU after about a second
             again = ray.get([held.remote(gate) for gate in [Gate.remote()] for _ in range(4)])
             out = {"started": rt.started, "address": rt.address, "cpus": rt.resources.get("CPU"),
                    "names": list(rt.env_var_names), "worker_key_ok": key == "%s",
                    "data_cpu": ctx.execution_options.resource_limits.cpu,
-                   "bars": ctx.enable_progress_bars, "first": sorted(first), "again": sorted(again)}
+                   "bars": ctx.enable_progress_bars, "first": sorted(first), "again": sorted(again),
+                   "api": api, "driver_api": __import__("os").environ.get("RAY_API_SERVER_ADDRESS")}
         out["after"] = ray.is_initialized()
         print(json.dumps(out))
     """ % SECRET, env={"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "id-for-test"})
@@ -195,6 +214,8 @@ def test_local_ray_start_and_shutdown():
     assert len({pid for pid, _ in out["first"]}) == 4 and out["again"] == out["first"]  # idle workers kept
     assert {quiet for _, quiet in out["first"]} == {"ERROR"}  # Ray Data's INFO chatter off in workers
     assert out["after"] is False
+    # Every process of this Ray knows its API server, so the state API never picks another Ray on the machine.
+    assert out["api"] == [out["driver_api"], 1] and out["driver_api"].startswith("http://127.0.0.1:")
     assert "starting a local Ray: 1 CPUs" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
 

@@ -90,7 +90,8 @@ def test_skipped_samples_round_trip_and_show(store):
                "reason": "sha256 differs"} for i in range(11))]
     assert run.write_skipped(rows) == 12
     got = run.read_skipped()
-    assert got[0] == {"epoch": 1, "split": "train", "origin": "a.zarr", "key": "a/1", "reason": "DataError: chunk"}
+    assert got[0] == {"command": "train", "epoch": 1, "split": "train", "origin": "a.zarr", "key": "a/1",
+                      "reason": "DataError: chunk"}
     assert [r["key"] for r in got[1:]] == [f"t/{i}" for i in range(11)] and got[1]["epoch"] is None
     shown = format_run(run).splitlines()
     assert "skipped   12 samples (test 11, train 1)" in shown and "  train a.zarr a/1: DataError: chunk" in shown
@@ -99,6 +100,41 @@ def test_skipped_samples_round_trip_and_show(store):
         run.write_skipped([{"epoch": 1, "split": "val", "origin": "o", "key": "k"}])
     run.write_skipped([])
     assert run.read_skipped() == [] and "skipped   0 samples" in format_run(run)
+
+
+def _skip(split: str, key: str, epoch: int | None = None) -> dict:
+    return {"epoch": epoch, "split": split, "origin": "f.zarr", "key": key, "reason": "MissingChunkError: never written"}
+
+
+def test_evaluate_skips_join_trainings_and_replace_only_their_own(store):
+    """One skipped.json: `evaluate` rows are marked as its own, a re-evaluation of a split replaces only
+    its earlier rows of that split, and training (a resumed run) replaces only its own."""
+    run = store.run("merged")
+    run.set_status("running", host=HOST)
+    run.write_skipped([_skip("train", "a/1", epoch=1), _skip("test", "t/1")])
+    assert run.write_skipped([_skip("test", "t/1"), _skip("test", "t/2")], "evaluate", ("test",)) == 2
+    run.write_skipped([_skip("val", "v/1")], "evaluate", ("val",))
+    assert run.write_skipped([_skip("test", "t/3")], "evaluate", ("test",)) == 1  # evaluated again
+    got = [(r["command"], r["split"], r["key"]) for r in run.read_skipped()]
+    assert got == [("train", "train", "a/1"), ("train", "test", "t/1"), ("evaluate", "val", "v/1"),
+                   ("evaluate", "test", "t/3")]
+    shown = format_run(run).splitlines()
+    assert "skipped   4 samples (test 1, train 1, evaluate test 1, evaluate val 1)" in shown
+    assert "  evaluate test f.zarr t/3: MissingChunkError: never written" in shown
+    run.write_skipped([])  # training rewrites its rows: evaluate's stay
+    assert [r["key"] for r in run.read_skipped()] == ["v/1", "t/3"]
+    with pytest.raises(StoreError, match=r"skipped\[0\]: split 'val' is not one of \('test',\)"):
+        run.write_skipped([_skip("val", "v/2")], "evaluate", ("test",))
+    with pytest.raises(StoreError, match="command 'predict' is not one of"):
+        run.write_skipped([], "predict")
+
+
+def test_skipped_rows_recorded_before_commands_were_marked_are_trainings(store):
+    run = store.run("older")
+    run.set_status("running", host=HOST)
+    run.loc.join("skipped.json").write_json([_skip("test", "t/1")])
+    run.write_skipped([_skip("test", "t/2")], "evaluate", ("test",))
+    assert [(r["command"], r["key"]) for r in run.read_skipped()] == [("train", "t/1"), ("evaluate", "t/2")]
 
 def test_new_record_describes_its_host(store):
     run = store.run("described")

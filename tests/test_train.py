@@ -197,7 +197,62 @@ def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cl
     assert main(["runs", "show", result.run_id, "--store", str(cfg.storage.store)]) == 0
     assert "skipped   0 samples" in capsys.readouterr().out.splitlines()
     again = evaluate_run(store, result.run_id, split="test")
-    assert again == pytest.approx(result.test_metrics, nan_ok=True)
+    assert again.metrics == pytest.approx(result.test_metrics, nan_ok=True) and again.skipped == 0
+
+
+def _delete_pair_chunks(root: str, sample, variable: str = "insar_difference") -> None:
+    """Damage a cube after training: every chunk of `variable` for the sample's (first) pair."""
+    import xarray as xr
+
+    from thalia_ray.data import schema
+
+    cube = Path(root, f"{sample.frame_id}.zarr")
+    with xr.open_zarr(cube, consolidated=False) as ds:
+        dates = {dim: list(ds.indexes[dim].strftime("%Y%m%d")) for dim in (schema.PRIMARY_DIM, schema.SECONDARY_DIM)}
+    p = dates[schema.PRIMARY_DIM].index(sample.primary_date)
+    s = dates[schema.SECONDARY_DIM].index(sample.secondary_dates[0])
+    chunks = [c for c in (cube / variable / "c" / str(p) / str(s)).rglob("*") if c.is_file()]
+    assert chunks
+    for chunk in chunks:
+        chunk.unlink()
+
+
+@pytest.mark.slow
+def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp_path, capsys):
+    """A test cube loses a chunk after training: `thalia-ray evaluate` skips that sample, lists it in the
+    run's skipped.json as its own (split, origin, key, reason), counts it in its summary line, its JSON and
+    `runs show`, keeps training's rows, and a second evaluation replaces its rows instead of adding to them."""
+    from thalia_ray.cli import main
+    from thalia_ray.data.index import SampleIndex
+
+    from tests.helpers import build_root, stored_run
+
+    root = build_root(tmp_path / "root")
+    store, run_id = stored_run(tmp_path / "store", root, task="classification")
+    record = store.run(run_id)
+    trainings = {"epoch": 2, "split": "train", "origin": "x.zarr", "key": "x/1", "reason": "as training left it"}
+    record.write_skipped([trainings])
+    cfg = record.read_config()
+    victim = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")[0]
+    _delete_pair_chunks(root, victim)
+    where = str(tmp_path / "store")
+
+    assert main(["evaluate", run_id, "--store", where]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"run {run_id} evaluated on test: 1 samples skipped (store {store.root.url})"
+    assert any(line.split()[0] == "test/f1_deformation" for line in lines[:-1])
+    rows = record.read_skipped()
+    assert rows[0] == {"command": "train", **trainings}  # training's row kept
+    (row,) = rows[1:]
+    assert (row["command"], row["split"], row["key"], row["epoch"]) == ("evaluate", "test", victim.key, None)
+    assert row["origin"].endswith(f"{victim.frame_id}.zarr") and "never written" in row["reason"]
+
+    assert main(["evaluate", run_id, "--store", where, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] == 1 and summary["split"] == "test" and "test/f1_deformation" in summary["metrics"]
+    assert record.read_skipped() == rows  # evaluated again: replaced, not added
+    assert main(["runs", "show", run_id, "--store", where]) == 0
+    assert "skipped   2 samples (train 1, evaluate test 1)" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.slow
@@ -399,12 +454,19 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     from thalia_ray.train.checkpoint import STATE_FILE
     from thalia_ray.train.trainer import fit
 
+    from tests.helpers import cli
+    from thalia_ray.errors import StorageProblem
+
     cfg = _tiny(synthetic_root, small_disk / "store", tmp_path)
     store = ExperimentStore(cfg.storage.store)
     record = store.run("full")
-    with pytest.raises(Exception) as err:  # noqa: PT011 - checked below
-        fit(cfg, store=store, run_id="full")
-    assert "No space left on device" in str(err.value)
+    failed = cli(["train", str(tmp_path / "run.yaml"), "--run-id", "full"], timeout=600)
+    # One line a user can act on (the disk, the path, how to go on), the storage kind's status, no traceback.
+    assert failed.returncode == StorageProblem.exit_code, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("thalia-ray: run full stopped on an I/O error: [Errno 28]"), last
+    assert "No space left on device" in last and str(small_disk / "store") in last and "--run-id full" in last
+    assert "Traceback" not in failed.stderr
     store.reconcile_runs()
     status = record.read_status()
     assert status["status"] in ("failed", "interrupted") and status["error"]

@@ -12,10 +12,13 @@ import contextlib
 import json
 import os
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import ThaliaError
+
+if TYPE_CHECKING:  # imported lazily by the handlers (see above)
+    from thalia_ray.store import ExperimentStore
 
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "THALIA_DEBUG"
@@ -23,6 +26,15 @@ DEBUG_ENV = "THALIA_DEBUG"
 
 def _config(args: argparse.Namespace) -> ThaliaConfig:
     return load_config(getattr(args, "config", None), getattr(args, "set", None) or ())
+
+
+def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> ThaliaConfig:
+    """`cfg` with a command-line option's value at its dotted `path`, validated there; a value the
+    configuration refuses is reported in one line under the option the user typed."""
+    try:
+        return cfg.with_overrides({path: value})
+    except ConfigError as err:
+        raise ConfigError(f"{option} {value}: " + " ".join(str(err).split())) from None
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -89,8 +101,9 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
     from thalia_ray.preflight import location_present
     from thalia_ray.storage import resolve
 
-    location_present(args.data, "--data")
-    counts = index_counts(resolve(args.data, _config(args).storage), args.length, args.policy)
+    cfg = _with_option(_config(args), "data.length", "--length", args.length)
+    location_present(args.data, "--data", cfg.storage)
+    counts = index_counts(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
     if args.json:
         print(json.dumps(counts, indent=2))
         return 0
@@ -125,11 +138,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.storage import resolve
 
-    overrides = {"data.root": args.data} if args.data else {}
-    if args.length:
-        overrides["data.length"] = args.length
-    cfg = cfg.with_overrides(overrides)
-    preflight.for_export(cfg, args.out, args.split)
+    cfg = cfg.with_overrides({"data.root": args.data}) if args.data else cfg
+    if args.length is not None:
+        cfg = _with_option(cfg, "data.length", "--length", args.length)
+    preflight.for_export(cfg, args.out, args.split, args.samples_per_shard, args.all_channels)
     with runtime.start(cfg.runtime):
         report = export_shards(cfg.data, resolve(args.out, cfg.storage), cfg.data.length, splits=tuple(args.split),
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
@@ -147,11 +159,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from thalia_ray import preflight, runtime
+    from thalia_ray.store import ExperimentStore
     from thalia_ray.train.trainer import fit
 
     preflight.for_training(cfg, args.run_id)
-    with runtime.start(cfg.runtime):
-        result = fit(cfg, run_id=args.run_id)
+    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    run_id = args.run_id or store.new_run_id(cfg.name)
+    lease = store.run(run_id).acquire()  # a run id another driver is writing is refused before Ray starts
+    try:
+        with runtime.start(cfg.runtime):
+            result = fit(cfg, store=store, run_id=run_id, lease=lease)
+    finally:
+        lease.release()
     if args.json:
         _emit_json(args, result)
         return 0
@@ -168,8 +187,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = store.run(args.run).read_config()
     preflight.for_evaluation(cfg, args.split)
     with runtime.start(cfg.runtime):
-        metrics = evaluate_run(store, args.run, split=args.split)
-    print(json.dumps(metrics, indent=2))
+        result = evaluate_run(store, args.run, split=args.split)
+    if args.json:
+        _emit_json(args, result)
+        return 0
+    print(result)
     return 0
 
 
@@ -200,11 +222,21 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    from thalia_ray.store import ExperimentStore, format_run, format_runs_table
+def _reconciled_store(location: str, target: str | None = None) -> ExperimentStore:
+    """The store, once its `running` runs whose driver is gone are marked interrupted (only `target` when
+    that is a run; else all, a sweep's trials among them): commands that show runs never show a dead
+    one as running."""
+    from thalia_ray.store import ExperimentStore
 
-    store = ExperimentStore(args.store)
-    store.reconcile_runs(args.run_id)  # a `running` run whose driver is gone becomes `interrupted`
+    store = ExperimentStore(location)
+    store.reconcile_runs(target if target and store.run(target).exists() else None)
+    return store
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from thalia_ray.store import format_run, format_runs_table
+
+    store = _reconciled_store(args.store, args.run_id)
     if args.run_id:
         print(format_run(store.run(args.run_id)))
     else:
@@ -234,10 +266,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import best_config, leaderboard_text
 
-    store = ExperimentStore(args.store)
+    store = _reconciled_store(args.store)
     if args.breakdown or args.format in ("csv", "json"):
         from thalia_ray.store import tables
 
@@ -256,9 +287,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from thalia_ray.report.page import write_report
-    from thalia_ray.store import ExperimentStore
 
-    page = write_report(ExperimentStore(args.store), args.target, args.out)
+    page = write_report(_reconciled_store(args.store, args.target), args.target, args.out)
     print(page.url)
     if args.screenshot:
         from thalia_ray.report.browser import screenshot_beside
@@ -337,7 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # Commands whose `--json` prints a summary with `_emit_json`.
-JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_sweep)
+JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_evaluate, cmd_sweep)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -412,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="run id")
     evaluate.add_argument("--store", default="./runs")
     evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print run id, split, metrics and the skipped count as JSON")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pred = verbs.add_parser("predict", help="run a trained model over whole frames (Ray Data batch inference)")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Collection, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.cube import CubeCache, DataError
 from thalia_ray.data.index import SampleIndex, epoch_draw
@@ -63,12 +64,38 @@ def sample_index(cfg: ThaliaConfig) -> SampleIndex:
         raise AnnotationError(f"data.root: {err}") from None
 
 
-def cube_shapes(cfg: ThaliaConfig, frame_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """(height, width) of each frame's cube, read from the cube headers (a missing cube is a DataError)."""
+def cube_shapes(cfg: ThaliaConfig, frame_ids: Sequence[str], channels: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(height, width) of each frame's cube, read from the cube headers, after checking every cube holds
+    `channels` and the mask (a missing cube or variable is a DataError)."""
     cache = CubeCache(resolve(cfg.data.root, cfg.storage))
+    wanted = [*channels, schema.MASK_VAR]
     with ThreadPoolExecutor(min(_CUBE_THREADS, max(len(frame_ids), 1))) as pool:
-        shapes = list(pool.map(lambda frame: cache.get(frame).shape, frame_ids))
-    return dict(zip(frame_ids, shapes))
+        headers = list(pool.map(lambda frame: (cache.get(frame).shape, cache.missing_variables(frame, wanted)),
+                                frame_ids))
+    variables_present(cfg, cache, {frame: missing for frame, (_, missing) in zip(frame_ids, headers) if missing},
+                      len(frame_ids))
+    return {frame: shape for frame, (shape, _) in zip(frame_ids, headers)}
+
+
+def _variable_setting(cfg: ThaliaConfig, variable: str) -> str:
+    """The setting that makes a run read `variable`, so the message says what to change."""
+    if variable == schema.MASK_VAR:
+        return "the labels"
+    if variable not in cfg.data.channels:
+        return "--all-channels"
+    return "data.geomorphology" if variable in schema.GEOMORPHOLOGY else "data.atmospheric"
+
+
+def variables_present(cfg: ThaliaConfig, cache: CubeCache, lacking: dict[str, list[str]], total: int) -> None:
+    """Refuse cubes that lack a variable a sample reads (`lacking`: frame → its missing variables): each
+    sample would otherwise fail on its own, after Ray starts, and be skipped or end the run."""
+    if not lacking:
+        return
+    variables = sorted({v for missing in lacking.values() for v in missing})
+    settings = " and ".join(sorted({_variable_setting(cfg, v) for v in variables}))
+    frame = min(lacking)
+    raise DataError(f"{len(lacking)} of {total} cube(s) lack variable(s) {variables} read for {settings}, "
+                    f"e.g. cube {cache.get(frame).url} has no {lacking[frame]}")
 
 
 def crop_fits(crop: int, shapes: dict[str, tuple[int, int]]) -> None:
@@ -78,13 +105,55 @@ def crop_fits(crop: int, shapes: dict[str, tuple[int, int]]) -> None:
         raise ConfigError(f"data.crop {crop} is larger than {len(small)} frame(s): {listed}")
 
 
-def cube_pools(cfg: ThaliaConfig, splits: Sequence[str]) -> dict[str, list[Any]]:
-    """Each split's samples from the cubes, after checking the cubes they need open and fit the crop."""
+def cube_pools(cfg: ThaliaConfig, splits: Sequence[str], channels: Sequence[str] | None = None) -> dict[str, list[Any]]:
+    """Each split's samples from the cubes, after checking the cubes they need open, hold `channels`
+    (default: the configured ones) and the mask, and fit the crop."""
     index = sample_index(cfg)
     pools = {split: index.samples(split) for split in splits}
     frames = sorted({sample.frame_id for pool in pools.values() for sample in pool})
-    crop_fits(cfg.data.crop, cube_shapes(cfg, frames))
+    crop_fits(cfg.data.crop, cube_shapes(cfg, frames, cfg.data.channels if channels is None else channels))
     return pools
+
+
+def statistics_usable(cfg: ThaliaConfig) -> None:
+    """The normalisation statistics (`data.normalize`), read as the readers will: a missing or malformed
+    file, or one without a configured channel, would otherwise fail every sample after Ray starts."""
+    from thalia_ray.data.locations import DataLocations
+    from thalia_ray.data.transforms import load_statistics  # SciPy: only when needed
+
+    if not cfg.data.normalize:
+        return
+    location = DataLocations.of(cfg.data, cfg.storage).statistics
+    field = "data.statistics" + ("" if cfg.data.statistics else f" (default data.root/{schema.STATISTICS_FILE})")
+    location_present(location.url, field, cfg.storage,
+                     hint="; compute them with `thalia-ray prepare stats --out ...`, or set data.normalize=false")
+    try:
+        stats = load_statistics(location)
+    except ValueError as err:
+        raise DataError(f"{field}: {err}") from None
+    missing = sorted({schema.statistics_key(channel) for channel in cfg.data.channels} - set(stats))
+    if missing:
+        raise DataError(f"{field} {location.url}: no entry for {missing}, read for data.geomorphology / "
+                        "data.atmospheric")
+
+
+def pretrained_present(cfg: ThaliaConfig) -> None:
+    """`model.pretrained`'s stored run (with a best checkpoint) or local file; the trainer would look for
+    them only after Ray starts. ImageNet weights are left to the trainer (timm's and smp's caches)."""
+    from thalia_ray.models.pretrained import IMAGENET, PretrainedWeightsError, run_reference, weights_file
+
+    pretrained = cfg.model.pretrained
+    run_id = run_reference(pretrained)
+    if run_id is not None:
+        from thalia_ray.store import ExperimentStore
+        from thalia_ray.train.evaluate import best_checkpoint  # imports torch: only for run:<RUN_ID>
+
+        try:
+            best_checkpoint(ExperimentStore(cfg.storage.store, cfg.storage), run_id)
+        except StoreError as err:
+            raise PretrainedWeightsError(f"model.pretrained {pretrained!r}: {err}") from None
+    elif pretrained is not None and pretrained != IMAGENET:
+        weights_file(pretrained)
 
 
 def shard_pools(cfg: ThaliaConfig, splits: Sequence[str]) -> dict[str, list[Any]] | None:
@@ -133,20 +202,27 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
         pools = cube_pools(cfg, SPLITS) if cfg.data.source == "cube" else shard_pools(cfg, SPLITS)
         if pools is not None:
             non_empty(cfg, pools)
+        statistics_usable(cfg)
         if pools is not None and not any(path.startswith("train.") for path in varied):
             from thalia_ray.train.trainer import steps_per_epoch  # imports torch and Ray Train: only when needed
 
             sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.balance)) for split, pool in pools.items()}
             steps_per_epoch(cfg, sizes)
+    if "model.pretrained" not in varied:
+        pretrained_present(cfg)
     writable(cfg.storage.store, "storage.store", cfg.storage)
 
 
-def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str]) -> None:
-    """`export` reads the cubes of `splits` and writes under `out`."""
+def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_shard: int = 64,
+               all_channels: bool = False) -> None:
+    """`export` reads the cubes of `splits` (the configured channels, or all nine with `all_channels`)
+    and writes shards of `samples_per_shard` under `out`."""
     unknown = [split for split in splits if split not in cfg.data.splits]
     if unknown:
         raise ConfigError(f"--split {unknown}: not a configured split; data.splits has {list(cfg.data.splits)}")
-    non_empty(cfg, cube_pools(cfg, splits))
+    if samples_per_shard < 1:
+        raise ConfigError(f"--samples-per-shard {samples_per_shard}: a shard holds at least 1 sample")
+    non_empty(cfg, cube_pools(cfg, splits, schema.ALL_CHANNELS if all_channels else None))
     writable(out, "--out", cfg.storage)
 
 
@@ -158,10 +234,8 @@ def for_stats(cfg: ThaliaConfig, split: str) -> None:
 
 
 def for_evaluation(cfg: ThaliaConfig, split: str) -> None:
-    """`evaluate` re-reads one split of the run's data source."""
-    if cfg.data.source == "cube":
-        non_empty(cfg, cube_pools(cfg, (split,)))
-        return
-    pools = shard_pools(cfg, (split,))
+    """`evaluate` re-reads one split of the run's data source, normalised as in training."""
+    pools = cube_pools(cfg, (split,)) if cfg.data.source == "cube" else shard_pools(cfg, (split,))
     if pools is not None:
         non_empty(cfg, pools)
+    statistics_usable(cfg)

@@ -178,6 +178,21 @@ def local_resources(runtime_cfg: RuntimeConfig) -> dict[str, int]:
     return {"num_cpus": cpus, "num_gpus": gpus}
 
 
+DASHBOARD_PORT = 8265  # Ray's default
+
+
+def free_port(preferred: int) -> int:
+    """`preferred` when nothing listens on it here, else a port the system hands out."""
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(probe.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
+
+
 def _dashboard_available() -> bool:
     # The dashboard ships with ray[default]; without it, Tune leaks placement groups.
     return all(importlib.util.find_spec(m) is not None for m in ("aiohttp", "ray.dashboard"))
@@ -309,14 +324,21 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
     else:
         sizes = local_resources(runtime_cfg)
         dashboard = _dashboard_available()
+        port = free_port(DASHBOARD_PORT) if dashboard else None
         log.info("starting a local Ray: %d CPUs, %d GPUs, dashboard %s", sizes["num_cpus"], sizes["num_gpus"],
-                 "on 127.0.0.1" if dashboard else "unavailable")
+                 f"on 127.0.0.1:{port}" if dashboard else "unavailable")
+        if port is not None:
+            # Ray's state API, which Ray Train's placement-group cleaner (a worker process) calls, finds the
+            # cluster by its API server; with another Ray on this machine a lookup finds two and fails.
+            # Every process of this Ray inherits the environment it is started with.
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(
             address="local",  # never silently join some other Ray started on this machine
             **sizes,
             object_store_memory=runtime_cfg.object_store_memory,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            dashboard_port=port,
             _system_config=worker_reuse_config(sizes["num_cpus"]),
             **common,
         )

@@ -34,6 +34,7 @@ from thalia_ray.errors import DataProblem
 from thalia_ray.storage import Location, resolve
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+_ARRAY_METADATA = ("zarr.json", ".zarray")  # an array's own metadata, Zarr v3 and v2
 UNWRITTEN_CHUNKS = "unwritten_chunks"  # variable attribute; "fill_value": chunks may be omitted
 
 
@@ -282,6 +283,26 @@ class CubeCache:
         strict.fill_ok = frozenset(str(name) for name, variable in dataset.variables.items()
                                    if variable.attrs.get(UNWRITTEN_CHUNKS) == "fill_value")
         return Cube(frame_id, location.url, dataset, _direct_arrays(store, dataset))
+
+    def missing_variables(self, frame_id: str, variables: Sequence[str]) -> list[str]:
+        """Those of `variables` the frame's cube lacks: not declared, or declared only by consolidated
+        metadata while the array's own metadata is gone (its folder deleted or never uploaded). Either
+        would otherwise surface only once samples are read, one failed read per sample."""
+        declared = [v for v in variables if v in self.get(frame_id).dataset]
+        stored = sync(_gather([_array_stored(self.stores[frame_id], v) for v in declared]))
+        for result in stored:
+            if isinstance(result, BaseException):
+                raise result
+        present = {v for v, here in zip(declared, stored) if here}
+        return [v for v in variables if v not in present]
+
+
+async def _array_stored(store: Any, variable: str) -> bool:
+    """Whether the store holds `variable`'s array metadata (v3 first, then v2)."""
+    for name in _ARRAY_METADATA:
+        if await store.exists(f"{variable}/{name}"):
+            return True
+    return False
 
 
 _CACHES: dict[Location, CubeCache] = {}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ConfigError, ModelConfig
 from thalia_ray.models.heads import MultiHeadModel
-from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference
+from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference, weights_file
 from thalia_ray.models.registry import check_model_name
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     input) are adapted; other shape mismatches are skipped and reported. Raises when the file is
     not a state dict or when no tensor matches at all.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"model.pretrained {str(path)!r} is not a local file (nor imagenet, none or run:<RUN_ID>)"
-        )
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = torch.load(weights_file(str(path)), map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     return load_weights(model, state, f"model.pretrained {str(path)!r}")

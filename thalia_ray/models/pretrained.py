@@ -14,6 +14,7 @@ import contextlib
 import os
 import urllib.error
 import urllib.parse
+from pathlib import Path
 from typing import Iterator
 
 from thalia_ray.errors import ThaliaError
@@ -34,6 +35,17 @@ def run_reference(pretrained: str | None) -> str | None:
     if pretrained is None or not pretrained.startswith(RUN_PREFIX):
         return None
     return pretrained[len(RUN_PREFIX):]
+
+
+def weights_file(pretrained: str) -> Path:
+    """The local state-dict file `model.pretrained` names (when it is neither imagenet nor a run); one
+    check, shared by the model factory and the CLI's preflight, so a typo is reported before Ray starts."""
+    file = Path(pretrained)
+    if not file.is_file():
+        raise PretrainedWeightsError(
+            f"model.pretrained {pretrained!r} is not a local file (nor imagenet, none or run:<RUN_ID>)"
+        )
+    return file
 
 
 def hub_caches() -> str:

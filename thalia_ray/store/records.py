@@ -3,8 +3,8 @@
 A run folder holds `config.yaml` (the resolved config: enough to reproduce the run), `run.json`
 (status and identity), `history.json` (one metric dict per epoch), `results.json` (final metrics,
 best epoch and checkpoint), `predictions/{split}.json` (per-sample outputs for breakdowns),
-`skipped.json` (every sample the run could not read, and why) and, while a driver writes the run,
-`lease.json` (who, where, last heartbeat): one run id has one writer.
+`skipped.json` (every sample its training or a later `evaluate` could not read, and why) and, while a
+driver writes the run, `lease.json` (who, where, last heartbeat): one run id has one writer.
 Only plain JSON and YAML: anything can read them, nothing needs unpickling.
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ KINDS: tuple[str, ...] = get_args(Kind)
 SPLITS = tuple(schema.SPLITS)
 PREDICTION_FIELDS = ("key", "frame_id", "intensity", "activity_type", "label", "score", "pred")
 SKIPPED_FIELDS = ("epoch", "split", "origin", "key", "reason")
+# Which command read (and skipped) a sample: each replaces only its own rows of skipped.json.
+SkipCommand = Literal["train", "evaluate"]
+SKIP_COMMANDS: tuple[str, ...] = get_args(SkipCommand)
 # The first of these found in a run's results (then its last epoch) is shown in listings.
 HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_deformation",
                     "val/iou_deformation", "val/loss")
@@ -384,27 +387,44 @@ class RunRecord:
         return loc.read_json()
 
     # ------------------------------------------------------------------------------ skipped samples
-    def write_skipped(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Every sample the run skipped as unreadable, one row of SKIPPED_FIELDS each (an empty list
-        says none was). Returns the row count."""
+    def write_skipped(self, rows: Iterable[Mapping[str, Any]], command: SkipCommand = "train",
+                      splits: Iterable[str] = SPLITS) -> int:
+        """The samples `command` skipped as unreadable in `splits`, one row of SKIPPED_FIELDS each (an
+        empty list says none was). Returns the row count.
+
+        One file holds every command's rows, each marked with its `command`: these replace that
+        command's earlier rows of the same splits (a resumed run, a re-evaluation) and keep the rest,
+        so `evaluate` never overwrites what training recorded. The whole file is rewritten atomically.
+        """
+        if command not in SKIP_COMMANDS:
+            raise StoreError(f"run {self.run_id}: skipped-sample command {command!r} is not one of {SKIP_COMMANDS}")
+        splits = tuple(splits)
+        for split in splits:
+            self._check_split(split)
         checked = []
         for i, row in enumerate(rows):
             missing = [f for f in SKIPPED_FIELDS if f not in row]
             if missing:
                 raise StoreError(f"run {self.run_id} skipped[{i}]: missing {missing}")
-            checked.append(jsonable({f: row[f] for f in SKIPPED_FIELDS}, f"run {self.run_id} skipped[{i}]"))
-        self.loc.join(SKIPPED).write_json(checked)
+            if row["split"] not in splits:
+                raise StoreError(f"run {self.run_id} skipped[{i}]: split {row['split']!r} is not one of {splits}")
+            checked.append(jsonable({"command": command, **{f: row[f] for f in SKIPPED_FIELDS}},
+                                    f"run {self.run_id} skipped[{i}]"))
+        kept = [r for r in self.read_skipped() or [] if not (r["command"] == command and r.get("split") in splits)]
+        self.loc.join(SKIPPED).write_json(sorted([*kept, *checked], key=_skip_order))
         return len(checked)
 
     def read_skipped(self) -> list[dict[str, Any]] | None:
-        """The skipped samples, or None when the run recorded none (still running, or older runs)."""
+        """The skipped samples, or None when the run recorded none (still running, or older runs).
+
+        Rows of records written before `command` existed were all training's."""
         loc = self.loc.join(SKIPPED)
         if not loc.exists():
             return None
         rows = loc.read_json()
-        if not isinstance(rows, list):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise StoreError(f"{loc}: expected a list of skipped samples, got {type(rows).__name__}")
-        return rows
+        return [{"command": "train", **r} for r in rows]
 
     # ------------------------------------------------------------------------------ whole frames
     def write_whole_frame(self, evaluation: Mapping[str, Any]) -> None:
@@ -485,7 +505,8 @@ def format_runs_table(summaries: Iterable[RunSummary]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
 
 
-def _format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]:
+def format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]:
+    """One aligned `name value` line per metric, sorted by name."""
     lines = []
     for name in sorted(metrics):
         value = metrics[name]
@@ -493,9 +514,24 @@ def _format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]
     return lines
 
 
+def _skip_order(row: Mapping[str, Any]) -> int:
+    """Training's rows first, then each other command's (a hand-edited unknown one last)."""
+    command = row.get("command", "train")
+    return SKIP_COMMANDS.index(command) if command in SKIP_COMMANDS else len(SKIP_COMMANDS)
+
+
+def _skipped_by(row: Mapping[str, Any]) -> str:
+    """A row's split, after the command that skipped it unless that was training: `evaluate test`."""
+    command = row.get("command", "train")
+    return ("" if command == "train" else f"{command} ") + str(row.get("split"))
+
+
 def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
-    """`N samples` with the count per split, e.g. `3 samples (test 1, train 2)`."""
-    per_split = ", ".join(f"{split} {n}" for split, n in sorted(Counter(str(r.get("split")) for r in skipped).items()))
+    """`N samples` with the count per split (training's, then other commands'), e.g.
+    `4 samples (test 1, train 2, evaluate test 1)`."""
+    ordered = sorted(skipped, key=lambda r: (_skip_order(r), str(r.get("split"))))
+    counts = Counter(_skipped_by(r) for r in ordered)  # counted in that order
+    per_split = ", ".join(f"{label} {n}" for label, n in counts.items())
     return f"{len(skipped)} samples" + (f" ({per_split})" if per_split else "")
 
 
@@ -514,17 +550,17 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
     lines.append(f"epochs    {len(history)}")
     if skipped is not None:
         lines.append(f"skipped   {format_skipped(skipped)}")
-        lines.extend(f"  {row.get('split')} {row.get('origin')} {row.get('key')}: {row.get('reason')}"
+        lines.extend(f"  {_skipped_by(row)} {row.get('origin')} {row.get('key')}: {row.get('reason')}"
                      for row in skipped[:SHOWN_SKIPPED])
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
         lines.append("results:")
-        lines.extend(_format_metrics(results.get("metrics", {})))
+        lines.extend(format_metrics(results.get("metrics", {})))
     elif history:
         lines.append("last epoch:")
-        lines.extend(_format_metrics(history[-1]))
+        lines.extend(format_metrics(history[-1]))
     if status.get("error"):
         lines.append("error:")
         lines.extend(f"  {line}" for line in str(status["error"]).rstrip().splitlines())

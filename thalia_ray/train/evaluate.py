@@ -26,7 +26,7 @@ from thalia_ray.metrics import MetricSuite
 from thalia_ray.models.factory import build_model, load_weights
 from thalia_ray.models.pretrained import PretrainedWeightsError, run_reference
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import StoreError
+from thalia_ray.store.records import StoreError, format_metrics
 from thalia_ray.train.checkpoint import load_state
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,31 @@ def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) 
     return result
 
 
-def evaluate_run(store: ExperimentStore, run_id: str, split: str = "test") -> dict[str, float]:
-    """Re-evaluate a finished run's best checkpoint on `split`, from its stored config and results."""
-    cfg = store.existing_run(run_id).read_config()
-    return evaluate_checkpoint(cfg, best_checkpoint(store, run_id), split, gpu_wanted(cfg)).flat(split)
+@dataclass(frozen=True)
+class RunEvaluation:
+    """What `thalia-ray evaluate` reports: a stored run's metrics on one split, and how many samples
+    it skipped as unreadable (listed in the run's skipped.json, marked `command: evaluate`)."""
+
+    run_id: str
+    split: str
+    metrics: dict[str, float]
+    skipped: int
+    store: str  # the experiment store's URL
+
+    def __str__(self) -> str:
+        """The metrics, one per line, then one summary line with the skipped count."""
+        return "\n".join([*format_metrics(self.metrics), f"run {self.run_id} evaluated on {self.split}: "
+                          f"{self.skipped} samples skipped (store {self.store})"])
+
+
+def evaluate_run(store: ExperimentStore, run_id: str, split: str = "test") -> RunEvaluation:
+    """Re-evaluate a finished run's best checkpoint on `split`, from its stored config and results.
+
+    The samples it skips replace this command's earlier rows for `split` in the run's skipped.json;
+    training's rows stay. They carry no epoch: no training epoch read them.
+    """
+    record = store.existing_run(run_id)
+    cfg = record.read_config()
+    result = evaluate_checkpoint(cfg, best_checkpoint(store, run_id), split, gpu_wanted(cfg))
+    skipped = record.write_skipped([{**row, "epoch": None} for row in result.skipped], "evaluate", (split,))
+    return RunEvaluation(run_id, split, result.flat(split), skipped, store.root.url)

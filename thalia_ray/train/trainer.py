@@ -18,12 +18,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from ray.train import (Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, Result, RunConfig,
-                       ScalingConfig)
+from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig, FailureConfig, LoggingConfig, Result,
+                       RunConfig, ScalingConfig, WorkerGroupError)
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
+from thalia_ray.errors import StorageProblem, ThaliaError
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
@@ -74,8 +75,10 @@ def run_config(cfg: ThaliaConfig, store: ExperimentStore, run_id: str, callbacks
         storage_path=path,
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-        # Ray Train's own records (worker group starts, every report) only when debugging; ours pass through.
-        logging_config=LoggingConfig(log_level="DEBUG" if cfg.runtime.log_level == "DEBUG" else "WARNING"),
+        # Ray Train's own records (worker group starts, every report, a failed worker's traceback) only when
+        # debugging; ours pass through. A failure still reaches the driver whole: `fit` raises it, as one line
+        # when the user can act on it (user_problem), else with the workers' tracebacks.
+        logging_config=LoggingConfig(log_level="DEBUG" if cfg.runtime.log_level == "DEBUG" else "CRITICAL"),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.train.keep_checkpoints,
             checkpoint_score_attribute=stopping.metric,
@@ -157,15 +160,21 @@ def fit(
     callbacks: Iterable[Any] = (),
     sweep_id: str | None = None,
     sweep_config: dict[str, Any] | None = None,
+    lease: Lease | None = None,
 ) -> TrainResult:
     """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
 
     A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
+    `lease`: the run's lease when the caller took it already (the CLI does, before it starts Ray), in
+    which case `run_id` must be the lease's run and releasing it is the caller's.
     """
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     run_id = run_id or store.new_run_id(cfg.name)
     record = store.run(run_id)
-    lease = record.acquire()  # one writer per run id: a live one refuses, a stale one is taken over
+    if lease is not None and lease.record.run_id != run_id:
+        raise ValueError(f"the lease given is for run {lease.record.run_id}, not {run_id}")
+    own_lease = lease is None
+    lease = lease or record.acquire()  # one writer per run id: a live one refuses, a stale one is taken over
     try:
         record.write_config(cfg)
         trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
@@ -177,11 +186,47 @@ def fit(
             raise
         except Exception as err:
             _record_end(record, "failed", f"{type(err).__name__}: {err}")
-            raise
+            problem = user_problem(err, record)
+            if problem is None:
+                raise
+            raise problem from err
         record.set_status("finished")
     finally:
-        lease.release()
+        if own_lease:
+            lease.release()
     return outcome
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """The exceptions behind a failed run: each worker's (Ray Train reports them together) or the
+    controller's, then what each was raised from."""
+    if isinstance(err, WorkerGroupError):
+        roots: list[BaseException] = list(err.worker_failures.values())
+    elif isinstance(err, ControllerError):
+        roots = [err.controller_failure]
+    else:
+        roots = [err]
+    for cause in roots:
+        while cause is not None:
+            yield cause
+            cause = cause.__cause__ or cause.__context__
+
+
+def user_problem(err: BaseException, record: RunRecord) -> ThaliaError | None:
+    """A failure the user can act on, raised in a worker or by the disk (full, unwritable, gone), as one
+    error of its kind that says where and how to go on; None when `err` is already one, or is not the
+    user's to fix."""
+    if isinstance(err, ThaliaError):
+        return None
+    resume = (f"the run's records and checkpoints are in {record.loc.url}: rerun with --run-id {record.run_id} "
+              "to go on from its last checkpoint")
+    for cause in _causes(err):
+        if isinstance(cause, ThaliaError):
+            kind = next(c for c in type(cause).__mro__ if c.__module__ == ThaliaError.__module__)
+            return kind(f"run {record.run_id} stopped: {cause} ({resume})")
+        if isinstance(cause, OSError):
+            return StorageProblem(f"run {record.run_id} stopped on an I/O error: {cause} ({resume} once it is fixed)")
+    return None
 
 
 def _record_end(record: RunRecord, status: Status, error: str) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.synthetic import atmosphere, catalogue, defects, terrain
 from thalia_ray.data.synthetic.catalogue import FramePlan, Record
@@ -164,7 +165,7 @@ def _plans(frames: int, size: int, seed: int, meta_dir: str | None, frame_ids: l
         annotations, timeseries = catalogue.load_meta(meta_dir)
         return catalogue.plans_from_annotations(annotations, timeseries, frame_ids, frames, max_groups_per_frame, size)
     if frame_ids:
-        raise ValueError("frame_ids needs meta_dir (real annotations); sampled mode draws its own frames")
+        raise ConfigError("--frame-ids needs --from-annotations (real annotations); sampled mode draws its own frames")
     return [catalogue.sample_plan(rng_for(seed, "plan", i), i, size, max_groups_per_frame) for i in range(frames)]
 
 
@@ -174,12 +175,12 @@ def synthesize(out: str, *, frames: int = 4, size: int = 128, seed: int = 0, met
     """Write a synthetic Thalia dataset to `out` (local path or s3://); see docs/synthetic.md.
 
     With `meta_dir`, the real annotation records of the chosen frames drive the imagery; without it
-    the records are sampled. The same arguments always give byte-identical cubes.
+    the records are sampled. The same arguments always give byte-identical cubes. A bad argument is a
+    ConfigError named by its `thalia-ray synth` option, which `synth` prints as it is.
     """
-    if size < 16:
-        raise ValueError(f"size={size}: frames must be at least 16 px")
-    if frames < 1 or workers < 1:
-        raise ValueError(f"frames={frames}, workers={workers}: both must be ≥ 1")
+    for option, value, least in (("--size", size, 16), ("--frames", frames, 1), ("--workers", workers, 1)):
+        if value < least:
+            raise ConfigError(f"{option} {value}: must be at least {least}")
     start = time.perf_counter()
     plans = _plans(frames, size, seed, meta_dir, frame_ids, max_groups_per_frame)
     results: list[FrameResult] = []
