@@ -1,6 +1,7 @@
 """Shared fixtures: one Ray instance and one real S3 endpoint (moto over HTTP) for the whole session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -31,16 +33,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    """A real S3 endpoint: the `moto_server` process serving HTTP on 127.0.0.1."""
+@contextlib.contextmanager
+def _moto_server(**env: str) -> Iterator[str]:
+    """A `moto_server` process serving S3 over HTTP on 127.0.0.1; yields its URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -51,9 +53,25 @@ def moto_endpoint():
     else:
         proc.kill()
         raise RuntimeError("moto_server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 endpoint: the `moto_server` process serving HTTP on 127.0.0.1."""
+    with _moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def strict_s3_endpoint():
+    """A moto server that checks credentials, so unknown keys are refused as on real S3."""
+    with _moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,10 @@ CASES = [
          "model.pretrained 'run:ghost': no run 'ghost'"),
     Case("pretrained run without a best checkpoint", [*_TRAIN, "--set", "model.pretrained=run:halfway"], CONFIG,
          "model.pretrained 'run:halfway': run halfway has no best checkpoint", _unfinished_run),
+    Case("synth frame not in the annotations", ["synth", "--out", "{tmp}/s", "--from-annotations", "{root}",
+                                                 "--frame-ids", "NOPE"], CONFIG, "--frame-ids: frame(s) ['NOPE']"),
+    Case("synth annotations folder missing", ["synth", "--out", "{tmp}/s", "--from-annotations", "{tmp}/nope"],
+         DATA, "--from-annotations"),
     Case("run id another live driver writes", [*_TRAIN, "--run-id", "busy"], STORE,
          "run busy is already being written by pid", _live_lease),
     Case("pretrained file missing", [*_TRAIN, "--set", "model.pretrained={tmp}/nope.pt"], CONFIG,
@@ -274,3 +278,28 @@ def test_every_kind_has_its_own_status():
     kinds = [ConfigProblem, DataProblem, ShardProblem, ManifestProblem, StorageProblem, StoreProblem, JobSpecProblem]
     assert len({k.exit_code for k in kinds}) == len(kinds) and 1 not in {k.exit_code for k in kinds}
 
+
+
+def test_an_error_raised_in_a_ray_task_is_one_line_without_the_task_traceback(monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    from thalia_ray.data.shards.tar import ShardError
+
+    def raises_in_task(args):
+        cause = ShardError("shard s-000.tar: keys ['k1'] have no sample.pth")
+        raise RayTaskError("_scan_published_shard", "Traceback (most recent call last):\n  File \"x.py\"", cause
+                           ).as_instanceof_cause()
+
+    monkeypatch.setattr(cli, "cmd_config_show", raises_in_task)
+    assert cli.main(["config", "show"]) == SHARDS
+    assert capsys.readouterr().err == "thalia-ray: shard s-000.tar: keys ['k1'] have no sample.pth\n"
+
+
+def test_a_disk_error_is_one_line_with_the_storage_status(monkeypatch, capsys):
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/data/out/shard-000001.tar")
+
+    monkeypatch.setattr(cli, "cmd_config_show", disk_full)
+    assert cli.main(["config", "show"]) == STORAGE
+    assert capsys.readouterr().err == ("thalia-ray: [Errno 28] No space left on device: "
+                                       "'/data/out/shard-000001.tar'\n")

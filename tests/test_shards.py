@@ -19,7 +19,7 @@ from thalia_ray.data.cube import crop_rng, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import PROGRESS, export_shards
 from thalia_ray.data.shards.manifest import MANIFEST, load_manifest, manifest_entries, shard_root
-from thalia_ray.data.shards.npy import decode_own
+from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
                                         parse_members, write_tar)
@@ -323,6 +323,25 @@ def test_gzip_bomb_is_refused_before_inflating_and_compression_must_match_the_ma
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 << 20  # nothing near the 256 MiB the member would inflate to
+    # an honest header for 256 MiB (all zeros, under 1 MiB compressed): more than a sample of a T=1,
+    # 2-channel, 4² export can hold, so it is refused before anything is inflated past its header
+    deflate = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(0, np.float32)) | {"shape": (1, 2, 8192, 4096)}
+    declared = io.BytesIO()
+    np.lib.format.write_array_header_1_0(declared, header)
+    honest = deflate.compress(declared.getvalue())
+    honest += b"".join(deflate.compress(bytes(1 << 20)) for _ in range(256)) + deflate.flush()
+    members = dict(sample_members(raw, "float32", True), **{"image.npy.gz": honest})
+    limit = member_limit(length=1, channels=2, crop=4)
+    tracemalloc.start()
+    with pytest.raises(ShardError, match=r"key k1: member image\.npy\.gz declares \d+ bytes, more than a sample of "
+                                         r"this export holds \(\d+\); refused before inflating"):
+        decode_own(members, "k1", "shard s, key k1", ["a", "b"], ["a", "b"], compressed=True, limit=limit)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20
+    assert decode_own(sample_members(raw, "float32", True), "k1", "s", ["a", "b"], ["a", "b"], compressed=True,
+                      limit=limit).image.shape == (1, 2, 4, 4)  # a real sample of that export fits the limit
     truncated = sample_members(raw, "float32", True)["image.npy.gz"][:-10]
     with pytest.raises(ShardError, match="image.npy.gz is not valid gzip"):
         decode_own(dict(members, **{"image.npy.gz": truncated}), "k1", "w", ["a"], ["a", "b"], compressed=True)

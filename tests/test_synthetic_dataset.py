@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
+from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.synthetic.catalogue import split_of
 from thalia_ray.data.synthetic.generator import synthesize
 from thalia_ray.storage import resolve
@@ -175,9 +177,9 @@ def test_whole_real_frame_keeps_every_record(tmp_path, shared_meta):
 
 
 def test_bad_input_is_named(tmp_path, shared_meta):
-    with pytest.raises(ValueError, match="NOPE_FRAME"):
+    with pytest.raises(ConfigError, match="--frame-ids: frame.*NOPE_FRAME"):
         synthesize(str(tmp_path), meta_dir=str(shared_meta), frame_ids=["NOPE_FRAME"])
-    with pytest.raises(FileNotFoundError, match="annotations"):
+    with pytest.raises(AnnotationError, match="--from-annotations .*empty: no annotations.json"):
         synthesize(str(tmp_path), meta_dir=str(tmp_path / "empty"))
 
 

@@ -464,7 +464,7 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     # One line a user can act on (the disk, the path, how to go on), the storage kind's status, no traceback.
     assert failed.returncode == StorageProblem.exit_code, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("thalia-ray: run full stopped on an I/O error: [Errno 28]"), last
+    assert last.startswith("thalia-ray: run full stopped"), last
     assert "No space left on device" in last and str(small_disk / "store") in last and "--run-id full" in last
     assert "Traceback" not in failed.stderr
     store.reconcile_runs()

@@ -12,10 +12,10 @@ import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import StorageProblem, ThaliaError
 
 if TYPE_CHECKING:  # imported lazily by the handlers (see above)
     from thalia_ray.store import ExperimentStore
@@ -35,6 +35,18 @@ def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> Th
         return cfg.with_overrides({path: value})
     except ConfigError as err:
         raise ConfigError(f"{option} {value}: " + " ".join(str(err).split())) from None
+
+
+@contextlib.contextmanager
+def _writing(where: str) -> Iterator[None]:
+    """An OS error while a command writes its output under `where` (a full disk, no permission), named
+    with that place: the OS's own message often carries no path."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None and not str(err.filename).startswith(where):
+            raise  # about another file (an input): its message already says which
+        raise StorageProblem(f"cannot write {where}: {err}") from err
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -76,17 +88,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from thalia_ray.data.synthetic.generator import synthesize
 
     frames = progress.bar(args.frames if not args.frame_ids else len(args.frame_ids), "synth", unit="frame")
-    report = synthesize(
-        args.out,
-        frames=args.frames,
-        size=args.size,
-        seed=args.seed,
-        meta_dir=args.from_annotations,
-        frame_ids=args.frame_ids,
-        max_groups_per_frame=args.max_groups,
-        workers=args.workers,
-        progress=lambda line: frames.update(1) if progress.on_terminal() else print(line, file=sys.stderr),
-    )
+    with _writing(args.out):
+        report = synthesize(
+            args.out,
+            frames=args.frames,
+            size=args.size,
+            seed=args.seed,
+            meta_dir=args.from_annotations,
+            frame_ids=args.frame_ids,
+            max_groups_per_frame=args.max_groups,
+            workers=args.workers,
+            progress=lambda line: frames.update(1) if progress.on_terminal() else print(line, file=sys.stderr),
+        )
     frames.close()
     if args.json:
         _emit_json(args, report)
@@ -553,11 +566,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
             return args.handler(args)
-    except (ThaliaError, OSError) as err:  # a user's mistake: one line, no traceback
+    except (ThaliaError, OSError) as err:  # a user's mistake or the disk's: one line, no traceback
         if _debug(args):
             raise
-        print(f"thalia-ray: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 1)
+        shown = _raised_in_task(err)
+        print(f"thalia-ray: {shown}", file=sys.stderr)
+        return getattr(shown, "exit_code", StorageProblem.exit_code)  # an OSError is the disk's or the network's
+
+
+def _raised_in_task(err: BaseException) -> BaseException:
+    """The error a Ray task raised, without the task's traceback that Ray puts in front of it (Ray
+    re-raises it as a RayTaskError that is also an instance of the original's class)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
+        err = err.cause
+    return err
 
 
 if __name__ == "__main__":

@@ -27,16 +27,19 @@ _CUBE_THREADS = 8  # cube headers are small reads; S3 latency dominates, so read
 
 def location_present(url: str, field: str, storage_cfg: Any = None,
                      missing: type[ThaliaError] = DataError, hint: str = "") -> Location:
-    """`url` resolved; a missing bucket or folder is named as such, with the config field it came from."""
+    """`url` resolved; a missing bucket or folder is named as such, with the config field it came from.
+
+    The location itself is looked up first: s3fs answers a lookup of a bare bucket with False for any
+    failure, so an unreachable endpoint or refused credentials would read as a missing bucket."""
     loc = resolve(url, storage_cfg)
+    if loc.exists():
+        return loc
     if loc.protocol == "s3":
         bucket = loc.path.split("/", 1)[0]
         if not resolve(f"s3://{bucket}", storage_cfg).exists():
             where = f" at {loc.s3.endpoint_url}" if loc.s3.endpoint_url else ""
             raise StorageError(f"{field} {url}: the bucket {bucket!r} does not exist{where}")
-    if not loc.exists():
-        raise missing(f"{field} {url}: no such folder or object{hint}")
-    return loc
+    raise missing(f"{field} {url}: no such folder or object{hint}")
 
 
 def writable(url: str, field: str, storage_cfg: Any = None) -> Location:
@@ -48,9 +51,10 @@ def writable(url: str, field: str, storage_cfg: Any = None) -> Location:
     try:
         probe.write_bytes(b"")
         probe.remove()
-    except OSError as err:
-        raise StoreError(f"{field} {url}: not writable ({err.strerror or err})") from None
-    except StorageError as err:
+    except (OSError, StorageError) as err:
+        local = err if isinstance(err, OSError) else err.__cause__  # a local write's OS error, if that is it
+        if loc.protocol == "file" and isinstance(local, OSError):
+            raise StoreError(f"{field} {url}: not writable ({local.strerror or local})") from None
         raise StorageError(f"{field} {url}: not writable: {err}") from None
     return loc
 

@@ -215,13 +215,14 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Atomic write: a temporary sibling is written whole, then moved into place."""
         if self.protocol == "file":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            with _local_temp_sibling(self.path) as tmp:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
+            with _local_write(self.url):
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                with _local_temp_sibling(self.path) as tmp:
+                    with open(tmp, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, self.path)
             return
         # S3 PUTs are atomic per object: a reader sees the old object or the new one, never a part.
         self._call("write", lambda: self.fs.pipe_file(self.path, data))
@@ -235,10 +236,11 @@ class Location:
     def put_file(self, local_path: str | Path) -> None:
         """Upload a finished local file as this location, atomically."""
         if self.protocol == "file":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            with _local_temp_sibling(self.path) as tmp:
-                shutil.copyfile(local_path, tmp)
-                os.replace(tmp, self.path)
+            with _local_write(self.url):
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                with _local_temp_sibling(self.path) as tmp:
+                    shutil.copyfile(local_path, tmp)
+                    os.replace(tmp, self.path)
             return
         self._call("upload", lambda: self.fs.put_file(str(local_path), self.path))
 
@@ -267,6 +269,16 @@ class Location:
         endpoint = self.s3.endpoint_url
         return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint),
                                self.s3.timeout_s, f"{what} {self.url}", endpoint)
+
+
+@contextlib.contextmanager
+def _local_write(url: str) -> Iterator[None]:
+    """A failed local write (full disk, read-only or missing folder, no permission) as a StorageError
+    that names where: the OS's own message often carries no path."""
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(f"cannot write {url}: {err.strerror or err}") from err
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample, RawSample, Sample
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
-from thalia_ray.data.shards.npy import decode_own
+from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_ranges, parse_members
 from thalia_ray.storage import Location
@@ -160,6 +160,7 @@ class OwnShards(ShardSource):
     name: ClassVar[str] = "own"
     stored_channels: tuple[str, ...] = ()
     compressed: bool = False  # the manifest's `compress`: members are `.npy.gz`
+    member_limit: int | None = None  # most bytes a member may inflate to (npy.member_limit)
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
@@ -181,10 +182,13 @@ class OwnShards(ShardSource):
                              f"{manifest['channels']}); export again with these channels or with --all-channels")
         base = shard_root(root, data.length)
         entries = {split: manifest_entries(manifest, base, split) for split in splits}
-        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]))
+        crop = manifest.get("crop")  # written by every export; absent: bounded by each member's own header
+        limit = member_limit(data.length, len(manifest["channels"]), int(crop)) if crop else None
+        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]), limit)
 
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
-        return decode_own(members, key, where, self.data.channels, self.stored_channels, self.compressed)
+        return decode_own(members, key, where, self.data.channels, self.stored_channels, self.compressed,
+                          self.member_limit)
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,25 @@ def sample_members(raw: RawSample, dtype: str, compress: bool) -> dict[str, byte
     }
 
 
-def _load_npy(members: dict[str, Blob], name: str, where: str, compressed: bool) -> np.ndarray:
+def member_limit(length: int, channels: int, crop: int) -> int:
+    """The most bytes one `.npy` member of a sample can hold in an export of `length` steps, `channels`
+    stored channels and `crop`² windows (float32 at most), header included: a member that declares more
+    is refused before it is inflated."""
+    return _NPY_HEADER_MAX + length * channels * crop * crop * np.dtype(np.float32).itemsize
+
+
+def _load_npy(members: dict[str, Blob], name: str, where: str, compressed: bool,
+              limit: int | None = None) -> np.ndarray:
     """A `.npy` member (`.npy.gz` where the export is `compressed`, as its manifest says) as a
-    read-only array viewing the member's bytes; the other form is refused, not guessed."""
+    read-only array viewing the member's bytes; the other form is refused, not guessed. `limit`:
+    see `member_limit`."""
     wanted, other = (f"{name}.npy.gz", f"{name}.npy") if compressed else (f"{name}.npy", f"{name}.npy.gz")
     if wanted not in members:
         if other in members:
             raise ShardError(f"{where}: member {other} found, but the manifest says the export is "
                              f"{'' if compressed else 'un'}compressed ({wanted})")
         raise ShardError(f"{where}: member {wanted} is missing (members: {sorted(members)})")
-    data = _inflate_npy(members[wanted], wanted, where) if compressed else members[wanted]
+    data = _inflate_npy(members[wanted], wanted, where, limit) if compressed else members[wanted]
     try:
         dtype, shape, fortran, offset = _npy_layout(bytes(data[:_npy_header_end(data)]))
         count = int(np.prod(shape))
@@ -64,15 +73,19 @@ def _load_npy(members: dict[str, Blob], name: str, where: str, compressed: bool)
 _NPY_HEADER_MAX = 65_536 + 12  # numpy writes headers of a few hundred bytes; 64 KiB is generous
 
 
-def _inflate_npy(data: Blob, member: str, where: str) -> bytes:
+def _inflate_npy(data: Blob, member: str, where: str, limit: int | None = None) -> bytes:
     """Gunzip a `.npy.gz` member no further than its own header allows: the header is inflated
     first, and the rest only up to the size it declares, so a small member that would inflate to
-    gigabytes (a gzip bomb) is refused after at most one byte past that size."""
+    gigabytes (a gzip bomb) is refused after at most one byte past that size; a header declaring
+    more than `limit` bytes (more than a sample of the export can hold) is refused before that."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
     try:
         out = inflater.decompress(data, _NPY_HEADER_MAX)
         dtype, shape, _, offset = _npy_layout(bytes(out[:_npy_header_end(out)]))
         size = offset + int(np.prod(shape)) * dtype.itemsize
+        if limit is not None and size > limit:
+            raise ShardError(f"{where}: member {member} declares {size} bytes, more than a sample of this "
+                             f"export holds ({limit}); refused before inflating")
         if len(out) <= size:
             out += inflater.decompress(inflater.unconsumed_tail, size - len(out) + 1)
     except zlib.error as err:
@@ -109,11 +122,13 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
 
 
 def decode_own(members: dict[str, Blob], key: str, where: str, channels: Sequence[str],
-               stored: Sequence[str] = schema.ALL_CHANNELS, compressed: bool = False) -> RawSample:
+               stored: Sequence[str] = schema.ALL_CHANNELS, compressed: bool = False,
+               limit: int | None = None) -> RawSample:
     """Our members of sample `key` → RawSample with the selected `channels`, from the `stored` ones;
-    `stored` and `compressed` are what the manifest says. Errors name `where` (shard and key)."""
-    image = _load_npy(members, "image", where, compressed)
-    mask = _load_npy(members, "mask", where, compressed)
+    `stored`, `compressed` and `limit` (`member_limit`) follow the manifest. Errors name `where`
+    (shard and key)."""
+    image = _load_npy(members, "image", where, compressed, limit)
+    mask = _load_npy(members, "mask", where, compressed, limit)
     try:
         meta = json.loads(bytes(members["json"]))
     except (KeyError, ValueError) as err:

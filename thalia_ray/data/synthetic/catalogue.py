@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
+from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.synthetic.scene import PUBLISHED_PIXEL_M
 from thalia_ray.storage import resolve
 
@@ -67,10 +69,11 @@ def load_meta(meta_dir: str) -> tuple[dict[str, Record], dict[str, GroupIndex]]:
             annotations = root.join(name).read_json()
             break
     else:
-        raise FileNotFoundError(f"{root}: no {schema.ANNOTATIONS_FILE} or {schema.ANNOTATIONS_FILE}.gz")
+        raise AnnotationError(f"--from-annotations {root}: no {schema.ANNOTATIONS_FILE} or "
+                              f"{schema.ANNOTATIONS_FILE}.gz there")
     timeseries = root.join(schema.TIMESERIES_FILE)
     if not timeseries.exists():
-        raise FileNotFoundError(f"{root}: no {schema.TIMESERIES_FILE}")
+        raise AnnotationError(f"--from-annotations {root}: no {schema.TIMESERIES_FILE} there")
     return annotations, timeseries.read_json()
 
 
@@ -142,7 +145,7 @@ def plans_from_annotations(
     wanted = list(frame_ids) if frame_ids else known[:frames]
     missing = [f for f in wanted if f not in by_frame]
     if missing:
-        raise ValueError(f"frame(s) {missing} not in the annotations; known frames: {known}")
+        raise ConfigError(f"--frame-ids: frame(s) {missing} not in the annotations; known frames: {known}")
     plans = []
     for index, frame in enumerate(wanted):
         groups = timeseries.get(frame, {})
