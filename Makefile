@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/thalia-ray demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Re-pin after changing dependencies: resolves fresh and rewrites constraints.txt.
 lock: $(STAMP)

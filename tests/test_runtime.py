@@ -204,6 +204,7 @@ def test_local_ray_start_and_shutdown():
                    "bars": ctx.enable_progress_bars, "first": sorted(first), "again": sorted(again),
                    "api": api, "driver_api": __import__("os").environ.get("RAY_API_SERVER_ADDRESS")}
         out["after"] = ray.is_initialized()
+        out["env_after"] = [__import__("os").environ.get(n) for n in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")]
         print(json.dumps(out))
     """ % SECRET, env={"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": "id-for-test"})
     out = _last_json(proc.stdout)
@@ -216,6 +217,7 @@ def test_local_ray_start_and_shutdown():
     assert out["after"] is False
     # Every process of this Ray knows its API server, so the state API never picks another Ray on the machine.
     assert out["api"] == [out["driver_api"], 1] and out["driver_api"].startswith("http://127.0.0.1:")
+    assert out["env_after"] == [None, None]  # put back at shutdown: later Ray clients here pick no stale address
     assert "starting a local Ray: 1 CPUs" in proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
 

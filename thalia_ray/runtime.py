@@ -268,14 +268,20 @@ class RayRuntime:
     started: bool
     resources: dict[str, float]
     env_var_names: tuple[str, ...] = field(default=())
+    # Variables `start` set in this process for a local Ray, with their values before (None: unset),
+    # put back at shutdown: Ray's clients prefer them to any address they are given.
+    replaced_env: dict[str, str | None] = field(default_factory=dict)
 
     def shutdown(self) -> None:
         import ray
 
         if self.started and ray.is_initialized():
             ray.shutdown()
-            if not self.address:
-                os.environ.pop("RAY_ADDRESS", None)  # set by `start` for this local Ray only
+            for name, value in self.replaced_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
             if self.address:
                 log.info("disconnected from Ray at %s", self.address)
             else:
@@ -318,6 +324,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         "logging_level": logging.DEBUG if verbose else logging.WARNING,
     }
     address = cluster_address(runtime_cfg)
+    replaced: dict[str, str | None] = {}
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, **common)
@@ -331,6 +338,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             # Ray's state API, which Ray Train's placement-group cleaner (a worker process) calls, finds the
             # cluster by its API server; with another Ray on this machine a lookup finds two and fails.
             # Every process of this Ray inherits the environment it is started with.
+            replaced["RAY_API_SERVER_ADDRESS"] = os.environ.get("RAY_API_SERVER_ADDRESS")
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(
             address="local",  # never silently join some other Ray started on this machine
@@ -344,7 +352,8 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         )
         # Ray's own helpers (the state API used by Train's placement-group cleaner) look the cluster up
         # by address; with another Ray running on the machine they would find two and fail.
+        replaced["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if env:
         log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
-    return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)))
+    return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)), replaced)
