@@ -92,6 +92,32 @@ def test_grad_reset_epoch_accumulates_gradients_as_the_reference_does():
     assert any(not torch.equal(a, b) for a, b in zip(per_epoch, per_step))  # the two rules really differ
 
 
+def test_a_failure_a_user_can_act_on_becomes_one_error_of_its_kind(tmp_path):
+    from ray.train import WorkerGroupError
+
+    from thalia_ray.errors import StorageProblem, StoreProblem
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.records import StoreError
+    from thalia_ray.train.trainer import user_problem
+
+    record = ExperimentStore(tmp_path / "store").run("r1")
+    in_worker = WorkerGroupError("rank 0 failed", {0: StoreError("cannot write history.json")})
+    problem = user_problem(in_worker, record)
+    assert type(problem) is StoreProblem  # the kind of what the worker raised, with its exit status
+    assert str(problem).startswith("run r1 stopped: cannot write history.json (the run's records and checkpoints "
+                                   f"are in {record.loc.url}: rerun with --run-id r1")
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as disk:
+            raise RuntimeError("checkpoint upload failed") from disk
+    except RuntimeError as wrapped:
+        disk_full = user_problem(WorkerGroupError("rank 0 failed", {0: wrapped}), record)
+    assert isinstance(disk_full, StorageProblem) and "[Errno 28] No space left on device" in str(disk_full)
+    assert user_problem(WorkerGroupError("bug", {0: ZeroDivisionError("x")}), record) is None  # not the user's
+    assert user_problem(StoreError("already one line"), record) is None  # raised as it is
+
+
 def test_early_stopping_counts_epochs_without_improvement():
     stopper = EarlyStopping(mode="min", patience=2)
     assert stopper.update(1.0, 1) and not stopper.should_stop

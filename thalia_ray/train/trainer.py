@@ -206,8 +206,10 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
         roots = [err.controller_failure]
     else:
         roots = [err]
+    seen: set[int] = set()
     for cause in roots:
-        while cause is not None:
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
             yield cause
             cause = cause.__cause__ or cause.__context__
 
