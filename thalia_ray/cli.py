@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import StorageProblem, ThaliaError
@@ -35,18 +35,6 @@ def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> Th
         return cfg.with_overrides({path: value})
     except ConfigError as err:
         raise ConfigError(f"{option} {value}: " + " ".join(str(err).split())) from None
-
-
-@contextlib.contextmanager
-def _writing(where: str) -> Iterator[None]:
-    """An OS error while a command writes its output under `where` (a full disk, no permission), named
-    with that place: the OS's own message often carries no path."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is not None and not str(err.filename).startswith(where):
-            raise  # about another file (an input): its message already says which
-        raise StorageProblem(f"cannot write {where}: {err}") from err
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -86,9 +74,10 @@ def _emit_json(args: argparse.Namespace, value: object) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from thalia_ray import progress
     from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.storage import writing_to
 
     frames = progress.bar(args.frames if not args.frame_ids else len(args.frame_ids), "synth", unit="frame")
-    with _writing(args.out):
+    with writing_to(args.out):
         report = synthesize(
             args.out,
             frames=args.frames,

@@ -215,7 +215,7 @@ class Location:
     def write_bytes(self, data: bytes) -> None:
         """Atomic write: a temporary sibling is written whole, then moved into place."""
         if self.protocol == "file":
-            with _local_write(self.url):
+            with writing_to(self.url):
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 with _local_temp_sibling(self.path) as tmp:
                     with open(tmp, "wb") as handle:
@@ -236,7 +236,7 @@ class Location:
     def put_file(self, local_path: str | Path) -> None:
         """Upload a finished local file as this location, atomically."""
         if self.protocol == "file":
-            with _local_write(self.url):
+            with writing_to(self.url):
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 with _local_temp_sibling(self.path) as tmp:
                     shutil.copyfile(local_path, tmp)
@@ -272,9 +272,9 @@ class Location:
 
 
 @contextlib.contextmanager
-def _local_write(url: str) -> Iterator[None]:
-    """A failed local write (full disk, read-only or missing folder, no permission) as a StorageError
-    that names where: the OS's own message often carries no path."""
+def writing_to(url: str) -> Iterator[None]:
+    """A failed local write under `url` (full disk, read-only or missing folder, no permission) as a
+    StorageError that names where: the OS's own message often carries no path."""
     try:
         yield
     except OSError as err:

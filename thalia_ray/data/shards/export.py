@@ -33,7 +33,7 @@ from thalia_ray.data.shards.manifest import FORMAT, MANIFEST, shard_root
 PROGRESS = "_progress"  # completion records of written shards, beside (not inside) the split folders
 from thalia_ray.data.shards.npy import sample_members
 from thalia_ray.data.shards.tar import ShardError, file_sha256, write_tar
-from thalia_ray.storage import Location, StorageError, resolve
+from thalia_ray.storage import Location, resolve, writing_to
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,8 @@ def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataCon
     fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tar.tmp", dir=local_dir)
     os.close(fd)
     try:
-        try:
+        with writing_to(target.url):  # a full disk or no permission, named by the shard
             ranges = write_tar(tmp, members)
-        except OSError as err:  # full disk, no permission: say where (the OS's message often does not)
-            raise StorageError(f"cannot write shard {target.url} (through {tmp}): {err.strerror or err}") from err
         size, digest = os.path.getsize(tmp), file_sha256(tmp)
         if target.protocol == "file":
             os.replace(tmp, target.path)
