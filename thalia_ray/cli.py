@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lease = store.run(run_id).acquire()  # a run id another driver is writing is refused before Ray starts
     try:
         with runtime.start(cfg.runtime):
-            result = fit(cfg, store=store, run_id=run_id, lease=lease)
+            result = fit(cfg, store=store, lease=lease)
     finally:
         lease.release()
     if args.json:

@@ -165,16 +165,14 @@ def fit(
     """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
 
     A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
-    `lease`: the run's lease when the caller took it already (the CLI does, before it starts Ray), in
-    which case `run_id` must be the lease's run and releasing it is the caller's.
+    `lease`: a lease the caller took already (the CLI does, before it starts Ray); the run is then the
+    lease's, and releasing it is the caller's.
     """
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
-    run_id = run_id or store.new_run_id(cfg.name)
-    record = store.run(run_id)
-    if lease is not None and lease.record.run_id != run_id:
-        raise ValueError(f"the lease given is for run {lease.record.run_id}, not {run_id}")
     own_lease = lease is None
-    lease = lease or record.acquire()  # one writer per run id: a live one refuses, a stale one is taken over
+    if lease is None:  # one writer per run id: a live one refuses, a stale one is taken over
+        lease = store.run(run_id or store.new_run_id(cfg.name)).acquire()
+    record = lease.record
     try:
         record.write_config(cfg)
         trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
