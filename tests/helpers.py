@@ -360,9 +360,11 @@ def _root_cube(frame_index: int, positives: set[tuple[str, str]], frame: str) ->
     return xr.Dataset(data, coords=coords)
 
 
-def build_root(root: str | Path) -> str:
+def build_root(root: str | Path, chunk: int = ROOT_CHUNK) -> str:
     """A tiny dataset root: two 40×40 frames, 36 annotated pairs (train 24, val 6, test 6), about a
-    quarter positive, with cubes, annotations, time-series index and statistics."""
+    quarter positive, with cubes, annotations, time-series index and statistics. Frames are stored in
+    `chunk`² chunks (the default puts a crop across several; `ROOT_SIZE` makes one file per frame,
+    a ninth of the files, for tests that must upload the root object by object)."""
     root = str(root)
     annotations, timeseries, uid = {}, {}, 1
     for fi, frame in enumerate(ROOT_FRAMES):
@@ -379,7 +381,7 @@ def build_root(root: str | Path) -> str:
                 uid += 1
             timeseries[frame][primary] = {"length": 3, "secondary_date": secondaries, "uniqueID": uids}
         ds = _root_cube(fi, positives, frame)
-        chunks = (1, 1, ROOT_CHUNK, ROOT_CHUNK)
+        chunks = (1, 1, chunk, chunk)
         encoding = {v: {"chunks": chunks if ds[v].ndim == 4 else chunks[2:]} for v in ds.data_vars}
         ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
                    encoding=encoding, consolidated=False, write_empty_chunks=True)

@@ -108,11 +108,11 @@ def test_setup_logging_one_handler_one_line_format(restore_thalia_logger):
 
 
 # ------------------------------------------------------------------------------------- Ray
-def test_raylet_worker_count_warnings_are_dropped_and_other_raylet_messages_print(capsys):
+def test_ray_advisories_are_dropped_and_other_ray_messages_print(capsys):
     from ray._private import worker
 
-    runtime.drop_raylet_noise()
-    runtime.drop_raylet_noise()  # wraps once
+    runtime.drop_ray_noise()
+    runtime.drop_ray_noise()  # wraps once
     noise = ("WARNING: 12 PYTHON worker processes have been started on node: abc with address: 10.0.0.1, "
              "which is 6x the maximum expected startup concurrency (2).")
     oom = "4 Workers (tasks / actors) killed due to memory pressure (OOM)"
@@ -120,10 +120,15 @@ def test_raylet_worker_count_warnings_are_dropped_and_other_raylet_messages_prin
     worker.print_to_stdstream({"lines": [noise, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     worker.print_to_stdstream({"lines": ["worker processes have been started on node (a user's own print)"],
                                "pid": 123, "is_err": False}, ignore_prefix=False)
+    advice = ("[2026-11-26 03:11:05,080 E 13655 13686] core_worker.cc:2465: Actor with class name: "
+              "'PreemptionWatcher' and ID: '93' has constructor arguments in the object store and max_restarts > 0.")
+    worker.print_to_stdstream({"lines": [advice], "pid": 13655, "is_err": True}, ignore_prefix=False)
+    worker.print_to_stdstream({"lines": [advice, "epoch 1/2 train loss 0.5"], "pid": 13655, "is_err": True},
+                              ignore_prefix=False)
     printed = capsys.readouterr()
     text = printed.out + printed.err
-    assert "PYTHON worker processes" not in text
-    assert text.count(oom) == 1 and "a user's own print" in text
+    assert "PYTHON worker processes" not in text and "PreemptionWatcher" not in text
+    assert text.count(oom) == 1 and "a user's own print" in text and text.count("epoch 1/2 train loss") == 1
 
 
 def test_a_quiet_start_never_lowers_a_stricter_ray_data_level(ray_cluster):

@@ -234,12 +234,16 @@ def _configure_data(runtime_cfg: RuntimeConfig) -> None:
 # Printed by the driver each time the node's Python worker processes pass another multiple of Ray's
 # start-up concurrency (the CPU count): warm workers (worker_reuse_config) pass it by design.
 RAYLET_NOISE = ("worker processes have been started on node",)
+# Ray core's advice about its own Train/Tune actors (ray-project/ray#53727), printed by their processes
+# as an error line on every run; nothing a user of this service can or needs to change.
+WORKER_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
 
 
-def drop_raylet_noise() -> None:
-    """Keep RAYLET_NOISE off this driver's terminal; every other raylet message (out of memory,
-    crashed workers) still prints. Ray prints them through `ray._private.worker.print_to_stdstream`,
-    which has no filter hook, so that function is wrapped (once; left alone if Ray renames it)."""
+def drop_ray_noise() -> None:
+    """Keep RAYLET_NOISE and WORKER_NOISE off this driver's terminal; every other message (out of
+    memory, crashed workers, a user's prints) still prints. Ray prints them through
+    `ray._private.worker.print_to_stdstream`, which has no filter hook, so that function is wrapped
+    (once; left alone if Ray renames it)."""
     from ray._private import worker
 
     original = getattr(worker, "print_to_stdstream", None)
@@ -247,12 +251,11 @@ def drop_raylet_noise() -> None:
         return
 
     def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if data.get("pid") == "raylet":
-            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAYLET_NOISE)]
-            if not lines:
-                return None
-            data = {**data, "lines": lines}
-        return original(data, *args, **kwargs)
+        noise = RAYLET_NOISE if data.get("pid") == "raylet" else WORKER_NOISE
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in noise)]
+        if not lines:
+            return None
+        return original({**data, "lines": lines}, *args, **kwargs)
 
     filtered._thalia = True  # type: ignore[attr-defined]
     worker.print_to_stdstream = filtered
@@ -305,7 +308,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
 
     _configure_data(runtime_cfg)
     if runtime_cfg.log_level != "DEBUG":
-        drop_raylet_noise()
+        drop_ray_noise()
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints a header box even at verbose=0
     if ray.is_initialized():
         log.info("using the Ray already initialised in this process")
