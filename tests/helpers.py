@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -358,6 +359,21 @@ def _root_cube(frame_index: int, positives: set[tuple[str, str]], frame: str) ->
     coords = {schema.PRIMARY_DIM: pd.to_datetime(primaries).values,
               schema.SECONDARY_DIM: pd.to_datetime(secondaries).values}
     return xr.Dataset(data, coords=coords)
+
+
+def upload_folder(local: str | Path, url: str) -> None:
+    """Every file under `local` as an object under `url` (`s3://bucket/prefix`) of the endpoint in the
+    environment (the moto server), a few at a time: moto answers one request in a few milliseconds."""
+    import boto3
+
+    client = boto3.client("s3")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+
+    def put(path: Path) -> None:
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(put, [path for path in Path(local).rglob("*") if path.is_file()]))
 
 
 def build_root(root: str | Path, chunk: int = ROOT_CHUNK) -> str:

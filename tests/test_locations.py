@@ -4,10 +4,7 @@ its statistics computed, and its samples read from cubes and from shards."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import boto3
 import numpy as np
 
 from thalia_ray.config import ThaliaConfig
@@ -22,26 +19,15 @@ from thalia_ray.data.shards.tar import fetch_ranges, parse_members
 from thalia_ray.data.stats import compute_statistics
 from thalia_ray.storage import resolve
 
-from tests.helpers import ROOT_SIZE, build_root
+from tests.helpers import ROOT_SIZE, build_root, upload_folder
 
 DATA = {"crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
-
-
-def _upload(local: Path, bucket: str, prefix: str, endpoint: str) -> None:
-    """Object by object, a few at a time (the moto server answers one request in a few ms)."""
-    client = boto3.client("s3", endpoint_url=endpoint)
-
-    def put(path: Path) -> None:
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(local)}", Body=path.read_bytes())
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(put, [path for path in local.rglob("*") if path.is_file()]))
 
 
 def test_endpoint_only_in_config_reaches_index_statistics_cubes_and_shards(
         tmp_path, s3_bucket, moto_endpoint, ray_cluster, monkeypatch):
     local = build_root(tmp_path / "root", chunk=ROOT_SIZE)
-    _upload(Path(local), s3_bucket.removeprefix("s3://"), "root", moto_endpoint)
+    upload_folder(local, f"{s3_bucket}/root")  # through the environment's endpoint, removed below
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     assert "AWS_ACCESS_KEY_ID" in os.environ  # credentials stay in the environment

@@ -18,7 +18,7 @@ from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, sha
 from thalia_ray.data.shards.tar import file_sha256
 from thalia_ray.storage import resolve
 
-from tests.helpers import build_root, write_published
+from tests.helpers import build_root, upload_folder, write_published
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 
@@ -120,7 +120,6 @@ def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, sou
 
 @pytest.mark.slow
 def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
-    import boto3
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -144,11 +143,7 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
         Path_(config_["dir"], f"rank{rank}.json").write_text(json_.dumps(out))
 
     root, out = dataset
-    client = boto3.client("s3")
-    bucket = s3_bucket.removeprefix("s3://")
-    for path in Path(out).rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), bucket, f"shards/{path.relative_to(out)}")
+    upload_folder(out, f"{s3_bucket}/shards")
     cfg = config(root, source="shards", shards=f"{s3_bucket}/shards", atmospheric=[])
     data = pipeline.build_datasets(cfg, splits=("train",))
     trainer = TorchTrainer(

@@ -14,7 +14,7 @@ import pytest
 import torch
 import xarray as xr
 
-from tests.helpers import stored_run
+from tests.helpers import stored_run, upload_folder
 from thalia_ray.predict.windows import Stitcher, blend_weights, tile
 
 CROP, OVERLAP = 32, 0.25
@@ -207,11 +207,7 @@ def test_predict_reads_and_writes_s3_on_the_moto_server(ray_cluster, run, datase
     from thalia_ray.storage import resolve
 
     data, out = f"{s3_bucket}/thalia", f"{s3_bucket}/predictions"
-    for name in (f"{frame}.zarr", "annotations.json", "quality_timeseries.json", "statistics.json"):
-        local = dataset / name
-        files = [local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]
-        for file in files:
-            resolve(f"{data}/{file.relative_to(dataset).as_posix()}").put_file(file)
+    upload_folder(dataset, data)  # every frame's cube; the job reads only `frame`
     report = _predict(run, data, out, frame)
     assert report.failed == {} and report.written == report.planned > 0
     assert len(read_table(out)) == report.planned

@@ -298,6 +298,12 @@ class RayRuntime:
         self.shutdown()
 
 
+def _replace_env(replaced: dict[str, str | None], name: str, value: str) -> None:
+    """Set `name` in this process, keeping its value before (None: unset) in `replaced` for shutdown."""
+    replaced.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
+
+
 def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = None) -> RayRuntime:
     """Connect to the configured cluster or start a local one; configure Ray Data for this driver.
 
@@ -341,8 +347,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             # Ray's state API, which Ray Train's placement-group cleaner (a worker process) calls, finds the
             # cluster by its API server; with another Ray on this machine a lookup finds two and fails.
             # Every process of this Ray inherits the environment it is started with.
-            replaced["RAY_API_SERVER_ADDRESS"] = os.environ.get("RAY_API_SERVER_ADDRESS")
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            _replace_env(replaced, "RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
         ray.init(
             address="local",  # never silently join some other Ray started on this machine
             **sizes,
@@ -353,10 +358,8 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             _system_config=worker_reuse_config(sizes["num_cpus"]),
             **common,
         )
-        # Ray's own helpers (the state API used by Train's placement-group cleaner) look the cluster up
-        # by address; with another Ray running on the machine they would find two and fail.
-        replaced["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        # The same lookup by GCS address, from this driver's own Ray helpers.
+        _replace_env(replaced, "RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     if env:
         log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
     return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)), replaced)
