@@ -157,3 +157,14 @@ def kuberay_crds(monkeypatch) -> Path:
         pytest.skip(f"KubeRay CRDs not found at {SHARED_CRDS}")
     monkeypatch.setenv("THALIA_CRDS", str(SHARED_CRDS))
     return SHARED_CRDS
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 30 MiB tmpfs (room for one checkpoint of the tiny model, not two); root may mount, others skip."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)

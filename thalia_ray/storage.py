@@ -122,7 +122,10 @@ class Location:
         import pyarrow.fs as pafs
 
         if self.protocol == "file":
-            return pafs.LocalFileSystem(), self.path
+            # Ray writes its run snapshot in place; this one replaces it only with a complete file.
+            from thalia_ray.atomic_arrow import AtomicLocalFileSystem
+
+            return AtomicLocalFileSystem(), self.path
         kwargs: dict[str, Any] = {}
         if self.s3.endpoint_url:
             parts = urlsplit(self.s3.endpoint_url)
