@@ -472,7 +472,7 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
 ):
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.train.checkpoint import STATE_FILE
-    from thalia_ray.train.trainer import fit
+    from thalia_ray.train.trainer import RAY_SNAPSHOT, fit
 
     from tests.helpers import cli
     from thalia_ray.errors import StorageProblem
@@ -500,7 +500,7 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     # then. These epochs take under a second, so the disk may already be full by then: the snapshot is
     # not written and the rerun starts over. Either way the snapshot is never half-written.
     ray_run = small_disk / "store" / "ray" / "full"
-    snapshot = ray_run / "checkpoint_manager_snapshot.json"
+    snapshot = ray_run / RAY_SNAPSHOT
     registered = ([ray_run / r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
                   if snapshot.exists() else [])
     for checkpoint in registered:
@@ -510,6 +510,26 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     assert record.read_status()["status"] == "finished"
     assert [h["epoch"] for h in record.read_history()] == [1, 2, 3, 4]
     assert record.read_results()["restarts"] == (1 if registered else 0)
+
+
+def test_a_damaged_ray_snapshot_is_refused_by_name_before_training(synthetic_root, tmp_path):
+    from thalia_ray.errors import StoreProblem
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.trainer import RAY_SNAPSHOT, check_ray_snapshot, fit
+
+    cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
+    store = ExperimentStore(cfg.storage.store)
+    check_ray_snapshot(store, "old")  # nothing to resume from: a new run
+    snapshot = tmp_path / "store" / "ray" / "old" / RAY_SNAPSHOT
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text('{"checkpoint_results": []}')
+    check_ray_snapshot(store, "old")
+    snapshot.write_text("")  # what Ray 2.60 leaves when the disk fills while it writes the file
+    with pytest.raises(StoreProblem, match=f"run old cannot resume: .*{snapshot}, is damaged") as refused:
+        fit(cfg, store=store, run_id="old")
+    assert "delete that file" in str(refused.value)
+    assert store.run("old").read_status()["status"] == "failed"
+    assert snapshot.read_text() == ""  # left for the user to look at
 
 
 def test_epoch_line_reports_throughput():

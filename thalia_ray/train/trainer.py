@@ -10,6 +10,7 @@ fails). A Tune trial calls `fit` with Tune's report callback.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
-from thalia_ray.errors import StorageProblem, ThaliaError
+from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
@@ -33,6 +34,7 @@ from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_fro
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
 
 # "rank:epoch:marker-file": kill that worker once at the start of that epoch (a fault-tolerance
 # drill; read on the driver and forwarded, since workers do not see the driver's environment).
@@ -247,9 +249,28 @@ def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
         log.warning("run %s: cannot record its skipped samples: %s", record.run_id, err)
 
 
+def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
+    """Refuse to resume from a Ray snapshot that cannot be read back, naming it and the way on.
+
+    Ray's controller would fail on it deep inside its own start. Ours are written whole
+    (`atomic_arrow`); one left by an older version on a full disk, or by another tool, may not be.
+    """
+    snapshot = store.ray_root.join(run_id, RAY_SNAPSHOT)
+    if not snapshot.exists():
+        return
+    try:
+        json.loads(snapshot.read_text())
+    except ValueError as err:
+        raise StoreProblem(
+            f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged ({err}). "
+            "The checkpoints are beside it; delete that file to train the run from its start, or use another --run-id"
+        ) from None
+
+
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
          lease: Lease) -> TrainResult:
     run_id = record.run_id
+    check_ray_snapshot(store, run_id)
     if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
         model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
     data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id,
