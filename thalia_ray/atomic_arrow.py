@@ -4,8 +4,8 @@ Ray Train writes its run snapshot (`checkpoint_manager_snapshot.json`, the list 
 checkpoints a rerun resumes from) with `storage_filesystem.open_output_stream` straight into place.
 On a local or NFS store that fills up during that write, the previous snapshot is left empty and the
 run can no longer be resumed. `AtomicLocalFileSystem` is pyarrow's `LocalFileSystem` with one change:
-a stream opened from Python writes a temporary sibling and moves it into place only when every write
-and the final flush succeeded; otherwise the previous file stays as it was. It still is a
+a stream opened from Python writes a temporary sibling and moves it into place only when every write,
+the final flush and the writer's `with` block succeeded; otherwise the previous file stays as it was. It still is a
 `LocalFileSystem`, so checkpoints open in place, and bulk copies (`pyarrow.fs.copy_files`, Ray's
 checkpoint uploads) keep pyarrow's native path: Ray registers a checkpoint only once its copy finished.
 """
@@ -21,12 +21,13 @@ import pyarrow.fs as pafs
 
 
 class _WholeOrNothing:
-    """A binary file written to `<path>.tmp-<id>`: `commit` moves it to `path`, `abandon` removes it."""
+    """A binary file written to `<path>.tmp-<id>`; `close` moves it to `path` unless a write failed or
+    it was abandoned, and removes it then."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed by commit or abandon
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
         self._complete = True
 
     def write(self, data: Any) -> int:
