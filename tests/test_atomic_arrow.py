@@ -11,8 +11,7 @@ import pytest
 
 from thalia_ray.atomic_arrow import AtomicLocalFileSystem
 from thalia_ray.storage import resolve
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"
+from thalia_ray.train.trainer import RAY_SNAPSHOT as SNAPSHOT
 
 
 def _write(fs: pafs.FileSystem, path: Path, data: bytes) -> None:
