@@ -147,15 +147,15 @@ def test_cli_lists_suites_and_rejects_unknown(capsys):
     assert "no benchmark suite 'nope'" in capsys.readouterr().err
 
 
-def test_timed_epoch_counts_samples_and_separates_the_first_batch():
-    from thalia_ray.bench.ingest import timed_epoch
+def test_timed_run_counts_samples_and_separates_the_first_batch():
+    from thalia_ray.bench.ingest import timed_run
 
     def batches():
         time.sleep(0.2)  # the epoch's start-up
         for n in (4, 4, 2):
             yield {"key": ["k"] * n}
 
-    rep = timed_epoch(batches())
+    rep = timed_run(batches())
     assert rep.extra["items"] == 10 and rep.extra["first_batch_s"] >= 0.2
     assert rep.value == pytest.approx(10 / rep.wall_s) and rep.extra["steady"] > rep.value  # start-up left out
 
@@ -167,7 +167,7 @@ def test_dataloader_baseline_runs_the_pipelines_plan_and_work(synthetic_root, ra
     from thalia_ray.bench import ingest
     from thalia_ray.config import load_config
     from thalia_ray.data.index import SampleIndex
-    from thalia_ray.data.pipeline import build_datasets, set_epoch
+    from thalia_ray.data.pipeline import build_datasets, lane_name, set_epoch
 
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.crop=32", "data.length=1",
                              "data.samples_per_read_task=4", "data.augmentations=false"])
@@ -180,7 +180,8 @@ def test_dataloader_baseline_runs_the_pipelines_plan_and_work(synthetic_root, ra
         plan.chunks = [rows for _, rows in source.chunks(epoch)]
         base = {k: img for b in loader for k, img in zip(b["key"], b["image"].numpy())}
         set_epoch(data.epoch_control, epoch)
-        ours = {k: img for b in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy")
+        lane = data.datasets[lane_name("train", epoch)]
+        ours = {k: img for b in lane.iter_batches(batch_size=None, batch_format="numpy")
                 for k, img in zip(b["key"], b["image"])}
         assert sorted(base) == sorted(ours) == sorted(s.key for s in index.epoch("train", epoch, cfg.seed))
         for key, image in ours.items():

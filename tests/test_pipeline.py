@@ -53,7 +53,8 @@ def test_balanced_epochs_identical_from_cubes_and_shards(dataset):
     for epoch in (0, 1):
         pipeline.set_epoch(cube.epoch_control, epoch)
         pipeline.set_epoch(shard.epoch_control, epoch)
-        from_cube, from_shards = keys(cube.datasets["train"]), keys(shard.datasets["train"])
+        lane = pipeline.lane_name("train", epoch)
+        from_cube, from_shards = keys(cube.datasets[lane]), keys(shard.datasets[lane])
         assert sorted(from_cube) == sorted(from_shards) == sorted(k.key for k in index.epoch("train", epoch, 3))
         assert len(set(from_cube)) == len(from_cube) and positives <= set(from_cube)
         assert len(set(from_cube) & negatives) == len(positives)
@@ -77,7 +78,7 @@ def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset,
     images = []
     for epoch in (0, 1):
         pipeline.set_epoch(cube.epoch_control, epoch)
-        batches = cube.datasets["train"].iter_batches(batch_size=None, batch_format="numpy")
+        batches = cube.datasets[pipeline.lane_name("train", epoch)].iter_batches(batch_size=None, batch_format="numpy")
         images.append({str(k): image for batch in batches for k, image in zip(batch["key"], batch["image"])})
     common = images[0].keys() & images[1].keys()  # every positive, and the negatives drawn twice
     assert len(common) >= 2
@@ -91,31 +92,45 @@ def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset,
 
 @pytest.mark.parametrize("source", ["cube", "shards"])
 def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, source):
+    """Two workers stream three epochs as the training loop does: each next epoch starts on the other
+    lane while the current one still streams (here after its first batch, the earliest a consumer may)."""
+    import threading
+
     root, out = dataset
     cfg = config(root, source="shards", shards=out) if source == "shards" else config(root)
     data = pipeline.build_datasets(cfg, splits=("train",))
-    first, second = data.datasets["train"].streaming_split(2, equal=True)
+    assert sorted(data.datasets) == ["train", "train-lane1"]
+    parts = {name: ds.streaming_split(2, equal=True) for name, ds in data.datasets.items()}
+    epochs = (0, 1, 2)
+    got: dict[tuple[int, int], list[str]] = {}
+    started: dict[int, list[int]] = {0: [], 1: []}  # per worker: epochs started, in order
+
+    def worker(rank: int) -> None:
+        lanes = pipeline.EpochLanes(data.epoch_control, lambda name: parts[name][rank], 3, 1)
+        batches = lanes.start(epochs[0])
+        started[rank].append(epochs[0])
+        for epoch in epochs:
+            upcoming, got[rank, epoch] = None, []
+            for taken, batch in enumerate(batches, 1):
+                if taken == 1 and epoch + 1 in epochs:
+                    upcoming = lanes.start(epoch + 1)  # before this epoch's last batches
+                    started[rank].append(epoch + 1)
+                got[rank, epoch] += batch["key"]
+            batches = upcoming
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
     index = SampleIndex.from_config(cfg.data, cfg.seed)
-    seen = []
-    for epoch in (0, 1):
-        pipeline.set_epoch(data.epoch_control, epoch)
-        import threading
-
-        got: dict[int, list[str]] = {}
-
-        def consume(i, it):
-            got[i] = [k for b in it.iter_torch_batches(batch_size=3, collate_fn=pipeline.TorchCollate()) for k in b["key"]]
-
-        threads = [threading.Thread(target=consume, args=(i, it)) for i, it in enumerate((first, second))]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        delivered = got[0] + got[1]
-        assert len(got[0]) == len(got[1]) == data.sizes["train"] // 2
+    assert started == {0: list(epochs), 1: list(epochs)}
+    for epoch in epochs:
+        first, second = got[0, epoch], got[1, epoch]
+        assert len(first) == len(second) == data.sizes["train"] // 2 > 3
+        delivered = first + second
         assert len(set(delivered)) == len(delivered)  # no sample twice, within or across workers
         # a balanced draw is even (as many negatives as positives): nothing is dropped by the equal split
         assert sorted(delivered) == sorted(s.key for s in index.epoch("train", epoch, cfg.seed))
-        seen.append(set(delivered))
-    assert seen[0] != seen[1]
+    assert len({frozenset(got[0, e] + got[1, e]) for e in epochs}) == len(epochs)  # a fresh draw every epoch
 
 
 @pytest.mark.slow
@@ -131,10 +146,10 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
 
         from thalia_ray.data import pipeline as pl
 
-        shard = ray.train.get_dataset_shard("train")
         out = {}
         for epoch in range(2):
             pl.set_epoch(config_["handle"], epoch)
+            shard = ray.train.get_dataset_shard(pl.lane_name("train", epoch))
             batches = list(shard.iter_torch_batches(batch_size=2, collate_fn=pl.TorchCollate(), prefetch_batches=1))
             out[epoch] = [k for b in batches for k in b["key"]]
             assert all(b["image"].dtype.is_floating_point and b["image"].shape[1:] == (3, 24, 24) for b in batches)
@@ -262,14 +277,14 @@ def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
     for epoch in (0, 1):
         pipeline.set_epoch(data.epoch_control, epoch)
         labels = {}
-        for batch in data.datasets["train"].iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in data.datasets[pipeline.lane_name("train", epoch)].iter_batches(batch_size=None, batch_format="numpy"):
             labels.update(zip(batch["key"], batch["label"]))
         assert len(labels) == data.sizes["train"] == 2 * len(positives) and set(labels) <= set(written["train"])
         assert {k for k, label in labels.items() if label == 1} == positives
         negatives_drawn.append({k for k, label in labels.items() if label == 0})
     assert negatives_drawn[0] != negatives_drawn[1]
     pipeline.set_epoch(data.epoch_control, 2)
-    batch = next(iter(data.datasets["train"].iter_torch_batches(batch_size=4, collate_fn=pipeline.TorchCollate())))
+    batch = next(iter(data.datasets[pipeline.lane_name("train", 2)].iter_torch_batches(batch_size=4, collate_fn=pipeline.TorchCollate())))
     model = torch.nn.Sequential(torch.nn.Conv2d(batch["image"].shape[1], 2, 3), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten())
     loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
@@ -327,6 +342,32 @@ def test_task_bounds_cover_the_epoch_once_starting_with_short_tasks(samples, per
     first = min(per_task, max(1, per_block // 4))
     short = min(2 * readers, -(-samples // first))
     assert [end - start for start, end in bounds[:short]] == [min(first, samples - i * first) for i in range(short)]
+
+
+def test_train_epochs_alternate_lanes():
+    assert [pipeline.lane_name("train", epoch) for epoch in range(4)] == ["train", "train-lane1"] * 2
+    assert pipeline.lane_name("val", 1) == "val"  # one execution per validation, one dataset
+
+
+def test_the_next_epoch_starts_a_few_seconds_before_this_ones_expected_end():
+    slow = pipeline.EpochLead(steps=100, started=0.0)  # one batch a second
+    assert not slow.due(10, now=10.0)  # 90 s left
+    assert slow.due(100 - int(pipeline.LEAD_S), now=100.0 - pipeline.LEAD_S)
+    assert slow.due(75, now=1e6)  # however slow, with a quarter of the batches left
+    fast = pipeline.EpochLead(steps=100, started=0.0)
+    assert fast.due(1, now=0.01)  # the whole epoch takes about a second: at once
+    assert not fast.due(1, now=0.1)  # 99 batches at 0.1 s: 9.9 s left
+
+
+def test_each_lane_plans_the_latest_epoch_set_for_it(dataset):
+    import ray
+
+    handle = pipeline.build_datasets(config(dataset[0]), splits=("val",)).epoch_control
+    lanes = [handle.actor().get_epoch.remote(lane) for lane in (0, 1)]
+    assert ray.get(lanes) == [0, 1]  # before any set_epoch: each lane's first epoch
+    for epoch in (4, 5, 6):  # epoch 6 starts on lane 0 while lane 1 still streams epoch 5
+        pipeline.set_epoch(handle, epoch)
+    assert ray.get([handle.actor().get_epoch.remote(lane) for lane in (0, 1)]) == [6, 5]
 
 
 def test_block_size_limit_passes_each_block_on_whole(dataset):

@@ -4,15 +4,17 @@
 Both sides run the pipeline's own plan: the same epoch draw, cut into the same read-task chunks, each
 chunk's samples read, decoded and finalized by the same functions (`EpochDatasource.chunks`), and
 collated by the same `TorchCollate`. The only difference is who schedules the chunks: Ray Data read
-tasks feeding a `streaming_split` iterator (as Ray Train does), or DataLoader worker processes
-(`batch_size=None`, one chunk per item). An epoch is timed from asking for its first batch to its
-last, so each epoch's start-up counts; the steady rate leaves out the time to the first batch.
+tasks feeding `streaming_split` iterators, epoch after epoch as the training loop streams them
+(`EpochLanes`: the next epoch starts on the other lane after the current one's first batch), or DataLoader worker
+processes (`batch_size=None`, one chunk per item) iterated epoch after epoch. A run of consecutive
+epochs is timed from asking for its first batch to its last, so every epoch's start-up counts; the
+steady rate leaves out the time to the run's first batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from thalia_ray.bench.harness import Rep
 
@@ -63,8 +65,29 @@ def make_loader(workers: int, plan: EpochPlan) -> Any:
                       multiprocessing_context="spawn", prefetch_factor=2)
 
 
-def timed_epoch(batches: Iterable[dict[str, Any]]) -> Rep:
-    """Drain one epoch; value = samples/s including start-up, extras: steady rate, first-batch seconds."""
+def ray_run(lanes: Any, epochs: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """The batches of consecutive `epochs` from the pipeline's lanes (`EpochLanes`), each next epoch
+    started after the current one's first batch, as the training loop does."""
+    batches = lanes.start(epochs[0])
+    for following in [*epochs[1:], None]:
+        upcoming = None
+        for batch in batches:
+            if upcoming is None and following is not None:
+                upcoming = lanes.start(following)
+            yield batch
+        if following is not None:
+            batches = upcoming if upcoming is not None else lanes.start(following)
+
+
+def loader_run(loader: Any, plan: EpochPlan, source: Any, epochs: Sequence[int], batch_size: int) -> Iterator[dict[str, Any]]:
+    """The batches of consecutive `epochs` from persistent DataLoader workers, each epoch the pipeline's plan."""
+    for epoch in epochs:
+        plan.chunks = [rows for _, rows in source.chunks(epoch, batch_size)]
+        yield from loader
+
+
+def timed_run(batches: Iterable[dict[str, Any]]) -> Rep:
+    """Drain a run of epochs; value = samples/s including start-up, extras: steady rate, first-batch seconds."""
     start = time.perf_counter()
     first = end = start
     total = first_n = 0

@@ -152,28 +152,28 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
         root = p["data"] or _synthesize(tmp, p)
         cfg = _ingest_config(p, root, tmp)
         cpus = int(cfg.runtime.data_cpu_limit)
-        data, ray_epoch, epoch = _ray_epochs(cfg)
+        data, ray_run, runs = _ray_runs(cfg, p["epochs"])
         source = ingest.detached(data.sources["train"])
         plan = ingest.EpochPlan()
         loader = ingest.make_loader(cpus, plan)
 
-        def loader_epoch() -> Rep:
-            plan.chunks = [rows for _, rows in source.chunks(next(epoch), cfg.train.batch_size)]
-            return ingest.timed_epoch(loader)
+        def loader_run() -> Rep:
+            return ingest.timed_run(ingest.loader_run(loader, plan, source, next(runs), cfg.train.batch_size))
 
-        reps = interleave({"ray": ray_epoch, "loader": loader_epoch}, repeats)
+        reps = interleave({"ray": ray_run, "loader": loader_run}, repeats)
     name = f"{cfg.data.source} source"
-    ray_all = result.add(f"Ray Data ({name}), epoch incl. start-up", "samples/s", reps["ray"])
-    base_all = result.add(f"DataLoader, {cpus} persistent workers, epoch incl. start-up", "samples/s", reps["loader"])
-    ray_steady = result.add("Ray Data, steady (after the first batch)", "samples/s", _extra(reps["ray"], "steady"))
-    base_steady = result.add("DataLoader, steady (after the first batch)", "samples/s", _extra(reps["loader"], "steady"))
+    runs_of = f"runs of {p['epochs']} epochs"
+    ray_all = result.add(f"Ray Data ({name}), {runs_of} incl. start-up", "samples/s", reps["ray"])
+    base_all = result.add(f"DataLoader, {cpus} persistent workers, {runs_of} incl. start-up", "samples/s", reps["loader"])
+    ray_steady = result.add("Ray Data, steady (after the run's first batch)", "samples/s", _extra(reps["ray"], "steady"))
+    base_steady = result.add("DataLoader, steady (after the run's first batch)", "samples/s", _extra(reps["loader"], "steady"))
     per_core = result.add("Ray Data steady per data CPU", "samples/s/CPU",
                           [Rep(r.extra["steady"] / cpus, r.wall_s) for r in reps["ray"]])
     result.ratios += [
         ratio("pipeline vs DataLoader, steady", ray_steady, base_steady, 1.0,
               "per-block overhead of Ray Data (task scheduling, object store, the split coordinator)"),
         ratio("pipeline vs DataLoader, incl. start-up", ray_all, base_all, 0.9,
-              "each epoch plans and starts a new Ray Data execution before its first batch"),
+              "a run's first epoch plans and starts a Ray Data execution before its first batch"),
     ]
     first = {n: harness.spread([r.extra["first_batch_s"] for r in reps[n]]).median for n in ("ray", "loader")}
     result.notes.append(f"{data.sizes['train']} samples per epoch ({name}), T={p['length']}, crop {p['crop']}², "
@@ -184,21 +184,21 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
         _decode_limit(cfg, source, per_core, result)
 
 
-def _ray_epochs(cfg: Any) -> tuple[Any, Callable[[], Rep], Iterator[int]]:
-    """(datasets, one timed epoch of the train split into a `streaming_split` consumer, the epoch counter)."""
+def _ray_runs(cfg: Any, epochs: int) -> tuple[Any, Callable[[], Rep], Iterator[list[int]]]:
+    """(datasets, one timed run of `epochs` consecutive epochs of the train split into `streaming_split`
+    consumers of its lanes, the runs' epoch numbers: every run, of either side, gets fresh epochs)."""
     from thalia_ray.bench import ingest
-    from thalia_ray.data.pipeline import TorchCollate, build_datasets, set_epoch
+    from thalia_ray.data.pipeline import EpochLanes, build_datasets
 
     data = build_datasets(cfg, splits=("train",))
-    (split,) = data.datasets["train"].streaming_split(1, equal=True)
-    epoch = iter(range(10**6))
+    shards = {name: ds.streaming_split(1, equal=True)[0] for name, ds in data.datasets.items()}
+    lanes = EpochLanes(data.epoch_control, shards.__getitem__, cfg.train.batch_size, cfg.data.prefetch_batches)
+    runs = (list(range(start, start + epochs)) for start in range(0, 10**9, epochs))
 
     def run() -> Rep:
-        set_epoch(data.epoch_control, next(epoch))
-        return ingest.timed_epoch(split.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=TorchCollate(), prefetch_batches=cfg.data.prefetch_batches))
+        return ingest.timed_run(ingest.ray_run(lanes, next(runs)))
 
-    return data, run, epoch
+    return data, run, runs
 
 
 def cluster_suite(p: Params, repeats: int, result: BenchResult) -> None:
@@ -222,8 +222,8 @@ def cluster_suite(p: Params, repeats: int, result: BenchResult) -> None:
                 cluster.wait_for_nodes()
                 with runtime.start(RuntimeConfig(address=cluster.address, log_level="WARNING")):
                     cfg = _ingest_config({**p, "cpus": nodes * p["node_cpus"]}, root, tmp)
-                    _, ray_epoch, _ = _ray_epochs(cfg)
-                    rates[nodes] = interleave({"ray": ray_epoch}, repeats)["ray"]
+                    _, ray_run, _ = _ray_runs(cfg, p["epochs"])
+                    rates[nodes] = interleave({"ray": ray_run}, repeats)["ray"]
             finally:
                 cluster.shutdown()
     one = result.add(f"1 worker node × {p['node_cpus']} CPU", "samples/s", rates[1])
@@ -459,8 +459,8 @@ def _gpu_precheck() -> None:
 _DATA = {"frames": 2, "size": 96, "groups": 12, "length": 1, "crop": 48, "samples": 32}
 # data=/shards=: an existing dataset root / shard export instead of synthesising (and exporting) one;
 # cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw;
-# block: Ray Data's samples per block (0: the config's default)
-_INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False, "block": 0}
+# block: Ray Data's samples per block (0: the config's default); epochs: consecutive epochs per repetition
+_INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False, "block": 0, "epochs": 5}
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("cube", "minicube windowed reads vs per-sample cube open + whole-frame reads", cube_suite,
           {"small": _DATA, "medium": {**_DATA, "size": 256, "frames": 3, "crop": 64},

@@ -17,8 +17,17 @@ about four per read process an epoch): each task start costs its process a sched
 (one busy process per core) and sizes their CPU requests to fit what the trainers leave, so Ray
 never packs several read processes onto a core. The worker processes they run in are kept between
 epochs (`runtime.worker_reuse_config`), and with them the open cubes, parsed `.npy` headers and
-imports. Training workers start the next epoch's execution before validating (`EpochStart`), so
-its first blocks are read while validation runs.
+imports.
+
+The train split is `LANES` datasets over the same datasource (lanes): epoch e streams through lane
+e % LANES, so the next epoch's execution can start while this one still streams. Consumers start it
+(`EpochLanes.start`) as soon as the current epoch delivers its first batch, so that an execution is
+always planned and reading ahead (as far as Ray Data's backpressure lets it), and validation a few
+seconds before the epoch's expected end (`EpochLead`): Ray Data's planning, its slow first second and
+the new execution's first tasks then overlap the last tasks of the current epoch, whose readers
+would otherwise idle one by one as it runs out (BENCHMARKS.md, issue 13). Each lane plans
+its own epoch (`EpochControl.get_epoch(lane)`), so every epoch is still its own execution: the same draw,
+each sample once across workers, and the equal split that keeps DDP's ranks in step.
 Unreadable samples are counted per epoch with their cube or shard and key by the epoch-control
 actor and skipped up to `data.max_bad_samples` (or fail at once with `on_bad_sample: fail`).
 """
@@ -52,11 +61,17 @@ MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to 
 BLOCK_LIMIT_FRACTION = 0.9  # of a block's estimated bytes (see block_size_limit)
 SHORT_TASKS_PER_READER = 2  # quarter-block tasks that start each epoch (see task_bounds)
 TASKS_PER_READER = 4  # read tasks per read process an epoch: few start-ups, and no reader idles long at the end
+LANES = 2  # datasets the train split alternates between (see the module docstring)
+# Ray Data's default share of the object store for one execution (half), split between the executions
+# that may stream at once: the train split's lanes and validation. It bounds how far each reads ahead.
+OBJECT_STORE_FRACTION = 0.5 / (LANES + 1)
+LEAD_S = 3.0  # seconds before an epoch's expected end when validation starts (see EpochLead)
+LEAD_FRACTION = 0.75  # of an epoch's batches after which validation starts in any case
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
-__all__ = ["DataError", "Datasets", "EpochHandle", "EpochStart", "TorchCollate", "bad_sample_report", "build_datasets", "set_epoch",
-           "skipped_samples"]
+__all__ = ["DataError", "Datasets", "EpochHandle", "EpochLanes", "EpochStart", "TorchCollate", "bad_sample_report",
+           "EpochLead", "build_datasets", "lane_name", "set_epoch", "skipped_samples"]
 
 
 # ------------------------------------------------------------------------------ epoch control
@@ -65,17 +80,18 @@ class EpochControl:
     """The current epoch of a run and its bad-sample ledger, shared by trainers and read tasks."""
 
     def __init__(self, policy: str, max_bad: int) -> None:
-        self.epoch = 0
+        self.epochs: dict[int, int] = {}  # lane -> the epoch it streams next (or now)
         self.policy, self.max_bad = policy, max_bad
         self.bad: dict[int, list[dict[str, str]]] = {}
         self.progress = (0, 0)
 
     def set_epoch(self, epoch: int) -> int:
-        self.epoch = int(epoch)
-        return self.epoch
+        self.epochs[int(epoch) % LANES] = int(epoch)
+        return int(epoch)
 
-    def get_epoch(self) -> int:
-        return self.epoch
+    def get_epoch(self, lane: int) -> int:
+        """The epoch lane `lane` plans; before any `set_epoch`, the lane's first (epoch `lane`)."""
+        return self.epochs.get(lane, lane)
 
     def record_bad(self, epoch: int, split: str, origin: str, key: str, reason: str) -> int:
         """Record one bad sample; returns how many this epoch has now."""
@@ -114,13 +130,36 @@ class EpochHandle:
 
 
 def set_epoch(handle: EpochHandle, epoch: int) -> None:
-    """Call on every training worker before iterating its train shard for `epoch`."""
+    """Call on every training worker before iterating its train shard for `epoch` (on `lane_name("train", epoch)`)."""
     ray.get(handle.actor().set_epoch.remote(epoch))
+
+
+def lane_name(split: str, epoch: int) -> str:
+    """The dataset that streams `split`'s epoch `epoch`: the split itself, or one of the train split's other lanes."""
+    lane = epoch % LANES if split == "train" else 0
+    return split if lane == 0 else f"{split}-lane{lane}"
+
+
+@dataclass(frozen=True)
+class EpochLead:
+    """When a consumer of an epoch of `steps` batches, begun at `started` (perf_counter seconds), should
+    start validation: once the batches left, at the pace so far, need at most `LEAD_S`, or once
+    `LEAD_FRACTION` of them are taken. Ray Data needs about 1.5 s to plan an execution and lift its
+    resource limits from zero; started this early, validation's first tasks run as soon as the
+    epoch's last ones free a core, and what it reads ahead stays a few seconds' worth."""
+
+    steps: int
+    started: float
+
+    def due(self, taken: int, now: float) -> bool:
+        left = self.steps - taken
+        return left <= (1 - LEAD_FRACTION) * self.steps or left * (now - self.started) / taken <= LEAD_S
 
 
 class EpochStart:
     """An epoch's batches whose first one is fetched in a background thread, so that Ray Data plans
-    the epoch and reads its first blocks while the caller does other work (validation)."""
+    the epoch and reads its first blocks while the caller does other work (the end of the previous
+    epoch, validation)."""
 
     def __init__(self, batches: Iterable[Any]) -> None:
         self._batches = iter(batches)
@@ -257,9 +296,9 @@ def _column(values: list[Any]) -> np.ndarray:
 class EpochDatasource(Datasource):
     """Plans one epoch's read tasks when an execution starts (see the module docstring)."""
 
-    def __init__(self, spec: Spec, source: Source, sample_bytes: int, readers: int) -> None:
+    def __init__(self, spec: Spec, source: Source, sample_bytes: int, readers: int, lane: int = 0) -> None:
         super().__init__()
-        self.spec, self.source, self.sample_bytes, self.readers = spec, source, sample_bytes, readers
+        self.spec, self.source, self.sample_bytes, self.readers, self.lane = spec, source, sample_bytes, readers, lane
         self.samples_per_task = task_size(spec.data, len(self.items(0)), readers)
 
     def get_name(self) -> str:
@@ -296,7 +335,7 @@ class EpochDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        epoch = ray.get(self.spec.handle.actor().get_epoch.remote()) if self.spec.training else 0
+        epoch = ray.get(self.spec.handle.actor().get_epoch.remote(self.lane)) if self.spec.training else 0
         return [ReadTask(functools.partial(_task, self.spec, epoch, rows),
                          BlockMetadata(num_rows=n, size_bytes=n * self.sample_bytes, input_files=None, exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
@@ -352,7 +391,7 @@ class TorchCollate(NumpyBatchCollateFn):
 
 @dataclass
 class Datasets:
-    datasets: dict[str, ray.data.Dataset]
+    datasets: dict[str, ray.data.Dataset]  # per split, and per further lane of the train split (see lane_name)
     sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
     epoch_control: EpochHandle
     sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
@@ -422,16 +461,37 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     datasets, sizes, sources = {}, {}, {}
     for split in splits:
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
-        datasource = EpochDatasource(spec, source, record_bytes(cfg.data), budget.processes)
+        for lane in range(LANES if spec.training else 1):
+            datasource = EpochDatasource(spec, source, record_bytes(cfg.data), budget.processes, lane)
+            datasets[lane_name(split, lane)] = _dataset(datasource, budget, cfg)
         sizes[split], sources[split] = len(datasource.items(0)), datasource
-        # The read tasks as planned: without override_num_blocks Ray Data splits small reads
-        # into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
-        # No runtime_env: Ray logs it, and credentials reach workers through their environment.
-        ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus,
-                                      override_num_blocks=datasource.num_tasks())
-        ds.context.target_max_block_size = block_size_limit(cfg.data)
-        options = ds.context.execution_options
-        options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
-        options.preserve_order = not spec.training or cfg.train.deterministic
-        datasets[split] = ds
     return Datasets(datasets, sizes, handle, sources)
+
+
+def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig) -> ray.data.Dataset:
+    # The read tasks as planned: without override_num_blocks Ray Data splits small reads
+    # into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
+    # No runtime_env: Ray logs it, and credentials reach workers through their environment.
+    ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus, override_num_blocks=datasource.num_tasks())
+    ds.context.target_max_block_size = block_size_limit(cfg.data)
+    ds.context.override_object_store_memory_limit_fraction = OBJECT_STORE_FRACTION
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
+    options.preserve_order = not datasource.spec.training or cfg.train.deterministic
+    return ds
+
+
+class EpochLanes:
+    """Starts the train split's epochs on their lanes. `shard(name)` gives a consumer's iterator of a
+    dataset (`ray.train.get_dataset_shard` in Ray Train, a `streaming_split` part elsewhere);
+    `start(epoch)` sets the run's epoch and returns its batches, already being fetched (EpochStart)."""
+
+    def __init__(self, handle: EpochHandle, shard: Callable[[str], Any], batch_size: int, prefetch_batches: int,
+                 drop_last: bool = False) -> None:
+        self.handle, self.shard = handle, shard
+        self.options = {"batch_size": batch_size, "prefetch_batches": prefetch_batches, "drop_last": drop_last}
+
+    def start(self, epoch: int) -> EpochStart:
+        set_epoch(self.handle, epoch)
+        return EpochStart(self.shard(lane_name("train", epoch)).iter_torch_batches(
+            collate_fn=TorchCollate(), **self.options))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from thalia_ray.config import ThaliaConfig
+from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate
 from thalia_ray.losses import build_loss
 from thalia_ray.metrics import MetricSuite
 from thalia_ray.runtime import setup_logging
@@ -154,7 +155,8 @@ class WorkerLoop:
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.upcoming: Any = None  # the next epoch's batches, started before validation
+        self.upcoming: Any = None  # the next epoch's batches, started after this epoch's first
+        self.upcoming_val: Any = None  # this epoch's validation batches, started before its training ends
         self.samples = 0  # samples trained and validated this epoch, over all ranks
         self.device = ray.train.torch.get_device()
         self.precision = self._precision()
@@ -181,6 +183,8 @@ class WorkerLoop:
         # From here on each rank (and each resumption) draws its own random stream, e.g. for dropout.
         seed_everything(hash((self.cfg.seed, self.rank, self.progress.epoch)) % 2**31)
         self.tracker = self._start_tracking()
+        self.lanes = EpochLanes(settings.epoch_control, ray.train.get_dataset_shard, train.batch_size,
+                                self.cfg.data.prefetch_batches, drop_last=True)  # a last batch of one sample breaks batch norm
 
     # ------------------------------------------------------------------------------ setup
     def _precision(self) -> str:
@@ -238,23 +242,11 @@ class WorkerLoop:
         if self.tracker is not None:
             self.tracker.finish()
 
-    def start_epoch(self, epoch: int) -> Any:
-        """Training batches of `epoch`; the execution starts now, in the background (EpochStart)."""
-        from thalia_ray.data.pipeline import EpochStart, TorchCollate, set_epoch
-
-        set_epoch(self.settings.epoch_control, epoch - 1)  # the pipeline counts epochs from 0
-        return EpochStart(ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=self.cfg.train.batch_size,
-            collate_fn=TorchCollate(),
-            prefetch_batches=self.cfg.data.prefetch_batches,
-            drop_last=True,  # a last batch of one sample breaks batch norm
-        ))
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        batches, self.upcoming = iter(self.upcoming or self.start_epoch(epoch)), None
+        batches, self.upcoming = iter(self.upcoming or self.lanes.start(epoch - 1)), None
         totals: dict[str, float] = {}
-        steps = 0
+        steps, lead = 0, EpochLead(self.settings.steps_per_epoch, time.perf_counter())
         clear_gradients(self.optimizer)  # with train.grad_reset: epoch, the only clearing this epoch
         for batch in batches:
             if steps == self.settings.steps_per_epoch:
@@ -262,13 +254,18 @@ class WorkerLoop:
             for name, value in self.train_step(to_device(batch, self.device)).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
+            # Ray Data executions started in the background while this epoch streams (pipeline docstring):
+            if steps == 1 and epoch < self.cfg.train.epochs:  # the next epoch, on the other lane
+                self.upcoming = self.lanes.start(epoch)  # the pipeline counts epochs from 0: this is epoch + 1
+            if self.upcoming_val is None and lead.due(steps, time.perf_counter()):
+                self.upcoming_val = EpochStart(self.val_batches())
             if self.rank == 0:  # the driver's progress bar (fire and forget)
                 self.settings.epoch_control.actor().advance.remote(epoch, steps)
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
-        batches.close()  # end this epoch's iteration (left early at a step cap) before the next one starts
-        if epoch < self.cfg.train.epochs:  # the next epoch's first blocks are read while validation runs
-            self.upcoming = self.start_epoch(epoch + 1)
+        if self.upcoming_val is None:  # not due before the last batch
+            self.upcoming_val = EpochStart(self.val_batches())
+        batches.close()  # end this epoch's iteration (left early at a step cap) before its lane streams again
         self.samples = steps * self.cfg.train.batch_size * self.world_size
         means = all_mean({name: total / steps for name, total in totals.items()}, self.device)
         return {"train/loss": means.pop("total"), **{f"train/loss_{k}": v for k, v in means.items()},
@@ -282,15 +279,16 @@ class WorkerLoop:
         self.scheduler.step()
         return components
 
-    def validate(self) -> dict[str, float]:
-        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
-        from thalia_ray.data.pipeline import TorchCollate
-
-        batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+    def val_batches(self) -> Any:
+        return ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
             prefetch_batches=self.cfg.data.prefetch_batches,
         )
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
+        batches, self.upcoming_val = self.upcoming_val or self.val_batches(), None
         self.suite.reset()
         result = evaluate_batches(
             unwrap(self.model), batches, self.loss_fn, self.suite, self.device, self.precision,

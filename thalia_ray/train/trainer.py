@@ -294,7 +294,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         datasets=data.datasets,
         # Ray Train replaces each dataset's execution options with the driver's defaults unless it is
         # given them: pass ours (order, Data's CPU cap) per dataset.
-        dataset_config=DataConfig(datasets_to_split=list(SPLIT_DATASETS), execution_options={
+        dataset_config=DataConfig(datasets_to_split=list(data.datasets), execution_options={
             name: ds.context.execution_options for name, ds in data.datasets.items()}),
     )
     try:
