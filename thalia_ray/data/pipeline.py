@@ -70,14 +70,14 @@ LEAD_FRACTION = 0.75  # of an epoch's batches after which validation starts in a
 NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
-__all__ = ["DataError", "Datasets", "EpochHandle", "EpochLanes", "EpochStart", "TorchCollate", "bad_sample_report",
-           "EpochLead", "build_datasets", "lane_name", "set_epoch", "skipped_samples"]
+__all__ = ["DataError", "Datasets", "EpochHandle", "EpochLanes", "EpochLead", "EpochStart", "TorchCollate",
+           "bad_sample_report", "build_datasets", "lane_name", "set_epoch", "skipped_samples"]
 
 
 # ------------------------------------------------------------------------------ epoch control
 @ray.remote(num_cpus=0)
 class EpochControl:
-    """The current epoch of a run and its bad-sample ledger, shared by trainers and read tasks."""
+    """The epoch each lane of a run streams and the run's bad-sample ledger, shared by trainers and read tasks."""
 
     def __init__(self, policy: str, max_bad: int) -> None:
         self.epochs: dict[int, int] = {}  # lane -> the epoch it streams next (or now)
