@@ -349,7 +349,7 @@ def test_train_epochs_alternate_lanes():
     assert pipeline.lane_name("val", 1) == "val"  # one execution per validation, one dataset
 
 
-def test_the_next_epoch_starts_a_few_seconds_before_this_ones_expected_end():
+def test_validation_starts_a_few_seconds_before_training_is_expected_to_end():
     slow = pipeline.EpochLead(steps=100, started=0.0)  # one batch a second
     assert not slow.due(10, now=10.0)  # 90 s left
     assert slow.due(100 - int(pipeline.LEAD_S), now=100.0 - pipeline.LEAD_S)
