@@ -254,8 +254,10 @@ class WorkerLoop:
             for name, value in self.train_step(to_device(batch, self.device)).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
-            # Ray Data executions started in the background while this epoch streams (pipeline docstring):
-            if steps == 1 and epoch < self.cfg.train.epochs:  # the next epoch, on the other lane
+            # Ray Data executions started in the background while this epoch streams (pipeline docstring).
+            # The next epoch, on the other lane: after the first step, never before it. That step's gradient
+            # all-reduce means every rank has left the previous epoch, whose lane the next one reuses.
+            if steps == 1 and epoch < self.cfg.train.epochs:
                 self.upcoming = self.lanes.start(epoch)  # the pipeline counts epochs from 0: this is epoch + 1
             if self.upcoming_val is None and lead.due(steps, time.perf_counter()):
                 self.upcoming_val = EpochStart(self.val_batches())
