@@ -12,6 +12,7 @@ import pytest
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import pipeline
 from thalia_ray.data.cube import DataError
+from thalia_ray.data.execution import IdleBackoff
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
@@ -100,6 +101,8 @@ def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, sou
     cfg = config(root, source="shards", shards=out) if source == "shards" else config(root)
     data = pipeline.build_datasets(cfg, splits=("train",))
     assert sorted(data.datasets) == ["train", "train-lane1"]
+    # a lane's coordinator sleeps between scheduling steps while it waits (thalia_ray.data.execution)
+    assert all(IdleBackoff in ds.context.custom_execution_callback_classes for ds in data.datasets.values())
     parts = {name: ds.streaming_split(2, equal=True) for name, ds in data.datasets.items()}
     epochs = (0, 1, 2)
     got: dict[tuple[int, int], list[str]] = {}

@@ -49,6 +49,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
 from thalia_ray.data.cube import DataError, crop_rng
+from thalia_ray.data.execution import IdleBackoff
 from thalia_ray.data.index import sample_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
@@ -475,6 +476,7 @@ def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig)
     ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus, override_num_blocks=datasource.num_tasks())
     ds.context.target_max_block_size = block_size_limit(cfg.data)
     ds.context.override_object_store_memory_limit_fraction = OBJECT_STORE_FRACTION
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
     options = ds.context.execution_options
     options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
     options.preserve_order = not datasource.spec.training or cfg.train.deterministic
