@@ -6,10 +6,10 @@ again, on a whole core. That is this pipeline's usual state for one execution at
 epoch's lane, read ahead as far as its share of the object store allows, waits for its consumer;
 an epoch read to its end waits for its last blocks to be taken. Measured on a 2-core machine: each
 split coordinator (the actor that runs an execution for Ray Train's workers) kept a third of a
-core busy, most of it spinning so (BENCHMARKS.md, "Waiting executions sleep").
+core busy; sleeping instead cut that by 60 % (BENCHMARKS.md, "Waiting executions sleep").
 
 `IdleBackoff` is an execution callback (Ray Data calls it after every step of the loop): after a
-step that took no time, it sleeps briefly, so a waiting execution wakes every few milliseconds
+step that took no time, it sleeps briefly, so a waiting execution wakes about every 10 ms
 instead of thousands of times a second. A step that waited in `ray.wait` for a task is never
 delayed; one that found a task already done is, by at most `IDLE_SLEEP_S`, which the consumer's
 prefetched batches absorb.
