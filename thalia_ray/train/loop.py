@@ -282,6 +282,7 @@ class WorkerLoop:
         return components
 
     def val_batches(self) -> Any:
+        """This rank's validation batches (one execution per validation; started early by train_epoch)."""
         return ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
