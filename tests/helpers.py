@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
@@ -94,6 +95,16 @@ def kill_session(sid: int, grace_s: float = 10.0) -> None:
         deadline = time.time() + grace_s
         while members() and time.time() < deadline:
             time.sleep(0.2)
+
+
+class LimitRecorder(ExecutionCallback):
+    """Records each execution's CPU limit at every scheduling step (in the process that runs them;
+    Ray's workers import the class by name, so it lives here)."""
+
+    seen: dict[int, list[float]] = {}
+
+    def on_execution_step(self, executor) -> None:
+        self.seen.setdefault(id(self), []).append(executor._resource_manager.get_global_limits().cpu)
 
 
 class CuttableProxy:

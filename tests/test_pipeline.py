@@ -12,14 +12,14 @@ import pytest
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import pipeline
 from thalia_ray.data.cube import DataError
-from thalia_ray.data.execution import IdleBackoff
+from thalia_ray.data.execution import ClusterLimits, IdleBackoff
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.tar import file_sha256
 from thalia_ray.storage import resolve
 
-from tests.helpers import build_root, upload_folder, write_published
+from tests.helpers import LimitRecorder, build_root, upload_folder, write_published
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 
@@ -91,6 +91,29 @@ def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset,
     np.testing.assert_array_equal(rows[0]["image"], rows[1]["image"])  # the cube path cuts the exported crops
 
 
+def test_concurrent_lanes_each_may_use_the_data_budget_from_their_first_step(dataset):
+    """Ray Data's autoscaling coordinator would give two concurrent executions an integer share of the
+    CPUs each, and none until it first answers; with ClusterLimits each lane's limit is its budget."""
+    root, _ = dataset
+    data = pipeline.build_datasets(config(root), splits=("train",))
+    budget = {ds.context.execution_options.resource_limits.cpu for ds in data.datasets.values()}
+    assert len(budget) == 1 and budget.pop() >= 2  # what the test can tell apart from a share of the cluster
+    for ds in data.datasets.values():
+        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, LimitRecorder]
+    LimitRecorder.seen.clear()
+    streams = []
+    for epoch in (0, 1):  # the next epoch starts while the first one still streams
+        pipeline.set_epoch(data.epoch_control, epoch)
+        streams.append(iter(data.datasets[pipeline.lane_name("train", epoch)].iter_batches(batch_size=2)))
+        next(streams[-1])
+    for stream in streams:
+        for _ in stream:
+            pass
+    limit = next(iter(data.datasets.values())).context.execution_options.resource_limits.cpu
+    assert len(LimitRecorder.seen) == 2
+    assert all(steps and set(steps) == {limit} for steps in LimitRecorder.seen.values()), LimitRecorder.seen
+
+
 @pytest.mark.parametrize("source", ["cube", "shards"])
 def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, source):
     """Two workers stream three epochs as the training loop does: each next epoch starts on the other
@@ -101,8 +124,10 @@ def test_each_sample_of_an_epoch_reaches_exactly_one_of_two_workers(dataset, sou
     cfg = config(root, source="shards", shards=out) if source == "shards" else config(root)
     data = pipeline.build_datasets(cfg, splits=("train",))
     assert sorted(data.datasets) == ["train", "train-lane1"]
-    # a lane's coordinator sleeps between scheduling steps while it waits (thalia_ray.data.execution)
-    assert all(IdleBackoff in ds.context.custom_execution_callback_classes for ds in data.datasets.values())
+    # a lane's coordinator sleeps between scheduling steps while it waits, and sees the whole cluster
+    # (thalia_ray.data.execution)
+    assert all({IdleBackoff, ClusterLimits} <= set(ds.context.custom_execution_callback_classes)
+               for ds in data.datasets.values())
     parts = {name: ds.streaming_split(2, equal=True) for name, ds in data.datasets.items()}
     epochs = (0, 1, 2)
     got: dict[tuple[int, int], list[str]] = {}

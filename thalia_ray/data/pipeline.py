@@ -23,8 +23,8 @@ The train split is `LANES` datasets over the same datasource (lanes): epoch e st
 e % LANES, so the next epoch's execution can start while this one still streams. Consumers start it
 (`EpochLanes.start`) as soon as the current epoch delivers its first batch, so that an execution is
 always planned and reading ahead (as far as Ray Data's backpressure lets it), and validation a few
-seconds before the epoch's expected end (`EpochLead`): Ray Data's planning, its slow first second and
-the new execution's first tasks then overlap the last tasks of the current epoch, whose readers
+seconds before the epoch's expected end (`EpochLead`): Ray Data's planning and start-up and the new
+execution's first tasks then overlap the last tasks of the current epoch, whose readers
 would otherwise idle one by one as it runs out (BENCHMARKS.md, issue 13). Each lane plans
 its own epoch (`EpochControl.get_epoch(lane)`), so every epoch is still its own execution: the same draw,
 each sample once across workers, and the equal split that keeps DDP's ranks in step.
@@ -49,7 +49,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
 from thalia_ray.data.cube import DataError, crop_rng
-from thalia_ray.data.execution import IdleBackoff
+from thalia_ray.data.execution import ClusterLimits, IdleBackoff
 from thalia_ray.data.index import sample_rng
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
@@ -145,9 +145,9 @@ def lane_name(split: str, epoch: int) -> str:
 class EpochLead:
     """When a consumer of an epoch of `steps` batches, begun at `started` (perf_counter seconds), should
     start validation: once the batches left, at the pace so far, need at most `LEAD_S`, or once
-    `LEAD_FRACTION` of them are taken. Ray Data needs about 1.5 s to plan an execution and lift its
-    resource limits from zero; started this early, validation's first tasks run as soon as the
-    epoch's last ones free a core, and what it reads ahead stays a few seconds' worth."""
+    `LEAD_FRACTION` of them are taken. Ray Data needs about a second to plan and start an execution;
+    started this early, validation's first tasks run as soon as the epoch's last ones free a core, and
+    what it reads ahead stays a few seconds' worth."""
 
     steps: int
     started: float
@@ -476,7 +476,8 @@ def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig)
     ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus, override_num_blocks=datasource.num_tasks())
     ds.context.target_max_block_size = block_size_limit(cfg.data)
     ds.context.override_object_store_memory_limit_fraction = OBJECT_STORE_FRACTION
-    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
+    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff,
+                                                    ClusterLimits]
     options = ds.context.execution_options
     options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
     options.preserve_order = not datasource.spec.training or cfg.train.deterministic
