@@ -171,7 +171,7 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
                           [Rep(r.extra["steady"] / cpus, r.wall_s) for r in reps["ray"]])
     result.ratios += [
         ratio("pipeline vs DataLoader, steady", ray_steady, base_steady, 1.0,
-              "readers idle at epoch boundaries and Ray's own processes on the same cores (BENCHMARKS.md, issue 13)"),
+              "Ray's own processes (split coordinators, raylet, stats) on the readers' cores (BENCHMARKS.md, issue 13)"),
         ratio("pipeline vs DataLoader, incl. start-up", ray_all, base_all, 0.9,
               "a run's first epoch plans and starts a Ray Data execution before its first batch"),
     ]
