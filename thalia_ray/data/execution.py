@@ -1,7 +1,7 @@
 """Execution callbacks that fit Ray Data 2.60's scheduler to this pipeline's concurrent executions.
 
 The pipeline runs several executions at once: the train split's two lanes (the next epoch starts while
-the current one streams) and validation. Two things in Ray Data's executor cost it CPU there, each fixed
+the current one streams) and validation. Two things in Ray Data's executor waste cores there, each fixed
 by a callback (Ray Data calls `before_execution_starts` once, `on_execution_step` after every step of its
 scheduling loop); measured on a 2-core machine in BENCHMARKS.md ("Waiting executions sleep", "Each
 execution sees the whole cluster").
@@ -69,10 +69,7 @@ class ClusterLimits(ExecutionCallback):
     """Bounds an execution's limits by the cluster's resources rather than by the autoscaling
     coordinator's share of them (see the module docstring)."""
 
-    def __init__(self, total: Callable[[], ExecutionResources] = cluster_resources) -> None:
-        self._total = total
-
     def before_execution_starts(self, executor: Any) -> None:
         # The resource manager's one source of cluster totals (`get_global_limits` reads it); the
         # pipeline's tests check that a running execution's limits come from here.
-        executor._resource_manager._get_total_resources = self._total
+        executor._resource_manager._get_total_resources = cluster_resources
