@@ -51,7 +51,9 @@ def find_browser() -> str:
 
 def check_page(page: Path, browser: str | None = None) -> PageCheck:
     """Load `page` (a local HTML file) in headless Chromium: errors, image states and a screenshot."""
-    with tempfile.TemporaryDirectory(prefix="thalia-chromium-") as profile:
+    # Chromium's helper processes may still write into the profile as it exits: a leftover file there
+    # must not fail a check that has already passed.
+    with tempfile.TemporaryDirectory(prefix="thalia-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [browser or find_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
