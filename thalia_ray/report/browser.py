@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -51,22 +54,28 @@ def find_browser() -> str:
 
 def check_page(page: Path, browser: str | None = None) -> PageCheck:
     """Load `page` (a local HTML file) in headless Chromium: errors, image states and a screenshot."""
-    # Chromium's helper processes may still write into the profile as it exits: a leftover file there
-    # must not fail a check that has already passed.
+    # Chromium runs in its own process group, ended whole, so its helper processes do not outlive the check;
+    # one still flushing into the profile as it exits must not fail a check that has already passed.
     with tempfile.TemporaryDirectory(prefix="thalia-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [browser or find_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-dev-shm-usage", "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             endpoint = _devtools_endpoint(process)
             return asyncio.run(asyncio.wait_for(_inspect(endpoint, page.resolve().as_uri()), TIMEOUT_S))
         finally:
-            process.terminate()
+            _signal_group(process, signal.SIGTERM)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Signal the browser and every helper process it started (its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
 
 
 def _devtools_endpoint(process: subprocess.Popen) -> str:
