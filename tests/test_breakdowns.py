@@ -57,8 +57,8 @@ def test_volcano_breakdown_from_the_dataset_roots_frame_names(tmp_path) -> None:
     assert set(by_volcano) == {"Etna", "Stromboli", "Vesuvius"}
     assert by_volcano["Etna"] == by_volcano["Stromboli"] == breakdown(store, "r1", "frame_id")["A"]
     assert by_volcano["Vesuvius"]["n"] == 3 and by_volcano["Vesuvius"]["n_deformation"] == 1
-    text = leaderboard_text(store, fmt="csv")
-    assert "Deformation by volcano" in text and "volcano,n,n_deformation,recall,false_alarms,ap" in text
+    text = leaderboard_text(store, fmt="markdown")
+    assert "Deformation by volcano" in text and "| volcano | n | n_deformation | recall | false_alarms | ap |" in text
 
 
 def test_breakdown_tables_for_programs_hold_the_subgroup_columns(tmp_path, capsys) -> None:
@@ -86,3 +86,21 @@ def test_real_frame_names_parse(shared_meta) -> None:
     names = load_frame_names(shared_meta)
     assert len(names) == 38 and all(names.values())
     assert "Campi Flegrei" in names["022D_04826_121209"]
+
+
+def test_dataset_provided_volcano_names_cannot_become_spreadsheet_formulas(tmp_path, capsys) -> None:
+    """Names from frame_names.json reach the CSV as text: a leading =, +, -, @, tab or CR gets a quote."""
+    import csv
+
+    from thalia_ray.cli import main
+
+    hostile = ["=HYPERLINK(\"http://evil\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1)"]
+    _store_with_run(tmp_path, {"A": ", ".join(hostile), "B": "Vesuvius"})
+    assert main(["leaderboard", "--store", str(tmp_path / "store"), "--format", "csv", "--breakdown", "volcano"]) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(io.StringIO(out, newline="")))
+    names = [r["volcano"] for r in rows]
+    assert sorted(names) == sorted(["'" + name for name in hostile] + ["Vesuvius"])
+    assert all(not name.startswith(("=", "+", "-", "@", "\t", "\r")) for name in names)
+    frame = pd.read_csv(io.StringIO(out))
+    assert frame["recall"].dtype.kind == "f" and frame["n"].dtype.kind == "i"  # numbers stay numbers

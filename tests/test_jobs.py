@@ -355,3 +355,15 @@ def test_train_job_succeeds_and_its_results_are_in_the_store(ray_head: Head, syn
     assert results is not None and results["metrics"]
     row = next(r for r in jobs.list_jobs(ray_head.url) if r.submission_id == spec.submission_id)
     assert row.status == "SUCCEEDED" and row.metadata["thalia_run_id"] == spec.submission_id
+
+
+def test_job_list_names_where_each_jobs_results_go() -> None:
+    rows = [jobs.JobRow("thalia-train-abc", "RUNNING", "thalia-ray train x.yaml",
+                        datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc), None, None,
+                        {"thalia_store": "s3://b/runs", "thalia_run_id": "r1"}),
+            jobs.JobRow("sleeper", "STOPPED", "sleep 300", None, None, None, {})]
+    lines = jobs.format_jobs(rows).splitlines()
+    assert lines[0].split() == ["submission", "id", "status", "started", "(UTC)", "results"]
+    assert lines[2].split() == ["thalia-train-abc", "RUNNING", "2025-01-02", "03:04:05", "s3://b/runs", "(run", "r1)"]
+    assert lines[3].split() == ["sleeper", "STOPPED", "—", "—"]
+    assert jobs.format_jobs([]) == "no jobs"

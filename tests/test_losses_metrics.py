@@ -15,7 +15,7 @@ from thalia_ray.config import LossConfig
 from thalia_ray.losses import build_loss
 from torchmetrics.classification import MulticlassAveragePrecision
 
-from thalia_ray.metrics import MetricSuite, subgroup_metrics
+from thalia_ray.metrics import MetricSuite, curves, subgroup_metrics
 
 
 def _logits_for(scores: np.ndarray) -> torch.Tensor:
@@ -316,6 +316,17 @@ def _ddp_worker(rank: int, world: int, port: int, scores: np.ndarray, targets: n
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def test_roc_and_pr_curves_match_a_hand_computed_example() -> None:
+    found = curves(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.4, 0.1]))
+    assert found.tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]  # thresholds 1, 0.9, 0.8, 0.4, 0.1
+    assert found.fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    np.testing.assert_allclose(found.precision, [0.5, 2 / 3, 0.5, 1.0, 1.0])  # thresholds 0.1 ... 0.9, then none
+    assert found.recall.tolist() == [1.0, 1.0, 0.5, 0.5, 0.0]
+    tied = curves(np.array([1, 0, 1, 1, 0]), np.array([0.9, 0.9, 0.4, 0.4, 0.1]))
+    assert tied.tpr.tolist() == pytest.approx([0.0, 1 / 3, 1.0, 1.0])  # one point per distinct threshold
+    assert curves(np.array([1, 1]), np.array([0.2, 0.3])) is None  # one class: undefined
 
 
 def test_metric_suite_syncs_under_ddp_gloo(tmp_path) -> None:

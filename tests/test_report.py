@@ -1,4 +1,5 @@
-"""The HTML report: figures from store records, the gallery read back from the dataset, checked in Chromium."""
+"""The HTML report: a page for every run kind and task (T = 1 and series) and for sweeps, figures whose
+texts and panels never run into each other, the gallery read back from the dataset, checked in Chromium."""
 from __future__ import annotations
 
 import io
@@ -7,21 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from thalia_ray.config import ThaliaConfig
 from thalia_ray.report import figures, samples
 from thalia_ray.report.page import write_report
 from thalia_ray.store import ExperimentStore
 
 from tests.helpers import assert_report_renders
-
-
-def test_curves_match_a_hand_computed_example():
-    found = figures.curves(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.4, 0.1]))
-    assert found.tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
-    assert found.fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
-    assert found.precision.tolist() == [1.0, 1.0, 0.5, 2 / 3, 0.5]
-    assert figures.curves(np.array([1, 1]), np.array([0.2, 0.3])) is None  # one class: undefined
-    assert figures.confusion_counts([1, 0, 1, 0], [1, 1, 0, 0]).tolist() == [[1, 1], [1, 1]]
+from tests.stores import write_run, write_sweep
 
 
 def test_restarts_are_found_where_the_count_goes_up():
@@ -37,37 +29,56 @@ def test_gallery_pick_takes_confident_hits_and_mistakes_first():
     assert [(samples.outcome(r), r["score"]) for r in picked] == [("TP", 0.9), ("FP", 0.7), ("FN", 0.1)]
 
 
-def _stored_run(store: ExperimentStore, root, run_id: str, task: str = "classification", length: int = 1,
-                sweep: str | None = None, stopped: bool = False, lr: float = 1e-3) -> None:
-    """A run's records as training writes them, predictions for the real test samples of `root`."""
-    from thalia_ray.data.index import SampleIndex
+# ------------------------------------------------------------------------------------- layout
+def _overlaps(fig) -> list[tuple[str, str]]:
+    """Texts and panels of a drawn figure that cover each other: panels with their titles, tick labels and
+    colour bars, the figure's title, and tick labels of one axis among themselves."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    found = []
 
-    cfg = ThaliaConfig.model_validate({"data": {"root": str(root), "crop": 32, "length": length},
-                                       "model": {"task": task}, "train": {"lr": lr}})
-    record = store.run(run_id)
-    record.write_config(cfg)
-    record.set_status("running", task=task, model=cfg.model.name, sweep=sweep,
-                      **({"kind": "sweep-trial", "sweep_config": {"train.lr": lr}} if sweep else {}))
-    epochs = 1 if stopped else 3
-    record.write_history([{"epoch": e, "train/loss": 1 / e, "val/loss": 1.2 / e, "val/f1_deformation": 0.2 * e,
-                           "lr": lr / e, "restarts": int(e == 3)} for e in range(1, epochs + 1)])
-    if stopped:
-        record.set_status("stopped", reason="stopped early by the sweep scheduler")
-        return
+    def clash(boxes):
+        for i, (a, box_a) in enumerate(boxes):
+            for b, box_b in boxes[i + 1:]:
+                inside = box_a.intersection(box_a, box_b)
+                if inside is not None and inside.width * inside.height > 1:
+                    found.append((a, b))
+
+    panels = [(f"panel {i} {ax.get_title()!r}", ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
+    clash(panels + [("figure title", fig._suptitle.get_window_extent(renderer))] if fig._suptitle else panels)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            clash([(t.get_text(), t.get_window_extent(renderer)) for t in axis.get_ticklabels() if t.get_text()])
+    return found
+
+
+def _sample(steps: int, predicted: bool) -> samples.GallerySample:
     rng = np.random.default_rng(0)
-    test = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")
-    rows = []
-    for sample in test:
-        score = float(0.3 * sample.label + 0.6 * rng.random())  # some of each outcome
-        rows.append({"key": sample.key, "frame_id": sample.frame_id, "intensity": "Low", "activity_type": "Sill",
-                     "label": sample.label, "score": score, "pred": int(score > 0.5)})
-    record.write_predictions("test", rows)
-    record.write_results({"test/f1_deformation": 0.5, "test/precision_deformation": 0.4,
-                          "test/f1_non_deformation": 0.9, "test/loss": 0.3, "val/f1_deformation": 0.6},
-                         best_epoch=3, best_checkpoint=None, epochs=3, restarts=1)
-    record.set_status("finished")
+    mask = np.zeros((steps, 32, 32), np.uint8)
+    mask[:, 8:20, 8:20] = 1
+    return samples.GallerySample(
+        "078A_00001_010569-20200812-1000019_1000020_1000021", "TP", 0.79, 1, 1,
+        [f"20200812/2020090{t}" for t in range(steps)], rng.uniform(-3, 3, (steps, 32, 32)),
+        rng.uniform(0, 200, (steps, 32, 32)), rng.uniform(2200, 3100, (steps, 32, 32)), mask, mask.max(axis=0),
+        rng.random((32, 32)) if predicted else None)
 
 
+@pytest.mark.parametrize("steps, predicted", [(1, False), (3, False), (1, True), (2, True)])
+def test_gallery_panels_colour_bars_and_titles_never_overlap(steps, predicted):
+    """Seen before: the DEM colour bar's labels inside the score panel, the sample's title in a panel's."""
+    fig = figures.draw_gallery(_sample(steps, predicted))
+    assert _overlaps(fig) == []
+    assert len(fig.axes) == 2 * 3 * steps + (2 if predicted else 1)  # panels and colour bars; one answer panel
+
+
+def test_breakdown_labels_of_long_volcano_names_never_overlap():
+    names = ["yonemaru-sumiyoshiike", "kirishimayama", "Sand Mountain Field", "Blue Lake Crater", "Tshibinda",
+             "Nyamuragira", "colli_albani", "Karisimbi", "Three Sisters"]
+    groups = {n: {"recall": 0.5, "false_alarms": 0.1, "ap": 0.6, "n": 5, "n_deformation": 2} for n in names}
+    assert _overlaps(figures.draw_breakdown(groups, "volcano")) == []
+
+
+# ------------------------------------------------------------------------------------- pages
 def _predict_output(record, out, frame_id: str) -> None:
     """An output cube as `thalia-ray predict` writes it, and the whole-frame record that points at it."""
     import xarray as xr
@@ -79,37 +90,97 @@ def _predict_output(record, out, frame_id: str) -> None:
     record.loc.join("whole_frame.json").write_json({"out": str(out), "overall": {"ap": 0.5, "f1": 0.4, "n": 6}})
 
 
-def test_run_report_opens_in_chromium_with_every_figure_and_the_gallery(synthetic_root, tmp_path):
+@pytest.mark.parametrize("task, length", [("classification", 1), ("classification", 3), ("segmentation", 1),
+                                          ("segmentation", 2)])
+def test_a_run_report_of_every_task_and_length_opens_in_chromium(synthetic_root, tmp_path, task, length):
     store = ExperimentStore(tmp_path / "store")
-    _stored_run(store, synthetic_root, "series-run", length=2)
-    _predict_output(store.run("series-run"), tmp_path / "predicted", "078A_00001_010569")
-    page = write_report(store, "series-run")
-    assert page.path == str(tmp_path / "store" / "runs" / "series-run" / "report" / "index.html")
+    record = write_run(store, synthetic_root, "run", task=task, length=length, checkpoint=task == "segmentation")
+    if length > 1:
+        _predict_output(record, tmp_path / "predicted", "078A_00001_010569")
+    page = write_report(store, "run")
+    assert page.path == str(tmp_path / "store" / "runs" / "run" / "report" / "index.html")
     text = page.read_text()
     for heading in ("Learning curves", "Test evaluation", "Breakdowns", "Gallery of test samples"):
         assert heading in text
-    assert ">false_alarms</th>" in text  # the subgroup columns (metrics.subgroup_metrics)
+    assert f"time steps (T)</td><td class=\"text\">{length}</td>" in text and ">false_alarms</th>" in text
+    metric = "val/f1_deformation" if task == "classification" else "val/iou_deformation"
+    assert f"ranked by {metric} (max; the default for {task})" in text  # the leaderboard's choice, named
+    assert "the best val/loss (min; train.early_stopping)" in text  # and what chose the tested checkpoint
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
     assert text.count('alt="TP ') >= 1 and text.count('alt="FN ') + text.count('alt="FP ') >= 1
-    assert 'alt="map 078A_00001_010569"' in text  # predict's output, found through its whole-frame record
-    assert_report_renders(page, min_images=7)
+    assert "{'" not in text and "the test split has" in text  # counts in words, not a Python dict
+    assert ("probability map" in text) == (task == "segmentation")
+    if length > 1:
+        assert 'alt="map 078A_00001_010569"' in text  # predict's output, found through its whole-frame record
+    assert_report_renders(page, min_images=10)
 
 
-def test_sweep_report_ranks_trials_and_marks_the_stopped_one(synthetic_root, tmp_path):
+def test_a_series_segmenters_gallery_shows_its_probability_map(synthetic_root, tmp_path):
+    """The map comes from the run's best checkpoint, fed the sample as evaluation normalised it."""
+    from thalia_ray.predict.inputs import load_model, run_checkpoint
+
     store = ExperimentStore(tmp_path / "store")
-    _stored_run(store, synthetic_root, "sw-a", sweep="sw", lr=1e-3)
-    _stored_run(store, synthetic_root, "sw-b", sweep="sw", lr=0.5, stopped=True)
-    store.sweep("sw").write_summary({
-        "sweep_id": "sw", "status": "finished", "metric": "val/f1_deformation", "mode": "max", "best_run": "sw-a",
-        "best_value": 0.6, "seconds": 12.0, "worker_seconds": 20.0,
-        "trials": [{"run_id": "sw-a", "config": {"train.lr": 1e-3}, "status": "finished", "epochs": 3, "best": 0.6},
-                   {"run_id": "sw-b", "config": {"train.lr": 0.5}, "status": "stopped", "epochs": 1, "best": 0.2}]})
+    write_run(store, synthetic_root, "seg", task="segmentation", length=2, checkpoint=True)
+    cfg, checkpoint, _ = run_checkpoint(store, "seg")
+    rows = store.run("seg").read_predictions("test")[:2]
+    shown = samples.read_gallery(cfg, rows, checkpoint)
+    assert [s.key for s in shown] == [r["key"] for r in rows]
+    sample = shown[0]
+    assert sample.phase.shape == (2, 32, 32) and sample.predicted.shape == sample.target.shape == (32, 32)
+    assert 0 <= sample.predicted.min() <= sample.predicted.max() <= 1 and len(np.unique(sample.predicted)) > 1
+    # What evaluation fed the model: the one crop-and-read path, normalised with the run's statistics.
+    import torch
+
+    from thalia_ray.data.cube import crop_rng, get_cache, read_sample
+    from thalia_ray.data.index import SampleIndex
+    from thalia_ray.data.transforms import finalize
+    from thalia_ray.predict.inputs import run_statistics
+
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
+    [indexed] = [s for s in index.samples("test") if s.key == sample.key]
+    raw = read_sample(indexed, index.annotations, get_cache(cfg.data.root), cfg.data,
+                      crop_rng(cfg.data.crop_policy, cfg.seed, indexed.key))
+    image = finalize(raw, cfg.data, run_statistics(cfg), None, training=False)["image"]
+    with torch.no_grad():
+        expected = load_model(cfg, checkpoint).eval()(torch.from_numpy(image)[None])["logits"].softmax(1)[0, 1]
+    np.testing.assert_allclose(sample.predicted, expected.numpy(), atol=1e-5)
+
+
+def test_sweep_report_draws_swept_values_only_learning_rates_on_a_log_axis(synthetic_root, tmp_path):
+    from thalia_ray.report.sweeps import _log_scale
+
+    store = ExperimentStore(tmp_path / "store")
+    summary = write_sweep(store, synthetic_root, "sw", {"sw-a": {"lr": 1e-3}, "sw-b": {"lr": 3e-4, "val": (0.1,),
+                                                                                        "stopped": True}})
     page = write_report(store, "sw", out=tmp_path / "elsewhere")
     assert page.path == str(tmp_path / "elsewhere" / "index.html")
     text = page.read_text()
-    assert text.index(">sw-a<") < text.index(">sw-b<")  # ranked
-    assert "stopped after epoch 1" in text and "train.lr" in text and "Best trial: sw-a" in text
+    assert "stopped after epoch 1" in text and '<tr class="stopped">' in text
+    assert ">train.lr</th>" in text and ">seed</th>" not in text  # the seed never varied: no column, no panel
+    assert "held constant" in text and "Best trial: a" in text
+    assert _log_scale(None, summary["trials"], ["train.lr"]) == ["train.lr"]  # 3.3× apart, still a ratio scale
+    assert _log_scale(None, [{"config": {"x": v}} for v in (1, 2)], ["x"]) == []
     assert_report_renders(page, min_images=4)
+
+
+def test_a_run_kind_gets_its_own_report_from_the_registry(synthetic_root, tmp_path, monkeypatch):
+    from thalia_ray.report import runs
+    from thalia_ray.report.html import section
+    from thalia_ray.store.records import StoreError
+
+    store = ExperimentStore(tmp_path / "store")
+    record = write_run(store, synthetic_root, "new-kind")
+    status = record.read_status()
+    record.loc.join("run.json").write_json({**status, "kind": "pretrain"})  # a kind this version cannot report
+    with pytest.raises(StoreError, match="kind 'pretrain', which has no report"):
+        write_report(store, "new-kind")
+
+    class Pretraining:
+        def sections(self, store, record):
+            return [section(f"Pretraining {record.run_id}")]
+
+    monkeypatch.setitem(runs.RUN_REPORTS, "pretrain", Pretraining())
+    assert "<h2>Pretraining new-kind</h2>" in write_report(store, "new-kind").read_text()
 
 
 def test_report_of_an_unknown_id_is_a_clear_error(tmp_path, capsys):
@@ -127,12 +198,13 @@ def test_leaderboard_csv_and_json_are_one_row_per_run(synthetic_root, tmp_path, 
     from thalia_ray.cli import main
 
     store = ExperimentStore(tmp_path / "store")
-    _stored_run(store, synthetic_root, "r-a", lr=1e-3)
-    _stored_run(store, synthetic_root, "r-b", lr=3e-4)
-    _stored_run(store, synthetic_root, "r-c", lr=0.5, stopped=True)  # stopped early: validation metrics only
+    write_run(store, synthetic_root, "r-a", lr=1e-3)
+    write_run(store, synthetic_root, "r-b", lr=3e-4, val=(0.2, 0.5))
+    write_run(store, synthetic_root, "r-c", lr=0.5, val=(0.2,), stopped=True)  # stopped early: validation only
     assert main(["leaderboard", "--store", str(store.root.path), "--format", "csv"]) == 0
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert frame["run_id"].tolist()[2] == "r-c" and len(frame) == 3  # ranked last: no test metric
+    assert frame["run_id"].tolist() == ["r-a", "r-b", "r-c"]  # by each run's best validation F1: 0.6, 0.5, 0.2
+    assert frame["ranked_value"].tolist() == [0.6, 0.5, 0.2] and frame["task"].tolist() == ["classification"] * 3
     assert sorted(frame["train.lr"]) == [3e-4, 1e-3, 0.5]  # the differing value as a column
     assert frame["test/precision_deformation"].tolist()[:2] == [0.4, 0.4]
     assert pd.isna(frame["test/f1_deformation"].iloc[2])  # an empty cell, not a dash
@@ -154,8 +226,8 @@ def test_leaderboard_and_report_show_a_dead_drivers_run_as_interrupted(synthetic
     from thalia_ray.store.records import Holder
 
     store = ExperimentStore(tmp_path / "store")
-    _stored_run(store, synthetic_root, "r-live", lr=1e-3)
-    _stored_run(store, synthetic_root, "r-dead", lr=0.5, stopped=True)  # validation metrics only
+    write_run(store, synthetic_root, "r-live", lr=1e-3)
+    write_run(store, synthetic_root, "r-dead", lr=0.5, stopped=True)  # validation metrics only
     dead = store.run("r-dead")
     dead.set_status("running")
     dead.write_lease(Holder("gone", "another-host", 1, None, time.time() - 600))
@@ -185,14 +257,3 @@ def test_ray_commands_print_json_summaries(ray_cluster, synthetic_root, tmp_path
     assert main([*args, "--data", str(synthetic_root), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary  # a non-empty JSON object
-
-
-def test_demo_reports_the_best_trial_with_test_results(synthetic_root, tmp_path):
-    """A stopped trial has validation metrics only; the demo's report goes to the best tested trial."""
-    from thalia_ray.demo import best_run
-
-    store = ExperimentStore(tmp_path / "store")
-    _stored_run(store, synthetic_root, "t-stopped", sweep="sw", stopped=True)
-    _stored_run(store, synthetic_root, "t-done", sweep="sw")
-    assert best_run(store, "sw") == "t-done"
-    assert best_run(store, "other") is None

@@ -241,10 +241,10 @@ def test_format_runs_table():
     ]
     lines = format_runs_table(rows).splitlines()
     assert lines[0].split() == ["ID", "STATUS", "KIND", "TASK", "MODEL", "METRIC", "UPDATED"]
-    assert lines[1].split() == ["long-run-id-1", "finished", "train", "classification", "resnet18",
+    assert lines[2].split() == ["long-run-id-1", "finished", "train", "classification", "resnet18",
                                 "test/f1_deformation=0.8123", "2025-01-01", "01:02:03"]
-    assert lines[2].split() == ["r2", "failed", "bench", "-", "-", "-", "-"]
-    assert lines[1].index("finished") == lines[2].index("failed") == lines[0].index("STATUS")
+    assert lines[3].split() == ["r2", "failed", "bench", "—", "—", "—", "—"]
+    assert lines[2].index("finished") == lines[3].index("failed") == lines[0].index("STATUS")
     assert format_runs_table([]) == "no runs"
 
 

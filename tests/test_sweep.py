@@ -14,7 +14,8 @@ from ray import tune
 
 from thalia_ray.config import ThaliaConfig, load_config
 from thalia_ray.store import ExperimentStore
-from thalia_ray.store.leaderboard import best_config, collect, differences, leaderboard_text, rank
+from thalia_ray.store.leaderboard import Selection, best_config, collect, differences, leaderboard_text, rank, runs_table
+from thalia_ray.tables import render
 from thalia_ray.tune import space
 
 SWEEP = {
@@ -80,17 +81,20 @@ def test_leaderboard_ranks_stored_results_with_seed_spread_and_breakdowns(tmp_pa
                                        ("c", "mobilenetv3_small", 1e-3, 0, 0.80), ("d", "convnext_atto", 1e-4, 0, 0.10)]:
         _fake_run(store, run_id, model, lr, seed, f1, sweep="s1")
     rows = collect(store, "s1")
-    assert [r.run_id for r in rank(rows, "test/f1_deformation")] == ["c", "b", "a", "d"]
-    assert [r.run_id for r in rank(rows, "test/f1_deformation", "min")] == ["d", "a", "b", "c"]
+    by_f1 = Selection("val/f1_deformation", "max", "a test")
+    assert [r.run_id for r in rank(rows, by_f1).rows] == ["c", "b", "a", "d"]  # best validation epoch
+    assert [r.run_id for r in rank(rows, Selection("val/f1_deformation", "min", "a test")).rows] == ["d", "a", "b", "c"]
     assert differences(rows) == ["model.name", "train.lr"]  # the seed is shown apart, never as a difference
     text = leaderboard_text(store, "s1", fmt="markdown")
     lines = text.splitlines()
-    assert lines[0] == "ranked by test/f1_deformation (max)"
-    assert lines[3].startswith("| 1 | c |")
-    assert "0.600 ± 0.141" in text  # resnet18 @ 1e-3 over seeds 0 and 1
+    assert lines[0].startswith("classification: 4 runs ranked by val/f1_deformation (max; each run's best epoch")
+    assert lines[4].startswith("| 1 | c |")
+    assert "0.600 ± 0.141" in text  # test F1 of resnet18 @ 1e-3 over seeds 0 and 1 (0.5, 0.7)
+    assert "0.500 ± 0.141" in text  # and the validation F1 they were ranked by (0.4, 0.6)
     assert "by frame_id" in text and "by intensity" in text
-    csv_text = leaderboard_text(store, "s1", fmt="csv", breakdown_by=())
-    assert csv_text.splitlines()[1].startswith("#,run,status,model,model.name,train.lr,seed,test/f1_deformation")
+    csv_text = render(runs_table(store, "s1"), "csv")
+    assert csv_text.splitlines()[0].startswith(
+        "rank,task,run_id,status,sweep,model,model.name,train.lr,seed,ranked_by,ranked_value,test/f1_deformation")
     best = best_config(store, "s1")
     assert best.model.name == "mobilenetv3_small" and best.sweep is None
 

@@ -268,21 +268,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from thalia_ray.store.leaderboard import best_config, leaderboard_text
+    from thalia_ray.store import leaderboard
+    from thalia_ray.tables import render
 
     store = _reconciled_store(args.store)
+    chosen = (args.sweep, args.metric, args.mode, args.task)
+    best = leaderboard.best_config(store, *chosen) if args.best_config else None  # its errors before any output
     if args.breakdown or args.format in ("csv", "json"):
-        from thalia_ray.store import tables
-
-        table = (tables.breakdown_table(store, args.breakdown, args.sweep, args.metric, args.mode) if args.breakdown
-                 else tables.runs_table(store, args.sweep, args.metric, args.mode))
-        print(tables.as_text(table, args.format))
+        table = (leaderboard.breakdown_table(store, args.breakdown, *chosen) if args.breakdown
+                 else leaderboard.runs_table(store, *chosen))
+        print(render(table, args.format))
     else:
-        print(leaderboard_text(store, args.sweep, fmt=args.format, metric=args.metric, mode=args.mode))
-    if args.best_config:
+        print(leaderboard.leaderboard_text(store, args.sweep, args.format, args.metric, args.mode, args.task))
+    if best is not None:
         from thalia_ray.storage import resolve
 
-        resolve(args.best_config).write_text(best_config(store, args.sweep, args.metric, args.mode).to_yaml())
+        resolve(args.best_config).write_text(best.to_yaml())
         print(f"best configuration written to {args.best_config}", file=sys.stderr)  # stdout: the table only
     return 0
 
@@ -374,7 +375,7 @@ JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_evalu
 
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from thalia_ray.store.leaderboard import BREAKDOWNS
+    from thalia_ray.store.leaderboard import BREAKDOWNS, HEADLINE
 
     parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
@@ -490,8 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="csv and json: one table, one row per run, full precision")
     board.add_argument("--breakdown", choices=BREAKDOWNS,
                        help="instead: the best run's Deformation metrics per group of this field")
-    board.add_argument("--metric", help="ranking metric (default test/f1_deformation or test/iou_deformation)")
-    board.add_argument("--mode", choices=["max", "min"], default="max")
+    board.add_argument("--metric", help="validation metric to rank by (default: a sweep's Tune metric, else "
+                                        "val/f1_deformation or val/iou_deformation by task); test metrics never rank")
+    board.add_argument("--mode", choices=["max", "min"], help="with --metric (default: min for a loss, else max)")
+    board.add_argument("--task", choices=list(HEADLINE), help="only runs of this task (each task is ranked apart)")
     board.add_argument("--best-config", metavar="PATH", help="write the best run's config here")
     board.set_defaults(handler=cmd_leaderboard)
 

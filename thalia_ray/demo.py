@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from thalia_ray.config import ThaliaConfig, load_config
-
-if TYPE_CHECKING:
-    from thalia_ray.store import ExperimentStore
 
 # Small enough for ~minutes on 2 CPU cores, large enough that models learn something.
 DEMO_OVERRIDES = [
@@ -61,8 +58,9 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray import runtime
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.report.page import write_report
     from thalia_ray.store import ExperimentStore
-    from thalia_ray.store.leaderboard import leaderboard_text
+    from thalia_ray.store.leaderboard import best_run, leaderboard_text
     from thalia_ray.train.trainer import fit
     from thalia_ray.tune.driver import run_sweep
 
@@ -108,17 +106,6 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     print(f"\nfinished in {time.time() - began:.0f} s")
     print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
     print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
-    best = best_run(store, summary.sweep_id) or summary.best_run
-    if best:
-        from thalia_ray.report.page import write_report
-
-        print(f"report of the best run ({best}): {write_report(store, best).url}")
+    best, selection = best_run(store, summary.sweep_id)  # the sweep's own choice: its Tune metric, on validation
+    print(f"report of the best run ({best.run_id}, by {selection.metric}): {write_report(store, best.run_id).url}")
     return 0
-
-
-def best_run(store: ExperimentStore, sweep_id: str) -> str | None:
-    """The sweep's best run by test F1 (trials stopped early have no test results and rank last)."""
-    from thalia_ray.store.leaderboard import collect, rank
-
-    rows = [r for r in collect(store, sweep_id) if "test/f1_deformation" in r.metrics]
-    return rank(rows, "test/f1_deformation")[0].run_id if rows else None

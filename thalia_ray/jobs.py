@@ -62,6 +62,7 @@ from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import ClusterProblem, JobSpecProblem
 from thalia_ray.storage import file_url_path
 from thalia_ray.store.layout import make_run_id
+from thalia_ray.tables import Table, render
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STORE_ENV = "THALIA_STORE"
@@ -498,16 +499,16 @@ def _from_ms(ms: int | None) -> datetime | None:
 
 
 def format_jobs(rows: Sequence[JobRow]) -> str:
+    """The table of `thalia-ray jobs list`: each submission and where its results go."""
     if not rows:
         return "no jobs"
-    head = f"{'submission id':44s} {'status':10s} {'started (UTC)':20s} results"
-    lines = [head]
+    table = []
     for r in rows:
-        started = f"{r.start_time:%Y-%m-%d %H:%M:%S}" if r.start_time else "-"
         store, run, sweep = (r.metadata.get(f"thalia_{k}", "") for k in ("store", "run_id", "sweep_id"))
         where = f"{store} (run {run})" if run else f"{store} (sweep {sweep})" if sweep else store
-        lines.append(f"{r.submission_id:44s} {r.status:10s} {started:20s} {where or '-'}")
-    return "\n".join(lines)
+        table.append([r.submission_id, r.status, f"{r.start_time:%Y-%m-%d %H:%M:%S}" if r.start_time else None,
+                      where or None])
+    return render(Table(["submission id", "status", "started (UTC)", "results"], table), "terminal")
 
 
 def stop_job(address: str | None, submission_id: str) -> bool:

@@ -16,6 +16,7 @@ alone is overall.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -36,7 +37,9 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_f1_score,
     binary_precision,
+    binary_precision_recall_curve,
     binary_recall,
+    binary_roc,
     multiclass_auroc,
     multiclass_average_precision,
 )
@@ -212,3 +215,26 @@ def subgroup_metrics(
             "ap": ap,
         }
     return result
+
+
+@dataclass(frozen=True)
+class Curves:
+    """ROC and precision-recall curves of scores against 0/1 labels, one point per distinct threshold
+    (torchmetrics' exact curves: ROC from (0, 0), PR ending at recall 0, precision 1)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+
+
+def curves(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> Curves | None:
+    """The Deformation score's ROC and PR curves; None when they are undefined (one class only)."""
+    t = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
+    s = torch.as_tensor(np.asarray(scores, dtype=np.float64)).reshape(-1)
+    positives = int(t.sum())
+    if positives == 0 or positives == len(t):
+        return None
+    fpr, tpr, _ = binary_roc(s, t, thresholds=None)
+    precision, recall, _ = binary_precision_recall_curve(s, t, thresholds=None)
+    return Curves(fpr.numpy(), tpr.numpy(), precision.numpy(), recall.numpy())

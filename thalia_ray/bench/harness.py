@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
 from thalia_ray.storage import Location
+from thalia_ray.tables import Table, render
 
 
 class SuiteUnavailable(RuntimeError):
@@ -175,26 +176,16 @@ class BenchResult:
         return render_table(self)
 
 
-def _num(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-
-
 def render_table(result: BenchResult) -> str:
     """A plain-text table: one line per series (median, IQR, MAD, n), then the ratios and notes."""
-    rows = [("series", "unit", "median", "IQR", "MAD", "n")]
-    for s in result.series:
-        st = s.stats
-        rows.append((s.name, s.unit, _num(st.median), _num(st.iqr), _num(st.mad), str(st.n)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"bench {result.suite}  ({result.started}, {result.seconds:.0f} s, "
-             f"{result.machine.get('cpu_count', '?')} CPUs, GPUs: {', '.join(result.machine.get('gpus') or []) or 'none'})"]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    for r in result.ratios:
-        lines.append(f"ratio {r.name}: {r.value:.2f}× ({r.project} vs {r.baseline})  {r.verdict()}")
-    lines.extend(f"note: {n}" for n in result.notes)
+    machine = result.machine
+    title = (f"bench {result.suite}  ({result.started}, {result.seconds:.0f} s, {machine.get('cpu_count', '?')} CPUs, "
+             f"GPUs: {', '.join(machine.get('gpus') or []) or 'none'})")
+    table = Table(["series", "unit", "median", "IQR", "MAD", "n"],
+                  [[s.name, s.unit, s.stats.median, s.stats.iqr, s.stats.mad, s.stats.n] for s in result.series], title)
+    lines = [render(table, "terminal")]
+    lines += [f"ratio {r.name}: {r.value:.2f}× ({r.project} vs {r.baseline})  {r.verdict()}" for r in result.ratios]
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 
 

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 90
 OUTCOME_COLOURS = {"TP": "#1a7f37", "FP": "#cf222e", "FN": "#bf8700", "TN": "#57606a"}
 
 
-def png(fig: Any) -> bytes:
+def png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -38,49 +38,35 @@ def restart_epochs(history: Sequence[Mapping[str, Any]]) -> list[int]:
     return [int(h["epoch"]) for prev, cur, h in zip([0, *counts], counts, history) if cur > prev]
 
 
-def learning_curves(history: Sequence[Mapping[str, Any]], monitored: str, extra: Sequence[str] = ()) -> bytes:
-    """Loss, the monitored metric (and `extra` metrics) and the learning rate per epoch; restarts marked."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = [("loss", ["train/loss", "val/loss"]), ("metric", list(dict.fromkeys([monitored, *extra]))),
+def _mark_epochs(ax: Any, history: Sequence[Mapping[str, Any]], best_epoch: int | None) -> None:
+    for i, epoch in enumerate(restart_epochs(history)):
+        ax.axvline(epoch - 0.5, color="#cf222e", linestyle="--", label="restart" if i == 0 else None)
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="#1a7f37", linestyle=":", label="tested checkpoint")
+
+
+def learning_curves(history: Sequence[Mapping[str, Any]], metrics: Sequence[str], best_epoch: int | None = None) -> bytes:
+    """Loss, validation `metrics` and the learning rate (log scale) per epoch; restarts and the epoch
+    whose checkpoint was tested marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), layout="constrained")
+    panels = [("loss", ["train/loss", "val/loss"]), ("validation metrics", list(dict.fromkeys(metrics))),
               ("learning rate", ["lr"])]
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             epochs, values = _series(history, name)
             if epochs:
                 ax.plot(epochs, values, marker="o", label=name)
-        for i, epoch in enumerate(restart_epochs(history)):
-            ax.axvline(epoch - 0.5, color="#cf222e", linestyle="--", label="restart" if i == 0 else None)
+        _mark_epochs(ax, history, best_epoch)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    rates = _series(history, "lr")[1]
+    if rates and min(rates) > 0:
+        axes[2].set_yscale("log")
     return png(fig)
-
-
-@dataclass(frozen=True)
-class Curves:
-    """ROC and PR curves of scores against 0/1 labels, one point per distinct threshold."""
-
-    fpr: np.ndarray
-    tpr: np.ndarray
-    precision: np.ndarray
-    recall: np.ndarray
-
-
-def curves(labels: np.ndarray, scores: np.ndarray) -> Curves | None:
-    """None when a curve is undefined (no positive or no negative sample)."""
-    labels = np.asarray(labels, dtype=float)
-    positives, negatives = labels.sum(), len(labels) - labels.sum()
-    if positives == 0 or negatives == 0:
-        return None
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
-    sorted_scores = np.asarray(scores, dtype=float)[order]
-    tp, fp = np.cumsum(labels[order]), np.cumsum(1 - labels[order])
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(labels) - 1]  # last index of each threshold
-    tp, fp = tp[last], fp[last]
-    return Curves(fpr=np.r_[0.0, fp / negatives], tpr=np.r_[0.0, tp / positives],
-                  precision=np.r_[1.0, tp / (tp + fp)], recall=np.r_[0.0, tp / positives])
 
 
 def confusion_counts(labels: Sequence[int], preds: Sequence[int]) -> np.ndarray:
@@ -92,9 +78,11 @@ def confusion_counts(labels: Sequence[int], preds: Sequence[int]) -> np.ndarray:
 
 
 def pr_roc(labels: Sequence[int], scores: Sequence[float], preds: Sequence[int]) -> bytes:
-    """ROC and precision-recall curves of the Deformation score, with the run's operating point."""
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
-    found = curves(np.asarray(labels), np.asarray(scores))
+    """ROC and precision-recall curves of the Deformation score (torchmetrics), with the run's operating point."""
+    from thalia_ray.metrics import curves
+
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
+    found = curves(labels, scores)
     (tn, fp), (fn, tp) = confusion_counts(labels, preds)
     for ax, title, xlabel, ylabel in ((roc_ax, "ROC", "false positive rate", "true positive rate"),
                                       (pr_ax, "precision-recall", "recall", "precision")):
@@ -117,7 +105,7 @@ def pr_roc(labels: Sequence[int], scores: Sequence[float], preds: Sequence[int])
 
 def confusion(labels: Sequence[int], preds: Sequence[int], classes: Sequence[str]) -> bytes:
     matrix = confusion_counts(labels, preds)
-    fig, ax = plt.subplots(figsize=(4, 3.6))
+    fig, ax = plt.subplots(figsize=(4, 3.6), layout="constrained")
     ax.imshow(matrix, cmap="Blues")
     for (row, col), count in np.ndenumerate(matrix):
         ax.text(col, row, str(count), ha="center", va="center",
@@ -128,43 +116,55 @@ def confusion(labels: Sequence[int], preds: Sequence[int], classes: Sequence[str
 
 
 def breakdown_chart(groups: Mapping[str, Mapping[str, float]], by: str) -> bytes:
-    """Per group: recall of its Deformation samples, its false-alarm share and AP against all negatives
-    (metrics.subgroup_metrics); the group's sample counts under its name. A missing value is no bar."""
-    names = sorted(groups)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2), 3.4))
-    x = np.arange(len(names))
+    return png(draw_breakdown(groups, by))
+
+
+def draw_breakdown(groups: Mapping[str, Mapping[str, float]], by: str) -> Figure:
+    """Per group, one row: recall of its Deformation samples, its false-alarm share and AP against all
+    negatives (metrics.subgroup_metrics), its sample counts beside its name. Horizontal, so that long
+    names (a frame covering nine volcanoes) never overlap. A missing value is no bar."""
+    names = sorted(groups, key=str.casefold)
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5), layout="constrained")
+    y = np.arange(len(names))
     for i, metric in enumerate(("recall", "false_alarms", "ap")):
         values = [groups[n].get(metric, math.nan) for n in names]
-        ax.bar(x + (i - 1) * 0.27, np.nan_to_num(values, nan=0.0), width=0.27, label=metric)
-    ax.set_xticks(x, [f"{n}\nn={int(groups[n]['n'])}, def={int(groups[n]['n_deformation'])}" for n in names],
+        ax.barh(y + (i - 1) * 0.27, np.nan_to_num(values, nan=0.0), height=0.27, label=metric)
+    ax.set_yticks(y, [f"{n}  (n={int(groups[n]['n'])}, def={int(groups[n]['n_deformation'])})" for n in names],
                   fontsize=8)
-    ax.set(ylim=(0, 1.05), title=f"Deformation metrics by {by} (test)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return png(fig)
+    ax.invert_yaxis()  # in alphabetical order from the top
+    ax.set(xlim=(0, 1.05), title=f"Deformation metrics by {by} (test)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
 
 
 def trial_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], statuses: Mapping[str, str],
-                 metric: str) -> bytes:
-    """The sweep metric per epoch for every trial; a trial stopped by the scheduler ends in a cross."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+                 metric: str, labels: Mapping[str, str]) -> bytes:
+    """The sweep metric per epoch for every trial (legend: `labels`, whole); a trial stopped by the
+    scheduler ends in a cross."""
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
     for run_id, history in histories.items():
         epochs, values = _series(history, metric)
         if not epochs:
             continue
         stopped = statuses.get(run_id) == "stopped"
-        line, = ax.plot(epochs, values, marker="o", linestyle="--" if stopped else "-", label=run_id[-12:])
+        line, = ax.plot(epochs, values, marker="o", linestyle="--" if stopped else "-", label=labels.get(run_id, run_id))
         if stopped:
             ax.plot(epochs[-1], values[-1], "x", color=line.get_color(), markersize=12, markeredgewidth=2)
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per trial (✕: stopped by the scheduler)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return png(fig)
 
 
-def metric_vs_values(trials: Sequence[Mapping[str, Any]], paths: Sequence[str], metric: str) -> bytes:
-    """One panel per swept configuration path: each trial's best metric against its value."""
-    fig, axes = plt.subplots(1, max(len(paths), 1), figsize=(4.2 * max(len(paths), 1), 3.4), squeeze=False)
+def metric_vs_values(trials: Sequence[Mapping[str, Any]], best: Mapping[str, float | None], paths: Sequence[str],
+                     metric: str, log_paths: Sequence[str] = ()) -> bytes:
+    """One panel per swept configuration path: each trial's best metric (`best`, by run id) against
+    its value; paths in `log_paths` on a log axis."""
+    fig, axes = plt.subplots(1, max(len(paths), 1), figsize=(4.2 * max(len(paths), 1), 3.4), squeeze=False,
+                             layout="constrained")
     for ax, path in zip(axes[0], paths):
         values = [t["config"].get(path) for t in trials]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -172,8 +172,9 @@ def metric_vs_values(trials: Sequence[Mapping[str, Any]], paths: Sequence[str], 
         xs = values if numeric else [categories.index(repr(v)) for v in values]
         for x, trial in zip(xs, trials):
             colour = "#cf222e" if trial.get("status") == "stopped" else "#0969da"
-            ax.plot(x, np.nan if trial.get("best") is None else trial["best"], "o", color=colour)
-        if numeric and min(values) > 0 and max(values) / min(values) >= 100:
+            value = best.get(trial["run_id"])
+            ax.plot(x, np.nan if value is None else value, "o", color=colour)
+        if numeric and path in log_paths:
             ax.set_xscale("log")
         if not numeric:
             ax.set_xticks(range(len(categories)), [c.strip("'") for c in categories], fontsize=8)
@@ -183,30 +184,47 @@ def metric_vs_values(trials: Sequence[Mapping[str, Any]], paths: Sequence[str], 
     return png(fig)
 
 
+IMAGE_PANELS = (("wrapped phase (rad)", "phase", "twilight", (-math.pi, math.pi)), ("coherence", "coherence", "gray", None),
+                ("DEM (m)", "dem", "terrain", None))
+
+
 def gallery_figure(sample: Any) -> bytes:
-    """One test sample (see samples.GallerySample): a row per series member, true mask outlined in white."""
+    return png(draw_gallery(sample))
+
+
+def draw_gallery(sample: Any) -> Figure:
+    """One test sample (see samples.GallerySample): a row of phase, coherence and DEM per series member
+    (true mask outlined in white, dates as the row's title), and the model's answer beside them: the
+    probability map with the training target outlined (pixel-wise tasks), else the sample's score."""
     steps = sample.phase.shape[0]
-    columns = ["wrapped phase (rad)", "coherence", "DEM (m)", "prediction"]
-    fig, axes = plt.subplots(steps, 4, figsize=(10, 2.6 * steps), squeeze=False)
+    per_step = sample.predicted is not None and sample.predicted.ndim == 3
+    fig = plt.figure(figsize=(11, 2.4 * steps + 0.6), layout="constrained")
+    grid = fig.add_gridspec(steps, 4, width_ratios=[1, 1, 1, 1 if sample.predicted is not None else 0.5])
     for t in range(steps):
-        panels = [(sample.phase[t], "twilight", (-math.pi, math.pi)), (sample.coherence[t], "gray", None),
-                  (sample.dem[t], "terrain", None)]
-        for col, (image, cmap, limits) in enumerate(panels):
-            ax = axes[t][col]
-            shown = ax.imshow(image, cmap=cmap, vmin=limits[0] if limits else None, vmax=limits[1] if limits else None)
-            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        for col, (title, field, cmap, limits) in enumerate(IMAGE_PANELS):
+            ax = fig.add_subplot(grid[t, col])
+            shown = ax.imshow(getattr(sample, field)[t], cmap=cmap, vmin=limits[0] if limits else None,
+                              vmax=limits[1] if limits else None)
+            fig.colorbar(shown, ax=ax, shrink=0.9)
             _outline(ax, sample.mask[t], "white")
-        _prediction_panel(axes[t][3], sample, t)
-        axes[t][0].set_ylabel(sample.dates[t], fontsize=8)
-    for ax, title in zip(axes[0], columns):
-        ax.set_title(title, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    colour = OUTCOME_COLOURS.get(sample.outcome, "black")
+            _bare(ax, title if t == 0 else None)
+            if col == 0:
+                ax.set_ylabel(sample.dates[t], fontsize=8)
+        if per_step:
+            _prediction_panel(fig, fig.add_subplot(grid[t, 3]), sample, sample.predicted[t], sample.target[t], t == 0)
+    if not per_step:
+        target = sample.target if sample.target.ndim == 2 else sample.target.max(axis=0)
+        _prediction_panel(fig, fig.add_subplot(grid[:, 3]), sample, sample.predicted, target, True)
     fig.suptitle(f"{sample.outcome}  {sample.key}  score {sample.score:.3f}  (label {sample.label}, "
-                 f"predicted {sample.pred})", color=colour, fontsize=10)
-    return png(fig)
+                 f"predicted {sample.pred})", color=OUTCOME_COLOURS.get(sample.outcome, "black"), fontsize=10)
+    return fig
+
+
+def _bare(ax: Any, title: str | None) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
 
 
 def _outline(ax: Any, mask: np.ndarray, colour: str) -> None:
@@ -214,22 +232,26 @@ def _outline(ax: Any, mask: np.ndarray, colour: str) -> None:
         ax.contour(mask > 0, levels=[0.5], colors=colour, linewidths=1.2)
 
 
-def _prediction_panel(ax: Any, sample: Any, t: int) -> None:
-    """The predicted probability map (segmentation) with the true outline, else the sample's score."""
-    if sample.predicted is not None:
-        shown = ax.imshow(sample.predicted, cmap="magma", vmin=0, vmax=1)
-        ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
-        _outline(ax, sample.mask[t], "cyan")
+def _prediction_panel(fig: Any, ax: Any, sample: Any, predicted: np.ndarray | None, target: np.ndarray,
+                      titled: bool) -> None:
+    """The probability map with the target outlined in cyan, else a gauge of the sample's score."""
+    if predicted is not None:
+        shown = ax.imshow(predicted, cmap="magma", vmin=0, vmax=1)
+        fig.colorbar(shown, ax=ax, shrink=0.9)
+        _outline(ax, target, "cyan")
+        _bare(ax, "P(Deformation), target in cyan" if titled else None)
         return
-    ax.barh([0], [sample.score], color=OUTCOME_COLOURS.get(sample.outcome, "grey"))
-    ax.axvline(0.5, color="black", linestyle=":")
-    ax.set(xlim=(0, 1), ylim=(-1, 1))
-    ax.text(0.5, 0.85, f"P(Deformation) = {sample.score:.3f}", ha="center", fontsize=9, transform=ax.transAxes)
+    ax.bar([0], [sample.score], width=0.6, color=OUTCOME_COLOURS.get(sample.outcome, "grey"))
+    ax.axhline(0.5, color="black", linestyle=":", label="threshold 0.5")
+    ax.text(0, min(sample.score + 0.03, 0.93), f"{sample.score:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.set(xlim=(-1, 1), ylim=(0, 1), xticks=[])
+    ax.set_title("P(Deformation)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
 
 
 def probability_map(probability: np.ndarray, frame_id: str) -> bytes:
     """A predicted frame: the largest Deformation probability of any date at each pixel."""
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    fig, ax = plt.subplots(figsize=(5, 4.4), layout="constrained")
     shown = ax.imshow(probability, cmap="magma", vmin=0, vmax=1)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label="max P(Deformation)")
     ax.set(title=f"frame {frame_id}", xticks=[], yticks=[])

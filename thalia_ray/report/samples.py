@@ -31,7 +31,8 @@ class GallerySample:
     coherence: np.ndarray  # (T, H, W)
     dem: np.ndarray  # (T, H, W)
     mask: np.ndarray  # (T, H, W) true deformation mask
-    predicted: np.ndarray | None  # (H, W) Deformation probability (segmentation models)
+    target: np.ndarray  # (H, W), or (T, H, W) under data.mask_target=all: what the model was trained to predict
+    predicted: np.ndarray | None  # the model's Deformation probability, shaped like `target` (pixel-wise tasks)
 
 
 def outcome(row: Mapping[str, Any]) -> str:
@@ -50,16 +51,18 @@ def pick(rows: Sequence[Mapping[str, Any]], per_outcome: Mapping[str, int]) -> l
 
 def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoint: Any | None,
                  split: str = "test") -> list[GallerySample]:
-    """The chosen prediction rows as images; a segmentation model's probability map when `checkpoint` is set."""
+    """The chosen prediction rows as images; the model's probability map when `checkpoint` is set."""
     from thalia_ray.data import schema
     from thalia_ray.data.cube import crop_rng, get_cache, read_raw, sample_window
     from thalia_ray.data.index import SampleIndex
     from thalia_ray.data.locations import DataLocations
+    from thalia_ray.data.transforms import mask_target
 
-    index = SampleIndex.from_config(cfg.data, cfg.seed)
+    root = DataLocations.of(cfg.data, cfg.storage).root
+    index = SampleIndex.from_config(cfg.data, cfg.seed, root)
     by_key = {s.key: s for s in index.samples(split)}
-    cache = get_cache(DataLocations.of(cfg.data, cfg.storage).root)
-    predictor = _Predictor(cfg, checkpoint, index, cache) if checkpoint is not None else None
+    cache = get_cache(root)
+    predictor = _Predictor(cfg, checkpoint) if checkpoint is not None else None
     gallery = []
     for row in rows:
         sample = by_key.get(row["key"])
@@ -69,29 +72,31 @@ def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoin
         window = sample_window(sample, index.annotations, cache.get(sample.frame_id), cfg.data,
                                crop_rng(cfg.data.crop_policy, cfg.seed, sample.key))  # the evaluated crop
         raw = read_raw(sample, cache, window, list(schema.GEOMORPHOLOGY), index.annotations)
+        model_input = read_raw(sample, cache, window, cfg.data.channels, index.annotations)
         gallery.append(GallerySample(
             key=sample.key, outcome=outcome(row), score=float(row["score"]), label=int(row["label"]),
             pred=int(row["pred"]), dates=[f"{sample.primary_date}/{d}" for d in sample.secondary_dates],
             phase=raw.image[:, 0], coherence=raw.image[:, 1], dem=raw.image[:, 2], mask=raw.mask,
-            predicted=predictor(sample) if predictor is not None else None))
+            target=mask_target(raw.mask, cfg.data.mask_target),
+            predicted=predictor(model_input) if predictor is not None else None))
     return gallery
 
 
 class _Predictor:
-    """A segmentation model's Deformation probability map for one sample, on CPU."""
+    """A pixel-wise model's Deformation probability for one sample as evaluation saw it, on CPU."""
 
-    def __init__(self, cfg: ThaliaConfig, checkpoint: Any, index: Any, cache: Any) -> None:
-        from thalia_ray.train.evaluate import load_model
+    def __init__(self, cfg: ThaliaConfig, checkpoint: Any) -> None:
+        from thalia_ray.predict import inputs
 
-        self.cfg, self.index, self.cache = cfg, index, cache
-        self.model = load_model(cfg, checkpoint).eval()
+        self.cfg, self.statistics = cfg, inputs.run_statistics(cfg)
+        self.model = inputs.load_model(cfg, checkpoint).eval()
 
-    def __call__(self, sample: Any) -> np.ndarray:
+    def __call__(self, raw: Any) -> np.ndarray:
         import torch
 
-        from thalia_ray.data.cube import load_sample
+        from thalia_ray.data.transforms import finalize
 
-        record = load_sample(sample, self.index, self.cfg.data, self.cache, None, training=False)
+        record = finalize(raw, self.cfg.data, self.statistics, None, training=False)
         with torch.no_grad():
             logits = self.model(torch.from_numpy(record["image"])[None])["logits"]
         return logits.float().softmax(dim=1)[0, 1].numpy()

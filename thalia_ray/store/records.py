@@ -29,6 +29,7 @@ from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
+from thalia_ray.tables import Table, render
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
 Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
@@ -86,6 +87,14 @@ def jsonable(value: Any, where: str) -> Any:
     if callable(tolist):
         return jsonable(tolist(), where)
     raise StoreError(f"{where}: {type(value).__name__} cannot be stored as JSON")
+
+
+def parse_config(loc: Location, text: str) -> ThaliaConfig:
+    """A stored `config.yaml`, validated; a StoreError naming the file when it is not usable."""
+    try:
+        return validate(yaml.safe_load(text) or {})
+    except (yaml.YAMLError, ConfigError) as err:
+        raise StoreError(f"{loc}: not a usable configuration: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -236,11 +245,7 @@ class RunRecord:
 
     def read_config(self) -> ThaliaConfig:
         loc = self.loc.join(CONFIG)
-        text = self._read(loc, lambda: loc.read_text())
-        try:
-            return validate(yaml.safe_load(text) or {})
-        except (yaml.YAMLError, ConfigError) as err:
-            raise StoreError(f"{loc}: not a usable configuration: {err}") from None
+        return parse_config(loc, self._read(loc, lambda: loc.read_text()))
 
     # ------------------------------------------------------------------------------ status
     def set_status(self, status: Status, **fields: Any) -> dict[str, Any]:
@@ -479,30 +484,30 @@ class SweepRecord:
         except FileNotFoundError:
             raise StoreError(f"sweep {self.sweep_id} has no summary (looked in {self.loc})") from None
 
+    def read_config(self) -> ThaliaConfig | None:
+        """The sweep's configuration (its base run and `sweep` section), as the driver wrote it; None without one."""
+        loc = self.loc.join(CONFIG)
+        return parse_config(loc, loc.read_text()) if loc.exists() else None
+
 
 # ------------------------------------------------------------------------------------- formatting
-def _metric_text(metric: str | None, value: float | None) -> str:
+def _metric_text(metric: str | None, value: float | None) -> str | None:
     if metric is None or value is None:
-        return "-"
+        return None
     return f"{metric}={value:.4f}" if math.isfinite(value) else f"{metric}={value}"
 
 
-def _short_time(stamp: str | None) -> str:
-    return stamp.replace("T", " ")[:19] if stamp else "-"
+def _short_time(stamp: str | None) -> str | None:
+    return stamp.replace("T", " ")[:19] if stamp else None
 
 
 def format_runs_table(summaries: Iterable[RunSummary]) -> str:
-    """A fixed-width table for `thalia-ray runs`."""
-    header = ("ID", "STATUS", "KIND", "TASK", "MODEL", "METRIC", "UPDATED")
-    rows = [
-        (s.run_id, s.status, s.kind, s.task or "-", s.model or "-", _metric_text(s.metric, s.value),
-         _short_time(s.updated))
-        for s in summaries
-    ]
+    """The table of `thalia-ray runs`."""
+    rows = [[s.run_id, s.status, s.kind, s.task, s.model, _metric_text(s.metric, s.value), _short_time(s.updated)]
+            for s in summaries]
     if not rows:
         return "no runs"
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows))
+    return render(Table(["ID", "STATUS", "KIND", "TASK", "MODEL", "METRIC", "UPDATED"], rows), "terminal")
 
 
 def format_metrics(metrics: Mapping[str, Any], indent: str = "  ") -> list[str]:

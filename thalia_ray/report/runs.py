@@ -1,0 +1,198 @@
+"""The report's sections for one run, chosen by the run's kind (`run.json` "kind").
+
+`RUN_REPORTS` maps each kind to its report: any object with `sections(store, record)` returning HTML
+sections (see `html`). A new kind of run (e.g. pretraining) adds its own class and one entry here.
+`TrainedModelReport` serves classifiers and segmenters, single interferograms and series, trained
+alone or as a sweep trial; what differs between tasks is in TASK_VIEWS.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+from thalia_ray.errors import ThaliaError
+from thalia_ray.report.html import image, note, section, table
+from thalia_ray.storage import StorageError, resolve
+from thalia_ray.store.layout import ExperimentStore
+from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, HEADLINE, Selection, breakdown, sweep_selection
+from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError
+
+log = logging.getLogger(__name__)
+
+GALLERY = {"TP": 3, "FP": 3, "FN": 3, "TN": 2}
+OUTCOMES = {"TP": "true positives", "FP": "false positives", "FN": "false negatives", "TN": "true negatives"}
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What a task's page shows its own way."""
+
+    pixel_maps: bool  # the gallery draws the model's probability map (read from its best checkpoint)
+    decision: str  # how a test sample's score and decision come about
+
+
+TASK_VIEWS = {
+    "classification": TaskView(False, "a sample's score is P(Deformation); it is predicted Deformation when the "
+                                      "score exceeds 0.5 (the argmax); the dot is that operating point"),
+    "segmentation": TaskView(True, "sample level: a sample's score is its largest pixel probability of Deformation, "
+                                   "and it is predicted Deformation when any pixel is (the pixel argmax); the dot is "
+                                   "that operating point; the table's metrics are pixel-wise"),
+}
+
+
+class RunReport(Protocol):
+    def sections(self, store: ExperimentStore, record: RunRecord) -> list[str]:
+        """The run's HTML sections, its title section first."""
+
+
+class TrainedModelReport:
+    """Overview, learning curves, test evaluation, breakdowns, a gallery of test samples and predict's maps."""
+
+    def sections(self, store: ExperimentStore, record: RunRecord) -> list[str]:
+        status, history, results = record.read_status(), record.read_history(), record.read_results() or {}
+        cfg = record.read_config()
+        task = cfg.model.task
+        ranked_by = (sweep_selection(store, status["sweep"]) if status.get("sweep") else None) or Selection.default(task)
+        metrics = results.get("metrics", {})
+        sections = [section(f"Run {record.run_id}", _overview(record.run_id, status, cfg, history, results, ranked_by))]
+        if history:
+            sections.append(_learning_curves(history, cfg, results, ranked_by))
+        try:
+            rows = record.read_predictions("test")
+        except StoreError as err:
+            sections.append(section("Test evaluation", note(str(err))))
+            return sections
+        view = TASK_VIEWS[task]
+        sections += [_evaluation(rows, metrics, view), _breakdowns(store, record.run_id),
+                     _gallery(store, record, cfg, rows, view)]
+        maps = _predict_maps(record)
+        return sections + ([maps] if maps else [])
+
+
+# Every kind a run record can have (store.records.Kind) is a trained classifier or segmenter.
+RUN_REPORTS: dict[str, RunReport] = {kind: TrainedModelReport() for kind in ("train", "sweep-trial", "evaluate", "bench")}
+
+
+def run_sections(store: ExperimentStore, run_id: str) -> list[str]:
+    """The sections of run `run_id`'s page, by the report of its kind."""
+    record = store.existing_run(run_id)
+    kind = record.read_status().get("kind", "train")
+    if kind not in RUN_REPORTS:
+        raise StoreError(f"run {run_id} is of kind {kind!r}, which has no report (reports: {', '.join(RUN_REPORTS)})")
+    return RUN_REPORTS[kind].sections(store, record)
+
+
+# ------------------------------------------------------------------------------------- sections
+def _overview(run_id: str, status: Mapping[str, Any], cfg: Any, history: Sequence[Mapping[str, Any]],
+              results: Mapping[str, Any], ranked_by: Selection) -> str:
+    metrics = results.get("metrics", {})
+    headline = f"test/{HEADLINE[cfg.model.task]}"
+    return table(["field", "value"], [
+        ("run", run_id), ("status", status.get("status")), ("kind", status.get("kind", "train")),
+        ("task", cfg.model.task), ("model", cfg.model.name), ("time steps (T)", cfg.data.length),
+        ("sweep", status.get("sweep")), ("epochs", len(history)),
+        (f"best {ranked_by.metric} (ranked by)", ranked_by.value(history, metrics)),
+        ("tested checkpoint: epoch", results.get("best_epoch")), (headline, metrics.get(headline)),
+        ("restarts", results.get("restarts", 0)), ("created", status.get("created")),
+        ("updated", status.get("updated"))])
+
+
+def _learning_curves(history: Sequence[Mapping[str, Any]], cfg: Any, results: Mapping[str, Any],
+                     ranked_by: Selection) -> str:
+    from thalia_ray.report import figures
+
+    stopping = cfg.train.early_stopping
+    wanted = [ranked_by.metric, stopping.metric, f"val/{HEADLINE[cfg.model.task]}", "val/ap_deformation"]
+    shown = [m for m in dict.fromkeys(wanted) if not m.endswith("loss") and any(m in h for h in history)]
+    return section("Learning curves", image(figures.learning_curves(history, shown, results.get("best_epoch")),
+                                            "learning curves"),
+                   note(f"ranked by {ranked_by.metric} ({ranked_by.mode}; {ranked_by.source}). The tested checkpoint "
+                        f"is the epoch with the best {stopping.metric} ({stopping.mode}; train.early_stopping), "
+                        "marked by the dotted green line; a dashed red line marks a restart from the last checkpoint."))
+
+
+def _evaluation(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any], view: TaskView) -> str:
+    from thalia_ray.report import figures
+
+    labels, scores, preds = ([r[k] for r in rows] for k in ("label", "score", "pred"))
+    per_class = []
+    for cls in ("non_deformation", "deformation"):
+        names = sorted({k.split("/", 1)[1].removesuffix(f"_{cls}") for k in metrics if k.startswith("test/")
+                        and k.endswith(f"_{cls}") and not k.endswith(f"_non_{cls}")})
+        per_class.append((cls, {n: metrics.get(f"test/{n}_{cls}") for n in names}))
+    columns = sorted(set().union(*(m for _, m in per_class)))
+    overall = [(k.removeprefix("test/"), v) for k, v in sorted(metrics.items())
+               if k.startswith("test/") and not k.endswith(("_deformation", "_non_deformation"))]
+    return section(
+        f"Test evaluation ({len(rows)} samples)",
+        image(figures.pr_roc(labels, scores, preds), "PR and ROC curves"), note(view.decision),
+        image(figures.confusion(labels, preds, ["Non_Deformation", "Deformation"]), "confusion matrix"),
+        table(["class", *columns], [(cls, *(m.get(c) for c in columns)) for cls, m in per_class]),
+        table(["metric", "value"], overall) if overall else "")
+
+
+def _breakdowns(store: ExperimentStore, run_id: str) -> str:
+    from thalia_ray.report import figures
+
+    parts = []
+    for by in BREAKDOWNS:
+        groups = breakdown(store, run_id, by)
+        if not groups:
+            continue
+        parts.append(image(figures.breakdown_chart(groups, by), f"breakdown by {by}"))
+        parts.append(table([by, *BREAKDOWN_COLUMNS],
+                           [(g, *(v.get(k) for k in BREAKDOWN_COLUMNS)) for g, v in sorted(groups.items())]))
+    return section("Breakdowns (volcano frame, volcano, intensity, activity type)",
+                   note("recall: of the group's Deformation samples at the run's threshold; false_alarms: share "
+                        "of the group's other samples predicted Deformation; ap: the group's Deformation "
+                        "samples ranked against every negative of the test split"), *parts)
+
+
+def _gallery(store: ExperimentStore, record: RunRecord, cfg: Any, rows: Sequence[Mapping[str, Any]],
+             view: TaskView) -> str:
+    from thalia_ray.report import figures, samples
+
+    picked = samples.pick(rows, GALLERY)
+    try:
+        checkpoint = None
+        if view.pixel_maps:
+            from thalia_ray.predict.inputs import run_checkpoint
+
+            _, checkpoint, _ = run_checkpoint(store, record.run_id)
+        chosen = samples.read_gallery(cfg, picked, checkpoint)
+    except (ThaliaError, OSError, ValueError, KeyError) as err:
+        return section("Gallery of test samples", note(f"the test samples could not be read from {cfg.data.root}: {err}"))
+    counts = Counter(samples.outcome(r) for r in rows)
+    shown = ", ".join(f"up to {n} {OUTCOMES[o]}" for o, n in GALLERY.items())
+    split = ", ".join(f"{counts[o]} {o}" for o in GALLERY)
+    answer = "the model's probability map with the training target outlined in cyan" if view.pixel_maps \
+        else "the sample's score against the 0.5 threshold"
+    return section("Gallery of test samples",
+                   note(f"the most confident hits and mistakes: {shown} (the test split has {split}). Each "
+                        f"interferogram of a sample is a row, titled with its dates; white: the true mask; right: "
+                        f"{answer}."),
+                   *(image(figures.gallery_figure(s), f"{s.outcome} {s.key}") for s in chosen))
+
+
+def _predict_maps(record: RunRecord) -> str:
+    """A map per frame where `predict` wrote probability cubes: under the run's predictions folder, or
+    where its whole-frame evaluation (`whole_frame.json`, written by `predict`) says it wrote them."""
+    from thalia_ray.report import figures, samples
+
+    folder = record.loc.join(PREDICTIONS)
+    candidates = [folder, *(folder.join(n) for n in folder.list() if not n.endswith((".json", ".zarr")))]
+    evaluation = record.read_whole_frame() or {}
+    if evaluation.get("out"):
+        candidates.append(resolve(evaluation["out"]))
+    maps = {}
+    for loc in candidates:
+        try:
+            maps.update(samples.predicted_frames(loc))
+        except StorageError as err:
+            log.warning("report: %s: %s", loc, err)
+    if not maps:
+        return ""
+    return section("Predicted maps (thalia-ray predict)",
+                   *(image(figures.probability_map(m, frame), f"map {frame}") for frame, m in sorted(maps.items())))
