@@ -36,7 +36,10 @@ def test_each_format_matches_the_pytorch_model_and_gets_a_card(run, tmp_path, fm
     elif fmt == "onnx":
         import onnxruntime
 
-        got = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": x.numpy()})[0]
+        embedded = json.loads(session.get_modelmeta().custom_metadata_map["model_card"])  # the file describes itself
+        assert embedded == json.loads((tmp_path / "model.card.json").read_text())
     else:
         from safetensors.torch import load_file
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import math
 import shutil
+from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import xarray as xr
@@ -121,6 +125,10 @@ def _day(text: str) -> np.datetime64:
     return np.datetime64(f"{text[:4]}-{text[4:6]}-{text[6:]}")
 
 
+def _date(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
 @pytest.fixture(scope="module")
 def first(ray_cluster, run, dataset, frame, tmp_path_factory):
     out = tmp_path_factory.mktemp("predict-out") / "out"
@@ -139,6 +147,9 @@ def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, 
     source, result = xr.open_zarr(dataset / f"{frame}.zarr"), xr.open_zarr(out / f"{frame}.zarr")
     for dim in ("primary_date", "secondary_date", "y", "x"):
         np.testing.assert_array_equal(result[dim].values, source[dim].values)
+    assert source.attrs["Conventions"] == "CF-1.8"  # the input's CF attributes describe the output's grid too
+    assert {k: result.attrs[k] for k in source.attrs if k not in ("source",)} == {
+        k: v for k, v in source.attrs.items() if k != "source"}
     probability = result["deformation_probability"]
     assert probability.dtype == np.float16 and probability.dims == ("primary_date", "secondary_date", "y", "x")
     written = np.isfinite(probability.values).all(axis=(2, 3))
@@ -149,7 +160,11 @@ def test_predict_writes_aligned_probabilities_a_table_and_the_evaluation(first, 
     np.testing.assert_allclose(values, _reference(run, dataset, frame, unit), atol=1e-3)
     rows = read_table(out)
     assert [r["key"] for r in rows] == [u.key for u in units]
+    table = pd.read_parquet(out / "predictions.parquet")
+    assert table["primary_date"].tolist() == [_date(u.primary_date) for u in units]  # dates, not text
+    assert pa.types.is_date32(pq.read_schema(out / "predictions.parquet").field("primary_date").type)
     row = rows[0]
+    assert row["secondary_dates"] == [_date(d) for d in units[0].secondary_dates]
     assert row["max_probability"] == pytest.approx(float(values.max()), abs=1e-3)
     assert row["area_above_threshold"] == int((values >= 0.5).sum())
     assert row["annotated_label"] == unit.label and row["predicted_label"] == int(row["max_probability"] >= 0.5)
@@ -228,7 +243,9 @@ def test_series_of_a_classifier_become_heat_maps_on_the_series_grid(ray_cluster,
     assert probability.dims == ("series", "y", "x") and np.isfinite(probability.values).all()
     days = result["secondary_date"].dt.strftime("%Y%m%d").values
     assert [tuple(row) for row in days] == [u.secondary_dates for u in units]
+    assert result.attrs["Conventions"] == "CF-1.8" and result["primary_date"].attrs["long_name"] == "primary date"
     np.testing.assert_array_equal(result["x"].values, xr.open_zarr(dataset / f"{frame}.zarr")["x"].values)
     rows = read_table(tmp_path / "out")
     assert [r["annotated_label"] for r in rows] == [u.label for u in units]
-    assert all(len(r["secondary_dates"]) == 3 for r in rows)
+    assert [tuple(d.strftime("%Y%m%d") for d in r["secondary_dates"]) for r in rows] == [u.secondary_dates
+                                                                                        for u in units]

@@ -93,6 +93,22 @@ def _safetensors(model: LogitsOnly, example: Tensor, path: Path, cfg: Any) -> Ca
 WRITERS = {"torchscript": _torchscript, "onnx": _onnx, "safetensors": _safetensors}
 
 
+CARD_KEY = "model_card"
+
+
+def _embed_onnx_card(path: Path, card: dict[str, Any]) -> None:
+    """The model card as the ONNX model's metadata (`metadata_props["model_card"]`, JSON), which onnxruntime
+    shows as `session.get_modelmeta().custom_metadata_map`: the file describes itself wherever it goes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    model.metadata_props.add(key=CARD_KEY, value=json.dumps(card))
+    onnx.save(model, str(path))
+
+
+EMBED_CARD = {"onnx": _embed_onnx_card}  # formats whose files carry their card as well as the file beside them
+
+
 def export_model(model: nn.Module, cfg: Any, fmt: str, path: Path, seed: int = 0) -> float:
     """Write `model` in `fmt` to `path`, reload it and return the max abs difference on random inputs."""
     if fmt not in WRITERS:
@@ -111,7 +127,8 @@ def export_model(model: nn.Module, cfg: Any, fmt: str, path: Path, seed: int = 0
 
 
 def export_run(store: ExperimentStore, run_id: str, fmt: str, out: str) -> ExportResult:
-    """Export run `run_id`'s best checkpoint to `out` (local or s3://) with its model card beside it."""
+    """Export run `run_id`'s best checkpoint to `out` (local or s3://) with its model card beside it (and,
+    for ONNX, inside it)."""
     cfg, checkpoint, results = inputs.run_checkpoint(store, run_id)
     model = inputs.load_model(cfg, checkpoint)
     with tempfile.TemporaryDirectory(prefix="thalia-export-") as tmp:
@@ -120,9 +137,11 @@ def export_run(store: ExperimentStore, run_id: str, fmt: str, out: str) -> Expor
         if not diff <= TOLERANCE:
             raise ExportError(f"{fmt} export of run {run_id}: max abs difference {diff:.3g} from the PyTorch model "
                               f"exceeds {TOLERANCE:g}; nothing written")
+        parity = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": "2 random normal batches at the crop size"}
+        card = model_card(cfg, run_id, fmt, out, getattr(model, "input_divisor", 1), inputs.run_statistics(cfg),
+                          results, parity)
+        if fmt in EMBED_CARD:
+            EMBED_CARD[fmt](local, card)
         resolve(out).put_file(local)
-    parity = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": "2 random normal batches at the crop size"}
-    card = model_card(cfg, run_id, fmt, out, getattr(model, "input_divisor", 1), inputs.run_statistics(cfg),
-                      results, parity)
     resolve(card_path(out)).write_text(json.dumps(card, indent=2) + "\n")
     return ExportResult(resolve(out).url, resolve(card_path(out)).url, diff)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from datetime import date
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,8 +34,8 @@ SERIES_DIM, STEP_DIM = "series", "step"
 TABLE, EVALUATION, FAILED, DONE = "predictions.parquet", "evaluation.json", "failed.json", "done"
 MAX_CHUNK = 512
 TABLE_SCHEMA = pa.schema([
-    ("key", pa.string()), ("frame_id", pa.string()), ("primary_date", pa.string()),
-    ("secondary_dates", pa.list_(pa.string())), ("max_probability", pa.float32()),
+    ("key", pa.string()), ("frame_id", pa.string()), ("primary_date", pa.date32()),
+    ("secondary_dates", pa.list_(pa.date32())), ("max_probability", pa.float32()),
     ("area_above_threshold", pa.int64()), ("predicted_label", pa.int8()), ("annotated_label", pa.int8()),
 ])
 
@@ -75,11 +76,14 @@ class FrameOutput:
             secondaries = np.array([[np.datetime64(_iso(s), "ns") for s in u.secondary_dates] for u in units])
             coords = xr.Dataset(coords={
                 SERIES_DIM: np.arange(len(units)), ydim: source[ydim], xdim: source[xdim],
-                inputs.schema.PRIMARY_DIM: (SERIES_DIM, primaries),
-                inputs.schema.SECONDARY_DIM: ((SERIES_DIM, STEP_DIM), secondaries.reshape(len(units), self.length)),
+                inputs.schema.PRIMARY_DIM: (SERIES_DIM, primaries, source[inputs.schema.PRIMARY_DIM].attrs),
+                inputs.schema.SECONDARY_DIM: ((SERIES_DIM, STEP_DIM), secondaries.reshape(len(units), self.length),
+                                              source[inputs.schema.SECONDARY_DIM].attrs),
             })
             dims, shape = (SERIES_DIM, ydim, xdim), (len(units), height, width)
-        coords.attrs = {"frame_id": cube.frame_id, "source": cube.url, "time_steps": self.length}
+        # The input's global attributes (CF `Conventions`, pass direction, pixel spacing, ...) describe this
+        # grid too; ours say where it came from.
+        coords.attrs = {**source.attrs, "frame_id": cube.frame_id, "source": cube.url, "time_steps": self.length}
         if self.length > 1:
             coords.attrs["series_keys"] = [u.key for u in units]  # a rerun must plan the same series
         with warnings.catch_warnings():
@@ -102,6 +106,11 @@ class FrameOutput:
 
 def _iso(day: str) -> str:
     return f"{day[:4]}-{day[4:6]}-{day[6:]}"
+
+
+def _date(day: str) -> date:
+    """`YYYYMMDD` (the index's and the completion records' form) as a date."""
+    return date.fromisoformat(_iso(day))
 
 
 def summary_row(unit: Unit, probability: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -132,8 +141,11 @@ def mark_done(out: Location, unit: Unit, row: dict[str, Any]) -> None:
 
 
 def write_table(out: Location, rows: Sequence[dict[str, Any]]) -> Location:
-    """predictions.parquet of the rows, sorted by key."""
-    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=TABLE_SCHEMA)
+    """predictions.parquet of the rows, sorted by key; dates as Arrow dates (pandas, Spark and DuckDB read
+    them as dates)."""
+    typed = [{**r, "primary_date": _date(r["primary_date"]), "secondary_dates": [_date(d) for d in r["secondary_dates"]]}
+             for r in sorted(rows, key=lambda r: r["key"])]
+    table = pa.Table.from_pylist(typed, schema=TABLE_SCHEMA)
     location = out.join(TABLE)
     with location.open("wb") as handle:
         pq.write_table(table, handle)
