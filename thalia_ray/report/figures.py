@@ -242,11 +242,9 @@ def _prediction_panel(fig: Any, ax: Any, sample: Any, predicted: np.ndarray | No
         _bare(ax, "P(Deformation), target in cyan" if titled else None)
         return
     ax.bar([0], [sample.score], width=0.6, color=OUTCOME_COLOURS.get(sample.outcome, "grey"))
-    ax.axhline(0.5, color="black", linestyle=":", label="threshold 0.5")
-    ax.text(0, min(sample.score + 0.03, 0.93), f"{sample.score:.3f}", ha="center", va="bottom", fontsize=9)
+    ax.axhline(0.5, color="black", linestyle=":")  # the decision threshold
     ax.set(xlim=(-1, 1), ylim=(0, 1), xticks=[])
-    ax.set_title("P(Deformation)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"P(Deformation) = {sample.score:.3f}", fontsize=9)
 
 
 def probability_map(probability: np.ndarray, frame_id: str) -> bytes:

@@ -168,7 +168,7 @@ def _gallery(store: ExperimentStore, record: RunRecord, cfg: Any, rows: Sequence
     shown = ", ".join(f"up to {n} {OUTCOMES[o]}" for o, n in GALLERY.items())
     split = ", ".join(f"{counts[o]} {o}" for o in GALLERY)
     answer = "the model's probability map with the training target outlined in cyan" if view.pixel_maps \
-        else "the sample's score against the 0.5 threshold"
+        else "the sample's score, the dotted line the 0.5 threshold"
     return section("Gallery of test samples",
                    note(f"the most confident hits and mistakes: {shown} (the test split has {split}). Each "
                         f"interferogram of a sample is a row, titled with its dates; white: the true mask; right: "

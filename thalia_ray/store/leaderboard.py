@@ -32,6 +32,7 @@ BREAKDOWN_COLUMNS = ("n", "n_deformation", "recall", "false_alarms", "ap")
 HEADLINE = {"classification": "f1_deformation", "segmentation": "iou_deformation"}
 VALIDATION = "val/"
 SHOWN_TEST_METRICS = 4  # test columns of a leaderboard for people (programs get every metric)
+TEST_COLUMNS = ("auroc_deformation", "ap_deformation", "f1_deformation", "precision_deformation", "recall_deformation")
 
 
 @dataclass
@@ -257,12 +258,10 @@ def _short(metric: str) -> str:
 
 
 def _test_columns(ranking: Ranking) -> list[str]:
-    """The task's headline test metric first, then other Deformation test metrics any run has."""
+    """The task's headline test metric, then the first of TEST_COLUMNS that any run has."""
     present = set().union(*(r.metrics for r in ranking.rows))
-    headline = f"test/{HEADLINE.get(ranking.task, '')}"
-    others = sorted(m for m in present if m.startswith("test/") and m.endswith("_deformation") and m != headline
-                    and not m.endswith("_non_deformation"))
-    return ([headline] if headline in present else []) + others[:SHOWN_TEST_METRICS - (headline in present)]
+    wanted = [f"test/{HEADLINE.get(ranking.task, '')}", *(f"test/{m}" for m in TEST_COLUMNS)]
+    return [m for m in dict.fromkeys(wanted) if m in present][:SHOWN_TEST_METRICS]
 
 
 def ranking_tables(store: ExperimentStore, ranking: Ranking, breakdown_by: Iterable[str] = BREAKDOWNS) -> list[Table]:
