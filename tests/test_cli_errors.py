@@ -135,6 +135,7 @@ def _all(*setups: Callable[[Path, Path | None], None]) -> Callable[[Path, Path |
 _TRAIN = ["train", "--set", "data.root={root}", "--set", "storage.store={tmp}/runs", "--set", "train.batch_size=2"]
 _SHARDS = [*_TRAIN, "--set", "data.source=shards", "--set", "data.shards={tmp}/shards"]
 _SPEC = "name: x\nentrypoint: thalia-ray train\n"
+_SWEEP = "sweep: {name: lr-sweep, space: {train.lr: {grid: [0.001, 0.01]}}}\n"
 _STORE = ["--store", "{tmp}/runs"]
 _PREDICT = ["predict", "configured", "--out", "{tmp}/predicted", *_STORE]
 
@@ -281,6 +282,17 @@ CASES = [
          "not allowed with argument --json"),
     Case("stop a job without its id", ["jobs", "stop"], CONFIG, "jobs stop: give a submission id"),
     Case("logs of a job without its id", ["jobs", "logs", "--json"], CONFIG, "jobs logs: give a submission id"),
+    Case("predict with windows overlapping wholly", [*_PREDICT, "--data", "{root}", "--overlap", "1"], CONFIG,
+         "argument --overlap: 1.0: must be in [0, 1)"),
+    Case("predict with no model actor", [*_PREDICT, "--data", "{root}", "--actors", "0"], CONFIG,
+         "argument --actors: 0: must be at least 1"),
+    Case("predict with a threshold above 1", [*_PREDICT, "--data", "{root}", "--threshold", "50"], CONFIG,
+         "argument --threshold: 50.0: must be in [0, 1]"),
+    Case("bench with no repetition", ["bench", "cube", "--repeats", "0"], CONFIG, "argument --repeats: 0"),
+    Case("resume a sweep never run", ["sweep", "{tmp}/sweep.yaml", "--resume", *_TRAIN[1:]], STORE,
+         "--resume: no sweep named 'lr-sweep'", _write("sweep.yaml", _SWEEP)),
+    Case("sweep id with a slash", ["sweep", "{tmp}/sweep.yaml", "--sweep-id", "a/b", *_TRAIN[1:]], STORE,
+         "sweep id 'a/b' is not valid", _write("sweep.yaml", _SWEEP)),
     Case("an unknown benchmark suite", ["bench", "nope", "--store", "{tmp}/b"], CONFIG, "no benchmark suite 'nope'"),
     Case("an unknown benchmark parameter", ["bench", "cube", "--param", "nope=1", "--store", "{tmp}/b"], CONFIG,
          "unknown parameter(s) nope"),

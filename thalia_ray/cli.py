@@ -292,11 +292,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import leaderboard_text
-    from thalia_ray.tune.driver import run_sweep
+    from thalia_ray.tune.driver import resolve_sweep_id, run_sweep
 
     preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
+    sweep_id = resolve_sweep_id(cfg, args.resume, args.sweep_id)  # an unknown sweep to resume: before Ray starts
     with runtime.start(cfg.runtime):
-        summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
+        summary = run_sweep(cfg, resume=args.resume, sweep_id=sweep_id)
     if args.json:
         _emit_json(args, summary.to_json())
         return 0 if summary.status == "finished" else 1
@@ -461,6 +462,36 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _count(text: str) -> int:
+    """An argument that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _in_unit_interval(text: str, *, upper_included: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 <= value <= 1 if upper_included else 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1{']' if upper_included else ')'}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A share of something, in [0, 1) (e.g. the overlap of neighbouring windows)."""
+    return _in_unit_interval(text, upper_included=False)
+
+
+def _probability(text: str) -> float:
+    return _in_unit_interval(text, upper_included=True)
+
+
 def _add_json(parser: argparse._ActionsContainer, what: str) -> None:  # a parser or an option group
     parser.add_argument("--json", action="store_true",
                         help=f"print {what} as one JSON document on stdout (nothing else goes there)")
@@ -568,11 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--pairs", default="annotated",
                       help="annotated (the time-series index), all (every pair in the cubes), or YYYYMMDD:YYYYMMDD")
     _add_store(pred)
-    pred.add_argument("--overlap", type=float, default=0.25, help="least overlap of neighbouring windows (fraction)")
-    pred.add_argument("--batch-size", type=int, help="windows per model call (default: train.batch_size)")
-    pred.add_argument("--actors", type=int, default=1, help="model actors (each train.cpus_per_worker CPUs, "
+    pred.add_argument("--overlap", type=_fraction, default=0.25, help="least overlap of neighbouring windows (fraction)")
+    pred.add_argument("--batch-size", type=_count, help="windows per model call (default: train.batch_size)")
+    pred.add_argument("--actors", type=_count, default=1, help="model actors (each train.cpus_per_worker CPUs, "
                       "train.gpus_per_worker GPUs on a GPU cluster)")
-    pred.add_argument("--threshold", type=float, help="probability counted as deformation (default 0.5, the argmax rule)")
+    pred.add_argument("--threshold", type=_probability, help="probability counted as deformation (default 0.5, the argmax rule)")
     _add_json(pred, "the summary (units planned, written, failed; whole-frame evaluation)")
     pred.set_defaults(handler=cmd_predict)
 
@@ -660,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="benchmark suites: the project's path vs its baseline, interleaved")
     bench.add_argument("suite", help="a suite name, or list")
     _add_store(bench, "; the record goes to {store}/bench/")
-    bench.add_argument("--repeats", type=int, help="interleaved repetitions (default: the suite's)")
+    bench.add_argument("--repeats", type=_count, help="interleaved repetitions (default: the suite's)")
     bench.add_argument("--size", choices=["small", "medium", "large"], default="small", help="size preset")
     bench.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="override one preset value, e.g. --param crop=96 (repeatable)")
