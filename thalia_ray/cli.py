@@ -316,7 +316,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else args.format
     table = (tables.breakdown_table(store, args.breakdown, sweep, args.metric, args.mode) if args.breakdown
              else tables.runs_table(store, sweep, args.metric, args.mode))
-    if not table[1]:  # a store or sweep with nothing to rank is an error, not an empty table
+    if not table[1]:  # nothing to rank (a mistyped store, no results yet) is an error, not an empty table
         shown = f"a {args.breakdown} breakdown of the best run" if args.breakdown else "runs with results"
         raise StoreError(f"no {shown} in {store.root.url}" + (f" for sweep {sweep}" if sweep else ""))
     if args.breakdown or fmt in ("csv", "json"):
@@ -336,16 +336,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     page = write_report(_reconciled_store(args.store, args.target), args.target, args.out)
     if not args.json:
-        print(page.url)
+        print(page.url)  # before the browser check, which may fail
     shot = None
     if args.screenshot:
         from thalia_ray.report.browser import screenshot_beside
 
         shot = screenshot_beside(page).url
-        if not args.json:
-            print(shot)
     if args.json:
         _emit_json(args, {"target": args.target, "page": page.url, "screenshot": shot})
+    elif shot:
+        print(shot)
     return 0
 
 
@@ -599,11 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--pairs", default="annotated",
                       help="annotated (the time-series index), all (every pair in the cubes), or YYYYMMDD:YYYYMMDD")
     _add_store(pred)
-    pred.add_argument("--overlap", type=_fraction, default=0.25, help="least overlap of neighbouring windows (fraction)")
+    pred.add_argument("--overlap", type=_fraction, default=0.25,
+                      help="least overlap of neighbouring windows, in [0, 1) (default 0.25)")
     pred.add_argument("--batch-size", type=_count, help="windows per model call (default: train.batch_size)")
     pred.add_argument("--actors", type=_count, default=1, help="model actors (each train.cpus_per_worker CPUs, "
                       "train.gpus_per_worker GPUs on a GPU cluster)")
-    pred.add_argument("--threshold", type=_probability, help="probability counted as deformation (default 0.5, the argmax rule)")
+    pred.add_argument("--threshold", type=_probability,
+                      help="probability counted as deformation, in [0, 1] (default 0.5, the argmax rule)")
     _add_json(pred, "the summary (units planned, written, failed; whole-frame evaluation)")
     pred.set_defaults(handler=cmd_predict)
 
