@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from thalia_ray import __version__
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
+from thalia_ray.data import schema
 from thalia_ray.errors import StorageProblem, ThaliaError, UsageError
 from thalia_ray.store.layout import STORE_ENV, default_location
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # imported lazily by the handlers (see above)
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "THALIA_DEBUG"
 PROG = "thalia-ray"
-SPLITS = ("train", "val", "test")
+SPLITS = tuple(schema.SPLITS)  # train, val, test
 SIGPIPE_STATUS = 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)
 
 
@@ -561,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--split", choices=SPLITS, default="train", help="split the statistics come from")
     stats.add_argument("--out", help="where to write statistics.json (default: print only)")
     _add_json(stats, "the statistics (the default too)")
-    stats.set_defaults(handler=cmd_prepare_stats)
+    stats.set_defaults(handler=cmd_prepare_stats, json=True)  # JSON either way, so stdout holds only it
 
     export = verbs.add_parser("export", help="write WebDataset shards (Ray tasks)")
     _add_config_args(export)
