@@ -109,9 +109,35 @@ def _store_file(tmp: Path, root: Path | None) -> None:
     (tmp / "afile").write_text("not a folder")
 
 
+def _configured_run(checkpoint: str | None = None) -> Callable[[Path, Path | None], None]:
+    """Run `configured` with its config (on the synthetic dataset when there is one) and, given a
+    `checkpoint` path, finished with results pointing at it."""
+    def setup(tmp: Path, root: Path | None) -> None:
+        from thalia_ray.config import ThaliaConfig
+        from thalia_ray.store import ExperimentStore
+
+        record = ExperimentStore(str(tmp / "runs")).run("configured")
+        record.write_config(ThaliaConfig.model_validate({"data": {"root": str(root or tmp / "data"), "crop": 32}}))
+        record.set_status("running")
+        if checkpoint is not None:
+            record.write_results({"val/f1_deformation": 0.5}, best_epoch=1, best_checkpoint=checkpoint.format(tmp=tmp))
+            record.set_status("finished")
+    return setup
+
+
+def _all(*setups: Callable[[Path, Path | None], None]) -> Callable[[Path, Path | None], None]:
+    def setup(tmp: Path, root: Path | None) -> None:
+        for each in setups:
+            each(tmp, root)
+    return setup
+
+
 _TRAIN = ["train", "--set", "data.root={root}", "--set", "storage.store={tmp}/runs", "--set", "train.batch_size=2"]
 _SHARDS = [*_TRAIN, "--set", "data.source=shards", "--set", "data.shards={tmp}/shards"]
 _SPEC = "name: x\nentrypoint: thalia-ray train\n"
+_SWEEP = "sweep: {name: lr-sweep, space: {train.lr: {grid: [0.001, 0.01]}}}\n"
+_STORE = ["--store", "{tmp}/runs"]
+_PREDICT = ["predict", "configured", "--out", "{tmp}/predicted", *_STORE]
 
 CASES = [
     # configuration files and overrides
@@ -218,6 +244,58 @@ CASES = [
     Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
     Case("show an unknown run", ["runs", "show", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
     Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    # unknown ids and stores that hold nothing: an error of the store's kind, never an empty result
+    Case("list a store holding no runs", ["runs", "list", "--store", "{tmp}/typo"], STORE,
+         "/typo: is the store location (--store, THALIA_STORE) right?"),
+    Case("list a store holding no runs, as JSON", ["runs", "--json", "--store", "{tmp}/typo"], STORE, "no runs in"),
+    Case("rank a store holding no runs", ["leaderboard", "--store", "{tmp}/typo"], STORE, "no runs with results"),
+    Case("rank a store holding no runs, as JSON", ["leaderboard", "--json", "--store", "{tmp}/typo"], STORE,
+         "no runs with results"),
+    Case("rank a store holding no runs, as CSV", ["leaderboard", "--format", "csv", "--store", "{tmp}/typo"], STORE,
+         "no runs with results"),
+    Case("rank runs without results", ["leaderboard", *_STORE], STORE, "no runs with results", _unfinished_run),
+    Case("rank an unknown sweep", ["leaderboard", "nosweep", *_STORE], STORE, "no sweep 'nosweep'",
+         _unfinished_run),
+    Case("best config of an unknown sweep", ["leaderboard", "nosweep", "--best-config", "{tmp}/best.yaml", *_STORE],
+         STORE, "no sweep 'nosweep'", _unfinished_run),
+    Case("report of an unknown id", ["report", "nosuch", *_STORE], STORE, "'nosuch'", _unfinished_run),
+    Case("export an unknown run's model", ["export-model", "ghost", "--format", "safetensors", "--out",
+                                           "{tmp}/m.safetensors", *_STORE], STORE, "no run 'ghost'"),
+    Case("predict with an unknown run", [*_PREDICT[:1], "ghost", *_PREDICT[2:], "--data", "{root}"], STORE,
+         "no run 'ghost'"),
+    Case("predict with a missing dataset", [*_PREDICT, "--data", "{tmp}/nothing"], DATA, "--data",
+         _configured_run()),
+    Case("predict on a folder without cubes", [*_PREDICT, "--data", "{tmp}/empty"], DATA, "no cubes",
+         _all(_configured_run("{tmp}/runs/ray/checkpoint_000000"), _write("empty/readme.txt", ""))),
+    Case("predict with a run that has no checkpoint", [*_PREDICT, "--data", "{root}"], STORE, "no best checkpoint",
+         _configured_run()),
+    Case("predict a date range without pairs", [*_PREDICT, "--data", "{root}", "--pairs", "20990101:"], CONFIG,
+         "--pairs '20990101:': no interferogram", _configured_run("{tmp}/runs/ray/checkpoint_000000")),
+    # usage: argparse's mistakes and arguments that do not fit together, in one line with status 2
+    Case("no command", [], CONFIG, "the following arguments are required: COMMAND"),
+    Case("an unknown option", ["runs", "--bogus"], CONFIG, "unrecognized arguments: --bogus"),
+    Case("show a run without its id", ["runs", "show", *_STORE], CONFIG, "runs show: give a run id", _unfinished_run),
+    Case("list with a run id", ["runs", "list", "halfway", *_STORE], CONFIG, "runs show halfway", _unfinished_run),
+    Case("evaluate an unknown split", ["evaluate", "halfway", "--split", "bogus", *_STORE], CONFIG,
+         "argument --split: invalid choice: 'bogus'", _unfinished_run),
+    Case("--json beside --format", ["leaderboard", "--json", "--format", "csv", *_STORE], CONFIG,
+         "not allowed with argument --json"),
+    Case("stop a job without its id", ["jobs", "stop"], CONFIG, "jobs stop: give a submission id"),
+    Case("logs of a job without its id", ["jobs", "logs", "--json"], CONFIG, "jobs logs: give a submission id"),
+    Case("predict with windows overlapping wholly", [*_PREDICT, "--data", "{root}", "--overlap", "1"], CONFIG,
+         "argument --overlap: 1.0: must be in [0, 1)"),
+    Case("predict with no model actor", [*_PREDICT, "--data", "{root}", "--actors", "0"], CONFIG,
+         "argument --actors: 0: must be at least 1"),
+    Case("predict with a threshold above 1", [*_PREDICT, "--data", "{root}", "--threshold", "50"], CONFIG,
+         "argument --threshold: 50.0: must be in [0, 1]"),
+    Case("bench with no repetition", ["bench", "cube", "--repeats", "0"], CONFIG, "argument --repeats: 0"),
+    Case("resume a sweep never run", ["sweep", "{tmp}/sweep.yaml", "--resume", *_TRAIN[1:]], STORE,
+         "--resume: no sweep named 'lr-sweep'", _write("sweep.yaml", _SWEEP)),
+    Case("sweep id with a slash", ["sweep", "{tmp}/sweep.yaml", "--sweep-id", "a/b", *_TRAIN[1:]], STORE,
+         "sweep id 'a/b' is not valid", _write("sweep.yaml", _SWEEP)),
+    Case("an unknown benchmark suite", ["bench", "nope", "--store", "{tmp}/b"], CONFIG, "no benchmark suite 'nope'"),
+    Case("an unknown benchmark parameter", ["bench", "cube", "--param", "nope=1", "--store", "{tmp}/b"], CONFIG,
+         "unknown parameter(s) nope"),
     # cluster configurations
     Case("KubeRay manifest without CRDs", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml")],
          MANIFEST, "--crds PATH or THALIA_CRDS"),
@@ -255,6 +333,15 @@ def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, 
     assert code == case.code, f"{case.name}: exit {code}, expected {case.code}; stderr:\n{err}"
     assert err.startswith("thalia-ray: ") and "Traceback" not in err, err
     assert case.culprit in err, f"{case.name}: {case.culprit!r} not named in {err!r}"
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "r", "--split", "holdout"], ["prepare", "stats", "--split", "holdout"],
+                                  ["export", "--out", "o", "--split", "train", "holdout"]])
+def test_an_unknown_split_is_a_usage_error_naming_the_splits(argv, no_ray, capsys):
+    assert cli.main(argv) == CONFIG
+    err = capsys.readouterr().err
+    assert "'holdout'" in err and all(split in err for split in ("train", "val", "test")), err
+    assert f"see `thalia-ray {' '.join(argv[:2 if argv[0] == 'prepare' else 1])} --help`" in err
 
 
 def test_a_shell_sees_one_line_and_the_status(tmp_path):

@@ -69,3 +69,16 @@ def test_an_export_that_differs_from_the_model_is_refused(run, tmp_path, monkeyp
     with pytest.raises(export.ExportError, match="exceeds 0.0001; nothing written"):
         export.export_run(store, run_id, "onnx", str(tmp_path / "model.onnx"))
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_the_command_reports_the_export_as_one_json_document(run, tmp_path, capsys):
+    from thalia_ray.cli import main
+    from thalia_ray.export.model import TOLERANCE
+
+    store, run_id = run
+    out = tmp_path / "model.safetensors"
+    assert main(["export-model", run_id, "--format", "safetensors", "--out", str(out), "--store", store.root.path,
+                 "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written["path"].endswith(str(out)) and out.is_file() and 0 <= written["max_abs_diff"] <= TOLERANCE
+    assert json.loads(out.with_suffix(".card.json").read_text())["run_id"] == run_id

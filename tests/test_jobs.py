@@ -6,6 +6,7 @@ in-process Ray and any other Ray on the machine.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -25,6 +26,7 @@ import yaml
 
 from thalia_ray import jobs
 from thalia_ray.config import load_config
+from thalia_ray.errors import ClusterProblem
 from thalia_ray.models.registry import get_spec
 
 from tests.helpers import kill_session
@@ -307,7 +309,7 @@ def test_a_failing_job_reports_failed_with_the_error(ray_head: Head, tmp_path: P
 
 
 @pytest.mark.slow
-def test_stop_and_list_jobs(ray_head: Head) -> None:
+def test_stop_and_list_jobs(ray_head: Head, capsys: pytest.CaptureFixture[str]) -> None:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(ray_head.url)
@@ -323,6 +325,14 @@ def test_stop_and_list_jobs(ray_head: Head) -> None:
     assert job_id in jobs.format_jobs(list(rows.values()))
     with pytest.raises(jobs.JobError, match="no-such-job"):
         jobs.stop_job(ray_head.url, "no-such-job")
+    from thalia_ray.cli import main
+
+    assert main(["jobs", "list", "--address", ray_head.url, "--json"]) == 0
+    listed = {row["submission_id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert listed[job_id]["status"] == "STOPPED" and listed[job_id]["end_time"] >= listed[job_id]["start_time"]
+    assert datetime.fromisoformat(listed[job_id]["start_time"]).tzinfo is not None  # ISO 8601, in UTC
+    assert main(["jobs", "stop", "no-such-job", "--address", ray_head.url]) == ClusterProblem.exit_code
+    assert "no-such-job" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -249,3 +249,17 @@ def test_series_of_a_classifier_become_heat_maps_on_the_series_grid(ray_cluster,
     assert [r["annotated_label"] for r in rows] == [u.label for u in units]
     assert [tuple(d.strftime("%Y%m%d") for d in r["secondary_dates"]) for r in rows] == [u.secondary_dates
                                                                                         for u in units]
+
+
+def test_the_command_reports_the_job_as_one_json_document(ray_cluster, run, dataset, frame, tmp_path, capsys):
+    """Ray prints to the driver's stdout from its own threads: with --json, stdout still holds the report only."""
+    import json
+
+    from thalia_ray.cli import main
+
+    store, run_id = run
+    assert main(["predict", run_id, "--store", store.root.path, "--data", str(dataset), "--out", str(tmp_path / "out"),
+                 "--frames", frame, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run_id"] == run_id and report["failed"] == {} and report["written"] == report["planned"] > 0
+    assert report["evaluation"] is None or 0 <= report["evaluation"]["overall"]["f1"] <= 1

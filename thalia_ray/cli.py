@@ -1,31 +1,54 @@
 """The `thalia-ray` command. Thin: it parses arguments and delegates to the modules that do the work.
 
+One grammar for every command:
+- `--json` on every command that reports something: one JSON document on stdout and nothing else
+  (anything else the command or Ray prints meanwhile goes to stderr);
+- `--store LOC` wherever a command reads or writes the experiment store, default `$THALIA_STORE`, else
+  `./runs`; commands that take a run configuration use `$THALIA_STORE` for `storage.store` unless the
+  file or `--set` gives one;
+- an unknown run, sweep or job id, or a store holding no runs, is an error, never an empty result;
+- every mistake a user can fix is a `ThaliaError` (argparse's usage errors included) printed as one
+  line with the exit status of its kind (see `thalia_ray.errors`).
+
 Handlers import their modules lazily so that `thalia-ray config show` answers without importing torch.
-Every mistake a user can fix is a `ThaliaError`, printed as one line with the exit status of its kind
-(see `thalia_ray.errors`); commands that start Ray run `thalia_ray.preflight` first, so such mistakes
-are reported before any cluster work. `--debug` or THALIA_DEBUG=1 shows the traceback as well.
+Commands that start Ray run `thalia_ray.preflight` first, so mistakes are reported before any cluster
+work. `--debug` or THALIA_DEBUG=1 shows the traceback as well.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
+from thalia_ray import __version__
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
-from thalia_ray.errors import StorageProblem, ThaliaError
+from thalia_ray.data import schema
+from thalia_ray.errors import StorageProblem, ThaliaError, UsageError
+from thalia_ray.store.layout import STORE_ENV, default_location
 
 if TYPE_CHECKING:  # imported lazily by the handlers (see above)
     from thalia_ray.store import ExperimentStore
 
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "THALIA_DEBUG"
+PROG = "thalia-ray"
+SPLITS = tuple(schema.SPLITS)  # train, val, test
+SIGPIPE_STATUS = 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)
 
 
 def _config(args: argparse.Namespace) -> ThaliaConfig:
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or ())
+    """Defaults, the YAML file, `--set`; then `$THALIA_STORE` as `storage.store` if neither set that."""
+    cfg = load_config(getattr(args, "config", None), getattr(args, "set", None) or ())
+    if "store" in cfg.storage.model_fields_set or not os.environ.get(STORE_ENV):
+        return cfg
+    return _with_option(cfg, "storage.store", f"${STORE_ENV}", os.environ[STORE_ENV])
 
 
 def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> ThaliaConfig:
@@ -37,38 +60,61 @@ def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> Th
         raise ConfigError(f"{option} {value}: " + " ".join(str(err).split())) from None
 
 
-def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("config", nargs=None if required else "?", help="run configuration (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+# ------------------------------------------------------------------------------------- output
+def _plain(value: Any) -> Any:
+    """JSON types for a command's document: dataclasses as objects, dates in ISO 8601, numpy scalars as
+    numbers, NaN and infinities as null (strict JSON, which jq and pandas read as it is)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy and torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, date):
+        return value.isoformat()
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _emit_json(args: argparse.Namespace, value: object) -> None:
+    """The command's one JSON document, on the real stdout (see `main`)."""
+    print(json.dumps(_plain(value), indent=2, allow_nan=False), file=args.summary_out)
+
+
+def _show(args: argparse.Namespace, document: object, text: str) -> None:
+    """What a command reports: `document` as JSON with `--json`, else `text` for people."""
+    if args.json:
+        _emit_json(args, document)
+    else:
+        print(text)
 
 
 # ----------------------------------------------------------------------------------- handlers
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else cfg.to_yaml(), end="")
+    if args.json:
+        _emit_json(args, cfg.model_dump(mode="json"))
+    else:
+        print(cfg.to_yaml(), end="")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from thalia_ray.models.registry import REGISTRY, smp_encoders, timm_classifiers
 
-    for name, spec in REGISTRY.items():
-        print(f"{name:22s} {spec.family:16s} {'/'.join(spec.tasks):28s} {spec.arch}")
-    if args.all:
-        print("\nclassification, model.name = any timm model (installed timm):")
-        print("\n".join(timm_classifiers()))
-        print("\nsegmentation, model.encoder = any smp encoder, or tu-<timm model> (installed smp):")
-        print("\n".join(smp_encoders()))
+    registry = [{"name": name, "family": spec.family, "tasks": list(spec.tasks), "arch": spec.arch}
+                for name, spec in REGISTRY.items()]
+    installed = {"timm_classifiers": timm_classifiers(), "smp_encoders": smp_encoders()} if args.all else {}
+    lines = [f"{m['name']:22s} {m['family']:16s} {'/'.join(m['tasks']):28s} {m['arch']}" for m in registry]
+    if installed:
+        lines += ["\nclassification, model.name = any timm model (installed timm):", *installed["timm_classifiers"],
+                  "\nsegmentation, model.encoder = any smp encoder, or tu-<timm model> (installed smp):",
+                  *installed["smp_encoders"]]
+    _show(args, {"registry": registry, **installed}, "\n".join(lines))
     return 0
-
-
-def _emit_json(args: argparse.Namespace, value: object) -> None:
-    """A command's `--json` summary: the one JSON document on stdout (see `main`)."""
-    from dataclasses import asdict, is_dataclass
-
-    stream = getattr(args, "summary_out", sys.stdout)
-    print(json.dumps(asdict(value) if is_dataclass(value) else value, indent=2, default=str), file=stream)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -90,11 +136,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
             progress=lambda line: frames.update(1) if progress.on_terminal() else print(line, file=sys.stderr),
         )
     frames.close()
-    if args.json:
-        _emit_json(args, report)
-        return 0
-    print(f"wrote {report.frames} frames, {report.pairs} interferograms, {report.groups} series to {args.out} "
-          f"in {report.seconds:.1f} s")
+    _show(args, report, f"wrote {report.frames} frames, {report.pairs} interferograms, {report.groups} series to "
+                        f"{args.out} in {report.seconds:.1f} s")
     return 0
 
 
@@ -106,13 +149,11 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
     cfg = _with_option(_config(args), "data.length", "--length", args.length)
     location_present(args.data, "--data", cfg.storage)
     counts = index_counts(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
-    if args.json:
-        print(json.dumps(counts, indent=2))
-        return 0
-    print(f"T={args.length} policy={args.policy} data={args.data}")
-    print(f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}")
-    for split, row in counts.items():
-        print(f"{split:8s} {row['samples']:9d} {row['positives']:10d} {row['negatives']:10d}")
+    lines = [f"T={args.length} policy={args.policy} data={args.data}",
+             f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}"]
+    lines += [f"{split:8s} {row['samples']:9d} {row['positives']:10d} {row['negatives']:10d}"
+              for split, row in counts.items()]
+    _show(args, counts, "\n".join(lines))
     return 0
 
 
@@ -149,12 +190,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                                samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
                                all_channels=args.all_channels, seed=cfg.seed,
                                locations=DataLocations.of(cfg.data, cfg.storage))
-    if args.json:
-        _emit_json(args, report)
-        return 0
-    print(f"{report.shards_written} shards written, {report.shards_kept} kept, {sum(report.samples.values())} "
-          f"samples {report.samples}, {report.bytes / 1e6:.1f} MB, {len(report.skipped)} skipped, "
-          f"{report.seconds:.1f} s → {report.root}")
+    _show(args, report, f"{report.shards_written} shards written, {report.shards_kept} kept, "
+                        f"{sum(report.samples.values())} samples {report.samples}, {report.bytes / 1e6:.1f} MB, "
+                        f"{len(report.skipped)} skipped, {report.seconds:.1f} s → {report.root}")
     return 0
 
 
@@ -173,10 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = fit(cfg, store=store, lease=lease)
     finally:
         lease.release()
-    if args.json:
-        _emit_json(args, result)
-        return 0
-    print(result)
+    _show(args, result, str(result))
     return 0
 
 
@@ -186,14 +221,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from thalia_ray.train.evaluate import evaluate_run
 
     store = ExperimentStore(args.store)
-    cfg = store.run(args.run).read_config()
+    cfg = store.existing_run(args.run).read_config()
     preflight.for_evaluation(cfg, args.split)
     with runtime.start(cfg.runtime):
         result = evaluate_run(store, args.run, split=args.split)
-    if args.json:
-        _emit_json(args, result)
-        return 0
-    print(result)
+    _show(args, result, str(result))
     return 0
 
 
@@ -201,17 +233,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray import runtime
     from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
     from thalia_ray.predict.job import PredictOptions, execute, prepare
+    from thalia_ray.preflight import location_present
     from thalia_ray.store import ExperimentStore
 
     store = ExperimentStore(args.store)
     cfg = store.existing_run(args.run).read_config()
+    location_present(args.data, "--data")  # a missing dataset is a dataset error, named as such
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     options = PredictOptions(data=args.data, out=args.out, pairs=args.pairs, frames=args.frames, overlap=args.overlap,
                              batch_size=args.batch_size, actors=args.actors, threshold=threshold)
     plan = prepare(store, args.run, options)  # run, frames and pairs are checked before Ray starts
     with runtime.start(cfg.runtime):
         report = execute(store, plan, options)
-    print(report.summary())
+    _show(args, report, report.summary())
     return 1 if report.failed else 0
 
 
@@ -220,7 +254,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     from thalia_ray.store import ExperimentStore
 
     result = export_run(ExperimentStore(args.store), args.run, args.format, args.out)
-    print(result.summary())
+    _show(args, result, result.summary())
     return 0
 
 
@@ -236,13 +270,19 @@ def _reconciled_store(location: str, target: str | None = None) -> ExperimentSto
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from thalia_ray.store import format_run, format_runs_table
+    from thalia_ray.store import ExperimentStore, format_run, format_runs_table, run_document
 
-    store = _reconciled_store(args.store, args.run_id)
-    if args.run_id:
-        print(format_run(store.run(args.run_id)))
-    else:
-        print(format_runs_table(store.list_runs()))
+    if args.action == "list":
+        if args.run_id:
+            raise UsageError(f"runs list takes no run id; `{PROG} runs show {args.run_id}` shows that run")
+        summaries = _reconciled_store(args.store).existing_runs()
+        _show(args, summaries, format_runs_table(summaries))
+        return 0
+    if not args.run_id:
+        raise UsageError(f"runs show: give a run id (`{PROG} runs list` lists them)")
+    record = ExperimentStore(args.store).existing_run(args.run_id)
+    record.reconcile()  # a run whose driver is gone is shown as interrupted, never as running
+    _show(args, run_document(record), format_run(record))
     return 0
 
 
@@ -253,11 +293,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from thalia_ray import preflight, runtime
     from thalia_ray.store import ExperimentStore
     from thalia_ray.store.leaderboard import leaderboard_text
-    from thalia_ray.tune.driver import run_sweep
+    from thalia_ray.tune.driver import resolve_sweep_id, run_sweep
 
     preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
+    sweep_id = resolve_sweep_id(cfg, args.resume, args.sweep_id)  # an unknown sweep to resume: before Ray starts
     with runtime.start(cfg.runtime):
-        summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
+        summary = run_sweep(cfg, resume=args.resume, sweep_id=sweep_id)
     if args.json:
         _emit_json(args, summary.to_json())
         return 0 if summary.status == "finished" else 1
@@ -268,18 +309,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from thalia_ray.store import leaderboard
+    from thalia_ray.store import StoreError, leaderboard
     from thalia_ray.tables import render
 
     store = _reconciled_store(args.store)
-    chosen = (args.sweep, args.metric, args.mode, args.task)
+    sweep = None if args.sweep == "all" else store.existing_sweep(args.sweep).sweep_id
+    fmt = "json" if args.json else args.format
+    chosen = (sweep, args.metric, args.mode, args.task)
     best = leaderboard.best_config(store, *chosen) if args.best_config else None  # its errors before any output
-    if args.breakdown or args.format in ("csv", "json"):
-        table = (leaderboard.breakdown_table(store, args.breakdown, *chosen) if args.breakdown
-                 else leaderboard.runs_table(store, *chosen))
-        print(render(table, args.format))
+    table = (leaderboard.breakdown_table(store, args.breakdown, *chosen) if args.breakdown
+             else leaderboard.runs_table(store, *chosen))
+    if not table.rows:  # nothing to rank (a mistyped store, no results yet) is an error, not an empty table
+        shown = f"a {args.breakdown} breakdown of the best run" if args.breakdown else "runs with results"
+        raise StoreError(f"no {shown} in {store.root.url}" + (f" for sweep {sweep}" if sweep else ""))
+    if args.breakdown or fmt in ("csv", "json"):
+        print(render(table, fmt), file=args.summary_out)
     else:
-        print(leaderboard.leaderboard_text(store, args.sweep, args.format, args.metric, args.mode, args.task))
+        print(leaderboard.leaderboard_text(store, sweep, fmt, args.metric, args.mode, args.task), file=args.summary_out)
     if best is not None:
         from thalia_ray.storage import resolve
 
@@ -292,11 +338,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from thalia_ray.report.page import write_report
 
     page = write_report(_reconciled_store(args.store, args.target), args.target, args.out)
-    print(page.url)
+    if not args.json:
+        print(page.url)  # before the browser check, which may fail
+    shot = None
     if args.screenshot:
         from thalia_ray.report.browser import screenshot_beside
 
-        print(screenshot_beside(page).url)
+        shot = screenshot_beside(page).url
+    if args.json:
+        _emit_json(args, {"target": args.target, "page": page.url, "screenshot": shot})
+    elif shot:
+        print(shot)
     return 0
 
 
@@ -305,10 +357,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     if args.print_ray_command:
-        print(plain_ray_command(spec, args.address))
+        command = plain_ray_command(spec, args.address)
+        _show(args, {"submission_id": spec.submission_id, "ray_command": command}, command)
         return 0
     outcome = submit(spec, args.address, follow=args.follow)
-    print(outcome.summary())
+    _show(args, outcome, outcome.summary())
     return 0 if outcome.succeeded or not args.follow else 1
 
 
@@ -316,15 +369,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from thalia_ray.jobs import format_jobs, job_logs, list_jobs, stop_job
 
     if args.action == "list":
-        print(format_jobs(list_jobs(args.address)))
+        if args.job_id:
+            raise UsageError(f"jobs list takes no submission id; `{PROG} jobs logs {args.job_id}` shows its logs")
+        rows = list_jobs(args.address)
+        _show(args, rows, format_jobs(rows))
         return 0
     if not args.job_id:
-        raise SystemExit(f"thalia-ray jobs {args.action}: give a submission id")
+        raise UsageError(f"jobs {args.action}: give a submission id (`{PROG} jobs list` lists them)")
     if args.action == "stop":
         stopped = stop_job(args.address, args.job_id)
-        print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+        _show(args, {"submission_id": args.job_id, "stopped": stopped},
+              f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
         return 0
-    print(job_logs(args.address, args.job_id))
+    logs = job_logs(args.address, args.job_id)
+    _show(args, {"submission_id": args.job_id, "logs": logs}, logs)
     return 0
 
 
@@ -333,10 +391,12 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
 
     reports = {path: validate_file(path, args.crds) for path in args.files}
     bad = {path: problems for path, problems in reports.items() if problems}
+    if args.json:  # every file's verdict, the invalid ones too; the exit status still says whether all are valid
+        _emit_json(args, {path: {"valid": not problems, "problems": problems} for path, problems in reports.items()})
     if bad:
         raise ManifestError("; ".join(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p) for path, p in bad.items()))
-    for path in reports:
-        print(f"{path}: valid")
+    if not args.json:
+        print("\n".join(f"{path}: valid" for path in reports))
     return 0
 
 
@@ -347,148 +407,241 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from thalia_ray.bench.harness import SuiteUnavailable, write_record
-    from thalia_ray.bench.suites import SUITES, BenchOptions, run_suite
+    from thalia_ray.bench.harness import write_record
+    from thalia_ray.bench.suites import SUITES, BenchOptions, resolve_params, run_suite
 
     if args.suite == "list":
-        for name, suite in SUITES.items():
-            print(f"{name:12s} {suite.summary}")
+        _show(args, {name: suite.summary for name, suite in SUITES.items()},
+              "\n".join(f"{name:12s} {suite.summary}" for name, suite in SUITES.items()))
         return 0
-    params = dict(item.partition("=")[::2] for item in args.param)
+    if args.suite not in SUITES:
+        raise UsageError(f"bench: no benchmark suite {args.suite!r}; `{PROG} bench list` lists them")
+    options = BenchOptions(size=args.size, repeats=args.repeats,
+                           params=dict(item.partition("=")[::2] for item in args.param))
     try:
-        result = run_suite(args.suite, BenchOptions(size=args.size, repeats=args.repeats, params=params))
-    except SuiteUnavailable as err:
-        print(f"thalia-ray bench {args.suite}: {err}", file=sys.stderr)
-        return 3
-    except (KeyError, ValueError) as err:
-        print(f"thalia-ray bench: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+        resolve_params(SUITES[args.suite], options)  # checked before any work starts
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    result = run_suite(args.suite, options)
     where = write_record(result, args.store)
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    _show(args, result.to_json(), result.table())
     print(f"record: {where.url}", file=sys.stderr)
     return 0
 
 
-# Commands whose `--json` prints a summary with `_emit_json`.
-JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_evaluate, cmd_sweep)
-
-
 # ------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors raised as `UsageError`: one line and status 2, like every other
+    mistake (argparse itself would print the whole usage and exit)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message}; see `{self.prog} --help`")
+
+
+def version_line() -> str:
+    """This package's version and those a bug report needs, read from metadata (nothing is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(distribution: str) -> str:
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {__version__} (Ray {of('ray')}, PyTorch {of('torch')}, Python {platform.python_version()})"
+
+
+class _Version(argparse.Action):
+    """`--version`: prints `version_line()` on stdout and exits 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        print(version_line())
+        parser.exit()
+
+
+def _count(text: str) -> int:
+    """An argument that counts something: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _in_unit_interval(text: str, *, upper_included: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 <= value <= 1 if upper_included else 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{value}: must be in [0, 1{']' if upper_included else ')'}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A share of something, in [0, 1) (e.g. the overlap of neighbouring windows)."""
+    return _in_unit_interval(text, upper_included=False)
+
+
+def _probability(text: str) -> float:
+    return _in_unit_interval(text, upper_included=True)
+
+
+def _add_json(parser: argparse._ActionsContainer, what: str) -> None:  # a parser or an option group
+    parser.add_argument("--json", action="store_true",
+                        help=f"print {what} as one JSON document on stdout (nothing else goes there)")
+
+
+def _add_store(parser: argparse.ArgumentParser, role: str = "") -> None:
+    parser.add_argument("--store", default=default_location(), metavar="LOC",
+                        help=f"experiment store: a folder or s3://bucket/prefix (default: ${STORE_ENV}, "
+                             f"else ./runs){role}")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("config", nargs=None if required else "?",
+                        help=f"run configuration (YAML); storage.store defaults to ${STORE_ENV} when it sets none")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from thalia_ray.store.leaderboard import BREAKDOWNS, HEADLINE
 
-    parser = argparse.ArgumentParser(prog="thalia-ray", description=__doc__.splitlines()[0])
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, help="print the versions of thalia-ray, Ray, PyTorch and "
+                        "Python, and exit")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
-    config = verbs.add_parser("config", help="show the resolved configuration").add_subparsers(dest="what", required=True)
-    show = config.add_parser("show", help="print the resolved configuration")
+    config = verbs.add_parser("config", help="show the resolved configuration").add_subparsers(
+        dest="what", required=True, metavar="ACTION")
+    show = config.add_parser("show", help="print the resolved configuration (YAML)")
     _add_config_args(show)
-    show.add_argument("--json", action="store_true")
+    _add_json(show, "the configuration")
     show.set_defaults(handler=cmd_config_show)
 
     models = verbs.add_parser("models", help="list the model registry")
     models.add_argument("--all", action="store_true", help="also every timm model and smp encoder installed")
+    _add_json(models, "the registry (and with --all the installed models)")
     models.set_defaults(handler=cmd_models)
 
     synth = verbs.add_parser("synth", help="generate synthetic Thalia minicubes")
     synth.add_argument("--out", required=True, help="dataset root: local path or s3://bucket/prefix")
-    synth.add_argument("--frames", type=int, default=4)
-    synth.add_argument("--size", type=int, default=128, help="frame side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--from-annotations", metavar="META_DIR", help="real annotations + time-series index")
-    synth.add_argument("--frame-ids", nargs="+", metavar="ID")
-    synth.add_argument("--max-groups", type=int, default=None, help="time-series groups per frame")
-    synth.add_argument("--workers", type=int, default=1)
-    synth.add_argument("--json", action="store_true", help="print the summary as JSON")
+    synth.add_argument("--frames", type=int, default=4, help="frames to generate (default 4)")
+    synth.add_argument("--size", type=int, default=128, help="frame side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--from-annotations", metavar="META_DIR",
+                       help="real annotations + time-series index to drive the generator")
+    synth.add_argument("--frame-ids", nargs="+", metavar="ID", help="these frames of --from-annotations only")
+    synth.add_argument("--max-groups", type=int, default=None, help="time-series groups per frame (default: all)")
+    synth.add_argument("--workers", type=int, default=1, help="frames generated in parallel (processes)")
+    _add_json(synth, "the summary")
     synth.set_defaults(handler=cmd_synth)
 
-    prepare = verbs.add_parser("prepare", help="dataset preparation").add_subparsers(dest="what", required=True)
+    prepare = verbs.add_parser("prepare", help="dataset preparation").add_subparsers(
+        dest="what", required=True, metavar="ACTION")
     index = prepare.add_parser("index", help="count samples per split")
     index.add_argument("--data", required=True, help="dataset root or folder with annotations + index")
-    index.add_argument("--length", type=int, default=1, help="time-series length T")
-    index.add_argument("--policy", choices=["enumerate", "resample"], default="enumerate")
-    index.add_argument("--json", action="store_true")
+    index.add_argument("--length", type=int, default=1, help="time-series length T (default 1)")
+    index.add_argument("--policy", choices=["enumerate", "resample"], default="enumerate",
+                       help="how series of T are drawn from each group (default enumerate)")
+    _add_json(index, "the counts")
     _add_config_args(index)  # storage settings (storage.endpoint_url) for an s3:// --data
     index.set_defaults(handler=cmd_prepare_index)
     stats = prepare.add_parser("stats", help="recompute statistics.json (a Ray job)")
     _add_config_args(stats)
     stats.add_argument("--data", help="dataset root (overrides data.root)")
-    stats.add_argument("--split", default="train")
+    stats.add_argument("--split", choices=SPLITS, default="train", help="split the statistics come from")
     stats.add_argument("--out", help="where to write statistics.json (default: print only)")
-    stats.add_argument("--json", action="store_true", help="print the statistics as JSON (the default too)")
-    stats.set_defaults(handler=cmd_prepare_stats)
+    _add_json(stats, "the statistics (the default too)")
+    stats.set_defaults(handler=cmd_prepare_stats, json=True)  # JSON either way, so stdout holds only it
 
     export = verbs.add_parser("export", help="write WebDataset shards (Ray tasks)")
     _add_config_args(export)
     export.add_argument("--data", help="dataset root (overrides data.root)")
     export.add_argument("--out", required=True, help="shard root: local path or s3://")
     export.add_argument("--length", type=int, help="time-series length T (overrides data.length)")
-    export.add_argument("--split", nargs="+", default=["train", "val", "test"])
-    export.add_argument("--samples-per-shard", type=int, default=64)
+    export.add_argument("--split", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to export")
+    export.add_argument("--samples-per-shard", type=int, default=64, help="samples per tar (default 64)")
     export.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="image precision in the shards (float16 halves their size)")
     export.add_argument("--compress", action="store_true", help="gzip the array members")
     export.add_argument("--all-channels", action="store_true",
                         help="store all nine channels, not only data.channels (one export for any channel subset)")
-    export.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    _add_json(export, "the export summary")
     export.set_defaults(handler=cmd_export)
 
     train = verbs.add_parser("train", help="train a model with Ray Train")
     _add_config_args(train)
     train.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
-    train.add_argument("--json", action="store_true", help="print the run's result as JSON")
+    _add_json(train, "the run's result")
     train.set_defaults(handler=cmd_train)
 
     evaluate = verbs.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
-    evaluate.add_argument("run", help="run id")
-    evaluate.add_argument("--store", default="./runs")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--json", action="store_true",
-                          help="print run id, split, metrics and the skipped count as JSON")
+    evaluate.add_argument("run", metavar="RUN_ID", help="run id")
+    _add_store(evaluate)
+    evaluate.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate on (default test)")
+    _add_json(evaluate, "run id, split, metrics and the skipped count")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     pred = verbs.add_parser("predict", help="run a trained model over whole frames (Ray Data batch inference)")
-    pred.add_argument("run", help="run id")
+    pred.add_argument("run", metavar="RUN_ID", help="run id")
     pred.add_argument("--data", required=True, help="dataset root with the cubes: local path or s3://")
     pred.add_argument("--out", required=True, help="output root: local path or s3:// (rerun to resume)")
     pred.add_argument("--frames", nargs="+", metavar="ID", help="only these frames")
     pred.add_argument("--pairs", default="annotated",
                       help="annotated (the time-series index), all (every pair in the cubes), or YYYYMMDD:YYYYMMDD")
-    pred.add_argument("--store", default="./runs")
-    pred.add_argument("--overlap", type=float, default=0.25, help="least overlap of neighbouring windows (fraction)")
-    pred.add_argument("--batch-size", type=int, help="windows per model call (default: train.batch_size)")
-    pred.add_argument("--actors", type=int, default=1, help="model actors (each train.cpus_per_worker CPUs, "
+    _add_store(pred)
+    pred.add_argument("--overlap", type=_fraction, default=0.25,
+                      help="least overlap of neighbouring windows, in [0, 1) (default 0.25)")
+    pred.add_argument("--batch-size", type=_count, help="windows per model call (default: train.batch_size)")
+    pred.add_argument("--actors", type=_count, default=1, help="model actors (each train.cpus_per_worker CPUs, "
                       "train.gpus_per_worker GPUs on a GPU cluster)")
-    pred.add_argument("--threshold", type=float, help="probability counted as deformation (default 0.5, the argmax rule)")
+    pred.add_argument("--threshold", type=_probability,
+                      help="probability counted as deformation, in [0, 1] (default 0.5, the argmax rule)")
+    _add_json(pred, "the summary (units planned, written, failed; whole-frame evaluation)")
     pred.set_defaults(handler=cmd_predict)
 
     exp = verbs.add_parser("export-model", help="export a run's model (TorchScript, ONNX, safetensors) + model card")
-    exp.add_argument("run", help="run id")
-    exp.add_argument("--format", choices=["torchscript", "onnx", "safetensors"], required=True)
+    exp.add_argument("run", metavar="RUN_ID", help="run id")
+    exp.add_argument("--format", choices=["torchscript", "onnx", "safetensors"], required=True, help="model format")
     exp.add_argument("--out", required=True, help="file to write; the model card goes beside it (.card.json)")
-    exp.add_argument("--store", default="./runs")
+    _add_store(exp)
+    _add_json(exp, "where the model and its card were written, and the parity check")
     exp.set_defaults(handler=cmd_export_model)
 
     runs = verbs.add_parser("runs", help="list runs in the experiment store, or show one")
-    runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
-    runs.add_argument("run_id", nargs="?")
-    runs.add_argument("--store", default="./runs")
+    runs.add_argument("action", nargs="?", choices=["list", "show"], default="list",
+                      help="list (default) or show RUN_ID")
+    runs.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run to show")
+    _add_store(runs)
+    _add_json(runs, "the runs (list) or all of a run's records (show)")
     runs.set_defaults(handler=cmd_runs)
 
     sweep = verbs.add_parser("sweep", help="run a Ray Tune sweep (each trial a Ray Train run)")
     _add_config_args(sweep, required=True)
     sweep.add_argument("--resume", action="store_true", help="resume the newest sweep of this name")
     sweep.add_argument("--sweep-id", help="resume or name this exact sweep")
-    sweep.add_argument("--json", action="store_true", help="print the sweep summary as JSON")
+    _add_json(sweep, "the sweep summary")
     sweep.set_defaults(handler=cmd_sweep)
 
     board = verbs.add_parser("leaderboard", help="rank stored runs; breakdowns; best config")
-    board.add_argument("sweep", nargs="?", default="all", help="a sweep id, or 'all'")
-    board.add_argument("--store", default="./runs")
-    board.add_argument("--format", choices=["terminal", "markdown", "csv", "json"], default="terminal",
+    board.add_argument("sweep", nargs="?", default="all", metavar="SWEEP_ID|all", help="a sweep id, or all (default)")
+    _add_store(board)
+    shape = board.add_mutually_exclusive_group()
+    shape.add_argument("--format", choices=["terminal", "markdown", "csv", "json"], default="terminal",
                        help="csv and json: one table, one row per run, full precision")
+    _add_json(shape, "the table (the same as --format json)")
     board.add_argument("--breakdown", choices=BREAKDOWNS,
                        help="instead: the best run's Deformation metrics per group of this field")
     board.add_argument("--metric", help="validation metric to rank by (default: a sweep's Tune metric, else "
@@ -499,79 +652,92 @@ def build_parser() -> argparse.ArgumentParser:
     board.set_defaults(handler=cmd_leaderboard)
 
     report = verbs.add_parser("report", help="an HTML report of a run or a sweep (figures, gallery)")
-    report.add_argument("target", metavar="RUN_ID|SWEEP_ID")
-    report.add_argument("--store", default="./runs")
+    report.add_argument("target", metavar="RUN_ID|SWEEP_ID", help="the run or sweep to report")
+    _add_store(report)
     report.add_argument("--out", help="folder for index.html (default: the run's or sweep's report/ folder)")
     report.add_argument("--screenshot", action="store_true",
                         help="also check the page in headless Chromium and save screenshot.png beside it")
+    _add_json(report, "where the page (and screenshot) were written")
     report.set_defaults(handler=cmd_report)
 
     submit = verbs.add_parser("submit", help="submit a job spec through the Ray Jobs API")
     submit.add_argument("spec", help="a job spec, e.g. jobs/train-cls-single.yaml")
     submit.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
-    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the job's run configuration (repeatable)")
     submit.add_argument("--follow", action="store_true", help="stream logs and wait for the final status")
     submit.add_argument("--print-ray-command", action="store_true",
                         help="print the equivalent `ray job submit` command instead of submitting")
+    _add_json(submit, "the submission's outcome (or the ray command)")
     submit.set_defaults(handler=cmd_submit)
 
     jobs = verbs.add_parser("jobs", help="list, stop or show the logs of submitted jobs")
-    jobs.add_argument("action", nargs="?", choices=["list", "stop", "logs"], default="list")
-    jobs.add_argument("job_id", nargs="?")
-    jobs.add_argument("--address")
+    jobs.add_argument("action", nargs="?", choices=["list", "stop", "logs"], default="list",
+                      help="list (default), stop ID or logs ID")
+    jobs.add_argument("job_id", nargs="?", metavar="ID", help="submission id (stop, logs)")
+    jobs.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    _add_json(jobs, "the jobs, the stop request's result or the logs")
     jobs.set_defaults(handler=cmd_jobs)
 
-    cluster = verbs.add_parser("cluster", help="cluster configurations").add_subparsers(dest="what", required=True)
+    cluster = verbs.add_parser("cluster", help="cluster configurations").add_subparsers(
+        dest="what", required=True, metavar="ACTION")
     check = cluster.add_parser("validate", help="validate KubeRay manifests and `ray up` configs offline, strictly")
-    check.add_argument("files", nargs="+", help="YAML files (KubeRay resources or cluster-launcher configs)")
+    check.add_argument("files", nargs="+", metavar="FILE",
+                       help="YAML files (KubeRay resources or cluster-launcher configs)")
     check.add_argument("--crds", metavar="PATH", help="KubeRay CRDs: a folder of CRD YAML files or the output of "
                        "`kubectl get crd rayclusters.ray.io rayjobs.ray.io -o yaml` (default: $THALIA_CRDS)")
+    _add_json(check, "each file's verdict and problems")
     check.set_defaults(handler=cmd_cluster_validate)
 
     demo = verbs.add_parser("demo", help="the end-to-end job on a local single-node Ray")
     demo.add_argument("--workdir", default=".", help="where data/ and runs/ are written")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="dotted override of the demo's configuration (repeatable)")
     demo.set_defaults(handler=cmd_demo)
 
     bench = verbs.add_parser("bench", help="benchmark suites: the project's path vs its baseline, interleaved")
-    bench.add_argument("suite", help="a suite name, or 'list'")
-    bench.add_argument("--store", default="./runs", help="experiment store; the record goes to {store}/bench/")
-    bench.add_argument("--repeats", type=int, help="interleaved repetitions (default: the suite's)")
+    bench.add_argument("suite", help="a suite name, or list")
+    _add_store(bench, "; the record goes to {store}/bench/")
+    bench.add_argument("--repeats", type=_count, help="interleaved repetitions (default: the suite's)")
     bench.add_argument("--size", choices=["small", "medium", "large"], default="small", help="size preset")
     bench.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="override one preset value, e.g. --param crop=96 (repeatable)")
-    bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    _add_json(bench, "the record (or the suites, for list)")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
 
-def _debug(args: argparse.Namespace) -> bool:
-    return bool(args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"))
+def _debug(args: argparse.Namespace | None) -> bool:
+    return bool((args is not None and args.debug) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # A `--json` summary must be all of stdout, but Ray prints to the driver's stdout from its own threads
-    # (e.g. raylet warnings): everything else written to stdout goes to stderr while the command runs.
-    summary = args.handler in JSON_SUMMARIES and args.json
-    args.summary_out = sys.stdout
+    args = None
     try:
-        with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
+        args = build_parser().parse_args(argv)
+        # A `--json` document must be all of stdout, but Ray prints to the driver's stdout from its own
+        # threads (e.g. raylet warnings): everything else written to stdout goes to stderr meanwhile.
+        args.summary_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext():
             return args.handler(args)
+    except BrokenPipeError:  # the reader went away (`thalia-ray runs | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # nothing left to flush at exit
+        return SIGPIPE_STATUS
     except (ThaliaError, OSError) as err:  # a user's mistake or the disk's: one line, no traceback
         if _debug(args):
             raise
         shown = _raised_in_task(err)
-        print(f"thalia-ray: {shown}", file=sys.stderr)
+        print(f"{PROG}: {shown}", file=sys.stderr)
         return getattr(shown, "exit_code", StorageProblem.exit_code)  # an OSError is the disk's or the network's
 
 
 def _raised_in_task(err: BaseException) -> BaseException:
     """The error a Ray task raised, without the task's traceback that Ray puts in front of it (Ray
     re-raises it as a RayTaskError that is also an instance of the original's class)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
+    exceptions = sys.modules.get("ray.exceptions")  # a RayTaskError exists only once Ray is imported
+    if exceptions is None:
+        return err
+    while isinstance(err, exceptions.RayTaskError) and isinstance(err.cause, BaseException):
         err = err.cause
     return err
 

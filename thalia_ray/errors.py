@@ -7,7 +7,7 @@ from missing data or an unreachable store without parsing messages. Concrete err
 | status | kind |
 | --- | --- |
 | 1 | any other user-fixable error |
-| 2 | configuration: YAML files, `--set` overrides, field values |
+| 2 | configuration and usage: YAML files, `--set` overrides, field values, command-line arguments |
 | 3 | dataset: root, annotations, time-series index, cubes |
 | 4 | shards: missing export, manifest, channels, damaged members |
 | 5 | cluster manifests and CRD schemas |
@@ -29,6 +29,10 @@ class ConfigProblem(ThaliaError, ValueError):
     """A YAML file, a `--set` override or a field value that cannot be used."""
 
     exit_code = 2
+
+
+class UsageError(ConfigProblem):
+    """Command-line arguments that do not fit the command: an unknown option or choice, a missing id."""
 
 
 class DataProblem(ThaliaError, ValueError):

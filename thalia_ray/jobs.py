@@ -61,11 +61,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import ClusterProblem, JobSpecProblem
 from thalia_ray.storage import file_url_path
-from thalia_ray.store.layout import make_run_id
+from thalia_ray.store.layout import STORE_ENV, make_run_id
 from thalia_ray.tables import Table, render
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-STORE_ENV = "THALIA_STORE"
 PROGRAM = "thalia-ray"
 ID_FLAGS = {"train": "--run-id", "sweep": "--sweep-id"}  # the store records these jobs under the submission id
 STORE_VERBS = ("train", "sweep")  # verbs that read the dataset and write to the experiment store

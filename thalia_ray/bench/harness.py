@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
+from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location
 from thalia_ray.tables import Table, render
 
 
-class SuiteUnavailable(RuntimeError):
-    """This suite cannot measure anything on this machine (e.g. the GPU suite without a GPU)."""
+class SuiteUnavailable(ThaliaError, RuntimeError):
+    """This suite cannot measure anything on this machine (e.g. the GPU suite without a GPU): neither the
+    configuration nor the data is at fault, so it exits with the status of any other error."""
 
 
 @dataclass(frozen=True)

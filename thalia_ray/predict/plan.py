@@ -81,9 +81,12 @@ def _cube_groups(root: str, frame_id: str, first: str | None, last: str | None) 
 
 def plan_units(root: str, pairs: str, length: int, frames: Sequence[str] | None, seed: int = 0,
                label_rule: str = "union") -> list[Unit]:
-    """Every unit to predict, sorted by key. Raises PlanError naming a requested frame with no cube."""
+    """Every unit to predict, sorted by key. Raises DataError for a root without cubes, PlanError naming a
+    requested frame with no cube, or a request that selects no unit at all."""
     mode, first, last = parse_pairs(pairs)
     available = inputs.frame_ids(root)
+    if not available:
+        raise inputs.DataError(f"--data {root}: no cubes (*{inputs.schema.CUBE_SUFFIX}) to predict on")
     missing = sorted(set(frames or ()) - set(available))
     if missing:
         raise PlanError(f"--frames: no cube for {missing} under {root} (cubes: {available or 'none'})")
@@ -100,4 +103,7 @@ def plan_units(root: str, pairs: str, length: int, frames: Sequence[str] | None,
         groups = [g for f in wanted for g in _cube_groups(root, f, first, last)]
     labels = _labels(annotated)
     units = [u for g in groups for u in _series(g, length, seed, label_rule, labels)]
+    if not units:
+        raise PlanError(f"--pairs {pairs!r}{f' --frames {list(frames)}' if frames else ''}: no interferogram "
+                        f"{'series of T=' + str(length) + ' ' if length > 1 else ''}under {root} to predict")
     return sorted({u.key: u for u in units}.values(), key=lambda u: u.key)

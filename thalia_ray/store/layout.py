@@ -9,17 +9,25 @@ Run ids are safe as folder names, Ray run names and object keys: letters, digits
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
 
+from thalia_ray.config import StorageConfig
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.records import RunRecord, RunSummary, StoreError, SweepRecord
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 NAME_LIMIT = 48
+STORE_ENV = "THALIA_STORE"  # the store of commands given none (job specs have the cluster provide it)
+
+
+def default_location() -> str:
+    """Where commands given no store look: $THALIA_STORE, else the configuration's default (`./runs`)."""
+    return os.environ.get(STORE_ENV) or StorageConfig.model_fields["store"].default
 
 
 def make_run_id(name: str, now: datetime | None = None, token: str | None = None) -> str:
@@ -66,6 +74,13 @@ class ExperimentStore:
     def sweep(self, sweep_id: str) -> SweepRecord:
         return SweepRecord(self.sweeps_root.join(check_id(sweep_id, "sweep id")))
 
+    def existing_sweep(self, sweep_id: str) -> SweepRecord:
+        """The record of a sweep that must already exist, e.g. for `leaderboard SWEEP_ID`."""
+        record = self.sweep(sweep_id)
+        if not record.exists():
+            raise StoreError(f"no sweep {sweep_id!r} in {self.sweeps_root}")
+        return record
+
     def run_ids(self) -> list[str]:
         return [name for name in self.runs_root.list() if _ID.match(name)]
 
@@ -80,6 +95,14 @@ class ExperimentStore:
             if sweep is None or summary.sweep == sweep:
                 summaries.append(summary)
         return sorted(summaries, key=lambda s: (s.created or "", s.run_id), reverse=True)
+
+    def existing_runs(self) -> list[RunSummary]:
+        """`list_runs()`, where a store holding no run is an error: a mistyped store location must not
+        read as an empty result."""
+        summaries = self.list_runs()
+        if not summaries:
+            raise StoreError(f"no runs in {self.root.url}: is the store location (--store, {STORE_ENV}) right?")
+        return summaries
 
     def reconcile_runs(self, run_id: str | None = None) -> list[str]:
         """Mark `running` runs whose driver is gone (all, or `run_id`) as interrupted; returns their ids."""

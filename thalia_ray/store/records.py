@@ -474,6 +474,10 @@ class SweepRecord:
     def sweep_id(self) -> str:
         return self.loc.name
 
+    def exists(self) -> bool:
+        """A sweep writes its summary when it starts (status running) and again when it ends."""
+        return self.loc.join(SUMMARY).exists()
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         self.loc.join(SUMMARY).write_json(jsonable(dict(summary), f"sweep {self.sweep_id} summary"))
 
@@ -583,9 +587,15 @@ def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
     return lines + [line(frame, m) for frame, m in sorted(evaluation["per_frame"].items())]
 
 
+def run_document(record: RunRecord) -> dict[str, Any]:
+    """Everything `thalia-ray runs show ID` tells about a run, as one JSON-ready mapping: the fields of
+    `run.json`, then `history`, `results`, `skipped` and `whole_frame` (None where the run has none)."""
+    return {**record.read_status(), "history": record.read_history(), "results": record.read_results(),
+            "skipped": record.read_skipped(), "whole_frame": record.read_whole_frame()}
+
+
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
-    text = format_run_details(record.read_status(), record.read_history(), record.read_results(),
-                              record.read_skipped())
-    whole_frame = record.read_whole_frame()
-    return "\n".join([text, *format_whole_frame(whole_frame)]) if whole_frame else text
+    run = run_document(record)
+    text = format_run_details(run, run["history"], run["results"], run["skipped"])
+    return "\n".join([text, *format_whole_frame(run["whole_frame"])]) if run["whole_frame"] else text

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.store import ExperimentStore
-from thalia_ray.store.records import STATUS
+from thalia_ray.store.records import STATUS, StoreError
 from thalia_ray.tune import space
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,17 @@ def _finished_history(store: ExperimentStore, run_id: str) -> list[dict[str, Any
     return record.read_history() if record.read_results() is not None else []
 
 
-def _resolve_sweep_id(store: ExperimentStore, name: str, resume: bool, sweep_id: str | None) -> str:
+def resolve_sweep_id(cfg: ThaliaConfig, resume: bool = False, sweep_id: str | None = None) -> str:
+    """The id a sweep of `cfg` runs under: `sweep_id` (checked) when given, with `resume` the newest sweep
+    of its name (a StoreError when there is none), else a new id. Needs no Ray: the CLI asks first."""
+    store = ExperimentStore(cfg.storage.store, cfg.storage)
     if sweep_id:
-        return sweep_id
+        return store.sweep(sweep_id).sweep_id
+    name = (cfg.sweep.name if cfg.sweep else None) or f"{cfg.name}-sweep"
     if resume:
         existing = sorted(n for n in store.sweeps_root.list() if n.startswith(f"{name}-"))
         if not existing:
-            raise ConfigError(f"--resume: no sweep named {name!r} in {store.sweeps_root}")
+            raise StoreError(f"--resume: no sweep named {name!r} in {store.sweeps_root}")
         return existing[-1]  # ids embed a UTC timestamp: the last is the newest
     return store.new_run_id(name)
 
@@ -94,8 +98,7 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
     if sweep is None:
         raise ConfigError("sweep: this configuration has no sweep section")
     store = ExperimentStore(cfg.storage.store, cfg.storage)
-    name = sweep.name or f"{cfg.name}-sweep"
-    sweep_id = _resolve_sweep_id(store, name, resume, sweep_id)
+    sweep_id = resolve_sweep_id(cfg, resume, sweep_id)
     base_yaml = cfg.model_copy(update={"sweep": None}).to_yaml()
     trainable = tune.with_resources(_trial_fn(base_yaml, store.root.url, sweep_id), DRIVER_RESOURCES)
     fs, root = store.ray_storage()
