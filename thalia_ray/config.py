@@ -26,6 +26,7 @@ from pydantic import (
 
 from thalia_ray.data import schema
 from thalia_ray.errors import ConfigProblem
+from thalia_ray.traffic import DEFAULT_REQUEST_PRICE
 
 
 class ConfigError(ConfigProblem):
@@ -305,7 +306,7 @@ class StorageConfig(Section):
     requests_in_flight: int = Field(64, ge=1, le=1024)
     request_timeout_s: float = Field(10.0, gt=0)
     request_attempts: int = Field(8, ge=1, le=20)
-    request_price_per_1000: float = Field(0.0004, ge=0)  # price of 1,000 GETs, for the cost in runs show/report
+    request_price_per_1000: float = Field(DEFAULT_REQUEST_PRICE, ge=0)  # of 1,000 GETs: the cost in runs show/report
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 PREFIX = "storage/"
+DEFAULT_REQUEST_PRICE = 0.0004  # per 1,000 GETs: AWS S3 Standard's published GET price (USD)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,26 @@ def describe(traffic: Traffic, samples: int | None = None, price_per_1000: float
             f"{traffic.resets} reset, {traffic.timeouts} timed out){cost}")
 
 
+def epoch_samples(row: Mapping[str, Any]) -> int | None:
+    """Samples an epoch of a run's history trained and validated (its rate × its seconds)."""
+    rate, seconds = row.get("time/samples_per_s"), row.get("time/epoch_s")
+    return round(rate * seconds) if isinstance(rate, (int, float)) and isinstance(seconds, (int, float)) else None
+
+
+def history_lines(history: Sequence[Mapping[str, Any]], price_per_1000: float) -> list[str]:
+    """`runs show`'s storage section: the run's totals with their cost, then one line per epoch; empty for
+    a run that read nothing from object storage."""
+    rows = [row for row in history if Traffic.from_metrics(row)]
+    if not rows:
+        return []
+    samples = [epoch_samples(row) for row in rows]
+    total = sum(s for s in samples if s) if all(samples) else None
+    lines = [f"storage   {describe(Traffic.total(rows), total, price_per_1000)}"]
+    for row, n in zip(rows, samples):
+        lines.append(f"  epoch {int(row.get('epoch', 0)):<3} {describe(Traffic.from_metrics(row), n)}")
+    return lines
+
+
 class Meter:
     """A process's running totals (thread-safe: reads run on Zarr's event-loop thread)."""
 
@@ -90,4 +111,4 @@ class Meter:
 
 TRAFFIC = Meter()
 
-__all__ = ["PREFIX", "TRAFFIC", "Meter", "Traffic", "describe", "request_cost"]
+__all__ = ["DEFAULT_REQUEST_PRICE", "PREFIX", "TRAFFIC", "Meter", "Traffic", "describe", "epoch_samples", "history_lines", "request_cost"]

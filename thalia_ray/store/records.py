@@ -29,6 +29,7 @@ from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
+from thalia_ray.traffic import DEFAULT_REQUEST_PRICE, Traffic, history_lines
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
 Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
@@ -435,6 +436,13 @@ class RunRecord:
         loc = self.loc.join(WHOLE_FRAME)
         return loc.read_json() if loc.exists() else None
 
+    def request_price(self) -> float:
+        """The run's `storage.request_price_per_1000` (the default where its config cannot be read)."""
+        try:
+            return float(self.read_config().storage.request_price_per_1000)
+        except Exception:  # noqa: BLE001 - a missing or older config prices at the default
+            return DEFAULT_REQUEST_PRICE
+
     # ------------------------------------------------------------------------------ summary
     def summary(self) -> RunSummary:
         """Identity, status and headline metric, for listings."""
@@ -536,8 +544,10 @@ def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
 
 
 def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
-                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None) -> str:
-    """The text of `thalia-ray runs show ID`, from a run's records (pure)."""
+                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None,
+                       request_price: float = DEFAULT_REQUEST_PRICE) -> str:
+    """The text of `thalia-ray runs show ID`, from a run's records (pure); `request_price` prices the
+    run's object-storage requests (per 1,000 GETs)."""
     lines = [f"run       {status.get('run_id', '?')}"]
     for key in ("name", "status", "kind", "task", "model", "sweep", "created", "updated"):
         if status.get(key) is not None:
@@ -554,6 +564,7 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
                      for row in skipped[:SHOWN_SKIPPED])
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
+    lines.extend(history_lines(history, request_price))
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
         lines.append("results:")
@@ -581,6 +592,6 @@ def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
     text = format_run_details(record.read_status(), record.read_history(), record.read_results(),
-                              record.read_skipped())
+                              record.read_skipped(), record.request_price())
     whole_frame = record.read_whole_frame()
     return "\n".join([text, *format_whole_frame(whole_frame)]) if whole_frame else text
