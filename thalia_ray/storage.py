@@ -97,7 +97,8 @@ class S3Options:
 def _client_config(options: S3Options, client_retries: bool = True) -> dict[str, Any]:
     attempt = options.attempt_timeout_s
     return {"connect_timeout": min(5.0, attempt), "read_timeout": attempt,
-            "retries": {"max_attempts": 2 if client_retries else 1, "mode": "standard"},
+            # botocore's max_attempts counts retries, not attempts: 0 means one attempt, no retry
+            "retries": {"max_attempts": 2 if client_retries else 0, "mode": "standard"},
             "max_pool_connections": max(10, options.reads.in_flight)}
 
 

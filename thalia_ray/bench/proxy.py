@@ -11,7 +11,7 @@ client's connection pool, signing and retries behave exactly as against a remote
   requests in flight hide it as they would against S3;
 - bandwidth: response bytes pass a token bucket shared by all connections (`bandwidth` bytes/s);
 - faults (each request draws once from a generator seeded by `seed`): `slowdown` answers
-  `503 SlowDown` itself, `reset` aborts the connection (TCP RST) instead of forwarding, `stall`
+  `503 SlowDown` itself (and closes the connection), `reset` aborts the connection (TCP RST) instead of forwarding, `stall`
   holds the request `stall_s` before forwarding it.
 
 Counts of requests and of each fault injected are kept (`stats()`), so a test can compare them with
@@ -36,7 +36,9 @@ LOOPBACK = "127.0.0.1"
 _READ = 256 * 1024
 _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message></Error>")
-SLOWDOWN_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+# S3's throttling answer; the connection is closed after it (as S3 may do), so no client reads a
+# later response from a connection whose state it was unsure of
+SLOWDOWN_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
                      b"Content-Length: " + str(len(_SLOWDOWN_BODY)).encode() + b"\r\n\r\n" + _SLOWDOWN_BODY)
 
 
@@ -51,8 +53,11 @@ class Distance:
     stall: float = 0.0  # fraction of requests held `stall_s` before they are forwarded
     stall_s: float = 3.0
     seed: int = 0
+    fault_paths: str = ""  # only requests whose request line contains this are faulted ("": all)
 
-    def fault(self, rng: random.Random) -> str | None:
+    def fault(self, rng: random.Random, request_line: bytes = b"") -> str | None:
+        if self.fault_paths and self.fault_paths.encode() not in request_line:
+            return None
         draw = rng.random()
         for name, fraction in (("slowdown", self.slowdown), ("reset", self.reset), ("stall", self.stall)):
             if draw < fraction:
@@ -145,7 +150,7 @@ class Proxy:
             head = await client_r.readuntil(b"\r\n\r\n")
             self.stats.requests += 1
             body_length, streamed = _body_length(head)
-            fault = self.distance.fault(self._rng)
+            fault = self.distance.fault(self._rng, head.split(b"\r\n", 1)[0])
             if fault == "stall":
                 self.stats.stall += 1
                 await asyncio.sleep(self.distance.stall_s)
@@ -154,9 +159,11 @@ class Proxy:
             body = await client_r.readexactly(body_length) if body_length else b""
             if fault == "slowdown":
                 self.stats.slowdown += 1
-                client_w.write(SLOWDOWN_RESPONSE)
+                head_only = head.startswith(b"HEAD ")  # a response to HEAD has headers only
+                client_w.write(SLOWDOWN_RESPONSE[:SLOWDOWN_RESPONSE.index(b"\r\n\r\n") + 4] if head_only
+                               else SLOWDOWN_RESPONSE)
                 await client_w.drain()
-                continue
+                return
             if fault == "reset":
                 self.stats.reset += 1
                 _abort(client_w)
@@ -241,6 +248,45 @@ class ProxyThread:
 
     def stats(self) -> ProxyStats:
         return ProxyStats(**asdict(self.proxy.stats))
+
+
+class ProxyProcess:
+    """The stand-alone proxy (`main`) in a child process, so that its CPU is its own and can be measured."""
+
+    def __init__(self, target_port: int, distance: Distance) -> None:
+        self.distance, self.target_port = distance, target_port
+        self.process: Any = None
+        self.port = 0
+        self.final: ProxyStats | None = None
+
+    def __enter__(self) -> "ProxyProcess":
+        import subprocess
+        import sys
+
+        d = self.distance
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "thalia_ray.bench.proxy", "--target-port", str(self.target_port),
+             "--latency-ms", str(d.latency_s * 1000), "--bandwidth-mbs", str(d.bandwidth / 1e6),
+             "--slowdown", str(d.slowdown), "--reset", str(d.reset), "--stall", str(d.stall),
+             "--stall-s", str(d.stall_s), "--seed", str(d.seed)], stdout=subprocess.PIPE, text=True)
+        self.port = int(json.loads(self.process.stdout.readline())["port"])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=30)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        self.final = ProxyStats(**json.loads(lines[-1])) if lines else None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def cpu_s(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,8 @@ def free_port() -> int:
 
 @dataclass
 class S3Server:
-    """`rclone serve s3` on 127.0.0.1 over `root`; use as a context manager."""
+    """`rclone serve s3` on 127.0.0.1 over `root`; use as a context manager. Credentials: `key` and
+    `secret` when given, else generated."""
 
     root: str
     port: int = 0
@@ -51,11 +52,12 @@ class S3Server:
 
     def __enter__(self) -> "S3Server":
         self.port = self.port or free_port()
-        self.key, self.secret = f"bench{secrets.token_hex(4)}", secrets.token_hex(16)
+        self.key = self.key or f"bench{secrets.token_hex(4)}"
+        self.secret = self.secret or secrets.token_hex(16)
         # kept off the command line; quoted, as rclone reads list flags from the environment as CSV
         env = {**os.environ, "RCLONE_AUTH_KEY": f'"{self.key},{self.secret}"', "RCLONE_CONFIG": "/dev/null"}
         self.process = subprocess.Popen(
-            [rclone_binary(), "serve", "s3", "--addr", f"{LOOPBACK}:{self.port}", "--log-level", "ERROR",
+            [rclone_binary(), "serve", "s3", "--addr", f"{LOOPBACK}:{self.port}", "--log-level", "ERROR", "--copy-links",
              "--no-modtime", "--dir-cache-time", "1h", "--vfs-cache-mode", "off", self.root],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20

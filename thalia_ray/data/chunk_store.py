@@ -1,5 +1,5 @@
-"""The Zarr store of a cube in object storage: its chunks read through `object_reads` (counted,
-retried, cached on the node, many in flight), its metadata through Zarr's own fsspec store.
+"""The Zarr store of a cube in object storage: its reads go through `object_reads` (counted, retried,
+many in flight; chunks also cached on the node), listings through Zarr's own fsspec store.
 
 Zarr asks its store for each chunk a read needs, all of a sample's variables at once (`Cube.read_many`
 gathers them), so a sample costs one round trip of concurrent GETs, one per chunk under its crop;
@@ -47,8 +47,7 @@ class RemoteChunks(WrapperStore):
         return type(self)(store, self.reader, self.path, self.generation)
 
     async def get(self, key: str, prototype: Any, byte_range: ByteRequest | None = None) -> Any:
-        if key.rsplit("/", 1)[-1] in _METADATA:
-            return await self._store.get(key, prototype, byte_range)
+        metadata = key.rsplit("/", 1)[-1] in _METADATA  # read once per process; never cached
         if byte_range is None:
             start = end = None
         elif isinstance(byte_range, RangeByteRequest):
@@ -58,7 +57,7 @@ class RemoteChunks(WrapperStore):
         else:  # a suffix (a shard's index): through the fsspec store, which resolves the object's size
             return await self._store.get(key, prototype, byte_range)
         try:
-            data = await self.reader.get(f"{self.path}/{key}", start, end, self.generation)
+            data = await self.reader.get(f"{self.path}/{key}", start, end, None if metadata else self.generation)
         except FileNotFoundError:
             return None
         return prototype.buffer.from_bytes(data)

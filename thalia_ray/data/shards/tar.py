@@ -13,13 +13,16 @@ import io
 import tarfile
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from thalia_ray.errors import ShardProblem
 from thalia_ray.storage import Location, resolve
 
 
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
+# From object storage a request costs a round trip (tens of ms, in which a bucket sends MBs) and a
+# fee: neighbours up to this far apart are fetched in one ranged GET, the runs of a shard concurrently.
+_OBJECT_STORE_GAP = 4 * 2**20
 Blob = Union[bytes, memoryview]
 
 
@@ -173,7 +176,9 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
     each shard verified against its digest first (see verify_shard).
 
     Yields in shard/offset order; a failed request or check yields its error for each entry it
-    covered, so the caller can report every affected sample by shard and key."""
+    covered, so the caller can report every affected sample by shard and key. From object storage the
+    runs are cut with a larger gap and fetched at once through `object_reads` (counted, retried, cached
+    on the node under the shard's digest)."""
     by_shard: dict[Location, list[ShardEntry]] = {}
     for entry in entries:
         by_shard.setdefault(entry.shard, []).append(entry)
@@ -185,23 +190,55 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
             except Exception as err:  # noqa: BLE001 - attributed to every sample of the shard by the caller
                 yield from ((item, err) for item in items)
                 continue
-        run: list[ShardEntry] = []
-        for entry in items + [None]:  # type: ignore[list-item]
-            if run and (entry is None or entry.offset - (run[-1].offset + run[-1].size) > _COALESCE_GAP):
-                yield from _fetch_run(loc, run)
-                run = []
-            if entry is not None:
-                run.append(entry)
+        runs = coalesce(items, _OBJECT_STORE_GAP if loc.protocol == "s3" else _COALESCE_GAP)
+        if loc.protocol == "s3":
+            yield from _fetch_remote(loc, runs, items[0].sha256 or "")
+        else:
+            for run in runs:
+                yield from _split_run(run, _read(loc, run))
 
 
-def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
-    start, end = run[0].offset, run[-1].offset + run[-1].size
+def coalesce(items: Sequence[ShardEntry], gap: int) -> list[list[ShardEntry]]:
+    """Entries of one shard (sorted by offset) in runs whose neighbours are at most `gap` bytes apart."""
+    runs: list[list[ShardEntry]] = []
+    for entry in items:
+        if runs and entry.offset - (runs[-1][-1].offset + runs[-1][-1].size) <= gap:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    return runs
+
+
+def _read(loc: Location, run: list[ShardEntry]) -> bytes | Exception:
     try:
-        data = loc.read_range(start, end)
+        return loc.read_range(run[0].offset, run[-1].offset + run[-1].size)
     except Exception as err:  # noqa: BLE001 - attributed to every sample of the run by the caller
+        return err
+
+
+def _fetch_remote(loc: Location, runs: list[list[ShardEntry]], generation: str) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    from thalia_ray.object_reads import object_reader
+
+    reader = object_reader(loc.s3)
+
+    async def every_run() -> list[Any]:
+        return await asyncio.gather(*(reader.get(loc.path, run[0].offset, run[-1].offset + run[-1].size, generation)
+                                      for run in runs), return_exceptions=True)
+
+    for run, data in zip(runs, sync(every_run())):
+        yield from _split_run(run, data)
+
+
+def _split_run(run: list[ShardEntry], data: Blob | BaseException) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    if isinstance(data, BaseException):
         for item in run:
-            yield item, err
+            yield item, data if isinstance(data, Exception) else RuntimeError(str(data))
         return
+    start, end = run[0].offset, run[-1].offset + run[-1].size
     view = memoryview(data)  # one buffer per run; each sample is a view of it
     for item in run:
         chunk = view[item.offset - start:item.offset - start + item.size]
