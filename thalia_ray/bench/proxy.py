@@ -11,7 +11,7 @@ client's connection pool, signing and retries behave exactly as against a remote
   requests in flight hide it as they would against S3;
 - bandwidth: response bytes pass a token bucket shared by all connections (`bandwidth` bytes/s);
 - faults (each request draws once from a generator seeded by `seed`): `slowdown` answers
-  `503 SlowDown` itself (and closes the connection), `reset` aborts the connection (TCP RST) instead of forwarding, `stall`
+  `503 SlowDown` itself, `reset` aborts the connection (TCP RST) instead of forwarding, `stall`
   holds the request `stall_s` before forwarding it.
 
 Counts of requests and of each fault injected are kept (`stats()`), so a test can compare them with
@@ -36,9 +36,7 @@ LOOPBACK = "127.0.0.1"
 _READ = 256 * 1024
 _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                   b"<Message>Please reduce your request rate.</Message></Error>")
-# S3's throttling answer; the connection is closed after it (as S3 may do), so no client reads a
-# later response from a connection whose state it was unsure of
-SLOWDOWN_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+SLOWDOWN_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                      b"Content-Length: " + str(len(_SLOWDOWN_BODY)).encode() + b"\r\n\r\n" + _SLOWDOWN_BODY)
 
 
@@ -163,7 +161,7 @@ class Proxy:
                 client_w.write(SLOWDOWN_RESPONSE[:SLOWDOWN_RESPONSE.index(b"\r\n\r\n") + 4] if head_only
                                else SLOWDOWN_RESPONSE)
                 await client_w.drain()
-                return
+                continue
             if fault == "reset":
                 self.stats.reset += 1
                 _abort(client_w)
