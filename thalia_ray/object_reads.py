@@ -34,7 +34,7 @@ import obstore
 import obstore.exceptions
 
 from thalia_ray.node_cache import CorruptEntry, node_cache
-from thalia_ray.storage import S3Options, StorageError
+from thalia_ray.storage import S3Options, StorageError, s3_filesystem
 from thalia_ray.traffic import TRAFFIC
 
 THROTTLE_BASE_S = 0.25  # first back-off after a 503 SlowDown (doubles per attempt, capped)
@@ -79,6 +79,8 @@ class ObjectReader:
         self.settings = options.reads
         self.cache = node_cache(self.settings.cache) if self.settings.cache is not None else None
         self._stores: dict[str, Any] = {}  # bucket -> obstore S3Store
+        self._ranges_by_s3fs = False  # the server answers ranges without 206 (see _get)
+        self._fs: Any = None
         self._gates: dict[int, asyncio.Semaphore] = {}
         self._rng = random.Random()
 
@@ -123,11 +125,22 @@ class ObjectReader:
         try:
             if start is None:
                 return await (await obstore.get_async(store, key)).bytes_async()
-            if end is None:
-                return await (await obstore.get_async(store, key, options={"range": {"offset": start}})).bytes_async()
-            return await obstore.get_range_async(store, key, start=start, end=end)
+            if not self._ranges_by_s3fs:
+                options = {"range": {"offset": start} if end is None else (start, end)}
+                return await (await obstore.get_async(store, key, options=options)).bytes_async()
         except obstore.exceptions.NotFoundError as err:
             raise FileNotFoundError(f"s3://{path}: not found") from err
+        except obstore.exceptions.GenericError as err:
+            if "NotPartial" not in str(err):
+                raise
+            self._ranges_by_s3fs = True  # e.g. `rclone serve s3` answers a range with 200, not 206
+        return await self._s3fs()._cat_file(path, start=start, end=end)
+
+    def _s3fs(self) -> Any:
+        """s3fs without retries, for ranged reads from servers that obstore refuses (see `_get`)."""
+        if self._fs is None:
+            self._fs = s3_filesystem(self.options, asynchronous=True, client_retries=False)
+        return self._fs
 
     async def _fetch(self, path: str, start: int | None, end: int | None) -> Any:
         attempts = self.settings.attempts
