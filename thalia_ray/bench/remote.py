@@ -21,7 +21,8 @@ from typing import Any, Iterator
 from thalia_ray.bench.harness import Rep
 from thalia_ray.traffic import Traffic, epoch_samples
 
-BUCKET = "thalia"
+BUCKET = "thalia"  # the dataset's bucket
+SHARDS_BUCKET = "shards"  # an export's, for runs from shards
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,14 @@ def rates(epoch_rates: list[float], traffic: list[Traffic], samples: list[int], 
     return RunRates(epoch_rates[0], statistics.median(epoch_rates[1:] or epoch_rates), traffic, samples, wall_s)
 
 
-def bucket_root(data: str, tmp: str) -> str:
-    """A folder for the server whose one bucket (`BUCKET`) is the dataset (a link; rclone follows it)."""
+def bucket_root(data: str, tmp: str, shards: str = "") -> str:
+    """A folder for the server whose buckets are the dataset (`BUCKET`) and an export (`SHARDS_BUCKET`),
+    as links (rclone follows them)."""
     served = Path(tmp) / "served"
     served.mkdir()
     (served / BUCKET).symlink_to(Path(data).resolve(), target_is_directory=True)
+    if shards:
+        (served / SHARDS_BUCKET).symlink_to(Path(shards).resolve(), target_is_directory=True)
     return str(served)
 
 
@@ -69,9 +73,11 @@ def credentials(env: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def train_overrides(p: dict[str, Any], root: str, store: str) -> list[str]:
-    """The issue's setting: T=3, crop 96, batch 16, mobilenetv3_small, one worker, train + val epochs."""
-    return [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}", "data.atmospheric=[]",
+def train_overrides(p: dict[str, Any], root: str, store: str, shards: str = "") -> list[str]:
+    """The issue's setting: T=3, crop 96, batch 16, mobilenetv3_small, one worker, train + val epochs;
+    from the shards under `shards` when given."""
+    return [f"data.root={root}", *(["data.source=shards", f"data.shards={shards}"] if shards else []),
+            f"data.length={p['length']}", f"data.crop={p['crop']}", "data.atmospheric=[]",
             "data.augmentations=false", f"model.name={p['model']}", "model.task=classification",
             f"train.batch_size={p['batch_size']}", f"train.epochs={p['epochs']}", "train.num_workers=1",
             f"train.cpus_per_worker={p['cpus_per_worker']}", "train.max_steps_per_epoch=null",

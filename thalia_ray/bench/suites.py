@@ -325,13 +325,15 @@ def remote_suite(p: Params, repeats: int, result: BenchResult) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = p["data"] or _synthesize(tmp, p)
         distance = Distance(latency_s=latency / 1000, bandwidth=p["bandwidth_mbs"] * 1e6)
-        with S3Server(remote.bucket_root(data, tmp)) as server, ProxyProcess(server.port, distance) as proxy, \
+        shards = p["shards"]
+        with S3Server(remote.bucket_root(data, tmp, shards)) as server, ProxyProcess(server.port, distance) as proxy, \
                 remote.credentials(server.credentials()), runtime.start(RuntimeConfig(log_level="WARNING")):
             runs: dict[str, list[remote.RunRates]] = {"local": [], "s3": [], "loader": []}
             cpu = {"server": 0.0, "proxy": 0.0}
             for i in range(repeats):
-                base = remote.train_overrides(p, data, f"{tmp}/store")
-                s3 = [*remote.train_overrides(p, f"s3://{remote.BUCKET}", f"{tmp}/store"),
+                base = remote.train_overrides(p, data, f"{tmp}/store", shards)
+                s3 = [*remote.train_overrides(p, f"s3://{remote.BUCKET}", f"{tmp}/store",
+                                              f"s3://{remote.SHARDS_BUCKET}" if shards else ""),
                       *remote.remote_overrides(proxy.url, f"{tmp}/cache-{i}" if p["cache"] else None)]
                 if p["local"]:
                     runs["local"].append(remote.train_run(base, f"{tmp}/store"))
@@ -343,10 +345,10 @@ def remote_suite(p: Params, repeats: int, result: BenchResult) -> None:
                     loader = [*s3[:-1], f"storage.cache.path={tmp}/loader-cache-{i}"] if p["cache"] else s3
                     runs["loader"].append(remote.loader_run(loader, p["loader_workers"] or usable_cpus(),
                                                             max(1, int(p["cpus_per_worker"]))))
-    where = f"S3 +{latency:g} ms" + (f", {p['bandwidth_mbs']:g} MB/s" if p["bandwidth_mbs"] else "") + \
-        (", node cache" if p["cache"] else ", no cache")
+    where = ("shards" if shards else "cubes") + f" from S3 +{latency:g} ms" + \
+        (f", {p['bandwidth_mbs']:g} MB/s" if p["bandwidth_mbs"] else "") + (", node cache" if p["cache"] else ", no cache")
     series = {}
-    for side, label in (("local", "local disk"), ("s3", f"train from {where}"), ("loader", f"plain script, DataLoader from {where}")):
+    for side, label in (("local", "local disk"), ("s3", f"train, {where}"), ("loader", f"plain script, DataLoader, {where}")):
         for part in ("first", "later"):
             if runs[side]:
                 series[side, part] = result.add(f"{label}, {part} epoch{'s' if part == 'later' else ''}", "samples/s",
@@ -554,7 +556,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3, "crop": 96,
                   "model": "mobilenetv3_small", "batch_size": 16, "epochs": 3, "cpus_per_worker": 1.0,
                   "loader_workers": 0, "latency_ms": 50.0, "bandwidth_mbs": 0.0, "cache": True, "local": True,
-                  "baseline": True} for size, groups in (("small", 20), ("medium", 150))},
+                  "baseline": True, "shards": ""} for size, groups in (("small", 20), ("medium", 150))},
           repeats=1, needs_ray=False),
     Suite("train_step", "Ray Train step throughput vs a bare PyTorch loop (same model, same batches)",
           train_step_suite, {

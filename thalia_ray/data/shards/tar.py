@@ -23,6 +23,7 @@ _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one req
 # From object storage a request costs a round trip (tens of ms, in which a bucket sends MBs) and a
 # fee: neighbours up to this far apart are fetched in one ranged GET, the runs of a shard concurrently.
 _OBJECT_STORE_GAP = 4 * 2**20
+_WHOLE_SHARD_LIMIT = 256 * 2**20  # a shard verified from object storage in one GET (held in memory once)
 Blob = Union[bytes, memoryview]
 
 
@@ -88,16 +89,30 @@ _VERIFIED_LOCK = threading.Lock()
 def verify_shard(loc: Location, sha256: str) -> None:
     """Raise ShardError unless the shard hashes to `sha256`. Checked once per shard and process:
     readers fetch byte ranges, so without this a shard changed after export would decode to
-    whatever its bytes now hold."""
+    whatever its bytes now hold. From object storage a shard up to `_WHOLE_SHARD_LIMIT` is one counted,
+    retried GET, kept in the node-local cache under its digest when that is on (so a node downloads it
+    once); a larger one is streamed through the hash as locally."""
     with _VERIFIED_LOCK:
         if (loc, sha256) in _VERIFIED:
             return
-    actual = file_sha256(loc)
+    whole = loc.protocol == "s3" and loc.size() <= _WHOLE_SHARD_LIMIT
+    actual = _remote_sha256(loc, sha256) if whole else file_sha256(loc)
     if actual != sha256:
         raise ShardError(f"shard {loc.url}: sha256 {actual[:16]}… does not match the manifest's {sha256[:16]}…; "
                          "the shard changed after export (export again to rewrite it)")
     with _VERIFIED_LOCK:
         _VERIFIED.add((loc, sha256))
+
+
+def _remote_sha256(loc: Location, sha256: str) -> str:
+    from zarr.core.sync import sync
+
+    from thalia_ray.object_reads import object_reader
+
+    async def whole() -> Any:
+        return await object_reader(loc.s3).get(loc.path, generation=sha256)
+
+    return hashlib.sha256(sync(whole())).hexdigest()
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -182,6 +197,7 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
     by_shard: dict[Location, list[ShardEntry]] = {}
     for entry in entries:
         by_shard.setdefault(entry.shard, []).append(entry)
+    remote: list[tuple[Location, list[ShardEntry]]] = []
     for loc, items in by_shard.items():
         items.sort(key=lambda e: e.offset)
         if items[0].sha256:
@@ -190,12 +206,13 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
             except Exception as err:  # noqa: BLE001 - attributed to every sample of the shard by the caller
                 yield from ((item, err) for item in items)
                 continue
-        runs = coalesce(items, _OBJECT_STORE_GAP if loc.protocol == "s3" else _COALESCE_GAP)
         if loc.protocol == "s3":
-            yield from _fetch_remote(loc, runs, items[0].sha256 or "")
+            remote += [(loc, run) for run in coalesce(items, _OBJECT_STORE_GAP)]
         else:
-            for run in runs:
+            for run in coalesce(items, _COALESCE_GAP):
                 yield from _split_run(run, _read(loc, run))
+    if remote:
+        yield from _fetch_remote(remote)
 
 
 def coalesce(items: Sequence[ShardEntry], gap: int) -> list[list[ShardEntry]]:
@@ -216,20 +233,20 @@ def _read(loc: Location, run: list[ShardEntry]) -> bytes | Exception:
         return err
 
 
-def _fetch_remote(loc: Location, runs: list[list[ShardEntry]], generation: str) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+def _fetch_remote(runs: list[tuple[Location, list[ShardEntry]]]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    """Every run of every shard at once (ranged GETs through object_reads, cached under the shard's digest)."""
     import asyncio
 
     from zarr.core.sync import sync
 
     from thalia_ray.object_reads import object_reader
 
-    reader = object_reader(loc.s3)
-
     async def every_run() -> list[Any]:
-        return await asyncio.gather(*(reader.get(loc.path, run[0].offset, run[-1].offset + run[-1].size, generation)
-                                      for run in runs), return_exceptions=True)
+        return await asyncio.gather(*(
+            object_reader(loc.s3).get(loc.path, run[0].offset, run[-1].offset + run[-1].size, run[0].sha256 or "")
+            for loc, run in runs), return_exceptions=True)
 
-    for run, data in zip(runs, sync(every_run())):
+    for (_, run), data in zip(runs, sync(every_run())):
         yield from _split_run(run, data)
 
 
