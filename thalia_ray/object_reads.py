@@ -11,8 +11,8 @@ through `ObjectReader.get`, which
 - sends each request itself, with the S3 client's own retries switched off, so that every attempt is
   seen: a `503 SlowDown`/429 answer, a dropped connection or a request stalled past
   `request_timeout_s` is counted (`traffic.TRAFFIC`) and retried after an exponential back-off with
-  full jitter (longer for throttling), up to `attempts` times; anything else (missing object, denied
-  access) is raised at once.
+  full jitter (longer for throttling), up to `attempts` times and within `storage.timeout_s` in all;
+  anything else (missing object, denied access) is raised at once.
 
 The client is obstore (Rust's `object_store`, the S3 client of Zarr's `ObjectStore`): measured here
 against a local S3 server, a GET cost 1.13 ms of this process's CPU through s3fs/aiobotocore and
@@ -26,6 +26,7 @@ import asyncio
 import functools
 import random
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,27 +144,32 @@ class ObjectReader:
         return self._fs
 
     async def _fetch(self, path: str, start: int | None, end: int | None) -> Any:
-        attempts = self.settings.attempts
+        """One object or range, retried as the module docstring says, all within `storage.timeout_s`."""
+        attempts, deadline = self.settings.attempts, time.monotonic() + self.options.timeout_s
+        where = f"s3://{path} (endpoint {self.options.endpoint_url})"
         for attempt in range(attempts):
             async with self._gate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StorageError(f"cannot read {where}: no answer within {self.options.timeout_s:g} s "
+                                       f"(storage.timeout_s) after {attempt} attempts")
                 TRAFFIC.add(requests=1)
                 try:
-                    data = await asyncio.wait_for(self._get(path, start, end), self.settings.request_timeout_s)
+                    data = await asyncio.wait_for(self._get(path, start, end), min(self.settings.request_timeout_s, left))
                 except Exception as err:  # noqa: BLE001 - classified below; final ones are raised
                     kind = failure_kind(err)
                     if kind is None:
                         raise
                     TRAFFIC.add(**{_COUNTER[kind]: 1})
                     if attempt + 1 == attempts:
-                        raise StorageError(f"cannot read s3://{path} (endpoint {self.options.endpoint_url}): "
-                                           f"{attempts} attempts failed, the last {kind} [{type(err).__name__}: {err}]"
-                                           ) from err
+                        raise StorageError(f"cannot read {where}: {attempts} attempts failed, the last {kind} "
+                                           f"[{type(err).__name__}: {err}]") from err
                     last_kind = kind
                 else:
                     TRAFFIC.add(bytes=len(data))
                     return data
             TRAFFIC.add(retries=1)
-            await asyncio.sleep(backoff_s(last_kind, attempt, self._rng))
+            await asyncio.sleep(min(backoff_s(last_kind, attempt, self._rng), max(0.0, deadline - time.monotonic())))
         raise AssertionError("unreachable")
 
 

@@ -240,6 +240,10 @@ class Location:
     def size(self) -> int:
         return int(self._call("stat", lambda: self.fs.size(self.path)))
 
+    def info(self) -> dict[str, Any]:
+        """The object's details as the filesystem reports them (size; on S3 also ETag and LastModified)."""
+        return dict(self._call("stat", lambda: self.fs.info(self.path)))
+
     # ---------------------------------------------------------------------- writing
     def write_bytes(self, data: bytes) -> None:
         """Atomic write: a temporary sibling is written whole, then moved into place."""

@@ -25,7 +25,7 @@ def cube_generation(location: Location) -> str:
     """The ETag and modification time of the cube's root metadata (v3 `zarr.json`, else v2 `.zgroup`)."""
     for name in ("zarr.json", ".zgroup"):
         try:
-            info = location.join(name).fs.info(location.join(name).path)
+            info = location.join(name).info()
         except FileNotFoundError:
             continue
         return f"{info.get('ETag', '')}@{info.get('LastModified', '')}"

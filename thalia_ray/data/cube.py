@@ -266,17 +266,17 @@ class CubeCache:
 
     def _open(self, frame_id: str) -> Cube:
         location = self.root.join(f"{frame_id}{schema.CUBE_SUFFIX}")
-        base = location.zarr_store(read_only=True)
-        if location.protocol == "s3":  # chunks through object_reads: counted, retried, cached, many at once
-            from thalia_ray.data.chunk_store import RemoteChunks
-
-            base = RemoteChunks.over(location, base)
-        strict = StrictChunks(base)
-        store: Any = strict
-        if self.store_wrapper is not None:
-            store = self.store_wrapper(store)
-        self.stores[frame_id] = store
         try:
+            base = location.zarr_store(read_only=True)
+            if location.protocol == "s3":  # reads through object_reads: counted, retried, cached, many at once
+                from thalia_ray.data.chunk_store import RemoteChunks
+
+                base = RemoteChunks.over(location, base)
+            strict = StrictChunks(base)
+            store: Any = strict
+            if self.store_wrapper is not None:
+                store = self.store_wrapper(store)
+            self.stores[frame_id] = store
             with warnings.catch_warnings():
                 # Consolidated metadata only saves requests at open time; cubes without it are fine.
                 warnings.filterwarnings("ignore", "Failed to open Zarr store with consolidated", RuntimeWarning)
