@@ -4,7 +4,7 @@ Training reads the same chunks every epoch; from a bucket every epoch would pay 
 All readers of a node (Ray read tasks in several processes, across restarts) share one folder:
 
 - an entry is one file named by the SHA-256 of its key (the object's endpoint, path, byte range and
-  generation), holding a header (magic, length, BLAKE2b digest) and the bytes; it is written to a
+  generation), holding a header (magic, length, CRC-32 of the bytes) and the bytes; it is written to a
   temporary sibling and renamed into place, so a reader sees a whole entry or none, and two readers
   filling the same entry write the same bytes;
 - every read checks length and digest; an entry that fails (a torn write after a crash, a flipped bit)
@@ -27,12 +27,16 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-MAGIC = b"TRC1"
-_HEADER = struct.Struct(">4sQ16s")  # magic, payload length, BLAKE2b-128 digest
+MAGIC = b"TRC2"
+# magic, payload length, CRC-32 of the payload: it catches torn writes and flipped bits (not tampering,
+# which a node's own disk does not need), at 1.7 GB/s where BLAKE2b ran at 0.4 GB/s on one core here,
+# which cost whole-frame chunks a quarter of their read time
+_HEADER = struct.Struct(">4sQI")
 TOUCH_S = 600.0  # a hit refreshes an entry's modification time at most this often
 LOW_WATER = 0.8  # eviction trims the folder to this fraction of the limit
 CHECK_FRACTION = 0.05  # a process checks the folder's size after writing this fraction of the limit
@@ -40,8 +44,8 @@ TEMP_AGE_S = 3600.0  # temporary files older than this are a crashed writer's
 _LOCK_FILE = ".lock"
 
 
-def _digest(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+def _digest(data: bytes | memoryview) -> int:
+    return zlib.crc32(data)
 
 
 def entry_name(key: str) -> str:
