@@ -77,7 +77,7 @@ def train_overrides(p: dict[str, Any], root: str, store: str, shards: str = "") 
     """The issue's setting: T=3, crop 96, batch 16, mobilenetv3_small, one worker, train + val epochs;
     from the shards under `shards` when given."""
     return [f"data.root={root}", *(["data.source=shards", f"data.shards={shards}"] if shards else []),
-            f"data.length={p['length']}", f"data.crop={p['crop']}", "data.atmospheric=[]",
+            f"data.length={p['length']}", f"data.crop={p['crop']}", "data.atmospheric=[]", f"data.balance={p['balance']}",
             "data.augmentations=false", f"model.name={p['model']}", "model.task=classification",
             f"train.batch_size={p['batch_size']}", f"train.epochs={p['epochs']}", "train.num_workers=1",
             f"train.cpus_per_worker={p['cpus_per_worker']}", "train.max_steps_per_epoch=null",

@@ -375,6 +375,7 @@ def remote_suite(p: Params, repeats: int, result: BenchResult) -> None:
                         f"{1e3 * cpu['proxy'] / max(1, requests):.2f} ms CPU per GET over {requests:,} GETs of the "
                         f"train-from-S3 runs ({retries} retried)")
     result.notes.append(f"data {p['data'] or 'synthesised'}: T={p['length']}, crop {p['crop']}², batch {p['batch_size']}, "
+                        f"{'balanced draw (fresh negatives every epoch)' if p['balance'] else 'every training sample every epoch'}, "
                         f"{p['model']}, 1 worker with {p['cpus_per_worker']} CPU, {p['epochs']} epochs of train + val per "
                         f"run; first = epoch 1, later = median of epochs 2–{p['epochs']}")
 
@@ -556,7 +557,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3, "crop": 96,
                   "model": "mobilenetv3_small", "batch_size": 16, "epochs": 3, "cpus_per_worker": 1.0,
                   "loader_workers": 0, "latency_ms": 50.0, "bandwidth_mbs": 0.0, "cache": True, "local": True,
-                  "baseline": True, "shards": ""} for size, groups in (("small", 20), ("medium", 150))},
+                  "baseline": True, "shards": "", "balance": True} for size, groups in (("small", 20), ("medium", 150))},
           repeats=1, needs_ray=False),
     Suite("train_step", "Ray Train step throughput vs a bare PyTorch loop (same model, same batches)",
           train_step_suite, {
