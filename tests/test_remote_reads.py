@@ -195,7 +195,7 @@ def test_a_training_run_through_faults_records_its_traffic_and_retries_per_epoch
             {"length": 1, "crop": 32, "model": "mobilenetv3_small", "batch_size": 8, "epochs": 2, "cpus_per_worker": 1,
              "balance": True},
             f"s3://{remote.BUCKET}", str(tmp_path / "store")),
-            "data.samples_per_read_task=16", "train.max_steps_per_epoch=2", "runtime.num_cpus=2",
+            "data.samples_per_read_task=16", "runtime.num_cpus=2",  # whole epochs: every read is counted
             *remote.remote_overrides(proxy.url, str(tmp_path / "cache")), "storage.request_timeout_s=1.0"])
         result = fit(cfg, store=ExperimentStore(str(tmp_path / "store")))
         injected = proxy.stats()
