@@ -99,3 +99,20 @@ def test_processes_filling_one_folder_at_once_leave_whole_identical_entries(tmp_
     for i in range(200):
         assert bytes(cache.get(f"k{i}")) == f"k{i}".encode() * 500
     assert not [p for p in Path(root).rglob("*.tmp")]
+
+
+def test_a_range_of_a_whole_entry_is_read_alone_once_the_entry_is_checked(tmp_path):
+    cache = _cache(tmp_path)
+    data = bytes(range(256)) * 40
+    cache.put("shard", data)
+    assert cache.get_range("shard", 100, 300) == data[100:300]
+    assert cache.get_range("shard", 10_000, None) == data[10_000:]
+    assert cache.get_range("absent", 0, 10) is None
+    path = _entry_file(cache, "shard")
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))  # rewritten: a new modification time, so checked again
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    with pytest.raises(CorruptEntry):
+        cache.get_range("shard", 0, 10)
+    assert not path.exists()

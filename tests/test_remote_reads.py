@@ -207,3 +207,32 @@ def test_a_training_run_through_faults_records_its_traffic_and_retries_per_epoch
     record = ExperimentStore(str(tmp_path / "store")).run(result.run_id)
     assert record.read_results()["storage"]["retries"] == total.retries
     assert "storage   " in format_run(record) and "retries" in str(result)
+
+
+def test_shard_ranges_come_from_the_shard_the_node_keeps_whole(s3_env, tmp_path):
+    from thalia_ray.data.shards.tar import ShardEntry, _VERIFIED, fetch_ranges, file_sha256, write_tar
+    from thalia_ray.storage import resolve
+
+    shards = tmp_path / "served" / "shards"
+    shards.mkdir(parents=True)
+    samples = [(f"s{i:03d}", {"image.bin": bytes([i]) * 5000, "meta.json": b"{}"}) for i in range(40)]
+    ranges = write_tar(str(shards / "a.tar"), samples)
+    digest = file_sha256(str(shards / "a.tar"))
+    with S3Server(str(tmp_path / "served"), key=s3_env["AWS_ACCESS_KEY_ID"],
+                  secret=s3_env["AWS_SECRET_ACCESS_KEY"]) as server, ProxyThread(server.port, Distance()) as proxy:
+        cfg = _config("s3://shards", proxy.url, tmp_path / "cache")
+        tar = resolve("s3://shards/a.tar", cfg.storage)
+        entries = [ShardEntry(k, tar, off, size, 0, i, digest) for i, (k, off, size) in enumerate(ranges)]
+        reads = []
+        for picked in (entries[::3], entries[1::3]):  # two tasks' samples: different byte ranges
+            _VERIFIED.clear()  # as in a fresh reader process
+            before = TRAFFIC.snapshot()
+            reads.append(({e.key: bytes(b) for e, b in fetch_ranges(picked)}, TRAFFIC.snapshot() - before))
+    local_entries = [ShardEntry(k, resolve(str(shards / "a.tar")), o, n, 0, i) for i, (k, o, n) in enumerate(ranges)]
+    local = {e.key: bytes(b) for e, b in fetch_ranges(local_entries)}
+    (first, cold), (second, warm) = reads
+    assert len(first) == len(entries[::3]) and first == {k: local[k] for k in first}
+    assert len(second) == len(entries[1::3]) and second == {k: local[k] for k in second}
+    # one coalesced run per task: the shard is fetched whole once (to check its digest), the run is cut from it
+    assert (cold.requests, cold.cache_hits) == (1, 1)
+    assert (warm.requests, warm.cache_hits) == (0, 2)  # the whole shard from the cache, then the run

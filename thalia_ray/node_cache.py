@@ -68,6 +68,7 @@ class NodeCache:
         self.max_bytes = settings.max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._written = 0
+        self._checked: set[tuple[str, int, int]] = set()  # whole entries verified by get_range
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
@@ -92,6 +93,29 @@ class NodeCache:
             with contextlib.suppress(FileNotFoundError):
                 os.utime(path)
         return data
+
+    def get_range(self, key: str, start: int, end: int | None) -> bytes | None:
+        """Bytes `start` to `end` of an entry (a shard kept whole), or None when absent. The whole entry
+        is checked once per process (by its size and modification time), then ranges are read alone."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                stamp = (str(path), stat.st_size, stat.st_mtime_ns)
+                if stamp not in self._checked:
+                    if _payload(handle.read()) is None:
+                        handle.close()
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                        raise CorruptEntry(f"cache entry {path} failed its integrity check")
+                    with self._lock:
+                        self._checked.add(stamp)
+                length = stat.st_size - _HEADER.size
+                stop = length if end is None else min(end, length)
+                handle.seek(_HEADER.size + start)
+                return handle.read(max(0, stop - start))
+        except FileNotFoundError:
+            return None
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         """Store an entry atomically; trims the folder when this process has written enough."""

@@ -108,6 +108,8 @@ class ObjectReader:
         if self.cache is not None:
             try:
                 hit = self.cache.get(key)
+                if hit is None and start is not None and generation:  # a range of an object kept whole
+                    hit = self.cache.get_range(f"{self.options.endpoint_url}|{path}|None-None|{generation}", start, end)
             except CorruptEntry:
                 TRAFFIC.add(cache_corrupt=1)
                 hit = None
