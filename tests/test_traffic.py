@@ -40,3 +40,13 @@ def test_runs_show_lists_each_epochs_traffic_and_prices_the_requests():
 def test_a_run_without_object_storage_shows_no_storage_lines():
     assert history_lines([{"epoch": 1, "time/samples_per_s": 1.0, "time/epoch_s": 1.0}], 0.0004) == []
     assert "storage" not in format_run_details({"run_id": "r1"}, [{"epoch": 1}], None)
+
+
+def test_the_report_tables_each_epochs_traffic_with_its_cost():
+    from thalia_ray.report.page import _storage
+
+    html = _storage([_row(1, 3000, 100, retries=4, throttles=3), _row(2, 200, 2900)], 0.5)
+    assert html is not None and "Storage traffic" in html
+    for cell in ("3,000", "30.0", "2,900", "3,200", "1.6", "0.5 per 1,000 GETs"):
+        assert cell in html
+    assert _storage([{"epoch": 1}], 0.5) is None
