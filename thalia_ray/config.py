@@ -7,6 +7,8 @@ with every run (`to_yaml`) and is enough to reproduce it.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -24,6 +26,7 @@ from pydantic import (
 
 from thalia_ray.data import schema
 from thalia_ray.errors import ConfigProblem
+from thalia_ray.traffic import DEFAULT_REQUEST_PRICE
 
 
 class ConfigError(ConfigProblem):
@@ -280,13 +283,31 @@ class TrainConfig(Section):
 
 
 # -------------------------------------------------------------------------------- storage/runtime
+class CacheConfig(Section):
+    """The node-local cache of object-storage reads (thalia_ray/node_cache.py): each node keeps the
+    chunks and shard ranges it fetched in a folder on its own disk, shared by its readers."""
+
+    enabled: bool = False
+    path: str = Field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "thalia-ray-cache"))
+    max_gb: float = Field(50.0, gt=0)  # the folder's size limit; least recently used entries go first
+
+
 class StorageConfig(Section):
-    """Where results go. Credentials never live here: they come from the environment."""
+    """Where results go, and how data is read from object storage. Credentials never live here: they
+    come from the environment."""
 
     store: str = "./runs"
     endpoint_url: str | None = None  # S3-compatible endpoint; AWS_ENDPOINT_URL is used when unset
     region: str | None = None
     timeout_s: float = Field(60.0, gt=0)  # longest wait for one storage call, retries included
+    # The data path's GETs (thalia_ray/object_reads.py): requests in flight per reader process (hides a
+    # bucket's latency whatever CPUs the reader holds), one request's deadline (a stall past it is
+    # retried) and attempts per request (throttling, resets and stalls are retried with back-off).
+    requests_in_flight: int = Field(64, ge=1, le=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    request_attempts: int = Field(8, ge=1, le=20)
+    request_price_per_1000: float = Field(DEFAULT_REQUEST_PRICE, ge=0)  # of 1,000 GETs: the cost in runs show/report
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 class WandbConfig(Section):

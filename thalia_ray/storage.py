@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import fsspec
 
 from thalia_ray.errors import StorageProblem
+from thalia_ray.node_cache import CacheSettings
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 60.0  # StorageConfig.timeout_s
@@ -45,14 +46,35 @@ class StorageError(StorageProblem):
 
 
 @dataclass(frozen=True)
+class ReadSettings:
+    """How the data path reads objects (`object_reads`): requests in flight per process, one request's
+    deadline and attempts, and the node-local cache (None: off). From `storage.*` of the config."""
+
+    in_flight: int = 64
+    request_timeout_s: float = 10.0
+    attempts: int = 8
+    cache: CacheSettings | None = None
+
+    @classmethod
+    def of(cls, storage_cfg: Any) -> "ReadSettings":
+        """The settings in a StorageConfig (defaults for anything without them)."""
+        if not hasattr(storage_cfg, "requests_in_flight"):  # None, or settings without a data path
+            return cls()
+        cache = storage_cfg.cache
+        return cls(storage_cfg.requests_in_flight, storage_cfg.request_timeout_s, storage_cfg.request_attempts,
+                   CacheSettings(cache.path, int(cache.max_gb * 2**30)) if cache.enabled else None)
+
+
+@dataclass(frozen=True)
 class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S  # the longest any one storage call may take, retries included
+    reads: ReadSettings = field(default_factory=ReadSettings)  # the data path's GETs (object_reads)
 
     @classmethod
     def resolve(cls, query: dict[str, list[str]], endpoint_url: str | None, region: str | None,
-                timeout_s: float = DEFAULT_TIMEOUT_S) -> "S3Options":
+                timeout_s: float = DEFAULT_TIMEOUT_S, reads: ReadSettings = ReadSettings()) -> "S3Options":
         from_query = query.get("endpoint_override", [None])[0]
         if from_query and "://" not in from_query:
             scheme = query.get("scheme", ["https"])[0]
@@ -63,7 +85,7 @@ class S3Options:
         region = query.get("region", [None])[0] or region or os.environ.get("AWS_REGION") or os.environ.get(
             "AWS_DEFAULT_REGION"
         )
-        return cls(endpoint.rstrip("/") if endpoint else None, region, timeout_s)
+        return cls(endpoint.rstrip("/") if endpoint else None, region, timeout_s, reads)
 
     @property
     def attempt_timeout_s(self) -> float:
@@ -72,10 +94,12 @@ class S3Options:
         return max(self.timeout_s / 4, 0.5)
 
 
-def _client_config(options: S3Options) -> dict[str, Any]:
+def _client_config(options: S3Options, client_retries: bool = True) -> dict[str, Any]:
     attempt = options.attempt_timeout_s
     return {"connect_timeout": min(5.0, attempt), "read_timeout": attempt,
-            "retries": {"max_attempts": 2, "mode": "standard"}}
+            # botocore's max_attempts counts retries, not attempts: 0 means one attempt, no retry
+            "retries": {"max_attempts": 2 if client_retries else 0, "mode": "standard"},
+            "max_pool_connections": max(10, options.reads.in_flight)}
 
 
 def _client_kwargs(options: S3Options) -> dict[str, Any]:
@@ -87,18 +111,20 @@ def _client_kwargs(options: S3Options) -> dict[str, Any]:
     return kwargs
 
 
-def _s3_filesystem(options: S3Options, asynchronous: bool) -> fsspec.AbstractFileSystem:
+def s3_filesystem(options: S3Options, asynchronous: bool, client_retries: bool = True) -> fsspec.AbstractFileSystem:
+    """A new s3fs filesystem for `options`. `client_retries=False`: one attempt per call, neither the
+    S3 client nor s3fs retrying, for callers that retry and count themselves (`object_reads`)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(asynchronous=asynchronous, client_kwargs=_client_kwargs(options),
-                           config_kwargs=_client_config(options), skip_instance_cache=True)
-    fs.retries = 2  # s3fs's own retry loop, around the client's attempts (default 5)
+                           config_kwargs=_client_config(options, client_retries), skip_instance_cache=True)
+    fs.retries = 2 if client_retries else 1  # s3fs's own retry loop, around the client's attempts (default 5)
     return fs
 
 
 @functools.lru_cache(maxsize=16)
 def _s3fs(options: S3Options) -> fsspec.AbstractFileSystem:
-    return _s3_filesystem(options, asynchronous=False)
+    return s3_filesystem(options, asynchronous=False)
 
 
 @dataclass(frozen=True)
@@ -214,6 +240,10 @@ class Location:
     def size(self) -> int:
         return int(self._call("stat", lambda: self.fs.size(self.path)))
 
+    def info(self) -> dict[str, Any]:
+        """The object's details as the filesystem reports them (size; on S3 also ETag and LastModified)."""
+        return dict(self._call("stat", lambda: self.fs.info(self.path)))
+
     # ---------------------------------------------------------------------- writing
     def write_bytes(self, data: bytes) -> None:
         """Atomic write: a temporary sibling is written whole, then moved into place."""
@@ -299,7 +329,7 @@ def _local_temp_sibling(path: str) -> Iterator[str]:
 
 @functools.lru_cache(maxsize=16)
 def _async_s3fs(options: S3Options) -> Any:
-    return _s3_filesystem(options, asynchronous=True)
+    return s3_filesystem(options, asynchronous=True)
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -398,6 +428,7 @@ def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = No
             getattr(storage_cfg, "endpoint_url", None),
             getattr(storage_cfg, "region", None),
             getattr(storage_cfg, "timeout_s", DEFAULT_TIMEOUT_S),
+            ReadSettings.of(storage_cfg),
         )
         path = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
         return Location(f"s3://{path}", "s3", path, options)

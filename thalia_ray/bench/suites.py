@@ -311,6 +311,75 @@ def e2e_suite(p: Params, repeats: int, result: BenchResult) -> None:
                         f"median over epochs 2–{p['epochs']} of each run")
 
 
+def remote_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """`thalia-ray train` from a bucket at a distance vs the same run from local disk, and the plain
+    PyTorch script's DataLoader reading the same bucket (thalia_ray.bench.remote)."""
+    from thalia_ray import runtime
+    from thalia_ray.bench import remote
+    from thalia_ray.bench.proxy import Distance, ProxyProcess
+    from thalia_ray.bench.s3server import S3Server
+    from thalia_ray.config import RuntimeConfig
+    from thalia_ray.runtime import usable_cpus
+
+    latency = p["latency_ms"]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = p["data"] or _synthesize(tmp, p)
+        distance = Distance(latency_s=latency / 1000, bandwidth=p["bandwidth_mbs"] * 1e6)
+        shards = p["shards"]
+        with S3Server(remote.bucket_root(data, tmp, shards)) as server, ProxyProcess(server.port, distance) as proxy, \
+                remote.credentials(server.credentials()), runtime.start(RuntimeConfig(log_level="WARNING")):
+            runs: dict[str, list[remote.RunRates]] = {"local": [], "s3": [], "loader": []}
+            cpu = {"server": 0.0, "proxy": 0.0}
+            for i in range(repeats):
+                base = remote.train_overrides(p, data, f"{tmp}/store", shards)
+                s3 = [*remote.train_overrides(p, f"s3://{remote.BUCKET}", f"{tmp}/store",
+                                              f"s3://{remote.SHARDS_BUCKET}" if shards else ""),
+                      *remote.remote_overrides(proxy.url, f"{tmp}/cache-{i}" if p["cache"] else None)]
+                if p["local"]:
+                    runs["local"].append(remote.train_run(base, f"{tmp}/store"))
+                before = server.cpu_s(), proxy.cpu_s()
+                runs["s3"].append(remote.train_run(s3, f"{tmp}/store"))
+                cpu["server"] += server.cpu_s() - before[0]
+                cpu["proxy"] += proxy.cpu_s() - before[1]
+                if p["baseline"]:
+                    loader = [*s3[:-1], f"storage.cache.path={tmp}/loader-cache-{i}"] if p["cache"] else s3
+                    runs["loader"].append(remote.loader_run(loader, p["loader_workers"] or usable_cpus(),
+                                                            max(1, int(p["cpus_per_worker"]))))
+    where = ("shards" if shards else "cubes") + f" from S3 +{latency:g} ms" + \
+        (f", {p['bandwidth_mbs']:g} MB/s" if p["bandwidth_mbs"] else "") + (", node cache" if p["cache"] else ", no cache")
+    series = {}
+    for side, label in (("local", "local disk"), ("s3", f"train, {where}"), ("loader", f"plain script, DataLoader, {where}")):
+        for part in ("first", "later"):
+            if runs[side]:
+                series[side, part] = result.add(f"{label}, {part} epoch{'s' if part == 'later' else ''}", "samples/s",
+                                                [r.reps()[part] for r in runs[side]])
+    for part in ("first", "later"):
+        for field in ("requests", "bytes", "cache_hits"):
+            result.add(f"{where}: {field.replace('_', ' ')} per sample, {part} epoch{'s' if part == 'later' else ''}",
+                       "per sample", [Rep(r.per_sample(field, part == "later"), r.wall_s) for r in runs["s3"]],
+                       higher_is_better=False)
+    if runs["local"]:
+        result.ratios += [
+            ratio("later epochs from S3 vs local disk", series["s3", "later"], series["local", "later"],
+                  0.9 if p["cache"] else None, "later epochs still fetch from the bucket (cache off or too small)"),
+            ratio("first epoch from S3 vs local disk", series["s3", "first"], series["local", "first"],
+                  0.5 if latency <= 50 else None, "the first epoch waits on the bucket: more requests in flight "
+                  "(storage.requests_in_flight) or fewer per sample (rechunk)"),
+        ]
+    if runs["loader"]:
+        result.ratios += [ratio(f"train vs plain script, same bucket, {part}", series["s3", part], series["loader", part])
+                          for part in ("first", "later")]
+    requests = sum(sum(t.requests for t in r.traffic) for r in runs["s3"])
+    retries = sum(sum(t.retries for t in r.traffic) for r in runs["s3"])
+    result.notes.append(f"server (rclone serve s3) {1e3 * cpu['server'] / max(1, requests):.2f} ms CPU per GET, proxy "
+                        f"{1e3 * cpu['proxy'] / max(1, requests):.2f} ms CPU per GET over {requests:,} GETs of the "
+                        f"train-from-S3 runs ({retries} retried)")
+    result.notes.append(f"data {p['data'] or 'synthesised'}: T={p['length']}, crop {p['crop']}², batch {p['batch_size']}, "
+                        f"{'balanced draw (fresh negatives every epoch)' if p['balance'] else 'every training sample every epoch'}, "
+                        f"{p['model']}, 1 worker with {p['cpus_per_worker']} CPU, {p['epochs']} epochs of train + val per "
+                        f"run; first = epoch 1, later = median of epochs 2–{p['epochs']}")
+
+
 def train_step_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Ray Train (one worker, the project's WorkerLoop) vs a bare PyTorch loop, same model and batches."""
     import torch
@@ -483,6 +552,13 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                              "cpus_per_worker": 1.0, "data_cpus": 0, "loader_workers": 0}
                       for size, groups, epochs in (("small", 20, 3), ("medium", 150, 4), ("large", 150, 8))},
           repeats=1),
+    Suite("remote", "thalia-ray train from a bucket at a distance (rclone + latency proxy) vs local disk and "
+          "a DataLoader script on the same bucket", remote_suite,
+          {size: {"frames": 4, "size": 256, "groups": groups, "seed": 5, "data": "", "length": 3, "crop": 96,
+                  "model": "mobilenetv3_small", "batch_size": 16, "epochs": 3, "cpus_per_worker": 1.0,
+                  "loader_workers": 0, "latency_ms": 50.0, "bandwidth_mbs": 0.0, "cache": True, "local": True,
+                  "baseline": True, "shards": "", "balance": True} for size, groups in (("small", 20), ("medium", 150))},
+          repeats=1, needs_ray=False),
     Suite("train_step", "Ray Train step throughput vs a bare PyTorch loop (same model, same batches)",
           train_step_suite, {
               "small": {"model": "mobilenetv3_small", "task": "classification", "crop": 48, "length": 1,

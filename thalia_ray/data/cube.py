@@ -253,25 +253,39 @@ class CubeCache:
         self.store_wrapper = store_wrapper
         self.stores: dict[str, Any] = {}
         self._cubes: dict[str, Cube] = {}
+        self._opening: dict[str, threading.Lock] = {}  # per frame, held while it opens
         self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CubeCache, (self.root, self.store_wrapper))
 
     def get(self, frame_id: str) -> Cube:
+        """The frame's cube, opened on first use; other frames open meanwhile (from a bucket an open is a
+        few round trips, and read-ahead threads reading other frames need not wait for it)."""
         with self._lock:
+            if frame_id in self._cubes:
+                return self._cubes[frame_id]
+            opening = self._opening.setdefault(frame_id, threading.Lock())
+        with opening:
             if frame_id not in self._cubes:
-                self._cubes[frame_id] = self._open(frame_id)
+                cube = self._open(frame_id)
+                with self._lock:
+                    self._cubes[frame_id] = cube
             return self._cubes[frame_id]
 
     def _open(self, frame_id: str) -> Cube:
         location = self.root.join(f"{frame_id}{schema.CUBE_SUFFIX}")
-        strict = StrictChunks(location.zarr_store(read_only=True))
-        store: Any = strict
-        if self.store_wrapper is not None:
-            store = self.store_wrapper(store)
-        self.stores[frame_id] = store
         try:
+            base = location.zarr_store(read_only=True)
+            if location.protocol == "s3":  # reads through object_reads: counted, retried, cached, many at once
+                from thalia_ray.data.chunk_store import RemoteChunks
+
+                base = RemoteChunks.over(location, base)
+            strict = StrictChunks(base)
+            store: Any = strict
+            if self.store_wrapper is not None:
+                store = self.store_wrapper(store)
+            self.stores[frame_id] = store
             with warnings.catch_warnings():
                 # Consolidated metadata only saves requests at open time; cubes without it are fine.
                 warnings.filterwarnings("ignore", "Failed to open Zarr store with consolidated", RuntimeWarning)

@@ -57,6 +57,7 @@ from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
 from thalia_ray.data.sources import Row, Source, open_source
 from thalia_ray.data.transforms import finalize, statistics_for
 from thalia_ray.storage import Location
+from thalia_ray.traffic import TRAFFIC, Traffic
 
 MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
 BLOCK_LIMIT_FRACTION = 0.9  # of a block's estimated bytes (see block_size_limit)
@@ -72,7 +73,8 @@ NAMESPACE = "thalia_ray"
 _STRING_COLUMNS = ("key", "frame_id", "intensity", "activity_type")
 
 __all__ = ["DataError", "Datasets", "EpochHandle", "EpochLanes", "EpochLead", "EpochStart", "TorchCollate",
-           "bad_sample_report", "build_datasets", "lane_name", "set_epoch", "skipped_samples"]
+           "bad_sample_report", "build_datasets", "epoch_traffic", "lane_name", "set_epoch", "set_eval_epoch",
+           "skipped_samples"]
 
 
 # ------------------------------------------------------------------------------ epoch control
@@ -82,6 +84,8 @@ class EpochControl:
 
     def __init__(self, policy: str, max_bad: int) -> None:
         self.epochs: dict[int, int] = {}  # lane -> the epoch it streams next (or now)
+        self.eval_epoch = 0  # the epoch whose validation streams next (or now)
+        self.traffic: dict[int, Traffic] = {}  # epoch -> storage traffic of its train and val reads
         self.policy, self.max_bad = policy, max_bad
         self.bad: dict[int, list[dict[str, str]]] = {}
         self.progress = (0, 0)
@@ -93,6 +97,19 @@ class EpochControl:
     def get_epoch(self, lane: int) -> int:
         """The epoch lane `lane` plans; before any `set_epoch`, the lane's first (epoch `lane`)."""
         return self.epochs.get(lane, lane)
+
+    def set_eval_epoch(self, epoch: int) -> None:
+        self.eval_epoch = int(epoch)
+
+    def get_eval_epoch(self) -> int:
+        return self.eval_epoch
+
+    def record_traffic(self, epoch: int, traffic: Traffic) -> None:
+        """Add one read task's storage traffic to its epoch's."""
+        self.traffic[int(epoch)] = self.traffic.get(int(epoch), Traffic()) + traffic
+
+    def epoch_traffic(self, epoch: int) -> Traffic:
+        return self.traffic.get(int(epoch), Traffic())
 
     def record_bad(self, epoch: int, split: str, origin: str, key: str, reason: str) -> int:
         """Record one bad sample; returns how many this epoch has now."""
@@ -133,6 +150,16 @@ class EpochHandle:
 def set_epoch(handle: EpochHandle, epoch: int) -> None:
     """Call on every training worker before iterating its train shard for `epoch` (on `lane_name("train", epoch)`)."""
     ray.get(handle.actor().set_epoch.remote(epoch))
+
+
+def set_eval_epoch(handle: EpochHandle, epoch: int) -> None:
+    """Call before starting the validation of `epoch`: its reads' storage traffic counts to that epoch."""
+    ray.get(handle.actor().set_eval_epoch.remote(epoch))
+
+
+def epoch_traffic(handle: EpochHandle, epoch: int) -> Traffic:
+    """The storage traffic (object_reads) of `epoch`'s train and validation reads, all readers together."""
+    return ray.get(handle.actor().epoch_traffic.remote(epoch))
 
 
 def lane_name(split: str, epoch: int) -> str:
@@ -336,15 +363,23 @@ class EpochDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        epoch = ray.get(self.spec.handle.actor().get_epoch.remote(self.lane)) if self.spec.training else 0
-        return [ReadTask(functools.partial(_task, self.spec, epoch, rows),
+        control = self.spec.handle.actor()
+        epoch = ray.get(control.get_epoch.remote(self.lane)) if self.spec.training else 0
+        counted = epoch if self.spec.training else ray.get(control.get_eval_epoch.remote())
+        return [ReadTask(functools.partial(_task, self.spec, epoch, rows, counted),
                          BlockMetadata(num_rows=n, size_bytes=n * self.sample_bytes, input_files=None, exec_stats=None),
                          per_task_row_limit=per_task_row_limit)
                 for n, rows in self.chunks(epoch)]
 
 
-def _task(spec: Spec, epoch: int, rows: Rows) -> Iterator[Any]:
-    return records_blocks(spec, epoch, rows())
+def _task(spec: Spec, epoch: int, rows: Rows, counted: int) -> Iterator[Any]:
+    """A read task: its blocks, then its storage traffic reported to epoch `counted` (train: `epoch`;
+    val/test: the epoch whose validation this is), before the task ends and so before its epoch does."""
+    before = TRAFFIC.snapshot()
+    yield from records_blocks(spec, epoch, rows())
+    traffic = TRAFFIC.snapshot() - before
+    if traffic:
+        ray.get(spec.handle.actor().record_traffic.remote(counted, traffic))
 
 
 def task_bounds(samples: int, per_task: int, per_block: int, readers: int = 1) -> list[tuple[int, int]]:

@@ -27,11 +27,13 @@ from thalia_ray.data.annotations import Annotation
 from thalia_ray.data.cube import DataError, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.read_ahead import read_ahead, samples_in_flight
 from thalia_ray.data.samples import BadSample, RawSample, Sample
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_ranges, parse_members
+from thalia_ray.errors import StorageProblem
 from thalia_ray.storage import Location
 
 Row = dict[str, Any]
@@ -92,15 +94,19 @@ class CubeSource(Source):
         return dataclasses.replace(self, index=None, annotations=needed)
 
     def read(self, items: Sequence[Sample], rng: RngFor) -> Iterator[Row | BadSample]:
+        """Rows in the order of `items`; from object storage several samples are read at once (read_ahead)."""
         cache = get_cache(self.root)
-        for sample in items:
+
+        def one(sample: Sample) -> Row | BadSample:
             origin = cache.root.join(f"{sample.frame_id}.zarr").url
             try:
                 raw = read_sample(sample, self.annotations, cache, self.data, rng(sample.key))
-            except (DataError, OSError, ValueError) as err:
-                yield BadSample(origin, sample.key, f"{type(err).__name__}: {err}")
-                continue
-            yield {"key": raw.key, "origin": origin, "image": raw.image, "mask": raw.mask, "meta": json.dumps(raw.meta)}
+            except (DataError, OSError, ValueError, StorageProblem) as err:
+                return BadSample(origin, sample.key, f"{type(err).__name__}: {err}")
+            return {"key": raw.key, "origin": origin, "image": raw.image, "mask": raw.mask, "meta": json.dumps(raw.meta)}
+
+        raw_bytes = 4 * self.data.length * (len(self.data.channels) + 1) * self.data.crop ** 2
+        yield from read_ahead(one, items, samples_in_flight(self.root, raw_bytes))
 
     def decode(self, row: Row, split: str) -> RawSample:
         return RawSample(image=row["image"], mask=row["mask"], key=str(row["key"]), meta=json.loads(row["meta"]))

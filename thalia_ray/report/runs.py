@@ -18,6 +18,7 @@ from thalia_ray.storage import StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, HEADLINE, Selection, breakdown, sweep_selection
 from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError
+from thalia_ray.traffic import Traffic, epoch_samples, request_cost
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class TrainedModelReport:
         sections = [section(f"Run {record.run_id}", _overview(record.run_id, status, cfg, history, results, ranked_by))]
         if history:
             sections.append(_learning_curves(history, cfg, results, ranked_by))
+            storage = _storage(history, cfg.storage.request_price_per_1000)
+            sections += [storage] if storage else []
         try:
             rows = record.read_predictions("test")
         except StoreError as err:
@@ -111,6 +114,25 @@ def _learning_curves(history: Sequence[Mapping[str, Any]], cfg: Any, results: Ma
                    note(f"ranked by {ranked_by.metric} ({ranked_by.mode}; {ranked_by.source}). The tested checkpoint "
                         f"is the epoch with the best {stopping.metric} ({stopping.mode}; train.early_stopping), "
                         "marked by the dotted green line; a dashed red line marks a restart from the last checkpoint."))
+
+
+def _storage(history: Sequence[Mapping[str, Any]], price_per_1000: float) -> str | None:
+    """Object-storage traffic per epoch with its request cost; None for a run that read none."""
+    rows = [row for row in history if Traffic.from_metrics(row)]
+    if not rows:
+        return None
+    body = []
+    for row in [*rows, None]:
+        traffic = Traffic.from_metrics(row) if row is not None else Traffic.total(rows)
+        samples = epoch_samples(row) if row is not None else None
+        body.append((str(int(row["epoch"])) if row is not None else "all", f"{traffic.requests:,}",
+                     f"{traffic.requests / samples:.1f}" if samples else "-", f"{traffic.bytes / 2**20:,.1f}",
+                     f"{traffic.cache_hits:,}", f"{traffic.retries:,}", f"{traffic.throttles:,}",
+                     f"{request_cost(traffic.requests, price_per_1000):.4g}"))
+    header = ["epoch", "GET requests", "per sample", "MiB fetched", "cache hits", "retries", "throttled", "request cost"]
+    return section("Storage traffic", table(header, body),
+                   note(f"requests priced at {price_per_1000:g} per 1,000 GETs (storage.request_price_per_1000); "
+                        "every attempt counts, retries included"))
 
 
 def _evaluation(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any], view: TaskView) -> str:

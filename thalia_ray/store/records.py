@@ -30,6 +30,7 @@ from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
 from thalia_ray.tables import Table, render
+from thalia_ray.traffic import DEFAULT_REQUEST_PRICE, Traffic, history_lines
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
 Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
@@ -440,6 +441,13 @@ class RunRecord:
         loc = self.loc.join(WHOLE_FRAME)
         return loc.read_json() if loc.exists() else None
 
+    def request_price(self) -> float:
+        """The run's `storage.request_price_per_1000` (the default where its config cannot be read)."""
+        try:
+            return float(self.read_config().storage.request_price_per_1000)
+        except Exception:  # noqa: BLE001 - a missing or older config prices at the default
+            return DEFAULT_REQUEST_PRICE
+
     # ------------------------------------------------------------------------------ summary
     def summary(self) -> RunSummary:
         """Identity, status and headline metric, for listings."""
@@ -545,8 +553,10 @@ def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
 
 
 def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
-                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None) -> str:
-    """The text of `thalia-ray runs show ID`, from a run's records (pure)."""
+                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None,
+                       request_price: float = DEFAULT_REQUEST_PRICE) -> str:
+    """The text of `thalia-ray runs show ID`, from a run's records (pure); `request_price` prices the
+    run's object-storage requests (per 1,000 GETs)."""
     lines = [f"run       {status.get('run_id', '?')}"]
     for key in ("name", "status", "kind", "task", "model", "sweep", "created", "updated"):
         if status.get(key) is not None:
@@ -563,6 +573,7 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
                      for row in skipped[:SHOWN_SKIPPED])
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
+    lines.extend(history_lines(history, request_price))
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
         lines.append("results:")
@@ -597,5 +608,5 @@ def run_document(record: RunRecord) -> dict[str, Any]:
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
     run = run_document(record)
-    text = format_run_details(run, run["history"], run["results"], run["skipped"])
+    text = format_run_details(run, run["history"], run["results"], run["skipped"], record.request_price())
     return "\n".join([text, *format_whole_frame(run["whole_frame"])]) if run["whole_frame"] else text

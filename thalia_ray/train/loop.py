@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate
+from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate, epoch_traffic, set_eval_epoch
 from thalia_ray.losses import build_loss
 from thalia_ray.metrics import MetricSuite
 from thalia_ray.runtime import setup_logging
@@ -228,6 +228,8 @@ class WorkerLoop:
             metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
             metrics["time/epoch_s"] = time.perf_counter() - started
             metrics["time/samples_per_s"] = self.samples / metrics["time/epoch_s"]  # train + val, all ranks
+            if self.rank == 0:  # every reader's storage traffic for this epoch's train and val reads
+                metrics.update(epoch_traffic(self.settings.epoch_control, epoch - 1).metrics())
             improved = self.stopper.update(self._monitored(metrics), epoch)
             stop = rank_zero_decides(self.stopper.should_stop, self.device)
             metrics.update({"best_epoch": self.stopper.best_epoch, "restarts": self.progress.restarts})
@@ -260,13 +262,13 @@ class WorkerLoop:
             if steps == 1 and epoch < self.cfg.train.epochs:
                 self.upcoming = self.lanes.start(epoch)  # the pipeline counts epochs from 0: this is epoch + 1
             if self.upcoming_val is None and lead.due(steps, time.perf_counter()):
-                self.upcoming_val = EpochStart(self.val_batches())
+                self.upcoming_val = EpochStart(self.val_batches(epoch))
             if self.rank == 0:  # the driver's progress bar (fire and forget)
                 self.settings.epoch_control.actor().advance.remote(epoch, steps)
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
         if self.upcoming_val is None:  # not due before the last batch
-            self.upcoming_val = EpochStart(self.val_batches())
+            self.upcoming_val = EpochStart(self.val_batches(epoch))
         batches.close()  # end this epoch's iteration (left early at a step cap) before its lane streams again
         self.samples = steps * self.cfg.train.batch_size * self.world_size
         means = all_mean({name: total / steps for name, total in totals.items()}, self.device)
@@ -281,8 +283,10 @@ class WorkerLoop:
         self.scheduler.step()
         return components
 
-    def val_batches(self) -> Any:
-        """This rank's validation batches (one execution per validation; started early by train_epoch)."""
+    def val_batches(self, epoch: int) -> Any:
+        """This rank's validation batches of `epoch` (one execution per validation; started early by train_epoch)."""
+        if self.rank == 0:
+            set_eval_epoch(self.settings.epoch_control, epoch - 1)  # its reads' storage traffic counts to `epoch`
         return ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=self.cfg.train.batch_size,
             collate_fn=TorchCollate(),
@@ -291,7 +295,7 @@ class WorkerLoop:
 
     def validate(self) -> dict[str, float]:
         """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
-        batches, self.upcoming_val = self.upcoming_val or self.val_batches(), None
+        batches, self.upcoming_val = self.upcoming_val or self.val_batches(self.progress.epoch + 1), None
         self.suite.reset()
         result = evaluate_batches(
             unwrap(self.model), batches, self.loss_fn, self.suite, self.device, self.precision,

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig, FailureConfig, LoggingConfig, Result,
@@ -30,6 +30,7 @@ from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
 from thalia_ray.store.records import Lease, RunRecord, Status
+from thalia_ray.traffic import Traffic, describe
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 
@@ -54,11 +55,14 @@ class TrainResult:
     skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
 
     def __str__(self) -> str:
-        """One readable line: the headline Deformation metrics, skipped samples and where the run is."""
+        """One readable line: the headline Deformation metrics, skipped samples and where the run is, and
+        the run's object-storage traffic (requests, retries, throttles) when it read any."""
         shown = [f"{k} {v:.3f}" for k, v in {**self.val_metrics, **self.test_metrics}.items()
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
+        traffic = Traffic.total(self.history)
+        storage = f"; storage: {describe(traffic)}" if traffic else ""
         return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
-                f"{self.skipped} samples skipped (store {self.store})")
+                f"{self.skipped} samples skipped (store {self.store}){storage}")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
@@ -314,9 +318,10 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         record.write_predictions("test", test.predictions)
     skipped = record.write_skipped([*skipped_samples(bad_sample_report(data.epoch_control)),
                                     *(test.skipped if test is not None else [])])
-    record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
-                         epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)))
     history = record.read_history()
+    record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
+                         epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)),
+                         storage=asdict(Traffic.total(history)))
     log.info("run %s finished: best epoch %s, %s", run_id, best_epoch,
              ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "deformation" in k and "f1" in k))
     return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history,

@@ -13,13 +13,17 @@ import io
 import tarfile
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 from thalia_ray.errors import ShardProblem
 from thalia_ray.storage import Location, resolve
 
 
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
+# From object storage a request costs a round trip (tens of ms, in which a bucket sends MBs) and a
+# fee: neighbours up to this far apart are fetched in one ranged GET, the runs of a shard concurrently.
+_OBJECT_STORE_GAP = 4 * 2**20
+_WHOLE_SHARD_LIMIT = 256 * 2**20  # a shard verified from object storage in one GET (held in memory once)
 Blob = Union[bytes, memoryview]
 
 
@@ -85,16 +89,30 @@ _VERIFIED_LOCK = threading.Lock()
 def verify_shard(loc: Location, sha256: str) -> None:
     """Raise ShardError unless the shard hashes to `sha256`. Checked once per shard and process:
     readers fetch byte ranges, so without this a shard changed after export would decode to
-    whatever its bytes now hold."""
+    whatever its bytes now hold. From object storage a shard up to `_WHOLE_SHARD_LIMIT` is one counted,
+    retried GET, kept in the node-local cache under its digest when that is on (so a node downloads it
+    once); a larger one is streamed through the hash as locally."""
     with _VERIFIED_LOCK:
         if (loc, sha256) in _VERIFIED:
             return
-    actual = file_sha256(loc)
+    whole = loc.protocol == "s3" and loc.size() <= _WHOLE_SHARD_LIMIT
+    actual = _remote_sha256(loc, sha256) if whole else file_sha256(loc)
     if actual != sha256:
         raise ShardError(f"shard {loc.url}: sha256 {actual[:16]}… does not match the manifest's {sha256[:16]}…; "
                          "the shard changed after export (export again to rewrite it)")
     with _VERIFIED_LOCK:
         _VERIFIED.add((loc, sha256))
+
+
+def _remote_sha256(loc: Location, sha256: str) -> str:
+    from zarr.core.sync import sync
+
+    from thalia_ray.object_reads import object_reader
+
+    async def whole() -> Any:
+        return await object_reader(loc.s3).get(loc.path, generation=sha256)
+
+    return hashlib.sha256(sync(whole())).hexdigest()
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -173,10 +191,13 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
     each shard verified against its digest first (see verify_shard).
 
     Yields in shard/offset order; a failed request or check yields its error for each entry it
-    covered, so the caller can report every affected sample by shard and key."""
+    covered, so the caller can report every affected sample by shard and key. From object storage the
+    runs are cut with a larger gap and fetched at once through `object_reads` (counted, retried, cached
+    on the node under the shard's digest)."""
     by_shard: dict[Location, list[ShardEntry]] = {}
     for entry in entries:
         by_shard.setdefault(entry.shard, []).append(entry)
+    remote: list[tuple[Location, list[ShardEntry]]] = []
     for loc, items in by_shard.items():
         items.sort(key=lambda e: e.offset)
         if items[0].sha256:
@@ -185,23 +206,56 @@ def fetch_ranges(entries: Sequence[ShardEntry]) -> Iterator[tuple[ShardEntry, Bl
             except Exception as err:  # noqa: BLE001 - attributed to every sample of the shard by the caller
                 yield from ((item, err) for item in items)
                 continue
-        run: list[ShardEntry] = []
-        for entry in items + [None]:  # type: ignore[list-item]
-            if run and (entry is None or entry.offset - (run[-1].offset + run[-1].size) > _COALESCE_GAP):
-                yield from _fetch_run(loc, run)
-                run = []
-            if entry is not None:
-                run.append(entry)
+        if loc.protocol == "s3":
+            remote += [(loc, run) for run in coalesce(items, _OBJECT_STORE_GAP)]
+        else:
+            for run in coalesce(items, _COALESCE_GAP):
+                yield from _split_run(run, _read(loc, run))
+    if remote:
+        yield from _fetch_remote(remote)
 
 
-def _fetch_run(loc: Location, run: list[ShardEntry]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
-    start, end = run[0].offset, run[-1].offset + run[-1].size
+def coalesce(items: Sequence[ShardEntry], gap: int) -> list[list[ShardEntry]]:
+    """Entries of one shard (sorted by offset) in runs whose neighbours are at most `gap` bytes apart."""
+    runs: list[list[ShardEntry]] = []
+    for entry in items:
+        if runs and entry.offset - (runs[-1][-1].offset + runs[-1][-1].size) <= gap:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    return runs
+
+
+def _read(loc: Location, run: list[ShardEntry]) -> bytes | Exception:
     try:
-        data = loc.read_range(start, end)
+        return loc.read_range(run[0].offset, run[-1].offset + run[-1].size)
     except Exception as err:  # noqa: BLE001 - attributed to every sample of the run by the caller
+        return err
+
+
+def _fetch_remote(runs: list[tuple[Location, list[ShardEntry]]]) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    """Every run of every shard at once (ranged GETs through object_reads, cached under the shard's digest)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    from thalia_ray.object_reads import object_reader
+
+    async def every_run() -> list[Any]:
+        return await asyncio.gather(*(
+            object_reader(loc.s3).get(loc.path, run[0].offset, run[-1].offset + run[-1].size, run[0].sha256 or "")
+            for loc, run in runs), return_exceptions=True)
+
+    for (_, run), data in zip(runs, sync(every_run())):
+        yield from _split_run(run, data)
+
+
+def _split_run(run: list[ShardEntry], data: Blob | BaseException) -> Iterator[tuple[ShardEntry, Blob | Exception]]:
+    if isinstance(data, BaseException):
         for item in run:
-            yield item, err
+            yield item, data if isinstance(data, Exception) else RuntimeError(str(data))
         return
+    start, end = run[0].offset, run[-1].offset + run[-1].size
     view = memoryview(data)  # one buffer per run; each sample is a view of it
     for item in run:
         chunk = view[item.offset - start:item.offset - start + item.size]
