@@ -41,7 +41,8 @@ def test_preset_is_the_reference_recipe(path: Path) -> None:
     assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (1e-5, 1e-4, 2, 90)
     assert (train.scheduler, train.warmup_fraction, train.grad_clip, train.precision) == ("constant", 0.0, None, "fp32")
     assert train.grad_reset == "epoch"  # the reference clears gradients once per epoch
-    assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_class_weights()) == ("focal", 2.0, [0.25, 0.75])
+    assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_alpha) == ("focal", 2.0, [0.25, 0.75])
+    assert train.loss.focal_form == "reference"  # the reference's gradients: (1 - p_t)^γ detached
     assert not train.loss.confidence_weighting and train.loss.class_weights is None
     stopping = train.early_stopping
     assert (stopping.metric, stopping.mode, stopping.patience, train.test_best) == ("val/loss", "min", None, True)

@@ -209,31 +209,56 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- train
+FOCAL_ALPHA_SCALAR = (
+    "a single number is ambiguous: the reference's FocalLoss(alpha=0.25) weights the classes "
+    "[Non_Deformation, Deformation] = [0.25, 0.75], while this field used to read 0.25 as the Deformation weight "
+    "[0.75, 0.25]; write the list: focal_alpha: [0.25, 0.75] (the reference's weighting) or [0.75, 0.25]"
+)
+
+
 class LossConfig(Section):
     name: Literal["ce", "focal", "dice", "ce+dice", "focal+dice"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
-    # Focal α, explicit: a number is the weight of the Deformation class (Non_Deformation gets 1 − α);
-    # a list gives one weight per class index, [Non_Deformation, Deformation]; null: no α weighting.
-    # The reference's FocalLoss(alpha=0.25) weights the classes [0.25, 0.75] (configs/paper/).
-    focal_alpha: float | list[float] | None = 0.25
+    # Focal α per class index, [Non_Deformation, Deformation]; null: no α weighting. A single number is
+    # refused (FOCAL_ALPHA_SCALAR): the reference's FocalLoss(alpha=0.25) is [0.25, 0.75] (configs/paper/).
+    focal_alpha: list[float] | None = [0.75, 0.25]
+    # standard: the focal loss of Lin et al., differentiated through its modulating factor (1 − p_t)^γ.
+    # reference: that factor detached, as the reference's FocalLoss computes p_t from the log-probability's
+    # data, so only the −α_t log p_t part carries gradient (the paper presets). Same values, other gradients.
+    focal_form: Literal["standard", "reference"] = "standard"
     class_weights: list[float] | None = None
     confidence_weighting: bool = False
 
+    @field_validator("focal_alpha", mode="before")
+    @classmethod
+    def _alpha_is_a_list(cls, alpha: Any) -> Any:
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            raise ValueError(FOCAL_ALPHA_SCALAR)
+        return alpha
+
     @field_validator("focal_alpha")
     @classmethod
-    def _alpha_range(cls, alpha: float | list[float] | None) -> float | list[float] | None:
-        values = alpha if isinstance(alpha, list) else [] if alpha is None else [alpha]
-        if any(not 0 <= a <= 1 for a in values):
+    def _alpha_range(cls, alpha: list[float] | None) -> list[float] | None:
+        if alpha is None:
+            return alpha
+        if any(not 0 <= a <= 1 for a in alpha):
             raise ValueError(f"focal α weights must lie in [0, 1], got {alpha}")
-        if isinstance(alpha, list) and len(alpha) != len(schema.CLASSES):
+        if len(alpha) != len(schema.CLASSES):
             raise ValueError(f"give one focal α per class {list(schema.CLASSES)}, got {len(alpha)} values")
         return alpha
 
-    def focal_class_weights(self) -> list[float] | None:
-        """α per class index: a number α is the Deformation weight, so [1 − α, α]."""
-        if self.focal_alpha is None or isinstance(self.focal_alpha, list):
-            return self.focal_alpha
-        return [1.0 - self.focal_alpha, self.focal_alpha]
+
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A configuration this service stored before a spelling changed, in today's spelling, meaning the same.
+
+    `train.loss.focal_alpha` was a number, the Deformation weight: a stored α is [1 − α, α]. Only stored
+    records are upgraded; a number in a user's config is refused (FOCAL_ALPHA_SCALAR)."""
+    loss = raw.get("train", {}).get("loss") if isinstance(raw.get("train"), dict) else None
+    if isinstance(loss, dict):
+        alpha = loss.get("focal_alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            loss["focal_alpha"] = [1.0 - alpha, float(alpha)]
+    return raw
 
 
 class EarlyStoppingConfig(Section):

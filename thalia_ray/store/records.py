@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
 import yaml
 
-from thalia_ray.config import ConfigError, ThaliaConfig, validate
+from thalia_ray.config import ConfigError, ThaliaConfig, upgrade_stored, validate
 from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
@@ -238,7 +238,7 @@ class RunRecord:
         loc = self.loc.join(CONFIG)
         text = self._read(loc, lambda: loc.read_text())
         try:
-            return validate(yaml.safe_load(text) or {})
+            return validate(upgrade_stored(yaml.safe_load(text) or {}))
         except (yaml.YAMLError, ConfigError) as err:
             raise StoreError(f"{loc}: not a usable configuration: {err}") from None
 
