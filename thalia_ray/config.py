@@ -92,6 +92,11 @@ class DataConfig(Section):
     shard_format: Literal["own", "published"] = "own"
     length: int = Field(1, ge=1, le=32)  # time-series length T
     policy: Literal["enumerate", "resample"] = "enumerate"
+    # How a group shorter than T is padded with duplicates (enumerate policy): per_group draws each group's
+    # duplicates from its own generator (seed, frame, primary date: stable under any frame subset);
+    # reference draws them as the reference does, from one Python `random` seeded with `seed` per split,
+    # walking the time-series index in file order (the paper presets).
+    padding: Literal["per_group", "reference"] = "per_group"
     splits: dict[Literal["train", "val", "test"], SplitRange] = Field(default_factory=_published_splits)
     geomorphology: list[Literal["insar_difference", "insar_coherence", "dem"]] = list(schema.GEOMORPHOLOGY)
     atmospheric: list[
@@ -138,6 +143,9 @@ class DataConfig(Section):
             raise ValueError("select at least one channel (geomorphology or atmospheric)")
         if self.source == "shards" and not self.shards:
             raise ValueError("data.source is 'shards' but data.shards (the shard root) is not set")
+        if self.padding == "reference" and self.policy == "resample":
+            raise ValueError("data.padding 'reference' pads once, as the reference's fixed series do; it needs "
+                             "data.policy 'enumerate' (resample re-draws every epoch)")
         return self
 
     @property

@@ -3,17 +3,19 @@
 Samples are built exactly as the published benchmark does (see docs/benchmark.md): groups
 are (frame, primary date); short groups are padded by duplicating members in place; long groups
 are enumerated greedily (lexicographic combinations, dropping those that share `min_distinct`
-members with a kept one) or re-drawn every epoch. All randomness is derived from the seed and the
-group, so the same configuration always yields the same index.
+members with a kept one) or re-drawn every epoch. All randomness is derived from the seed, so the
+same configuration always yields the same index: per group by default, or, with `data.padding:
+reference`, the reference code's own padding draws (`reference_padding`).
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import random
 import zlib
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -67,13 +69,41 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return group_rng(seed, "sample", epoch, key)
 
 
-def pad_positions(n: int, length: int, rng: np.random.Generator) -> tuple[int, ...]:
-    """Member positions padded to `length` by duplicating random members in place (order kept)."""
+def pad_positions(n: int, length: int, rng: np.random.Generator | Callable[[int], int]) -> tuple[int, ...]:
+    """Member positions padded to `length` by duplicating random members in place (order kept): each
+    step duplicates the member at a position drawn uniformly from the current ones. `rng` is a
+    generator or a function `size -> position in [0, size)`."""
+    draw = rng if callable(rng) else lambda size: int(rng.integers(size))
     positions = list(range(n))
     while len(positions) < length:
-        j = int(rng.integers(len(positions)))
+        j = draw(len(positions))
         positions.insert(j, positions[j])
     return tuple(positions)
+
+
+PadDraws = Mapping[tuple[str, str], tuple[int, ...]]  # (frame, primary date) -> padded uniqueIDs, in order
+
+
+def reference_padding(timeseries: Mapping[str, Mapping[str, Mapping[str, Any]]], splits: dict[str, Any],
+                      length: int, seed: int) -> dict[tuple[str, str], tuple[int, ...]]:
+    """The reference code's padding of every group shorter than `length`, as uniqueIDs in series order.
+
+    The reference builds each split's dataset with Python's `random` seeded afresh (`seed`), walks the
+    time-series index in file order (frames, then their primary dates, keeping the split's) and pads
+    each short group as it meets it, one `randint(0, size - 1)` per missing member; so a group's draws
+    depend on every short group before it in its split. The whole index is walked, whatever
+    `data.frames` selects, as the reference does.
+    """
+    draws: dict[tuple[str, str], tuple[int, ...]] = {}
+    for split in splits:
+        stream = random.Random(seed)
+        for frame_id, groups in timeseries.items():
+            for primary, entry in groups.items():
+                uids = entry["uniqueID"]
+                if len(uids) < length and split_of(primary, splits) == split:
+                    positions = pad_positions(len(uids), length, lambda size: stream.randint(0, size - 1))
+                    draws[(frame_id, primary)] = tuple(uids[p] for p in positions)
+    return draws
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,12 +162,17 @@ def make_sample(group: Group, positions: Sequence[int], label_rule: str) -> Samp
     )
 
 
-def enumerated_positions(group: Group, length: int, seed: int) -> list[tuple[int, ...]]:
-    """The published ("enumerate") member selections of one group."""
+def enumerated_positions(group: Group, length: int, seed: int, pad_draws: PadDraws | None = None) -> list[tuple[int, ...]]:
+    """The published ("enumerate") member selections of one group. A short group is padded with its
+    draw in `pad_draws` (`reference_padding`) when there is one for exactly its members, else from its
+    own generator (also for a group that lost members to bad annotations, on which the reference fails)."""
     n = len(group.unique_ids)
     if length == 1:
         return [(i,) for i in range(n)]
     if n < length:
+        drawn = (pad_draws or {}).get((group.frame_id, group.primary_date))
+        if drawn is not None and set(drawn) == set(group.unique_ids):
+            return [tuple(group.unique_ids.index(uid) for uid in drawn)]
         return [pad_positions(n, length, group_rng(seed, "pad", group.frame_id, group.primary_date))]
     if n == length:
         return [tuple(range(n))]
@@ -198,11 +233,12 @@ class SampleIndex:
     """Samples per split, and the per-epoch lists the training pipeline consumes."""
 
     def __init__(self, groups: list[Group], annotations: AnnotationSet, data_cfg: DataConfig, seed: int,
-                 problems: list[str]) -> None:
+                 problems: list[str], pad_draws: PadDraws | None = None) -> None:
         self.annotations = annotations
         self.data_cfg = data_cfg
         self.seed = seed
         self.problems = problems
+        self.pad_draws = pad_draws
         self.groups: dict[str, list[Group]] = {s: [] for s in data_cfg.splits}
         for group in groups:
             self.groups[group.split].append(group)
@@ -214,7 +250,9 @@ class SampleIndex:
     def build(cls, annotations: AnnotationSet, timeseries: dict[str, Any], data_cfg: DataConfig,
               seed: int) -> "SampleIndex":
         groups, problems = build_groups(annotations, timeseries, data_cfg.splits, data_cfg.frames)
-        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems)
+        pad_draws = (reference_padding(timeseries, data_cfg.splits, data_cfg.length, seed)
+                     if data_cfg.padding == "reference" else None)
+        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems, pad_draws)
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig, seed: int, location: str | Location | None = None) -> "SampleIndex":
@@ -228,7 +266,7 @@ class SampleIndex:
         samples = []
         for group in self.groups[split]:
             if self.data_cfg.policy == "enumerate":
-                selections = enumerated_positions(group, length, self.seed)
+                selections = enumerated_positions(group, length, self.seed, self.pad_draws)
             else:
                 selections = resampled_positions(group, length, self.seed, epoch)
             samples.extend(make_sample(group, positions, rule) for positions in selections)
