@@ -7,6 +7,7 @@ import itertools
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from thalia_ray.config import DataConfig
@@ -228,6 +229,43 @@ def test_balanced_epochs():
     assert index.epoch("val", 5) == index.epoch("val", 0) == index.samples("val")
     unbalanced = build(many_groups(), balance=False)
     assert len(unbalanced.epoch("train", 1)) == len(pool)
+
+
+def reference_random_samples(sources, draws):
+    """The reference's `random_samples(sources, probs=[1, 1], longest=False)` (utilities/utils.py), its
+    `random.random()` replaced by `next(draws)`: the stream whose cumulative share first reaches the draw
+    yields the next sample, and the mix ends at the first draw that meets an exhausted stream."""
+    probs = [1, 1]
+    while len(sources) > 0:
+        cum = (np.array(probs) / np.sum(probs)).cumsum()
+        i = np.searchsorted(cum, next(draws))
+        try:
+            yield next(sources[i])
+        except StopIteration:
+            break
+
+
+def test_random_mix_epochs_end_as_the_references_and_hold_every_positive():
+    index = build(many_groups(), balance_plan="random_mix")
+    pool = index.samples("train")
+    positives = [s for s in pool if s.label]
+    negatives = [s for s in pool if not s.label]
+    sizes = []
+    for epoch in range(200):
+        got = index.epoch("train", epoch, seed=3)
+        rng = group_rng(3, "epoch", epoch)  # the same stream orders and draws, fed to the reference's loop
+        streams = [iter([positives[i] for i in rng.permutation(len(positives))]),
+                   iter([negatives[i] for i in rng.permutation(len(negatives))])]
+        assert got == list(reference_random_samples(streams, iter(rng.random, None)))
+        keys = [s.key for s in got]
+        assert len(keys) == len(set(keys))
+        sizes.append(sum(not s.label for s in got))
+    assert len(set(sizes)) > 5  # a random number of negatives per epoch ...
+    assert abs(np.mean(sizes) - len(positives)) < 1.5  # ... about as many as positives
+    assert index.epoch("train", 7, seed=3) == index.epoch("train", 7, seed=3)
+    assert index.epoch("val", 3) == index.samples("val")
+    with pytest.raises(ValueError, match="random_mix' balances the training epochs"):
+        DataConfig(balance=False, balance_plan="random_mix")
 
 
 def test_resample_policy_redraws_subsets_each_epoch():

@@ -24,8 +24,8 @@ PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 PRESETS = sorted(PAPER.glob("*.yaml"))
 
 
-def test_the_four_presets_exist() -> None:
-    assert [p.stem for p in PRESETS] == ["cls-series", "cls-single", "seg-series", "seg-single"]
+def test_the_presets_exist() -> None:
+    assert [p.stem for p in PRESETS] == ["cls-series-vit", "cls-series", "cls-single", "seg-series", "seg-single"]
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -33,13 +33,18 @@ def test_preset_is_the_reference_recipe(path: Path) -> None:
     cfg = load_config(path)
     task = "classification" if path.stem.startswith("cls") else "segmentation"
     data, train = cfg.data, cfg.train
-    assert (cfg.seed, cfg.model.task, data.length) == (333, task, 3 if path.stem.endswith("series") else 1)
+    assert (cfg.seed, cfg.model.task, data.length) == (333, task, 1 if path.stem.endswith("single") else 3)
     assert data.channels == list(schema.ALL_CHANNELS)  # the reference config's 3 + 2 × 3 channels
     assert (data.crop, data.mask_target, data.label_rule, data.label_rule_for("test")) == (512, "union", "union", "union")
     assert (data.augmentations, data.balance, data.normalize, data.policy) == (False, True, True, "enumerate")
+    assert (data.padding, data.epoch_plan) == ("reference", "random_mix")  # its padding draws, its RandomMix epochs
+    assert data.on_bad_sample == "fail"  # the reference stops at a bad sample: evaluation never drops one
     assert data.crop_policy == "reference"  # cube-mask box ±crop/4, one fixed crop per sample
     assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (1e-5, 1e-4, 2, 90)
     assert (train.scheduler, train.warmup_fraction, train.grad_clip, train.precision) == ("constant", 0.0, None, "fp32")
+    vit = "vit" in cfg.model.name  # the reference's ViT schedule: timm's warm-up from 1e-6 over 5 × 2725 steps
+    warmup = (5, 1e-6, 2725) if vit else (None, None, None)
+    assert (train.warmup_epochs, train.warmup_start_lr, train.schedule_epoch_steps) == warmup
     assert train.grad_reset == "epoch"  # the reference clears gradients once per epoch
     assert (train.loss.name, train.loss.focal_gamma, train.loss.focal_alpha) == ("focal", 2.0, [0.25, 0.75])
     assert train.loss.focal_form == "reference"  # the reference's gradients: (1 - p_t)^γ detached

@@ -55,6 +55,67 @@ def test_scheduler_steps_the_optimiser_learning_rate():
         build_scheduler(optimizer, "cosine", total_steps=0, warmup_fraction=0.1)
 
 
+def _rates_seen(optimizer: torch.optim.Optimizer, steps: list[int], after_step) -> list[float]:
+    """The rate each step of epochs of `steps` steps runs at, `after_step(epoch, idx)` being called
+    after each optimiser step (0-based epoch and step)."""
+    seen = []
+    for epoch, n in enumerate(steps):
+        for idx in range(n):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            after_step(epoch, idx)
+    return seen
+
+
+def test_the_vit_preset_warms_up_as_the_references_timm_scheduler_steps():
+    """The reference's ViT run: timm's CosineLRScheduler(t_initial=epochs·2725, warmup_t=5·2725,
+    warmup_lr_init=1e-6, lr_min=1e-5 = lr, t_in_epochs=False), stepped with step_update(epoch·2725 + idx)
+    after each step (training/train_supervised.py), over epochs shorter than 2725 steps and of varying
+    length (RandomMix). The preset's schedule gives the same rate at every step."""
+    from timm.scheduler import CosineLRScheduler
+
+    from thalia_ray.config import load_config
+    from thalia_ray.train.schedule import anchor, epoch_steps, run_scheduler
+
+    train = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper" / "cls-series-vit.yaml").train
+    steps = [700, 650, 720, 690, 705, 680, 700, 710]  # real steps per epoch, < 2725
+    reference_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    timm = CosineLRScheduler(reference_opt, t_initial=train.epochs * 2725, warmup_t=2725 * 5, warmup_lr_init=1e-6,
+                             lr_min=1e-5, t_in_epochs=False)
+    reference = _rates_seen(reference_opt, steps, lambda epoch, idx: timm.step_update(epoch * 2725 + idx))
+
+    ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = run_scheduler(ours_opt, train, steps_per_epoch=max(steps))
+    per_epoch = epoch_steps(train, max(steps))
+
+    def after_step(epoch: int, idx: int) -> None:
+        scheduler.step()
+        if idx == steps[epoch] - 1:  # the loop anchors each epoch's start
+            anchor(scheduler, (epoch + 1) * per_epoch)
+
+    ours = _rates_seen(ours_opt, steps, after_step)
+    assert ours == pytest.approx(reference, rel=1e-12, abs=1e-18)
+    first_of_sixth = sum(steps[:5])  # epoch 6 starts at the rate of epoch 5's last position, then is flat
+    assert reference[0] == reference[1] == 1e-6 and max(reference[:first_of_sixth + 1]) < 1e-5
+    assert set(reference[first_of_sixth + 1:]) == {1e-5}
+
+    smooth = train.model_copy(update={"schedule_epoch_steps": None})  # real steps: a 5-epoch ramp
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    ramp_scheduler = run_scheduler(opt, smooth, steps_per_epoch=700)
+    ramp = _rates_seen(opt, [700] * 6, lambda epoch, idx: ramp_scheduler.step())
+    assert ramp[0] == 1e-6 and all(a <= b for a, b in zip(ramp, ramp[1:]))
+    assert ramp[5 * 700] < 1e-5 and ramp[5 * 700 + 1:] == pytest.approx([1e-5] * (700 - 1))
+
+
+def test_warmup_length_and_start_are_validated():
+    from thalia_ray.config import TrainConfig
+
+    with pytest.raises(ValueError, match="both set the warm-up"):
+        TrainConfig(warmup_epochs=2, warmup_fraction=0.1)
+    with pytest.raises(ValueError, match="must be below train.lr"):
+        TrainConfig(warmup_start_lr=1e-3, lr=1e-4)
+
+
 # ------------------------------------------------------------------------------ early stopping
 def _two_steps(grad_reset: str) -> list[torch.Tensor]:
     torch.manual_seed(0)

@@ -113,6 +113,11 @@ class DataConfig(Section):
     # rule it trains with: set `union` to compare a `last` run with it.
     eval_label_rule: Literal["union", "last"] | None = None
     balance: bool = True  # per-epoch undersampling of training negatives
+    # How a balanced training epoch is drawn. equal: every positive plus as many negatives drawn uniformly
+    # without replacement. random_mix: the reference's shard path (RandomMix of a shuffled positive and a
+    # shuffled negative stream, each sample from either with probability 1/2, until a draw meets the
+    # exhausted stream), so an epoch has every positive and a random number of negatives (the paper presets).
+    balance_plan: Literal["equal", "random_mix"] = "equal"
     normalize: bool = True
     statistics: str | None = None  # defaults to {root}/statistics.json
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -143,6 +148,8 @@ class DataConfig(Section):
             raise ValueError("select at least one channel (geomorphology or atmospheric)")
         if self.source == "shards" and not self.shards:
             raise ValueError("data.source is 'shards' but data.shards (the shard root) is not set")
+        if self.balance_plan == "random_mix" and not self.balance:
+            raise ValueError("data.balance_plan 'random_mix' balances the training epochs: set data.balance to true")
         if self.padding == "reference" and self.policy == "resample":
             raise ValueError("data.padding 'reference' pads once, as the reference's fixed series do; it needs "
                              "data.policy 'enumerate' (resample re-draws every epoch)")
@@ -151,6 +158,11 @@ class DataConfig(Section):
     @property
     def channels(self) -> list[str]:
         return schema.channel_names(self.geomorphology, self.atmospheric)
+
+    @property
+    def epoch_plan(self) -> str:
+        """How training epochs are drawn: `balance_plan` when balanced, else `all` (every sample)."""
+        return self.balance_plan if self.balance else "all"
 
     def label_rule_for(self, split: str) -> str:
         """The rule that labels a series of `split` (train: label_rule; val/test: eval_label_rule)."""
@@ -282,6 +294,13 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of the real number of optimiser steps
+    warmup_epochs: float | None = Field(None, ge=0)  # the warm-up in epochs instead (warmup_fraction must be 0)
+    # The warm-up's first rate; null: lr/(warm-up steps + 1). Set, the warm-up is the reference's (timm's
+    # CosineLRScheduler warmup_lr_init): the rate is set after each step, from that step's position.
+    warmup_start_lr: float | None = Field(None, gt=0)
+    # Schedule positions per epoch; null: the real steps per epoch. The reference's ViT schedule counts
+    # 2,725 per epoch whatever an epoch holds (train/schedule.py).
+    schedule_epoch_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     # When gradients are cleared: before every step, or once per epoch so that each step applies the sum
     # of the epoch's gradients so far (the reference's training loop; the paper presets). train/step.py.
@@ -301,6 +320,15 @@ class TrainConfig(Section):
     # (slower). Exact with one worker; with several, Ray's streaming split hands blocks to whichever
     # worker asks first, so the per-worker assignment may differ between runs.
     deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _one_warmup_length(self) -> "TrainConfig":
+        if self.warmup_epochs is not None and self.warmup_fraction:
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} and train.warmup_fraction {self.warmup_fraction} "
+                             "both set the warm-up: set warmup_fraction to 0")
+        if self.warmup_start_lr is not None and self.warmup_start_lr >= self.lr:
+            raise ValueError(f"train.warmup_start_lr {self.warmup_start_lr} must be below train.lr {self.lr}")
+        return self
 
     @model_validator(mode="after")
     def _grad_reset_fits_precision(self) -> "TrainConfig":

@@ -279,23 +279,33 @@ class SampleIndex:
         return self._fixed[split]
 
     def epoch(self, split: str, epoch: int, seed: int | None = None) -> list[Sample]:
-        """One epoch's samples. Train: every positive plus as many fresh random negatives, shuffled
-        (deterministic for seed and epoch). Val/test: everything, in index order."""
+        """One epoch's samples (`epoch_draw`). Train: by default every positive plus as many fresh random
+        negatives, shuffled (deterministic for seed and epoch). Val/test: everything, in index order."""
         seed = self.seed if seed is None else seed
         pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
-        return epoch_draw(pool, split, epoch, seed, self.data_cfg.balance)
+        return epoch_draw(pool, split, epoch, seed, self.data_cfg.epoch_plan)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: count_labels(samples) for split, samples in self._fixed.items()}
 
 
-def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, balance: bool) -> list[Any]:
+EPOCH_PLANS = ("all", "equal", "random_mix")
+
+
+def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, plan: str) -> list[Any]:
     """One epoch of items carrying a `.label`, from a pool in index order. Index samples and shard
-    entries both go through here, so the cube and shard sources draw the same epoch."""
+    entries both go through here, so the cube and shard sources draw the same epoch.
+
+    Train: `plan` (`DataConfig.epoch_plan`) all, equal or random_mix, in a seeded random order (fresh
+    each epoch). Val/test: everything, in index order."""
     if split != "train":
         return list(pool)
     rng = group_rng(seed, "epoch", epoch)
-    chosen = balanced(pool, rng) if balance else list(pool)
+    if plan == "random_mix":
+        return random_mix(pool, rng)
+    if plan not in EPOCH_PLANS:
+        raise ValueError(f"unknown epoch plan {plan!r}; expected one of {EPOCH_PLANS}")
+    chosen = balanced(pool, rng) if plan == "equal" else list(pool)
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
@@ -306,6 +316,22 @@ def balanced(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:
     take = min(len(positives), len(negatives))
     chosen = sorted(rng.choice(len(negatives), size=take, replace=False)) if take else []
     return positives + [negatives[i] for i in chosen]
+
+
+def random_mix(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:
+    """The reference's training epoch on its shards (`RandomMix` in utilities/utils.py): a shuffled
+    positive and a shuffled negative stream; each next sample comes from the positives when a uniform
+    draw is at most 1/2, else from the negatives; the epoch ends at the first draw that meets an
+    exhausted stream. So it holds every positive (in practice: the positives run out first) and a
+    random number of negatives, about as many, in an order that is uniformly random."""
+    positives = [s for s in samples if s.label == 1]
+    negatives = [s for s in samples if s.label != 1]
+    streams = [iter([positives[i] for i in rng.permutation(len(positives))]),
+               iter([negatives[i] for i in rng.permutation(len(negatives))])]
+    mixed = []
+    while (item := next(streams[0 if rng.random() <= 0.5 else 1], None)) is not None:
+        mixed.append(item)
+    return mixed
 
 
 def count_labels(samples: Sequence[Sample]) -> dict[str, int]:

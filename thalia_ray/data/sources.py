@@ -121,7 +121,7 @@ class ShardSource(Source):
         return self.root
 
     def epoch_items(self, split: str, epoch: int) -> list[ShardEntry]:
-        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.balance)
+        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.epoch_plan)
 
     def for_items(self, items: Sequence[ShardEntry]) -> "ShardSource":
         return dataclasses.replace(self, entries={})

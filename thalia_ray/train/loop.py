@@ -36,7 +36,7 @@ from thalia_ray.metrics import MetricSuite
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
 from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
-from thalia_ray.train.schedule import build_scheduler
+from thalia_ray.train.schedule import anchor, epoch_steps, run_scheduler
 from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -167,14 +167,14 @@ class WorkerLoop:
         seed_everything(self.cfg.seed)  # identical initial weights on every rank
         restored = self._latest_state()
         model = model_from_config(self.cfg, initial_weights=restored is None)
-        self.optimizer_steps = train.epochs * settings.steps_per_epoch
+        self.epoch_steps = epoch_steps(train, settings.steps_per_epoch)  # schedule positions per epoch
         self.progress = Progress()
         self.stopper = EarlyStopping(train.early_stopping.mode, train.early_stopping.patience)
         if restored is not None:
             model.load_state_dict(restored["model"])
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = build_optimizer(self.model, train)
-        self.scheduler = build_scheduler(self.optimizer, train.scheduler, self.optimizer_steps, train.warmup_fraction)
+        self.scheduler = run_scheduler(self.optimizer, train, settings.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.loss_fn = build_loss(train.loss, self.cfg.model.task, self.cfg.model.aux_heads)
         self.suite = MetricSuite(self.cfg.model.task).to(self.device)
@@ -248,6 +248,7 @@ class WorkerLoop:
         totals: dict[str, float] = {}
         steps, lead = 0, EpochLead(self.settings.steps_per_epoch, time.perf_counter())
         clear_gradients(self.optimizer)  # with train.grad_reset: epoch, the only clearing this epoch
+        anchor(self.scheduler, (epoch - 1) * self.epoch_steps)
         for batch in batches:
             if steps == self.settings.steps_per_epoch:
                 break

@@ -284,7 +284,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         record=record,
         fault=os.environ.get(FAULT_ENV),
     )
-    log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
+    log.info("run %s: %d workers (%s), %d steps per epoch, up to %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
     trainer = TorchTrainer(
         train_loop_per_worker,
