@@ -85,3 +85,45 @@ def test_preset_runs_one_training_step_on_cpu(path: Path, synthetic_root: Path) 
     optimizer_step(loss, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), cfg.train)
     assert torch.isfinite(loss) and set(parts) == {"focal", "total"}
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.slow
+def test_a_paper_preset_fails_on_a_damaged_test_sample_and_skip_says_what_its_metrics_miss(ray_cluster, tmp_path):
+    """A preset run (scaled down for a CPU) whose test cube lost a sample's chunks stops at the test
+    evaluation naming that sample; with `data.on_bad_sample: skip` it finishes, and its summary line,
+    results.json, leaderboard and report all say the test metrics cover n_evaluated < n_expected samples."""
+    import re
+
+    from thalia_ray.errors import ThaliaError
+    from thalia_ray.report.page import write_report
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.store.leaderboard import leaderboard_text
+    from thalia_ray.train.trainer import fit
+
+    from tests.helpers import build_root, delete_pair_chunks
+
+    root = build_root(tmp_path / "root")
+    overrides = [f"data.root={root}", "data.crop=32", "data.samples_per_read_task=32", "model.pretrained=none",
+                 "train.epochs=1", "train.device=auto", "train.cpus_per_worker=1", "train.max_failures=0",
+                 f"storage.store={tmp_path / 'store'}", "runtime.wandb.mode=disabled"]
+    cfg = load_config(PAPER / "cls-single.yaml", overrides)
+    test_samples = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")
+    victim = test_samples[0]
+    delete_pair_chunks(root, victim)
+    store = ExperimentStore(cfg.storage.store)
+
+    with pytest.raises(ThaliaError, match=rf"data.on_bad_sample=fail\) in test .*key {re.escape(victim.key)}"):
+        fit(cfg, store=store, run_id="preset-fail")
+    assert store.run("preset-fail").read_status()["status"] == "failed"
+    assert store.run("preset-fail").read_results() is None  # no metrics over fewer samples were recorded
+
+    result = fit(cfg.with_overrides({"data.on_bad_sample": "skip"}), store=store, run_id="preset-skip")
+    n = len(test_samples)
+    assert f"test metrics over {n - 1} of {n} samples" in str(result) and "val metrics over" not in str(result)
+    metrics = store.run("preset-skip").read_results()["metrics"]
+    assert (metrics["test/n_evaluated"], metrics["test/n_expected"]) == (n - 1, n)
+    assert metrics["val/n_evaluated"] == metrics["val/n_expected"] > 0
+    board = leaderboard_text(store).splitlines()
+    assert board[1].split()[-1] == "evaluated" and board[3].split()[-1] == f"{n - 1}/{n}"
+    page = write_report(store, "preset-skip").read_text()
+    assert f"test samples evaluated</td><td class=\"text\">{n - 1} of {n}" in page and "fewer samples" in page

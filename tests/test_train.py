@@ -287,23 +287,6 @@ def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cl
     assert again.metrics == pytest.approx(result.test_metrics, nan_ok=True) and again.skipped == 0
 
 
-def _delete_pair_chunks(root: str, sample, variable: str = "insar_difference") -> None:
-    """Damage a cube after training: every chunk of `variable` for the sample's (first) pair."""
-    import xarray as xr
-
-    from thalia_ray.data import schema
-
-    cube = Path(root, f"{sample.frame_id}.zarr")
-    with xr.open_zarr(cube, consolidated=False) as ds:
-        dates = {dim: list(ds.indexes[dim].strftime("%Y%m%d")) for dim in (schema.PRIMARY_DIM, schema.SECONDARY_DIM)}
-    p = dates[schema.PRIMARY_DIM].index(sample.primary_date)
-    s = dates[schema.SECONDARY_DIM].index(sample.secondary_dates[0])
-    chunks = [c for c in (cube / variable / "c" / str(p) / str(s)).rglob("*") if c.is_file()]
-    assert chunks
-    for chunk in chunks:
-        chunk.unlink()
-
-
 @pytest.mark.slow
 def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp_path, capsys):
     """A test cube loses a chunk after training: `thalia-ray evaluate` skips that sample, lists it in the
@@ -312,7 +295,7 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     from thalia_ray.cli import main
     from thalia_ray.data.index import SampleIndex
 
-    from tests.helpers import build_root, stored_run
+    from tests.helpers import build_root, delete_pair_chunks, stored_run
 
     root = build_root(tmp_path / "root")
     store, run_id = stored_run(tmp_path / "store", root, task="classification")
@@ -321,12 +304,14 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     record.write_skipped([trainings])
     cfg = record.read_config()
     victim = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")[0]
-    _delete_pair_chunks(root, victim)
+    delete_pair_chunks(root, victim)
     where = str(tmp_path / "store")
 
     assert main(["evaluate", run_id, "--store", where]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == f"run {run_id} evaluated on test: 1 samples skipped (store {store.root.url})"
+    n_test = len(SampleIndex.from_config(cfg.data, cfg.seed).samples("test"))
+    assert lines[-1] == (f"run {run_id} evaluated on test: 1 samples skipped, metrics over {n_test - 1} of {n_test} "
+                         f"samples (store {store.root.url})")
     assert any(line.split()[0] == "test/f1_deformation" for line in lines[:-1])
     rows = record.read_skipped()
     assert rows[0] == {"command": "train", **trainings}  # training's row kept
@@ -337,6 +322,7 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     assert main(["evaluate", run_id, "--store", where, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == 1 and summary["split"] == "test" and "test/f1_deformation" in summary["metrics"]
+    assert (summary["metrics"]["test/n_evaluated"], summary["metrics"]["test/n_expected"]) == (n_test - 1, n_test)
     # evaluated again: replaced, not added (the reason names whichever of the pair's deleted chunks
     # Zarr's concurrent chunk reads met first, so it is compared by what it says, not word for word)
     again = record.read_skipped()
@@ -405,6 +391,27 @@ def test_train_summary_line_counts_skipped_samples():
                          "ckpt", "file:///store", skipped=3)
     assert str(result) == ("run r1: best epoch 2, val/f1_deformation 0.500, test/f1_deformation 0.750, "
                            "3 samples skipped (store file:///store)")
+
+
+def test_train_summary_line_says_which_metrics_miss_samples():
+    from thalia_ray.train.trainer import TrainResult
+
+    val = {"val/f1_deformation": 0.5, "val/n_evaluated": 10, "val/n_expected": 10}
+    test = {"test/f1_deformation": 0.75, "test/n_evaluated": 98, "test/n_expected": 100}
+    assert str(TrainResult("r1", 2, val, test, "ckpt", "file:///store", skipped=2)) == (
+        "run r1: best epoch 2, val/f1_deformation 0.500, test/f1_deformation 0.750, 2 samples skipped, "
+        "test metrics over 98 of 100 samples (store file:///store)")
+    val["val/n_evaluated"] = 8  # e.g. two workers' equal split of 10 - 1 samples, or a step cap
+    assert ", val metrics over 8 of 10 samples, test metrics over 98 of 100 samples (" in str(
+        TrainResult("r1", 2, val, test, "ckpt", "file:///store", skipped=2))
+
+
+def test_an_evaluation_reports_how_many_of_the_splits_samples_it_covers():
+    from thalia_ray.train.evaluate import Evaluation
+
+    result = Evaluation(loss_sum=3.0, count=3, metrics={"f1_deformation": 0.5}, expected=4)
+    assert result.flat("test") == {"test/loss": 1.0, "test/f1_deformation": 0.5, "test/n_evaluated": 3,
+                                   "test/n_expected": 4}
 
 
 def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):

@@ -16,7 +16,7 @@ from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, breakdown, collect, differences
-from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError, utc_now
+from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError, evaluated, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,19 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
     status, history, results = record.read_status(), record.read_history(), record.read_results() or {}
     cfg = record.read_config()
     metrics = results.get("metrics", {})
+    counted = [(split, evaluated(metrics, split)) for split in ("val", "test")]
+    counted = [(split, counts) for split, counts in counted if counts is not None]
     overview = table(["field", "value"], [
         ("run", run_id), ("status", status.get("status")), ("task", cfg.model.task), ("model", cfg.model.name),
         ("sweep", status.get("sweep")), ("epochs", len(history)), ("best epoch", results.get("best_epoch")),
         ("restarts", results.get("restarts", 0)), ("created", status.get("created")),
-        ("updated", status.get("updated"))])
+        ("updated", status.get("updated")),
+        *((f"{split} samples evaluated", f"{n} of {m}") for split, (n, m) in counted)],
+        [""] * 10 + ["stopped" if n < m else "" for _, (n, m) in counted])
+    short = [f"{split}: {n} of {m}" for split, (n, m) in counted if n < m]
+    if short:
+        overview += note(f"metrics over fewer samples than the split holds ({'; '.join(short)}): samples were "
+                         "skipped as unreadable (skipped.json) or left out (several workers' equal split, a step cap)")
     sections = [section(f"Run {run_id}", overview)]
     if history:
         monitored = cfg.train.early_stopping.metric

@@ -16,7 +16,7 @@ import numpy as np
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import StoreError
+from thalia_ray.store.records import StoreError, evaluated
 
 # Paths that never distinguish one configuration from another in a comparison.
 _IGNORED = ("name", "seed", "storage.", "runtime.", "sweep")
@@ -170,6 +170,13 @@ def _metric_columns(rows: list[Row], metric: str) -> list[str]:
     return [metric, *others][:7]
 
 
+def evaluated_cell(metrics: dict[str, Any], metric: str) -> str | None:
+    """`N/M`: of the M samples of the ranking metric's split, the N its metrics cover (fewer when samples
+    were skipped as unreadable or left out); None for runs that did not record it."""
+    counts = evaluated(metrics, metric.split("/")[0])
+    return None if counts is None else f"{counts[0]}/{counts[1]}"
+
+
 def leaderboard_text(store: ExperimentStore, sweep: str | None = None, fmt: str = "terminal",
                      metric: str | None = None, mode: str = "max", breakdown_by: Iterable[str] = BREAKDOWNS) -> str:
     rows = collect(store, None if sweep in (None, "all") else sweep)
@@ -181,9 +188,9 @@ def leaderboard_text(store: ExperimentStore, sweep: str | None = None, fmt: str 
     ranked = rank(rows, metric, mode)
     keys = differences(ranked)
     metrics = _metric_columns(ranked, metric)
-    header = ["#", "run", "status", "model", *keys, "seed", *metrics]
+    header = ["#", "run", "status", "model", *keys, "seed", *metrics, "evaluated"]
     table = [[i + 1, r.run_id, r.status, r.model, *(r.config.get(k) for k in keys), r.seed,
-              *(r.metrics.get(m) for m in metrics)] for i, r in enumerate(ranked)]
+              *(r.metrics.get(m) for m in metrics), evaluated_cell(r.metrics, metric)] for i, r in enumerate(ranked)]
     parts = [f"ranked by {metric} ({mode})", render(header, table, fmt)]
     if len({r.seed for r in ranked}) > 1:
         grouped = sorted(seed_groups(ranked, keys, metrics), key=lambda e: -e[metric][0]

@@ -116,6 +116,26 @@ def headline(results: Mapping[str, Any] | None, history: list[dict[str, Any]],
     return None, None
 
 
+def evaluated(metrics: Mapping[str, Any], split: str) -> tuple[int, int] | None:
+    """(n_evaluated, n_expected) of a split's metrics (`{split}/n_evaluated`, `{split}/n_expected`): how many
+    of the split's samples its metrics cover; None when they were not recorded (runs from before them)."""
+    done, expected = metrics.get(f"{split}/n_evaluated"), metrics.get(f"{split}/n_expected")
+    if not isinstance(done, (int, float)) or not isinstance(expected, (int, float)):
+        return None
+    return int(done), int(expected)
+
+
+def shortfalls(metrics: Mapping[str, Any], splits: Iterable[str] = ("val", "test")) -> list[str]:
+    """`"{split} metrics over N of M samples"` for each split whose metrics miss samples (skipped as
+    unreadable, or left out by Ray's equal split or a step cap), for summary lines; [] when none does."""
+    out = []
+    for split in splits:
+        counts = evaluated(metrics, split)
+        if counts is not None and counts[0] < counts[1]:
+            out.append(f"{split} metrics over {counts[0]} of {counts[1]} samples")
+    return out
+
+
 # ------------------------------------------------------------------------------------- leases
 _ACTIVE: set[str] = set()  # owners of the leases this process holds now
 

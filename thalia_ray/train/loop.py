@@ -56,6 +56,7 @@ class LoopSettings:
     epoch_control: Any  # the pipeline's picklable epoch handle
     record: Any = None  # the store's RunRecord (rank 0 writes history); None to skip
     fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
+    val_samples: int | None = None  # the validation split's samples, all ranks together (val/n_expected)
 
 
 @dataclass
@@ -291,7 +292,9 @@ class WorkerLoop:
         )
 
     def validate(self) -> dict[str, float]:
-        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
+        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank), with
+        how many of the split's samples they cover (the equal split, a step cap or skipped samples may
+        leave some out)."""
         batches, self.upcoming_val = self.upcoming_val or self.val_batches(), None
         self.suite.reset()
         result = evaluate_batches(
@@ -299,7 +302,7 @@ class WorkerLoop:
             max_steps=self.cfg.train.max_steps_per_epoch,
         )
         result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
-        result.count = int(count)
+        result.count, result.expected = int(count), self.settings.val_samples
         self.samples += result.count
         result.metrics = self.suite.compute()
         return result.flat("val")
