@@ -33,6 +33,7 @@ VARIANTS: Mapping[str, Mapping[str, list[str]]] = {
 
 def reference_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Paired runs of each preset and its variants over `repeats` seeds (see the module docstring)."""
+    from thalia_ray.data.index import SampleIndex
     from thalia_ray.data.synthetic.generator import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,12 +43,15 @@ def reference_suite(p: Params, repeats: int, result: BenchResult) -> None:
             runs = {label: [_run(p, root, tmp, preset, overrides, seed) for seed in range(repeats)]
                     for label, overrides in {"preset": [], **variants}.items()}
             _record(result, preset, runs)
+            counts = SampleIndex.from_config(runs["preset"][0]["cfg"].data, 0).counts()
+            result.notes.append(f"{preset}: " + ", ".join(f"{split} {c['samples']} samples ({c['positives']} positive)"
+                                                          for split, c in counts.items()))
             if preset.startswith("cls"):
                 _record_ap_inputs(result, preset, runs["preset"])
     result.notes.append(f"synthetic data: {p['frames']} frames of {p['size']}², {p['groups']} groups per frame "
                         f"(generator seed {p['data_seed']}); crop {p['crop']}, model {p['model']} / unet-resnet18, "
-                        f"{p['epochs']} epochs, batch 2, AdamW 1e-5 as the presets, no pretrained weights, one worker, "
-                        f"deterministic; seeds 0..{repeats - 1}")
+                        f"{p['epochs']} epochs, batch 2, AdamW lr {p['lr']:g} (the presets' 1e-5 is for 90 epochs from "
+                        f"ImageNet weights), no pretrained weights, one worker, deterministic; seeds 0..{repeats - 1}")
 
 
 def _run(p: Params, root: str, tmp: str, preset: str, overrides: list[str], seed: int) -> dict[str, Any]:

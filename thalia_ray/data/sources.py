@@ -169,6 +169,10 @@ class OwnShards(ShardSource):
             raise ShardError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
                              "series: use data.source=cube")
         manifest = load_manifest(root, data.length)
+        padding = manifest.get("padding", "per_group")  # exports from before the field padded per group
+        if data.length > 1 and padding != data.padding:
+            raise ShardError(f"shards under {data.shards} were exported with padding={padding!r}, the config asks "
+                             f"for data.padding={data.padding!r}: their short series hold other members")
         if manifest["label_rule"] != data.label_rule:
             raise ShardError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
                              f"the config asks for {data.label_rule!r}")
