@@ -372,6 +372,19 @@ def _root_cube(frame_index: int, positives: set[tuple[str, str]], frame: str) ->
     return xr.Dataset(data, coords=coords)
 
 
+def delete_pair_chunks(root: str, sample, variable: str = "insar_difference") -> None:
+    """Damage a cube: every chunk of `variable` for the sample's (first) pair."""
+    cube = Path(root, f"{sample.frame_id}.zarr")
+    with xr.open_zarr(cube, consolidated=False) as ds:
+        dates = {dim: list(ds.indexes[dim].strftime("%Y%m%d")) for dim in (schema.PRIMARY_DIM, schema.SECONDARY_DIM)}
+    p = dates[schema.PRIMARY_DIM].index(sample.primary_date)
+    s = dates[schema.SECONDARY_DIM].index(sample.secondary_dates[0])
+    chunks = [c for c in (cube / variable / "c" / str(p) / str(s)).rglob("*") if c.is_file()]
+    assert chunks
+    for chunk in chunks:
+        chunk.unlink()
+
+
 def upload_folder(local: str | Path, url: str) -> None:
     """Every file under `local` as an object under `url` (`s3://bucket/prefix`) of the endpoint in the
     environment (the moto server), a few at a time: moto answers one request in a few milliseconds."""

@@ -7,6 +7,7 @@ import itertools
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from thalia_ray.config import DataConfig
@@ -230,6 +231,43 @@ def test_balanced_epochs():
     assert len(unbalanced.epoch("train", 1)) == len(pool)
 
 
+def reference_random_samples(sources, draws):
+    """The reference's `random_samples(sources, probs=[1, 1], longest=False)` (utilities/utils.py), its
+    `random.random()` replaced by `next(draws)`: the stream whose cumulative share first reaches the draw
+    yields the next sample, and the mix ends at the first draw that meets an exhausted stream."""
+    probs = [1, 1]
+    while len(sources) > 0:
+        cum = (np.array(probs) / np.sum(probs)).cumsum()
+        i = np.searchsorted(cum, next(draws))
+        try:
+            yield next(sources[i])
+        except StopIteration:
+            break
+
+
+def test_random_mix_epochs_end_as_the_references_and_hold_every_positive():
+    index = build(many_groups(), balance_plan="random_mix")
+    pool = index.samples("train")
+    positives = [s for s in pool if s.label]
+    negatives = [s for s in pool if not s.label]
+    sizes = []
+    for epoch in range(200):
+        got = index.epoch("train", epoch, seed=3)
+        rng = group_rng(3, "epoch", epoch)  # the same stream orders and draws, fed to the reference's loop
+        streams = [iter([positives[i] for i in rng.permutation(len(positives))]),
+                   iter([negatives[i] for i in rng.permutation(len(negatives))])]
+        assert got == list(reference_random_samples(streams, iter(rng.random, None)))
+        keys = [s.key for s in got]
+        assert len(keys) == len(set(keys))
+        sizes.append(sum(not s.label for s in got))
+    assert len(set(sizes)) > 5  # a random number of negatives per epoch ...
+    assert abs(np.mean(sizes) - len(positives)) < 1.5  # ... about as many as positives
+    assert index.epoch("train", 7, seed=3) == index.epoch("train", 7, seed=3)
+    assert index.epoch("val", 3) == index.samples("val")
+    with pytest.raises(ValueError, match="random_mix' balances the training epochs"):
+        DataConfig(balance=False, balance_plan="random_mix")
+
+
 def test_resample_policy_redraws_subsets_each_epoch():
     groups = {FRAME: {"20180101": series("20180101", 9, (4,)), "20180301": series("20180301", 2)}}
     index = build(groups, length=3, policy="resample", balance=False)
@@ -265,3 +303,93 @@ def test_real_metadata_counts_for_t1_to_t4(shared_meta):
         if length == 1:
             assert {s: c["samples"] for s, c in counts.items()} == dict(interferograms)
     assert index_counts(str(shared_meta), 4)["train"] == counts["train"]
+
+
+# ------------------------------------------------------------ the reference's padding draws
+REFERENCE_YEARS = {"train": ("20140101", "20190531"), "val": ("20190601", "20191231"), "test": ("20200101", "20211231")}
+
+
+def reference_dataset_series(timeseries: dict, annotations: dict, mode: str, length: int, seed: int = 333) -> Counter:
+    """The series of the reference's `InSarDataset(config, mode)` (dataset/dataset_utils.py), transcribed
+    independently of the package from the raw JSON: the constructor seeds Python's `random` with the
+    config's seed, slices the index to the mode's primary dates in file order, then per group pads
+    (`duplicate_entries`: one randint per missing member, inserted in place in every list), enumerates
+    (`get_possible_subsets`) or keeps it. Returns a Counter of (frame, uniqueIDs in series order)."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    start, end = REFERENCE_YEARS[mode]
+    sliced: dict = {}
+    for frame_id, groups in timeseries.items():
+        for primary in groups:
+            if start <= primary <= end:
+                sliced.setdefault(frame_id, {})[primary] = copy.deepcopy(groups[primary])
+    series = Counter()
+    for frame_id, groups in sliced.items():
+        for group in groups.values():
+            members = {uid: annotations[str(uid)] for uid in group["uniqueID"]}
+            group["label"] = ["Non_Deformation" not in members[uid]["label"] for uid in members]
+            positive = any(group["label"])
+            if group["length"] < length:
+                initial = group["length"]
+                for i in range(length - initial):
+                    choice = rng.randint(0, initial - 1 + i)
+                    for key, value in group.items():
+                        if key != "length":
+                            value.insert(choice, value[choice])
+                    group["length"] += 1
+                selections = [tuple(group["uniqueID"])]
+            elif group["length"] > length:
+                md = (length - 1 if positive else length - 2) if mode == "train" else 1
+                selections = [tuple(group["uniqueID"][i] for i in combo)
+                              for combo in reference_enumeration(len(group["uniqueID"]), length, md)]
+            else:
+                selections = [tuple(group["uniqueID"])]
+            series.update((frame_id, uids) for uids in selections)
+    return series
+
+
+@pytest.mark.parametrize("length", [2, 3, 4])
+def test_reference_padding_gives_the_reference_series_on_the_real_index(shared_meta, length):
+    """`data.padding: reference` reproduces the reference's series member for member on the real
+    annotations and index, every split; the per-group padding gives the same number of series but,
+    from T = 3, other members for some of the padded ones."""
+    raw_timeseries = json.loads((shared_meta / "quality_timeseries.json").read_text())
+    raw_annotations = json.loads(gzip.decompress((shared_meta / "annotations.json.gz").read_bytes()))
+    annotations, timeseries = load_annotations(shared_meta / "annotations.json.gz"), load_timeseries(shared_meta / "quality_timeseries.json")
+    ours = SampleIndex.build(annotations, timeseries, DataConfig(length=length, padding="reference"), seed=333)
+    per_group = SampleIndex.build(annotations, timeseries, DataConfig(length=length), seed=333)
+    for split in ("train", "val", "test"):
+        reference = reference_dataset_series(raw_timeseries, raw_annotations, split, length)
+        got = Counter((s.frame_id, s.unique_ids) for s in ours.samples(split))
+        assert got == reference, f"{split}: {sum((got - reference).values())} series differ"
+        other = Counter((s.frame_id, s.unique_ids) for s in per_group.samples(split))
+        assert sum(other.values()) == sum(reference.values())
+        if length > 2:  # at T = 2 the only padding of a one-member group is that member twice
+            assert other != reference
+
+
+def test_reference_padding_walks_each_split_in_file_order_with_its_own_stream():
+    """The draws of a group depend on the short groups before it in its split's walk (file order,
+    not sorted), and every split starts its own stream from the seed."""
+    from thalia_ray.data.index import reference_padding
+
+    groups = {OTHER: {"20180101": series("20180101", 1), "20190701": series("20190701", 1)},
+              FRAME: {"20180101": series("20180101", 2), "20190701": series("20190701", 2)}}
+    _, timeseries = dataset(groups)
+    splits = DataConfig().splits
+    draws = reference_padding(timeseries, splits, 4, seed=333)
+    stream = __import__("random").Random(333)
+    for split_primary in ("20180101", "20190701"):  # train, then val: each from a fresh stream
+        if split_primary == "20190701":
+            stream = __import__("random").Random(333)
+        for frame in (OTHER, FRAME):  # file order: OTHER first
+            uids = timeseries[frame][split_primary]["uniqueID"]
+            positions = list(range(len(uids)))
+            while len(positions) < 4:
+                j = stream.randint(0, len(positions) - 1)
+                positions.insert(j, positions[j])
+            assert draws[(frame, split_primary)] == tuple(uids[p] for p in positions)
+    with pytest.raises(ValueError, match="padding 'reference' pads once"):
+        DataConfig(padding="reference", policy="resample")

@@ -36,7 +36,8 @@ VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, where `t
 SPECS = sorted((REPO / "jobs").glob("*.yaml"))
 EXPECTED_SPECS = {"train-cls-single", "train-cls-series", "train-seg-single", "train-seg-series",
                   "sweep-backbones", "export-shards", "stats",
-                  "paper-cls-single", "paper-cls-series", "paper-seg-single", "paper-seg-series", "predict"}
+                  "paper-cls-single", "paper-cls-series", "paper-cls-series-vit", "paper-cls-series-cubes",
+                  "paper-seg-single", "paper-seg-series", "predict"}
 NOW = datetime(2025, 3, 1, 14, 22, 10, tzinfo=timezone.utc)
 
 
@@ -80,6 +81,20 @@ def test_spec_parses_and_its_config_validates(path: Path) -> None:
         assert spec.store == "$THALIA_STORE" and "storage.store=${THALIA_STORE}" in spec.entrypoint
     else:
         assert not {"--run-id", "--sweep-id"} & set(spec.entrypoint_args) and spec.store is None
+
+
+def test_paper_jobs_train_on_the_published_shards_and_one_on_cubes() -> None:
+    """The paper jobs run their preset on the published shards, with the reference's statistics file
+    named; one runs it on the Zarr minicubes instead."""
+    sources = {}
+    for path in sorted((REPO / "jobs").glob("paper-*.yaml")):
+        spec = jobs.load_spec(path, now=NOW)
+        data = spec.config.data
+        assert data.statistics is not None and data.statistics.endswith("statistics.json")
+        assert "Orion-AI-Lab/Thalia" in path.read_text()  # where the statistics file comes from
+        sources[path.stem] = (data.source, data.shard_format if data.source == "shards" else None)
+    assert sources.pop("paper-cls-series-cubes") == ("cube", None)
+    assert set(sources.values()) == {("shards", "published")} and len(sources) == 5
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from thalia_ray.losses import build_loss
 from torchmetrics.classification import MulticlassAveragePrecision
 
 from thalia_ray.metrics import MetricSuite, curves, subgroup_metrics
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
 
 def _logits_for(scores: np.ndarray) -> torch.Tensor:
@@ -33,7 +36,7 @@ def _confident(mask: torch.Tensor) -> torch.Tensor:
 def test_focal_with_gamma_0_and_alpha_half_is_half_cross_entropy() -> None:
     torch.manual_seed(0)
     logits, label = torch.randn(8, 2), torch.randint(0, 2, (8,))
-    focal = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=0.5), "classification")
+    focal = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=[0.5, 0.5]), "classification")
     ce = build_loss(LossConfig(name="ce"), "classification")
     batch = {"label": label}
     torch.testing.assert_close(focal({"logits": logits}, batch)[0], 0.5 * ce({"logits": logits}, batch)[0])
@@ -41,9 +44,10 @@ def test_focal_with_gamma_0_and_alpha_half_is_half_cross_entropy() -> None:
 
 
 def test_focal_hand_computed() -> None:
-    # p(Deformation) = 0.75: positive → α (1-p)^γ (-log p); negative → (1-α) p^γ (-log(1-p)).
+    # p(Deformation) = 0.75, α = [0.75, 0.25] (the default): positive → 0.25 (1-p)^γ (-log p);
+    # negative → 0.75 p^γ (-log(1-p)).
     logits = _logits_for(np.array([0.75, 0.75]))
-    loss_fn = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25), "classification")
+    loss_fn = build_loss(LossConfig(name="focal", focal_gamma=2), "classification")
     loss, parts = loss_fn({"logits": logits}, {"label": torch.tensor([1, 0])})
     expected = (0.25 * 0.25**2 * -math.log(0.75) + 0.75 * 0.75**2 * -math.log(0.25)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -51,40 +55,82 @@ def test_focal_hand_computed() -> None:
 
 
 def _reference_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-    """The reference's FocalLoss(gamma, alpha) written out: α becomes [α, 1 − α], gathered by class."""
+    """The reference's FocalLoss(gamma, alpha).forward written out line by line (losses/focal_loss.py):
+    (N, C, H, W) logits flattened to (N·H·W, C); log p_t gathered; p_t = exp of its *data*, so the factor
+    (1 − p_t)^γ carries no gradient; α = [α, 1 − α] gathered by class; the mean over elements."""
+    target = target.unsqueeze(1)
     if logits.dim() > 2:
-        logits = logits.reshape(logits.shape[0], logits.shape[1], -1).transpose(1, 2).reshape(-1, logits.shape[1])
-    target = target.reshape(-1, 1)
-    logpt = F.log_softmax(logits, dim=1).gather(1, target).reshape(-1)
-    pt = logpt.detach().exp()
-    at = torch.tensor([alpha, 1 - alpha]).gather(0, target.reshape(-1))
-    return (-1 * (1 - pt) ** gamma * (logpt * at)).mean()
+        logits = logits.view(logits.size(0), logits.size(1), -1).transpose(1, 2).contiguous().view(-1, logits.size(1))
+    target = target.contiguous().view(-1, 1)
+    logpt = F.log_softmax(logits, dim=1).gather(1, target).view(-1)
+    pt = logpt.data.exp()
+    at = torch.tensor([alpha, 1 - alpha], dtype=logits.dtype).gather(0, target.data.view(-1))
+    logpt = logpt * at
+    return (-1 * (1 - pt) ** gamma * logpt).mean()
 
 
-@pytest.mark.parametrize("task,shape", [("classification", (8,)), ("segmentation", (2, 5, 6))])
-def test_focal_reference_weighting_equals_the_reference_formula(task: str, shape: tuple[int, ...]) -> None:
-    torch.manual_seed(0)
+def _inputs(task: str, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random float32 logits (as models give them) and targets: (8, 2) per sample, or (2, 2, 5, 6) per pixel."""
+    torch.manual_seed(seed)
+    shape = (8,) if task == "classification" else (2, 5, 6)
     target = torch.randint(0, 2, shape)
-    logits = torch.randn(shape[0], 2, *shape[1:])
-    batch = {"label": target} if task == "classification" else {"mask": target}
-    paper = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=[0.25, 0.75]), task)
-    expected = _reference_focal(logits, target, gamma=2, alpha=0.25)
-    torch.testing.assert_close(paper({"logits": logits}, batch)[0], expected)
-    # A number is the Deformation weight: 0.75 is the same weighting, 0.25 the opposite one.
-    same = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.75), task)
-    torch.testing.assert_close(same({"logits": logits}, batch)[0], expected)
-    opposite = build_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25), task)
-    assert not torch.allclose(opposite({"logits": logits}, batch)[0], expected)
+    logits = (3 * torch.randn(shape[0], 2, *shape[1:])).requires_grad_()
+    return logits, {"label": target} if task == "classification" else {"mask": target}
 
 
-def test_focal_alpha_is_validated() -> None:
+def _value_and_grad(loss: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_focal_loss_has_the_reference_values_and_gradients(task: str, seed: int) -> None:
+    from thalia_ray.config import load_config
+
+    cfg = load_config(PAPER / ("cls-single.yaml" if task == "classification" else "seg-single.yaml"))
+    logits, batch = _inputs(task, seed)
+    target = batch.get("label", batch.get("mask"))
+    ours = _value_and_grad(build_loss(cfg.train.loss, task)({"logits": logits}, batch)[0], logits)
+    reference = _value_and_grad(_reference_focal(logits, target, gamma=2, alpha=0.25), logits)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    # The standard form has the same value but differentiates through (1 - p_t)^γ: other gradients.
+    standard = cfg.train.loss.model_copy(update={"focal_form": "standard"})
+    value, grad = _value_and_grad(build_loss(standard, task)({"logits": logits}, batch)[0], logits)
+    torch.testing.assert_close(value, reference[0], rtol=0, atol=1e-6)
+    assert (grad - reference[1]).abs().max() > 1e-3 * reference[1].abs().max()
+
+
+def test_standard_focal_gradient_is_the_reference_one_times_the_factor_of_the_issue() -> None:
+    # Per element, d/dz of the standard form = that of the reference form × (1 + γ p (−ln p) / (1 − p)).
+    logits, batch = _inputs("classification", 3)
+    gamma = 2.0
+    per_element = {}
+    for form in ("standard", "reference"):
+        cfg = LossConfig(name="focal", focal_gamma=gamma, focal_alpha=[0.25, 0.75], focal_form=form)
+        per_element[form] = _value_and_grad(build_loss(cfg, "classification")({"logits": logits}, batch)[0], logits)[1]
+    p = logits.detach().softmax(dim=1).gather(1, batch["label"][:, None]).squeeze(1)
+    factor = 1 + gamma * p * -torch.log(p) / (1 - p)
+    torch.testing.assert_close(per_element["standard"], per_element["reference"] * factor[:, None])
+
+
+def test_focal_alpha_is_a_list_and_a_number_is_refused_showing_both_lists() -> None:
     with pytest.raises(ValueError, match="one focal α per class"):
         LossConfig(focal_alpha=[0.5])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         LossConfig(focal_alpha=[0.5, 1.5])
+    with pytest.raises(ValueError, match=r"ambiguous.*\[0\.25, 0\.75\].*\[0\.75, 0\.25\]"):
+        LossConfig(focal_alpha=0.25)
     unweighted = build_loss(LossConfig(name="focal", focal_gamma=0, focal_alpha=None), "classification")
     logits, label = torch.randn(4, 2), torch.tensor([0, 1, 1, 0])
     torch.testing.assert_close(unweighted({"logits": logits}, {"label": label})[0], F.cross_entropy(logits, label))
+
+
+def test_a_stored_number_alpha_is_read_as_the_weighting_it_was_trained_with() -> None:
+    from thalia_ray.config import upgrade_stored, validate
+
+    stored = {"train": {"loss": {"name": "focal", "focal_alpha": 0.25}}}  # written when a number was the Deformation weight
+    assert validate(upgrade_stored(stored)).train.loss.focal_alpha == [0.75, 0.25]
 
 
 def test_class_weights_match_torch_and_confidence_weights_samples() -> None:

@@ -321,6 +321,26 @@ def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_published_shards_train_in_random_mix_epochs(dataset, tmp_path):
+    """The presets' shard path: `balance_plan: random_mix` draws each epoch from the train_pos/train_neg
+    entries as the reference's RandomMix does (every positive, a varying number of negatives), streams
+    exactly that epoch, and sizes the run's step cap by its largest epoch."""
+    root, _ = dataset
+    out = str(tmp_path / "published")
+    cfg = config(root, source="shards", shards=out, shard_format="published", balance_plan="random_mix")
+    cfg = cfg.with_overrides({"train.epochs": 6})
+    write_published(out, cfg.data, "train")
+    data = pipeline.build_datasets(cfg, splits=("train",))
+    source = data.sources["train"]
+    epochs = [source.items(epoch) for epoch in range(6)]
+    positives = {e.key for e in epochs[0] if e.label == 1}
+    assert all({e.key for e in items if e.label == 1} == positives for items in epochs)
+    assert len({len(items) for items in epochs}) > 1  # a random number of negatives per epoch
+    assert data.sizes["train"] == max(len(items) for items in epochs)
+    pipeline.set_epoch(data.epoch_control, 3)
+    assert sorted(keys(data.datasets[pipeline.lane_name("train", 3)])) == sorted(e.key for e in epochs[3])
+
+
 @pytest.mark.parametrize("total, trainers, limit, processes, task_cpus", [
     (2, 1.0, None, 2, 0.5),    # one reader per core, sharing the one CPU the trainer leaves
     (4, 0.0, None, 4, 1.0),    # no trainer (a driver consumes): one reader per core, a whole CPU each

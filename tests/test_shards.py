@@ -345,3 +345,18 @@ def test_gzip_bomb_is_refused_before_inflating_and_compression_must_match_the_ma
     truncated = sample_members(raw, "float32", True)["image.npy.gz"][:-10]
     with pytest.raises(ShardError, match="image.npy.gz is not valid gzip"):
         decode_own(dict(members, **{"image.npy.gz": truncated}), "k1", "w", ["a"], ["a", "b"], compressed=True)
+
+
+def test_an_export_serves_only_runs_with_its_padding(root, tmp_path, ray_cluster):
+    """Short series hold other members under another padding: a config asking for the reference's
+    padding draws is refused on an export padded per group, naming both."""
+    from thalia_ray.data.sources import OwnShards
+
+    out = str(tmp_path / "per-group")
+    export_shards(data_config(root, length=4), out, length=4, splits=("val",), samples_per_shard=8)
+    assert load_manifest(resolve(out), 4)["padding"] == "per_group"
+    same = data_config(root, length=4, source="shards", shards=out)
+    assert OwnShards.open(same, resolve(out), 0, ("val",)).entries["val"]
+    with pytest.raises(ShardError, match="exported with padding='per_group'.*data.padding='reference'"):
+        OwnShards.open(data_config(root, length=4, source="shards", shards=out, padding="reference"), resolve(out), 0,
+                       ("val",))

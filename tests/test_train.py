@@ -55,6 +55,67 @@ def test_scheduler_steps_the_optimiser_learning_rate():
         build_scheduler(optimizer, "cosine", total_steps=0, warmup_fraction=0.1)
 
 
+def _rates_seen(optimizer: torch.optim.Optimizer, steps: list[int], after_step) -> list[float]:
+    """The rate each step of epochs of `steps` steps runs at, `after_step(epoch, idx)` being called
+    after each optimiser step (0-based epoch and step)."""
+    seen = []
+    for epoch, n in enumerate(steps):
+        for idx in range(n):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            after_step(epoch, idx)
+    return seen
+
+
+def test_the_vit_preset_warms_up_as_the_references_timm_scheduler_steps():
+    """The reference's ViT run: timm's CosineLRScheduler(t_initial=epochs·2725, warmup_t=5·2725,
+    warmup_lr_init=1e-6, lr_min=1e-5 = lr, t_in_epochs=False), stepped with step_update(epoch·2725 + idx)
+    after each step (training/train_supervised.py), over epochs shorter than 2725 steps and of varying
+    length (RandomMix). The preset's schedule gives the same rate at every step."""
+    from timm.scheduler import CosineLRScheduler
+
+    from thalia_ray.config import load_config
+    from thalia_ray.train.schedule import anchor, epoch_steps, run_scheduler
+
+    train = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper" / "cls-series-vit.yaml").train
+    steps = [700, 650, 720, 690, 705, 680, 700, 710]  # real steps per epoch, < 2725
+    reference_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    timm = CosineLRScheduler(reference_opt, t_initial=train.epochs * 2725, warmup_t=2725 * 5, warmup_lr_init=1e-6,
+                             lr_min=1e-5, t_in_epochs=False)
+    reference = _rates_seen(reference_opt, steps, lambda epoch, idx: timm.step_update(epoch * 2725 + idx))
+
+    ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = run_scheduler(ours_opt, train, steps_per_epoch=max(steps))
+    per_epoch = epoch_steps(train, max(steps))
+
+    def after_step(epoch: int, idx: int) -> None:
+        scheduler.step()
+        if idx == steps[epoch] - 1:  # the loop anchors each epoch's start
+            anchor(scheduler, (epoch + 1) * per_epoch)
+
+    ours = _rates_seen(ours_opt, steps, after_step)
+    assert ours == pytest.approx(reference, rel=1e-12, abs=1e-18)
+    first_of_sixth = sum(steps[:5])  # epoch 6 starts at the rate of epoch 5's last position, then is flat
+    assert reference[0] == reference[1] == 1e-6 and max(reference[:first_of_sixth + 1]) < 1e-5
+    assert set(reference[first_of_sixth + 1:]) == {1e-5}
+
+    smooth = train.model_copy(update={"schedule_epoch_steps": None})  # real steps: a 5-epoch ramp
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    ramp_scheduler = run_scheduler(opt, smooth, steps_per_epoch=700)
+    ramp = _rates_seen(opt, [700] * 6, lambda epoch, idx: ramp_scheduler.step())
+    assert ramp[0] == 1e-6 and all(a <= b for a, b in zip(ramp, ramp[1:]))
+    assert ramp[5 * 700] < 1e-5 and ramp[5 * 700 + 1:] == pytest.approx([1e-5] * (700 - 1))
+
+
+def test_warmup_length_and_start_are_validated():
+    from thalia_ray.config import TrainConfig
+
+    with pytest.raises(ValueError, match="both set the warm-up"):
+        TrainConfig(warmup_epochs=2, warmup_fraction=0.1)
+    with pytest.raises(ValueError, match="must be below train.lr"):
+        TrainConfig(warmup_start_lr=1e-3, lr=1e-4)
+
+
 # ------------------------------------------------------------------------------ early stopping
 def _two_steps(grad_reset: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
@@ -226,23 +287,6 @@ def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cl
     assert again.metrics == pytest.approx(result.test_metrics, nan_ok=True) and again.skipped == 0
 
 
-def _delete_pair_chunks(root: str, sample, variable: str = "insar_difference") -> None:
-    """Damage a cube after training: every chunk of `variable` for the sample's (first) pair."""
-    import xarray as xr
-
-    from thalia_ray.data import schema
-
-    cube = Path(root, f"{sample.frame_id}.zarr")
-    with xr.open_zarr(cube, consolidated=False) as ds:
-        dates = {dim: list(ds.indexes[dim].strftime("%Y%m%d")) for dim in (schema.PRIMARY_DIM, schema.SECONDARY_DIM)}
-    p = dates[schema.PRIMARY_DIM].index(sample.primary_date)
-    s = dates[schema.SECONDARY_DIM].index(sample.secondary_dates[0])
-    chunks = [c for c in (cube / variable / "c" / str(p) / str(s)).rglob("*") if c.is_file()]
-    assert chunks
-    for chunk in chunks:
-        chunk.unlink()
-
-
 @pytest.mark.slow
 def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp_path, capsys):
     """A test cube loses a chunk after training: `thalia-ray evaluate` skips that sample, lists it in the
@@ -251,7 +295,7 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     from thalia_ray.cli import main
     from thalia_ray.data.index import SampleIndex
 
-    from tests.helpers import build_root, stored_run
+    from tests.helpers import build_root, delete_pair_chunks, stored_run
 
     root = build_root(tmp_path / "root")
     store, run_id = stored_run(tmp_path / "store", root, task="classification")
@@ -260,12 +304,14 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     record.write_skipped([trainings])
     cfg = record.read_config()
     victim = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")[0]
-    _delete_pair_chunks(root, victim)
+    delete_pair_chunks(root, victim)
     where = str(tmp_path / "store")
 
     assert main(["evaluate", run_id, "--store", where]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == f"run {run_id} evaluated on test: 1 samples skipped (store {store.root.url})"
+    n_test = len(SampleIndex.from_config(cfg.data, cfg.seed).samples("test"))
+    assert lines[-1] == (f"run {run_id} evaluated on test: 1 samples skipped, metrics over {n_test - 1} of {n_test} "
+                         f"samples (store {store.root.url})")
     assert any(line.split()[0] == "test/f1_deformation" for line in lines[:-1])
     rows = record.read_skipped()
     assert rows[0] == {"command": "train", **trainings}  # training's row kept
@@ -276,6 +322,7 @@ def test_evaluate_records_the_samples_it_skips_beside_trainings(ray_cluster, tmp
     assert main(["evaluate", run_id, "--store", where, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == 1 and summary["split"] == "test" and "test/f1_deformation" in summary["metrics"]
+    assert (summary["metrics"]["test/n_evaluated"], summary["metrics"]["test/n_expected"]) == (n_test - 1, n_test)
     # evaluated again: replaced, not added (the reason names whichever of the pair's deleted chunks
     # Zarr's concurrent chunk reads met first, so it is compared by what it says, not word for word)
     again = record.read_skipped()
@@ -344,6 +391,27 @@ def test_train_summary_line_counts_skipped_samples():
                          "ckpt", "file:///store", skipped=3)
     assert str(result) == ("run r1: best epoch 2, val/f1_deformation 0.500, test/f1_deformation 0.750, "
                            "3 samples skipped (store file:///store)")
+
+
+def test_train_summary_line_says_which_metrics_miss_samples():
+    from thalia_ray.train.trainer import TrainResult
+
+    val = {"val/f1_deformation": 0.5, "val/n_evaluated": 10, "val/n_expected": 10}
+    test = {"test/f1_deformation": 0.75, "test/n_evaluated": 98, "test/n_expected": 100}
+    assert str(TrainResult("r1", 2, val, test, "ckpt", "file:///store", skipped=2)) == (
+        "run r1: best epoch 2, val/f1_deformation 0.500, test/f1_deformation 0.750, 2 samples skipped, "
+        "test metrics over 98 of 100 samples (store file:///store)")
+    val["val/n_evaluated"] = 8  # e.g. two workers' equal split of 10 - 1 samples, or a step cap
+    assert ", val metrics over 8 of 10 samples, test metrics over 98 of 100 samples (" in str(
+        TrainResult("r1", 2, val, test, "ckpt", "file:///store", skipped=2))
+
+
+def test_an_evaluation_reports_how_many_of_the_splits_samples_it_covers():
+    from thalia_ray.train.evaluate import Evaluation
+
+    result = Evaluation(loss_sum=3.0, count=3, metrics={"f1_deformation": 0.5}, expected=4)
+    assert result.flat("test") == {"test/loss": 1.0, "test/f1_deformation": 0.5, "test/n_evaluated": 3,
+                                   "test/n_expected": 4}
 
 
 def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):

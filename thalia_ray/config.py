@@ -95,6 +95,11 @@ class DataConfig(Section):
     shard_format: Literal["own", "published"] = "own"
     length: int = Field(1, ge=1, le=32)  # time-series length T
     policy: Literal["enumerate", "resample"] = "enumerate"
+    # How a group shorter than T is padded with duplicates (enumerate policy): per_group draws each group's
+    # duplicates from its own generator (seed, frame, primary date: stable under any frame subset);
+    # reference draws them as the reference does, from one Python `random` seeded with `seed` per split,
+    # walking the time-series index in file order (the paper presets).
+    padding: Literal["per_group", "reference"] = "per_group"
     splits: dict[Literal["train", "val", "test"], SplitRange] = Field(default_factory=_published_splits)
     geomorphology: list[Literal["insar_difference", "insar_coherence", "dem"]] = list(schema.GEOMORPHOLOGY)
     atmospheric: list[
@@ -111,6 +116,11 @@ class DataConfig(Section):
     # rule it trains with: set `union` to compare a `last` run with it.
     eval_label_rule: Literal["union", "last"] | None = None
     balance: bool = True  # per-epoch undersampling of training negatives
+    # How a balanced training epoch is drawn. equal: every positive plus as many negatives drawn uniformly
+    # without replacement. random_mix: the reference's shard path (RandomMix of a shuffled positive and a
+    # shuffled negative stream, each sample from either with probability 1/2, until a draw meets the
+    # exhausted stream), so an epoch has every positive and a random number of negatives (the paper presets).
+    balance_plan: Literal["equal", "random_mix"] = "equal"
     normalize: bool = True
     statistics: str | None = None  # defaults to {root}/statistics.json
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -141,11 +151,21 @@ class DataConfig(Section):
             raise ValueError("select at least one channel (geomorphology or atmospheric)")
         if self.source == "shards" and not self.shards:
             raise ValueError("data.source is 'shards' but data.shards (the shard root) is not set")
+        if self.balance_plan == "random_mix" and not self.balance:
+            raise ValueError("data.balance_plan 'random_mix' balances the training epochs: set data.balance to true")
+        if self.padding == "reference" and self.policy == "resample":
+            raise ValueError("data.padding 'reference' pads once, as the reference's fixed series do; it needs "
+                             "data.policy 'enumerate' (resample re-draws every epoch)")
         return self
 
     @property
     def channels(self) -> list[str]:
         return schema.channel_names(self.geomorphology, self.atmospheric)
+
+    @property
+    def epoch_plan(self) -> str:
+        """How training epochs are drawn: `balance_plan` when balanced, else `all` (every sample)."""
+        return self.balance_plan if self.balance else "all"
 
     def label_rule_for(self, split: str) -> str:
         """The rule that labels a series of `split` (train: label_rule; val/test: eval_label_rule)."""
@@ -212,31 +232,56 @@ class ModelConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- train
+FOCAL_ALPHA_SCALAR = (
+    "a single number is ambiguous: the reference's FocalLoss(alpha=0.25) weights the classes "
+    "[Non_Deformation, Deformation] = [0.25, 0.75], while this field used to read 0.25 as the Deformation weight "
+    "[0.75, 0.25]; write the list: focal_alpha: [0.25, 0.75] (the reference's weighting) or [0.75, 0.25]"
+)
+
+
 class LossConfig(Section):
     name: Literal["ce", "focal", "dice", "ce+dice", "focal+dice"] = "ce"
     focal_gamma: float = Field(2.0, ge=0)
-    # Focal α, explicit: a number is the weight of the Deformation class (Non_Deformation gets 1 − α);
-    # a list gives one weight per class index, [Non_Deformation, Deformation]; null: no α weighting.
-    # The reference's FocalLoss(alpha=0.25) weights the classes [0.25, 0.75] (configs/paper/).
-    focal_alpha: float | list[float] | None = 0.25
+    # Focal α per class index, [Non_Deformation, Deformation]; null: no α weighting. A single number is
+    # refused (FOCAL_ALPHA_SCALAR): the reference's FocalLoss(alpha=0.25) is [0.25, 0.75] (configs/paper/).
+    focal_alpha: list[float] | None = [0.75, 0.25]
+    # standard: the focal loss of Lin et al., differentiated through its modulating factor (1 − p_t)^γ.
+    # reference: that factor detached, as the reference's FocalLoss computes p_t from the log-probability's
+    # data, so only the −α_t log p_t part carries gradient (the paper presets). Same values, other gradients.
+    focal_form: Literal["standard", "reference"] = "standard"
     class_weights: list[float] | None = None
     confidence_weighting: bool = False
 
+    @field_validator("focal_alpha", mode="before")
+    @classmethod
+    def _alpha_is_a_list(cls, alpha: Any) -> Any:
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            raise ValueError(FOCAL_ALPHA_SCALAR)
+        return alpha
+
     @field_validator("focal_alpha")
     @classmethod
-    def _alpha_range(cls, alpha: float | list[float] | None) -> float | list[float] | None:
-        values = alpha if isinstance(alpha, list) else [] if alpha is None else [alpha]
-        if any(not 0 <= a <= 1 for a in values):
+    def _alpha_range(cls, alpha: list[float] | None) -> list[float] | None:
+        if alpha is None:
+            return alpha
+        if any(not 0 <= a <= 1 for a in alpha):
             raise ValueError(f"focal α weights must lie in [0, 1], got {alpha}")
-        if isinstance(alpha, list) and len(alpha) != len(schema.CLASSES):
+        if len(alpha) != len(schema.CLASSES):
             raise ValueError(f"give one focal α per class {list(schema.CLASSES)}, got {len(alpha)} values")
         return alpha
 
-    def focal_class_weights(self) -> list[float] | None:
-        """α per class index: a number α is the Deformation weight, so [1 − α, α]."""
-        if self.focal_alpha is None or isinstance(self.focal_alpha, list):
-            return self.focal_alpha
-        return [1.0 - self.focal_alpha, self.focal_alpha]
+
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A configuration this service stored before a spelling changed, in today's spelling, meaning the same.
+
+    `train.loss.focal_alpha` was a number, the Deformation weight: a stored α is [1 − α, α]. Only stored
+    records are upgraded; a number in a user's config is refused (FOCAL_ALPHA_SCALAR)."""
+    loss = raw.get("train", {}).get("loss") if isinstance(raw.get("train"), dict) else None
+    if isinstance(loss, dict):
+        alpha = loss.get("focal_alpha")
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            loss["focal_alpha"] = [1.0 - alpha, float(alpha)]
+    return raw
 
 
 class EarlyStoppingConfig(Section):
@@ -252,6 +297,13 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # of the real number of optimiser steps
+    warmup_epochs: float | None = Field(None, ge=0)  # the warm-up in epochs instead (warmup_fraction must be 0)
+    # The warm-up's first rate; null: lr/(warm-up steps + 1). Set, the warm-up is the reference's (timm's
+    # CosineLRScheduler warmup_lr_init): the rate is set after each step, from that step's position.
+    warmup_start_lr: float | None = Field(None, gt=0)
+    # Schedule positions per epoch; null: the real steps per epoch. The reference's ViT schedule counts
+    # 2,725 per epoch whatever an epoch holds (train/schedule.py).
+    schedule_epoch_steps: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     # When gradients are cleared: before every step, or once per epoch so that each step applies the sum
     # of the epoch's gradients so far (the reference's training loop; the paper presets). train/step.py.
@@ -271,6 +323,15 @@ class TrainConfig(Section):
     # (slower). Exact with one worker; with several, Ray's streaming split hands blocks to whichever
     # worker asks first, so the per-worker assignment may differ between runs.
     deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _one_warmup_length(self) -> "TrainConfig":
+        if self.warmup_epochs is not None and self.warmup_fraction:
+            raise ValueError(f"train.warmup_epochs {self.warmup_epochs} and train.warmup_fraction {self.warmup_fraction} "
+                             "both set the warm-up: set warmup_fraction to 0")
+        if self.warmup_start_lr is not None and self.warmup_start_lr >= self.lr:
+            raise ValueError(f"train.warmup_start_lr {self.warmup_start_lr} must be below train.lr {self.lr}")
+        return self
 
     @model_validator(mode="after")
     def _grad_reset_fits_precision(self) -> "TrainConfig":

@@ -50,10 +50,18 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target, reduction="none")
 
 
-def focal(logits: Tensor, target: Tensor, gamma: float, alpha: Tensor | None) -> Tensor:
-    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t, α_t = `alpha[target]` (1 when `alpha` is None)."""
+def focal(logits: Tensor, target: Tensor, gamma: float, alpha: Tensor | None, form: str = "standard") -> Tensor:
+    """Unreduced focal loss −α_t (1 − p_t)^γ log p_t, α_t = `alpha[target]` (1 when `alpha` is None).
+
+    `form` "standard" differentiates through the modulating factor (1 − p_t)^γ; "reference" detaches it,
+    as the reference's FocalLoss does, so that the gradient is (1 − p_t)^γ times that of −α_t log p_t:
+    the same values, but easy examples (p_t near 1) get up to 1 + γ times less weight than in "standard".
+    """
+    if form not in ("standard", "reference"):
+        raise ValueError(f"unknown focal form {form!r}; expected standard or reference")
     log_p = -cross_entropy(logits, target)
-    loss = -(1.0 - log_p.exp()).pow(gamma) * log_p
+    p_t = log_p.detach().exp() if form == "reference" else log_p.exp()
+    loss = -(1.0 - p_t).pow(gamma) * log_p
     return loss if alpha is None else alpha.to(loss.device)[target] * loss
 
 
@@ -84,8 +92,7 @@ class ThaliaLoss:
         for head in self.aux_weights:
             is_multilabel(head)  # validates the name
         self.class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights)
-        alpha = cfg.focal_class_weights()
-        self.focal_alpha = None if alpha is None else torch.tensor(alpha)
+        self.focal_alpha = None if cfg.focal_alpha is None else torch.tensor(cfg.focal_alpha)
 
     def __call__(
         self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]
@@ -132,7 +139,7 @@ class ThaliaLoss:
         if term == "ce":
             per_element = cross_entropy(logits, target)
         else:
-            per_element = focal(logits, target, self.cfg.focal_gamma, self.focal_alpha)
+            per_element = focal(logits, target, self.cfg.focal_gamma, self.focal_alpha, self.cfg.focal_form)
         weights = _broadcast(sample_weights, per_element)
         if class_weights is not None:
             weights = weights * class_weights[target]

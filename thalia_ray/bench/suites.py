@@ -16,6 +16,7 @@ import numpy as np
 
 from thalia_ray.bench import harness
 from thalia_ray.bench.harness import BenchResult, Rep, SuiteUnavailable, interleave, ratio, timed_rate
+from thalia_ray.bench.reference import reference_suite
 
 Params = dict[str, Any]
 SuiteFn = Callable[[Params, int, BenchResult], None]
@@ -583,6 +584,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           predict_suite, {s: {"frames": f, "size": 512, "groups": g, "crop": 128, "model": "unet",
                               "batch_size": 8, "actors": 2, "actor_cpus": 0.5}
                           for s, f, g in (("small", 1, 2), ("medium", 2, 4), ("large", 4, 8))}, repeats=2),
+    Suite("reference", "test metrics of a paper preset (reference forms) vs each service default, paired by seed",
+          reference_suite, {s: {"frames": f, "size": 96, "groups": g, "data_seed": 0, "crop": 64, "model": "resnet18",
+                                "epochs": e, "lr": 3e-4} for s, f, g, e in (("small", 4, 16, 3), ("medium", 6, 24, 6),
+                                                                         ("large", 8, 48, 10))}, repeats=3),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,
                           "steps": 25, "warmup": 5} for s, f, b in (("small", 2, 8), ("medium", 4, 16), ("large", 8, 32))},

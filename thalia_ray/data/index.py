@@ -3,17 +3,19 @@
 Samples are built exactly as the published benchmark does (see docs/benchmark.md): groups
 are (frame, primary date); short groups are padded by duplicating members in place; long groups
 are enumerated greedily (lexicographic combinations, dropping those that share `min_distinct`
-members with a kept one) or re-drawn every epoch. All randomness is derived from the seed and the
-group, so the same configuration always yields the same index.
+members with a kept one) or re-drawn every epoch. All randomness is derived from the seed, so the
+same configuration always yields the same index: per group by default, or, with `data.padding:
+reference`, the reference code's own padding draws (`reference_padding`).
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import random
 import zlib
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -67,13 +69,41 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return group_rng(seed, "sample", epoch, key)
 
 
-def pad_positions(n: int, length: int, rng: np.random.Generator) -> tuple[int, ...]:
-    """Member positions padded to `length` by duplicating random members in place (order kept)."""
+def pad_positions(n: int, length: int, rng: np.random.Generator | Callable[[int], int]) -> tuple[int, ...]:
+    """Member positions padded to `length` by duplicating random members in place (order kept): each
+    step duplicates the member at a position drawn uniformly from the current ones. `rng` is a
+    generator or a function `size -> position in [0, size)`."""
+    draw = rng if callable(rng) else lambda size: int(rng.integers(size))
     positions = list(range(n))
     while len(positions) < length:
-        j = int(rng.integers(len(positions)))
+        j = draw(len(positions))
         positions.insert(j, positions[j])
     return tuple(positions)
+
+
+PadDraws = Mapping[tuple[str, str], tuple[int, ...]]  # (frame, primary date) -> padded uniqueIDs, in order
+
+
+def reference_padding(timeseries: Mapping[str, Mapping[str, Mapping[str, Any]]], splits: dict[str, Any],
+                      length: int, seed: int) -> dict[tuple[str, str], tuple[int, ...]]:
+    """The reference code's padding of every group shorter than `length`, as uniqueIDs in series order.
+
+    The reference builds each split's dataset with Python's `random` seeded afresh (`seed`), walks the
+    time-series index in file order (frames, then their primary dates, keeping the split's) and pads
+    each short group as it meets it, one `randint(0, size - 1)` per missing member; so a group's draws
+    depend on every short group before it in its split. The whole index is walked, whatever
+    `data.frames` selects, as the reference does.
+    """
+    draws: dict[tuple[str, str], tuple[int, ...]] = {}
+    for split in splits:
+        stream = random.Random(seed)
+        for frame_id, groups in timeseries.items():
+            for primary, entry in groups.items():
+                uids = entry["uniqueID"]
+                if len(uids) < length and split_of(primary, splits) == split:
+                    positions = pad_positions(len(uids), length, lambda size: stream.randint(0, size - 1))
+                    draws[(frame_id, primary)] = tuple(uids[p] for p in positions)
+    return draws
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,12 +162,17 @@ def make_sample(group: Group, positions: Sequence[int], label_rule: str) -> Samp
     )
 
 
-def enumerated_positions(group: Group, length: int, seed: int) -> list[tuple[int, ...]]:
-    """The published ("enumerate") member selections of one group."""
+def enumerated_positions(group: Group, length: int, seed: int, pad_draws: PadDraws | None = None) -> list[tuple[int, ...]]:
+    """The published ("enumerate") member selections of one group. A short group is padded with its
+    draw in `pad_draws` (`reference_padding`) when there is one for exactly its members, else from its
+    own generator (also for a group that lost members to bad annotations, on which the reference fails)."""
     n = len(group.unique_ids)
     if length == 1:
         return [(i,) for i in range(n)]
     if n < length:
+        drawn = (pad_draws or {}).get((group.frame_id, group.primary_date))
+        if drawn is not None and set(drawn) == set(group.unique_ids):
+            return [tuple(group.unique_ids.index(uid) for uid in drawn)]
         return [pad_positions(n, length, group_rng(seed, "pad", group.frame_id, group.primary_date))]
     if n == length:
         return [tuple(range(n))]
@@ -198,11 +233,12 @@ class SampleIndex:
     """Samples per split, and the per-epoch lists the training pipeline consumes."""
 
     def __init__(self, groups: list[Group], annotations: AnnotationSet, data_cfg: DataConfig, seed: int,
-                 problems: list[str]) -> None:
+                 problems: list[str], pad_draws: PadDraws | None = None) -> None:
         self.annotations = annotations
         self.data_cfg = data_cfg
         self.seed = seed
         self.problems = problems
+        self.pad_draws = pad_draws
         self.groups: dict[str, list[Group]] = {s: [] for s in data_cfg.splits}
         for group in groups:
             self.groups[group.split].append(group)
@@ -214,7 +250,9 @@ class SampleIndex:
     def build(cls, annotations: AnnotationSet, timeseries: dict[str, Any], data_cfg: DataConfig,
               seed: int) -> "SampleIndex":
         groups, problems = build_groups(annotations, timeseries, data_cfg.splits, data_cfg.frames)
-        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems)
+        pad_draws = (reference_padding(timeseries, data_cfg.splits, data_cfg.length, seed)
+                     if data_cfg.padding == "reference" else None)
+        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems, pad_draws)
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig, seed: int, location: str | Location | None = None) -> "SampleIndex":
@@ -228,7 +266,7 @@ class SampleIndex:
         samples = []
         for group in self.groups[split]:
             if self.data_cfg.policy == "enumerate":
-                selections = enumerated_positions(group, length, self.seed)
+                selections = enumerated_positions(group, length, self.seed, self.pad_draws)
             else:
                 selections = resampled_positions(group, length, self.seed, epoch)
             samples.extend(make_sample(group, positions, rule) for positions in selections)
@@ -241,23 +279,33 @@ class SampleIndex:
         return self._fixed[split]
 
     def epoch(self, split: str, epoch: int, seed: int | None = None) -> list[Sample]:
-        """One epoch's samples. Train: every positive plus as many fresh random negatives, shuffled
-        (deterministic for seed and epoch). Val/test: everything, in index order."""
+        """One epoch's samples (`epoch_draw`). Train: by default every positive plus as many fresh random
+        negatives, shuffled (deterministic for seed and epoch). Val/test: everything, in index order."""
         seed = self.seed if seed is None else seed
         pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
-        return epoch_draw(pool, split, epoch, seed, self.data_cfg.balance)
+        return epoch_draw(pool, split, epoch, seed, self.data_cfg.epoch_plan)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: count_labels(samples) for split, samples in self._fixed.items()}
 
 
-def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, balance: bool) -> list[Any]:
+EPOCH_PLANS = ("all", "equal", "random_mix")
+
+
+def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, plan: str) -> list[Any]:
     """One epoch of items carrying a `.label`, from a pool in index order. Index samples and shard
-    entries both go through here, so the cube and shard sources draw the same epoch."""
+    entries both go through here, so the cube and shard sources draw the same epoch.
+
+    Train: `plan` (`DataConfig.epoch_plan`) all, equal or random_mix, in a seeded random order (fresh
+    each epoch). Val/test: everything, in index order."""
     if split != "train":
         return list(pool)
     rng = group_rng(seed, "epoch", epoch)
-    chosen = balanced(pool, rng) if balance else list(pool)
+    if plan == "random_mix":
+        return random_mix(pool, rng)
+    if plan not in EPOCH_PLANS:
+        raise ValueError(f"unknown epoch plan {plan!r}; expected one of {EPOCH_PLANS}")
+    chosen = balanced(pool, rng) if plan == "equal" else list(pool)
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
@@ -268,6 +316,22 @@ def balanced(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:
     take = min(len(positives), len(negatives))
     chosen = sorted(rng.choice(len(negatives), size=take, replace=False)) if take else []
     return positives + [negatives[i] for i in chosen]
+
+
+def random_mix(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:
+    """The reference's training epoch on its shards (`RandomMix` in utilities/utils.py): a shuffled
+    positive and a shuffled negative stream; each next sample comes from the positives when a uniform
+    draw is at most 1/2, else from the negatives; the epoch ends at the first draw that meets an
+    exhausted stream. So it holds every positive (in practice: the positives run out first) and a
+    random number of negatives, about as many, in an order that is uniformly random."""
+    positives = [s for s in samples if s.label == 1]
+    negatives = [s for s in samples if s.label != 1]
+    streams = [iter([positives[i] for i in rng.permutation(len(positives))]),
+               iter([negatives[i] for i in rng.permutation(len(negatives))])]
+    mixed = []
+    while (item := next(streams[0 if rng.random() <= 0.5 else 1], None)) is not None:
+        mixed.append(item)
+    return mixed
 
 
 def count_labels(samples: Sequence[Sample]) -> dict[str, int]:

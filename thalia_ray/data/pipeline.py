@@ -336,8 +336,16 @@ class EpochDatasource(Datasource):
         return self.source.epoch_items(self.spec.split, epoch)
 
     def num_tasks(self) -> int:
-        """Read tasks per epoch (constant: a balanced draw has as many negatives as positives)."""
+        """Read tasks per epoch (constant for an equal draw; for random_mix, whose number of negatives
+        varies, epoch 0's, which Ray Data takes as a hint)."""
         return max(1, len(self.bounds(len(self.items(0)))))
+
+    def largest_epoch(self, epochs: int) -> int:
+        """Samples in the largest of the first `epochs` epochs: every epoch has as many except under
+        `balance_plan: random_mix`, whose number of negatives varies (the loop's step cap must fit them all)."""
+        if not self.spec.training or self.spec.data.epoch_plan != "random_mix":
+            return len(self.items(0))
+        return max(len(self.items(epoch)) for epoch in range(epochs))
 
     def bounds(self, samples: int) -> list[tuple[int, int]]:
         return task_bounds(samples, self.samples_per_task, self.spec.data.samples_per_block, self.readers)
@@ -428,7 +436,7 @@ class TorchCollate(NumpyBatchCollateFn):
 @dataclass
 class Datasets:
     datasets: dict[str, ray.data.Dataset]  # per split, and per further lane of the train split (see lane_name)
-    sizes: dict[str, int]  # samples per epoch per split (before any bad sample is skipped)
+    sizes: dict[str, int]  # samples per epoch per split (train: its largest epoch), before any bad sample is skipped
     epoch_control: EpochHandle
     sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
 
@@ -500,7 +508,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
         for lane in range(LANES if spec.training else 1):
             datasource = EpochDatasource(spec, source, record_bytes(cfg.data), budget.processes, lane)
             datasets[lane_name(split, lane)] = _dataset(datasource, budget, cfg)
-        sizes[split], sources[split] = len(datasource.items(0)), datasource
+        sizes[split], sources[split] = datasource.largest_epoch(cfg.train.epochs), datasource
     return Datasets(datasets, sizes, handle, sources)
 
 

@@ -127,7 +127,7 @@ class ShardSource(Source):
         return self.root
 
     def epoch_items(self, split: str, epoch: int) -> list[ShardEntry]:
-        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.balance)
+        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.epoch_plan)
 
     def for_items(self, items: Sequence[ShardEntry]) -> "ShardSource":
         return dataclasses.replace(self, entries={})
@@ -175,6 +175,10 @@ class OwnShards(ShardSource):
             raise ShardError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
                              "series: use data.source=cube")
         manifest = load_manifest(root, data.length)
+        padding = manifest.get("padding", "per_group")  # exports from before the field padded per group
+        if data.length > 1 and padding != data.padding:
+            raise ShardError(f"shards under {data.shards} were exported with padding={padding!r}, the config asks "
+                             f"for data.padding={data.padding!r}: their short series hold other members")
         if manifest["label_rule"] != data.label_rule:
             raise ShardError(f"shards under {data.shards} were exported with label_rule={manifest['label_rule']!r}, "
                              f"the config asks for {data.label_rule!r}")

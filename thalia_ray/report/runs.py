@@ -17,7 +17,7 @@ from thalia_ray.report.html import image, note, section, table
 from thalia_ray.storage import StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, HEADLINE, Selection, breakdown, sweep_selection
-from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError
+from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError, evaluated
 from thalia_ray.traffic import Traffic, epoch_samples, request_cost
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,25 @@ def run_sections(store: ExperimentStore, run_id: str) -> list[str]:
 # ------------------------------------------------------------------------------------- sections
 def _overview(run_id: str, status: Mapping[str, Any], cfg: Any, history: Sequence[Mapping[str, Any]],
               results: Mapping[str, Any], ranked_by: Selection) -> str:
+    """The run's identity and headline numbers; how many val/test samples the metrics cover, flagged (and
+    explained in a note) where they cover fewer than the split holds."""
     metrics = results.get("metrics", {})
     headline = f"test/{HEADLINE[cfg.model.task]}"
-    return table(["field", "value"], [
+    rows = [
         ("run", run_id), ("status", status.get("status")), ("kind", status.get("kind", "train")),
         ("task", cfg.model.task), ("model", cfg.model.name), ("time steps (T)", cfg.data.length),
         ("sweep", status.get("sweep")), ("epochs", len(history)),
         (f"best {ranked_by.metric} (ranked by)", ranked_by.value(history, metrics)),
         ("tested checkpoint: epoch", results.get("best_epoch")), (headline, metrics.get(headline)),
         ("restarts", results.get("restarts", 0)), ("created", status.get("created")),
-        ("updated", status.get("updated"))])
+        ("updated", status.get("updated"))]
+    counted = [(split, counts) for split in ("val", "test") if (counts := evaluated(metrics, split)) is not None]
+    flags = [""] * len(rows) + ["stopped" if n < m else "" for _, (n, m) in counted]
+    rows += [(f"{split} samples evaluated", f"{n} of {m}") for split, (n, m) in counted]
+    short = [f"{split}: {n} of {m}" for split, (n, m) in counted if n < m]
+    shortfall = note(f"metrics over fewer samples than the split holds ({'; '.join(short)}): samples were "
+                     "skipped as unreadable (skipped.json) or left out (several workers' equal split, a step cap)")
+    return table(["field", "value"], rows, flags) + (shortfall if short else "")
 
 
 def _learning_curves(history: Sequence[Mapping[str, Any]], cfg: Any, results: Mapping[str, Any],

@@ -21,7 +21,7 @@ import numpy as np
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import StoreError
+from thalia_ray.store.records import StoreError, evaluated
 from thalia_ray.tables import Table, render_all
 
 # Paths that never distinguish one configuration from another in a comparison.
@@ -264,6 +264,13 @@ def _test_columns(ranking: Ranking) -> list[str]:
     return [m for m in dict.fromkeys(wanted) if m in present][:SHOWN_TEST_METRICS]
 
 
+def evaluated_cell(metrics: Mapping[str, Any], split: str = "test") -> str | None:
+    """`N/M` (the leaderboard's `evaluated` column): of the M samples of `split`, the N its metrics cover (fewer when samples were skipped as
+    unreadable or left out); None for runs that did not record it."""
+    counts = evaluated(metrics, split)
+    return None if counts is None else f"{counts[0]}/{counts[1]}"
+
+
 def ranking_tables(store: ExperimentStore, ranking: Ranking, breakdown_by: Iterable[str] = BREAKDOWNS) -> list[Table]:
     """A task's ranking for people: the runs, the spread over seeds when seeds vary, the best run's breakdowns."""
     rows, selection = ranking.rows, ranking.selection
@@ -273,9 +280,10 @@ def ranking_tables(store: ExperimentStore, ranking: Ranking, breakdown_by: Itera
     columns: dict[str, Callable[[Row], Any]] = {f"best {_short(selection.metric)}": lambda r: ranked[r.run_id]}
     columns.update({_short(m): (lambda r, m=m: r.metrics.get(m)) for m in _test_columns(ranking)})
     title = f"{ranking.task}: {len(rows)} runs {selection.describe()}; metrics of the Deformation class"
-    tables = [Table(["#", "run", "status", "model", *shown, "seed", *columns],
+    tables = [Table(["#", "run", "status", "model", *shown, "seed", *columns, "evaluated"],
                     [[i + 1, r.run_id, r.status, r.model, *(r.config.get(k) for k in shown), r.seed,
-                      *(value_of(r) for value_of in columns.values())] for i, r in enumerate(rows)], title)]
+                      *(value_of(r) for value_of in columns.values()), evaluated_cell(r.metrics)]
+                     for i, r in enumerate(rows)], title)]
     if len({r.seed for r in rows}) > 1:
         chosen = next(iter(columns))
         grouped = sorted(seed_groups(rows, keys, columns),

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
 import yaml
 
-from thalia_ray.config import ConfigError, ThaliaConfig, validate
+from thalia_ray.config import ConfigError, ThaliaConfig, upgrade_stored, validate
 from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
 from thalia_ray.runtime import describe_machine
@@ -93,7 +93,7 @@ def jsonable(value: Any, where: str) -> Any:
 def parse_config(loc: Location, text: str) -> ThaliaConfig:
     """A stored `config.yaml`, validated; a StoreError naming the file when it is not usable."""
     try:
-        return validate(yaml.safe_load(text) or {})
+        return validate(upgrade_stored(yaml.safe_load(text) or {}))
     except (yaml.YAMLError, ConfigError) as err:
         raise StoreError(f"{loc}: not a usable configuration: {err}") from None
 
@@ -124,6 +124,26 @@ def headline(results: Mapping[str, Any] | None, history: list[dict[str, Any]],
             if isinstance(source.get(name), (int, float)):
                 return name, float(source[name])
     return None, None
+
+
+def evaluated(metrics: Mapping[str, Any], split: str) -> tuple[int, int] | None:
+    """(n_evaluated, n_expected) of a split's metrics (`{split}/n_evaluated`, `{split}/n_expected`): how many
+    of the split's samples its metrics cover; None when they were not recorded (runs from before them)."""
+    done, expected = metrics.get(f"{split}/n_evaluated"), metrics.get(f"{split}/n_expected")
+    if not isinstance(done, (int, float)) or not isinstance(expected, (int, float)):
+        return None
+    return int(done), int(expected)
+
+
+def shortfalls(metrics: Mapping[str, Any], splits: Iterable[str] = ("val", "test")) -> list[str]:
+    """`"{split} metrics over N of M samples"` for each split whose metrics miss samples (skipped as
+    unreadable, or left out by Ray's equal split or a step cap), for summary lines; [] when none does."""
+    out = []
+    for split in splits:
+        counts = evaluated(metrics, split)
+        if counts is not None and counts[0] < counts[1]:
+            out.append(f"{split} metrics over {counts[0]} of {counts[1]} samples")
+    return out
 
 
 # ------------------------------------------------------------------------------------- leases

@@ -26,29 +26,35 @@ from thalia_ray.metrics import MetricSuite
 from thalia_ray.models.factory import build_model, load_weights
 from thalia_ray.models.pretrained import PretrainedWeightsError, run_reference
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.records import StoreError, format_metrics
+from thalia_ray.store.records import StoreError, format_metrics, shortfalls
 from thalia_ray.train.checkpoint import load_state
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    """Summed loss over `count` samples (so ranks can be added up), metrics, optional predictions and
-    the samples a whole-split evaluation skipped as unreadable (see `pipeline.skipped_samples`)."""
+    """Summed loss over `count` samples (so ranks can be added up), metrics, optional predictions, the
+    samples a whole-split evaluation skipped as unreadable (see `pipeline.skipped_samples`) and how many
+    samples the split has (`expected`), so that metrics over fewer say so."""
 
     loss_sum: float = 0.0
     count: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    expected: int | None = None
 
     @property
     def loss(self) -> float:
         return self.loss_sum / self.count if self.count else float("nan")
 
     def flat(self, prefix: str) -> dict[str, float]:
-        """`{prefix}/loss` and `{prefix}/{metric}` keys, as reported to Ray and stored."""
-        return {f"{prefix}/loss": self.loss, **{f"{prefix}/{k}": v for k, v in self.metrics.items()}}
+        """`{prefix}/loss`, `{prefix}/{metric}` and `{prefix}/n_evaluated` (and `n_expected` when known)
+        keys, as reported to Ray and stored."""
+        counts = {f"{prefix}/n_evaluated": self.count}
+        if self.expected is not None:
+            counts[f"{prefix}/n_expected"] = self.expected
+        return {f"{prefix}/loss": self.loss, **{f"{prefix}/{k}": v for k, v in self.metrics.items()}, **counts}
 
 
 def model_from_config(cfg: ThaliaConfig, initial_weights: bool = True) -> nn.Module:
@@ -201,6 +207,7 @@ def _evaluate_task(raw_cfg: dict[str, Any], checkpoint: Checkpoint, split: str) 
     loss_fn = build_loss(cfg.train.loss, cfg.model.task, cfg.model.aux_heads)
     result = evaluate_batches(model, batches, loss_fn, suite, device, cfg.train.precision, collect=True)
     result.skipped = skipped_samples(bad_sample_report(data.epoch_control))  # before the ledger's actor goes
+    result.expected = data.sizes[split]
     if not result.count:
         raise DataError(f"split {split!r} of {cfg.data.root!r} has no samples to evaluate")
     result.metrics = suite.compute()
@@ -219,9 +226,11 @@ class RunEvaluation:
     store: str  # the experiment store's URL
 
     def __str__(self) -> str:
-        """The metrics, one per line, then one summary line with the skipped count."""
+        """The metrics, one per line, then one summary line with the skipped count (and, when the metrics
+        miss samples, over how many of the split's samples they are)."""
+        short = "".join(f", {s.split(' ', 1)[1]}" for s in shortfalls(self.metrics, (self.split,)))
         return "\n".join([*format_metrics(self.metrics), f"run {self.run_id} evaluated on {self.split}: "
-                          f"{self.skipped} samples skipped (store {self.store})"])
+                          f"{self.skipped} samples skipped{short} (store {self.store})"])
 
 
 def evaluate_run(store: ExperimentStore, run_id: str, split: str = "test") -> RunEvaluation:

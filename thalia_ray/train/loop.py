@@ -36,7 +36,7 @@ from thalia_ray.metrics import MetricSuite
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
 from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
-from thalia_ray.train.schedule import build_scheduler
+from thalia_ray.train.schedule import anchor, epoch_steps, run_scheduler
 from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class LoopSettings:
     epoch_control: Any  # the pipeline's picklable epoch handle
     record: Any = None  # the store's RunRecord (rank 0 writes history); None to skip
     fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
+    val_samples: int | None = None  # the validation split's samples, all ranks together (val/n_expected)
 
 
 @dataclass
@@ -167,14 +168,14 @@ class WorkerLoop:
         seed_everything(self.cfg.seed)  # identical initial weights on every rank
         restored = self._latest_state()
         model = model_from_config(self.cfg, initial_weights=restored is None)
-        self.optimizer_steps = train.epochs * settings.steps_per_epoch
+        self.epoch_steps = epoch_steps(train, settings.steps_per_epoch)  # schedule positions per epoch
         self.progress = Progress()
         self.stopper = EarlyStopping(train.early_stopping.mode, train.early_stopping.patience)
         if restored is not None:
             model.load_state_dict(restored["model"])
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = build_optimizer(self.model, train)
-        self.scheduler = build_scheduler(self.optimizer, train.scheduler, self.optimizer_steps, train.warmup_fraction)
+        self.scheduler = run_scheduler(self.optimizer, train, settings.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.loss_fn = build_loss(train.loss, self.cfg.model.task, self.cfg.model.aux_heads)
         self.suite = MetricSuite(self.cfg.model.task).to(self.device)
@@ -250,6 +251,7 @@ class WorkerLoop:
         totals: dict[str, float] = {}
         steps, lead = 0, EpochLead(self.settings.steps_per_epoch, time.perf_counter())
         clear_gradients(self.optimizer)  # with train.grad_reset: epoch, the only clearing this epoch
+        anchor(self.scheduler, (epoch - 1) * self.epoch_steps)
         for batch in batches:
             if steps == self.settings.steps_per_epoch:
                 break
@@ -294,7 +296,9 @@ class WorkerLoop:
         )
 
     def validate(self) -> dict[str, float]:
-        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank)."""
+        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank), with
+        how many of the split's samples they cover (the equal split, a step cap or skipped samples may
+        leave some out)."""
         batches, self.upcoming_val = self.upcoming_val or self.val_batches(self.progress.epoch + 1), None
         self.suite.reset()
         result = evaluate_batches(
@@ -302,7 +306,7 @@ class WorkerLoop:
             max_steps=self.cfg.train.max_steps_per_epoch,
         )
         result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
-        result.count = int(count)
+        result.count, result.expected = int(count), self.settings.val_samples
         self.samples += result.count
         result.metrics = self.suite.compute()
         return result.flat("val")

@@ -29,7 +29,7 @@ from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
-from thalia_ray.store.records import Lease, RunRecord, Status
+from thalia_ray.store.records import Lease, RunRecord, Status, shortfalls
 from thalia_ray.traffic import Traffic, describe
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
@@ -55,14 +55,17 @@ class TrainResult:
     skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
 
     def __str__(self) -> str:
-        """One readable line: the headline Deformation metrics, skipped samples and where the run is, and
-        the run's object-storage traffic (requests, retries, throttles) when it read any."""
-        shown = [f"{k} {v:.3f}" for k, v in {**self.val_metrics, **self.test_metrics}.items()
+        """One readable line: the headline Deformation metrics, skipped samples, the splits whose metrics
+        miss samples (N of M), where the run is, and the run's object-storage traffic (requests, retries,
+        throttles) when it read any."""
+        metrics = {**self.val_metrics, **self.test_metrics}
+        shown = [f"{k} {v:.3f}" for k, v in metrics.items()
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
+        short = "".join(f", {s}" for s in shortfalls(metrics))
         traffic = Traffic.total(self.history)
         storage = f"; storage: {describe(traffic)}" if traffic else ""
         return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
-                f"{self.skipped} samples skipped (store {self.store}){storage}")
+                f"{self.skipped} samples skipped{short} (store {self.store}){storage}")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
@@ -287,8 +290,9 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         epoch_control=data.epoch_control,
         record=record,
         fault=os.environ.get(FAULT_ENV),
+        val_samples=data.sizes["val"],
     )
-    log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
+    log.info("run %s: %d workers (%s), %d steps per epoch, up to %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
     trainer = TorchTrainer(
         train_loop_per_worker,

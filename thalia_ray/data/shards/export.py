@@ -228,7 +228,8 @@ def export_shards(
         report.skipped.extend(shard["skipped"])
     manifest = {
         "format": FORMAT, "length": length, "channels": list(layout.channels), "dtype": dtype,
-        "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
+        "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "padding": cfg.padding,
+        "label_rule": cfg.label_rule,
         "crop_policy": cfg.crop_policy, "seed": seed, "splits": list(splits),
         "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
     }
