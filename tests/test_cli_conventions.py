@@ -58,11 +58,12 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _required_argv(parser: argparse.ArgumentParser) -> list[str]:
-    """Values for `parser`'s required arguments: the first choice, else a placeholder."""
+    """Values for `parser`'s required arguments: the first choice, else a placeholder (a number where the
+    argument is one)."""
     argv: list[str] = []
     for action in parser._actions:
         if action.required:
-            value = str(next(iter(action.choices))) if action.choices else "x"
+            value = str(next(iter(action.choices))) if action.choices else "1" if action.type in (int, float) else "x"
             argv += [*action.option_strings[:1], value]
     return argv
 

@@ -165,34 +165,16 @@ def cmd_prepare_chunking(args: argparse.Namespace) -> int:
     from thalia_ray.data.cube import get_cache
     from thalia_ray.predict.inputs import frame_ids
     from thalia_ray.storage import resolve
+    from thalia_ray.tables import render_all
 
     cfg = _config(args)
     root = resolve(args.data or cfg.data.root, cfg.storage)
-    frame = args.frame or frame_ids(root)[0]
-    cube = get_cache(root).get(frame)
-    variables = [*cfg.data.channels, schema.MASK_VAR]
-    arrays = {v: cube.arrays[v] for v in variables if v in cube.arrays}
-    if len(arrays) < len(variables):
-        raise ThaliaError(f"cube {cube.url}: variables {sorted(set(variables) - set(arrays))} are not plain Zarr arrays")
-    current = chunking.sample_cost(cube.dataset, arrays, variables, cfg.data.crop, cfg.data.length)
-    side = min(cube.shape)
-    options = {c: chunking.sample_cost(cube.dataset, arrays, variables, cfg.data.crop, cfg.data.length, c)
-               for c in chunking.spatial_alternatives(side, cfg.data.crop)}
-    if args.json:
-        _emit_json(args, {"cube": cube.url, "crop": cfg.data.crop, "length": cfg.data.length,
-                          "current": [asdict(c) for c in current],
-                          "spatial_chunk": {str(c): {"gets": sum(v.gets for v in costs), "bytes": sum(v.bytes for v in costs)}
-                                            for c, costs in options.items()}})
-        return 0
-    print(f"cube {cube.url} ({cube.shape[0]}x{cube.shape[1]}), crop {cfg.data.crop}, T={cfg.data.length}: "
-          f"expected per sample, crop placed at random")
-    for cost in current:
-        print(f"  {cost.name:<28} chunks {'x'.join(map(str, cost.chunks)):<14} {cost.gets:6.1f} GET  "
-              f"{cost.bytes / 2**20:7.2f} MiB")
-    print(f"  {'total':<28} {'':<21} {sum(c.gets for c in current):6.1f} GET  {sum(c.bytes for c in current) / 2**20:7.2f} MiB")
-    print("with other spatial chunk sides (same chunking along the dates):")
-    for chunk, costs in options.items():
-        print(f"  {chunk:>5}²  {sum(c.gets for c in costs):6.1f} GET  {sum(c.bytes for c in costs) / 2**20:7.2f} MiB")
+    cube = get_cache(root).get(args.frame or frame_ids(root)[0])
+    try:
+        report = chunking.chunking_report(cube, [*cfg.data.channels, schema.MASK_VAR], cfg.data.crop, cfg.data.length)
+    except ValueError as err:
+        raise ThaliaError(str(err)) from None
+    _show(args, asdict(report), render_all(report.tables(), "terminal"))
     return 0
 
 
@@ -205,13 +187,10 @@ def cmd_prepare_rechunk(args: argparse.Namespace) -> int:
     cfg = _config(args)
     source, target = resolve(args.data, cfg.storage), resolve(args.out, cfg.storage)
     if source.url == target.url:
-        raise ThaliaError("prepare rechunk: --out must differ from --data (the cubes are rewritten, not changed in place)")
+        raise UsageError("prepare rechunk: --out must differ from --data (the cubes are rewritten, not changed in place)")
     report = rechunk_dataset(source, target, args.chunk, args.frames or frame_ids(source))
-    if args.json:
-        _emit_json(args, report)
-        return 0
-    print(f"{len(report.cubes)} cubes, {report.planes} planes rechunked to {args.chunk}², {len(report.files)} files "
-          f"copied, {report.seconds:.1f} s → {target}")
+    _show(args, report, f"{len(report.cubes)} cubes, {report.planes} planes rechunked to {args.chunk}², "
+                        f"{len(report.files)} files copied, {report.seconds:.1f} s → {target}")
     return 0
 
 
@@ -620,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(chunks)  # data.crop, data.length, channels; storage settings for an s3:// --data
     chunks.add_argument("--data", help="dataset root (overrides data.root)")
     chunks.add_argument("--frame", help="the cube to inspect (default: the first)")
-    chunks.add_argument("--json", action="store_true")
+    _add_json(chunks, "the costs")
     chunks.set_defaults(handler=cmd_prepare_chunking)
     rechunk = prepare.add_parser("rechunk", help="rewrite the cubes with another spatial chunk side")
     _add_config_args(rechunk)  # storage settings for s3:// locations
@@ -628,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     rechunk.add_argument("--out", required=True, help="dataset root to write (local path or s3://)")
     rechunk.add_argument("--chunk", type=int, required=True, help="spatial chunk side in pixels (capped at the frame)")
     rechunk.add_argument("--frames", nargs="+", metavar="ID", help="only these cubes (default: all)")
-    rechunk.add_argument("--json", action="store_true")
+    _add_json(rechunk, "what was rewritten")
     rechunk.set_defaults(handler=cmd_prepare_rechunk)
     stats = prepare.add_parser("stats", help="recompute statistics.json (a Ray job)")
     _add_config_args(stats)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from thalia_ray.data import schema
+from thalia_ray.tables import Table
 
 
 def chunks_per_axis(crop: int, chunk: int, size: int) -> float:
@@ -64,3 +65,37 @@ def spatial_alternatives(frame: int, crop: int) -> list[int]:
     up to the frame, and the whole frame."""
     sides = [2 ** k for k in range(max(5, int(math.log2(max(crop // 2, 1)))), int(math.log2(frame)) + 1)]
     return sorted(set(sides + [frame]))
+
+
+@dataclass(frozen=True)
+class ChunkingReport:
+    """What `thalia-ray prepare chunking` tells: a cube's cost per sample as chunked, and with other
+    spatial chunk sides (same chunking along the dates)."""
+
+    cube: str
+    crop: int
+    length: int
+    current: list[VariableCost]
+    alternatives: dict[int, list[VariableCost]]
+
+    def tables(self) -> list[Table]:
+        mib = 2 ** 20
+        rows = [[c.name, "x".join(map(str, c.chunks)), round(c.gets, 1), round(c.bytes / mib, 2)] for c in self.current]
+        rows.append(["total", "", round(sum(c.gets for c in self.current), 1),
+                     round(sum(c.bytes for c in self.current) / mib, 2)])
+        title = f"cube {self.cube}, crop {self.crop}, T={self.length}: expected per sample, crop placed at random"
+        other = [[f"{side}²", round(sum(c.gets for c in costs), 1), round(sum(c.bytes for c in costs) / mib, 2)]
+                 for side, costs in self.alternatives.items()]
+        return [Table(["variable", "chunks", "GETs", "MiB"], rows, title),
+                Table(["spatial chunk", "GETs", "MiB"], other, "with other spatial chunk sides")]
+
+
+def chunking_report(cube: Any, variables: Sequence[str], crop: int, length: int) -> ChunkingReport:
+    """The cost report of an open cube (`data.cube.OpenCube`) for a run reading `variables` (channels
+    and the mask) in crops of `crop` pixels, series of `length`."""
+    arrays = {v: cube.arrays[v] for v in variables if v in cube.arrays}
+    if len(arrays) < len(variables):
+        raise ValueError(f"cube {cube.url}: variables {sorted(set(variables) - set(arrays))} are not plain Zarr arrays")
+    return ChunkingReport(cube.url, crop, length, sample_cost(cube.dataset, arrays, variables, crop, length),
+                          {side: sample_cost(cube.dataset, arrays, variables, crop, length, side)
+                           for side in spatial_alternatives(min(cube.shape), crop)})
