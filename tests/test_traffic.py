@@ -43,7 +43,7 @@ def test_a_run_without_object_storage_shows_no_storage_lines():
 
 
 def test_the_report_tables_each_epochs_traffic_with_its_cost():
-    from thalia_ray.report.page import _storage
+    from thalia_ray.report.runs import _storage
 
     html = _storage([_row(1, 3000, 100, retries=4, throttles=3), _row(2, 200, 2900)], 0.5)
     assert html is not None and "Storage traffic" in html
