@@ -19,6 +19,7 @@ from thalia_ray.errors import StorageProblem, ThaliaError
 
 if TYPE_CHECKING:  # imported lazily by the handlers (see above)
     from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.records import Lease
 
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "THALIA_DEBUG"
@@ -158,19 +159,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    from thalia_ray import preflight, runtime
+def _leased_run(args: argparse.Namespace, cfg: ThaliaConfig, run: Callable[[ExperimentStore, Lease], object]) -> int:
+    """A run of `cfg` under `--run-id` (or a new id): its lease is taken before Ray starts, so a run id
+    another driver is writing is refused at once; prints the result (as JSON with `--json`)."""
+    from thalia_ray import runtime
     from thalia_ray.store import ExperimentStore
-    from thalia_ray.train.trainer import fit
 
-    preflight.for_training(cfg, args.run_id)
     store = ExperimentStore(cfg.storage.store, cfg.storage)
-    run_id = args.run_id or store.new_run_id(cfg.name)
-    lease = store.run(run_id).acquire()  # a run id another driver is writing is refused before Ray starts
+    lease = store.run(args.run_id or store.new_run_id(cfg.name)).acquire()
     try:
         with runtime.start(cfg.runtime):
-            result = fit(cfg, store=store, lease=lease)
+            result = run(store, lease)
     finally:
         lease.release()
     if args.json:
@@ -178,6 +177,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(result)
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray import preflight
+    from thalia_ray.train.trainer import fit
+
+    preflight.for_training(cfg, args.run_id)
+    return _leased_run(args, cfg, lambda store, lease: fit(cfg, store=store, lease=lease))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.store:
+        cfg = _with_option(cfg, "storage.store", "--store", args.store)
+    from thalia_ray.pretrain.run import check, pretrain
+
+    objective = check(cfg, args.run_id)  # the plan, the cubes, the network and the store, before Ray starts
+    return _leased_run(args, cfg, lambda store, lease: pretrain(cfg, store=store, lease=lease, objective=objective))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -369,7 +387,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # Commands whose `--json` prints a summary with `_emit_json`.
-JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_evaluate, cmd_sweep)
+JSON_SUMMARIES = (cmd_synth, cmd_prepare_stats, cmd_export, cmd_train, cmd_pretrain, cmd_evaluate, cmd_sweep)
+STORE_ENV = "THALIA_STORE"
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -439,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
     train.add_argument("--json", action="store_true", help="print the run's result as JSON")
     train.set_defaults(handler=cmd_train)
+
+    pre = verbs.add_parser("pretrain", help="self-supervised pretraining on every interferogram (Ray Train)")
+    _add_config_args(pre, required=True)
+    pre.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
+    pre.add_argument("--store", default=os.environ.get(STORE_ENV),
+                     help=f"experiment store (default: ${STORE_ENV}, else storage.store of the config)")
+    pre.add_argument("--json", action="store_true", help="print the run's result as JSON")
+    pre.set_defaults(handler=cmd_pretrain)
 
     evaluate = verbs.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
     evaluate.add_argument("run", help="run id")

@@ -31,7 +31,7 @@ from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
-Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
+Kind = Literal["train", "sweep-trial", "pretrain", "evaluate", "bench"]
 STATUSES: tuple[str, ...] = get_args(Status)
 KINDS: tuple[str, ...] = get_args(Kind)
 SPLITS = tuple(schema.SPLITS)
