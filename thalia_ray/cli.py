@@ -364,7 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from thalia_ray.bench.harness import SuiteUnavailable, write_record
+    from thalia_ray.bench.harness import SuiteUnavailable, figure_location, write_record
     from thalia_ray.bench.suites import SUITES, BenchOptions, run_suite
 
     if args.suite == "list":
@@ -383,6 +383,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     where = write_record(result, args.store)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     print(f"record: {where.url}", file=sys.stderr)
+    for name in result.figures:
+        print(f"figure: {figure_location(where, name).url}", file=sys.stderr)
     return 0
 
 

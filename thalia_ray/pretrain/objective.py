@@ -26,12 +26,12 @@ from thalia_ray.data.transforms import load_statistics
 from thalia_ray.pretrain.augment import circular
 from thalia_ray.pretrain.model import PHASE, DataFacts, PretrainModel, resolved_method
 from thalia_ray.pretrain.source import HOLDOUT, TRAIN, PretrainSource
+from thalia_ray.store.records import RECONSTRUCTIONS
 from thalia_ray.train.checkpoint import load_state
 from thalia_ray.train.collectives import all_sum
 from thalia_ray.train.evaluate import autocast, to_device
 from thalia_ray.train.objective import Conclusion, Objective
 
-RECONSTRUCTIONS = "reconstructions.npz"  # in the run's folder: arrays only, read with allow_pickle=False
 SHOWN = 6  # held-out samples reconstructed for the report
 
 
@@ -124,16 +124,17 @@ def phase_statistics(cfg: ThaliaConfig) -> tuple[float, float]:
     return stats[PHASE]["mean"], stats[PHASE]["std"]
 
 
-def held_out_batch(source: PretrainSource, cfg: ThaliaConfig, count: int) -> dict[str, Any]:
-    """The first `count` readable held-out samples, read and built as the pipeline's read tasks do."""
+def read_batch(source: PretrainSource, cfg: ThaliaConfig, split: str, count: int) -> dict[str, Any]:
+    """A batch of the first `count` readable samples of `split`'s epoch 0, read and built as the pipeline's
+    read tasks do, in one process (for the reconstructions, and for tests of the methods)."""
     from thalia_ray.data.transforms import statistics_for
 
-    items = source.epoch_items(HOLDOUT, 0)[:count * 2]
+    items = source.epoch_items(split, 0)[:count * 2]
     stats = statistics_for(DataLocations.of(cfg.data, cfg.storage).statistics) if cfg.data.normalize else None
     rows = [r for r in source.for_items(items).read(items, lambda key: None) if not isinstance(r, BadSample)]
-    records = [source.record(row, HOLDOUT, stats, None, False) for row in rows[:count]]
+    records = [source.record(row, split, stats, None, False) for row in rows[:count]]
     if not records:
-        raise ConfigError(f"no held-out sample of data.root {cfg.data.root} could be read for the reconstructions")
+        raise ConfigError(f"no {split} sample of data.root {cfg.data.root} could be read")
     batch = records_to_batch(records)
     return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind not in "OUS" else [str(x) for x in v]
             for k, v in batch.items()}
@@ -144,7 +145,7 @@ def reconstructions(model: PretrainModel, source: PretrainSource, cfg: ThaliaCon
     last member (radians) and each dense pretext map, the truth and the reconstruction (visible patches
     as given, masked ones predicted), the mask of hidden patches, and the samples' keys."""
     model.eval()
-    batch = held_out_batch(source, cfg, SHOWN)
+    batch = read_batch(source, cfg, HOLDOUT, SHOWN)
     image, dense = batch["image"], model.dense_targets(batch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -24,6 +24,9 @@ def check(cfg: ThaliaConfig, run_id: str | None = None) -> Pretraining:
     variable read, the network (backbone, method, crop), and a writable store."""
     if run_id is not None:
         check_id(run_id)
+    if cfg.data.source != "cube":
+        raise ConfigError(f"data.source {cfg.data.source!r}: pretraining reads every pair from the cubes under "
+                          "data.root (shards hold only the time-series index's series); set data.source=cube")
     preflight.location_present(cfg.data.root, "data.root", cfg.storage)
     preflight.statistics_usable(cfg)
     objective = Pretraining().prepare(cfg)

@@ -85,7 +85,7 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
     cfg = record.read_config()
     metrics = results.get("metrics", {})
     overview = table(["field", "value"], [
-        ("run", run_id), ("status", status.get("status")), ("task", cfg.model.task), ("model", cfg.model.name),
+        ("run", run_id), ("status", status.get("status")), ("task", status.get("task") or cfg.model.task), ("model", cfg.model.name),
         ("sweep", status.get("sweep")), ("epochs", len(history)), ("best epoch", results.get("best_epoch")),
         ("restarts", results.get("restarts", 0)), ("created", status.get("created")),
         ("updated", status.get("updated"))])
@@ -97,6 +97,10 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
                                                           "learning curves"),
                                 note(f"monitored: {monitored} ({cfg.train.early_stopping.mode}); "
                                      "a dashed red line marks a restart from the last checkpoint")))
+    if status.get("kind") == "pretrain":
+        from thalia_ray.report.pretrain import pretrain_sections
+
+        return sections + pretrain_sections(record, history)
     try:
         rows = record.read_predictions("test")
     except StoreError as err:

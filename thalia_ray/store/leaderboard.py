@@ -53,9 +53,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def collect(store: ExperimentStore, sweep: str | None = None) -> list[Row]:
-    """Runs with final results (finished, or stopped early with a best checkpoint evaluated)."""
+    """Runs with final results (finished, or stopped early with a best checkpoint evaluated); pretraining
+    runs, which have no task metric to rank by, are left out."""
     rows = []
     for summary in store.list_runs(sweep=sweep):
+        if summary.kind == "pretrain":
+            continue
         record = store.run(summary.run_id)
         try:
             results = record.read_results()

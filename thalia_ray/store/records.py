@@ -47,6 +47,7 @@ HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_defor
 CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
+RECONSTRUCTIONS = "reconstructions.npz"  # a pretraining MAE's held-out reconstructions (arrays, no pickles)
 SKIPPED = "skipped.json"
 # A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
 HEARTBEAT_S = 10.0
