@@ -163,9 +163,14 @@ def evaluate_batches(
 
 
 def load_model(cfg: ThaliaConfig, checkpoint: Checkpoint) -> nn.Module:
-    """The configured model with the checkpoint's weights."""
+    """The configured model with the checkpoint's weights (a task model's: a pretraining run's checkpoint
+    holds an encoder without a task head, and is refused with the way to use it)."""
+    state = load_state(checkpoint)
+    if "encoder" in state:
+        raise PretrainedWeightsError(f"{checkpoint.path} is a pretraining run's checkpoint: an encoder without a "
+                                     "task head. Fine-tune from it (model.pretrained: run:<RUN_ID>) and use that run")
     model = model_from_config(cfg, initial_weights=False)
-    model.load_state_dict(load_state(checkpoint)["model"])
+    model.load_state_dict(state["model"])
     return model
 
 
