@@ -87,6 +87,28 @@ def check_resumed(record: Any, epochs: int) -> None:
     assert record.read_results()["restarts"] == 1
 
 
+@contextlib.contextmanager
+def cli_driver(args: Sequence[str], log: Path) -> Iterator[subprocess.Popen]:
+    """`thalia-ray ARGS` as a driver process in a session of its own, its output in `log`; every process of
+    that session (the driver's Ray included) is ended on leaving."""
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", *args], env=cli_env(), cwd=REPO,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield driver
+    finally:
+        kill_session(driver.pid)
+
+
+def kill_after_checkpoint(driver: subprocess.Popen, store: Any, run_id: str, log: Path) -> None:
+    """SIGKILL the driver of `run_id` once Ray has registered a checkpoint of it (failing if it ended first)."""
+    wait_for(lambda: checkpoint_registered(store, run_id) or driver.poll() is not None, 420,
+             f"a registered checkpoint of run {run_id}")
+    assert driver.poll() is None, log.read_text()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
     """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -50,7 +50,7 @@ def test_each_method_learns_on_a_small_synthetic_set(records, synthetic_root, me
         out["total"].backward()
         optimiser.step()
         model.after_step(step / 16)
-        losses.append(float(out["total"]))
+        losses.append(float(out["total"].detach()))
         assert set(out) >= {"total", "coherence", "dem", "era5", "day_of_year", "frame"}
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.8 * first, (method, losses)
@@ -80,11 +80,12 @@ def test_byol_target_network_follows_the_online_one_slowly(records, synthetic_ro
 
 # ------------------------------------------------------------------------------ the MAE
 def _fields(count: int, size: int = 32, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Smooth fields like unwrapped deformation over a ramp: a random plane plus a Gaussian bump."""
+    """Smooth unwrapped fields: a random ramp (as an orbital error gives) plus a small Gaussian bump (a
+    deformation source): a hidden patch's own mean misses its ramp, which the visible patches reveal."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    a, b = torch.randn(count, 2, 1, 1, generator=generator).unbind(1)
+    a, b = (2 * torch.randn(count, 2, 1, 1, generator=generator)).unbind(1)
     cy, cx = (torch.rand(count, 2, 1, 1, generator=generator) * 1.2 - 0.6).unbind(1)
-    amplitude = torch.randn(count, 1, 1, generator=generator)
+    amplitude = 0.5 * torch.randn(count, 1, 1, generator=generator)
     return (a * x + b * y + amplitude * torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.15))[:, None]
 
 
@@ -109,7 +110,7 @@ def test_mae_reconstructs_masked_patches_better_than_their_own_means():
     own_means = unpatchify(patchify(test, 8).mean(-1, keepdim=True).expand(-1, -1, 64), 8, 1, 4, 4)
     error = ((rebuilt - test)[:, 0][hidden] ** 2).mean()
     baseline = ((own_means - test)[:, 0][hidden] ** 2).mean()  # each hidden patch filled with its true mean
-    assert error < 0.7 * baseline, (float(error), float(baseline))
+    assert error < 0.6 * baseline, (float(error), float(baseline))  # measured: 0.25 (seeds 0 and 1)
 
 
 def test_mae_refuses_a_cnn_and_a_crop_off_the_patch_grid(synthetic_root):

@@ -4,17 +4,13 @@ loads for classification and segmentation (and keeps under linear probing), a ki
 from its last checkpoint, and a bad request fails in one line before Ray starts."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import check_resumed, checkpoint_registered, tiny_train_config
+from tests.helpers import check_resumed, tiny_train_config
 from thalia_ray.config import load_config
 from thalia_ray.data import schema
 
@@ -108,24 +104,17 @@ def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, p
 
 @pytest.mark.slow
 def test_a_killed_pretraining_resumes_from_its_last_checkpoint(ray_cluster, pretraining_root, tmp_path):
-    from tests.helpers import REPO, cli_env, kill_session, wait_for
+    from tests.helpers import cli_driver, kill_after_checkpoint
     from thalia_ray.pretrain.run import pretrain
     from thalia_ray.store import ExperimentStore
 
     path = _pretrain_config(tmp_path, pretraining_root, tmp_path / "store", "test_resnet", "byol", epochs=4)
     store = ExperimentStore(tmp_path / "store")
     record = store.run("killed")
-    with open(tmp_path / "driver.log", "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", "pretrain", str(path), "--run-id", "killed"],
-                                  env=cli_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: checkpoint_registered(store, "killed") or driver.poll() is not None, 420,
-                 "a registered checkpoint of the pretraining driver")
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        kill_session(driver.pid)
+    log = tmp_path / "driver.log"
+    with cli_driver(["pretrain", str(path), "--run-id", "killed"], log) as driver:
+        kill_after_checkpoint(driver, store, "killed", log)
+    assert record.read_status()["status"] == "running"  # nothing could record the kill
     done = len(record.read_history())
     assert 1 <= done < 4
     pretrain(_loaded(path), store=store, run_id="killed")

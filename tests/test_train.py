@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -380,7 +377,7 @@ def _epochs(record) -> int:
 
 @pytest.mark.slow
 def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ray_cluster, synthetic_root, tmp_path):
-    from tests.helpers import REPO, cli, cli_env, kill_session, wait_for
+    from tests.helpers import cli, cli_driver, kill_after_checkpoint, wait_for
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.store.records import RunBusyError
     from thalia_ray.train.trainer import fit
@@ -388,22 +385,13 @@ def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ra
     cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
     store = ExperimentStore(tmp_path / "store")
     record = store.run("dup")
-    with open(tmp_path / "driver.log", "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", "train", str(tmp_path / "run.yaml"),
-                                   "--run-id", "dup"], env=cli_env(), cwd=REPO, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    log = tmp_path / "driver.log"
+    with cli_driver(["train", str(tmp_path / "run.yaml"), "--run-id", "dup"], log) as driver:
         wait_for(lambda: record.read_lease() or driver.poll() is not None, 300, "the driver's lease")
         with pytest.raises(RunBusyError, match=f"run dup is already being written by pid {driver.pid} on"):
             fit(cfg, store=store, run_id="dup")
         # A checkpoint registered (so an epoch is in the history too); then the driver is killed.
-        wait_for(lambda: checkpoint_registered(store, "dup") or driver.poll() is not None, 420,
-                 "a registered checkpoint of the driver")
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        kill_session(driver.pid)
+        kill_after_checkpoint(driver, store, "dup", log)
     assert record.read_status()["status"] == "running"  # nothing could record the kill...
     shown = cli(["runs", "show", "dup", "--store", str(tmp_path / "store")])
     assert "status    interrupted" in shown.stdout and f"pid {driver.pid}" in shown.stdout  # ...until looked at

@@ -8,6 +8,7 @@ periods. Nothing here reads the annotations.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +18,8 @@ from thalia_ray.data import schema
 from thalia_ray.data.cube import Cube, MissingChunkError, Window, get_cache
 from thalia_ray.data.index import Group, enumerated_positions, split_of
 from thalia_ray.storage import Location, resolve
+
+CUBE_THREADS = 8  # cubes whose pairs are listed at once
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,11 @@ def cube_series(root: str | Location, frames: Sequence[str], length: int, period
     """Every series of `length` over the pairs the cubes of `frames` hold whose primary date lies in one
     of `periods` ({name: range with start/end}), by the index's enumeration of a training group."""
     cache = get_cache(root)
+    with ThreadPoolExecutor(min(CUBE_THREADS, max(len(frames), 1))) as pool:  # object-store latency dominates
+        held = list(pool.map(lambda frame: existing_pairs(cache.get(frame)), frames))
     series = []
-    for frame in frames:
-        for primary, secondaries in existing_pairs(cache.get(frame)).items():
+    for frame, pairs in zip(frames, held):
+        for primary, secondaries in pairs.items():
             period = split_of(primary, dict(periods))
             if period is None:
                 continue

@@ -16,7 +16,7 @@ from thalia_ray.data.annotations import AnnotationError, find_metadata, load_ann
 from thalia_ray.data.cube import Cube, DataError, Window, get_cache
 from thalia_ray.data.index import Group, build_groups, enumerated_positions, series_label
 from thalia_ray.data.locations import DataLocations
-from thalia_ray.data.pairs import existing_pairs, frame_ids
+from thalia_ray.data.pairs import existing_pairs, frame_ids, series_key
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
 from thalia_ray.storage import Location
 from thalia_ray.store.layout import ExperimentStore
@@ -26,7 +26,7 @@ from thalia_ray.train.evaluate import autocast, gpu_wanted, load_model, model_fr
 __all__ = [
     "AnnotationError", "Cube", "autocast", "gpu_wanted", "DataError", "Group", "Statistics", "Window", "annotated_groups",
     "enumerated_positions", "existing_pairs", "frame_ids", "load_model", "model_from_config", "normalize",
-    "open_cube", "read_stack", "run_checkpoint", "run_statistics", "schema", "series_label",
+    "open_cube", "read_stack", "run_checkpoint", "run_statistics", "schema", "series_key", "series_label",
 ]
 
 ALL_DATES = {"all": (date(1900, 1, 1), date(2200, 12, 31))}  # every primary date, one "split"
