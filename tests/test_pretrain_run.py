@@ -50,13 +50,14 @@ def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, p
     from thalia_ray.report.pretrain import read_reconstructions
     from thalia_ray.store import ExperimentStore
     from thalia_ray.train.checkpoint import load_state
-    from thalia_ray.train.evaluate import best_checkpoint, model_from_config
+    from thalia_ray.models.pretrained import PretrainedWeightsError
+    from thalia_ray.train.evaluate import best_checkpoint, load_model, model_from_config
     from thalia_ray.train.trainer import fit
 
     store_dir = tmp_path / "store"
     store = ExperimentStore(store_dir)
     mae = _loaded(_pretrain_config(tmp_path, pretraining_root, store_dir, "test_vit", "mae",
-                                   runtime={"tracking": ["wandb", "tensorboard", "mlflow"]}))
+                                   runtime={"tracking": ["wandb", "tensorboard", "mlflow"], "wandb": {"mode": "offline"}}))
     result = pretrain(mae, store=store, run_id="mae", objective=check(mae, "mae"))
     record = store.run("mae")
     status, history = record.read_status(), record.read_history()
@@ -71,6 +72,8 @@ def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, p
     assert {"coherence", "coherence_reconstructed", "dem"} <= set(arrays)
     page = write_report(store, "mae").read_text()
     assert "Masked-autoencoder reconstructions" in page and "Pretext tasks" in page and page.count("<img ") >= 3
+    with pytest.raises(PretrainedWeightsError, match="a pretraining run's checkpoint: an encoder without a task head"):
+        load_model(record.read_config(), best_checkpoint(store, "mae"))  # what evaluate, predict and export load
 
     # fine-tuning from it: the classifier's backbone holds exactly the run's encoder
     saved = load_state(best_checkpoint(store, "mae"))["encoder"]

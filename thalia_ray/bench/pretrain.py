@@ -93,16 +93,25 @@ class StudySetup:
         }})
 
 
-def imagenet_available(cfg: ThaliaConfig) -> str | None:
-    """None when `cfg.model.name`'s ImageNet weights load from the local caches, else why not."""
-    from thalia_ray.errors import ThaliaError
-    from thalia_ray.train.evaluate import model_from_config
+def imagenet_missing(backbone: str) -> str | None:
+    """None when `backbone`'s ImageNet weights are in the local caches (the study never downloads), else why
+    the arm is left out."""
+    import os
 
-    try:
-        model_from_config(cfg.with_overrides({"model.pretrained": IMAGENET}))
-    except ThaliaError as err:
-        return str(err).split(". ")[0]
-    return None
+    import torch.hub
+    from huggingface_hub import try_to_load_from_cache
+
+    from thalia_ray.models.pretrained import hub_caches, weights_repo
+    from thalia_ray.models.registry import get_spec
+
+    repo = weights_repo(get_spec(backbone), "")
+    if repo.startswith(("http://", "https://")):
+        cached = os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(repo)))
+    else:
+        hub_id = repo.partition("@")[0]
+        cached = any(isinstance(try_to_load_from_cache(hub_id, name), str)
+                     for name in ("model.safetensors", "pytorch_model.bin"))
+    return None if cached else f"its ImageNet weights ({repo}) are not in the local caches ({hub_caches()})"
 
 
 def pretrain_arms(setup: StudySetup) -> tuple[list[Arm], list[str]]:
@@ -128,7 +137,7 @@ def all_arms(setup: StudySetup, pretrained: Sequence[Arm]) -> tuple[list[Arm], l
     arms, notes = [], []
     for backbone in dict.fromkeys(a.backbone for a in pretrained):
         arms.append(Arm(backbone, RANDOM, None))
-        missing = imagenet_available(setup.base("probe", backbone))
+        missing = imagenet_missing(backbone)
         if missing is None:
             arms.append(Arm(backbone, IMAGENET, IMAGENET))
         else:
