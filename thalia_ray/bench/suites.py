@@ -517,7 +517,7 @@ def pretrain_throughput_suite(p: Params, repeats: int, result: BenchResult) -> N
     result.notes.append(f"same cubes, crop {p['crop']}², T={p['length']}, batch {p['batch_size']}: pretraining reads "
                         f"every series of the training period ({data.sizes['train']} per epoch; phase + coherence and "
                         f"DEM as targets), supervised training the balanced labelled draw ({labelled.sizes['train']} per "
-                        "epoch; phase, coherence, DEM and the mask); end to end: {p['model']}, 1 worker with "
+                        f"epoch; phase, coherence, DEM and the mask); end to end: {p['model']}, 1 worker with "
                         f"{p['cpus_per_worker']} CPU, median over the epochs after the first; the {p['method']} model "
                         "runs the backbone on two views of each sample")
 
