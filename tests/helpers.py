@@ -47,9 +47,11 @@ def cli(args: Sequence[str], env: Mapping[str, str] | None = None, timeout: floa
 
 
 def tiny_train_config(path: Path, data_root: Path, store: str | Path, *, model: str = "resnet18",
-                      storage: Mapping[str, Any] | None = None, **train: Any) -> Path:
-    """A one-worker CPU run of a few steps on `data_root`, written as YAML to `path`."""
-    cfg = {
+                      storage: Mapping[str, Any] | None = None, sections: Mapping[str, Mapping[str, Any]] | None = None,
+                      **train: Any) -> Path:
+    """A one-worker CPU run of a few steps on `data_root`, written as YAML to `path`; `sections` adds to
+    (or replaces keys of) whole sections, e.g. {"pretrain": {...}, "data": {"crop": 64}}."""
+    cfg: dict[str, Any] = {
         "name": "tiny",
         "data": {"root": str(data_root), "crop": 32, "samples_per_read_task": 32},
         "model": {"name": model},
@@ -58,8 +60,53 @@ def tiny_train_config(path: Path, data_root: Path, store: str | Path, *, model: 
         "storage": {"store": str(store), **(storage or {})},
         "runtime": {"num_cpus": 2, "object_store_memory": 100_000_000, "wandb": {"mode": "disabled"}},
     }
+    for section, values in (sections or {}).items():
+        cfg[section] = {**cfg.get(section, {}), **values}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def checkpoint_registered(store: Any, run_id: str) -> bool:
+    """Ray's controller has registered a checkpoint of the run: its snapshot, which a rerun resumes from, is stored.
+
+    The controller collects a report at its next poll (every 2 s) and writes the snapshot then, so an epoch in
+    the history does not yet mean a checkpoint to resume from: a fault that should be resumed from waits for this.
+    """
+    from thalia_ray.train.trainer import RAY_SNAPSHOT
+
+    try:
+        return store.ray_root.join(run_id, RAY_SNAPSHOT).exists()
+    except Exception:  # noqa: BLE001 - the store may be away: not there yet
+        return False
+
+
+def check_resumed(record: Any, epochs: int) -> None:
+    """A rerun finished every epoch once, from a checkpoint of the interrupted run (not from scratch)."""
+    assert record.read_status()["status"] == "finished"
+    assert [h["epoch"] for h in record.read_history()] == list(range(1, epochs + 1))
+    assert record.read_results()["restarts"] == 1
+
+
+@contextlib.contextmanager
+def cli_driver(args: Sequence[str], log: Path) -> Iterator[subprocess.Popen]:
+    """`thalia-ray ARGS` as a driver process in a session of its own, its output in `log`; every process of
+    that session (the driver's Ray included) is ended on leaving."""
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", *args], env=cli_env(), cwd=REPO,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield driver
+    finally:
+        kill_session(driver.pid)
+
+
+def kill_after_checkpoint(driver: subprocess.Popen, store: Any, run_id: str, log: Path) -> None:
+    """SIGKILL the driver of `run_id` once Ray has registered a checkpoint of it (failing if it ended first)."""
+    wait_for(lambda: checkpoint_registered(store, run_id) or driver.poll() is not None, 420,
+             f"a registered checkpoint of run {run_id}")
+    assert driver.poll() is None, log.read_text()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:

@@ -171,16 +171,16 @@ def test_a_run_kind_gets_its_own_report_from_the_registry(synthetic_root, tmp_pa
     store = ExperimentStore(tmp_path / "store")
     record = write_run(store, synthetic_root, "new-kind")
     status = record.read_status()
-    record.loc.join("run.json").write_json({**status, "kind": "pretrain"})  # a kind this version cannot report
-    with pytest.raises(StoreError, match="kind 'pretrain', which has no report"):
+    record.loc.join("run.json").write_json({**status, "kind": "distil"})  # a kind this version cannot report
+    with pytest.raises(StoreError, match="kind 'distil', which has no report"):
         write_report(store, "new-kind")
 
-    class Pretraining:
+    class Distillation:
         def sections(self, store, record):
-            return [section(f"Pretraining {record.run_id}")]
+            return [section(f"Distillation {record.run_id}")]
 
-    monkeypatch.setitem(runs.RUN_REPORTS, "pretrain", Pretraining())
-    assert "<h2>Pretraining new-kind</h2>" in write_report(store, "new-kind").read_text()
+    monkeypatch.setitem(runs.RUN_REPORTS, "distil", Distillation())
+    assert "<h2>Distillation new-kind</h2>" in write_report(store, "new-kind").read_text()
 
 
 def test_report_of_an_unknown_id_is_a_clear_error(tmp_path, capsys):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import check_resumed, checkpoint_registered
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.train.checkpoint import STATE_FILE, load_state, to_checkpoint, unwrap
 from thalia_ray.train.loop import EarlyStopping
@@ -445,30 +443,9 @@ def _epochs(record) -> int:
         return 0
 
 
-def _checkpoint_registered(store, run_id: str) -> bool:
-    """Ray's controller has registered a checkpoint of the run: its snapshot, which a rerun resumes from, is stored.
-
-    The controller collects a report at its next poll (every 2 s) and writes the snapshot then, so an epoch in
-    the history does not yet mean a checkpoint to resume from: a fault that should be resumed from waits for this.
-    """
-    from thalia_ray.train.trainer import RAY_SNAPSHOT
-
-    try:
-        return store.ray_root.join(run_id, RAY_SNAPSHOT).exists()
-    except Exception:  # noqa: BLE001 - the store may be away: not there yet
-        return False
-
-
-def _check_resumed(record, epochs: int) -> None:
-    """A rerun finished every epoch once, from a checkpoint of the interrupted run (not from scratch)."""
-    assert record.read_status()["status"] == "finished"
-    assert [h["epoch"] for h in record.read_history()] == list(range(1, epochs + 1))
-    assert record.read_results()["restarts"] == 1
-
-
 @pytest.mark.slow
 def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ray_cluster, synthetic_root, tmp_path):
-    from tests.helpers import REPO, cli, cli_env, kill_session, wait_for
+    from tests.helpers import cli, cli_driver, kill_after_checkpoint, wait_for
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.store.records import RunBusyError
     from thalia_ray.train.trainer import fit
@@ -476,27 +453,18 @@ def test_one_run_id_has_one_writer_and_a_killed_driver_is_marked_then_resumed(ra
     cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
     store = ExperimentStore(tmp_path / "store")
     record = store.run("dup")
-    with open(tmp_path / "driver.log", "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "thalia_ray.cli", "train", str(tmp_path / "run.yaml"),
-                                   "--run-id", "dup"], env=cli_env(), cwd=REPO, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    log = tmp_path / "driver.log"
+    with cli_driver(["train", str(tmp_path / "run.yaml"), "--run-id", "dup"], log) as driver:
         wait_for(lambda: record.read_lease() or driver.poll() is not None, 300, "the driver's lease")
         with pytest.raises(RunBusyError, match=f"run dup is already being written by pid {driver.pid} on"):
             fit(cfg, store=store, run_id="dup")
         # A checkpoint registered (so an epoch is in the history too); then the driver is killed.
-        wait_for(lambda: _checkpoint_registered(store, "dup") or driver.poll() is not None, 420,
-                 "a registered checkpoint of the driver")
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-    finally:
-        kill_session(driver.pid)
+        kill_after_checkpoint(driver, store, "dup", log)
     assert record.read_status()["status"] == "running"  # nothing could record the kill...
     shown = cli(["runs", "show", "dup", "--store", str(tmp_path / "store")])
     assert "status    interrupted" in shown.stdout and f"pid {driver.pid}" in shown.stdout  # ...until looked at
     fit(cfg, store=store, run_id="dup")
-    _check_resumed(record, epochs=4)
+    check_resumed(record, epochs=4)
 
 
 def _fit_until_fault(cfg: ThaliaConfig, store, run_id: str, fault) -> BaseException:
@@ -507,7 +475,7 @@ def _fit_until_fault(cfg: ThaliaConfig, store, run_id: str, fault) -> BaseExcept
 
     def watch() -> None:
         while not stop.wait(0.3):
-            if _checkpoint_registered(store, run_id):
+            if checkpoint_registered(store, run_id):
                 fault()
                 return
 
@@ -545,7 +513,7 @@ def test_a_store_outage_ends_the_run_and_a_rerun_resumes_from_its_last_checkpoin
     assert record.read_status()["status"] in ("failed", "interrupted") and record.read_status()["error"]
     assert _epochs(record) < 4
     fit(cfg, store=store, run_id="outage")
-    _check_resumed(record, epochs=4)
+    check_resumed(record, epochs=4)
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from thalia_ray.store.layout import STORE_ENV, default_location
 
 if TYPE_CHECKING:  # imported lazily by the handlers (see above)
     from thalia_ray.store import ExperimentStore
+    from thalia_ray.store.records import Lease
 
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "THALIA_DEBUG"
@@ -233,23 +234,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    from thalia_ray import preflight, runtime
+def _leased_run(args: argparse.Namespace, cfg: ThaliaConfig, run: Callable[[ExperimentStore, Lease], object]) -> int:
+    """A run of `cfg` under `--run-id` (or a new id): its lease is taken before Ray starts, so a run id
+    another driver is writing is refused at once; prints the result (as JSON with `--json`)."""
+    from thalia_ray import runtime
     from thalia_ray.store import ExperimentStore
-    from thalia_ray.train.trainer import fit
 
-    preflight.for_training(cfg, args.run_id)
     store = ExperimentStore(cfg.storage.store, cfg.storage)
-    run_id = args.run_id or store.new_run_id(cfg.name)
-    lease = store.run(run_id).acquire()  # a run id another driver is writing is refused before Ray starts
+    lease = store.run(args.run_id or store.new_run_id(cfg.name)).acquire()
     try:
         with runtime.start(cfg.runtime):
-            result = fit(cfg, store=store, lease=lease)
+            result = run(store, lease)
     finally:
         lease.release()
     _show(args, result, str(result))
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray import preflight
+    from thalia_ray.train.trainer import fit
+
+    preflight.for_training(cfg, args.run_id)
+    return _leased_run(args, cfg, lambda store, lease: fit(cfg, store=store, lease=lease))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from thalia_ray.pretrain.run import check, pretrain
+
+    objective = check(cfg, args.run_id)  # the plan, the cubes, the network and the store, before Ray starts
+    return _leased_run(args, cfg, lambda store, lease: pretrain(cfg, store=store, lease=lease, objective=objective))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -444,7 +460,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from thalia_ray.bench.harness import write_record
+    from thalia_ray.bench.harness import figure_location, write_record
     from thalia_ray.bench.suites import SUITES, BenchOptions, resolve_params, run_suite
 
     if args.suite == "list":
@@ -463,6 +479,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     where = write_record(result, args.store)
     _show(args, result.to_json(), result.table())
     print(f"record: {where.url}", file=sys.stderr)
+    for name in result.figures:
+        print(f"figure: {figure_location(where, name).url}", file=sys.stderr)
     return 0
 
 
@@ -637,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
     _add_json(train, "the run's result")
     train.set_defaults(handler=cmd_train)
+
+    pre = verbs.add_parser("pretrain", help="self-supervised pretraining on every interferogram (Ray Train)")
+    _add_config_args(pre, required=True)
+    pre.add_argument("--run-id", help="stable run id (a retried job resumes the same run)")
+    _add_json(pre, "the run's result")
+    pre.set_defaults(handler=cmd_pretrain)
 
     evaluate = verbs.add_parser("evaluate", help="re-evaluate a finished run's best checkpoint")
     evaluate.add_argument("run", metavar="RUN_ID", help="run id")

@@ -129,6 +129,9 @@ class DataConfig(Section):
     max_bad_samples: int = Field(16, ge=0)
     on_malformed_annotation: Literal["skip", "fail"] = "skip"
     frames: list[str] | None = None  # restrict to these frame ids
+    # Share of the labelled training series kept, per class (at least one of each), chosen by `seed`
+    # and nested: the 5 % are inside the 20 %. For label-efficiency studies (`thalia-ray bench pretrain`).
+    label_fraction: float = Field(1.0, gt=0, le=1)
     # Rows of each model-ready block a read task yields; the trainers cut blocks into batches. Blocks of
     # several batches halve Ray Data's per-block cost (BENCHMARKS.md: 64 vs 16 at crop 128, T=3).
     samples_per_block: int = Field(64, ge=1)
@@ -183,6 +186,8 @@ class ModelConfig(Section):
     # | a local state-dict file | run:<RUN_ID> (that stored run's best checkpoint).
     pretrained: str | None = None
     freeze_encoder: float = Field(0.0, ge=0, le=1)  # fraction of encoder layers frozen, input side first
+    # Linear probing: the whole encoder frozen, its normalisation statistics too; only the heads learn.
+    linear_probe: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)
     aux_heads: dict[Literal["activity_type", "intensity", "phase", "fringes"], float] = {}
 
@@ -343,6 +348,68 @@ class TrainConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------- pretrain
+PretextHead = Literal["coherence", "dem", "era5", "day_of_year", "location", "frame"]
+# The cube variables each multi-modal pretext head predicts from the input (MMEarth): they must not be input.
+PRETEXT_VARIABLES: dict[str, tuple[str, ...]] = {
+    "coherence": ("insar_coherence",), "dem": ("dem",), "era5": schema.ATMOSPHERIC}
+
+
+class PretrainAugmentConfig(Section):
+    """Views made on the device for each batch. One geometric transform per sample moves every plane
+    alike (all channels, every member of a series, the pretext targets). Wrapped phase is circular: it
+    is resampled through (cos, sin), shifted by a constant modulo 2π, and never brightness-jittered."""
+
+    flip: float = Field(0.5, ge=0, le=1)  # probability of each of a horizontal and a vertical flip
+    rotate90: float = Field(0.5, ge=0, le=1)  # probability of a rotation by 90°, 180° or 270°
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area share of the random resized crop; (1, 1): none
+    phase_offset: float = Field(1.0, ge=0, le=1)  # probability of a random constant offset per interferogram
+    phase_noise: float = Field(0.0, ge=0)  # std (radians) of noise added to the phase before re-wrapping
+    jitter: float = Field(0.2, ge=0, lt=1)  # brightness and contrast jitter of non-phase input channels
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"give 0 < low <= high <= 1, got {value}")
+        return value
+
+
+class PretrainConfig(Section):
+    """`thalia-ray pretrain`: self-supervised, multi-modal and geo-aware pretext learning on every
+    interferogram the cubes hold (thalia_ray/pretrain/). Labels are never read."""
+
+    # auto: mae for ViT backbones, simclr for the others; none: the pretext heads alone.
+    method: Literal["auto", "mae", "simclr", "byol", "none"] = "auto"
+    # Benchmark periods whose interferograms pretraining reads: by default the training period only, so
+    # that the benchmark's validation and test periods stay unseen.
+    splits: list[Literal["train", "val", "test"]] = ["train"]
+    holdout: float = Field(0.05, gt=0, lt=0.5)  # share of series held out for the validation loss
+    method_weight: float = Field(1.0, ge=0)
+    heads: dict[PretextHead, float] = {}  # pretext head → loss weight
+    mask_ratio: float = Field(0.75, gt=0, lt=1)  # mae
+    decoder_dim: int = Field(128, ge=8)  # mae
+    decoder_depth: int = Field(2, ge=1)  # mae
+    projection_dim: int = Field(128, ge=8)  # simclr, byol
+    temperature: float = Field(0.1, gt=0)  # simclr
+    momentum: float = Field(0.99, ge=0, lt=1)  # byol: the target network's first EMA rate, rising to 1
+    vmf_components: int = Field(24, ge=1)  # location: mixture components, centres spread over the sphere
+    augment: PretrainAugmentConfig = Field(default_factory=PretrainAugmentConfig)
+
+    @field_validator("splits")
+    @classmethod
+    def _some_splits(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"name each benchmark period once, at least one: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> "PretrainConfig":
+        if self.method == "none" and not any(self.heads.values()):
+            raise ValueError("method 'none' needs at least one pretext head with a positive weight in pretrain.heads")
+        return self
+
+
 # -------------------------------------------------------------------------------- storage/runtime
 class CacheConfig(Section):
     """The node-local cache of object-storage reads (thalia_ray/node_cache.py): each node keeps the
@@ -449,7 +516,18 @@ class ThaliaConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sweep: SweepConfig | None = None
+
+    @model_validator(mode="after")
+    def _pretext_targets_are_not_inputs(self) -> "ThaliaConfig":
+        inputs = {schema.statistics_key(c) for c in self.data.channels}
+        for head, variables in PRETEXT_VARIABLES.items():
+            given = inputs.intersection(variables)
+            if self.pretrain.heads.get(head) and given:
+                raise ValueError(f"pretrain.heads.{head} predicts {sorted(given)} from the other channels; "
+                                 "remove it from data.geomorphology / data.atmospheric")
+        return self
 
     @model_validator(mode="after")
     def _sweep_space_fits(self) -> "ThaliaConfig":

@@ -66,8 +66,9 @@ from thalia_ray.tables import Table, render
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRAM = "thalia-ray"
-ID_FLAGS = {"train": "--run-id", "sweep": "--sweep-id"}  # the store records these jobs under the submission id
-STORE_VERBS = ("train", "sweep")  # verbs that read the dataset and write to the experiment store
+# the store records these jobs under the submission id
+ID_FLAGS = {"train": "--run-id", "pretrain": "--run-id", "sweep": "--sweep-id"}
+STORE_VERBS = ("train", "pretrain", "sweep")  # verbs that read the dataset and write to the experiment store
 SECRET_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASS", "PWD", "PAT", "CREDENTIAL", "CREDENTIALS")
 # Query parameters that carry a credential (presigned URLs, token-in-URL package indexes).
 _SECRET_QUERY = re.compile(r"(?i)[?&](token|access_token|auth|password|passwd|pwd|key|api_key|sig|signature|"
@@ -383,7 +384,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), now: datetime | N
     fingerprint = {"spec": spec.model_dump(), "overrides": all_overrides}
     submission_id = _submission_id(spec.submission_id or spec.name, fingerprint, now or datetime.now(timezone.utc))
     id_flag = ID_FLAGS.get(verb)
-    run_id, sweep_id = (submission_id if verb == v else None for v in ("train", "sweep"))
+    run_id = submission_id if ID_FLAGS.get(verb) == "--run-id" else None
+    sweep_id = submission_id if verb == "sweep" else None
     args = [
         *_env_guard(spec.env_from_cluster),
         *tokens,

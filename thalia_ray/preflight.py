@@ -210,7 +210,8 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
         if pools is not None and not any(path.startswith("train.") for path in varied):
             from thalia_ray.train.trainer import steps_per_epoch  # imports torch and Ray Train: only when needed
 
-            sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.epoch_plan)) for split, pool in pools.items()}
+            sizes = {split: len(epoch_draw(pool, split, 0, cfg.seed, cfg.data.epoch_plan, cfg.data.label_fraction))
+                     for split, pool in pools.items()}
             steps_per_epoch(cfg, sizes)
     if "model.pretrained" not in varied:
         pretrained_present(cfg)

@@ -163,6 +163,7 @@ class BenchResult:
     machine: dict[str, Any] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     seconds: float = 0.0
+    figures: dict[str, bytes] = field(default_factory=dict)  # name → PNG, stored beside the record
 
     def add(self, name: str, unit: str, reps: Sequence[Rep], higher_is_better: bool = True) -> Series:
         series = Series(name, unit, list(reps), higher_is_better)
@@ -172,7 +173,8 @@ class BenchResult:
     def to_json(self) -> dict[str, Any]:
         return {"suite": self.suite, "started": self.started, "seconds": self.seconds, "options": self.options,
                 "machine": self.machine, "series": [s.to_json() for s in self.series],
-                "ratios": [r.to_json() for r in self.ratios], "notes": list(self.notes)}
+                "ratios": [r.to_json() for r in self.ratios], "notes": list(self.notes),
+                "figures": sorted(self.figures)}
 
     def table(self) -> str:
         return render_table(self)
@@ -198,9 +200,16 @@ def record_location(store_root: Location, suite: str, started: str) -> Location:
 
 
 def write_record(result: BenchResult, store: str | Location) -> Location:
-    """Store the result as JSON in the experiment store (local folder or s3://) and return where."""
+    """Store the result as JSON in the experiment store (local folder or s3://), and each of its figures
+    beside it as `{record stem}-{name}.png`; returns where the record went."""
     from thalia_ray.store import ExperimentStore
 
     loc = record_location(ExperimentStore(store).root, result.suite, result.started)
     loc.write_json(result.to_json())
+    for name, data in result.figures.items():
+        figure_location(loc, name).write_bytes(data)
     return loc
+
+
+def figure_location(record: Location, name: str) -> Location:
+    return record.parent().join(f"{record.name.removesuffix('.json')}-{name}.png")

@@ -185,13 +185,14 @@ def pipeline_suite(p: Params, repeats: int, result: BenchResult) -> None:
         _decode_limit(cfg, source, per_core, result)
 
 
-def _ray_runs(cfg: Any, epochs: int) -> tuple[Any, Callable[[], Rep], Iterator[list[int]]]:
+def _ray_runs(cfg: Any, epochs: int, source: Any = None) -> tuple[Any, Callable[[], Rep], Iterator[list[int]]]:
     """(datasets, one timed run of `epochs` consecutive epochs of the train split into `streaming_split`
-    consumers of its lanes, the runs' epoch numbers: every run, of either side, gets fresh epochs)."""
+    consumers of its lanes, the runs' epoch numbers: every run, of either side, gets fresh epochs).
+    `source`: another sample source than the config's (pretraining's)."""
     from thalia_ray.bench import ingest
     from thalia_ray.data.pipeline import EpochLanes, build_datasets
 
-    data = build_datasets(cfg, splits=("train",))
+    data = build_datasets(cfg, splits=("train",), source=source)
     shards = {name: ds.streaming_split(1, equal=True)[0] for name, ds in data.datasets.items()}
     lanes = EpochLanes(data.epoch_control, shards.__getitem__, cfg.train.batch_size, cfg.data.prefetch_batches)
     runs = (list(range(start, start + epochs)) for start in range(0, 10**9, epochs))
@@ -519,6 +520,82 @@ def predict_suite(p: Params, repeats: int, result: BenchResult) -> None:
                         "the first unit")
 
 
+def pretrain_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """Label efficiency (bench/pretrain.py): a classifier fine-tuned on 5/20/100 % of the labelled training
+    series from random initialisation, ImageNet (where cached) and each pretraining run; test AUROC/AP
+    over seeds. The seeds are the repetitions (`--repeats` is not used)."""
+    from thalia_ray.bench import pretrain as pt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        setup = pt.StudySetup(
+            data_root=root, store=p["store"] or f"{tmp}/store", fractions=_floats(p["fractions"]),
+            seeds=[int(s) for s in _floats(p["seeds"])], cnn=p["cnn"], vit=p["vit"], methods=p["methods"].split(","),
+            crop=p["crop"], batch_size=p["batch_size"], epochs=p["epochs"], max_steps=p["max_steps"],
+            pretrain_epochs=p["pretrain_epochs"], pretrain_batch_size=p["pretrain_batch_size"],
+            pretrain_max_steps=p["pretrain_max_steps"], lr=p["lr"], concurrent=p["concurrent"],
+            workers=p["workers"], cpus_per_worker=p["cpus_per_worker"])
+        pt.label_efficiency(setup, result)
+    result.notes.append(f"{p['frames']} frames of {p['size']}², crop {p['crop']}², phase input; fine-tuning: "
+                        f"{p['epochs']} epochs of ≤ {p['max_steps']} steps, batch {p['batch_size']}, lr {p['lr']} "
+                        f"for every arm; pretraining: {p['pretrain_epochs']} epochs of ≤ {p['pretrain_max_steps']} "
+                        f"steps, batch {p['pretrain_batch_size']}")
+
+
+def pretrain_throughput_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """Pretraining's stream vs supervised training's on the same cubes (samples/s into a consumer), and
+    both end to end (bench/pretrain.py)."""
+    from thalia_ray.bench import pretrain as pt
+    from thalia_ray.pretrain.run import check, pretrain
+    from thalia_ray.store import ExperimentStore
+    from thalia_ray.train.trainer import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = p["data"] or _synthesize(tmp, p)
+        supervised, pretraining = pt.stream_configs(root, p)
+        objective = check(pretraining)
+        data, pre_run, _ = _ray_runs(pretraining, p["epochs"], source=objective.source)
+        labelled, sup_run, _ = _ray_runs(supervised, p["epochs"])
+        reps = interleave({"pretrain": pre_run, "supervised": sup_run}, repeats)
+        store = ExperimentStore(f"{tmp}/store")
+
+        def later_epochs(history: list[dict[str, Any]], started: float) -> Rep:
+            rates = [float(row["time/samples_per_s"]) for row in history[1:]]
+            return Rep(harness.spread(rates).median, time.perf_counter() - started, {"epochs": len(rates)})
+
+        def fit_pretraining() -> Rep:
+            started = time.perf_counter()
+            return later_epochs(pretrain(pretraining, store=store, objective=objective).history, started)
+
+        def fit_supervised() -> Rep:
+            started = time.perf_counter()
+            return later_epochs(fit(supervised, store=store).history, started)
+
+        e2e = interleave({"pretrain": fit_pretraining, "supervised": fit_supervised}, p["e2e_repeats"], warmup=0)
+    pre = result.add("pretraining stream, steady", "samples/s", _extra(reps["pretrain"], "steady"))
+    sup = result.add("supervised stream, steady", "samples/s", _extra(reps["supervised"], "steady"))
+    pre_all = result.add("pretraining stream, incl. start-up", "samples/s", reps["pretrain"])
+    sup_all = result.add("supervised stream, incl. start-up", "samples/s", reps["supervised"])
+    pre_e2e = result.add(f"thalia-ray pretrain ({p['method']}), epochs 2+", "samples/s", e2e["pretrain"])
+    sup_e2e = result.add("thalia-ray train, epochs 2+", "samples/s", e2e["supervised"])
+    result.ratios += [
+        ratio("pretraining vs supervised stream, steady", pre, sup, 1.0,
+              "pretraining's records cost more per sample than the labelled ones"),
+        ratio("pretraining vs supervised stream, incl. start-up", pre_all, sup_all),
+        ratio(f"pretrain ({p['method']}) vs train, end to end", pre_e2e, sup_e2e, None),
+    ]
+    result.notes.append(f"same cubes, crop {p['crop']}², T={p['length']}, batch {p['batch_size']}: pretraining reads "
+                        f"every series of the training period ({data.sizes['train']} per epoch; phase + coherence and "
+                        f"DEM as targets), supervised training the balanced labelled draw ({labelled.sizes['train']} per "
+                        f"epoch; phase, coherence, DEM and the mask); end to end: {p['model']}, 1 worker with "
+                        f"{p['cpus_per_worker']} CPU, median over the epochs after the first; the {p['method']} model "
+                        "runs the backbone on two views of each sample")
+
+
+def _floats(text: Any) -> list[float]:
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
 def _gpu_precheck() -> None:
     from thalia_ray.bench import gpu
 
@@ -588,6 +665,25 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           reference_suite, {s: {"frames": f, "size": 96, "groups": g, "data_seed": 0, "crop": 64, "model": "resnet18",
                                 "epochs": e, "lr": 3e-4} for s, f, g, e in (("small", 4, 16, 3), ("medium", 6, 24, 6),
                                                                          ("large", 8, 48, 10))}, repeats=3),
+    Suite("pretrain", "label efficiency: fine-tuning on 5/20/100 % of labels from random init, ImageNet (cached) "
+          "and each pretraining method; test AUROC/AP over seeds", pretrain_suite,
+          {size: {"frames": frames, "size": side, "groups": groups, "length": 1, "data": "", "store": "",
+                  "fractions": "0.05,0.2,1.0", "seeds": "0,1,2", "cnn": cnn, "vit": vit, "methods": "simclr,byol,mae",
+                  "crop": crop, "batch_size": batch, "epochs": epochs, "max_steps": steps, "lr": lr,
+                  "pretrain_epochs": p_epochs, "pretrain_batch_size": 2 * batch, "pretrain_max_steps": p_steps,
+                  "concurrent": concurrent, "workers": 1, "cpus_per_worker": cpus}
+           for size, frames, side, groups, cnn, vit, crop, batch, epochs, steps, lr, p_epochs, p_steps, concurrent, cpus in (
+               ("small", 4, 96, 40, "resnet18", "vit_tiny", 64, 4, 3, 6, 3e-4, 3, 8, 2, 0.5),
+               ("medium", 8, 256, 80, "resnet18", "vit_tiny", 128, 8, 8, 20, 3e-4, 10, 40, 2, 1.0),
+               ("large", 38, 512, 300, "resnet50", "vit_small", 224, 32, 30, 200, 1e-4, 100, 400, 8, 8.0))},
+          repeats=1),
+    Suite("pretrain_throughput", "pretraining vs supervised training on the same cubes: stream samples/s and end to end",
+          pretrain_throughput_suite,
+          {size: {"frames": frames, "size": side, "groups": groups, "length": 1, "data": "", "crop": crop,
+                  "batch_size": 8, "epochs": 3, "model": "resnet18", "method": "simclr", "cpus_per_worker": 1.0,
+                  "e2e_repeats": 1}
+           for size, frames, side, groups, crop in (("small", 3, 96, 24, 48), ("medium", 4, 256, 60, 96),
+                                                     ("large", 8, 512, 150, 128))}, repeats=3),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,
                           "steps": 25, "warmup": 5} for s, f, b in (("small", 2, 8), ("medium", 4, 16), ("large", 8, 32))},

@@ -497,6 +497,13 @@ def _read_checked(cube: Cube, sample: Sample, variables: Sequence[str], window: 
     return [_checked(cube, sample, v, window, r) for v, r in zip(variables, results)]
 
 
+def read_window(cube: Cube, series: Any, variables: Sequence[str], window: Window) -> list[np.ndarray]:
+    """`window` of `variables` for any series of the cube's pairs (an index Sample, a pretraining
+    PairSeries: anything with `primary_date` and `secondary_dates`), each float32 (T, h, w); a failed
+    read or a NaN value is a DataError naming the cube, variable, dates and window."""
+    return _read_checked(cube, series, variables, window)
+
+
 def read_raw(sample: Sample, cache: CubeCache, window: Window, channels: Sequence[str],
              annotations: Mapping[int, Annotation]) -> RawSample:
     """Read only `window` of the sample's pairs for `channels` and the mask."""

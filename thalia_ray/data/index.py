@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -283,7 +284,7 @@ class SampleIndex:
         negatives, shuffled (deterministic for seed and epoch). Val/test: everything, in index order."""
         seed = self.seed if seed is None else seed
         pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
-        return epoch_draw(pool, split, epoch, seed, self.data_cfg.epoch_plan)
+        return epoch_draw(pool, split, epoch, seed, self.data_cfg.epoch_plan, self.data_cfg.label_fraction)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: count_labels(samples) for split, samples in self._fixed.items()}
@@ -292,21 +293,40 @@ class SampleIndex:
 EPOCH_PLANS = ("all", "equal", "random_mix")
 
 
-def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, plan: str) -> list[Any]:
-    """One epoch of items carrying a `.label`, from a pool in index order. Index samples and shard
-    entries both go through here, so the cube and shard sources draw the same epoch.
+def epoch_draw(pool: Sequence[Any], split: str, epoch: int, seed: int, plan: str,
+               label_fraction: float = 1.0) -> list[Any]:
+    """One epoch of items carrying a `.label` and a `.key`, from a pool in index order. Index samples and
+    shard entries both go through here, so the cube and shard sources draw the same epoch.
 
-    Train: `plan` (`DataConfig.epoch_plan`) all, equal or random_mix, in a seeded random order (fresh
-    each epoch). Val/test: everything, in index order."""
+    Train: `plan` (`DataConfig.epoch_plan`) all, equal or random_mix over the `label_fraction` of its
+    labelled items it keeps (see `labelled_subset`), in a seeded random order (fresh each epoch).
+    Val/test: everything, in index order."""
     if split != "train":
         return list(pool)
     rng = group_rng(seed, "epoch", epoch)
+    kept = labelled_subset(pool, label_fraction, seed)
     if plan == "random_mix":
-        return random_mix(pool, rng)
+        return random_mix(kept, rng)
     if plan not in EPOCH_PLANS:
         raise ValueError(f"unknown epoch plan {plan!r}; expected one of {EPOCH_PLANS}")
-    chosen = balanced(pool, rng) if plan == "equal" else list(pool)
+    chosen = balanced(kept, rng) if plan == "equal" else kept
     return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def labelled_subset(pool: Sequence[Any], fraction: float, seed: int) -> list[Any]:
+    """`fraction` of each class of `pool` (rounded up, so a class keeps at least one item), in pool order.
+
+    Items are ranked by a hash of the seed and their key, independent of the epoch, so every epoch,
+    source and arm of a label-efficiency study sees the same subset, and a smaller fraction keeps the
+    first items of the same ranking: the 5 % subset lies inside the 20 %."""
+    if fraction >= 1:
+        return list(pool)
+    kept: set[int] = set()
+    for positive in (True, False):
+        members = [i for i, item in enumerate(pool) if (item.label == 1) == positive]
+        ranked = sorted(members, key=lambda i: zlib.crc32(f"{seed}:{pool[i].key}".encode()))
+        kept.update(ranked[:math.ceil(fraction * len(members))])
+    return [item for i, item in enumerate(pool) if i in kept]
 
 
 def balanced(samples: Sequence[Any], rng: np.random.Generator) -> list[Any]:

@@ -55,7 +55,7 @@ from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import BadSample
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
 from thalia_ray.data.sources import Row, Source, open_source
-from thalia_ray.data.transforms import finalize, statistics_for
+from thalia_ray.data.transforms import statistics_for
 from thalia_ray.storage import Location
 from thalia_ray.traffic import TRAFFIC, Traffic
 
@@ -279,10 +279,10 @@ def sample_loads(spec: Spec, epoch: int, items: Sequence[Any]) -> Loads:
 
 
 def model_record(spec: Spec, epoch: int, row: Row) -> dict[str, Any]:
-    """One sample's decode, normalisation and augmentation (may raise for bad data)."""
-    raw = spec.source.decode(row, spec.split)
+    """One sample's record from its row: the source's decode, normalisation and augmentation (may raise
+    for bad data)."""
     stats = statistics_for(spec.statistics) if spec.data.normalize else None
-    return finalize(raw, spec.data, stats, spec.rng(epoch, raw.key), spec.training)
+    return spec.source.record(row, spec.split, stats, spec.rng(epoch, str(row["key"])), spec.training)
 
 
 def records_blocks(spec: Spec, epoch: int, loads: Loads) -> Iterator[Any]:
@@ -448,12 +448,12 @@ def record_bytes(data: DataConfig) -> int:
     return (4 * data.length * len(data.channels) + 8 * masks) * data.crop * data.crop + 256
 
 
-def block_size_limit(data: DataConfig) -> int:
+def block_size_limit(data: DataConfig, sample_bytes: int | None = None) -> int:
     """The read operator's `target_max_block_size`: a little under one block of `samples_per_block`
-    records, so Ray Data passes each block on as it comes (its output buffer holds blocks until they
-    exceed the limit, and slices only those above 1.5 × the limit); the default 128 MiB would hold a
-    whole task's samples back until the task ends."""
-    return int(BLOCK_LIMIT_FRACTION * data.samples_per_block * record_bytes(data))
+    records (of `sample_bytes`, default `record_bytes(data)`), so Ray Data passes each block on as it
+    comes (its output buffer holds blocks until they exceed the limit, and slices only those above
+    1.5 × the limit); the default 128 MiB would hold a whole task's samples back until the task ends."""
+    return int(BLOCK_LIMIT_FRACTION * data.samples_per_block * (sample_bytes or record_bytes(data)))
 
 
 def _start_control(cfg: ThaliaConfig, run_id: str | None) -> EpochHandle:
@@ -490,14 +490,15 @@ def data_budget(cfg: ThaliaConfig, total_cpus: float, trainer_cpus: float = 0.0)
 
 
 def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "test"),
-                   run_id: str | None = None, trainer_cpus: float = 0.0) -> Datasets:
-    """One Ray dataset per split from `cfg.data.source`; see the module docstring.
+                   run_id: str | None = None, trainer_cpus: float = 0.0, source: Source | None = None) -> Datasets:
+    """One Ray dataset per split from `source` (default: the one `cfg.data.source` names); see the
+    module docstring.
 
     `trainer_cpus`: the CPUs the Ray Train workers will hold, left out of Ray Data's budget, as are the
     CPUs others hold right now (other sweep trials, an evaluation task that builds these datasets):
     read tasks asking for more than is left would never be scheduled."""
     locations = DataLocations.of(cfg.data, cfg.storage)
-    source = open_source(cfg, locations, splits)
+    source = source if source is not None else open_source(cfg, locations, splits)
     handle = _start_control(cfg, run_id)
     total = ray.cluster_resources().get("CPU", 1.0)
     held = max(0.0, total - ray.available_resources().get("CPU", 0.0))
@@ -506,7 +507,8 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     for split in splits:
         spec = Spec(source.for_items([]), split, cfg.data, locations.statistics, cfg.seed, handle)
         for lane in range(LANES if spec.training else 1):
-            datasource = EpochDatasource(spec, source, record_bytes(cfg.data), budget.processes, lane)
+            datasource = EpochDatasource(spec, source, record_bytes(cfg.data) + source.extra_bytes(),
+                                         budget.processes, lane)
             datasets[lane_name(split, lane)] = _dataset(datasource, budget, cfg)
         sizes[split], sources[split] = datasource.largest_epoch(cfg.train.epochs), datasource
     return Datasets(datasets, sizes, handle, sources)
@@ -517,7 +519,7 @@ def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig)
     # into one-row blocks to reach its default parallelism (SplitBlocks in the plan).
     # No runtime_env: Ray logs it, and credentials reach workers through their environment.
     ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus, override_num_blocks=datasource.num_tasks())
-    ds.context.target_max_block_size = block_size_limit(cfg.data)
+    ds.context.target_max_block_size = block_size_limit(cfg.data, datasource.sample_bytes)
     ds.context.override_object_store_memory_limit_fraction = OBJECT_STORE_FRACTION
     ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff,
                                                     ClusterLimits]

@@ -7,7 +7,10 @@ formats:
   source: every positive plus fresh negatives for train, everything in index order otherwise);
 - `read(items, rng)`: fetch the raw data of those items, one row (a dict of columns) per item, or a
   `BadSample` naming what could not be read; runs in Ray read tasks;
-- `decode(row, split)`: a row of `split` → RawSample; runs in the same read task, right after `read`.
+- `record(row, split, ...)`: a row of `split` → the model-ready record; runs in the same read task, right
+  after `read`. The benchmark's labelled sources (`LabelledSource`: cubes, own and published shards) decode
+  a row to a RawSample and finalize it with its targets and labels; pretraining's source
+  (`thalia_ray.pretrain.source`) makes records of its own, without labels.
 
 A source is shipped to every read and map task, so `for_items(items)` returns the slim copy that
 reading `items` needs (a cube source drops its index and keeps only the items' annotations).
@@ -33,6 +36,7 @@ from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, sha
 from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_ranges, parse_members
+from thalia_ray.data.transforms import Statistics, finalize
 from thalia_ray.errors import StorageProblem
 from thalia_ray.storage import Location
 
@@ -63,13 +67,34 @@ class Source(ABC):
         """Raw rows of `items` (each with `key` and `origin`), or a BadSample per unreadable item."""
 
     @abstractmethod
+    def record(self, row: Row, split: str, stats: Statistics | None, rng: np.random.Generator | None,
+               training: bool) -> dict[str, Any]:
+        """A row of `split` from `read` → the model-ready record (normalised with `stats` when given; `rng`
+        draws a training sample's augmentations); raises DataError/ShardError/ValueError for bad data."""
+
+    def extra_bytes(self) -> int:
+        """Bytes a record holds beyond the configured image and mask (the pipeline sizes blocks by them)."""
+        return 0
+
+
+class LabelledSource(Source):
+    """A source of the benchmark's labelled samples: a row decodes to a RawSample, which `finalize` turns
+    into a record with its targets, label and auxiliary targets."""
+
+    data: DataConfig
+
+    @abstractmethod
     def decode(self, row: Row, split: str) -> RawSample:
         """A row of `split` from `read` → RawSample; raises DataError/ShardError/ValueError for bad data."""
+
+    def record(self, row: Row, split: str, stats: Statistics | None, rng: np.random.Generator | None,
+               training: bool) -> dict[str, Any]:
+        return finalize(self.decode(row, split), self.data, stats, rng, training)
 
 
 # ------------------------------------------------------------------------------------ cubes
 @dataclass(frozen=True)
-class CubeSource(Source):
+class CubeSource(LabelledSource):
     """Windowed reads from `{root}/{frame}.zarr`: random crops for train (`rng`), evaluation crops otherwise."""
 
     name: ClassVar[str] = "cube"
@@ -114,7 +139,7 @@ class CubeSource(Source):
 
 # ----------------------------------------------------------------------------------- shards
 @dataclass(frozen=True)
-class ShardSource(Source):
+class ShardSource(LabelledSource):
     """Ranged reads of shard members; balanced epochs drawn from the entries' labels."""
 
     data: DataConfig
@@ -127,7 +152,7 @@ class ShardSource(Source):
         return self.root
 
     def epoch_items(self, split: str, epoch: int) -> list[ShardEntry]:
-        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.epoch_plan)
+        return epoch_draw(self.entries[split], split, epoch, self.seed, self.data.epoch_plan, self.data.label_fraction)
 
     def for_items(self, items: Sequence[ShardEntry]) -> "ShardSource":
         return dataclasses.replace(self, entries={})

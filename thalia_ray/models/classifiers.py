@@ -31,6 +31,9 @@ class TimmClassifier(MultiHeadModel):
         classifier = self.backbone.get_classifier()
         return [m for m in self.backbone.children() if not any(c is classifier for c in m.modules())]
 
+    def encoder_own_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters(recurse=False))
+
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.backbone.forward_features(x)
         pooled = self.backbone.forward_head(features, pre_logits=True)
@@ -46,7 +49,6 @@ def build_timm_classifier(
     channels_per_step: int,
 ) -> TimmClassifier:
     """A timm model, with timm's ImageNet weights (stem adapted to `in_channels`) when model.pretrained is imagenet."""
-    extra = _VIT_KWARGS if spec.family == "vit" else {}
     imagenet = cfg.pretrained == IMAGENET
     with imagenet_weights(spec, cfg.encoder, enabled=imagenet):
         backbone = timm.create_model(
@@ -55,6 +57,12 @@ def build_timm_classifier(
             in_chans=in_channels,
             num_classes=num_classes,
             drop_rate=cfg.dropout,
-            **extra,
+            **backbone_kwargs(spec),
         )
     return TimmClassifier(spec.name, backbone, in_channels, cfg.aux_heads, cfg.dropout)
+
+
+def backbone_kwargs(spec: ModelSpec) -> dict[str, bool]:
+    """What `timm.create_model` needs beyond the name so the backbone takes our crops; pretraining builds
+    its encoders with the same, so their weights load into these classifiers key for key."""
+    return _VIT_KWARGS if spec.family == "vit" else {}

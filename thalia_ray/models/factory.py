@@ -46,7 +46,10 @@ def build_model(cfg: ModelConfig, in_channels: int, time_steps: int, num_classes
     if cfg.pretrained not in (None, IMAGENET):
         report = load_pretrained(model, cfg.pretrained)
         log.info("model.pretrained %s: %s", cfg.pretrained, report.summary())
-    if cfg.freeze_encoder:
+    if cfg.linear_probe:
+        frozen = model.freeze_encoder(1.0, statistics=True)
+        log.info("model.linear_probe: all %d encoder layers frozen, normalisation statistics too", frozen)
+    elif cfg.freeze_encoder:
         frozen = model.freeze_encoder(cfg.freeze_encoder)
         log.info("model.freeze_encoder %s: %d of %d encoder layers frozen",
                  cfg.freeze_encoder, frozen, len(model.encoder_layers()))
@@ -103,10 +106,11 @@ def load_weights(model: nn.Module, state: object, source: str) -> LoadReport:
 
 
 def _best_target(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """The model itself or the wrapped network (`backbone`/`net`), whichever shares more keys."""
-    wrapped = (getattr(model, "backbone", None), getattr(model, "net", None))
-    candidates = [model, *(m for m in wrapped if m is not None)]
-    return max(candidates, key=lambda m: len(state.keys() & m.state_dict().keys()))
+    """The model itself or the part of it whose keys `state` shares most: the wrapped network
+    (`backbone`, `net`) for a timm or smp state dict, a segmenter's encoder (`net.encoder`) for a
+    pretrained backbone's. The model wins ties."""
+    return max((m for _, m in model.named_modules()),
+               key=lambda m: len(state.keys() & m.state_dict(keep_vars=True).keys()))
 
 
 def _match(own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> LoadReport:

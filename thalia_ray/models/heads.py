@@ -76,6 +76,7 @@ class MultiHeadModel(nn.Module):
         self.in_channels = in_channels
         self.input_divisor = input_divisor
         self.aux = AuxHeads(feature_dim, aux_heads, dropout)
+        self.fixed_statistics: list[nn.Module] = []  # frozen layers kept in eval mode (see freeze_encoder)
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -84,16 +85,34 @@ class MultiHeadModel(nn.Module):
         """The encoder's top-level layers, input side first (what `model.freeze_encoder` freezes)."""
         raise NotImplementedError
 
-    def freeze_encoder(self, fraction: float) -> int:
+    def encoder_own_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoder outside its layers (a ViT's class token and position embedding),
+        frozen with the whole encoder."""
+        return []
+
+    def freeze_encoder(self, fraction: float, statistics: bool = False) -> int:
         """Freeze the first `fraction` of the encoder's layers, as the reference does; returns how many.
 
-        Frozen layers keep their weights (no gradient); batch-norm statistics still follow the data.
+        Frozen layers keep their weights (no gradient); batch-norm statistics still follow the data,
+        unless `statistics` (linear probing): then the frozen layers stay in eval mode when training.
         """
         layers = self.encoder_layers()
         count = int(len(layers) * fraction)
         for layer in layers[:count]:
             layer.requires_grad_(False)
+        if count == len(layers):
+            for parameter in self.encoder_own_parameters():
+                parameter.requires_grad_(False)
+        if statistics:
+            self.fixed_statistics = layers[:count]
+            self.train(self.training)
         return count
+
+    def train(self, mode: bool = True) -> "MultiHeadModel":
+        super().train(mode)
+        for layer in self.fixed_statistics:
+            layer.eval()
+        return self
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raise a ValueError naming the crop when this model cannot take it."""

@@ -13,11 +13,12 @@ import numpy as np
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError, find_metadata, load_annotations, load_timeseries
-from thalia_ray.data.cube import Cube, DataError, MissingChunkError, Window, get_cache
+from thalia_ray.data.cube import Cube, DataError, Window, get_cache
 from thalia_ray.data.index import Group, build_groups, enumerated_positions, series_label
 from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.pairs import existing_pairs, frame_ids, series_key
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError
 from thalia_ray.train.evaluate import autocast, gpu_wanted, load_model, model_from_config
@@ -25,7 +26,7 @@ from thalia_ray.train.evaluate import autocast, gpu_wanted, load_model, model_fr
 __all__ = [
     "AnnotationError", "Cube", "autocast", "gpu_wanted", "DataError", "Group", "Statistics", "Window", "annotated_groups",
     "enumerated_positions", "existing_pairs", "frame_ids", "load_model", "model_from_config", "normalize",
-    "open_cube", "read_stack", "run_checkpoint", "run_statistics", "schema", "series_label",
+    "open_cube", "read_stack", "run_checkpoint", "run_statistics", "schema", "series_key", "series_label",
 ]
 
 ALL_DATES = {"all": (date(1900, 1, 1), date(2200, 12, 31))}  # every primary date, one "split"
@@ -34,11 +35,6 @@ ALL_DATES = {"all": (date(1900, 1, 1), date(2200, 12, 31))}  # every primary dat
 def open_cube(root: str | Location, frame_id: str) -> Cube:
     """The process-wide opened cube `{root}/{frame_id}.zarr` (a DataError names a missing one)."""
     return get_cache(root).get(frame_id)
-
-
-def frame_ids(root: str | Location) -> list[str]:
-    """Frame ids of the cubes under a dataset root."""
-    return sorted(n.removesuffix(schema.CUBE_SUFFIX) for n in resolve(root).list() if n.endswith(schema.CUBE_SUFFIX))
 
 
 def read_stack(cube: Cube, primary: str, secondaries: Sequence[str], channels: Sequence[str]) -> np.ndarray:
@@ -55,27 +51,6 @@ def read_stack(cube: Cube, primary: str, secondaries: Sequence[str], channels: S
             raise DataError(f"{where}: {int(np.isnan(value).sum())} NaN values (missing pair or no data)")
         arrays.append(value)
     return np.stack(arrays, axis=1).astype(np.float32, copy=False)
-
-
-def existing_pairs(cube: Cube) -> dict[str, list[str]]:
-    """{primary: [secondary, ...]} of the interferograms the cube holds: those with a phase value at
-    the frame centre (the grid is sparse: an absent pair's chunk was never written, or reads NaN)."""
-    height, width = cube.shape
-    centre = Window(height // 2, width // 2, 1, 1)
-    secondaries = sorted(cube.secondary_index, key=cube.secondary_index.__getitem__)
-    pairs = {}
-    for primary, p in sorted(cube.primary_index.items()):
-        present = [s for s in secondaries if _has_phase(cube, p, cube.secondary_index[s], centre)]
-        if present:
-            pairs[primary] = present
-    return pairs
-
-
-def _has_phase(cube: Cube, primary: int, secondary: int, centre: Window) -> bool:
-    try:
-        return bool(np.isfinite(cube.read("insar_difference", primary, [secondary], centre)[0, 0, 0]))
-    except MissingChunkError:
-        return False
 
 
 def annotated_groups(root: str | Location, frames: Sequence[str] | None) -> list[Group]:

@@ -37,7 +37,7 @@ class Unit:
 
 
 def make_unit(frame_id: str, primary: str, secondaries: Sequence[str], label: int | None) -> Unit:
-    return Unit(f"{frame_id}-{primary}-{'_'.join(secondaries)}", frame_id, primary, tuple(secondaries), label)
+    return Unit(inputs.series_key(frame_id, primary, secondaries), frame_id, primary, tuple(secondaries), label)
 
 
 def parse_pairs(value: str) -> tuple[str, str | None, str | None]:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from thalia_ray.errors import ThaliaError
 from thalia_ray.report.html import image, note, section, table
+from thalia_ray.report.pretrain import PretrainReport
 from thalia_ray.storage import StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, HEADLINE, Selection, breakdown, sweep_selection
@@ -74,8 +75,9 @@ class TrainedModelReport:
         return sections + ([maps] if maps else [])
 
 
-# Every kind a run record can have (store.records.Kind) is a trained classifier or segmenter.
-RUN_REPORTS: dict[str, RunReport] = {kind: TrainedModelReport() for kind in ("train", "sweep-trial", "evaluate", "bench")}
+# Every kind a run record can have (store.records.Kind): a trained classifier or segmenter, or a pretrained encoder.
+RUN_REPORTS: dict[str, RunReport] = {**{kind: TrainedModelReport() for kind in ("train", "sweep-trial", "evaluate", "bench")},
+                                     "pretrain": PretrainReport()}
 
 
 def run_sections(store: ExperimentStore, run_id: str) -> list[str]:

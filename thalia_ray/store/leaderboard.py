@@ -123,9 +123,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def collect(store: ExperimentStore, sweep: str | None = None) -> list[Row]:
-    """Runs with metrics: finished ones (results), and trials stopped by the scheduler (their epochs)."""
+    """Runs with metrics: finished ones (results), and trials stopped by the scheduler (their epochs);
+    pretraining runs, which have no task metric to rank by, are left out."""
     rows = []
     for summary in store.list_runs(sweep=sweep):
+        if summary.kind == "pretrain":
+            continue
         record = store.run(summary.run_id)
         try:
             results = record.read_results()

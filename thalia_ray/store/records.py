@@ -33,7 +33,7 @@ from thalia_ray.tables import Table, render
 from thalia_ray.traffic import DEFAULT_REQUEST_PRICE, Traffic, history_lines
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
-Kind = Literal["train", "sweep-trial", "evaluate", "bench"]
+Kind = Literal["train", "sweep-trial", "pretrain", "evaluate", "bench"]
 STATUSES: tuple[str, ...] = get_args(Status)
 KINDS: tuple[str, ...] = get_args(Kind)
 SPLITS = tuple(schema.SPLITS)
@@ -49,6 +49,7 @@ HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_defor
 CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
+RECONSTRUCTIONS = "reconstructions.npz"  # a pretraining MAE's held-out reconstructions (arrays, no pickles)
 SKIPPED = "skipped.json"
 # A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
 HEARTBEAT_S = 10.0

@@ -61,8 +61,8 @@ def model_from_config(cfg: ThaliaConfig, initial_weights: bool = True) -> nn.Mod
     """The configured model for inputs of T·C stacked channels, with `model.pretrained`'s weights.
 
     `initial_weights=False` skips them (a checkpoint is loaded next). `run:<RUN_ID>` starts from that
-    run's best checkpoint in the configured store; tensors that do not fit (another head, other
-    channels) are adapted or skipped as for a weights file.
+    run's best checkpoint in the configured store (a pretraining run's: its encoder); tensors that do
+    not fit (another head, other channels) are adapted or skipped as for a weights file.
     """
     time_steps = cfg.data.length
     run_id = run_reference(cfg.model.pretrained)
@@ -72,7 +72,8 @@ def model_from_config(cfg: ThaliaConfig, initial_weights: bool = True) -> nn.Mod
     if initial_weights and run_id is not None:
         store = ExperimentStore(cfg.storage.store, cfg.storage)
         try:
-            state = load_state(best_checkpoint(store, run_id))["model"]
+            saved = load_state(best_checkpoint(store, run_id))
+            state = saved.get("encoder", saved["model"])  # a pretraining run's encoder, keyed as a backbone
         except StoreError as err:
             raise PretrainedWeightsError(f"model.pretrained {cfg.model.pretrained!r}: {err}") from None
         report = load_weights(model, state, f"model.pretrained {cfg.model.pretrained!r}")
@@ -168,9 +169,14 @@ def evaluate_batches(
 
 
 def load_model(cfg: ThaliaConfig, checkpoint: Checkpoint) -> nn.Module:
-    """The configured model with the checkpoint's weights."""
+    """The configured model with the checkpoint's weights (a task model's: a pretraining run's checkpoint
+    holds an encoder without a task head, and is refused with the way to use it)."""
+    state = load_state(checkpoint)
+    if "encoder" in state:
+        raise PretrainedWeightsError(f"{checkpoint.path} is a pretraining run's checkpoint: an encoder without a "
+                                     "task head. Fine-tune from it (model.pretrained: run:<RUN_ID>) and use that run")
     model = model_from_config(cfg, initial_weights=False)
-    model.load_state_dict(load_state(checkpoint)["model"])
+    model.load_state_dict(state["model"])
     return model
 
 

@@ -27,15 +27,14 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate, epoch_traffic, set_eval_epoch
-from thalia_ray.losses import build_loss
-from thalia_ray.metrics import MetricSuite
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
-from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
+from thalia_ray.train.collectives import all_mean, rank_zero_decides
+from thalia_ray.train.evaluate import to_device
+from thalia_ray.train.objective import Objective, Supervised
 from thalia_ray.train.schedule import anchor, epoch_steps, run_scheduler
 from thalia_ray.train.step import build_optimizer, clear_gradients, optimizer_step
 
@@ -57,6 +56,7 @@ class LoopSettings:
     record: Any = None  # the store's RunRecord (rank 0 writes history); None to skip
     fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
     val_samples: int | None = None  # the validation split's samples, all ranks together (val/n_expected)
+    objective: Objective = field(default_factory=Supervised)  # what the run learns (train/objective.py)
 
 
 @dataclass
@@ -124,35 +124,10 @@ def maybe_inject_fault(spec: str | None, rank: int, epoch: int) -> None:
     os._exit(1)
 
 
-def all_mean(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """The mean over ranks of each value (identity without a process group)."""
-    if not dist.is_initialized():
-        return dict(values)
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / dist.get_world_size()).tolist()))
-
-
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    if not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def rank_zero_decides(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision, on every rank, so that all ranks leave the loop together."""
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 class WorkerLoop:
     def __init__(self, settings: LoopSettings) -> None:
         self.settings = settings
+        self.objective = settings.objective
         self.cfg = ThaliaConfig.model_validate(settings.cfg)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
@@ -167,8 +142,9 @@ class WorkerLoop:
             use_deterministic_kernels()
         seed_everything(self.cfg.seed)  # identical initial weights on every rank
         restored = self._latest_state()
-        model = model_from_config(self.cfg, initial_weights=restored is None)
+        model = self.objective.build_model(self.cfg, initial_weights=restored is None)
         self.epoch_steps = epoch_steps(train, settings.steps_per_epoch)  # schedule positions per epoch
+        self.optimizer_steps = train.epochs * settings.steps_per_epoch
         self.progress = Progress()
         self.stopper = EarlyStopping(train.early_stopping.mode, train.early_stopping.patience)
         if restored is not None:
@@ -177,8 +153,7 @@ class WorkerLoop:
         self.optimizer = build_optimizer(self.model, train)
         self.scheduler = run_scheduler(self.optimizer, train, settings.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.loss_fn = build_loss(train.loss, self.cfg.model.task, self.cfg.model.aux_heads)
-        self.suite = MetricSuite(self.cfg.model.task).to(self.device)
+        self.objective.setup(self.cfg, self.device)
         if restored is not None:
             self._restore(restored)
         # From here on each rank (and each resumption) draws its own random stream, e.g. for dropout.
@@ -278,11 +253,10 @@ class WorkerLoop:
                 "lr": self.scheduler.get_last_lr()[0]}
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        with autocast(self.device, self.precision):
-            outputs = self.model(batch["image"])
-        loss, components = self.loss_fn(outputs, batch)
+        loss, components = self.objective.loss(self.model, batch, self.device, self.precision)
         optimizer_step(loss, self.model, self.optimizer, self.scaler, self.cfg.train)
         self.scheduler.step()
+        self.objective.after_step(unwrap(self.model), self.scheduler.last_epoch / self.optimizer_steps)
         return components
 
     def val_batches(self, epoch: int) -> Any:
@@ -296,20 +270,15 @@ class WorkerLoop:
         )
 
     def validate(self) -> dict[str, float]:
-        """Validation metrics over all ranks' shards (Ray's equal split: same batch count per rank), with
-        how many of the split's samples they cover (the equal split, a step cap or skipped samples may
-        leave some out)."""
+        """Validation metrics over all ranks' shards, by the objective, on the bare model (see the module
+        docstring), with how many of the split's samples they cover (the equal split, a step cap or skipped
+        samples may leave some out)."""
         batches, self.upcoming_val = self.upcoming_val or self.val_batches(self.progress.epoch + 1), None
-        self.suite.reset()
-        result = evaluate_batches(
-            unwrap(self.model), batches, self.loss_fn, self.suite, self.device, self.precision,
-            max_steps=self.cfg.train.max_steps_per_epoch,
-        )
-        result.loss_sum, count = all_sum([result.loss_sum, float(result.count)], self.device)
-        result.count, result.expected = int(count), self.settings.val_samples
-        self.samples += result.count
-        result.metrics = self.suite.compute()
-        return result.flat("val")
+        metrics, count = self.objective.validate(unwrap(self.model), batches, self.device, self.precision,
+                                                 self.cfg.train.max_steps_per_epoch)
+        self.samples += count
+        expected = {} if self.settings.val_samples is None else {"val/n_expected": self.settings.val_samples}
+        return {**metrics, "val/n_evaluated": count, **expected}
 
     def _monitored(self, metrics: Mapping[str, float]) -> float:
         name = self.cfg.train.early_stopping.metric
@@ -328,6 +297,7 @@ class WorkerLoop:
             "scaler": self.scaler.state_dict(),
             "early_stopping": asdict(self.stopper),
             "progress": asdict(self.progress),
+            **self.objective.checkpoint_extras(unwrap(self.model)),
         }
 
     def report(self, metrics: dict[str, float], improved: bool) -> None:
@@ -351,9 +321,10 @@ class WorkerLoop:
 
 
 def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
+    f1 = metrics.get("val/f1_deformation")
     return (
         f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
-        f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
+        f"val loss {metrics['val/loss']:.4f}  {'' if f1 is None else f'val F1(def) {f1:.3f}  '}"
         f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
     )
 

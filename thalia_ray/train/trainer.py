@@ -5,7 +5,9 @@ sizes, places the workers (fractional CPUs; GPUs when the cluster has them), let
 worker group from the latest checkpoint after a failure, and keeps the best checkpoints by the
 early-stopping metric. After training it tests the best checkpoint on the whole test split and
 stores results, per-sample predictions and every sample skipped as unreadable (also when the run
-fails). A Tune trial calls `fit` with Tune's report callback.
+fails). A Tune trial calls `fit` with Tune's report callback. What the run learns, and what it keeps
+at the end, is its `Objective` (train/objective.py): the benchmark's task by default, pretraining
+for `thalia-ray pretrain`.
 """
 from __future__ import annotations
 
@@ -24,15 +26,15 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
-from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
+from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, skipped_samples
 from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
 from thalia_ray.store.records import Lease, RunRecord, Status, shortfalls
 from thalia_ray.traffic import Traffic, describe
-from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
+from thalia_ray.train.evaluate import gpu_wanted
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
+from thalia_ray.train.objective import Objective, Supervised
 
 log = logging.getLogger(__name__)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
@@ -40,7 +42,6 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's
 # "rank:epoch:marker-file": kill that worker once at the start of that epoch (a fault-tolerance
 # drill; read on the driver and forwarded, since workers do not see the driver's environment).
 FAULT_ENV = "THALIA_INJECT_FAULT"
-SPLIT_DATASETS = ("train", "val")  # test runs after training, unsplit (see train.evaluate)
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,13 @@ class TrainResult:
     skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
 
     def __str__(self) -> str:
-        """One readable line: the headline Deformation metrics, skipped samples, the splits whose metrics
-        miss samples (N of M), where the run is, and the run's object-storage traffic (requests, retries,
-        throttles) when it read any."""
+        """One readable line: the headline Deformation metrics (a pretraining run: its validation loss),
+        skipped samples, the splits whose metrics miss samples (N of M), where the run is, and the run's
+        object-storage traffic (requests, retries, throttles) when it read any."""
         metrics = {**self.val_metrics, **self.test_metrics}
         shown = [f"{k} {v:.3f}" for k, v in metrics.items()
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
+        shown = shown or [f"{k} {v:.4f}" for k, v in self.val_metrics.items() if k == "val/loss"]
         short = "".join(f", {s}" for s in shortfalls(metrics))
         traffic = Traffic.total(self.history)
         storage = f"; storage: {describe(traffic)}" if traffic else ""
@@ -170,13 +172,16 @@ def fit(
     sweep_id: str | None = None,
     sweep_config: dict[str, Any] | None = None,
     lease: Lease | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
 
     A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
     `lease`: a lease the caller took already (the CLI does, before it starts Ray); the run is then the
-    lease's, and releasing it is the caller's.
+    lease's, and releasing it is the caller's. `objective`: what the run learns (default: `Supervised`,
+    the benchmark's task; `thalia_ray.pretrain` passes pretraining's).
     """
+    objective = objective or Supervised()
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     own_lease = lease is None
     if lease is None:  # one writer per run id: a live one refuses, a stale one is taken over
@@ -184,10 +189,11 @@ def fit(
     record = lease.record
     try:
         record.write_config(cfg)
-        trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
-        record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
+        trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id \
+            else {"kind": objective.kind}
+        record.set_status("running", name=cfg.name, **objective.describe(cfg), **trial)
         try:
-            outcome = _fit(cfg, store, record, callbacks, lease)
+            outcome = _fit(cfg, store, record, callbacks, lease, objective)
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
             raise
@@ -275,13 +281,11 @@ def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
-         lease: Lease) -> TrainResult:
+         lease: Lease, objective: Objective) -> TrainResult:
     run_id = record.run_id
     check_ray_snapshot(store, run_id)
-    if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
-        model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
-    data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id,
-                          trainer_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
+    objective = objective.prepare(cfg)
+    data = objective.datasets(cfg, run_id, trainer_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     use_gpu = gpu_wanted(cfg)
     settings = LoopSettings(
         cfg=cfg.model_dump(mode="json"),
@@ -291,6 +295,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         record=record,
         fault=os.environ.get(FAULT_ENV),
         val_samples=data.sizes["val"],
+        objective=objective,
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, up to %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
@@ -310,18 +315,19 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
             result = trainer.fit()
         stopping = cfg.train.early_stopping
         checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
-        test = evaluate_checkpoint(cfg, checkpoint, "test", use_gpu) if cfg.train.test_best else None
+        conclusion = objective.conclude(cfg, checkpoint, use_gpu)
     except Exception:
         _keep_skipped(record, data.epoch_control)
         raise
     val_metrics = {k: v for k, v in best.items() if k.startswith("val/")}
-    test_metrics = test.flat("test") if test is not None else {}
+    test_metrics = conclusion.metrics
     best_epoch = int(best["epoch"]) if "epoch" in best else None
     lease.check()
-    if test is not None:
-        record.write_predictions("test", test.predictions)
-    skipped = record.write_skipped([*skipped_samples(bad_sample_report(data.epoch_control)),
-                                    *(test.skipped if test is not None else [])])
+    for split, rows in conclusion.predictions.items():
+        record.write_predictions(split, rows)
+    for name, content in conclusion.files.items():
+        record.loc.join(name).write_bytes(content)
+    skipped = record.write_skipped([*skipped_samples(bad_sample_report(data.epoch_control)), *conclusion.skipped])
     history = record.read_history()
     record.write_results({**val_metrics, **test_metrics}, best_epoch=best_epoch, best_checkpoint=checkpoint.path,
                          epochs=int(result.metrics["epoch"]), restarts=int(result.metrics.get("restarts", 0)),
