@@ -4,8 +4,8 @@ One `WorkerLoop` per worker: build (seeded model, DDP, AdamW, per-step schedule,
 from the latest checkpoint when Ray restarts the worker group, then per epoch: train on this
 worker's shard of the balanced draw, validate on its shard of the validation split, decide early
 stopping the same way on every rank, and report flat metrics with a checkpoint to Ray. Rank 0
-alone writes the checkpoint, the store's history, the progress line and the trackers (W&B, TensorBoard,
-MLflow: see `tracking`).
+alone writes the checkpoint, the store's history, the progress line and the live TensorBoard (see
+`tracking`).
 
 Every collective (DDP gradients, metric and loss reductions, the stop decision) is entered by all
 ranks the same number of times: Ray's equal split gives every rank as many rows (so batches),
@@ -211,13 +211,17 @@ class WorkerLoop:
             log.info("run %s resumes after epoch %d", self.settings.run_id, self.progress.epoch)
 
     def _start_tracking(self) -> Any:
-        """Rank 0's trackers (W&B, TensorBoard, MLflow), uploading into the run's folder in the store."""
+        """Rank 0's live TensorBoard, uploading into the run's folder in the store (the other trackers
+        are written from the store's records when the run ends: see `tracking`)."""
         if self.rank != 0:
             return None
         from thalia_ray.train.tracking import TRACKING, RunTracker
 
         record = self.settings.record
-        return RunTracker(self.cfg, self.settings.run_id, record.loc.join(TRACKING) if record is not None else None)
+        if record is None:
+            return RunTracker(self.cfg, self.settings.run_id, None)
+        varied = record.read_status().get("sweep_config", {})  # a sweep trial's sampled values
+        return RunTracker(self.cfg, self.settings.run_id, record.loc.join(TRACKING), varied)
 
     # ------------------------------------------------------------------------------ epochs
     def run(self) -> None:

@@ -32,6 +32,7 @@ from thalia_ray.storage import StorageError
 from thalia_ray.store.records import Lease, RunRecord, Status
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
+from thalia_ray.train.trackers import track_outcome
 
 log = logging.getLogger(__name__)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
@@ -183,14 +184,17 @@ def fit(
             outcome = _fit(cfg, store, record, callbacks, lease)
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
+            track_outcome(store, record.run_id)
             raise
         except Exception as err:
             _record_end(record, "failed", f"{type(err).__name__}: {err}")
+            track_outcome(store, record.run_id)
             problem = user_problem(err, record)
             if problem is None:
                 raise
             raise problem from err
         record.set_status("finished")
+        track_outcome(store, record.run_id)
     finally:
         if own_lease:
             lease.release()

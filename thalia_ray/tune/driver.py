@@ -15,6 +15,7 @@ from typing import Any, Callable
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.store import ExperimentStore
 from thalia_ray.store.records import STATUS
+from thalia_ray.train.trackers import track_outcome
 from thalia_ray.tune import space
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: An
         if status.get("status") == "running":
             record.set_status("stopped", reason="stopped early by the sweep scheduler")
             status = record.read_status()
+            track_outcome(store, run_id)  # Ray killed the trial's own driver before it could
         history = record.read_history()
         values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
         best = (max(values) if sweep.mode == "max" else min(values)) if values else None
@@ -164,3 +166,4 @@ def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: An
         if best is not None and (summary.best_value is None or sign * best > sign * summary.best_value):
             summary.best_value, summary.best_run = best, run_id
     return summary
+
