@@ -56,6 +56,7 @@ class LoopSettings:
     epoch_control: Any  # the pipeline's picklable epoch handle
     record: Any = None  # the store's RunRecord (rank 0 writes history); None to skip
     fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
+    epoch_lines: bool = True  # rank 0 logs each epoch's line (a sweep's driver prints its trials' own)
 
 
 @dataclass
@@ -343,7 +344,8 @@ class WorkerLoop:
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)
-        log.info(progress_line(metrics, self.cfg.train.epochs, improved))
+        if self.settings.epoch_lines:
+            log.info(progress_line(metrics, self.cfg.train.epochs, improved))
 
 
 def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:

@@ -181,7 +181,7 @@ def fit(
         trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
         record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
         try:
-            outcome = _fit(cfg, store, record, callbacks, lease)
+            outcome = _fit(cfg, store, record, callbacks, lease, epoch_lines=sweep_id is None)
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
             track_outcome(store, record.run_id)
@@ -272,7 +272,7 @@ def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
-         lease: Lease) -> TrainResult:
+         lease: Lease, epoch_lines: bool = True) -> TrainResult:
     run_id = record.run_id
     check_ray_snapshot(store, run_id)
     if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
@@ -287,6 +287,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         epoch_control=data.epoch_control,
         record=record,
         fault=os.environ.get(FAULT_ENV),
+        epoch_lines=epoch_lines,
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
