@@ -265,6 +265,9 @@ def wandb_outcome(record: RunRecord, cfg: ThaliaConfig, status: str, history: li
             run.summary.update({**final_metrics(results), "status": status})
         finally:
             run.finish(exit_code=0 if status in ENDED_WELL else 1)
+            # finish() may return before W&B's service process has written the record out (seen in a
+            # busy sweep trial: an empty file uploaded); teardown waits for that process to end.
+            wandb.teardown()
         written = [p.name for p in (local / WANDB).glob("offline-run-*") if p.is_dir()]
         FolderSync(local / WANDB, target).push()
     for old in target.list():  # only after the new run is in place
