@@ -65,14 +65,14 @@ def final_metrics(results: Mapping[str, Any] | None) -> dict[str, float]:
     return values
 
 
-def hyperparameters(cfg: ThaliaConfig, varied: Mapping[str, Any] = {}) -> dict[str, float | str | bool]:
+def hyperparameters(cfg: ThaliaConfig, varied: Mapping[str, Any] | None = None) -> dict[str, float | str | bool]:
     """The values runs are compared by: COMPARED and every value a sweep varied, as plain scalars
     (a list or null becomes its text)."""
     from thalia_ray.store.leaderboard import flatten
 
     flat = flatten(cfg.model_dump(mode="json"))
     chosen = {k: flat[k] for k in COMPARED if k in flat}
-    chosen.update({k: flat.get(k, v) for k, v in varied.items() if not k.startswith("_")})
+    chosen.update({k: flat.get(k, v) for k, v in (varied or {}).items() if not k.startswith("_")})
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in chosen.items()}
 
 
@@ -193,7 +193,7 @@ class RunTracker:
     uploaded into `{run}/tracking/tensorboard/` before the epoch is reported."""
 
     def __init__(self, cfg: ThaliaConfig, run_id: str, target: Location | None,
-                 varied: Mapping[str, Any] = {}) -> None:
+                 varied: Mapping[str, Any] | None = None) -> None:
         self.run_id = run_id
         self.local = Path(tempfile.mkdtemp(prefix=f"thalia-tracking-{run_id}-"))
         self.sync = FolderSync(self.local, target) if target is not None else None
