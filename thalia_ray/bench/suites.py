@@ -488,7 +488,7 @@ _DATA = {"frames": 2, "size": 96, "groups": 12, "length": 1, "crop": 48, "sample
 # cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw;
 # block: Ray Data's samples per block (0: the config's default); epochs: consecutive epochs per repetition
 _INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False, "block": 0, "epochs": 5}
-# The demo's classifier data and model (demo.DEMO_OVERRIDES); steps: the checkpoints of the curve
+# small: the demo's data and classifier (demo.DEMO_OVERRIDES) at batch 16; steps: the curve's checkpoints
 _LEARN = {"seed": 0, "length": 1, "crop": 48, "model": "resnet18", "lr": 1e-3, "batch_size": 16,
           "steps": "0,25,50,100,200,400", "target_auroc": 0.8}
 SUITES: dict[str, Suite] = {s.name: s for s in (
@@ -539,8 +539,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                           for s, f, g in (("small", 1, 2), ("medium", 2, 4), ("large", 4, 8))}, repeats=2),
     Suite("learnability", "test AUROC after N training steps on synthetic data (is it learnable?)",
           learnability_suite, {
-              "small": {**_LEARN, "frames": 4, "size": 96, "groups": 20},
-              "medium": {**_LEARN, "frames": 8, "size": 128, "groups": 40, "steps": "0,50,100,200,400,800"},
+              "small": {**_LEARN, "frames": 4, "size": 96, "groups": 40},
+              "medium": {**_LEARN, "frames": 8, "size": 128, "groups": 60, "steps": "0,50,100,200,400,800"},
               "large": {**_LEARN, "frames": 16, "size": 256, "groups": 60, "crop": 64,
                         "steps": "0,100,200,400,800,1600"}}, repeats=3, needs_ray=False),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
