@@ -33,6 +33,7 @@ from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate
 from thalia_ray.losses import build_loss
 from thalia_ray.metrics import MetricSuite
+from thalia_ray.progress import progress_line
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
 from thalia_ray.train.evaluate import autocast, evaluate_batches, model_from_config, to_device
@@ -346,14 +347,6 @@ class WorkerLoop:
             ray.train.report(metrics, checkpoint=checkpoint)
         if self.settings.epoch_lines:
             log.info(progress_line(metrics, self.cfg.train.epochs, improved))
-
-
-def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
-    return (
-        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
-        f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
-        f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
-    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from ray.tune import Callback
 
 from thalia_ray import progress
+from thalia_ray.progress import progress_line
 
 
 def trial_label(trial_id: str, config: Mapping[str, Any], varied: Sequence[str]) -> str:
@@ -56,8 +57,6 @@ class SweepProgress(Callback):
         self._say(f"{self._label(trial)}: started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from thalia_ray.train.loop import progress_line
-
         epoch = int(result.get("epoch", 0))
         if epoch <= self.last_epoch.get(trial.trial_id, 0):
             return  # a resumed trial's report of a finished run
