@@ -265,18 +265,60 @@ def read_tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]
     return {tag: sorted(points) for tag, points in series.items()}
 
 
-def read_mlflow_metrics(folder: Path, run_name: str) -> dict[str, list[tuple[int, float]]]:
-    """The metric histories of the MLflow run `run_name` in the file store `folder`, via MLflow's client."""
+def read_mlflow_runs(database: Path) -> dict[str, Any]:
+    """Every run in an MLflow SQLite database, by run name, read with MLflow's own client:
+    `{name: {"status", "params", "metrics": {name: [(step, value), ...]}}}`."""
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=Path(folder).as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.mlflow.runName = '{run_name}'")
-    assert len(runs) == 1, f"expected one MLflow run named {run_name}, found {len(runs)}"
-    run_id = runs[0].info.run_id
-    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
-            for name in runs[0].data.metrics}
+    runs = {}
+    for run in client.search_runs(experiments):
+        history = {name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+                   for name in run.data.metrics}
+        runs[run.info.run_name] = {"status": run.info.status, "params": run.data.params, "metrics": history}
+    return runs
+
+
+def read_wandb_run(path: Path) -> dict[str, Any]:
+    """A W&B offline run file (`run-ID.wandb`) decoded with W&B's own record protocol: its config,
+    history rows, summary and exit code. The file is W&B's log format: a 7-byte header, then 32 KiB
+    blocks of chunks (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last), each record a
+    `wandb_internal_pb2.Record`."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending = 32768, 7, b""
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "exit_code": None}
+
+    def key(item: Any) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record.FromString(pending)
+        pending = b""
+        which = record.WhichOneof("record_type")
+        if which == "run":
+            run["config"].update({key(i): json.loads(i.value_json) for i in record.run.config.update})
+        elif which == "history":
+            row = {key(i): json.loads(i.value_json) for i in record.history.item}
+            run["history"].append({k: v for k, v in row.items() if not k.startswith("_")})
+        elif which == "summary":
+            run["summary"].update({key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif which == "exit":
+            run["exit_code"] = record.exit.exit_code
+    return run
 
 
 def assert_report_renders(page, min_images: int = 1) -> None:
@@ -295,28 +337,42 @@ def assert_report_renders(page, min_images: int = 1) -> None:
 
 
 def assert_tracked(record, epochs: int, killed: bool = False) -> None:
-    """A run's W&B, TensorBoard and MLflow files are in its own store folder (local or S3) and hold every
-    epoch of its history. `killed`: a sweep scheduler stopped the run, whose trackers may also hold the
-    epoch it was cut in (tracked, then killed before the history committed it) but never miss one."""
+    """A run's W&B, TensorBoard and MLflow records, in its store (local or S3), hold every epoch of its
+    history and, for a finished run, its test metrics. `killed`: a sweep scheduler stopped the run, whose
+    live TensorBoard may also hold the epoch it was cut in (tracked, then killed before the history
+    committed it), but never misses one; W&B and MLflow are written from the history, so match it."""
     import tempfile
 
+    from thalia_ray.train.mlflow_store import DATABASE
     from thalia_ray.train.tracking import TRACKING, FolderSync
 
+    history = record.read_history()
+    assert len(history) == epochs, (len(history), epochs)
+    results = record.read_results()
+    tested = {k: v for k, v in (results or {}).get("metrics", {}).items() if k.startswith("test/")}
+    assert not (killed and tested), f"a stopped run has test metrics {tested}"
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch)
         FolderSync(local, record.loc.join(TRACKING)).restore()  # a copy, wherever the store is
-        assert list(local.glob("wandb/offline-run-*/run-*.wandb")), f"no W&B run under {record.loc}"
-        history = [row["val/loss"] for row in record.read_history()]
-        expected = list(zip(range(1, epochs + 1), history))
-        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-        series = {"tensorboard": read_tensorboard_scalars(local / "tensorboard")["val/loss"],
-                  "mlflow": read_mlflow_metrics(local / "mlflow", record.run_id)["val/loss"]}
-        for tracker, points in series.items():
-            allowed = [epochs, epochs + 1] if killed else [epochs]
-            assert len(points) in allowed, (tracker, points, history, files)
-            assert [step for step, _ in points] == list(range(1, len(points) + 1)), (tracker, points)
-            assert [v for _, v in points[:epochs]] == pytest.approx(history, rel=1e-6), (tracker, points, history)
-        assert series["mlflow"][:epochs] == expected  # MLflow keeps full precision
+        runs = list(local.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(runs) == 1, f"expected one W&B run under {record.loc}, found {runs}"
+        wandb = read_wandb_run(runs[0])
+        assert wandb["exit_code"] == 0 and wandb["config"]["train"]["lr"] == record.read_config().train.lr
+        assert [row["val/loss"] for row in wandb["history"]] == [row["val/loss"] for row in history]
+        assert {k: wandb["summary"][k] for k in tested} == tested
+        scalars = read_tensorboard_scalars(local / "tensorboard")
+        points = scalars["val/loss"]
+        assert len(points) in ([epochs, epochs + 1] if killed else [epochs]), (points, history)
+        assert [step for step, _ in points] == list(range(1, len(points) + 1)), points
+        assert [v for _, v in points[:epochs]] == pytest.approx([row["val/loss"] for row in history], rel=1e-6)
+        assert {k: scalars[k][-1][1] for k in tested} == pytest.approx(tested, rel=1e-6)
+        store_tracking = record.loc.parent().parent().join(TRACKING, DATABASE)
+        (local / DATABASE).write_bytes(store_tracking.read_bytes())
+        mlflow = read_mlflow_runs(local / DATABASE)[record.run_id]
+        assert mlflow["status"] == ("KILLED" if killed else "FINISHED")
+        assert mlflow["metrics"]["val/loss"] == [(i + 1, row["val/loss"]) for i, row in enumerate(history)]
+        assert {k: mlflow["metrics"][k][-1][1] for k in tested} == tested  # MLflow keeps full precision
+        assert mlflow["params"]["train.lr"] == str(record.read_config().train.lr)
 
 
 # ------------------------------------------------------------ hand-made cubes of known values

@@ -128,6 +128,25 @@ def test_cube_suite_end_to_end(tmp_path, capsys):
     assert {"cpu_model", "cpu_count", "gpus", "torch", "ray"} <= set(record["machine"])
 
 
+def test_learnability_curve_scores_the_held_out_splits_the_pipeline_reads(synthetic_root):
+    """The curve's samples are the service's own (same splits, crops and labels as the index), and the
+    model it scores at each checkpoint is the one being trained."""
+    from thalia_ray.bench import learnability
+    from thalia_ray.data.index import SampleIndex
+
+    p = {"crop": 32, "model": "resnet18", "lr": 1e-3, "batch_size": 8}
+    cfg = learnability.run_config(str(synthetic_root), p, seed=0)
+    index = SampleIndex.from_config(cfg.data, cfg.seed)
+    test = learnability.split_arrays(cfg, "test")
+    assert test["image"].shape == (len(index.samples("test")), 3, 32, 32)
+    assert test["label"].tolist() == [s.label for s in index.samples("test")]
+    points, counts = learnability.curve(cfg, [0, 2, 4])
+    assert [p.steps for p in points] == [0, 2, 4] and points[0].seconds == 0 < points[1].seconds <= points[2].seconds
+    assert all(0.0 <= p.test_auroc <= 1.0 for p in points) and len({p.test_auroc for p in points}) > 1
+    assert counts["test_positives"] + counts["test_negatives"] == len(test["label"])
+    assert counts["train_per_epoch"] == 2 * sum(s.label for s in index.samples("train"))  # balanced epochs
+
+
 def test_gpu_suite_refuses_without_a_gpu(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -125,9 +125,12 @@ def test_ray_advisories_are_dropped_and_other_ray_messages_print(capsys):
     worker.print_to_stdstream({"lines": [advice], "pid": 13655, "is_err": True}, ignore_prefix=False)
     worker.print_to_stdstream({"lines": [advice, "epoch 1/2 train loss 0.5"], "pid": 13655, "is_err": True},
                               ignore_prefix=False)
+    stopped = ("[2026-12-07 09:58:20,186 W 19888 19930] placement_group_cleaner.py:120 -- Detected that the Ray "
+               "Train controller actor (b16103558a359f2612c4e77501000000) is dead. Cleaning up placement group")
+    worker.print_to_stdstream({"lines": [stopped], "pid": 19888, "is_err": True}, ignore_prefix=False)
     printed = capsys.readouterr()
     text = printed.out + printed.err
-    assert "PYTHON worker processes" not in text and "PreemptionWatcher" not in text
+    assert "PYTHON worker processes" not in text and "PreemptionWatcher" not in text and "controller" not in text
     assert text.count(oom) == 1 and "a user's own print" in text and text.count("epoch 1/2 train loss") == 1
 
 
@@ -148,8 +151,11 @@ def test_a_quiet_start_never_lowers_a_stricter_ray_data_level(ray_cluster):
 
 
 def test_reuses_an_already_initialised_ray(ray_cluster):
+    notice = logging.getLogger(runtime.TOKEN_NOTICE_LOGGER)
+    notice.setLevel(logging.NOTSET)
     rt = runtime.start(RuntimeConfig())
     assert not rt.started
+    assert not notice.isEnabledFor(logging.WARNING)  # Ray's token-authentication notice, at every local start
     rt.shutdown()
     assert ray_cluster.is_initialized()
 

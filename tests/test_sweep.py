@@ -60,6 +60,71 @@ def test_param_space_grid_seeds_and_optuna_conversion(tmp_path):
     assert space.scheduler(cfg.sweep, cfg.train.epochs)._max_t == 4  # never cuts the final epoch
 
 
+class _Trial:
+    def __init__(self, trial_id: str, **config) -> None:
+        self.trial_id, self.config = trial_id, config
+
+
+def _epoch(epoch: int, f1: float) -> dict:
+    return {"epoch": epoch, "train/loss": 0.7, "val/loss": 0.6, "val/f1_deformation": f1, "time/epoch_s": 1.5,
+            "time/samples_per_s": 40.0}
+
+
+def test_sweep_progress_labels_every_epoch_with_its_trial_and_counts_outcomes(capsys):
+    import pickle
+
+    from thalia_ray.tune.progress import SweepProgress
+
+    progress = SweepProgress("val/f1_deformation", "max", epochs=2, varied=["model.name", "train.lr"])
+    a, b = _Trial("x_00000", **{"model.name": "resnet18", "train.lr": 1e-3}), _Trial("x_00001", **{
+        "model.name": "mobilenetv3_small", "train.lr": 3e-4})
+    for trial in (a, b):
+        progress.on_trial_start(0, [a, b], trial)
+    progress.on_trial_result(1, [a, b], a, _epoch(1, 0.4))
+    progress.on_trial_result(1, [a, b], b, _epoch(1, 0.5))
+    progress.on_trial_complete(2, [a, b], b)  # cut by the scheduler after its first epoch
+    progress.on_trial_result(3, [a, b], a, _epoch(2, 0.6))
+    progress.on_trial_result(3, [a, b], a, _epoch(2, 0.6))  # a resumed trial's repeat is not shown again
+    progress.on_trial_complete(4, [a, b], a)
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if "| epoch" in line]
+    assert epochs == [
+        "trial x_00000 resnet18 lr=0.001 | epoch 1/2  train loss 0.7000  val loss 0.6000  val F1(def) 0.400  1.5s  "
+        "40.0 samples/s  *",
+        "trial x_00001 mobilenetv3_small lr=0.0003 | epoch 1/2  train loss 0.7000  val loss 0.6000  val F1(def) "
+        "0.500  1.5s  40.0 samples/s  *",
+        "trial x_00000 resnet18 lr=0.001 | epoch 2/2  train loss 0.7000  val loss 0.6000  val F1(def) 0.600  1.5s  "
+        "40.0 samples/s  *"]
+    assert lines[lines.index(epochs[1]) + 1].startswith("trial x_00001 mobilenetv3_small lr=0.0003: stopped after "
+                                                        "epoch 1")
+    assert lines[-1] == "trial x_00000 resnet18 lr=0.001: finished, best val/f1_deformation 0.600"
+    assert progress.status() == "1 finished, 1 stopped, best val/f1_deformation 0.600 (x_00000)"
+    fresh = pickle.loads(pickle.dumps(progress))  # Tune saves it with the sweep's state
+    assert (fresh.metric, fresh.epochs, fresh.varied, fresh.outcome) == ("val/f1_deformation", 2,
+                                                                         ["model.name", "train.lr"], {})
+
+
+def test_the_trials_table_ranks_by_validation_and_fits_a_terminal():
+    from thalia_ray.tune.driver import SweepSummary, trials_table
+
+    sweep_id = "demo-backbones-20261207-095558-1488e1"
+    summary = SweepSummary(sweep_id, "/store", "val/f1_deformation", "max", trials=[
+        {"run_id": f"{sweep_id}-6709d_0000{i}", "config": {"model.name": model, "train.lr": lr}, "status": status,
+         "epochs": epochs, "best": best, "test": test}
+        for i, (model, lr, status, epochs, best, test) in enumerate([
+            ("resnet18", 1e-3, "finished", 3, 0.556, {"test/f1_deformation": 0.9}),
+            ("mobilenetv3_small", 1e-3, "stopped", 1, 0.2, {}),
+            ("resnet18", 3e-4, "finished", 3, 0.613, {"test/f1_deformation": 0.5}),
+            ("mobilenetv3_small", 3e-4, "stopped", 1, None, {})])])
+    text = trials_table(summary, ["model.name", "train.lr"], ("test/f1_deformation", "test/auroc_deformation"))
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100, text
+    assert lines[1].split() == ["#", "trial", "model.name", "train.lr", "status", "epochs", "best", "val", "F1",
+                                "test", "F1", "test", "AUROC"]
+    assert [line.split()[1] for line in lines[3:]] == ["6709d_00002", "6709d_00000", "6709d_00001", "6709d_00003"]
+    assert lines[3].split()[-3:] == ["0.613", "0.500", "—"]  # ranked by validation, test only reported
+
+
 def _fake_run(store: ExperimentStore, run_id: str, model: str, lr: float, seed: int, f1: float, sweep: str) -> None:
     cfg = load_config(overrides=[f"model.name={model}", f"train.lr={lr}", f"seed={seed}"])
     record = store.run(run_id)
@@ -113,7 +178,7 @@ def test_a_trial_rerun_after_an_interruption_finds_its_finished_run(tmp_path):
 
 @pytest.mark.slow
 def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains(
-    ray_cluster, synthetic_root, s3_bucket, tmp_path
+    ray_cluster, synthetic_root, s3_bucket, tmp_path, capfd
 ):
     from thalia_ray.report.page import write_report
     from thalia_ray.train.trainer import fit
@@ -124,8 +189,16 @@ def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains
     cfg = sweep_config(synthetic_root, f"{s3_bucket}/store").with_overrides(
         {"runtime.wandb.mode": "offline", "runtime.tracking": ["wandb", "tensorboard", "mlflow"]})
     summary = run_sweep(cfg)
+    out = capfd.readouterr().out
     assert summary.status == "finished" and not summary.errors
     assert len(summary.trials) == 4
+    # one labelled line per trial epoch, printed by the driver in order, none merged by Ray's de-duplication
+    lines = out.splitlines()
+    for trial in summary.trials:
+        label = f"trial {trial['run_id'].removeprefix(summary.sweep_id + '-')} "
+        shown = [line for line in lines if line.startswith(label) and " | epoch " in line]
+        assert [line.split(" | epoch ")[1].split()[0] for line in shown] == [
+            f"{e}/3" for e in range(1, trial["epochs"] + 1)], (trial, lines)
     statuses = [t["status"] for t in summary.trials]
     assert "stopped" in statuses, f"ASHA stopped no trial: {summary.trials}"
     assert statuses.count("finished") >= 1

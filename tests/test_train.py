@@ -583,7 +583,7 @@ def test_a_damaged_ray_snapshot_is_refused_by_name_before_training(synthetic_roo
 
 
 def test_epoch_line_reports_throughput():
-    from thalia_ray.train.loop import progress_line
+    from thalia_ray.progress import progress_line
 
     metrics = {"epoch": 2, "train/loss": 0.5, "val/loss": 0.25, "val/f1_deformation": 0.75,
                "time/epoch_s": 4.0, "time/samples_per_s": 37.25}

@@ -344,9 +344,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if cfg.sweep is None:
         raise ConfigError(f"{args.config}: no sweep section (a sweep file needs `sweep:` with a search space)")
     from thalia_ray import preflight, runtime
-    from thalia_ray.store import ExperimentStore
-    from thalia_ray.store.leaderboard import leaderboard_text
-    from thalia_ray.tune.driver import resolve_sweep_id, run_sweep
+    from thalia_ray.tune.driver import resolve_sweep_id, run_sweep, trials_table
+    from thalia_ray.tune.space import varied_fields
 
     preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
     sweep_id = resolve_sweep_id(cfg, args.resume, args.sweep_id)  # an unknown sweep to resume: before Ray starts
@@ -355,7 +354,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(args, summary.to_json())
         return 0 if summary.status == "finished" else 1
-    print(leaderboard_text(ExperimentStore(cfg.storage.store, cfg.storage), summary.sweep_id))
+    print(trials_table(summary, varied_fields(cfg.sweep)))  # every metric: `thalia-ray leaderboard SWEEP_ID`
     print(f"sweep {summary.sweep_id}: {len(summary.trials)} trials, best {summary.best_run} "
           f"({summary.metric} = {summary.best_value}), {summary.worker_seconds:.0f} worker-seconds")
     return 0 if summary.status == "finished" else 1

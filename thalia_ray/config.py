@@ -448,7 +448,7 @@ class WandbConfig(Section):
 class MlflowConfig(Section):
     """MLflow, when `runtime.tracking` lists it. Credentials for a server come from MLFLOW_* env vars."""
 
-    tracking_uri: str | None = None  # None: an MLflow file store in the run's folder ({run}/tracking/mlflow)
+    tracking_uri: str | None = None  # None: the store's SQLite database, {store}/tracking/mlflow.db
     experiment: str = "thalia-ray"
 
 
@@ -463,7 +463,7 @@ class RuntimeConfig(Section):
     data_cpu_limit: float | None = Field(None, gt=0)  # busy read processes for Ray Data (pipeline.data_budget)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     wandb: WandbConfig = Field(default_factory=WandbConfig)
-    # Trackers each run writes to; their files land in the run's folder, {run}/tracking/{tracker}/.
+    # Trackers each run writes to: {run}/tracking/{tensorboard,wandb}/ and {store}/tracking/mlflow.db.
     tracking: list[Tracker] = ["wandb", "tensorboard"]
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

@@ -8,29 +8,38 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from thalia_ray.config import ThaliaConfig, load_config
 
-# Small enough for ~minutes on 2 CPU cores, large enough that models learn something.
+if TYPE_CHECKING:
+    from thalia_ray.train.trainer import TrainResult
+
+# Sized for a 2-core laptop (about five minutes in all) and for models that learn: `thalia-ray bench
+# learnability` shows how the test AUROC grows with training steps on this data (BENCHMARKS.md).
 DEMO_OVERRIDES = [
     "name=demo",
     "data.crop=48",
     "data.synthetic.frames=4",
     "data.synthetic.size=96",
-    "data.synthetic.max_groups_per_frame=20",
+    "data.synthetic.max_groups_per_frame=40",
     "train.epochs=3",
-    "train.batch_size=16",
+    "train.batch_size=8",
     "train.lr=1e-3",
     "train.num_workers=2",
     "train.cpus_per_worker=0.5",
-    "train.max_steps_per_epoch=12",
     "runtime.wandb.mode=offline",
 ]
+# Each model trains until it has learnt (about 100 steps of 2 × 8 samples); the sweep's trials are short
+# (each trial spends most of its time starting: a second wave of trials would add about 70 s).
+CLASSIFIER = {"name": "demo-cls", "train.epochs": 16}
+SEGMENTER = {"name": "demo-seg", "model.task": "segmentation", "model.name": "unet", "train.loss.name": "ce+dice",
+             "train.epochs": 10, "train.early_stopping.metric": "val/iou_deformation",
+             "train.early_stopping.mode": "max"}  # the checkpoint tested: the best validation IoU
 SWEEP = {
     "name": "demo-backbones",
     "search": "grid",
-    "space": {"model.name": {"grid": ["resnet18", "mobilenetv3_small"]}, "train.lr": {"grid": [1e-3, 3e-4]}},
+    "space": {"model.name": {"grid": ["resnet18", "mobilenetv3_small"]}},  # one wave: two trials at a time
     "scheduler": "asha",
     "metric": "val/f1_deformation",
     "mode": "max",
@@ -60,9 +69,10 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray.data.synthetic.generator import synthesize
     from thalia_ray.report.page import write_report
     from thalia_ray.store import ExperimentStore
-    from thalia_ray.store.leaderboard import best_run, leaderboard_text
+    from thalia_ray.store.leaderboard import best_run
     from thalia_ray.train.trainer import fit
-    from thalia_ray.tune.driver import run_sweep
+    from thalia_ray.tune.driver import run_sweep, trials_table
+    from thalia_ray.tune.space import varied_fields
 
     root = Path(workdir).resolve()
     cfg = demo_config(root, overrides)
@@ -83,29 +93,39 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
         _done(t)
 
         t = _stage("3/5 classifier (resnet18) trained from the shards, 2 Ray Train workers")
-        cls = cfg.with_overrides({"name": "demo-cls", "data.source": "shards", "data.shards": str(shards)})
-        print(f"    {fit(cls)}")
+        classifier = fit(cfg.with_overrides({**CLASSIFIER, "data.source": "shards", "data.shards": str(shards)}))
+        print(f"    {classifier}\n    {learning(classifier, 'auroc_deformation')}")
+        store = ExperimentStore(cfg.storage.store, cfg.storage)
+        print(f"    its learning curves, ROC and gallery: {write_report(store, classifier.run_id).url}")
         _done(t)
 
         t = _stage("4/5 segmenter (UNet) trained from the minicubes, 2 Ray Train workers")
-        seg = cfg.with_overrides({"name": "demo-seg", "model.task": "segmentation", "model.name": "unet",
-                                  "train.loss.name": "ce+dice"})
-        print(f"    {fit(seg)}")
+        segmenter = fit(cfg.with_overrides(SEGMENTER))
+        print(f"    {segmenter}\n    {learning(segmenter, 'iou_deformation')}")
         _done(t)
 
-        t = _stage("5/5 backbone sweep: 2 families × 2 learning rates, ASHA, 1 worker per trial")
-        sweep_cfg = cfg.with_overrides({"sweep": SWEEP, "train.num_workers": 1})
+        t = _stage("5/5 backbone sweep from the shards: 2 families side by side, ASHA, 1 worker per trial")
+        sweep_cfg = cfg.with_overrides({"sweep": SWEEP, "train.num_workers": 1, "data.source": "shards",
+                                        "data.shards": str(shards)})
         summary = run_sweep(sweep_cfg)
         _done(t)
 
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
-    print("\n=== leaderboard (sweep)")
-    print(leaderboard_text(store, summary.sweep_id, fmt="terminal", breakdown_by=()))
-    print(f"the best run by frame, intensity or activity type (also in its report): thalia-ray leaderboard "
-          f"{summary.sweep_id} --store {store.root.url} --breakdown frame_id|intensity|activity_type")
+    print("\n=== sweep results")
+    print(trials_table(summary, varied_fields(sweep_cfg.sweep), ("test/f1_deformation", "test/auroc_deformation")))
+    print(f"every metric: thalia-ray leaderboard {summary.sweep_id} --store {store.root.url}; the best run by "
+          f"frame, intensity or activity type: add --breakdown frame_id|intensity|activity_type")
+    print(f"learning curves of every run: tensorboard --logdir {store.runs_root.url} "
+          f"(W&B: wandb sync {store.runs_root.url}/ID/tracking/wandb/offline-run-*)")
     print(f"\nfinished in {time.time() - began:.0f} s")
     print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
     print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
     best, selection = best_run(store, summary.sweep_id)  # the sweep's own choice: its Tune metric, on validation
     print(f"report of the best run ({best.run_id}, by {selection.metric}): {write_report(store, best.run_id).url}")
     return 0
+
+
+def learning(result: TrainResult, metric: str) -> str:
+    """The learning in one line: `metric` of the validation split at every epoch, then of the test split."""
+    curve = " ".join(f"{row[f'val/{metric}']:.2f}" for row in result.history if f"val/{metric}" in row)
+    test = result.test_metrics.get(f"test/{metric}")
+    return f"val {metric} by epoch: {curve}" + (f"; test {test:.3f}" if test is not None else "")

@@ -1,4 +1,5 @@
-"""Progress bars for long commands (synth, export, prepare stats), drawn only on a terminal.
+"""Progress for long commands: bars (synth, export, prepare stats, sweeps), drawn only on a terminal, and
+the one line each training epoch gets.
 
 Off a terminal (logs, pipes, `--json` output read by programs, Ray workers) nothing is drawn, so
 captured output stays clean. Bars go to stderr, never into a command's stdout.
@@ -6,7 +7,7 @@ captured output stays clean. Bars go to stderr, never into a command's stdout.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -31,3 +32,12 @@ def gather(refs: Sequence[Any], desc: str, unit: str = "task") -> list[Any]:
             ready, pending = ray.wait(pending, num_returns=1)
             progress.update(len(ready))
     return ray.get(list(refs))
+
+
+def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
+    """An epoch in one line (rank 0 logs it; a sweep's driver prints it after its trial's label)."""
+    return (
+        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
+        f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
+        f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
+    )

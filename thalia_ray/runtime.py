@@ -235,8 +235,15 @@ def _configure_data(runtime_cfg: RuntimeConfig) -> None:
 # start-up concurrency (the CPU count): warm workers (worker_reuse_config) pass it by design.
 RAYLET_NOISE = ("worker processes have been started on node",)
 # Ray core's advice about its own Train/Tune actors (ray-project/ray#53727), printed by their processes
-# as an error line on every run; nothing a user of this service can or needs to change.
-WORKER_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
+# as an error line on every run; nothing a user of this service can or needs to change. And Ray Train's
+# placement-group cleaner, which warns that a run's controller "is dead" whenever a sweep scheduler stops
+# a trial, as it is meant to (the sweep's own lines say which trial stopped; a trial that really fails is
+# reported by Tune).
+WORKER_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+                "Detected that the Ray Train controller actor")
+# Ray's notice, at every local start, that the cluster it starts uses token authentication (its default
+# since 2.5x, and what this service wants); kept at runtime.log_level DEBUG.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def drop_ray_noise() -> None:
@@ -315,6 +322,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
     _configure_data(runtime_cfg)
     if runtime_cfg.log_level != "DEBUG":
         drop_ray_noise()
+        logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints a header box even at verbose=0
     if ray.is_initialized():
         log.info("using the Ray already initialised in this process")

@@ -7,6 +7,7 @@ overridden (`--param crop=96`). Data is synthesised into a temporary folder for 
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -594,6 +595,30 @@ def pretrain_throughput_suite(p: Params, repeats: int, result: BenchResult) -> N
 
 def _floats(text: Any) -> list[float]:
     return [float(v) for v in str(text).split(",") if v.strip()]
+def learnability_suite(p: Params, repeats: int, result: BenchResult) -> None:
+    """Test AUROC after each number of training steps on freshly synthesised data, one repetition per
+    model seed (see `bench.learnability`): the evidence that the synthetic data can be learnt."""
+    from thalia_ray.bench import learnability as lb
+
+    checkpoints = sorted({int(s) for s in str(p["steps"]).split(",")})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _synthesize(tmp, p)
+        runs = [lb.curve(lb.run_config(root, p, seed), checkpoints) for seed in range(repeats)]
+    for i, steps in enumerate(checkpoints):
+        result.add(f"test AUROC after {steps} steps", "AUROC",
+                   [Rep(points[i].test_auroc, points[i].seconds, {"val_auroc": points[i].val_auroc})
+                    for points, _ in runs])
+    medians = [statistics.median(points[i].test_auroc for points, _ in runs) for i in range(len(checkpoints))]
+    reached = next((steps for steps, value in zip(checkpoints, medians) if value >= p["target_auroc"]), None)
+    result.notes.append(f"median test AUROC reaches {p['target_auroc']} after {reached} steps" if reached is not None
+                        else f"median test AUROC stays below {p['target_auroc']} within {checkpoints[-1]} steps")
+    counts = runs[0][1]
+    seconds = statistics.median(points[-1].seconds for points, _ in runs)
+    result.notes.append(f"{p['model']}, crop {p['crop']}², batch {p['batch_size']}, lr {p['lr']}, AdamW, plain PyTorch "
+                        f"on the service's samples; {p['frames']} frames of {p['size']}², {counts['train_per_epoch']} "
+                        f"samples per balanced training epoch, test {counts['test_positives']} positives / "
+                        f"{counts['test_negatives']} negatives, val {counts['val_positives']} / {counts['val_negatives']}; "
+                        f"{seconds:.0f} s for {checkpoints[-1]} steps")
 
 
 def _gpu_precheck() -> None:
@@ -608,6 +633,9 @@ _DATA = {"frames": 2, "size": 96, "groups": 12, "length": 1, "crop": 48, "sample
 # cpus: the data CPUs of both sides (0: all usable CPUs); balance: the balanced training draw;
 # block: Ray Data's samples per block (0: the config's default); epochs: consecutive epochs per repetition
 _INGEST = {"source": "cube", "data": "", "shards": "", "cpus": 0, "balance": False, "block": 0, "epochs": 5}
+# small: the demo's data and classifier (demo.DEMO_OVERRIDES) at batch 16; steps: the curve's checkpoints
+_LEARN = {"seed": 0, "length": 1, "crop": 48, "model": "resnet18", "lr": 1e-3, "batch_size": 16,
+          "steps": "0,25,50,100,200,400", "target_auroc": 0.8}
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("cube", "minicube windowed reads vs per-sample cube open + whole-frame reads", cube_suite,
           {"small": _DATA, "medium": {**_DATA, "size": 256, "frames": 3, "crop": 64},
@@ -684,6 +712,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                   "e2e_repeats": 1}
            for size, frames, side, groups, crop in (("small", 3, 96, 24, 48), ("medium", 4, 256, 60, 96),
                                                      ("large", 8, 512, 150, 128))}, repeats=3),
+    Suite("learnability", "test AUROC after N training steps on synthetic data (is it learnable?)",
+          learnability_suite, {
+              "small": {**_LEARN, "frames": 4, "size": 96, "groups": 40},
+              "medium": {**_LEARN, "frames": 8, "size": 128, "groups": 60, "steps": "0,50,100,200,400,800"},
+              "large": {**_LEARN, "frames": 16, "size": 256, "groups": 60, "crop": 64,
+                        "steps": "0,100,200,400,800,1600"}}, repeats=3, needs_ray=False),
     Suite("gpu", "GPU samples/s and step time (ResNet-50, UNet at 512², T=3) vs the resident-tensor ceiling",
           gpu_suite, {s: {"frames": f, "size": 512, "groups": 24, "crop": 512, "length": 3, "batch_size": b,
                           "steps": 25, "warmup": 5} for s, f, b in (("small", 2, 8), ("medium", 4, 16), ("large", 8, 32))},

@@ -381,14 +381,20 @@ def crop_window(
 ) -> Window:
     """The `centred` policy: a square crop around the target polygons' bounding box, shifted by up to
     ±crop/4 per axis and clamped into the frame, retried until the whole box is inside (else centred).
-    Without a mask: a random position. `rng=None` gives the deterministic evaluation crop (centred)."""
+    Without a mask (a negative): the frame centre, shifted the same way in training, as the reference
+    crops negatives. Evaluation crops negatives there too, so training sees them where they are tested,
+    near the volcanoes a frame is centred on. (Training crops anywhere in the frame taught models that a
+    cone in the middle of a crop meant deformation, and the demo's test AUROC fell below chance; see
+    BENCHMARKS.md, learnability.) `rng=None` gives the deterministic evaluation crop (centred)."""
     height, width = frame_shape
     _check_fits(crop, frame_shape, sample.frame_id)
     box = mask_bbox(target_polygons(sample, annotations, mask_target), frame_shape)
     if box is None:
+        row, col = (height - crop) // 2, (width - crop) // 2
         if rng is None:
-            return Window((height - crop) // 2, (width - crop) // 2, crop, crop)
-        return Window(int(rng.integers(height - crop + 1)), int(rng.integers(width - crop + 1)), crop, crop)
+            return Window(row, col, crop, crop)
+        dr, dc = rng.integers(-(crop // 4), crop // 4 + 1, size=2)
+        return Window(int(np.clip(row + dr, 0, height - crop)), int(np.clip(col + dc, 0, width - crop)), crop, crop)
     row0, col0, row1, col1 = box
     center_r, center_c = (row0 + row1) // 2, (col0 + col1) // 2
     centred = Window(_start(center_r, crop, height), _start(center_c, crop, width), crop, crop)

@@ -4,8 +4,8 @@ One `WorkerLoop` per worker: build (seeded model, DDP, AdamW, per-step schedule,
 from the latest checkpoint when Ray restarts the worker group, then per epoch: train on this
 worker's shard of the balanced draw, validate on its shard of the validation split, decide early
 stopping the same way on every rank, and report flat metrics with a checkpoint to Ray. Rank 0
-alone writes the checkpoint, the store's history, the progress line and the trackers (W&B, TensorBoard,
-MLflow: see `tracking`).
+alone writes the checkpoint, the store's history, the progress line and the live TensorBoard (see
+`tracking`).
 
 Every collective (DDP gradients, metric and loss reductions, the stop decision) is entered by all
 ranks the same number of times: Ray's equal split gives every rank as many rows (so batches),
@@ -30,6 +30,7 @@ import torch
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate, epoch_traffic, set_eval_epoch
+from thalia_ray.progress import progress_line
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
 from thalia_ray.train.collectives import all_mean, rank_zero_decides
@@ -57,6 +58,7 @@ class LoopSettings:
     fault: str | None = None  # "rank:epoch:marker-file", a fault-tolerance drill (see `maybe_inject_fault`)
     val_samples: int | None = None  # the validation split's samples, all ranks together (val/n_expected)
     objective: Objective = field(default_factory=Supervised)  # what the run learns (train/objective.py)
+    epoch_lines: bool = True  # rank 0 logs each epoch's line (a sweep's driver prints its trials' own)
 
 
 @dataclass
@@ -187,13 +189,17 @@ class WorkerLoop:
             log.info("run %s resumes after epoch %d", self.settings.run_id, self.progress.epoch)
 
     def _start_tracking(self) -> Any:
-        """Rank 0's trackers (W&B, TensorBoard, MLflow), uploading into the run's folder in the store."""
+        """Rank 0's live TensorBoard, uploading into the run's folder in the store (the other trackers
+        are written from the store's records when the run ends: see `tracking`)."""
         if self.rank != 0:
             return None
         from thalia_ray.train.tracking import TRACKING, RunTracker
 
         record = self.settings.record
-        return RunTracker(self.cfg, self.settings.run_id, record.loc.join(TRACKING) if record is not None else None)
+        if record is None:
+            return RunTracker(self.cfg, self.settings.run_id, None)
+        varied = record.read_status().get("sweep_config", {})  # a sweep trial's sampled values
+        return RunTracker(self.cfg, self.settings.run_id, record.loc.join(TRACKING), varied)
 
     # ------------------------------------------------------------------------------ epochs
     def run(self) -> None:
@@ -317,16 +323,8 @@ class WorkerLoop:
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
             ray.train.report(metrics, checkpoint=checkpoint)
-        log.info(progress_line(metrics, self.cfg.train.epochs, improved))
-
-
-def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
-    f1 = metrics.get("val/f1_deformation")
-    return (
-        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
-        f"val loss {metrics['val/loss']:.4f}  {'' if f1 is None else f'val F1(def) {f1:.3f}  '}"
-        f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
-    )
+        if self.settings.epoch_lines:
+            log.info(progress_line(metrics, self.cfg.train.epochs, improved))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

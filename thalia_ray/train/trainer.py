@@ -35,6 +35,7 @@ from thalia_ray.traffic import Traffic, describe
 from thalia_ray.train.evaluate import gpu_wanted
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 from thalia_ray.train.objective import Objective, Supervised
+from thalia_ray.train.trackers import track_outcome
 
 log = logging.getLogger(__name__)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
@@ -193,17 +194,20 @@ def fit(
             else {"kind": objective.kind}
         record.set_status("running", name=cfg.name, **objective.describe(cfg), **trial)
         try:
-            outcome = _fit(cfg, store, record, callbacks, lease, objective)
+            outcome = _fit(cfg, store, record, callbacks, lease, objective, epoch_lines=sweep_id is None)
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
+            track_outcome(store, record.run_id)
             raise
         except Exception as err:
             _record_end(record, "failed", f"{type(err).__name__}: {err}")
+            track_outcome(store, record.run_id)
             problem = user_problem(err, record)
             if problem is None:
                 raise
             raise problem from err
         record.set_status("finished")
+        track_outcome(store, record.run_id)
     finally:
         if own_lease:
             lease.release()
@@ -281,7 +285,7 @@ def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
-         lease: Lease, objective: Objective) -> TrainResult:
+         lease: Lease, objective: Objective, epoch_lines: bool = True) -> TrainResult:
     run_id = record.run_id
     check_ray_snapshot(store, run_id)
     objective = objective.prepare(cfg)
@@ -296,6 +300,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         fault=os.environ.get(FAULT_ENV),
         val_samples=data.sizes["val"],
         objective=objective,
+        epoch_lines=epoch_lines,
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, up to %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])

@@ -15,7 +15,9 @@ from typing import Any, Callable
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.store import ExperimentStore
 from thalia_ray.store.records import STATUS, StoreError
+from thalia_ray.train.trackers import track_outcome
 from thalia_ray.tune import space
+from thalia_ray.tune.progress import SweepProgress
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,9 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
             ),
             run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      verbose=0),  # no status tables: the store and the leaderboard tell
+                                      callbacks=[SweepProgress(sweep.metric, sweep.mode, cfg.train.epochs,
+                                                               space.varied_fields(sweep))],
+                                      verbose=0),  # Tune's status tables off: SweepProgress tells
         )
     record.write_summary({"sweep_id": sweep_id, "status": "running", "store": store.root.url})
     grid = tuner.fit()
@@ -150,20 +154,53 @@ def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: An
         if status.get("status") == "running":
             record.set_status("stopped", reason="stopped early by the sweep scheduler")
             status = record.read_status()
+            track_outcome(store, run_id)  # Ray killed the trial's own driver before it could
         history = record.read_history()
         values = [row[sweep.metric] for row in history if row.get(sweep.metric) is not None]
         best = (max(values) if sweep.mode == "max" else min(values)) if values else None
         workers = record.read_config().train.num_workers
         worker_s = sum(float(row.get("time/epoch_s", 0.0)) for row in history) * workers
         summary.worker_seconds += worker_s
+        results = (record.read_results() or {}).get("metrics", {})
         summary.trials.append({
             "run_id": run_id,
             "config": status.get("sweep_config", {}),
             "status": status.get("status"),
             "epochs": len(history),
             "best": best,
+            "test": {k: v for k, v in results.items() if k.startswith("test/") and k.endswith("_deformation")},
             "worker_seconds": worker_s,
         })
         if best is not None and (summary.best_value is None or sign * best > sign * summary.best_value):
             summary.best_value, summary.best_run = best, run_id
     return summary
+
+
+# Short names of the Deformation metrics for terminal tables (`val/f1_deformation` is `val F1`).
+SHORT_METRICS = {"f1": "F1", "auroc": "AUROC", "iou": "IoU", "ap": "AP", "ap5": "AP5", "accuracy": "acc",
+                 "precision": "precision", "recall": "recall", "loss": "loss"}
+
+
+def short_metric(name: str) -> str:
+    split, _, metric = name.partition("/")
+    base = metric.removesuffix("_deformation")
+    return f"{split} {SHORT_METRICS.get(base, base)}"
+
+
+def trials_table(summary: SweepSummary, varied: list[str], test_metrics: tuple[str, ...] = ()) -> str:
+    """The sweep's trials in a table that fits a terminal: best validation value first, Tune's trial id,
+    the varied values, status, epochs, then the sweep metric's best validation value and the finished
+    trials' test values of `test_metrics` (the test split's counterpart of the sweep metric by default),
+    all of the Deformation class. `thalia-ray leaderboard SWEEP_ID` has every metric."""
+    from thalia_ray.tables import Table, render
+
+    sign = -1.0 if summary.mode == "max" else 1.0
+    ranked = sorted(summary.trials, key=lambda t: (t["best"] is None, sign * (t["best"] or 0.0)))
+    shown = test_metrics or (summary.metric.replace("val/", "test/", 1),)
+    header = ["#", "trial", *varied, "status", "epochs", f"best {short_metric(summary.metric)}",
+              *(short_metric(m) for m in shown)]
+    rows = [[i + 1, t["run_id"].removeprefix(f"{summary.sweep_id}-"), *(t["config"].get(k) for k in varied),
+             t["status"], t["epochs"], t["best"], *(t.get("test", {}).get(m) for m in shown)]
+            for i, t in enumerate(ranked)]
+    title = f"trials of {summary.sweep_id} by their best {summary.metric} ({summary.mode})"
+    return render(Table(header, rows, title), "terminal")
