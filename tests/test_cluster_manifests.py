@@ -312,12 +312,12 @@ def test_no_literal_credentials_under_cluster():
 
 def test_the_credential_scan_finds_literals():
     fake_id = "AKIA" + "Q" * 16
-    assert credential_leaks(f"run_options: [--env KEY={fake_id}]") == ["line 1: AWS access key id"]
+    assert credential_leaks(f"run_options: [--env KEY={fake_id}]") == ["line 1: an AWS access key id"]
     assert credential_leaks(f"- --env AWS_ACCESS_KEY_ID={fake_id}") == [
-        "line 1: AWS access key id",
-        "line 1: literal secret",
+        "line 1: an AWS access key id",
+        "line 1: a literal secret",
     ]
-    assert credential_leaks("provider:\n  aws_secret_access_key: abc123\n") == ["line 2: literal secret"]
+    assert credential_leaks("provider:\n  aws_secret_access_key: abc123\n") == ["line 2: a literal secret"]
     assert credential_leaks("aws_secret_access_key: ${FROM_ENV}\n") == []
     entries = [
         {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"},

@@ -559,8 +559,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _debug(args):
             raise
         shown = _raised_in_task(err)
-        print(f"thalia-ray: {shown}", file=sys.stderr)
+        print(f"thalia-ray: {_bounded(str(shown))}", file=sys.stderr)
         return getattr(shown, "exit_code", StorageProblem.exit_code)  # an OSError is the disk's or the network's
+
+
+MESSAGE_LIMIT = 4000  # characters of an error printed: a message that quotes input is cut, never the terminal flooded
+
+
+def _bounded(message: str) -> str:
+    """An error message as printed: credentials masked (`credentials.redact`), at most MESSAGE_LIMIT characters."""
+    from thalia_ray.credentials import redact
+
+    message = redact(message)
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}… ({len(message) - MESSAGE_LIMIT:,} more characters; --debug shows all)"
 
 
 def _raised_in_task(err: BaseException) -> BaseException:

@@ -24,6 +24,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from thalia_ray import safe_yaml
+from thalia_ray.credentials import scan_text, secret_name
 from thalia_ray.errors import ManifestProblem
 
 CRDS_ENV = "THALIA_CRDS"  # where the KubeRay CRDs are when `--crds` is not given
@@ -50,12 +52,6 @@ _OBJECT_META: dict[str, Any] = {
     },
 }
 
-_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?i)\b(aws_secret_access_key|aws_access_key_id|aws_session_token|secret_key|access_key|password)"
-    r"[\"']?\s*[:=]\s*[\"']?(?![\"'\s$#{]|$)"
-)
-_SECRET_ENV_NAME = re.compile(r"(?i)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|KEY_ID)")
 
 
 class ManifestError(ManifestProblem):
@@ -63,37 +59,17 @@ class ManifestError(ManifestProblem):
 
 
 # ------------------------------------------------------------------------------------------ YAML
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys, which strict server-side validation rejects."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise ManifestError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
 def load_documents(path: str | Path) -> list[Any]:
-    """All YAML documents of a manifest file (empty documents dropped), duplicate keys refused."""
+    """All YAML documents of a manifest file (empty documents dropped), read by `safe_yaml`: duplicate keys
+    refused, as strict server-side validation does, and alias bombs too."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read ({err})") from None
     try:
-        return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
-    except ManifestError as err:
+        return [doc for doc in safe_yaml.load_all(text) if doc is not None]
+    except safe_yaml.YamlError as err:
         raise ManifestError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------- CRDs
@@ -356,17 +332,13 @@ def json_path(parts: Iterable[str | int]) -> str:
 
 # ---------------------------------------------------------------------------------- credentials
 def credential_leaks(text: str) -> list[str]:
-    """Where a config text carries a literal credential: AWS key ids, `secret: value` assignments
-    and env entries named like a secret with a literal `value` (they must use secretKeyRef)."""
-    leaks = [
-        f"line {n}: {why}"
-        for n, line in enumerate(text.splitlines(), 1)
-        for pattern, why in ((_AWS_KEY_ID, "AWS access key id"), (_SECRET_ASSIGNMENT, "literal secret"))
-        if pattern.search(line)
-    ]
+    """Where a config text carries a literal credential (`credentials.scan_text`: keys and tokens by their
+    shape, `secret: value` assignments), and env entries named like a secret with a literal `value` (they
+    must use secretKeyRef)."""
+    leaks = [f"{found.where}: {found.what}" for found in scan_text(text)]
     try:
-        docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
-    except yaml.YAMLError:
+        docs = safe_yaml.load_all(text)
+    except safe_yaml.YamlError:
         return leaks  # not YAML (e.g. Markdown): the line scan is all there is
     return leaks + [
         f"{path}: env {name!r} has a literal value"
@@ -379,7 +351,7 @@ def _literal_secret_env(node: Any, path: list[str | int]) -> list[tuple[str, str
     found = []
     if isinstance(node, dict):
         name, value = node.get("name"), node.get("value")
-        if isinstance(name, str) and _SECRET_ENV_NAME.search(name) and value not in (None, ""):
+        if isinstance(name, str) and secret_name(name) and value not in (None, ""):
             found.append((json_path(path), name))
         items: Iterable[tuple[Any, Any]] = node.items()
     elif isinstance(node, list):

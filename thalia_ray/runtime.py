@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 from thalia_ray.config import RuntimeConfig, StorageConfig
+from thalia_ray.credentials import shapes
 
 log = logging.getLogger("thalia_ray.runtime")
 
@@ -152,18 +152,15 @@ def describe_machine() -> dict[str, Any]:
 def storage_env_vars(storage_cfg: StorageConfig | None = None,
                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Non-secret environment for workers to reach the store: the endpoint, region and profile set here,
-    or else from the storage config. An endpoint carrying a user or password in its URL is left out."""
-    env = {name: environ[name] for name in STORAGE_ENV_NAMES if environ.get(name) and not _has_userinfo(environ[name])}
-    if storage_cfg is not None and storage_cfg.endpoint_url and not _has_userinfo(storage_cfg.endpoint_url):
+    or else from the storage config. A value that carries a credential (`credentials.shapes`: a password in
+    an endpoint URL, a key under a harmless name) is left out."""
+    env = {name: environ[name] for name in STORAGE_ENV_NAMES
+           if environ.get(name) and not shapes(environ[name], name)}
+    if storage_cfg is not None and storage_cfg.endpoint_url and not shapes(storage_cfg.endpoint_url):
         env.setdefault("AWS_ENDPOINT_URL", storage_cfg.endpoint_url)
     if storage_cfg is not None and storage_cfg.region:
         env.setdefault("AWS_REGION", storage_cfg.region)
     return env
-
-
-def _has_userinfo(value: str) -> bool:
-    """`https://user:pass@host`: a credential inside a URL, never forwarded."""
-    return "://" in value and "@" in urlsplit(value).netloc
 
 
 def cluster_address(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> str | None:

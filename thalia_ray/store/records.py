@@ -22,8 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
-import yaml
-
+from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, validate
 from thalia_ray.data import schema
 from thalia_ray.errors import StoreProblem
@@ -238,8 +237,8 @@ class RunRecord:
         loc = self.loc.join(CONFIG)
         text = self._read(loc, lambda: loc.read_text())
         try:
-            return validate(yaml.safe_load(text) or {})
-        except (yaml.YAMLError, ConfigError) as err:
+            return validate(safe_yaml.load(text) or {})
+        except (safe_yaml.YamlError, ConfigError) as err:
             raise StoreError(f"{loc}: not a usable configuration: {err}") from None
 
     # ------------------------------------------------------------------------------ status
