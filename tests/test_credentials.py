@@ -50,6 +50,7 @@ def test_names_and_assignments() -> None:
         credentials.Finding("overrides[1] (storage.password=...)", "a value for a secret-looking name")]
     assert credentials.scan_text("export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...") == []  # placeholders
     assert credentials.scan_text("key: access-key-id   # a secretKeyRef's key is a name, not a secret") == []
+    assert credentials.shapes(f"runtime.wandb.group={AWS_SECRET}") == ["an AWS secret access key"]
     assert credentials.scan_text("password: hunter2") == [credentials.Finding("line 1", "a literal secret")]
     assert credentials.scan_text(f"# an old key: {AWS_ID}") == [credentials.Finding("line 1", "an AWS access key id")]
 

@@ -212,6 +212,31 @@ def test_list_runs_and_sweeps(store):
     assert store.root.join("sweeps", "sw", "summary.json").exists()
 
 
+@pytest.mark.parametrize("damaged", ["run.json", "history.json", "results.json"])
+@pytest.mark.parametrize("content", ["{oops", "[1, 2]", "\x00\xff binary"])
+def test_one_damaged_record_is_one_unreadable_row_of_runs_list_and_leaderboard_all(tmp_path, capsys, damaged, content):
+    from thalia_ray.cli import main
+
+    store = ExperimentStore(str(tmp_path / "runs"))
+    for run_id in ("good", "bad"):
+        record = store.run(run_id)
+        record.set_status("running", name=run_id, task="classification", model="resnet18", host=HOST)
+        record.write_config(ThaliaConfig())
+        record.append_history({"epoch": 1, "val/f1_deformation": 0.5})
+        record.write_results({"val/f1_deformation": 0.5})
+        record.set_status("finished")
+    store.run("bad").loc.join(damaged).write_bytes(content.encode("latin-1"))
+    assert main(["runs", "list", "--store", str(tmp_path / "runs")]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {"good": "finished", "bad": "unreadable"}
+    assert main(["leaderboard", "all", "--store", str(tmp_path / "runs")]) == 0
+    board = capsys.readouterr().out
+    bad = [line for line in board.splitlines() if " bad " in line]
+    assert " good " in board and all(" unreadable " in line for line in bad)  # shown as such, or left out
+    assert main(["runs", "show", "bad", "--store", str(tmp_path / "runs")]) == StoreError.exit_code
+    assert f"runs/bad/{damaged}: damaged record" in capsys.readouterr().err
+
+
 def test_ray_storage_is_under_the_store(store):
     fs, path = store.ray_storage()
     assert path == store.root.join("ray").path

@@ -255,7 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from thalia_ray.store.leaderboard import leaderboard_text
     from thalia_ray.tune.driver import run_sweep
 
-    preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
+    preflight.for_sweep(cfg, args.sweep_id)
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=args.sweep_id)
     if args.json:
@@ -331,7 +331,10 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
     from thalia_ray.manifests import ManifestError, validate_file
 
     reports = {path: validate_file(path, args.crds) for path in args.files}
-    bad = {path: problems for path, problems in reports.items() if problems}
+    for path, report in reports.items():
+        for warning in report.warnings:
+            print(f"thalia-ray: warning: {path}: {warning}", file=sys.stderr)
+    bad = {path: report.problems for path, report in reports.items() if report.problems}
     if bad:
         raise ManifestError("; ".join(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p) for path, p in bad.items()))
     for path in reports:

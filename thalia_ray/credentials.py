@@ -42,7 +42,7 @@ _SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("a Hugging Face token", re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}")),
     ("a private key", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")),
 )
-_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=_-])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=_-])")
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+_-])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=_-])")
 _HEX40 = re.compile(r"(?<![A-Za-z0-9_/+.@:=-])(?:local-)?[0-9a-f]{40}(?![A-Za-z0-9_/+.-])")
 # Query parameters that carry a credential (presigned URLs, token-in-URL package indexes).
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token|auth|password|passwd|pwd|key|api_key|sig|signature|"

@@ -19,7 +19,7 @@ from thalia_ray.data.cube import CubeCache, DataError
 from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.errors import ThaliaError
 from thalia_ray.storage import Location, StorageError, resolve
-from thalia_ray.store.records import StoreError
+from thalia_ray.store.records import STATUS, StoreError
 
 SPLITS = ("train", "val", "test")
 _CUBE_THREADS = 8  # cube headers are small reads; S3 latency dominates, so read several at once
@@ -195,10 +195,8 @@ def non_empty(cfg: ThaliaConfig, pools: dict[str, list[Any]]) -> None:
 def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collection[str] = ()) -> None:
     """Everything `train` needs, checked without Ray. A sweep passes the dotted paths its search space
     `varied`: checks that depend on them are left to the trials (a base value may be one no trial uses)."""
-    from thalia_ray.store.layout import check_id
-
     if run_id is not None:
-        check_id(run_id)
+        resumable(cfg, run_id)
     if any(path.startswith("data.") or path == "seed" for path in varied):
         location_present(cfg.data.root if cfg.data.source == "cube" else str(cfg.data.shards),
                          "data.root" if cfg.data.source == "cube" else "data.shards", cfg.storage)
@@ -215,6 +213,29 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
     if "model.pretrained" not in varied:
         pretrained_present(cfg)
     writable(cfg.storage.store, "storage.store", cfg.storage)
+
+
+def resumable(cfg: ThaliaConfig, run_id: str) -> None:
+    """`--run-id`: a valid id of a run that is new or can go on; a finished run is refused here, not after
+    Ray has started."""
+    from thalia_ray.store.layout import ExperimentStore, check_id
+
+    check_id(run_id)
+    record = ExperimentStore(cfg.storage.store, cfg.storage).run(run_id)
+    if record.loc.join(STATUS).exists() and record.read_status().get("status") == "finished":
+        raise StoreError(f"run {run_id} is already finished (its records are in {record.loc}): give a new --run-id, "
+                         "or none for a generated one")
+
+
+def for_sweep(cfg: ThaliaConfig, sweep_id: str | None) -> None:
+    """`sweep`: a valid `--sweep-id` (room left for its trials' run ids), then what `train` needs, leaving the
+    checks that depend on the search space's dotted paths to the trials."""
+    from thalia_ray.store.layout import check_id
+
+    assert cfg.sweep is not None  # the CLI refuses a file without a sweep section first
+    if sweep_id is not None:
+        check_id(sweep_id, "sweep id")
+    for_training(cfg, varied=tuple(cfg.sweep.space))
 
 
 def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_shard: int = 64,

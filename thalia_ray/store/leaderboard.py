@@ -58,12 +58,10 @@ def collect(store: ExperimentStore, sweep: str | None = None) -> list[Row]:
     for summary in store.list_runs(sweep=sweep):
         record = store.run(summary.run_id)
         try:
-            results = record.read_results()
-            cfg = record.read_config()
-        except StoreError:
+            results, cfg, history = record.read_results(), record.read_config(), record.read_history()
+        except StoreError:  # damaged: `runs list` shows it as unreadable
             continue
         metrics = dict((results or {}).get("metrics", {}))
-        history = record.read_history()
         if not metrics and history:  # a trial stopped by the scheduler: its best validation epoch
             metrics = {k: v for k, v in history[-1].items() if k.startswith("val/")}
         if not metrics:

@@ -9,6 +9,7 @@ Only plain JSON and YAML: anything can read them, nothing needs unpickling.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, validate
 from thalia_ray.data import schema
-from thalia_ray.errors import StoreProblem
+from thalia_ray.errors import StoreProblem, excerpt
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
 
@@ -85,6 +86,22 @@ def jsonable(value: Any, where: str) -> Any:
     if callable(tolist):
         return jsonable(tolist(), where)
     raise StoreError(f"{where}: {type(value).__name__} cannot be stored as JSON")
+
+
+def read_record(loc: Location, kind: type[dict] | type[list]) -> Any:
+    """A JSON record (an object or a list, as `kind` says). A damaged one (cut short, overwritten, not
+    ours) is a StoreError naming the file, so that listings can show the run as unreadable."""
+    raw = loc.read_bytes()
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreError(f"{loc}: damaged record, not valid JSON ({excerpt(str(err))}); "
+                         "move it aside or delete the run's folder") from None
+    if not isinstance(value, kind):
+        wanted = "object" if kind is dict else "list"
+        raise StoreError(f"{loc}: damaged record: expected a JSON {wanted}, got {type(value).__name__}; "
+                         "move it aside or delete the run's folder")
+    return value
 
 
 @dataclass(frozen=True)
@@ -255,7 +272,7 @@ class RunRecord:
         if kind is not None and kind not in KINDS:
             raise StoreError(f"run {self.run_id}: kind {kind!r} is not one of {KINDS}")
         loc = self.loc.join(STATUS)
-        record: dict[str, Any] = loc.read_json() if loc.exists() else {}
+        record: dict[str, Any] = read_record(loc, dict) if loc.exists() else {}
         if record.get("status") == "finished" and status != "finished":
             raise StoreError(f"run {self.run_id} is already finished; it cannot become {status!r}")
         now = utc_now()
@@ -270,7 +287,7 @@ class RunRecord:
 
     def read_status(self) -> dict[str, Any]:
         loc = self.loc.join(STATUS)
-        return self._read(loc, lambda: loc.read_json())
+        return self._read(loc, lambda: read_record(loc, dict))
 
     # ------------------------------------------------------------------------------ lease
     def read_lease(self) -> Holder | None:
@@ -318,7 +335,7 @@ class RunRecord:
         loc = self.loc.join(STATUS)
         if not loc.exists():
             return None
-        if loc.read_json().get("status") != "running":
+        if read_record(loc, dict).get("status") != "running":
             return None
         now = time.time()
         holder = self.read_lease()
@@ -347,9 +364,9 @@ class RunRecord:
         loc = self.loc.join(HISTORY)
         if not loc.exists():
             return []
-        history = loc.read_json()
-        if not isinstance(history, list):
-            raise StoreError(f"{loc}: expected a list of per-epoch metrics, got {type(history).__name__}")
+        history = read_record(loc, list)
+        if not all(isinstance(row, dict) for row in history):
+            raise StoreError(f"{loc}: damaged record: expected a list of per-epoch metrics (objects)")
         return history
 
     # ------------------------------------------------------------------------------ results
@@ -362,7 +379,7 @@ class RunRecord:
     def read_results(self) -> dict[str, Any] | None:
         """Final results, or None while the run has none (still running, or failed)."""
         loc = self.loc.join(RESULTS)
-        return loc.read_json() if loc.exists() else None
+        return read_record(loc, dict) if loc.exists() else None
 
     # ------------------------------------------------------------------------------ predictions
     def write_predictions(self, split: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -383,7 +400,7 @@ class RunRecord:
         if not loc.exists():
             have = [n.removesuffix(".json") for n in self.loc.join(PREDICTIONS).list()]
             raise StoreError(f"run {self.run_id} has no {split} predictions (it has: {have or 'none'})")
-        return loc.read_json()
+        return read_record(loc, list)
 
     # ------------------------------------------------------------------------------ skipped samples
     def write_skipped(self, rows: Iterable[Mapping[str, Any]], command: SkipCommand = "train",
@@ -420,9 +437,9 @@ class RunRecord:
         loc = self.loc.join(SKIPPED)
         if not loc.exists():
             return None
-        rows = loc.read_json()
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise StoreError(f"{loc}: expected a list of skipped samples, got {type(rows).__name__}")
+        rows = read_record(loc, list)
+        if not all(isinstance(r, dict) for r in rows):
+            raise StoreError(f"{loc}: damaged record: expected a list of skipped samples (objects)")
         return [{"command": "train", **r} for r in rows]
 
     # ------------------------------------------------------------------------------ whole frames
@@ -432,7 +449,7 @@ class RunRecord:
 
     def read_whole_frame(self) -> dict[str, Any] | None:
         loc = self.loc.join(WHOLE_FRAME)
-        return loc.read_json() if loc.exists() else None
+        return read_record(loc, dict) if loc.exists() else None
 
     # ------------------------------------------------------------------------------ summary
     def summary(self) -> RunSummary:
@@ -474,7 +491,7 @@ class SweepRecord:
     def read_summary(self) -> dict[str, Any]:
         loc = self.loc.join(SUMMARY)
         try:
-            return loc.read_json()
+            return read_record(loc, dict)
         except FileNotFoundError:
             raise StoreError(f"sweep {self.sweep_id} has no summary (looked in {self.loc})") from None
 
