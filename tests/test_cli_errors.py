@@ -138,6 +138,37 @@ def _manifest_with(old: str, new: str) -> Callable[[Path, Path | None], None]:
     return setup
 
 
+def _run_with_checkpoint(content: str, status: str = "finished", snapshot: bool = False) -> Callable[[Path, Path | None], None]:
+    """Run `ckpt` on {root}: a checkpoint whose state.pt is `content` (see tests.helpers.bad_checkpoint), recorded
+    as the run's best (finished) or as the latest in Ray's snapshot (an interrupted run to resume)."""
+    def setup(tmp: Path, root: Path | None) -> None:
+        from tests.helpers import bad_checkpoint
+        from thalia_ray.config import load_config
+        from thalia_ray.store import ExperimentStore
+
+        store = ExperimentStore(str(tmp / "runs"))
+        record = store.run("ckpt")
+        record.write_config(load_config(None, [f"data.root={root}", f"storage.store={tmp}/runs", "train.batch_size=2"]))
+        folder = tmp / "runs" / "ray" / "ckpt" / "checkpoint_2026-01-01_00-00-00.000000"
+        bad_checkpoint(folder / "state.pt", content, tmp / "pwned")
+        if snapshot:
+            (folder.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+                {"latest_checkpoint_result": {"checkpoint_dir_name": folder.name}}))
+        else:
+            record.write_results({"val/f1_deformation": 0.5}, best_epoch=1, best_checkpoint=str(folder))
+        record.set_status(status)
+    setup.needs_root = True  # type: ignore[attr-defined]
+    return setup
+
+
+def _all_nan(variable: str) -> Callable[[Path], None]:
+    """Every cube's `variable` without a chunk: all NaN, which Zarr does not write."""
+    def change(copy: Path) -> None:
+        for cube in copy.glob("*.zarr"):
+            shutil.rmtree(cube / variable / "c")
+    return change
+
+
 AWS_ID, AWS_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documentation examples
 HF_TOKEN, GH_TOKEN = "hf_" + "aBcDeFgHiJ" * 3 + "kLmN", "ghp_" + "a1B2c3D4e5" * 4
 
@@ -209,6 +240,8 @@ CASES = [
     Case("export of all channels from cubes without one", ["export", "--data", "{tmp}/noera", "--all-channels",
                                                            "--out", "{tmp}/out"], DATA, "--all-channels",
          RootCopy("noera", _without("secondary_date_surface_pressure"))),
+    Case("cubes whose phase is all NaN", [*_TRAIN[:2], "data.root={tmp}/nan", *_TRAIN[3:]], DATA,
+         "variable(s) ['insar_difference'] hold no data at all", RootCopy("nan", _all_nan("insar_difference"))),
     Case("statistics missing", [*_TRAIN, "--set", "data.statistics={tmp}/nope.json"], DATA, "data.statistics"),
     Case("default statistics missing", [*_TRAIN[:2], "data.root={tmp}/nostats", *_TRAIN[3:]], DATA,
          "prepare stats", RootCopy("nostats", lambda copy: (copy / "statistics.json").unlink())),
@@ -279,6 +312,20 @@ CASES = [
          "broken/run.json: damaged record", _damaged_run),
     Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
     Case("show an unknown run", ["runs", "show", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    Case("export a model from a hostile checkpoint", ["export-model", "ckpt", "--format", "safetensors", "--out",
+                                                      "{tmp}/m.safetensors", "--store", "{tmp}/runs"], STORE,
+         "state.pt: it holds a pickled object ('posix.system')", _run_with_checkpoint("payload")),
+    Case("export a model from random bytes", ["export-model", "ckpt", "--format", "onnx", "--out", "{tmp}/m.onnx",
+                                              "--store", "{tmp}/runs"], STORE,
+         "state.pt: it is damaged or not a PyTorch checkpoint", _run_with_checkpoint("random")),
+    Case("evaluate a hostile checkpoint", ["evaluate", "ckpt", "--store", "{tmp}/runs"], STORE,
+         "state.pt: it holds a pickled object", _run_with_checkpoint("payload")),
+    Case("predict with a checkpoint cut short", ["predict", "ckpt", "--data", "{root}", "--out", "{tmp}/p", "--store",
+                                                 "{tmp}/runs"], STORE, "state.pt: it is damaged",
+         _run_with_checkpoint("truncated")),
+    Case("resume from a hostile checkpoint", [*_TRAIN, "--run-id", "ckpt"], STORE,
+         "run ckpt cannot resume from its latest checkpoint: checkpoint", _run_with_checkpoint("payload", "interrupted",
+                                                                                               snapshot=True)),
     Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
     # cluster configurations
     Case("KubeRay manifest without CRDs", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml")],
@@ -323,7 +370,7 @@ def no_ray(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, request):
     words = " ".join(case.argv)
-    needs_root = "{root}" in words or isinstance(case.setup, RootCopy)
+    needs_root = "{root}" in words or isinstance(case.setup, RootCopy) or getattr(case.setup, "needs_root", False)
     root = request.getfixturevalue("synthetic_root") if needs_root else None  # generated once, if needed
     if case.setup:
         case.setup(tmp_path, root)
@@ -336,6 +383,7 @@ def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, 
     assert case.culprit in err, f"{case.name}: {case.culprit!r} not named in {err!r}"
     assert len(err) < 2000, f"{case.name}: {len(err)} characters of error"
     assert not case.hidden or case.hidden not in out + err, f"{case.name}: the secret was printed"
+    assert "weights_only" not in err and not (tmp_path / "pwned").exists()  # never advised, never executed
 
 
 def test_a_shell_sees_one_line_and_the_status(tmp_path):

@@ -188,6 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store = ExperimentStore(args.store)
     cfg = store.run(args.run).read_config()
     preflight.for_evaluation(cfg, args.split)
+    preflight.checkpoint_loads(store, args.run)
     with runtime.start(cfg.runtime):
         result = evaluate_run(store, args.run, split=args.split)
     if args.json:
@@ -561,7 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ThaliaError, OSError) as err:  # a user's mistake or the disk's: one line, no traceback
         if _debug(args):
             raise
-        shown = _raised_in_task(err)
+        from thalia_ray.runtime import raised_in_task
+
+        shown = raised_in_task(err)
         print(f"thalia-ray: {_bounded(str(shown))}", file=sys.stderr)
         return getattr(shown, "exit_code", StorageProblem.exit_code)  # an OSError is the disk's or the network's
 
@@ -577,16 +580,6 @@ def _bounded(message: str) -> str:
     if len(message) <= MESSAGE_LIMIT:
         return message
     return f"{message[:MESSAGE_LIMIT]}… ({len(message) - MESSAGE_LIMIT:,} more characters; --debug shows all)"
-
-
-def _raised_in_task(err: BaseException) -> BaseException:
-    """The error a Ray task raised, without the task's traceback that Ray puts in front of it (Ray
-    re-raises it as a RayTaskError that is also an instance of the original's class)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
-        err = err.cause
-    return err
 
 
 if __name__ == "__main__":

@@ -163,6 +163,16 @@ def storage_env_vars(storage_cfg: StorageConfig | None = None,
     return env
 
 
+def raised_in_task(err: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, without the task's traceback that Ray puts in front of it (Ray
+    re-raises it as a RayTaskError that is also an instance of the original's class, once per hop)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
+        err = err.cause
+    return err
+
+
 def cluster_address(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> str | None:
     """`RAY_ADDRESS` wins over the config, so a job submitted to a cluster runs on that cluster."""
     return environ.get("RAY_ADDRESS") or runtime_cfg.address or None

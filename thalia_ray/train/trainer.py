@@ -25,11 +25,13 @@ from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
-from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError
+from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError, excerpt
+from thalia_ray.runtime import raised_in_task
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
 from thalia_ray.store.records import Lease, RunRecord, Status
+from thalia_ray.train.checkpoint import CheckpointError, check_state
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 
@@ -210,6 +212,7 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
     for cause in roots:
         while cause is not None and id(cause) not in seen:
             seen.add(id(cause))
+            cause = raised_in_task(cause)  # a read task's error reaches a worker through Ray Data's actors
             yield cause
             cause = cause.__cause__ or cause.__context__
 
@@ -250,21 +253,28 @@ def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
 
 
 def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
-    """Refuse to resume from a Ray snapshot that cannot be read back, naming it and the way on.
+    """Refuse to resume from a Ray snapshot that cannot be read back, or from a latest checkpoint that is
+    damaged or hostile (`checkpoint.check_state`), naming the file and the way on.
 
-    Ray's controller would fail on it deep inside its own start. Ours are written whole
-    (`atomic_arrow`); one left by an older version on a full disk, or by another tool, may not be.
+    Ray's controller would fail on the snapshot deep inside its own start, and every worker on the
+    checkpoint. Ours are written whole (`atomic_arrow`); one left by an older version on a full disk, or
+    by another tool, may not be.
     """
     snapshot = store.ray_root.join(run_id, RAY_SNAPSHOT)
     if not snapshot.exists():
         return
+    start_over = "delete that file to train the run from its start, or use another --run-id"
     try:
-        json.loads(snapshot.read_text())
-    except ValueError as err:
-        raise StoreProblem(
-            f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged ({err}). "
-            "The checkpoints are beside it; delete that file to train the run from its start, or use another --run-id"
-        ) from None
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (ValueError, AttributeError) as err:
+        raise StoreProblem(f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged "
+                           f"({excerpt(str(err))}). The checkpoints are beside it; {start_over}") from None
+    if isinstance(latest, str) and latest:
+        filesystem, root = store.ray_storage()
+        try:
+            check_state(Checkpoint(f"{root}/{run_id}/{latest}", filesystem=filesystem))
+        except CheckpointError as err:
+            raise CheckpointError(f"run {run_id} cannot resume from its latest checkpoint: {err}") from None
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
