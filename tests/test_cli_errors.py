@@ -161,6 +161,16 @@ def _run_with_checkpoint(content: str, status: str = "finished", snapshot: bool 
     return setup
 
 
+def _unknown_activity_on_positives(copy: Path) -> None:
+    """Every positive annotation with an activity type the vocabulary does not have."""
+    path = copy / "annotations.json"
+    records = json.loads(path.read_text())
+    for raw in records.values():
+        if "Non_Deformation" not in raw["label"]:
+            raw["activity_type"] = ["Volcanic_Explosion"]
+    path.write_text(json.dumps(records))
+
+
 def _all_nan(variable: str) -> Callable[[Path], None]:
     """Every cube's `variable` without a chunk: all NaN, which Zarr does not write."""
     def change(copy: Path) -> None:
@@ -240,6 +250,11 @@ CASES = [
     Case("export of all channels from cubes without one", ["export", "--data", "{tmp}/noera", "--all-channels",
                                                            "--out", "{tmp}/out"], DATA, "--all-channels",
          RootCopy("noera", _without("secondary_date_surface_pressure"))),
+    Case("annotations losing every positive", [*_TRAIN[:2], "data.root={tmp}/act", *_TRAIN[3:]], DATA,
+         "the train split lost all 9 of its positive annotations: 9 annotations left out of the index (field "
+         "'activity_type' ×9)", RootCopy("act", _unknown_activity_on_positives)),
+    Case("prepare index losing every positive", ["prepare", "index", "--data", "{tmp}/act"], DATA,
+         "split lost all", RootCopy("act", _unknown_activity_on_positives)),
     Case("cubes whose phase is all NaN", [*_TRAIN[:2], "data.root={tmp}/nan", *_TRAIN[3:]], DATA,
          "variable(s) ['insar_difference'] hold no data at all", RootCopy("nan", _all_nan("insar_difference"))),
     Case("statistics missing", [*_TRAIN, "--set", "data.statistics={tmp}/nope.json"], DATA, "data.statistics"),

@@ -237,6 +237,27 @@ def test_one_damaged_record_is_one_unreadable_row_of_runs_list_and_leaderboard_a
     assert f"runs/bad/{damaged}: damaged record" in capsys.readouterr().err
 
 
+def test_what_a_run_left_out_is_recorded_and_shown(store):
+    from thalia_ray.store.records import format_run
+
+    run = store.run("lo")
+    run.set_status("running", host=HOST)
+    assert run.read_left_out() is None
+    index = [{"what": "annotation", "key": "7", "reason": "field 'activity_type': unknown value(s) ['X']",
+              "frame_id": "F", "split": "train", "positive": True},
+             {"what": "series member", "key": "F/20180101/99", "reason": "no annotation with this uniqueID",
+              "frame_id": "F", "split": "val", "positive": None}]
+    epochs = {"train": {"drawn": 18, "used": 16, "left_out": {"train.max_steps_per_epoch=2": 2}},
+              "val": {"drawn": 8, "used": 8, "left_out": {}}}
+    run.write_left_out(index, epochs)
+    assert run.read_left_out() == {"index": index, "epochs": epochs}
+    shown = format_run(run).splitlines()
+    assert "left out  1 annotation, 1 series member of the index (field 'activity_type' ×1, no annotation with " \
+           "this uniqueID ×1; all in left_out.json)" in shown
+    assert "epochs    train: 16 of 18 samples per epoch (left out: train.max_steps_per_epoch=2 ×2)" in shown
+    assert "          val: 8 of 8 samples per epoch" in shown
+
+
 def test_ray_storage_is_under_the_store(store):
     fs, path = store.ray_storage()
     assert path == store.root.join("ray").path

@@ -346,6 +346,22 @@ def test_train_summary_line_counts_skipped_samples():
                            "3 samples skipped (store file:///store)")
 
 
+def test_what_each_epoch_leaves_out_is_counted_with_the_reason(tmp_path):
+    from thalia_ray.train.trainer import EpochUse, epoch_use
+
+    cfg = _config(tmp_path, tmp_path / "store", max_steps_per_epoch=2)  # 2 workers, batch 8
+    use = epoch_use(cfg, {"train": 51, "val": 9}, steps=2)
+    assert use["train"] == EpochUse(51, 32, {"Ray's equal split over 2 workers": 1, "the last partial batch of 8": 2,
+                                             "train.max_steps_per_epoch=2": 16})
+    assert use["val"] == EpochUse(9, 8, {"Ray's equal split over 2 workers": 1})
+    assert use["train"].describe("train", "trains on") == (
+        "train trains on 32 of 51 samples drawn (Ray's equal split over 2 workers ×1, the last partial batch of 8 ×2, "
+        "train.max_steps_per_epoch=2 ×16)")
+    exact = epoch_use(cfg.with_overrides({"train.max_steps_per_epoch": None}), {"train": 48, "val": 8}, steps=3)
+    assert exact == {"train": EpochUse(48, 48, {}), "val": EpochUse(8, 8, {})}
+    assert exact["val"].describe("val", "validates") == "val validates all 8 samples drawn"
+
+
 def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):
     from thalia_ray.train.trainer import steps_per_epoch
 

@@ -99,20 +99,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_index(args: argparse.Namespace) -> int:
-    from thalia_ray.data.index import index_counts
+    from thalia_ray.data.annotations import describe_left_out
+    from thalia_ray.data.index import index_at
     from thalia_ray.preflight import location_present
     from thalia_ray.storage import resolve
 
     cfg = _with_option(_config(args), "data.length", "--length", args.length)
     location_present(args.data, "--data", cfg.storage)
-    counts = index_counts(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
-    if args.json:
-        print(json.dumps(counts, indent=2))
+    index = index_at(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
+    counts = index.counts()
+    if args.json:  # the split rows, and each annotation or series member left out of them
+        print(json.dumps({**counts, "left_out": [item.row() for item in index.left_out]}, indent=2))
         return 0
     print(f"T={args.length} policy={args.policy} data={args.data}")
     print(f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}")
     for split, row in counts.items():
         print(f"{split:8s} {row['samples']:9d} {row['positives']:10d} {row['negatives']:10d}")
+    if index.left_out:
+        print(f"{describe_left_out(index.left_out)} (--json lists each)")
     return 0
 
 
@@ -154,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     print(f"{report.shards_written} shards written, {report.shards_kept} kept, {sum(report.samples.values())} "
           f"samples {report.samples}, {report.bytes / 1e6:.1f} MB, {len(report.skipped)} skipped, "
-          f"{report.seconds:.1f} s → {report.root}")
+          f"{len(report.left_out)} left out of the index, {report.seconds:.1f} s → {report.root}")
     return 0
 
 

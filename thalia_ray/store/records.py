@@ -48,6 +48,7 @@ CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
 SKIPPED = "skipped.json"
+LEFT_OUT = "left_out.json"  # what the run's index and epochs left out, and why (`write_left_out`)
 # A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
 HEARTBEAT_S = 10.0
 SHOWN_SKIPPED = 10  # `runs show` lists this many skipped samples; the rest are in skipped.json
@@ -442,6 +443,18 @@ class RunRecord:
             raise StoreError(f"{loc}: damaged record: expected a list of skipped samples (objects)")
         return [{"command": "train", **r} for r in rows]
 
+    # ------------------------------------------------------------------------------ left out
+    def write_left_out(self, index: Iterable[Mapping[str, Any]], epochs: Mapping[str, Any]) -> None:
+        """What training left out: `index`, the annotations and series members its index dropped (one row
+        each: what, key, reason, frame_id, split, positive), and `epochs`, per split the samples drawn per
+        epoch, those used, and how many were left out for which reason (Ray's equal split, a step cap)."""
+        self.loc.join(LEFT_OUT).write_json(jsonable({"index": list(index), "epochs": dict(epochs)},
+                                                    f"run {self.run_id} left out"))
+
+    def read_left_out(self) -> dict[str, Any] | None:
+        loc = self.loc.join(LEFT_OUT)
+        return read_record(loc, dict) if loc.exists() else None
+
     # ------------------------------------------------------------------------------ whole frames
     def write_whole_frame(self, evaluation: Mapping[str, Any]) -> None:
         """The latest whole-frame evaluation of `thalia-ray predict` (AP, F1 per frame and overall)."""
@@ -551,8 +564,26 @@ def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
     return f"{len(skipped)} samples" + (f" ({per_split})" if per_split else "")
 
 
+def format_left_out(left_out: Mapping[str, Any]) -> list[str]:
+    """`runs show` lines for `left_out.json`: the index's drops by cause, then each split's epoch use."""
+    index = left_out.get("index") or []
+    lines = []
+    if index:
+        causes = Counter(str(row.get("reason", "?")).split(":")[0] for row in index).most_common()
+        kinds = Counter(str(row.get("what", "?")) for row in index)
+        lines.append(f"left out  {', '.join(f'{n} {k}' + ('s' if n != 1 else '') for k, n in kinds.items())} "
+                     "of the index ("
+                     + ", ".join(f"{cause} ×{n}" for cause, n in causes[:4]) + f"; all in {LEFT_OUT})")
+    for n, (split, use) in enumerate((left_out.get("epochs") or {}).items()):
+        reasons = ", ".join(f"{reason} ×{count}" for reason, count in (use.get("left_out") or {}).items())
+        lines.append(f"{'epochs' if n == 0 else '':<9} {split}: {use.get('used')} of {use.get('drawn')} samples "
+                     "per epoch" + (f" (left out: {reasons})" if reasons else ""))
+    return lines
+
+
 def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
-                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None) -> str:
+                       results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None,
+                       left_out: Mapping[str, Any] | None = None) -> str:
     """The text of `thalia-ray runs show ID`, from a run's records (pure)."""
     lines = [f"run       {status.get('run_id', '?')}"]
     for key in ("name", "status", "kind", "task", "model", "sweep", "created", "updated"):
@@ -570,6 +601,8 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
                      for row in skipped[:SHOWN_SKIPPED])
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
+    if left_out:
+        lines.extend(format_left_out(left_out))
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
         lines.append("results:")
@@ -597,6 +630,6 @@ def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
     text = format_run_details(record.read_status(), record.read_history(), record.read_results(),
-                              record.read_skipped())
+                              record.read_skipped(), record.read_left_out())
     whole_frame = record.read_whole_frame()
     return "\n".join([text, *format_whole_frame(whole_frame)]) if whole_frame else text

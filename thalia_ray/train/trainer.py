@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig, FailureConfig, LoggingConfig, Result,
@@ -24,13 +24,14 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
 from ray.train.torch import TorchTrainer
 
 from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
 from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError, excerpt
 from thalia_ray.runtime import raised_in_task
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
-from thalia_ray.store.records import Lease, RunRecord, Status
+from thalia_ray.store.records import LEFT_OUT, Lease, RunRecord, Status
 from thalia_ray.train.checkpoint import CheckpointError, check_state
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
@@ -54,13 +55,15 @@ class TrainResult:
     store: str  # the experiment store's URL
     history: list[dict[str, float]] = field(default_factory=list)
     skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
+    left_out: int = 0  # annotations and series members the index left out (listed in the store)
 
     def __str__(self) -> str:
         """One readable line: the headline Deformation metrics, skipped samples and where the run is."""
         shown = [f"{k} {v:.3f}" for k, v in {**self.val_metrics, **self.test_metrics}.items()
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
+        left_out = f", {self.left_out} left out of the index" if self.left_out else ""
         return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
-                f"{self.skipped} samples skipped (store {self.store})")
+                f"{self.skipped} samples skipped{left_out} (store {self.store})")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
@@ -108,6 +111,43 @@ def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int]) -> int:
                          f"for one batch of train.batch_size={batch} on each of train.num_workers={workers}")
     cap = cfg.train.max_steps_per_epoch
     return min(steps, cap) if cap is not None else steps
+
+
+@dataclass(frozen=True)
+class EpochUse:
+    """How much of a split one epoch uses: the samples drawn, those trained or validated on, and why the
+    rest is left out (Ray's equal split over the workers, the last partial batch, a step cap)."""
+
+    drawn: int
+    used: int
+    left_out: dict[str, int]
+
+    def describe(self, split: str, verb: str) -> str:
+        if not self.left_out:
+            return f"{split} {verb} all {self.drawn} samples drawn"
+        reasons = ", ".join(f"{reason} ×{n}" for reason, n in self.left_out.items())
+        return f"{split} {verb} {self.used} of {self.drawn} samples drawn ({reasons})"
+
+
+def epoch_use(cfg: ThaliaConfig, sizes: Mapping[str, int], steps: int) -> dict[str, EpochUse]:
+    """What one epoch of training and of validation uses of the samples drawn (`sizes`), as the loop runs:
+    each worker gets floor(n / workers) rows (Ray's equal split), trains on `steps` full batches (a last
+    partial batch is dropped) and validates at most `train.max_steps_per_epoch` batches."""
+    workers, batch, cap = cfg.train.num_workers, cfg.train.batch_size, cfg.train.max_steps_per_epoch
+    split_reason = f"Ray's equal split over {workers} workers"
+    cap_reason = f"train.max_steps_per_epoch={cap}"
+
+    def use(drawn: int, per_worker_used: int, per_worker_full: int, partial: str) -> EpochUse:
+        per_worker = drawn // workers
+        reasons = {split_reason: drawn - per_worker * workers, partial: (per_worker - per_worker_full) * workers,
+                   cap_reason: (per_worker_full - per_worker_used) * workers}
+        return EpochUse(drawn, per_worker_used * workers, {k: n for k, n in reasons.items() if n > 0})
+
+    train_rows, val_rows = sizes["train"] // workers, sizes["val"] // workers
+    full = train_rows // batch * batch
+    val_used = min(val_rows, cap * batch) if cap is not None else val_rows
+    return {"train": use(sizes["train"], steps * batch, full, f"the last partial batch of {batch}"),
+            "val": use(sizes["val"], val_used, val_rows, "")}
 
 
 def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
@@ -252,6 +292,17 @@ def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
         log.warning("run %s: cannot record its skipped samples: %s", record.run_id, err)
 
 
+def record_left_out(record: RunRecord, index: list[LeftOut], epochs: Mapping[str, EpochUse]) -> None:
+    """Say what the run leaves out, and record it beside the run: what the index dropped (a warning: the
+    data are not what they should be) and what each epoch uses of the samples drawn."""
+    if index:
+        log.warning("run %s: %s (all in %s)", record.run_id, describe_left_out(index), record.loc.join(LEFT_OUT))
+    verbs = {"train": "trains on", "val": "validates"}
+    log.info("run %s: each epoch %s", record.run_id, "; ".join(use.describe(split, verbs[split])
+                                                                for split, use in epochs.items()))
+    record.write_left_out([item.row() for item in index], {split: asdict(use) for split, use in epochs.items()})
+
+
 def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
     """Refuse to resume from a Ray snapshot that cannot be read back, or from a latest checkpoint that is
     damaged or hostile (`checkpoint.check_state`), naming the file and the way on.
@@ -296,6 +347,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
+    record_left_out(record, data.left_out, epoch_use(cfg, data.sizes, settings.steps_per_epoch))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
@@ -330,4 +382,4 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     log.info("run %s finished: best epoch %s, %s", run_id, best_epoch,
              ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "deformation" in k and "f1" in k))
     return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history,
-                       skipped)
+                       skipped, len(data.left_out))

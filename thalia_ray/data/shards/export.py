@@ -56,6 +56,7 @@ class ExportReport:
     samples: dict[str, int] = field(default_factory=dict)  # per shard directory
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)  # samples that could not be read, with the reason
+    left_out: list[str] = field(default_factory=list)  # annotations and series members the index left out, and why
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def export_shards(
     layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress,
                           cfg.crop_policy, seed if cfg.crop_policy == "reference" else None)
     base = shard_root(resolve(out), length)
-    report = ExportReport(root=base.url, length=length)
+    report = ExportReport(root=base.url, length=length, left_out=index.problems)
     records: dict[str, dict[str, Any]] = {}
     pending = []
     task = ray.remote(_write_shard).options(num_cpus=num_cpus)  # no runtime_env: Ray logs it
@@ -231,6 +232,7 @@ def export_shards(
         "compress": compress, "crop": cfg.crop, "mask_target": cfg.mask_target, "policy": cfg.policy, "label_rule": cfg.label_rule,
         "crop_policy": cfg.crop_policy, "seed": seed, "splits": list(splits),
         "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
+        "left_out": [item.row() for item in index.left_out],  # what the index left out: runs on these shards say so
     }
     base.join(MANIFEST).write_json(manifest, indent=None)
     report.seconds = time.perf_counter() - started
