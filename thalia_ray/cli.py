@@ -14,6 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from thalia_ray import interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.errors import StorageProblem, ThaliaError
 
@@ -561,7 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = args.handler in JSON_SUMMARIES and args.json
     args.summary_out = sys.stdout
     try:
-        with contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
+        # Ctrl-C and SIGTERM: work that can stop at a safe point does, and says how to go on (interrupts).
+        with interrupts.handling(), contextlib.redirect_stdout(sys.stderr) if summary else contextlib.nullcontext():
             return args.handler(args)
     except (ThaliaError, OSError) as err:  # a user's mistake or the disk's: one line, no traceback
         if _debug(args):

@@ -392,7 +392,7 @@ class ThaliaConfig(Section):
                 try:
                     ThaliaConfig.model_validate(trial)
                 except ValidationError as err:
-                    raise ValueError(f"sweep.space[{path!r}] value {value!r}: {_format(err)}") from None
+                    raise ValueError(f"sweep.space[{path!r}] value {excerpt(value)}: {_format(err)}") from None
         return self
 
     def to_yaml(self) -> str:
@@ -416,7 +416,7 @@ def set_dotted(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{path}: {key!r} is a value, not a section")
+            raise ConfigError(f"{excerpt(path)}: {excerpt(key)} is a value, not a section")
         node = child
     node[keys[-1]] = value
     return raw

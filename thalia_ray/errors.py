@@ -15,6 +15,7 @@ from missing data or an unreachable store without parsing messages. Concrete err
 | 7 | experiment store: run and sweep records |
 | 8 | job specs |
 | 9 | Ray cluster / Jobs API unreachable or refusing |
+| 130, 143 | interrupted by SIGINT or SIGTERM (128 + the signal's number; `interrupts.Interrupted`) |
 """
 from __future__ import annotations
 

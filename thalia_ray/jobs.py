@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.credentials import Finding, scan_tree
-from thalia_ray.errors import ClusterProblem, JobSpecProblem
+from thalia_ray.errors import ClusterProblem, JobSpecProblem, excerpt
 from thalia_ray.storage import file_url_path
 from thalia_ray.store.layout import make_run_id
 
@@ -238,7 +238,7 @@ def _entrypoint_tokens(path: Path, spec: SpecFile) -> list[str]:
         raise JobSpecError(f"{path}: entrypoint: {err}") from None
     _check_tokens(path, "entrypoint", tokens)
     if len(tokens) < 2 or tokens[0] != PROGRAM:
-        raise JobSpecError(f"{path}: entrypoint must be a `{PROGRAM} COMMAND ...` command line, got {spec.entrypoint!r}")
+        raise JobSpecError(f"{path}: entrypoint must be a `{PROGRAM} COMMAND ...` command line, got {excerpt(spec.entrypoint)}")
     owned = [t for t in tokens if t.split("=", 1)[0] in ("--set", *ID_FLAGS.values())]
     if owned:
         raise JobSpecError(
@@ -246,7 +246,7 @@ def _entrypoint_tokens(path: Path, spec: SpecFile) -> list[str]:
             "validated), and the run or sweep id is the submission id"
         )
     if spec.config is not None and spec.config not in tokens:
-        raise JobSpecError(f"{path}: entrypoint does not pass config {spec.config!r}: {spec.entrypoint!r}")
+        raise JobSpecError(f"{path}: entrypoint does not pass config {excerpt(spec.config)}: {excerpt(spec.entrypoint)}")
     return tokens
 
 

@@ -184,11 +184,11 @@ def validate_manifest(doc: Any, crd: Crd) -> list[str]:
     if not isinstance(doc, dict):
         return [f"$: a manifest must be a mapping, got {type(doc).__name__}"]
     if doc.get("kind") != crd.kind:
-        return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {crd.kind!r}"]
+        return [f"$.kind: {excerpt(doc.get('kind'))} does not match the CRD's kind {crd.kind!r}"]
     served = crd.served()
     if doc.get("apiVersion") not in served:
         wanted = doc.get("apiVersion")
-        return [f"$.apiVersion: {wanted!r} is not served for {crd.kind} (served: {sorted(served)})"]
+        return [f"$.apiVersion: {excerpt(wanted)} is not served for {crd.kind} (served: {sorted(served)})"]
     errors = _schema_errors(crd.validator(served[doc["apiVersion"]]), doc)
     return errors + _metadata_errors(doc.get("metadata")) + _replica_errors(doc.get("spec"))
 
@@ -238,15 +238,15 @@ def _metadata_errors(meta: Any) -> list[str]:
         value = meta.get(field)
         if isinstance(value, str) and not (len(value) <= 63 and _DNS1123_LABEL.match(value)):
             errors.append(
-                f"$.metadata.{field}: {value!r} is not a DNS-1123 label "
+                f"$.metadata.{field}: {excerpt(value)} is not a DNS-1123 label "
                 "(lowercase letters, digits and '-', alphanumeric at both ends, at most 63 characters)"
             )
     for key, value in (meta.get("labels") or {}).items():
         if not _valid_label_key(key):
-            errors.append(f"$.metadata.labels: key {key!r} is not a valid label key")
+            errors.append(f"$.metadata.labels: key {excerpt(key)} is not a valid label key")
         if isinstance(value, str) and value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
             where = json_path(["metadata", "labels", key])
-            errors.append(f"{where}: value {value!r} is not a valid label value")
+            errors.append(f"{where}: value {excerpt(value)} is not a valid label value")
     return errors
 
 
@@ -288,7 +288,7 @@ def validate_cluster_launcher(doc: Any) -> list[str]:
     types = doc["available_node_types"]
     head = doc.get("head_node_type")
     if head not in types:
-        errors.append(f"$.head_node_type: {head!r} is not one of available_node_types {sorted(types)}")
+        errors.append(f"$.head_node_type: {excerpt(head)} is not one of available_node_types {sorted(types)}")
     for name, node_type in types.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers")
         if high is not None and low > high:
@@ -435,8 +435,8 @@ def _quantity_errors(resources: dict[str, Any], path: list[str | int]) -> list[s
     for name, request in parsed.get("requests", {}).items():
         limit = parsed.get("limits", {}).get(name)
         if limit is not None and request > limit:
-            errors.append(f"{json_path([*path, 'requests', name])}: request {resources['requests'][name]!r} exceeds "
-                          f"its limit {resources['limits'][name]!r}")
+            errors.append(f"{json_path([*path, 'requests', name])}: request {excerpt(resources['requests'][name])} exceeds "
+                          f"its limit {excerpt(resources['limits'][name])}")
     return errors
 
 

@@ -21,7 +21,7 @@ from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.cube import CubeCache, DataError
 from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.data.samples import Sample
-from thalia_ray.errors import ThaliaError
+from thalia_ray.errors import ThaliaError, excerpt
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.records import STATUS, StoreError
 
@@ -325,7 +325,7 @@ def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_s
 def for_stats(cfg: ThaliaConfig, split: str) -> None:
     """`prepare stats` reads whole frames of one split (no crop), so only the index is checked."""
     if split not in cfg.data.splits:
-        raise ConfigError(f"--split {split!r}: not a configured split; data.splits has {list(cfg.data.splits)}")
+        raise ConfigError(f"--split {excerpt(split)}: not a configured split; data.splits has {list(cfg.data.splits)}")
     non_empty(cfg, {split: sample_index(cfg).samples(split)})
 
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 from thalia_ray.config import RuntimeConfig, StorageConfig
 from thalia_ray.credentials import shapes
+from thalia_ray.interrupts import reclaim_signals
 
 log = logging.getLogger("thalia_ray.runtime")
 
@@ -367,6 +368,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         )
         # The same lookup by GCS address, from this driver's own Ray helpers.
         _replace_env(replaced, "RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    reclaim_signals()  # Ray's core worker replaced the SIGTERM handler with one that aborts (interrupts)
     if env:
         log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
     return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)), replaced)

@@ -23,10 +23,12 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
                        RunConfig, ScalingConfig, WorkerGroupError)
 from ray.train.torch import TorchTrainer
 
+from thalia_ray import interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
 from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError, excerpt
+from thalia_ray.interrupts import Interrupted, RemoteStop, Stop
 from thalia_ray.runtime import raised_in_task
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
@@ -205,13 +207,16 @@ def fit(
     sweep_id: str | None = None,
     sweep_config: dict[str, Any] | None = None,
     lease: Lease | None = None,
+    stop: Stop | RemoteStop | None = None,
 ) -> TrainResult:
     """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
 
     A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
     `lease`: a lease the caller took already (the CLI does, before it starts Ray); the run is then the
-    lease's, and releasing it is the caller's.
+    lease's, and releasing it is the caller's. `stop`: the stop request the run obeys (`interrupts`): by
+    default this process's, which the CLI's signal handling sets; a Tune trial passes its sweep's.
     """
+    stop = stop or interrupts.current()
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     own_lease = lease is None
     if lease is None:  # one writer per run id: a live one refuses, a stale one is taken over
@@ -222,7 +227,14 @@ def fit(
         trial = {"kind": "sweep-trial", "sweep": sweep_id, "sweep_config": sweep_config or {}} if sweep_id else {}
         record.set_status("running", name=cfg.name, task=cfg.model.task, model=cfg.model.name, **trial)
         try:
-            outcome = _fit(cfg, store, record, callbacks, lease)
+            with stop.graceful(f"run {record.run_id}"), stop.watch(lambda reason: _record_end(
+                    record, "interrupted", f"{reason}: stopping at the next step (an epoch in training is abandoned, "
+                                           "one being validated or checkpointed is finished)")):
+                outcome = _fit(cfg, store, record, callbacks, lease, stop)
+        except Interrupted as err:  # a stop at a safe point, or a second signal that stopped at once
+            message = f"{err}: {_resume_hint(record)}"
+            _record_end(record, "interrupted", message)
+            raise Interrupted(message, err.exit_code - 128) from None
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
             raise
@@ -274,6 +286,19 @@ def user_problem(err: BaseException, record: RunRecord) -> ThaliaError | None:
     return None
 
 
+def _resume_hint(record: RunRecord) -> str:
+    """How to go on: the epochs the store holds (each checkpointed, and registered with Ray Train when the run
+    stopped at a safe point) and the command."""
+    try:
+        done = len(record.read_history())
+    except (StorageError, StoreProblem, OSError):
+        done = 0
+    saved = (f"epochs 1-{done} are checkpointed" if done > 1 else "epoch 1 is checkpointed" if done
+             else "no epoch was completed")
+    return (f"{saved}; rerun the same command with --run-id {record.run_id} to resume"
+            + (f" from epoch {done + 1}" if done else ""))
+
+
 def _record_end(record: RunRecord, status: Status, error: str) -> None:
     """Record how a run ended; if the store cannot take it (gone, full), the next command that meets
     the run's stale `running` record marks it interrupted."""
@@ -282,6 +307,13 @@ def _record_end(record: RunRecord, status: Status, error: str) -> None:
     except (StorageError, OSError) as err:
         log.error("run %s: cannot record its status %r (%s); the next command that meets it marks it "
                   "interrupted", record.run_id, status, err)
+
+
+def _stop_if_requested(stop: Stop | RemoteStop, message: str) -> None:
+    """Raise Interrupted (`message`, with `{signal}` filled in) when a stop was requested."""
+    name = stop.requested_signal()
+    if name:
+        raise interrupts.interrupted(message.format(signal=name), stop)
 
 
 def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
@@ -329,9 +361,10 @@ def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
-         lease: Lease) -> TrainResult:
+         lease: Lease, stop: Stop | RemoteStop) -> TrainResult:
     run_id = record.run_id
     check_ray_snapshot(store, run_id)
+    _stop_if_requested(stop, f"run {run_id} interrupted by {{signal}} before training started")
     if cfg.model.pretrained == IMAGENET or run_reference(cfg.model.pretrained):
         model_from_config(cfg)  # missing weights fail here, before any worker starts (and the hub cache fills once)
     data = build_datasets(cfg, splits=SPLIT_DATASETS, run_id=run_id,
@@ -344,6 +377,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         epoch_control=data.epoch_control,
         record=record,
         fault=os.environ.get(FAULT_ENV),
+        stop=stop.remote(),
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
@@ -361,7 +395,10 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     )
     try:
         with progress_bar(data.epoch_control, cfg.train.epochs, settings.steps_per_epoch):
-            result = trainer.fit()
+            result = stop.run_aside(trainer.fit, f"thalia-fit-{run_id}")
+        # Workers asked to stop leave at their next step and return: Ray Train registered every checkpoint.
+        done = len(record.read_history())
+        _stop_if_requested(stop, f"run {run_id} interrupted by {{signal}} after epoch {done} of {cfg.train.epochs}")
         stopping = cfg.train.early_stopping
         checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
         test = evaluate_checkpoint(cfg, checkpoint, "test", use_gpu) if cfg.train.test_best else None
