@@ -337,6 +337,34 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     assert result.test_metrics == {}
 
 
+@pytest.mark.slow
+def test_a_run_names_and_records_what_its_index_and_epochs_leave_out(ray_cluster, synthetic_root, tmp_path):
+    """Two positive annotations with an intensity the vocabulary lacks: training goes on without them, says
+    so in its summary, and records them beside the run with what each epoch leaves out."""
+    import shutil
+
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.trainer import fit
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    records = json.loads((root / "annotations.json").read_text())
+    changed = [k for k, r in records.items() if "Non_Deformation" not in r["label"]][:2]
+    for key in changed:
+        records[key]["intensity_level"] = ["Extreme"]
+    (root / "annotations.json").write_text(json.dumps(records))
+    cfg = _config(root, tmp_path / "store", epochs=1, num_workers=1, test_best=False)
+    store = ExperimentStore(cfg.storage.store)
+    result = fit(cfg, store=store, run_id="lo")
+    assert result.left_out == 2 and ", 0 samples skipped, 2 left out of the index (store" in str(result)
+    left_out = store.run("lo").read_left_out()
+    assert sorted(row["key"] for row in left_out["index"]) == sorted(changed)
+    assert all(row["reason"].startswith("field 'intensity_level': unknown value(s) ['Extreme']") and row["positive"]
+               for row in left_out["index"])
+    train = left_out["epochs"]["train"]
+    assert 0 < train["used"] < train["drawn"] == train["used"] + sum(train["left_out"].values())
+
+
 def test_train_summary_line_counts_skipped_samples():
     from thalia_ray.train.trainer import TrainResult
 

@@ -5,7 +5,13 @@ sizes, places the workers (fractional CPUs; GPUs when the cluster has them), let
 worker group from the latest checkpoint after a failure, and keeps the best checkpoints by the
 early-stopping metric. After training it tests the best checkpoint on the whole test split and
 stores results, per-sample predictions and every sample skipped as unreadable (also when the run
-fails). A Tune trial calls `fit` with Tune's report callback.
+fails), and what the index and each epoch left out (`left_out.json`). A Tune trial calls `fit` with
+Tune's report callback and its sweep's stop request.
+
+Ctrl-C and SIGTERM (`interrupts`) stop a run at its workers' next step; `fit` marks it interrupted at
+once, and when the workers have returned (every checkpoint they reported is registered with Ray
+Train) raises Interrupted with the way to resume. Any driver built on `fit` and `train.loop` (a
+pretraining run too) stops the same way.
 """
 from __future__ import annotations
 
