@@ -602,3 +602,22 @@ def write_published(root: str, data_cfg: DataConfig, split: str, per_shard: int 
         for n, tar in enumerate(sorted((base / folder).glob("*.tar"))):
             tar.rename(base / folder / f"sample-{folder}-{n:06d}.tar")
     return [key for key, _, _ in items]
+
+
+def bad_checkpoint(path: Path, content: str, marker: Path) -> None:
+    """A `state.pt` that is not a checkpoint: `payload` (a pickle whose `__reduce__` would create `marker`
+    if it ever ran), `random` bytes, or a real checkpoint `truncated` to its first 300 bytes."""
+    import torch
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content == "payload":
+        torch.save({"model": Payload()}, path)
+    elif content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    else:
+        torch.save({"model": {"weight": torch.zeros(64, 64)}}, path)
+        path.write_bytes(path.read_bytes()[:300])

@@ -14,6 +14,7 @@ from thalia_ray.config import DataConfig
 from thalia_ray.data.annotations import (
     AnnotationError,
     AnnotationSet,
+    describe_left_out,
     find_metadata,
     load_annotations,
     load_timeseries,
@@ -393,3 +394,60 @@ def test_reference_padding_walks_each_split_in_file_order_with_its_own_stream():
             assert draws[(frame, split_primary)] == tuple(uids[p] for p in positions)
     with pytest.raises(ValueError, match="padding 'reference' pads once"):
         DataConfig(padding="reference", policy="resample")
+
+
+# ----------------------------------------------------------------------- nothing left out without a word
+def _with_unknown_activity(records: dict, count: int) -> list[int]:
+    """Give `count` positive records an activity type the vocabulary does not have; returns their ids."""
+    changed = [int(k) for k, r in records.items() if "Deformation" in r["label"]][:count]
+    for uid in changed:
+        records[str(uid)]["activity_type"] = ["Volcanic_Explosion"]
+    return changed
+
+
+def test_records_left_out_are_counted_named_and_placed_in_their_split(tmp_path):
+    records, timeseries = dataset({FRAME: {"20180101": series("20180101", 4, positive_at=(0, 1, 2))}})
+    changed = _with_unknown_activity(records, 2)
+    timeseries[FRAME]["20180101"]["uniqueID"].append(99)  # no such annotation
+    timeseries[FRAME]["20180101"]["secondary_date"].append("20190110")
+    timeseries[FRAME]["20180101"]["length"] = 5
+    write(tmp_path, records, timeseries)
+    index = SampleIndex.from_config(DataConfig(root=str(tmp_path), length=1), seed=0)
+    assert index.counts()["train"]["positives"] == 1
+    rows = [item.row() for item in index.left_out]
+    assert [(r["what"], r["key"], r["split"], r["positive"]) for r in rows] == [
+        ("annotation", str(changed[0]), "train", True), ("annotation", str(changed[1]), "train", True),
+        ("series member", f"{FRAME}/20180101/99", "train", None)]
+    assert rows[0]["reason"].startswith("field 'activity_type': unknown value(s) ['Volcanic_Explosion']")
+    assert describe_left_out(index.left_out).startswith(
+        "2 annotations and 1 series member left out of the index (field 'activity_type' ×2, "
+        "no annotation with this uniqueID ×1); e.g. annotation uniqueID")
+
+
+def test_an_index_that_loses_every_positive_of_a_split_is_an_error_naming_the_cause(tmp_path):
+    records, timeseries = dataset({FRAME: {"20180101": series("20180101", 3, positive_at=(0, 1)),
+                                           "20200101": series("20200101", 2, positive_at=(0,))}})
+    _with_unknown_activity(records, 2)  # both train positives
+    write(tmp_path, records, timeseries)
+    with pytest.raises(AnnotationError, match=r"annotations.json: the train split lost all 2 of its positive "
+                                              r"annotations: 2 annotations left out of the index \(field "
+                                              r"'activity_type' ×2\); e.g. annotation uniqueID 1: field"):
+        SampleIndex.from_config(DataConfig(root=str(tmp_path), length=1), seed=0)
+    records, timeseries = dataset({FRAME: {"20180101": series("20180101", 3)}})  # never had one: no loss
+    write(tmp_path, records, timeseries)
+    assert SampleIndex.from_config(DataConfig(root=str(tmp_path), length=1), seed=0).counts()["train"]["positives"] == 0
+
+
+def test_prepare_index_names_what_it_left_out(tmp_path, capsys):
+    from thalia_ray.cli import main
+
+    records, timeseries = dataset({FRAME: {"20180101": series("20180101", 4, positive_at=(0, 1, 2))}})
+    _with_unknown_activity(records, 1)
+    write(tmp_path, records, timeseries)
+    assert main(["prepare", "index", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["train", "3", "2", "1"]
+    assert out[-1].startswith("1 annotation left out of the index (field 'activity_type' ×1)")
+    assert main(["prepare", "index", "--data", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["left_out"]
+    assert [(r["what"], r["split"], r["positive"]) for r in listed] == [("annotation", "train", True)]

@@ -43,6 +43,7 @@ class Case:
     code: int
     culprit: str  # must appear in the message
     setup: Callable[[Path, Path | None], None] | None = None  # (tmp, root) → writes the bad input
+    hidden: str = ""  # must appear in neither stdout nor stderr (a secret the input holds)
 
 
 def _write(rel: str, content: bytes | str) -> Callable[[Path, Path | None], None]:
@@ -132,6 +133,85 @@ def _all(*setups: Callable[[Path, Path | None], None]) -> Callable[[Path, Path |
     return setup
 
 
+def _finished_run(tmp: Path, root: Path | None) -> None:
+    from thalia_ray.store import ExperimentStore
+
+    ExperimentStore(str(tmp / "runs")).run("done").set_status("finished")
+
+
+def _damaged_run(tmp: Path, root: Path | None) -> None:
+    from thalia_ray.store import ExperimentStore
+
+    record = ExperimentStore(str(tmp / "runs")).run("broken")
+    record.set_status("failed", error="x")
+    record.loc.join("run.json").write_text("[1, 2]")
+
+
+def _billion_laughs(tmp: Path, root: Path | None) -> None:
+    from tests.test_safe_yaml import billion_laughs
+
+    (tmp / "laughs.yaml").write_text(billion_laughs())
+
+
+def _manifest_with(old: str, new: str) -> Callable[[Path, Path | None], None]:
+    def setup(tmp: Path, root: Path | None) -> None:
+        text = (REPO / "cluster/kuberay/raycluster.yaml").read_text()
+        assert old in text
+        (tmp / "rc.yaml").write_text(text.replace(old, new))
+    return setup
+
+
+def _run_with_checkpoint(content: str, status: str = "finished", snapshot: bool = False) -> Callable[[Path, Path | None], None]:
+    """Run `ckpt` on {root}: a checkpoint whose state.pt is `content` (see tests.helpers.bad_checkpoint), recorded
+    as the run's best (finished) or as the latest in Ray's snapshot (an interrupted run to resume)."""
+    def setup(tmp: Path, root: Path | None) -> None:
+        from tests.helpers import bad_checkpoint
+        from thalia_ray.config import load_config
+        from thalia_ray.store import ExperimentStore
+
+        store = ExperimentStore(str(tmp / "runs"))
+        record = store.run("ckpt")
+        record.write_config(load_config(None, [f"data.root={root}", f"storage.store={tmp}/runs", "train.batch_size=2"]))
+        folder = tmp / "runs" / "ray" / "ckpt" / "checkpoint_2026-01-01_00-00-00.000000"
+        bad_checkpoint(folder / "state.pt", content, tmp / "pwned")
+        if snapshot:
+            (folder.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+                {"latest_checkpoint_result": {"checkpoint_dir_name": folder.name}}))
+        else:
+            record.write_results({"val/f1_deformation": 0.5}, best_epoch=1, best_checkpoint=str(folder))
+        record.set_status(status)
+    setup.needs_root = True  # type: ignore[attr-defined]
+    return setup
+
+
+def _unknown_activity_on_positives(copy: Path) -> None:
+    """Every positive annotation with an activity type the vocabulary does not have."""
+    path = copy / "annotations.json"
+    records = json.loads(path.read_text())
+    for raw in records.values():
+        if "Non_Deformation" not in raw["label"]:
+            raw["activity_type"] = ["Volcanic_Explosion"]
+    path.write_text(json.dumps(records))
+
+
+def _all_nan(variable: str) -> Callable[[Path], None]:
+    """Every cube's `variable` without a chunk: all NaN, which Zarr does not write."""
+    def change(copy: Path) -> None:
+        for cube in copy.glob("*.zarr"):
+            shutil.rmtree(cube / variable / "c")
+    return change
+
+
+AWS_ID, AWS_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # AWS's documentation examples
+HF_TOKEN, GH_TOKEN = "hf_" + "aBcDeFgHiJ" * 3 + "kLmN", "ghp_" + "a1B2c3D4e5" * 4
+
+
+def _spec_with_env(**env: str) -> Callable[[Path, Path | None], None]:
+    """A job spec whose runtime_env holds `env` under harmless names."""
+    lines = "".join(f"    {name}: '{value}'\n" for name, value in env.items())
+    return _write("job.yaml", _SPEC + f"runtime_env:\n  working_dir: {REPO}\n  env_vars:\n{lines}")
+
+
 _TRAIN = ["train", "--set", "data.root={root}", "--set", "storage.store={tmp}/runs", "--set", "train.batch_size=2"]
 _SHARDS = [*_TRAIN, "--set", "data.source=shards", "--set", "data.shards={tmp}/shards"]
 _SPEC = "name: x\nentrypoint: thalia-ray train\n"
@@ -151,6 +231,21 @@ CASES = [
          _write("list.yaml", "- train\n")),
     Case("config with a python tag", ["config", "show", "{tmp}/tag.yaml"], CONFIG, "tag.yaml",
          _write("tag.yaml", "train: !!python/object/apply:os.system ['true']\n")),
+    Case("config an alias bomb", ["config", "show", "{tmp}/laughs.yaml"], CONFIG,
+         "laughs.yaml: not valid YAML: the block at line 6 expands to more than 100,000 values", _billion_laughs),
+    Case("config file empty", ["config", "show", "{tmp}/empty.yaml"], CONFIG, "empty.yaml: empty",
+         _write("empty.yaml", "")),
+    Case("config file of comments only", ["train", "{tmp}/empty.yaml"], CONFIG, "empty.yaml: empty (no sections",
+         _write("empty.yaml", "# train: {epochs: 3}\n\n")),
+    Case("config with a duplicate key", ["config", "show", "{tmp}/dup.yaml"], CONFIG,
+         "dup.yaml: not valid YAML: duplicate key 'train' at line 3", _write("dup.yaml", "train:\n  epochs: 1\n"
+                                                                             "train:\n  epochs: 5\n")),
+    Case("config with a recursive alias", ["config", "show", "{tmp}/loop.yaml"], CONFIG, "an alias (*name) of itself",
+         _write("loop.yaml", "train: &t\n  x: *t\n")),
+    Case("--set of a huge bad value", ["config", "show", "--set", "train.lr=" + "9" * 5000 + "x"], CONFIG,
+         "(5,001 characters)"),
+    Case("config with a key in the store URL", ["config", "show", "--set", f"storage.store=s3://{AWS_ID}/runs"],
+         CONFIG, "storage.store (an AWS access key id)", hidden=AWS_ID),
     Case("--set unterminated list", ["config", "show", "--set", "train.epochs=[1"], CONFIG, "train.epochs=[1"),
     Case("--set without =", ["config", "show", "--set", "train.epochs"], CONFIG, "'train.epochs'"),
     Case("--set unknown field", ["config", "show", "--set", "train.epoch=3"], CONFIG, "train.epoch"),
@@ -181,6 +276,13 @@ CASES = [
     Case("export of all channels from cubes without one", ["export", "--data", "{tmp}/noera", "--all-channels",
                                                            "--out", "{tmp}/out"], DATA, "--all-channels",
          RootCopy("noera", _without("secondary_date_surface_pressure"))),
+    Case("annotations losing every positive", [*_TRAIN[:2], "data.root={tmp}/act", *_TRAIN[3:]], DATA,
+         "the train split lost all 9 of its positive annotations: 9 annotations left out of the index (field "
+         "'activity_type' ×9)", RootCopy("act", _unknown_activity_on_positives)),
+    Case("prepare index losing every positive", ["prepare", "index", "--data", "{tmp}/act"], DATA,
+         "split lost all", RootCopy("act", _unknown_activity_on_positives)),
+    Case("cubes whose phase is all NaN", [*_TRAIN[:2], "data.root={tmp}/nan", *_TRAIN[3:]], DATA,
+         "variable(s) ['insar_difference'] hold no data at all", RootCopy("nan", _all_nan("insar_difference"))),
     Case("statistics missing", [*_TRAIN, "--set", "data.statistics={tmp}/nope.json"], DATA, "data.statistics"),
     Case("default statistics missing", [*_TRAIN[:2], "data.root={tmp}/nostats", *_TRAIN[3:]], DATA,
          "prepare stats", RootCopy("nostats", lambda copy: (copy / "statistics.json").unlink())),
@@ -241,8 +343,30 @@ CASES = [
     Case("store below a file", [*_TRAIN[:4], "storage.store={tmp}/afile/runs", *_TRAIN[5:]], STORE, "afile",
          _store_file),
     Case("run id with a slash", [*_TRAIN, "--run-id", "a/b"], STORE, "'a/b'"),
+    Case("run id of 300 characters", [*_TRAIN, "--run-id", "r" * 300], STORE,
+         "(300 characters) is too long: at most 128 characters"),
+    Case("run id of a finished run", [*_TRAIN, "--run-id", "done"], STORE, "run done is already finished",
+         _finished_run),
+    Case("run id of a damaged record", [*_TRAIN, "--run-id", "broken"], STORE,
+         "broken/run.json: damaged record: expected a JSON object", _damaged_run),
+    Case("show a damaged run", ["runs", "show", "broken", "--store", "{tmp}/runs"], STORE,
+         "broken/run.json: damaged record", _damaged_run),
     Case("export into a file", ["export", "--data", "{root}", "--out", "{tmp}/afile"], STORE, "afile", _store_file),
     Case("show an unknown run", ["runs", "show", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
+    Case("export a model from a hostile checkpoint", ["export-model", "ckpt", "--format", "safetensors", "--out",
+                                                      "{tmp}/m.safetensors", "--store", "{tmp}/runs"], STORE,
+         "state.pt: it holds a pickled object ('posix.system')", _run_with_checkpoint("payload")),
+    Case("export a model from random bytes", ["export-model", "ckpt", "--format", "onnx", "--out", "{tmp}/m.onnx",
+                                              "--store", "{tmp}/runs"], STORE,
+         "state.pt: it is damaged or not a PyTorch checkpoint", _run_with_checkpoint("random")),
+    Case("evaluate a hostile checkpoint", ["evaluate", "ckpt", "--store", "{tmp}/runs"], STORE,
+         "state.pt: it holds a pickled object", _run_with_checkpoint("payload")),
+    Case("predict with a checkpoint cut short", ["predict", "ckpt", "--data", "{root}", "--out", "{tmp}/p", "--store",
+                                                 "{tmp}/runs"], STORE, "state.pt: it is damaged",
+         _run_with_checkpoint("truncated")),
+    Case("resume from a hostile checkpoint", [*_TRAIN, "--run-id", "ckpt"], STORE,
+         "run ckpt cannot resume from its latest checkpoint: checkpoint", _run_with_checkpoint("payload", "interrupted",
+                                                                                               snapshot=True)),
     Case("evaluate an unknown run", ["evaluate", "ghost", "--store", "{tmp}/runs"], STORE, "ghost"),
     # unknown ids and stores that hold nothing: an error of the store's kind, never an empty result
     Case("list a store holding no runs", ["runs", "list", "--store", "{tmp}/typo"], STORE,
@@ -301,6 +425,13 @@ CASES = [
          MANIFEST, "--crds PATH or THALIA_CRDS"),
     Case("CRD path missing", ["cluster", "validate", str(REPO / "cluster/kuberay/raycluster.yaml"), "--crds",
                               "{tmp}/crds"], MANIFEST, "crds: no such file"),
+    Case("KubeRay manifest with a port out of range", ["cluster", "validate", "{tmp}/rc.yaml", "--crds",
+                                                       str(REPO.parent / "shared" / "kuberay")], MANIFEST,
+         "containerPort: port 99999 is outside 1-65535", _manifest_with("containerPort: 6379", "containerPort: 99999")),
+    Case("KubeRay manifest with another Ray's image", ["cluster", "validate", "{tmp}/rc.yaml", "--crds",
+                                                       str(REPO.parent / "shared" / "kuberay")], MANIFEST,
+         "image: Ray 2.9.0 there, Ray 2.60.0 installed here",
+         _manifest_with("rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.9.0")),
     Case("launcher config with a typo", ["cluster", "validate", "{tmp}/up.yaml"], MANIFEST, "max_workerz",
          _write("up.yaml", "cluster_name: x\nmax_workerz: 2\nprovider: {type: local, head_ip: h}\n")),
     # job specs
@@ -308,6 +439,16 @@ CASES = [
     Case("job spec with a password in a URL", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
          "DATABASE_URL", _write("job.yaml", _SPEC + "runtime_env:\n  env_vars:\n"
                                 "    DATABASE_URL: postgres://me:hunter2@db/x\n")),
+    Case("job spec with AWS keys under harmless names", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
+         "runtime_env.env_vars.MISC (an AWS access key id), runtime_env.env_vars.OTHER (an AWS secret access key)",
+         _spec_with_env(MISC=AWS_ID, OTHER=AWS_SECRET), hidden=AWS_SECRET),
+    Case("job spec with a Hugging Face token", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
+         "runtime_env.env_vars.MODEL_HUB (a Hugging Face token)", _spec_with_env(MODEL_HUB=HF_TOKEN), hidden=HF_TOKEN),
+    Case("job spec with a GitHub token", ["submit", "{tmp}/job.yaml", "--print-ray-command"], JOBSPEC,
+         "runtime_env.env_vars.REPO_ACCESS (a GitHub token)", _spec_with_env(REPO_ACCESS=GH_TOKEN), hidden=GH_TOKEN),
+    Case("job spec with a secret key in an override", ["submit", "{tmp}/job.yaml", "--print-ray-command", "--set",
+                                                       f"runtime.wandb.group={AWS_SECRET}"], JOBSPEC,
+         "overrides[0] (an AWS secret access key)", _write("job.yaml", _SPEC), hidden=AWS_SECRET),
 ]
 
 
@@ -322,17 +463,20 @@ def no_ray(monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_before_ray(case: Case, tmp_path, no_ray, capsys, request):
     words = " ".join(case.argv)
-    needs_root = "{root}" in words or isinstance(case.setup, RootCopy)
+    needs_root = "{root}" in words or isinstance(case.setup, RootCopy) or getattr(case.setup, "needs_root", False)
     root = request.getfixturevalue("synthetic_root") if needs_root else None  # generated once, if needed
     if case.setup:
         case.setup(tmp_path, root)
     bucket = request.getfixturevalue("s3_bucket") if "{bucket}" in words else ""
     argv = [a.format(root=root, tmp=tmp_path, bucket=bucket) for a in case.argv]
     code = cli.main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == case.code, f"{case.name}: exit {code}, expected {case.code}; stderr:\n{err}"
     assert err.startswith("thalia-ray: ") and "Traceback" not in err, err
     assert case.culprit in err, f"{case.name}: {case.culprit!r} not named in {err!r}"
+    assert len(err) < 2000, f"{case.name}: {len(err)} characters of error"
+    assert not case.hidden or case.hidden not in out + err, f"{case.name}: the secret was printed"
+    assert "weights_only" not in err and not (tmp_path / "pwned").exists()  # never advised, never executed
 
 
 @pytest.mark.parametrize("argv", [["evaluate", "r", "--split", "holdout"], ["prepare", "stats", "--split", "holdout"],

@@ -219,7 +219,7 @@ def test_missing_crds_are_a_clear_error(tmp_path, monkeypatch, given, message):
 
 def test_validate_file_reads_crds_only_for_kuberay_resources(tmp_path, monkeypatch):
     monkeypatch.delenv("THALIA_CRDS")
-    assert validate_file(CLUSTER / "aws-gpu.yaml") == []
+    assert validate_file(CLUSTER / "aws-gpu.yaml") == manifests.FileReport([], [])
     with pytest.raises(ManifestError, match="no KubeRay CRDs"):
         validate_file(CLUSTER / "kuberay" / "raycluster.yaml")
 
@@ -312,12 +312,12 @@ def test_no_literal_credentials_under_cluster():
 
 def test_the_credential_scan_finds_literals():
     fake_id = "AKIA" + "Q" * 16
-    assert credential_leaks(f"run_options: [--env KEY={fake_id}]") == ["line 1: AWS access key id"]
+    assert credential_leaks(f"run_options: [--env KEY={fake_id}]") == ["line 1: an AWS access key id"]
     assert credential_leaks(f"- --env AWS_ACCESS_KEY_ID={fake_id}") == [
-        "line 1: AWS access key id",
-        "line 1: literal secret",
+        "line 1: an AWS access key id",
+        "line 1: a literal secret",
     ]
-    assert credential_leaks("provider:\n  aws_secret_access_key: abc123\n") == ["line 2: literal secret"]
+    assert credential_leaks("provider:\n  aws_secret_access_key: abc123\n") == ["line 2: a literal secret"]
     assert credential_leaks("aws_secret_access_key: ${FROM_ENV}\n") == []
     entries = [
         {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"},
@@ -325,3 +325,37 @@ def test_the_credential_scan_finds_literals():
     ]
     env = yaml.safe_dump({"env": entries})
     assert credential_leaks(env) == ["$.env[0]: env 'AWS_SECRET_ACCESS_KEY' has a literal value"]
+
+
+# ----------------------------------------------------------------------------------- reality
+@pytest.mark.parametrize("path,value,expected", [
+    (["spec", "headGroupSpec", "template", "spec", "containers", 0, "ports", 0, "containerPort"], 99999,
+     "ports[0].containerPort: port 99999 is outside 1-65535"),
+    (["spec", "headGroupSpec", "rayStartParams", "dashboard-port"], "0", "dashboard-port: port 0 is outside"),
+    (["spec", "headGroupSpec", "template", "spec", "containers", 0, "resources", "requests", "memory"], "-8Gi",
+     "requests.memory: '-8Gi' is negative"),
+    (["spec", "headGroupSpec", "template", "spec", "containers", 0, "resources", "requests", "cpu"], "6",
+     "requests.cpu: request '6' exceeds its limit '4'"),
+    (["spec", "headGroupSpec", "template", "spec", "containers", 0, "image"], "rayproject/ray:2.9.0",
+     "image: Ray 2.9.0 there, Ray 2.60.0 installed here"),
+    (["spec", "rayVersion"], "2.9.0", "rayVersion: Ray 2.9.0 there"),
+], ids=["container-port", "ray-port-param", "negative-quantity", "request-above-limit", "ray-image", "ray-version"])
+def test_what_the_schema_lets_through_but_a_cluster_would_not_run(raycluster, path, value, expected):
+    assert _errors(_with(raycluster, path, value)) == []  # the CRD alone accepts it
+    reality = manifests.reality_checks(_with(raycluster, path, value), installed_ray="2.60.0")
+    assert len(reality.problems) == 1 and expected in reality.problems[0], reality.problems
+    assert manifests.reality_checks(raycluster, installed_ray="2.60.0") == manifests.Reality([], [])
+
+
+def test_another_patch_release_of_ray_is_a_warning(tmp_path, raycluster):
+    patched = json.loads(json.dumps(raycluster).replace("rayproject/ray:2.60.0", "rayproject/ray:2.60.9"))
+    reality = manifests.reality_checks(patched, installed_ray="2.60.0")
+    assert reality.problems == [] and len(reality.warnings) == 3
+    assert all("Ray 2.60.9 there, Ray 2.60.0 installed here: patch releases differ" in w for w in reality.warnings)
+    assert manifests.reality_checks({"image": "myrepo/thalia:1.0"}, installed_ray="2.60.0") == manifests.Reality([], [])
+
+
+def test_quantities_follow_the_kubernetes_grammar():
+    assert [manifests._quantity(v) for v in ("500m", "2", "8Gi", "1e3", "1.5", ".5", 3, "-1")] == [
+        0.5, 2.0, 8 * 2**30, 1000.0, 1.5, 0.5, 3.0, -1.0]
+    assert [manifests._quantity(v) for v in ("8GB", "two", "", True)] == [None] * 4

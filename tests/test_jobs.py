@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from thalia_ray import jobs
+from thalia_ray import credentials, jobs
 from thalia_ray.config import load_config
 from thalia_ray.errors import ClusterProblem
 from thalia_ray.models.registry import get_spec
@@ -187,7 +187,7 @@ def test_a_credential_in_the_config_files_endpoint_is_refused(tmp_path: Path) ->
 @pytest.mark.parametrize("url", ["s3://bucket/x", "https://pypi.org/simple", "git+https://git@github.com/o/r",
                                  "http://minio:9000", "file:///abs/data"])
 def test_urls_without_credentials_pass(url: str) -> None:
-    assert not jobs.secret_in_url(url)
+    assert not credentials.url_credential(url) and not credentials.shapes(url)
 
 
 @pytest.mark.parametrize("override,shown", [
@@ -209,7 +209,7 @@ def test_a_relative_file_url_store_needs_the_clusters_store(tmp_path: Path) -> N
 def test_secret_names_may_be_required_from_the_cluster(tmp_path: Path) -> None:
     spec = jobs.load_spec(_write_spec(tmp_path, env_from_cluster=["THALIA_STORE", "AWS_SECRET_ACCESS_KEY"]))
     assert "${AWS_SECRET_ACCESS_KEY:?is not set on the cluster" in spec.entrypoint
-    assert not jobs.looks_secret("THALIA_STORE") and jobs.looks_secret("aws_access_key_id")
+    assert not credentials.secret_name("THALIA_STORE") and credentials.secret_name("aws_access_key_id")
 
 
 @pytest.mark.parametrize("fields,message", [

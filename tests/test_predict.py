@@ -263,3 +263,25 @@ def test_the_command_reports_the_job_as_one_json_document(ray_cluster, run, data
     report = json.loads(capsys.readouterr().out)
     assert report["run_id"] == run_id and report["failed"] == {} and report["written"] == report["planned"] > 0
     assert report["evaluation"] is None or 0 <= report["evaluation"]["overall"]["f1"] <= 1
+
+
+def test_a_signal_ends_predict_after_whole_units_and_the_rerun_writes_only_the_others(
+        ray_cluster, run, dataset, frame, tmp_path, monkeypatch):
+    import re
+
+    from thalia_ray import interrupts
+    from thalia_ray.interrupts import SIGNAL_AT_ENV, Interrupted
+    from thalia_ray.predict.output import DONE
+
+    monkeypatch.setenv(SIGNAL_AT_ENV, "SIGINT:after-unit:1")
+    with interrupts.handling(), pytest.raises(Interrupted) as stopped:
+        _predict(run, dataset, tmp_path / "out", frame, batch_size=2)
+    counts = re.search(r"interrupted by SIGINT: (\d+) of (\d+) units written \(kept\); rerun the same command",
+                       str(stopped.value))
+    assert counts and stopped.value.exit_code == 130, str(stopped.value)
+    written, planned = int(counts[1]), int(counts[2])
+    assert 1 <= written < planned
+    assert len(list((tmp_path / "out" / DONE / frame).glob("*.json"))) == written  # each with its record
+    monkeypatch.delenv(SIGNAL_AT_ENV)
+    again = _predict(run, dataset, tmp_path / "out", frame)
+    assert (again.skipped, again.written, again.failed) == (written, planned - written, {})

@@ -54,3 +54,49 @@ def test_a_missing_bucket_and_a_missing_prefix_are_told_apart(s3_bucket):
         preflight.location_present("s3://no-such-bucket/thalia", "data.root")
     with pytest.raises(DataProblem, match="data.root .*/absent: no such folder or object"):
         preflight.location_present(f"{s3_bucket}/absent", "data.root")
+
+
+def _without_chunks(root, copy):
+    """A copy of `root` whose first cube lost its insar_difference chunks: an all-NaN array, whose chunks
+    Zarr never writes."""
+    import shutil
+
+    shutil.copytree(root, copy)
+    cube = sorted(copy.glob("*.zarr"))[0]
+    shutil.rmtree(cube / "insar_difference" / "c")
+    return cube
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_cube_variable_without_any_chunk_is_refused_naming_the_cube(tmp_path, synthetic_root, request, where):
+    from tests.helpers import upload_folder
+
+    cube = _without_chunks(synthetic_root, tmp_path / "nan")
+    root = str(tmp_path / "nan")
+    if where == "s3":
+        root = f"{request.getfixturevalue('s3_bucket')}/nan"
+        upload_folder(tmp_path / "nan", root)
+    cfg = load_config(None, [f"data.root={root}", "train.batch_size=2"])
+    with pytest.raises(DataProblem, match=rf"cube .*{cube.name}: variable\(s\) \['insar_difference'\] hold no data at all"):
+        preflight.cube_pools(cfg, preflight.SPLITS)
+
+
+def test_a_sparse_cube_variable_passes(tmp_path, synthetic_root):
+    """A cube may lack some pairs (the grid is sparse): with the chunks of the pair each frame is probed at
+    gone (its first sample's, in index order) but others there, the cubes pass."""
+    import shutil
+
+    from thalia_ray.data.cube import CubeCache
+
+    shutil.copytree(synthetic_root, tmp_path / "sparse")
+    cfg = load_config(None, [f"data.root={tmp_path / 'sparse'}", "train.batch_size=2"])
+    index = preflight.sample_index(cfg)
+    probed: dict = {}
+    for sample in (s for split in preflight.SPLITS for s in index.samples(split)):
+        probed.setdefault(sample.frame_id, sample)
+    for frame, sample in probed.items():
+        p, (s,) = CubeCache(str(tmp_path / "sparse")).get(frame).positions(sample.primary_date, sample.secondary_dates[:1])
+        chunks = tmp_path / "sparse" / f"{frame}.zarr" / "insar_difference" / "c"
+        shutil.rmtree(chunks / str(p) / str(s))
+        assert any(path.is_file() for path in chunks.rglob("*"))  # other pairs remain
+    assert set(preflight.cube_pools(cfg, preflight.SPLITS)) == set(preflight.SPLITS)

@@ -360,3 +360,23 @@ def test_an_export_serves_only_runs_with_its_padding(root, tmp_path, ray_cluster
     with pytest.raises(ShardError, match="exported with padding='per_group'.*data.padding='reference'"):
         OwnShards.open(data_config(root, length=4, source="shards", shards=out, padding="reference"), resolve(out), 0,
                        ("val",))
+
+
+def test_a_signal_ends_export_after_whole_shards_and_the_rerun_keeps_them(root, tmp_path, ray_cluster, monkeypatch):
+    import re
+
+    from thalia_ray import interrupts
+    from thalia_ray.interrupts import SIGNAL_AT_ENV, Interrupted
+
+    cfg, out = data_config(root), str(tmp_path / "out")
+    monkeypatch.setenv(SIGNAL_AT_ENV, "SIGTERM:after-unit:1")
+    with interrupts.handling(), pytest.raises(Interrupted) as stopped:
+        export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
+    counts = re.search(r"interrupted by SIGTERM: (\d+) of (\d+) shards complete \(kept", str(stopped.value))
+    assert counts and stopped.value.exit_code == 143, str(stopped.value)
+    complete, total = int(counts[1]), int(counts[2])
+    assert 1 <= complete < total and not Path(out, "1", MANIFEST).exists()
+    monkeypatch.delenv(SIGNAL_AT_ENV)
+    report = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
+    assert (report.shards_kept, report.shards_written) == (complete, total - complete)
+    assert len(json.loads(Path(out, "1", MANIFEST).read_text())["shards"]) == total

@@ -1,6 +1,7 @@
 """Experiment store: run records, listings and sweeps, the same on local disk and on S3 (moto)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -210,6 +211,52 @@ def test_list_runs_and_sweeps(store):
     with pytest.raises(StoreError, match="sweep nope has no summary"):
         store.sweep("nope").read_summary()
     assert store.root.join("sweeps", "sw", "summary.json").exists()
+
+
+@pytest.mark.parametrize("damaged", ["run.json", "history.json", "results.json"])
+@pytest.mark.parametrize("content", ["{oops", "[1, 2]", "\x00\xff binary"])
+def test_one_damaged_record_is_one_unreadable_row_of_runs_list_and_leaderboard_all(tmp_path, capsys, damaged, content):
+    from thalia_ray.cli import main
+
+    store = ExperimentStore(str(tmp_path / "runs"))
+    for run_id in ("good", "bad"):
+        record = store.run(run_id)
+        record.set_status("running", name=run_id, task="classification", model="resnet18", host=HOST)
+        record.write_config(ThaliaConfig())
+        record.append_history({"epoch": 1, "val/f1_deformation": 0.5})
+        record.write_results({"val/f1_deformation": 0.5})
+        record.set_status("finished")
+    store.run("bad").loc.join(damaged).write_bytes(content.encode("latin-1"))
+    assert main(["runs", "list", "--json", "--store", str(tmp_path / "runs")]) == 0
+    rows = {row["run_id"]: row["status"] for row in json.loads(capsys.readouterr().out)}
+    assert rows == {"good": "finished", "bad": "unreadable"}
+    assert main(["leaderboard", "all", "--store", str(tmp_path / "runs")]) == 0
+    board = capsys.readouterr().out
+    bad = [line for line in board.splitlines() if " bad " in line]
+    assert " good " in board and all(" unreadable " in line for line in bad)  # shown as such, or left out
+    assert main(["runs", "show", "bad", "--store", str(tmp_path / "runs")]) == StoreError.exit_code
+    assert f"runs/bad/{damaged}: damaged record" in capsys.readouterr().err
+
+
+def test_what_a_run_left_out_is_recorded_and_shown(store):
+    from thalia_ray.store.records import format_run
+
+    run = store.run("lo")
+    run.set_status("running", host=HOST)
+    assert run.read_left_out() is None
+    index = [{"what": "annotation", "key": "7", "reason": "field 'activity_type': unknown value(s) ['X']",
+              "frame_id": "F", "split": "train", "positive": True},
+             {"what": "series member", "key": "F/20180101/99", "reason": "no annotation with this uniqueID",
+              "frame_id": "F", "split": "val", "positive": None}]
+    epochs = {"train": {"drawn": 18, "used": 16, "left_out": {"train.max_steps_per_epoch=2": 2}},
+              "val": {"drawn": 8, "used": 8, "left_out": {}}}
+    run.write_left_out(index, epochs)
+    assert run.read_left_out() == {"index": index, "epochs": epochs}
+    shown = format_run(run).splitlines()
+    assert "left out  1 annotation, 1 series member of the index (field 'activity_type' ×1, no annotation with " \
+           "this uniqueID ×1; all in left_out.json)" in shown
+    assert "epochs    train: 16 of 18 samples per epoch (left out: train.max_steps_per_epoch=2 ×2)" in shown
+    assert "          val: 8 of 8 samples per epoch" in shown
 
 
 def test_ray_storage_is_under_the_store(store):

@@ -382,6 +382,34 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     assert result.test_metrics == {}
 
 
+@pytest.mark.slow
+def test_a_run_names_and_records_what_its_index_and_epochs_leave_out(ray_cluster, synthetic_root, tmp_path):
+    """Two positive annotations with an intensity the vocabulary lacks: training goes on without them, says
+    so in its summary, and records them beside the run with what each epoch leaves out."""
+    import shutil
+
+    from thalia_ray.store.layout import ExperimentStore
+    from thalia_ray.train.trainer import fit
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    records = json.loads((root / "annotations.json").read_text())
+    changed = [k for k, r in records.items() if "Non_Deformation" not in r["label"]][:2]
+    for key in changed:
+        records[key]["intensity_level"] = ["Extreme"]
+    (root / "annotations.json").write_text(json.dumps(records))
+    cfg = _config(root, tmp_path / "store", epochs=1, num_workers=1, test_best=False)
+    store = ExperimentStore(cfg.storage.store)
+    result = fit(cfg, store=store, run_id="lo")
+    assert result.left_out == 2 and ", 0 samples skipped, 2 left out of the index (store" in str(result)
+    left_out = store.run("lo").read_left_out()
+    assert sorted(row["key"] for row in left_out["index"]) == sorted(changed)
+    assert all(row["reason"].startswith("field 'intensity_level': unknown value(s) ['Extreme']") and row["positive"]
+               for row in left_out["index"])
+    train = left_out["epochs"]["train"]
+    assert 0 < train["used"] < train["drawn"] == train["used"] + sum(train["left_out"].values())
+
+
 def test_train_summary_line_counts_skipped_samples():
     from thalia_ray.train.trainer import TrainResult
 
@@ -410,6 +438,22 @@ def test_an_evaluation_reports_how_many_of_the_splits_samples_it_covers():
     result = Evaluation(loss_sum=3.0, count=3, metrics={"f1_deformation": 0.5}, expected=4)
     assert result.flat("test") == {"test/loss": 1.0, "test/f1_deformation": 0.5, "test/n_evaluated": 3,
                                    "test/n_expected": 4}
+
+
+def test_what_each_epoch_leaves_out_is_counted_with_the_reason(tmp_path):
+    from thalia_ray.train.trainer import EpochUse, epoch_use
+
+    cfg = _config(tmp_path, tmp_path / "store", max_steps_per_epoch=2)  # 2 workers, batch 8
+    use = epoch_use(cfg, {"train": 51, "val": 9}, steps=2)
+    assert use["train"] == EpochUse(51, 32, {"Ray's equal split over 2 workers": 1, "the last partial batch of 8": 2,
+                                             "train.max_steps_per_epoch=2": 16})
+    assert use["val"] == EpochUse(9, 8, {"Ray's equal split over 2 workers": 1})
+    assert use["train"].describe("train", "trains on") == (
+        "train trains on 32 of 51 samples drawn (Ray's equal split over 2 workers ×1, the last partial batch of 8 ×2, "
+        "train.max_steps_per_epoch=2 ×16)")
+    exact = epoch_use(cfg.with_overrides({"train.max_steps_per_epoch": None}), {"train": 48, "val": 8}, steps=3)
+    assert exact == {"train": EpochUse(48, 48, {}), "val": EpochUse(8, 8, {})}
+    assert exact["val"].describe("val", "validates") == "val validates all 8 samples drawn"
 
 
 def test_steps_per_epoch_follows_the_equal_split_and_the_cap(tmp_path):

@@ -27,7 +27,7 @@ from dataclasses import asdict, is_dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
-from thalia_ray import __version__
+from thalia_ray import __version__, interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.data import schema
 from thalia_ray.errors import StorageProblem, ThaliaError, UsageError
@@ -143,18 +143,23 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_index(args: argparse.Namespace) -> int:
-    from thalia_ray.data.index import index_counts
+    from thalia_ray.data.annotations import describe_left_out
+    from thalia_ray.data.index import index_at
     from thalia_ray.preflight import location_present
     from thalia_ray.storage import resolve
 
     cfg = _with_option(_config(args), "data.length", "--length", args.length)
     location_present(args.data, "--data", cfg.storage)
-    counts = index_counts(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
+    index = index_at(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
+    counts = index.counts()
     lines = [f"T={args.length} policy={args.policy} data={args.data}",
              f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}"]
     lines += [f"{split:8s} {row['samples']:9d} {row['positives']:10d} {row['negatives']:10d}"
               for split, row in counts.items()]
-    _show(args, counts, "\n".join(lines))
+    if index.left_out:
+        lines.append(f"{describe_left_out(index.left_out)} (--json lists each)")
+    # --json: the split rows, and each annotation or series member left out of them
+    _show(args, {**counts, "left_out": [item.row() for item in index.left_out]}, "\n".join(lines))
     return 0
 
 
@@ -230,7 +235,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                locations=DataLocations.of(cfg.data, cfg.storage))
     _show(args, report, f"{report.shards_written} shards written, {report.shards_kept} kept, "
                         f"{sum(report.samples.values())} samples {report.samples}, {report.bytes / 1e6:.1f} MB, "
-                        f"{len(report.skipped)} skipped, {report.seconds:.1f} s → {report.root}")
+                        f"{len(report.skipped)} skipped, {len(report.left_out)} left out of the index, {report.seconds:.1f} s → "
+                        f"{report.root}")
     return 0
 
 
@@ -276,6 +282,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store = ExperimentStore(args.store)
     cfg = store.existing_run(args.run).read_config()
     preflight.for_evaluation(cfg, args.split)
+    preflight.checkpoint_loads(store, args.run)
     with runtime.start(cfg.runtime):
         result = evaluate_run(store, args.run, split=args.split)
     _show(args, result, str(result))
@@ -347,7 +354,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from thalia_ray.tune.driver import resolve_sweep_id, run_sweep, trials_table
     from thalia_ray.tune.space import varied_fields
 
-    preflight.for_training(cfg, varied=tuple(cfg.sweep.space))
+    preflight.for_sweep(cfg, args.sweep_id)
     sweep_id = resolve_sweep_id(cfg, args.resume, args.sweep_id)  # an unknown sweep to resume: before Ray starts
     with runtime.start(cfg.runtime):
         summary = run_sweep(cfg, resume=args.resume, sweep_id=sweep_id)
@@ -442,9 +449,13 @@ def cmd_cluster_validate(args: argparse.Namespace) -> int:
     from thalia_ray.manifests import ManifestError, validate_file
 
     reports = {path: validate_file(path, args.crds) for path in args.files}
-    bad = {path: problems for path, problems in reports.items() if problems}
+    for path, report in reports.items():
+        for warning in report.warnings:
+            print(f"{PROG}: warning: {path}: {warning}", file=sys.stderr)
+    bad = {path: report.problems for path, report in reports.items() if report.problems}
     if args.json:  # every file's verdict, the invalid ones too; the exit status still says whether all are valid
-        _emit_json(args, {path: {"valid": not problems, "problems": problems} for path, problems in reports.items()})
+        _emit_json(args, {path: {"valid": not report.problems, "problems": report.problems, "warnings": report.warnings}
+                          for path, report in reports.items()})
     if bad:
         raise ManifestError("; ".join(f"{path}: {len(p)} problem(s):\n  " + "\n  ".join(p) for path, p in bad.items()))
     if not args.json:
@@ -792,7 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A `--json` document must be all of stdout, but Ray prints to the driver's stdout from its own
         # threads (e.g. raylet warnings): everything else written to stdout goes to stderr meanwhile.
         args.summary_out = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext():
+        # Ctrl-C and SIGTERM: work that can stop at a safe point does, and says how to go on (interrupts).
+        with interrupts.handling(), \
+                contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext():
             return args.handler(args)
     except BrokenPipeError:  # the reader went away (`thalia-ray runs | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # nothing left to flush at exit
@@ -800,20 +813,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ThaliaError, OSError) as err:  # a user's mistake or the disk's: one line, no traceback
         if _debug(args):
             raise
-        shown = _raised_in_task(err)
-        print(f"{PROG}: {shown}", file=sys.stderr)
+        from thalia_ray.runtime import raised_in_task
+
+        shown = raised_in_task(err)
+        print(f"{PROG}: {_bounded(str(shown))}", file=sys.stderr)
         return getattr(shown, "exit_code", StorageProblem.exit_code)  # an OSError is the disk's or the network's
 
 
-def _raised_in_task(err: BaseException) -> BaseException:
-    """The error a Ray task raised, without the task's traceback that Ray puts in front of it (Ray
-    re-raises it as a RayTaskError that is also an instance of the original's class)."""
-    exceptions = sys.modules.get("ray.exceptions")  # a RayTaskError exists only once Ray is imported
-    if exceptions is None:
-        return err
-    while isinstance(err, exceptions.RayTaskError) and isinstance(err.cause, BaseException):
-        err = err.cause
-    return err
+MESSAGE_LIMIT = 4000  # characters of an error printed: a message that quotes input is cut, never the terminal flooded
+
+
+def _bounded(message: str) -> str:
+    """An error message as printed: credentials masked (`credentials.redact`), at most MESSAGE_LIMIT characters."""
+    from thalia_ray.credentials import redact
+
+    message = redact(message)
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return f"{message[:MESSAGE_LIMIT]}… ({len(message) - MESSAGE_LIMIT:,} more characters; --debug shows all)"
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from thalia_ray import safe_yaml
+from thalia_ray.credentials import scan_tree
 from thalia_ray.data import schema
-from thalia_ray.errors import ConfigProblem
+from thalia_ray.errors import ConfigProblem, excerpt
 from thalia_ray.traffic import DEFAULT_REQUEST_PRICE
 
 
@@ -530,6 +532,16 @@ class ThaliaConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _no_credentials(self) -> "ThaliaConfig":
+        """A configuration is stored with every run and travels in job specs: a credential-shaped value
+        (a URL with a password, a key) is refused, naming its field, never quoting it."""
+        found = scan_tree(self.model_dump(mode="json"))
+        if found:
+            raise ValueError(f"{', '.join(map(str, found))}: credentials come from the environment or a secret "
+                             "reference, never from a configuration (it is stored with every run)")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_space_fits(self) -> "ThaliaConfig":
         if self.sweep is None:
             return self
@@ -540,7 +552,7 @@ class ThaliaConfig(Section):
                 try:
                     ThaliaConfig.model_validate(trial)
                 except ValidationError as err:
-                    raise ValueError(f"sweep.space[{path!r}] value {value!r}: {_format(err)}") from None
+                    raise ValueError(f"sweep.space[{path!r}] value {excerpt(value)}: {_format(err)}") from None
         return self
 
     def to_yaml(self) -> str:
@@ -564,7 +576,7 @@ def set_dotted(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{path}: {key!r} is a value, not a section")
+            raise ConfigError(f"{excerpt(path)}: {excerpt(key)} is a value, not a section")
         node = child
     node[keys[-1]] = value
     return raw
@@ -576,11 +588,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     for item in overrides:
         path, sep, text = item.partition("=")
         if not sep or not path.strip():
-            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+            raise ConfigError(f"override {excerpt(item)} is not of the form section.field=value")
         try:
-            parsed[path.strip()] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_reason(err)})") from None
+            parsed[path.strip()] = safe_yaml.load(text) if text.strip() else None
+        except safe_yaml.YamlError as err:
+            raise ConfigError(f"--set {excerpt(item)}: the value is not valid YAML ({err})") from None
     return parsed
 
 
@@ -609,7 +621,7 @@ def _format(err: ValidationError) -> str:
             allowed = _allowed_fields(loc)
             msg = f"unknown field; allowed: {', '.join(allowed)}" if allowed else "unknown field"
         shown = e["type"] != "missing" and not isinstance(e.get("input"), dict)
-        got = f" (got {e.get('input')!r})" if shown else ""
+        got = f" (got {excerpt(e.get('input'))})" if shown else ""
         lines.append(f"  {path}: {msg}{got}")
     return "\n".join(lines)
 
@@ -621,15 +633,9 @@ def validate(raw: dict[str, Any]) -> ThaliaConfig:
         raise ConfigError("invalid configuration:\n" + _format(err)) from None
 
 
-def _yaml_reason(err: yaml.YAMLError) -> str:
-    """The parser's complaint and where, in one line (its default text spans several)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or " ".join(str(err).split())
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file's top-level mapping; a missing, unreadable, binary or malformed file is a ConfigError."""
+    """A YAML file's top-level mapping; a missing, unreadable, binary, malformed or empty file (or one with
+    duplicate keys or an alias bomb: see `safe_yaml`) is a ConfigError naming the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except IsADirectoryError:
@@ -639,9 +645,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the configuration ({err.strerror or err})") from None
     try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_reason(err)}") from None
+        raw = safe_yaml.load(text)
+    except safe_yaml.YamlError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty (no sections, only blank lines or comments); give at least one section, "
+                          "or leave the file out to run on the defaults")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw

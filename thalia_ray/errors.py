@@ -15,6 +15,7 @@ from missing data or an unreachable store without parsing messages. Concrete err
 | 7 | experiment store: run and sweep records |
 | 8 | job specs |
 | 9 | Ray cluster / Jobs API unreachable or refusing |
+| 130, 143 | interrupted by SIGINT or SIGTERM (128 + the signal's number; `interrupts.Interrupted`) |
 """
 from __future__ import annotations
 
@@ -75,3 +76,26 @@ class ClusterProblem(ThaliaError, RuntimeError):
     """A Ray cluster or Jobs API that cannot be reached or refuses a request."""
 
     exit_code = 9
+
+
+EXCERPT_CHARS = 80  # the most of a bad value an error message quotes
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """A bad value as an error message may quote it: its repr, credentials masked, at most about `limit`
+    characters (then its length). Nested values are shown a few levels and items deep, so quoting a huge or
+    self-referencing structure stays fast."""
+    import reprlib
+
+    from thalia_ray.credentials import redact
+
+    shown = reprlib.Repr()
+    shown.maxlevel = 3
+    shown.maxdict = shown.maxlist = shown.maxtuple = shown.maxset = shown.maxfrozenset = shown.maxdeque = 4
+    shown.maxlong = shown.maxstring = shown.maxother = limit
+    text = redact(shown.repr(value))
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        text += f" ({len(value):,} characters)"
+    return text

@@ -22,12 +22,13 @@ Rules, and why:
 - `config` is loaded with `overrides` (then the `--set` values given to `thalia-ray submit`) exactly as
   the job will load it, so a wrong field fails before submission, naming the field. Paths are relative
   to the working directory (for a remote `working_dir`, to the repository holding the spec).
-- A value for a secret-looking name (a name part KEY, SECRET, TOKEN, PASSWORD, PASS, PWD, PAT,
-  CREDENTIALS) anywhere in a spec is rejected, and so is any URL carrying a credential (a password in
-  its user info as in `DATABASE_URL=postgres://me:pw@db`, a token as user name or query parameter as in
-  a private pip index, user info in `storage.endpoint_url`): specs live in git. Secrets reach jobs through the cluster's environment (a
-  Kubernetes Secret, an instance role), which every Ray process on a node inherits. Each name in
-  `env_from_cluster` is checked when the job starts: a missing one fails the job at once, naming it.
+- A secret anywhere in a spec, its overrides or its config is rejected, as `thalia_ray.credentials` finds
+  them: a value for a secret-looking name (`AWS_SECRET_ACCESS_KEY`, `HF_TOKEN`, `db_password`), a value
+  shaped like a key or token whatever its name (`MISC: AKIA...`), and a URL carrying a credential
+  (`DATABASE_URL=postgres://me:pw@db`, a token in a private pip index): specs live in git, and Ray logs a
+  job's `runtime_env`. Secrets reach jobs through the cluster's environment (a Kubernetes Secret, an
+  instance role), which every Ray process on a node inherits. Each name in `env_from_cluster` is checked
+  when the job starts: a missing one fails the job at once, naming it.
 - Train and sweep jobs must not write to, or read from, a relative path (`file://data/x` included: a
   `file:` URL without a leading slash is a relative path): it would resolve inside Ray's temporary copy
   of the working directory. When `storage.store` is relative and `THALIA_STORE` is in
@@ -53,28 +54,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from subprocess import list2cmdline
 from typing import Any, Callable, Sequence
-from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
-from thalia_ray.errors import ClusterProblem, JobSpecProblem
+from thalia_ray.credentials import Finding, scan_tree
+from thalia_ray.errors import ClusterProblem, JobSpecProblem, excerpt
 from thalia_ray.storage import file_url_path
 from thalia_ray.store.layout import STORE_ENV, make_run_id
 from thalia_ray.tables import Table, render
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROGRAM = "thalia-ray"
-# the store records these jobs under the submission id
-ID_FLAGS = {"train": "--run-id", "pretrain": "--run-id", "sweep": "--sweep-id"}
+ID_FLAGS = {"train": "--run-id", "pretrain": "--run-id", "sweep": "--sweep-id"}  # the store records these jobs under the submission id
 STORE_VERBS = ("train", "pretrain", "sweep")  # verbs that read the dataset and write to the experiment store
-SECRET_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PASS", "PWD", "PAT", "CREDENTIAL", "CREDENTIALS")
-# Query parameters that carry a credential (presigned URLs, token-in-URL package indexes).
-_SECRET_QUERY = re.compile(r"(?i)[?&](token|access_token|auth|password|passwd|pwd|key|api_key|sig|signature|"
-                           r"x-amz-signature|x-amz-credential|x-amz-security-token)=[^&\s]")
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
-TOKEN_USER_MIN = 16  # a URL user name this long is a token (`https://ghp_...@github.com`), not a login
 LOG_TAIL_LINES = 40
 AGENT_NOT_READY = "No available agent to submit job"  # Ray's answer while the job agent starts
 AGENT_WAIT_S = 60.0
@@ -199,68 +193,33 @@ class JobRow:
 
 
 # ------------------------------------------------------------------------------- loading
-def looks_secret(name: str) -> bool:
-    """AWS_SECRET_ACCESS_KEY, WANDB_API_KEY, HF_TOKEN, db_password: yes; THALIA_STORE: no."""
-    parts = [p for p in re.split(r"[^A-Za-z0-9]+", name.upper()) if p]
-    return any(p in SECRET_PARTS or p.endswith(("KEY", "TOKEN", "SECRET", "PASSWORD")) for p in parts)
-
-
-def secret_in_url(text: str) -> bool:
-    """Whether a value holds a URL carrying a credential: a password in its user info
-    (`postgres://me:pw@db`, `https://__token__:pypi-...@host/simple`), a token as the user name, or a
-    credential query parameter. Plain `s3://bucket/key` and `https://host/simple` are fine."""
-    for url in _URL.findall(text):
-        netloc = urlsplit(url).netloc
-        user, at, _ = netloc.rpartition("@")
-        if at and (":" in user or len(user) >= TOKEN_USER_MIN):
-            return True
-        if _SECRET_QUERY.search(url):
-            return True
-    return False
-
-
-def find_secret_values(node: Any, where: str = "") -> list[str]:
-    """Dotted locations in a parsed spec where a secret-looking name is given a value, or where a
-    value is a URL that carries a credential (`DATABASE_URL`, a pip index, `endpoint_url`)."""
-    found: list[str] = []
-    if isinstance(node, str) and secret_in_url(node):
-        found.append(f"{where} (a URL with a credential)" if where else "(a URL with a credential)")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            here = f"{where}.{key}" if where else str(key)
-            if looks_secret(str(key)) and value not in (None, "") and not isinstance(value, (dict, list)):
-                found.append(here)
-            found.extend(find_secret_values(value, here))
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            name, sep, value = item.partition("=") if isinstance(item, str) else ("", "", "")
-            if sep and value.strip() and looks_secret(name.strip().rsplit(".", 1)[-1]):
-                found.append(f"{where}[{i}] ({name.strip()}=...)")
-            found.extend(find_secret_values(item, f"{where}[{i}]"))
-    return found
-
-
 def _read_spec(path: Path) -> SpecFile:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_yaml.load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise JobSpecError(f"{path}: no such job spec") from None
-    except yaml.YAMLError as err:
+    except (OSError, UnicodeDecodeError) as err:
+        raise JobSpecError(f"{path}: cannot read the job spec ({err})") from None
+    except safe_yaml.YamlError as err:
         raise JobSpecError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise JobSpecError(f"{path}: a job spec is a mapping (name, entrypoint, ...)")
-    secrets = find_secret_values(raw)
-    if secrets:
-        raise JobSpecError(
-            f"{path}: a value is given for a secret-looking variable at {', '.join(secrets)}. Secrets never go "
-            "in job specs: list the NAME under env_from_cluster and let the cluster provide the value "
-            "(a Kubernetes Secret, an instance role, the head node's environment)."
-        )
+    _refuse_credentials(path, scan_tree(raw))
     try:
         return SpecFile.model_validate(raw)
     except ValidationError as err:
         lines = [f"  {'.'.join(map(str, e['loc'])) or '(spec)'}: {e['msg']}" for e in err.errors()]
         raise JobSpecError(f"{path}: invalid job spec:\n" + "\n".join(lines)) from None
+
+
+def _refuse_credentials(path: Path, found: Sequence[Finding]) -> None:
+    """Refuse a spec with a secret in it, naming where and what it looks like, never the value."""
+    if found:
+        raise JobSpecError(
+            f"{path}: a secret is given at {', '.join(map(str, found))}. Secrets never go in job specs (they live "
+            "in git, and Ray logs a job's runtime_env): list the variable's NAME under env_from_cluster and let "
+            "the cluster provide the value (a Kubernetes Secret, an instance role, the head node's environment)."
+        )
 
 
 def _check_tokens(path: Path, what: str, tokens: Sequence[str]) -> None:
@@ -279,7 +238,7 @@ def _entrypoint_tokens(path: Path, spec: SpecFile) -> list[str]:
         raise JobSpecError(f"{path}: entrypoint: {err}") from None
     _check_tokens(path, "entrypoint", tokens)
     if len(tokens) < 2 or tokens[0] != PROGRAM:
-        raise JobSpecError(f"{path}: entrypoint must be a `{PROGRAM} COMMAND ...` command line, got {spec.entrypoint!r}")
+        raise JobSpecError(f"{path}: entrypoint must be a `{PROGRAM} COMMAND ...` command line, got {excerpt(spec.entrypoint)}")
     owned = [t for t in tokens if t.split("=", 1)[0] in ("--set", *ID_FLAGS.values())]
     if owned:
         raise JobSpecError(
@@ -287,7 +246,7 @@ def _entrypoint_tokens(path: Path, spec: SpecFile) -> list[str]:
             "validated), and the run or sweep id is the submission id"
         )
     if spec.config is not None and spec.config not in tokens:
-        raise JobSpecError(f"{path}: entrypoint does not pass config {spec.config!r}: {spec.entrypoint!r}")
+        raise JobSpecError(f"{path}: entrypoint does not pass config {excerpt(spec.config)}: {excerpt(spec.entrypoint)}")
     return tokens
 
 
@@ -364,20 +323,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), now: datetime | N
     path = Path(path)
     spec = _read_spec(path)
     all_overrides = [*spec.overrides, *overrides]
-    secrets = find_secret_values(list(all_overrides), "overrides")
-    if secrets:
-        raise JobSpecError(f"{path}: secret-looking override {secrets}: secrets come from the cluster's environment")
+    _refuse_credentials(path, scan_tree(list(all_overrides), "overrides"))
     _check_tokens(path, "overrides", all_overrides)
     tokens = _entrypoint_tokens(path, spec)
     if all_overrides and spec.config is None:
         raise JobSpecError(f"{path}: overrides {all_overrides} given but the spec names no config to apply them to")
     verb = tokens[1]
     project = _project_dir(path, spec.runtime_env.working_dir)
-    cfg = _load_run_config(path, project, spec.config, all_overrides) if spec.config else None
-    if cfg is not None and find_secret_values(cfg.model_dump(mode="json")):
-        raise JobSpecError(f"{path}: config {spec.config} holds a URL with a credential at "
-                           f"{', '.join(find_secret_values(cfg.model_dump(mode='json')))}; credentials come "
-                           "from the cluster's environment, never from a URL")
+    cfg = _load_run_config(path, project, spec.config, all_overrides) if spec.config else None  # refuses credentials
     store, store_tokens = (None, [])
     if cfg is not None and verb in STORE_VERBS:
         store, store_tokens = _job_locations(path, cfg, spec.env_from_cluster)

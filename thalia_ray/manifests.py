@@ -12,6 +12,7 @@ itself rejects at reconcile time apart from the worker-group replica bounds.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -24,7 +25,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from thalia_ray.errors import ManifestProblem
+from thalia_ray import safe_yaml
+from thalia_ray.credentials import scan_text, secret_name
+from thalia_ray.errors import ManifestProblem, excerpt
 
 CRDS_ENV = "THALIA_CRDS"  # where the KubeRay CRDs are when `--crds` is not given
 CRDS_HOWTO = ("give the KubeRay CRDs with --crds PATH or THALIA_CRDS=PATH: a folder of CRD YAML files, or the "
@@ -50,12 +53,6 @@ _OBJECT_META: dict[str, Any] = {
     },
 }
 
-_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?i)\b(aws_secret_access_key|aws_access_key_id|aws_session_token|secret_key|access_key|password)"
-    r"[\"']?\s*[:=]\s*[\"']?(?![\"'\s$#{]|$)"
-)
-_SECRET_ENV_NAME = re.compile(r"(?i)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|KEY_ID)")
 
 
 class ManifestError(ManifestProblem):
@@ -63,37 +60,17 @@ class ManifestError(ManifestProblem):
 
 
 # ------------------------------------------------------------------------------------------ YAML
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys, which strict server-side validation rejects."""
-
-
-def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise ManifestError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
 def load_documents(path: str | Path) -> list[Any]:
-    """All YAML documents of a manifest file (empty documents dropped), duplicate keys refused."""
+    """All YAML documents of a manifest file (empty documents dropped), read by `safe_yaml`: duplicate keys
+    refused, as strict server-side validation does, and alias bombs too."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read ({err})") from None
     try:
-        return [doc for doc in yaml.load_all(text, Loader=_UniqueKeyLoader) if doc is not None]
-    except ManifestError as err:
+        return [doc for doc in safe_yaml.load_all(text) if doc is not None]
+    except safe_yaml.YamlError as err:
         raise ManifestError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------- CRDs
@@ -207,19 +184,28 @@ def validate_manifest(doc: Any, crd: Crd) -> list[str]:
     if not isinstance(doc, dict):
         return [f"$: a manifest must be a mapping, got {type(doc).__name__}"]
     if doc.get("kind") != crd.kind:
-        return [f"$.kind: {doc.get('kind')!r} does not match the CRD's kind {crd.kind!r}"]
+        return [f"$.kind: {excerpt(doc.get('kind'))} does not match the CRD's kind {crd.kind!r}"]
     served = crd.served()
     if doc.get("apiVersion") not in served:
         wanted = doc.get("apiVersion")
-        return [f"$.apiVersion: {wanted!r} is not served for {crd.kind} (served: {sorted(served)})"]
+        return [f"$.apiVersion: {excerpt(wanted)} is not served for {crd.kind} (served: {sorted(served)})"]
     errors = _schema_errors(crd.validator(served[doc["apiVersion"]]), doc)
     return errors + _metadata_errors(doc.get("metadata")) + _replica_errors(doc.get("spec"))
 
 
-def validate_file(path: str | Path, crds_source: str | Path | None = None) -> list[str]:
+@dataclass(frozen=True)
+class FileReport:
+    """What `validate_file` found: problems make the file invalid, warnings are printed beside "valid"."""
+
+    problems: list[str]
+    warnings: list[str]
+
+
+def validate_file(path: str | Path, crds_source: str | Path | None = None) -> FileReport:
     """Every problem of a cluster configuration file, each prefixed with its document number:
     KubeRay resources against their CRDs (read only when the file holds one), cluster-launcher
-    configs against Ray's schema, and literal credentials anywhere."""
+    configs against Ray's schema, literal credentials anywhere, and what the schemas let through but
+    the cluster would not run (`reality_checks`: ports, quantities, the Ray version of images)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -230,14 +216,17 @@ def validate_file(path: str | Path, crds_source: str | Path | None = None) -> li
         raise ManifestError(f"{path}: no YAML documents")
     crds: dict[str, Crd] | None = None
     problems = [f"credentials: {leak}" for leak in credential_leaks(text)]
+    warnings = []
     for n, doc in enumerate(docs):
         if isinstance(doc, dict) and "apiVersion" in doc:
             crds = crds if crds is not None else load_crds(crds_source)
             errors = validate_manifest(doc, crd_for(str(doc.get("kind")), crds))
         else:
             errors = validate_cluster_launcher(doc)
-        problems += [f"document {n}: {e}" for e in errors]
-    return problems
+        real = reality_checks(doc)
+        problems += [f"document {n}: {e}" for e in [*errors, *real.problems]]
+        warnings += [f"document {n}: {w}" for w in real.warnings]
+    return FileReport(problems, warnings)
 
 
 def _metadata_errors(meta: Any) -> list[str]:
@@ -249,15 +238,15 @@ def _metadata_errors(meta: Any) -> list[str]:
         value = meta.get(field)
         if isinstance(value, str) and not (len(value) <= 63 and _DNS1123_LABEL.match(value)):
             errors.append(
-                f"$.metadata.{field}: {value!r} is not a DNS-1123 label "
+                f"$.metadata.{field}: {excerpt(value)} is not a DNS-1123 label "
                 "(lowercase letters, digits and '-', alphanumeric at both ends, at most 63 characters)"
             )
     for key, value in (meta.get("labels") or {}).items():
         if not _valid_label_key(key):
-            errors.append(f"$.metadata.labels: key {key!r} is not a valid label key")
+            errors.append(f"$.metadata.labels: key {excerpt(key)} is not a valid label key")
         if isinstance(value, str) and value and not (len(value) <= 63 and _LABEL_NAME.match(value)):
             where = json_path(["metadata", "labels", key])
-            errors.append(f"{where}: value {value!r} is not a valid label value")
+            errors.append(f"{where}: value {excerpt(value)} is not a valid label value")
     return errors
 
 
@@ -299,7 +288,7 @@ def validate_cluster_launcher(doc: Any) -> list[str]:
     types = doc["available_node_types"]
     head = doc.get("head_node_type")
     if head not in types:
-        errors.append(f"$.head_node_type: {head!r} is not one of available_node_types {sorted(types)}")
+        errors.append(f"$.head_node_type: {excerpt(head)} is not one of available_node_types {sorted(types)}")
     for name, node_type in types.items():
         low, high = node_type.get("min_workers", 0), node_type.get("max_workers")
         if high is not None and low > high:
@@ -354,19 +343,132 @@ def json_path(parts: Iterable[str | int]) -> str:
     return out
 
 
+# ---------------------------------------------------------------------------------- reality
+# What a schema lets through but a cluster refuses or runs wrongly. The CRDs type a port as int32 and a
+# quantity as int-or-string; Kubernetes checks the range and the grammar only when the pod is created.
+PORT_KEYS = ("containerPort", "hostPort", "port", "targetPort", "nodePort")
+_PORT_PARAM = re.compile(r"(^|[-_])port$")  # rayStartParams: dashboard-port, ray-client-server-port, ...
+# A Kubernetes resource quantity: a number with a binary (Ki..Ei), decimal (n..E) or exponent suffix.
+_QUANTITY = re.compile(r"^(?P<sign>[+-]?)(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|"
+                       r"[eE][+-]?[0-9]+)?$")
+_SUFFIX_SCALE = {"": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                 "E": 1e18, **{s: 1024.0 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))}}
+# Images of Ray's own repositories carry Ray's version in their tag: rayproject/ray:2.60.0-py311-gpu.
+_RAY_IMAGE = re.compile(r"(^|/)(ray|ray-ml|ray-llm):(?P<version>[0-9]+\.[0-9]+\.[0-9]+)")
+
+
+@dataclass(frozen=True)
+class Reality:
+    problems: list[str]
+    warnings: list[str]
+
+
+def reality_checks(doc: Any, installed_ray: str | None = None) -> Reality:
+    """Ports outside 1-65535, negative resource quantities or requests above their limit, and images or `rayVersion` of another Ray than the installed one (`installed_ray`, default the
+    installed package): another minor version is an error (the service's Ray Train, Tune and Jobs code
+    and the cluster must speak the same Ray), another patch release a warning (compatible, but a run is
+    only reproducible on the version it ran on). See docs/clusters.md."""
+    installed = installed_ray or _installed_ray()
+    problems: list[str] = []
+    warnings: list[str] = []
+    for path, key, value in _walk(doc, []):
+        where = json_path([*path, key])
+        if key in PORT_KEYS or (isinstance(key, str) and path[-1:] == ["rayStartParams"] and _PORT_PARAM.search(key)):
+            port = _integer(value)
+            if port is not None and not 1 <= port <= 65535:
+                problems.append(f"{where}: port {port} is outside 1-65535")
+        if key == "resources" and isinstance(value, dict):
+            problems += _quantity_errors(value, [*path, key])
+        version = _ray_version(key, value)
+        if version is not None and installed is not None and version != installed:
+            same_minor = version.split(".")[:2] == installed.split(".")[:2]
+            text = (f"{where}: Ray {version} there, Ray {installed} installed here: "
+                    + ("patch releases differ" if same_minor else "use an image of the installed Ray's release "
+                       "(the service's Ray Train, Tune and Jobs code runs on it)"))
+            (warnings if same_minor else problems).append(text)
+    return Reality(problems, warnings)
+
+
+def _walk(node: Any, path: list[str | int]) -> Iterable[tuple[list[str | int], str | int, Any]]:
+    """(path of the parent, key, value) of every entry of every mapping and list under `node`."""
+    items: Iterable[tuple[str | int, Any]] = (
+        node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ())
+    for key, value in items:
+        yield path, key, value
+        yield from _walk(value, [*path, key])
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else None
+
+
+def _quantity(value: Any) -> float | None:
+    """A quantity's value (cpu: cores, memory: bytes; negative if signed so), or None when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _QUANTITY.match(value.strip())
+    if match is None:
+        return None
+    suffix = match.group("suffix") or ""
+    scale = 10.0 ** int(suffix[1:]) if suffix[:1] in ("e", "E") else _SUFFIX_SCALE[suffix]
+    return (-1.0 if match.group("sign") == "-" else 1.0) * float(match.group("number")) * scale
+
+
+def _quantity_errors(resources: dict[str, Any], path: list[str | int]) -> list[str]:
+    """Negative quantities under requests/limits (the CRDs' pattern admits a sign; pods refuse it), and
+    requests above their limit. The grammar itself is the CRDs' (or, in a launcher config, Ray's) to check."""
+    errors = []
+    parsed: dict[str, dict[str, float]] = {}
+    for section in ("requests", "limits"):
+        for name, value in (resources.get(section) or {}).items() if isinstance(resources.get(section), dict) else ():
+            amount = _quantity(value)
+            if amount is not None and amount < 0:
+                errors.append(f"{json_path([*path, section, name])}: {excerpt(value)} is negative")
+            elif amount is not None:
+                parsed.setdefault(section, {})[name] = amount
+    for name, request in parsed.get("requests", {}).items():
+        limit = parsed.get("limits", {}).get(name)
+        if limit is not None and request > limit:
+            errors.append(f"{json_path([*path, 'requests', name])}: request {excerpt(resources['requests'][name])} exceeds "
+                          f"its limit {excerpt(resources['limits'][name])}")
+    return errors
+
+
+def _ray_version(key: str | int, value: Any) -> str | None:
+    """The Ray version an entry names: `rayVersion`, or the tag of a Ray image."""
+    if not isinstance(value, str) or not isinstance(key, str):
+        return None
+    if key == "rayVersion":
+        match = re.match(r"^[0-9]+\.[0-9]+\.[0-9]+", value.strip())
+        return match.group() if match else None
+    if key == "image" or key.endswith(("_image", "image_uri")):
+        match = _RAY_IMAGE.search(value)
+        return match.group("version") if match else None
+    return None
+
+
+def _installed_ray() -> str | None:
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 # ---------------------------------------------------------------------------------- credentials
 def credential_leaks(text: str) -> list[str]:
-    """Where a config text carries a literal credential: AWS key ids, `secret: value` assignments
-    and env entries named like a secret with a literal `value` (they must use secretKeyRef)."""
-    leaks = [
-        f"line {n}: {why}"
-        for n, line in enumerate(text.splitlines(), 1)
-        for pattern, why in ((_AWS_KEY_ID, "AWS access key id"), (_SECRET_ASSIGNMENT, "literal secret"))
-        if pattern.search(line)
-    ]
+    """Where a config text carries a literal credential (`credentials.scan_text`: keys and tokens by their
+    shape, `secret: value` assignments), and env entries named like a secret with a literal `value` (they
+    must use secretKeyRef)."""
+    leaks = [f"{found.where}: {found.what}" for found in scan_text(text)]
     try:
-        docs = list(yaml.load_all(text, Loader=_YAML_LOADER))
-    except yaml.YAMLError:
+        docs = safe_yaml.load_all(text)
+    except safe_yaml.YamlError:
         return leaks  # not YAML (e.g. Markdown): the line scan is all there is
     return leaks + [
         f"{path}: env {name!r} has a literal value"
@@ -379,7 +481,7 @@ def _literal_secret_env(node: Any, path: list[str | int]) -> list[tuple[str, str
     found = []
     if isinstance(node, dict):
         name, value = node.get("name"), node.get("value")
-        if isinstance(name, str) and _SECRET_ENV_NAME.search(name) and value not in (None, ""):
+        if isinstance(name, str) and secret_name(name) and value not in (None, ""):
             found.append((json_path(path), name))
         items: Iterable[tuple[Any, Any]] = node.items()
     elif isinstance(node, list):

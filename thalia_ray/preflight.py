@@ -8,18 +8,22 @@ in the store. Every failure is a `ThaliaError` naming the field and the location
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Collection, Sequence
+
+from zarr.core.sync import sync
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.cube import CubeCache, DataError
 from thalia_ray.data.index import SampleIndex, epoch_draw
-from thalia_ray.errors import ThaliaError
+from thalia_ray.data.samples import Sample
+from thalia_ray.errors import ThaliaError, excerpt
 from thalia_ray.storage import Location, StorageError, resolve
-from thalia_ray.store.records import StoreError
+from thalia_ray.store.records import STATUS, StoreError
 
 SPLITS = ("train", "val", "test")
 _CUBE_THREADS = 8  # cube headers are small reads; S3 latency dominates, so read several at once
@@ -68,17 +72,69 @@ def sample_index(cfg: ThaliaConfig) -> SampleIndex:
         raise AnnotationError(f"data.root: {err}") from None
 
 
-def cube_shapes(cfg: ThaliaConfig, frame_ids: Sequence[str], channels: Sequence[str]) -> dict[str, tuple[int, int]]:
+def cube_shapes(cfg: ThaliaConfig, samples: Sequence[Sample], channels: Sequence[str]) -> dict[str, tuple[int, int]]:
     """(height, width) of each frame's cube, read from the cube headers, after checking every cube holds
-    `channels` and the mask (a missing cube or variable is a DataError)."""
+    `channels` and the mask (a missing cube or variable is a DataError) and that each of them holds data
+    (`empty_variables`, probed at `samples`: one per frame)."""
     cache = CubeCache(resolve(cfg.data.root, cfg.storage))
     wanted = [*channels, schema.MASK_VAR]
-    with ThreadPoolExecutor(min(_CUBE_THREADS, max(len(frame_ids), 1))) as pool:
-        headers = list(pool.map(lambda frame: (cache.get(frame).shape, cache.missing_variables(frame, wanted)),
-                                frame_ids))
-    variables_present(cfg, cache, {frame: missing for frame, (_, missing) in zip(frame_ids, headers) if missing},
-                      len(frame_ids))
-    return {frame: shape for frame, (shape, _) in zip(frame_ids, headers)}
+
+    def header(sample: Sample) -> tuple[tuple[int, int], list[str]]:
+        return cache.get(sample.frame_id).shape, cache.missing_variables(sample.frame_id, wanted)
+
+    with ThreadPoolExecutor(min(_CUBE_THREADS, max(len(samples), 1))) as pool:
+        headers = dict(zip([s.frame_id for s in samples], pool.map(header, samples)))
+        variables_present(cfg, cache, {frame: missing for frame, (_, missing) in headers.items() if missing},
+                          len(samples))
+        empty = dict(zip([s.frame_id for s in samples], pool.map(lambda s: empty_variables(cache, s, wanted), samples)))
+    variables_hold_data(cache, {frame: variables for frame, variables in empty.items() if variables})
+    return {frame: shape for frame, (shape, _) in headers.items()}
+
+
+def empty_variables(cache: CubeCache, sample: Sample, variables: Sequence[str]) -> list[str]:
+    """Those of `variables` whose array in `sample`'s cube holds no chunk at all: an all-NaN (or all-fill)
+    array, whose chunks Zarr never writes, would fail every sample of the frame after Ray starts.
+
+    One existence check per variable, of the chunk under `sample`'s pair at the frame centre; only when it
+    is absent (a sparse cube may lack a pair) is the array listed for any chunk. Variables read through
+    xarray's decoding, and those declared to read unwritten chunks as the fill value, are left to the reads.
+    """
+    cube = cache.get(sample.frame_id)
+    store = cache.stores[sample.frame_id]
+    primary, secondaries = cube.positions(sample.primary_date, sample.secondary_dates[:1])
+    height, width = cube.shape
+    centre = {schema.PRIMARY_DIM: primary, schema.SECONDARY_DIM: secondaries[0],
+              cube.spatial_dims[0]: height // 2, cube.spatial_dims[1]: width // 2}
+    checked = [v for v in variables if v in cube.arrays and v not in getattr(store, "fill_ok", ())]
+
+    def chunk_key(variable: str) -> str:
+        array = cube.arrays[variable]
+        index = [centre.get(dim, 0) for dim in cube.dataset[variable].dims]
+        return f"{variable}/" + array.metadata.encode_chunk_key(tuple(i // c for i, c in zip(index, array.chunks)))
+
+    async def any_chunk(variable: str) -> bool:
+        if await store.exists(chunk_key(variable)):
+            return True
+        async for key in store.list_prefix(f"{variable}/"):
+            if key.rsplit("/", 1)[-1] not in ("zarr.json", ".zarray", ".zattrs"):
+                return True
+        return False
+
+    async def probe() -> list[bool]:
+        return list(await asyncio.gather(*(any_chunk(v) for v in checked)))
+
+    return [v for v, here in zip(checked, sync(probe())) if not here]
+
+
+def variables_hold_data(cache: CubeCache, empty: dict[str, list[str]]) -> None:
+    """Refuse cubes with a variable that holds no data (`empty`: frame → such variables), naming them."""
+    if not empty:
+        return
+    frame = min(empty)
+    others = f" (and {len(empty) - 1} other cube(s))" if len(empty) > 1 else ""
+    raise DataError(f"cube {cache.get(frame).url}{others}: variable(s) {empty[frame]} hold no data at all: every "
+                    "chunk is missing (an all-NaN array, whose chunks Zarr never writes), so every sample of the "
+                    f"frame would fail. Rewrite the cube, or leave the frame out with data.frames")
 
 
 def _variable_setting(cfg: ThaliaConfig, variable: str) -> str:
@@ -114,8 +170,11 @@ def cube_pools(cfg: ThaliaConfig, splits: Sequence[str], channels: Sequence[str]
     (default: the configured ones) and the mask, and fit the crop."""
     index = sample_index(cfg)
     pools = {split: index.samples(split) for split in splits}
-    frames = sorted({sample.frame_id for pool in pools.values() for sample in pool})
-    crop_fits(cfg.data.crop, cube_shapes(cfg, frames, cfg.data.channels if channels is None else channels))
+    first = {}  # the first sample of each frame, in index order
+    for sample in (s for pool in pools.values() for s in pool):
+        first.setdefault(sample.frame_id, sample)
+    shapes = cube_shapes(cfg, [first[f] for f in sorted(first)], cfg.data.channels if channels is None else channels)
+    crop_fits(cfg.data.crop, shapes)
     return pools
 
 
@@ -150,10 +209,9 @@ def pretrained_present(cfg: ThaliaConfig) -> None:
     run_id = run_reference(pretrained)
     if run_id is not None:
         from thalia_ray.store import ExperimentStore
-        from thalia_ray.train.evaluate import best_checkpoint  # imports torch: only for run:<RUN_ID>
 
         try:
-            best_checkpoint(ExperimentStore(cfg.storage.store, cfg.storage), run_id)
+            checkpoint_loads(ExperimentStore(cfg.storage.store, cfg.storage), run_id)
         except StoreError as err:
             raise PretrainedWeightsError(f"model.pretrained {pretrained!r}: {err}") from None
     elif pretrained is not None and pretrained != IMAGENET:
@@ -195,10 +253,8 @@ def non_empty(cfg: ThaliaConfig, pools: dict[str, list[Any]]) -> None:
 def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collection[str] = ()) -> None:
     """Everything `train` needs, checked without Ray. A sweep passes the dotted paths its search space
     `varied`: checks that depend on them are left to the trials (a base value may be one no trial uses)."""
-    from thalia_ray.store.layout import check_id
-
     if run_id is not None:
-        check_id(run_id)
+        resumable(cfg, run_id)
     if any(path.startswith("data.") or path == "seed" for path in varied):
         location_present(cfg.data.root if cfg.data.source == "cube" else str(cfg.data.shards),
                          "data.root" if cfg.data.source == "cube" else "data.shards", cfg.storage)
@@ -218,6 +274,42 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
     writable(cfg.storage.store, "storage.store", cfg.storage)
 
 
+def resumable(cfg: ThaliaConfig, run_id: str) -> None:
+    """`--run-id`: a valid id of a run that is new or can go on; a finished run is refused here, not after
+    Ray has started."""
+    from thalia_ray.store.layout import ExperimentStore, check_id
+
+    from thalia_ray.train.trainer import check_ray_snapshot  # imports torch and Ray Train: only with --run-id
+
+    check_id(run_id)
+    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    record = store.run(run_id)
+    if record.loc.join(STATUS).exists() and record.read_status().get("status") == "finished":
+        raise StoreError(f"run {run_id} is already finished (its records are in {record.loc}): give a new --run-id, "
+                         "or none for a generated one")
+    check_ray_snapshot(store, run_id)
+
+
+def checkpoint_loads(store: Any, run_id: str) -> None:
+    """A finished run's best checkpoint, which `evaluate` loads in a Ray task, is refused here when it is
+    damaged or hostile (`checkpoint.check_state`)."""
+    from thalia_ray.train.checkpoint import check_state
+    from thalia_ray.train.evaluate import best_checkpoint
+
+    check_state(best_checkpoint(store, run_id))
+
+
+def for_sweep(cfg: ThaliaConfig, sweep_id: str | None) -> None:
+    """`sweep`: a valid `--sweep-id` (room left for its trials' run ids), then what `train` needs, leaving the
+    checks that depend on the search space's dotted paths to the trials."""
+    from thalia_ray.store.layout import check_id
+
+    assert cfg.sweep is not None  # the CLI refuses a file without a sweep section first
+    if sweep_id is not None:
+        check_id(sweep_id, "sweep id")
+    for_training(cfg, varied=tuple(cfg.sweep.space))
+
+
 def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_shard: int = 64,
                all_channels: bool = False) -> None:
     """`export` reads the cubes of `splits` (the configured channels, or all nine with `all_channels`)
@@ -234,7 +326,7 @@ def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_s
 def for_stats(cfg: ThaliaConfig, split: str) -> None:
     """`prepare stats` reads whole frames of one split (no crop), so only the index is checked."""
     if split not in cfg.data.splits:
-        raise ConfigError(f"--split {split!r}: not a configured split; data.splits has {list(cfg.data.splits)}")
+        raise ConfigError(f"--split {excerpt(split)}: not a configured split; data.splits has {list(cfg.data.splits)}")
     non_empty(cfg, {split: sample_index(cfg).samples(split)})
 
 

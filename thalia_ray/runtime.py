@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 from thalia_ray.config import RuntimeConfig, StorageConfig
+from thalia_ray.credentials import shapes
+from thalia_ray.interrupts import reclaim_signals
 
 log = logging.getLogger("thalia_ray.runtime")
 
@@ -152,18 +153,25 @@ def describe_machine() -> dict[str, Any]:
 def storage_env_vars(storage_cfg: StorageConfig | None = None,
                      environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Non-secret environment for workers to reach the store: the endpoint, region and profile set here,
-    or else from the storage config. An endpoint carrying a user or password in its URL is left out."""
-    env = {name: environ[name] for name in STORAGE_ENV_NAMES if environ.get(name) and not _has_userinfo(environ[name])}
-    if storage_cfg is not None and storage_cfg.endpoint_url and not _has_userinfo(storage_cfg.endpoint_url):
+    or else from the storage config. A value that carries a credential (`credentials.shapes`: a password in
+    an endpoint URL, a key under a harmless name) is left out."""
+    env = {name: environ[name] for name in STORAGE_ENV_NAMES
+           if environ.get(name) and not shapes(environ[name], name)}
+    if storage_cfg is not None and storage_cfg.endpoint_url and not shapes(storage_cfg.endpoint_url):
         env.setdefault("AWS_ENDPOINT_URL", storage_cfg.endpoint_url)
     if storage_cfg is not None and storage_cfg.region:
         env.setdefault("AWS_REGION", storage_cfg.region)
     return env
 
 
-def _has_userinfo(value: str) -> bool:
-    """`https://user:pass@host`: a credential inside a URL, never forwarded."""
-    return "://" in value and "@" in urlsplit(value).netloc
+def raised_in_task(err: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, without the task's traceback that Ray puts in front of it (Ray
+    re-raises it as a RayTaskError that is also an instance of the original's class, once per hop)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
+        err = err.cause
+    return err
 
 
 def cluster_address(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -368,6 +376,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
         )
         # The same lookup by GCS address, from this driver's own Ray helpers.
         _replace_env(replaced, "RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    reclaim_signals()  # Ray's core worker replaced the SIGTERM handler with one that aborts (interrupts)
     if env:
         log.info("workers get these environment variables: %s", ", ".join(sorted(env)))
     return RayRuntime(address, True, dict(ray.cluster_resources()), tuple(sorted(env)), replaced)

@@ -6,14 +6,16 @@ benchmark. Every field is type-checked, and a malformed record is either skipped
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from thalia_ray.data import schema
-from thalia_ray.errors import DataProblem
+from thalia_ray.errors import DataProblem, excerpt
 from thalia_ray.storage import Location, resolve
 
 
@@ -38,12 +40,53 @@ class Annotation:
     caption: str
 
 
-class AnnotationSet(Mapping[int, Annotation]):
-    """uniqueID → Annotation, plus the problems found while loading (one line per skipped record)."""
+@dataclass(frozen=True)
+class LeftOut:
+    """A record, or a member of a time series, that the index leaves out, and why. Kept so that nothing is
+    dropped without a word: commands count and name these, and a run records them (`left_out.json`)."""
 
-    def __init__(self, records: dict[int, Annotation], problems: list[str] | None = None) -> None:
+    what: Literal["annotation", "series member"]
+    key: str  # the uniqueID; for a series member `{frame}/{primary date}/{uniqueID}`
+    reason: str  # the field and what is wrong with it, or why the member cannot be used
+    frame_id: str | None = None
+    split: str | None = None  # the split of the series it belongs to, when it is in one
+    positive: bool | None = None  # whether its label said Deformation (None: the label itself is unreadable)
+
+    def __str__(self) -> str:
+        if self.what == "annotation":
+            return f"annotation uniqueID {self.key}: {self.reason}"
+        series, _, uid = self.key.rpartition("/")
+        return f"time series {series}: uniqueID {uid}: {self.reason}"
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def describe_left_out(items: Sequence[LeftOut]) -> str:
+    """One line: how many annotations and series members were left out, why (per field or cause, most
+    frequent first) and one example in full, e.g. `3 annotations left out of the index (field
+    'activity_type' ×3); e.g. annotation uniqueID 17: field 'activity_type': unknown value(s) ['X']; ...`."""
+    if not items:
+        return "nothing left out of the index"
+    counts = Counter(item.what for item in items)
+    what = " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items())
+    causes = Counter(re.split(r"[:;]", item.reason, maxsplit=1)[0] for item in items).most_common()
+    shown = ", ".join(f"{cause} ×{n}" for cause, n in causes[:4]) + (", ..." if len(causes) > 4 else "")
+    example = str(items[0])
+    return f"{what} left out of the index ({shown}); e.g. {example[:200]}{'…' if len(example) > 200 else ''}"
+
+
+class AnnotationSet(Mapping[int, Annotation]):
+    """uniqueID → Annotation, plus the records left out while loading (malformed, skipped)."""
+
+    def __init__(self, records: dict[int, Annotation], left_out: list[LeftOut] | None = None) -> None:
         self._records = records
-        self.problems: list[str] = problems or []
+        self.left_out: list[LeftOut] = left_out or []
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per record left out."""
+        return [str(item) for item in self.left_out]
 
     def __getitem__(self, uid: int) -> Annotation:
         return self._records[uid]
@@ -79,21 +122,21 @@ def _date(raw: dict[str, Any], field: str) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not _DATE.match(value):
-        raise _FieldError(field, f"expected a YYYYMMDD date, got {value!r}")
+        raise _FieldError(field, f"expected a YYYYMMDD date, got {excerpt(value)}")
     try:
         datetime.strptime(value, "%Y%m%d")
     except ValueError:
-        raise _FieldError(field, f"{value!r} is not a calendar date") from None
+        raise _FieldError(field, f"{excerpt(value)} is not a calendar date") from None
     return value
 
 
 def parse_uid(value: Any, field: str = "uniqueID") -> int:
     """An int-like uniqueID (int or digit string; not bool, not float)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _FieldError(field, f"expected an integer id, got {value!r}")
+        raise _FieldError(field, f"expected an integer id, got {excerpt(value)}")
     if isinstance(value, str):
         if not value.strip().isdigit():
-            raise _FieldError(field, f"expected an integer id, got {value!r}")
+            raise _FieldError(field, f"expected an integer id, got {excerpt(value)}")
         value = int(value)
     if value < 0:
         raise _FieldError(field, f"negative id {value}")
@@ -103,19 +146,19 @@ def parse_uid(value: Any, field: str = "uniqueID") -> int:
 def _string(raw: dict[str, Any], field: str, allowed: tuple[str, ...] | None = None) -> str:
     value = raw.get(field)
     if not isinstance(value, str):
-        raise _FieldError(field, f"expected a string, got {value!r}")
+        raise _FieldError(field, f"expected a string, got {excerpt(value)}")
     if allowed is not None and value not in allowed:
-        raise _FieldError(field, f"{value!r} is not one of {list(allowed)}")
+        raise _FieldError(field, f"{excerpt(value)} is not one of {list(allowed)}")
     return value
 
 
 def _vocab_list(raw: dict[str, Any], field: str, allowed: tuple[str, ...], non_empty: bool = False) -> tuple[str, ...]:
     value = raw.get(field)
     if not isinstance(value, list) or (non_empty and not value):
-        raise _FieldError(field, f"expected a {'non-empty ' if non_empty else ''}list, got {value!r}")
+        raise _FieldError(field, f"expected a {'non-empty ' if non_empty else ''}list, got {excerpt(value)}")
     unknown = [v for v in value if v not in allowed]
     if unknown:
-        raise _FieldError(field, f"unknown value(s) {unknown}; allowed: {list(allowed)}")
+        raise _FieldError(field, f"unknown value(s) {excerpt(unknown)}; allowed: {list(allowed)}")
     return tuple(value)
 
 
@@ -143,7 +186,7 @@ def _flags(raw: dict[str, Any]) -> dict[str, int]:
         value = raw.get(name)
         allowed = FLAG_LEVELS[name]
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-            raise _FieldError(name, f"expected one of {list(allowed)}, got {value!r}")
+            raise _FieldError(name, f"expected one of {list(allowed)}, got {excerpt(value)}")
         flags[name] = value
     return flags
 
@@ -151,36 +194,50 @@ def _flags(raw: dict[str, Any]) -> dict[str, int]:
 def _confidence(raw: dict[str, Any]) -> float:
     value = raw.get("confidence")
     if not _number(value) or not 0.0 <= value <= 1.0:
-        raise _FieldError("confidence", f"expected a number in [0, 1], got {value!r}")
+        raise _FieldError("confidence", f"expected a number in [0, 1], got {excerpt(value)}")
     return float(value)
 
 
 def parse_annotation(key: str | int, raw: Any) -> Annotation:
     """One published record → Annotation; raises AnnotationError naming the uniqueID and field."""
     try:
-        if not isinstance(raw, dict):
-            raise _FieldError("(record)", f"expected an object, got {type(raw).__name__}")
-        uid = parse_uid(raw.get("uniqueID"))
-        if str(uid) != str(key).strip():
-            raise _FieldError("uniqueID", f"{uid} does not match its key {key!r}")
-        labels = _vocab_list(raw, "label", schema.LABELS, non_empty=True)
-        return Annotation(
-            unique_id=uid,
-            frame_id=_string(raw, "frameID"),
-            primary_date=_date(raw, "primary_date"),
-            secondary_date=_date(raw, "secondary_date"),
-            labels=labels,
-            positive=schema.NEGATIVE_LABEL not in labels,
-            activity_types=_vocab_list(raw, "activity_type", schema.ACTIVITY_TYPES),
-            intensity_levels=_vocab_list(raw, "intensity_level", schema.INTENSITY_LEVELS),
-            phase=_string(raw, "phase", schema.PHASES),
-            confidence=_confidence(raw),
-            flags=_flags(raw),
-            polygons=_polygons(raw),
-            caption=_string(raw, "caption"),
-        )
+        return _parse(key, raw)
     except _FieldError as err:
-        raise AnnotationError(f"annotation uniqueID {key}: field {err.field!r}: {err.message}") from None
+        raise AnnotationError(f"annotation uniqueID {str(key)[:40]}: field {err.field!r}: {err.message}") from None
+
+
+def _parse(key: str | int, raw: Any) -> Annotation:
+    if not isinstance(raw, dict):
+        raise _FieldError("(record)", f"expected an object, got {type(raw).__name__}")
+    uid = parse_uid(raw.get("uniqueID"))
+    if str(uid) != str(key).strip():
+        raise _FieldError("uniqueID", f"{uid} does not match its key {excerpt(key, 40)}")
+    labels = _vocab_list(raw, "label", schema.LABELS, non_empty=True)
+    return Annotation(
+        unique_id=uid,
+        frame_id=_string(raw, "frameID"),
+        primary_date=_date(raw, "primary_date"),
+        secondary_date=_date(raw, "secondary_date"),
+        labels=labels,
+        positive=schema.NEGATIVE_LABEL not in labels,
+        activity_types=_vocab_list(raw, "activity_type", schema.ACTIVITY_TYPES),
+        intensity_levels=_vocab_list(raw, "intensity_level", schema.INTENSITY_LEVELS),
+        phase=_string(raw, "phase", schema.PHASES),
+        confidence=_confidence(raw),
+        flags=_flags(raw),
+        polygons=_polygons(raw),
+        caption=_string(raw, "caption"),
+    )
+
+
+def _left_out(key: str | int, raw: Any, err: _FieldError) -> LeftOut:
+    """A malformed record as left out, with what can still be read of it (frame, whether it was positive)."""
+    fields = raw if isinstance(raw, dict) else {}
+    labels = fields.get("label")
+    positive = (schema.NEGATIVE_LABEL not in labels) if isinstance(labels, list) and labels else None
+    frame = fields.get("frameID") if isinstance(fields.get("frameID"), str) else None
+    return LeftOut("annotation", str(key)[:40], f"field {err.field!r}: {err.message}", frame_id=frame,
+                   positive=positive)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -202,17 +259,18 @@ def load_annotations(
     """Read `annotations.json[.gz]` or a folder of `{uid}.json`; skip-and-report or fail on bad records."""
     loc = resolve(location)
     records: dict[int, Annotation] = {}
-    problems: list[str] = []
+    left_out: list[LeftOut] = []
     for key, raw in _raw_records(loc).items():
         try:
-            ann = parse_annotation(key, raw)
-        except AnnotationError as err:
+            ann = _parse(key, raw)
+        except _FieldError as err:
+            skipped = _left_out(key, raw, err)
             if on_malformed == "fail":
-                raise AnnotationError(f"{loc}: {err}") from None
-            problems.append(str(err))
+                raise AnnotationError(f"{loc}: {skipped} (data.on_malformed_annotation: fail)") from None
+            left_out.append(skipped)
             continue
         records[ann.unique_id] = ann
-    return AnnotationSet(records, problems)
+    return AnnotationSet(records, left_out)
 
 
 def validate_timeseries(raw: Any, where: str = "quality_timeseries") -> dict[str, dict[str, dict[str, Any]]]:
@@ -237,7 +295,7 @@ def validate_timeseries(raw: Any, where: str = "quality_timeseries") -> dict[str
                 dates = [_date({"secondary_date": s}, "secondary_date") for s in secondaries]
                 ids = [parse_uid(u) for u in uids]
                 if group.get("length", len(ids)) != len(ids):
-                    raise _FieldError("length", f"{group.get('length')!r} but {len(ids)} members")
+                    raise _FieldError("length", f"{excerpt(group.get('length'))} but {len(ids)} members")
             except _FieldError as err:
                 raise AnnotationError(f"{at}: field {err.field!r}: {err.message}") from None
             out[frame_id][primary] = {"length": len(ids), "secondary_date": dates, "uniqueID": ids}

@@ -9,6 +9,7 @@ reference`, the reference code's own padding draws (`reference_padding`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -21,7 +22,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from thalia_ray.config import DataConfig
-from thalia_ray.data.annotations import AnnotationSet, find_metadata, load_annotations, load_timeseries
+from thalia_ray.data.annotations import (AnnotationError, AnnotationSet, LeftOut, describe_left_out, find_metadata,
+                                         load_annotations, load_timeseries)
 from thalia_ray.data.samples import Sample
 from thalia_ray.storage import Location
 
@@ -196,10 +198,12 @@ def build_groups(
     timeseries: dict[str, dict[str, dict[str, Any]]],
     splits: dict[str, Any],
     frames: Sequence[str] | None = None,
-) -> tuple[list[Group], list[str]]:
-    """Groups of the time-series index that fall in a split; members whose annotation is missing,
-    malformed or inconsistent are dropped and reported."""
-    groups, problems = [], []
+) -> tuple[list[Group], list[LeftOut]]:
+    """Groups of the time-series index that fall in a split, and what was left out: members whose annotation
+    is missing or inconsistent, and the annotations left out as malformed (with the split of their series)."""
+    groups: list[Group] = []
+    dropped: list[LeftOut] = []
+    malformed = {item.key: item for item in annotations.left_out}
     wanted = set(frames) if frames is not None else None
     for frame_id in sorted(timeseries):
         if wanted is not None and frame_id not in wanted:
@@ -211,22 +215,34 @@ def build_groups(
             entry = timeseries[frame_id][primary]
             members = []
             for secondary, uid in zip(entry["secondary_date"], entry["uniqueID"]):
-                where = f"time series {frame_id}/{primary}: uniqueID {uid}"
                 ann = annotations.get(uid)
-                if ann is None:
-                    problems.append(f"{where}: no valid annotation (missing or malformed); member skipped")
-                elif (ann.frame_id, ann.primary_date, ann.secondary_date) != (frame_id, primary, secondary):
-                    problems.append(
-                        f"{where}: annotation is for {ann.frame_id}/{ann.primary_date}/{ann.secondary_date}, "
-                        f"not {secondary}; member skipped"
-                    )
-                else:
+                if ann is not None and (ann.frame_id, ann.primary_date, ann.secondary_date) == (frame_id, primary, secondary):
                     members.append((secondary, uid, ann.positive))
+                elif str(uid) in malformed:  # named once, as the annotation, now with its series' split
+                    malformed[str(uid)] = dataclasses.replace(malformed[str(uid)], frame_id=frame_id, split=split)
+                else:
+                    reason = ("no annotation with this uniqueID; member skipped" if ann is None else
+                              f"its annotation is for {ann.frame_id}/{ann.primary_date}/{ann.secondary_date}, "
+                              f"not {secondary}; member skipped")
+                    dropped.append(LeftOut("series member", f"{frame_id}/{primary}/{uid}", reason, frame_id, split,
+                                           None if ann is None else ann.positive))
             if members:
                 members.sort()
                 secondaries, uids, positives = zip(*members)
                 groups.append(Group(frame_id, primary, secondaries, uids, positives, split))
-    return groups, problems
+    return groups, [*malformed.values(), *dropped]
+
+
+def lost_positives(groups: Sequence[Group], left_out: Sequence[LeftOut], splits: Sequence[str]) -> None:
+    """Refuse an index in which a split lost every positive annotation it had: training or testing on it
+    would report on no deformation at all. The error names how many were left out and why."""
+    for split in splits:
+        kept = sum(sum(g.member_positive) for g in groups if g.split == split)
+        lost = [item for item in left_out if item.split == split and item.positive]
+        if lost and not kept:
+            raise AnnotationError(f"the {split} split lost all {len(lost)} of its positive annotations: "
+                                  f"{describe_left_out(lost)}. Fix the records (data.on_malformed_annotation: fail "
+                                  "stops at the first one)")
 
 
 # ------------------------------------------------------------------------------------ index
@@ -234,11 +250,11 @@ class SampleIndex:
     """Samples per split, and the per-epoch lists the training pipeline consumes."""
 
     def __init__(self, groups: list[Group], annotations: AnnotationSet, data_cfg: DataConfig, seed: int,
-                 problems: list[str], pad_draws: PadDraws | None = None) -> None:
+                 left_out: list[LeftOut], pad_draws: PadDraws | None = None) -> None:
         self.annotations = annotations
         self.data_cfg = data_cfg
         self.seed = seed
-        self.problems = problems
+        self.left_out = left_out  # annotations and series members the index leaves out, and why
         self.pad_draws = pad_draws
         self.groups: dict[str, list[Group]] = {s: [] for s in data_cfg.splits}
         for group in groups:
@@ -250,17 +266,22 @@ class SampleIndex:
     @classmethod
     def build(cls, annotations: AnnotationSet, timeseries: dict[str, Any], data_cfg: DataConfig,
               seed: int) -> "SampleIndex":
-        groups, problems = build_groups(annotations, timeseries, data_cfg.splits, data_cfg.frames)
+        groups, left_out = build_groups(annotations, timeseries, data_cfg.splits, data_cfg.frames)
+        lost_positives(groups, left_out, list(data_cfg.splits))
         pad_draws = (reference_padding(timeseries, data_cfg.splits, data_cfg.length, seed)
                      if data_cfg.padding == "reference" else None)
-        return cls(groups, annotations, data_cfg, seed, list(annotations.problems) + problems, pad_draws)
+        return cls(groups, annotations, data_cfg, seed, left_out, pad_draws)
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig, seed: int, location: str | Location | None = None) -> "SampleIndex":
         """Load annotations and the time-series index from `data_cfg.root` (or `location`)."""
         ann_loc, ts_loc, _ = find_metadata(location or data_cfg.root)
         annotations = load_annotations(ann_loc, data_cfg.on_malformed_annotation)
-        return cls.build(annotations, load_timeseries(ts_loc), data_cfg, seed)
+        timeseries = load_timeseries(ts_loc)
+        try:
+            return cls.build(annotations, timeseries, data_cfg, seed)
+        except AnnotationError as err:
+            raise AnnotationError(f"{ann_loc}: {err}") from None
 
     def _draw(self, split: str, epoch: int) -> list[Sample]:
         length, rule = self.data_cfg.length, self.data_cfg.label_rule_for(split)
@@ -285,6 +306,11 @@ class SampleIndex:
         seed = self.seed if seed is None else seed
         pool = self.samples(split) if self.data_cfg.policy == "enumerate" or epoch == 0 else self._draw(split, epoch)
         return epoch_draw(pool, split, epoch, seed, self.data_cfg.epoch_plan, self.data_cfg.label_fraction)
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per annotation or series member left out."""
+        return [str(item) for item in self.left_out]
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {split: count_labels(samples) for split, samples in self._fixed.items()}
@@ -359,14 +385,20 @@ def count_labels(samples: Sequence[Sample]) -> dict[str, int]:
     return {"samples": len(samples), "positives": positives, "negatives": len(samples) - positives}
 
 
-def index_counts(
+def index_at(
     location: str | Location,
     length: int,
     policy: Literal["enumerate", "resample"] = "enumerate",
     data_cfg: DataConfig | None = None,
     seed: int = 0,
-) -> dict[str, dict[str, int]]:
-    """`{split: {samples, positives, negatives}}` for a dataset root or a metadata folder."""
+) -> SampleIndex:
+    """The index of a dataset root or a metadata folder for series length `length`."""
     base = (data_cfg or DataConfig()).model_dump()
     cfg = DataConfig.model_validate({**base, "length": length, "policy": policy})
-    return SampleIndex.from_config(cfg, seed, location=location).counts()
+    return SampleIndex.from_config(cfg, seed, location=location)
+
+
+def index_counts(location: str | Location, length: int, policy: Literal["enumerate", "resample"] = "enumerate",
+                 data_cfg: DataConfig | None = None, seed: int = 0) -> dict[str, dict[str, int]]:
+    """`{split: {samples, positives, negatives}}` for a dataset root or a metadata folder."""
+    return index_at(location, length, policy, data_cfg, seed).counts()

@@ -48,6 +48,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource import Datasource, ReadTask
 
 from thalia_ray.config import DataConfig, ThaliaConfig
+from thalia_ray.data.annotations import LeftOut
 from thalia_ray.data.cube import DataError, crop_rng
 from thalia_ray.data.execution import ClusterLimits, IdleBackoff
 from thalia_ray.data.index import sample_rng
@@ -439,6 +440,7 @@ class Datasets:
     sizes: dict[str, int]  # samples per epoch per split (train: its largest epoch), before any bad sample is skipped
     epoch_control: EpochHandle
     sources: dict[str, EpochDatasource] = field(default_factory=dict)  # per split: what the reads do
+    left_out: list[LeftOut] = field(default_factory=list)  # what the source's index left out, and why
 
 
 def record_bytes(data: DataConfig) -> int:
@@ -511,7 +513,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
                                          budget.processes, lane)
             datasets[lane_name(split, lane)] = _dataset(datasource, budget, cfg)
         sizes[split], sources[split] = datasource.largest_epoch(cfg.train.epochs), datasource
-    return Datasets(datasets, sizes, handle, sources)
+    return Datasets(datasets, sizes, handle, sources, source.left_out())
 
 
 def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig) -> ray.data.Dataset:

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 
 from thalia_ray.config import DataConfig, ThaliaConfig
-from thalia_ray.data.annotations import Annotation
+from thalia_ray.data.annotations import Annotation, LeftOut
 from thalia_ray.data.cube import DataError, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.data.locations import DataLocations
@@ -91,6 +91,10 @@ class LabelledSource(Source):
                training: bool) -> dict[str, Any]:
         return finalize(self.decode(row, split), self.data, stats, rng, training)
 
+    def left_out(self) -> list[LeftOut]:
+        """The annotations and series members its catalogue leaves out, and why (none known: [])."""
+        return []
+
 
 # ------------------------------------------------------------------------------------ cubes
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ class CubeSource(LabelledSource):
         if self.index is None:
             raise RuntimeError("a task copy of a cube source has no index")
         return self.index.epoch(split, epoch, self.seed)
+
+    def left_out(self) -> list[LeftOut]:
+        return list(self.index.left_out) if self.index is not None else []
 
     def for_items(self, items: Sequence[Sample]) -> "CubeSource":
         annotations = self.index.annotations if self.index is not None else self.annotations
@@ -192,6 +199,7 @@ class OwnShards(ShardSource):
     stored_channels: tuple[str, ...] = ()
     compressed: bool = False  # the manifest's `compress`: members are `.npy.gz`
     member_limit: int | None = None  # most bytes a member may inflate to (npy.member_limit)
+    left_out_rows: tuple[dict[str, Any], ...] = ()  # what the export's index left out (its manifest records it)
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
@@ -219,7 +227,11 @@ class OwnShards(ShardSource):
         entries = {split: manifest_entries(manifest, base, split) for split in splits}
         crop = manifest.get("crop")  # written by every export; absent: bounded by each member's own header
         limit = member_limit(data.length, len(manifest["channels"]), int(crop)) if crop else None
-        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]), limit)
+        return cls(data, root, seed, entries, tuple(manifest["channels"]), bool(manifest["compress"]), limit,
+                   tuple(manifest.get("left_out", ())))
+
+    def left_out(self) -> list[LeftOut]:
+        return [LeftOut(**row) for row in self.left_out_rows]
 
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
         return decode_own(members, key, where, self.data.channels, self.stored_channels, self.compressed,

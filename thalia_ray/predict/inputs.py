@@ -21,6 +21,7 @@ from thalia_ray.data.transforms import Statistics, normalize, statistics_for
 from thalia_ray.storage import Location
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError
+from thalia_ray.train.checkpoint import check_state
 from thalia_ray.train.evaluate import autocast, gpu_wanted, load_model, model_from_config
 
 __all__ = [
@@ -69,7 +70,9 @@ def run_checkpoint(store: ExperimentStore, run_id: str) -> tuple[ThaliaConfig, A
     if not results or not results.get("best_checkpoint"):
         raise StoreError(f"run {run_id} has no best checkpoint in its results (has it finished?)")
     filesystem, _ = store.ray_storage()
-    return cfg, Checkpoint(results["best_checkpoint"], filesystem=filesystem), results
+    checkpoint = Checkpoint(results["best_checkpoint"], filesystem=filesystem)
+    check_state(checkpoint)  # a damaged or hostile one is refused here, not in every model actor
+    return cfg, checkpoint, results
 
 
 def run_statistics(cfg: ThaliaConfig) -> Statistics | None:

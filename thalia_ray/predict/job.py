@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from thalia_ray import interrupts
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.predict import inputs, output
 from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD, whole_frame_metrics
@@ -188,13 +189,22 @@ def prepare(store: ExperimentStore, run_id: str, options: PredictOptions) -> Pre
 
 
 def execute(store: ExperimentStore, plan: PredictPlan, options: PredictOptions) -> PredictReport:
-    """Run the plan's remaining units (needs Ray), then write the table and the evaluation."""
+    """Run the plan's remaining units (needs Ray), then write the table and the evaluation.
+
+    Ctrl-C or SIGTERM (`interrupts`): the units written so far are kept (each has its completion record),
+    windows of units in flight are dropped, and Interrupted says how to finish."""
     started = time.perf_counter()
     out, units = plan.out, plan.units
     progress = _Progress(len(plan.todo), options.progress)
-    failed = _run(plan, options, progress) if plan.todo else {}
+    stop = interrupts.current()
+    with stop.graceful(f"predict {plan.run_id}"):
+        failed, written = _run(plan, options, progress, stop) if plan.todo else ({}, 0)
     progress.close()
     output.write_failures(out, failed)
+    if stop.requested:
+        raise interrupts.interrupted(
+            f"predict {plan.run_id} → {out.url} interrupted by {stop.requested_signal()}: {written} of {len(plan.todo)} "
+            "units written (kept); rerun the same command to finish the others", stop)
     planned = {u.key for u in units}
     rows = [r for key, r in output.completed(out, sorted({u.frame_id for u in units})).items() if key in planned]
     if rows:
@@ -213,9 +223,10 @@ def predict(store: ExperimentStore, run_id: str, options: PredictOptions) -> Pre
     return execute(store, prepare(store, run_id, options), options)
 
 
-def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress) -> dict[str, str]:
-    """Stream the windows of the remaining units through the model; write each unit when complete.
-    Returns the failures, by unit key."""
+def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress,
+         stop: interrupts.Stop) -> tuple[dict[str, str], int]:
+    """Stream the windows of the remaining units through the model; write each unit when complete, until
+    done or asked to stop. Returns the failures, by unit key, and how many units were written."""
     cfg, units, todo, spec, out = plan.cfg, plan.units, plan.todo, plan.spec, plan.out
     by_key = {u.key: u for u in todo}
     cubes = {f: inputs.open_cube(options.data, f) for f in sorted({u.frame_id for u in todo})}
@@ -224,7 +235,11 @@ def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress) -> dic
     expected = {f: len(tile(c.shape, spec.crop, spec.overlap)) for f, c in cubes.items()}
     stitchers: dict[str, Stitcher] = {}
     failed: dict[str, str] = {}
+    written = 0
+    signal_at = stop.signal_at
     for batch in _window_batches(cfg, plan.checkpoint, todo, spec, options):
+        if stop.requested:
+            break
         for i, key in enumerate(batch["key"]):
             unit = by_key[str(key)]
             if batch["error"][i]:
@@ -243,4 +258,7 @@ def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress) -> dic
                 frames[unit.frame_id].write(unit, probability)
                 output.mark_done(out, unit, output.summary_row(unit, probability, options.threshold))
                 progress.update(len(failed))
-    return failed
+                written += 1
+                if signal_at is not None:
+                    signal_at.fire("after-unit", written, stop)
+    return failed, written

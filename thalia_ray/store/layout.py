@@ -9,6 +9,7 @@ Run ids are safe as folder names, Ray run names and object keys: letters, digits
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -16,9 +17,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from thalia_ray.config import StorageConfig
+from thalia_ray.errors import excerpt
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.records import RunRecord, RunSummary, StoreError, SweepRecord
 
+log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 NAME_LIMIT = 48
@@ -30,6 +33,10 @@ def default_location() -> str:
     return os.environ.get(STORE_ENV) or StorageConfig.model_fields["store"].default
 
 
+ID_LIMIT = 128  # characters of a run id: a folder and object-key name on every store, with room to spare
+SWEEP_ID_LIMIT = ID_LIMIT - 28  # a trial's run id is `{sweep id}-{Tune's trial id}`
+
+
 def make_run_id(name: str, now: datetime | None = None, token: str | None = None) -> str:
     """`{name}-{YYYYmmdd-HHMMSS}-{6 hex}`: sortable by time, unique, no dots or slashes."""
     stem = _UNSAFE.sub("-", name).strip("-_")[:NAME_LIMIT].strip("-_") or "run"
@@ -38,9 +45,13 @@ def make_run_id(name: str, now: datetime | None = None, token: str | None = None
 
 
 def check_id(value: str, what: str = "run id") -> str:
-    """Refuse ids that could escape the store or break Ray names (`..`, `/`, dots, spaces)."""
+    """Refuse ids that could escape the store or break Ray names (`..`, `/`, dots, spaces), or that are too
+    long for a folder name once Ray adds its own parts (sweep ids leave room for the trial suffix)."""
     if not isinstance(value, str) or not _ID.match(value):
-        raise StoreError(f"{what} {value!r} is not valid: use letters, digits, '-' and '_' only")
+        raise StoreError(f"{what} {excerpt(value)} is not valid: use letters, digits, '-' and '_' only")
+    limit = SWEEP_ID_LIMIT if what == "sweep id" else ID_LIMIT
+    if len(value) > limit:
+        raise StoreError(f"{what} {excerpt(value, 24)} is too long: at most {limit} characters")
     return value
 
 
@@ -105,9 +116,18 @@ class ExperimentStore:
         return summaries
 
     def reconcile_runs(self, run_id: str | None = None) -> list[str]:
-        """Mark `running` runs whose driver is gone (all, or `run_id`) as interrupted; returns their ids."""
-        ids = [run_id] if run_id else self.run_ids()
-        return [i for i in ids if self.run(i).reconcile() is not None]
+        """Mark `running` runs whose driver is gone (all, or `run_id`) as interrupted; returns their ids.
+        A damaged record is left as it is (listings show it as unreadable, `runs show` says why)."""
+        marked = []
+        for i in [run_id] if run_id else self.run_ids():
+            try:
+                if self.run(i).reconcile() is not None:
+                    marked.append(i)
+            except StoreError as err:
+                if run_id:
+                    raise
+                log.debug("run %s left as it is: %s", i, err)
+        return marked
 
     def ray_storage(self) -> tuple[Any, str]:
         """(pyarrow filesystem, path) for `RunConfig(storage_filesystem=..., storage_path=...)`."""

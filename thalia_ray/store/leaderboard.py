@@ -131,10 +131,8 @@ def collect(store: ExperimentStore, sweep: str | None = None) -> list[Row]:
             continue
         record = store.run(summary.run_id)
         try:
-            results = record.read_results()
-            cfg = record.read_config()
-            history = record.read_history()
-        except StoreError:
+            results, cfg, history = record.read_results(), record.read_config(), record.read_history()
+        except StoreError:  # damaged: `runs list` shows it as unreadable
             continue
         metrics = dict((results or {}).get("metrics", {}))
         if not metrics and history:  # a trial stopped by the scheduler: its last epoch's validation

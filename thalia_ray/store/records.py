@@ -9,6 +9,7 @@ Only plain JSON and YAML: anything can read them, nothing needs unpickling.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,15 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
-import yaml
-
+from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, upgrade_stored, validate
 from thalia_ray.data import schema
-from thalia_ray.errors import StoreProblem
+from thalia_ray.errors import StoreProblem, excerpt
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
 from thalia_ray.tables import Table, render
-from thalia_ray.traffic import DEFAULT_REQUEST_PRICE, Traffic, history_lines
+from thalia_ray.traffic import DEFAULT_REQUEST_PRICE, history_lines
 
 Status = Literal["running", "finished", "failed", "stopped", "interrupted"]
 Kind = Literal["train", "sweep-trial", "pretrain", "evaluate", "bench"]
@@ -51,6 +51,7 @@ CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
 WHOLE_FRAME = "whole_frame.json"  # written by `thalia-ray predict` where annotations exist
 RECONSTRUCTIONS = "reconstructions.npz"  # a pretraining MAE's held-out reconstructions (arrays, no pickles)
 SKIPPED = "skipped.json"
+LEFT_OUT = "left_out.json"  # what the run's index and epochs left out, and why (`write_left_out`)
 # A driver renews its lease this often; one silent for STALE_AFTER_S (or dead, on this machine) has lost it.
 HEARTBEAT_S = 10.0
 SHOWN_SKIPPED = 10  # `runs show` lists this many skipped samples; the rest are in skipped.json
@@ -94,9 +95,25 @@ def jsonable(value: Any, where: str) -> Any:
 def parse_config(loc: Location, text: str) -> ThaliaConfig:
     """A stored `config.yaml`, validated; a StoreError naming the file when it is not usable."""
     try:
-        return validate(upgrade_stored(yaml.safe_load(text) or {}))
-    except (yaml.YAMLError, ConfigError) as err:
+        return validate(upgrade_stored(safe_yaml.load(text) or {}))
+    except (safe_yaml.YamlError, ConfigError) as err:
         raise StoreError(f"{loc}: not a usable configuration: {err}") from None
+
+
+def read_record(loc: Location, kind: type[dict] | type[list]) -> Any:
+    """A JSON record (an object or a list, as `kind` says). A damaged one (cut short, overwritten, not
+    ours) is a StoreError naming the file, so that listings can show the run as unreadable."""
+    raw = loc.read_bytes()
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreError(f"{loc}: damaged record, not valid JSON ({excerpt(str(err))}); "
+                         "move it aside or delete the run's folder") from None
+    if not isinstance(value, kind):
+        wanted = "object" if kind is dict else "list"
+        raise StoreError(f"{loc}: damaged record: expected a JSON {wanted}, got {type(value).__name__}; "
+                         "move it aside or delete the run's folder")
+    return value
 
 
 @dataclass(frozen=True)
@@ -283,7 +300,7 @@ class RunRecord:
         if kind is not None and kind not in KINDS:
             raise StoreError(f"run {self.run_id}: kind {kind!r} is not one of {KINDS}")
         loc = self.loc.join(STATUS)
-        record: dict[str, Any] = loc.read_json() if loc.exists() else {}
+        record: dict[str, Any] = read_record(loc, dict) if loc.exists() else {}
         if record.get("status") == "finished" and status != "finished":
             raise StoreError(f"run {self.run_id} is already finished; it cannot become {status!r}")
         now = utc_now()
@@ -298,7 +315,7 @@ class RunRecord:
 
     def read_status(self) -> dict[str, Any]:
         loc = self.loc.join(STATUS)
-        return self._read(loc, lambda: loc.read_json())
+        return self._read(loc, lambda: read_record(loc, dict))
 
     # ------------------------------------------------------------------------------ lease
     def read_lease(self) -> Holder | None:
@@ -346,7 +363,7 @@ class RunRecord:
         loc = self.loc.join(STATUS)
         if not loc.exists():
             return None
-        if loc.read_json().get("status") != "running":
+        if read_record(loc, dict).get("status") != "running":
             return None
         now = time.time()
         holder = self.read_lease()
@@ -375,9 +392,9 @@ class RunRecord:
         loc = self.loc.join(HISTORY)
         if not loc.exists():
             return []
-        history = loc.read_json()
-        if not isinstance(history, list):
-            raise StoreError(f"{loc}: expected a list of per-epoch metrics, got {type(history).__name__}")
+        history = read_record(loc, list)
+        if not all(isinstance(row, dict) for row in history):
+            raise StoreError(f"{loc}: damaged record: expected a list of per-epoch metrics (objects)")
         return history
 
     # ------------------------------------------------------------------------------ results
@@ -390,7 +407,7 @@ class RunRecord:
     def read_results(self) -> dict[str, Any] | None:
         """Final results, or None while the run has none (still running, or failed)."""
         loc = self.loc.join(RESULTS)
-        return loc.read_json() if loc.exists() else None
+        return read_record(loc, dict) if loc.exists() else None
 
     # ------------------------------------------------------------------------------ predictions
     def write_predictions(self, split: str, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -411,7 +428,7 @@ class RunRecord:
         if not loc.exists():
             have = [n.removesuffix(".json") for n in self.loc.join(PREDICTIONS).list()]
             raise StoreError(f"run {self.run_id} has no {split} predictions (it has: {have or 'none'})")
-        return loc.read_json()
+        return read_record(loc, list)
 
     # ------------------------------------------------------------------------------ skipped samples
     def write_skipped(self, rows: Iterable[Mapping[str, Any]], command: SkipCommand = "train",
@@ -448,10 +465,22 @@ class RunRecord:
         loc = self.loc.join(SKIPPED)
         if not loc.exists():
             return None
-        rows = loc.read_json()
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise StoreError(f"{loc}: expected a list of skipped samples, got {type(rows).__name__}")
+        rows = read_record(loc, list)
+        if not all(isinstance(r, dict) for r in rows):
+            raise StoreError(f"{loc}: damaged record: expected a list of skipped samples (objects)")
         return [{"command": "train", **r} for r in rows]
+
+    # ------------------------------------------------------------------------------ left out
+    def write_left_out(self, index: Iterable[Mapping[str, Any]], epochs: Mapping[str, Any]) -> None:
+        """What training left out: `index`, the annotations and series members its index dropped (one row
+        each: what, key, reason, frame_id, split, positive), and `epochs`, per split the samples drawn per
+        epoch, those used, and how many were left out for which reason (Ray's equal split, a step cap)."""
+        self.loc.join(LEFT_OUT).write_json(jsonable({"index": list(index), "epochs": dict(epochs)},
+                                                    f"run {self.run_id} left out"))
+
+    def read_left_out(self) -> dict[str, Any] | None:
+        loc = self.loc.join(LEFT_OUT)
+        return read_record(loc, dict) if loc.exists() else None
 
     # ------------------------------------------------------------------------------ whole frames
     def write_whole_frame(self, evaluation: Mapping[str, Any]) -> None:
@@ -460,7 +489,7 @@ class RunRecord:
 
     def read_whole_frame(self) -> dict[str, Any] | None:
         loc = self.loc.join(WHOLE_FRAME)
-        return loc.read_json() if loc.exists() else None
+        return read_record(loc, dict) if loc.exists() else None
 
     def request_price(self) -> float:
         """The run's `storage.request_price_per_1000` (the default where its config cannot be read)."""
@@ -513,7 +542,7 @@ class SweepRecord:
     def read_summary(self) -> dict[str, Any]:
         loc = self.loc.join(SUMMARY)
         try:
-            return loc.read_json()
+            return read_record(loc, dict)
         except FileNotFoundError:
             raise StoreError(f"sweep {self.sweep_id} has no summary (looked in {self.loc})") from None
 
@@ -573,9 +602,26 @@ def format_skipped(skipped: list[Mapping[str, Any]]) -> str:
     return f"{len(skipped)} samples" + (f" ({per_split})" if per_split else "")
 
 
+def format_left_out(left_out: Mapping[str, Any]) -> list[str]:
+    """`runs show` lines for `left_out.json`: the index's drops by cause, then each split's epoch use."""
+    index = left_out.get("index") or []
+    lines = []
+    if index:
+        causes = Counter(str(row.get("reason", "?")).split(":")[0] for row in index).most_common()
+        kinds = Counter(str(row.get("what", "?")) for row in index)
+        lines.append(f"left out  {', '.join(f'{n} {k}' + ('s' if n != 1 else '') for k, n in kinds.items())} "
+                     "of the index ("
+                     + ", ".join(f"{cause} ×{n}" for cause, n in causes[:4]) + f"; all in {LEFT_OUT})")
+    for n, (split, use) in enumerate((left_out.get("epochs") or {}).items()):
+        reasons = ", ".join(f"{reason} ×{count}" for reason, count in (use.get("left_out") or {}).items())
+        lines.append(f"{'epochs' if n == 0 else '':<9} {split}: {use.get('used')} of {use.get('drawn')} samples "
+                     "per epoch" + (f" (left out: {reasons})" if reasons else ""))
+    return lines
+
+
 def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
                        results: Mapping[str, Any] | None, skipped: list[Mapping[str, Any]] | None = None,
-                       request_price: float = DEFAULT_REQUEST_PRICE) -> str:
+                       request_price: float = DEFAULT_REQUEST_PRICE, left_out: Mapping[str, Any] | None = None) -> str:
     """The text of `thalia-ray runs show ID`, from a run's records (pure); `request_price` prices the
     run's object-storage requests (per 1,000 GETs)."""
     lines = [f"run       {status.get('run_id', '?')}"]
@@ -594,6 +640,8 @@ def format_run_details(status: Mapping[str, Any], history: list[dict[str, Any]],
                      for row in skipped[:SHOWN_SKIPPED])
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... {len(skipped) - SHOWN_SKIPPED} more in {SKIPPED}")
+    if left_out:
+        lines.extend(format_left_out(left_out))
     lines.extend(history_lines(history, request_price))
     if results:
         lines.append(f"best      epoch {results.get('best_epoch')}, checkpoint {results.get('best_checkpoint')}")
@@ -621,13 +669,15 @@ def format_whole_frame(evaluation: Mapping[str, Any]) -> list[str]:
 
 def run_document(record: RunRecord) -> dict[str, Any]:
     """Everything `thalia-ray runs show ID` tells about a run, as one JSON-ready mapping: the fields of
-    `run.json`, then `history`, `results`, `skipped` and `whole_frame` (None where the run has none)."""
+    `run.json`, then `history`, `results`, `skipped`, `left_out` and `whole_frame` (None where the run
+    has none)."""
     return {**record.read_status(), "history": record.read_history(), "results": record.read_results(),
-            "skipped": record.read_skipped(), "whole_frame": record.read_whole_frame()}
+            "skipped": record.read_skipped(), "left_out": record.read_left_out(), "whole_frame": record.read_whole_frame()}
 
 
 def format_run(record: RunRecord) -> str:
     """Read a run's records and describe it for `thalia-ray runs show ID`."""
     run = run_document(record)
-    text = format_run_details(run, run["history"], run["results"], run["skipped"], record.request_price())
+    text = format_run_details(run, run["history"], run["results"], run["skipped"], record.request_price(),
+                              run["left_out"])
     return "\n".join([text, *format_whole_frame(run["whole_frame"])]) if run["whole_frame"] else text

@@ -7,10 +7,16 @@ stopping the same way on every rank, and report flat metrics with a checkpoint t
 alone writes the checkpoint, the store's history, the progress line and the live TensorBoard (see
 `tracking`).
 
-Every collective (DDP gradients, metric and loss reductions, the stop decision) is entered by all
+Every collective (DDP gradients, metric and loss reductions, the stop decisions) is entered by all
 ranks the same number of times: Ray's equal split gives every rank as many rows (so batches),
 training stops after at most `steps_per_epoch` steps on all ranks alike, and validation runs the
 bare model, whose forward communicates nothing.
+
+A stop request from the driver (`interrupts`: Ctrl-C, SIGTERM) is looked at after every training step
+and before every epoch; rank 0 decides for all. An epoch in training is abandoned (nothing of it is
+reported); one being validated or checkpointed is finished first. The workers then return, so Ray
+Train registers every checkpoint reported before the run ends, and the store's history and Ray's
+snapshot agree on the epochs a rerun resumes after.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +37,7 @@ import torch
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import EpochLanes, EpochLead, EpochStart, TorchCollate, epoch_traffic, set_eval_epoch
+from thalia_ray.interrupts import RemoteStop
 from thalia_ray.progress import progress_line
 from thalia_ray.runtime import setup_logging
 from thalia_ray.train.checkpoint import load_state, to_checkpoint, unwrap
@@ -59,6 +67,7 @@ class LoopSettings:
     val_samples: int | None = None  # the validation split's samples, all ranks together (val/n_expected)
     objective: Objective = field(default_factory=Supervised)  # what the run learns (train/objective.py)
     epoch_lines: bool = True  # rank 0 logs each epoch's line (a sweep's driver prints its trials' own)
+    stop: RemoteStop | None = None  # the driver's stop request and fault hook (interrupts); None: never asked
 
 
 @dataclass
@@ -136,6 +145,8 @@ class WorkerLoop:
         self.upcoming: Any = None  # the next epoch's batches, started after this epoch's first
         self.upcoming_val: Any = None  # this epoch's validation batches, started before its training ends
         self.samples = 0  # samples trained and validated this epoch, over all ranks
+        # Rank 0 watches the driver's stop request; every rank leaves when rank 0 says so (`_stop_now`).
+        self.stop_seen = settings.stop.seen() if settings.stop is not None and self.rank == 0 else threading.Event()
         self.device = ray.train.torch.get_device()
         self.precision = self._precision()
         train = self.cfg.train
@@ -204,10 +215,20 @@ class WorkerLoop:
     # ------------------------------------------------------------------------------ epochs
     def run(self) -> None:
         train = self.cfg.train
-        for epoch in range(self.progress.epoch + 1, train.epochs + 1):
+        epochs = range(self.progress.epoch + 1, train.epochs + 1)
+        if self.stopper.should_stop:  # resumed after early stopping had ended it: nothing is left to train
+            epochs = range(0)
+        for epoch in epochs:
+            if self._stop_now():  # asked to stop before the epoch started: nothing of it is lost
+                self._log_stop(f"before epoch {epoch}")
+                break
             started = time.perf_counter()
             maybe_inject_fault(self.settings.fault, self.rank, epoch)
-            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
+            trained = self.train_epoch(epoch)
+            if trained is None:  # asked to stop during training: the epoch is abandoned, not reported
+                self._log_stop(f"during epoch {epoch}: it is abandoned; the last checkpoint is epoch {epoch - 1}")
+                break
+            metrics = {"epoch": epoch, **trained, **self.validate()}
             metrics["time/epoch_s"] = time.perf_counter() - started
             metrics["time/samples_per_s"] = self.samples / metrics["time/epoch_s"]  # train + val, all ranks
             if self.rank == 0:  # every reader's storage traffic for this epoch's train and val reads
@@ -226,7 +247,24 @@ class WorkerLoop:
         if self.tracker is not None:
             self.tracker.finish()
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def _stop_now(self) -> bool:
+        """Whether the driver asked to stop, decided by rank 0 for every rank (one tiny collective with
+        several workers), so that all ranks leave at the same step."""
+        return rank_zero_decides(self.stop_seen.is_set(), self.device)
+
+    def _log_stop(self, when: str) -> None:
+        if self.rank == 0:
+            log.warning("run %s: stop requested %s", self.settings.run_id, when)
+
+    def _signal_at(self, point: str, n: int) -> None:
+        """The fault hook (`interrupts.SignalAt`): rank 0 signals the driver at `point` of epoch `n`, then
+        sees the request at the next check."""
+        stop = self.settings.stop
+        if stop is not None and stop.signal_at is not None and self.rank == 0 and stop.signal_at.fire(point, n, stop):
+            self.stop_seen.set()
+
+    def train_epoch(self, epoch: int) -> dict[str, float] | None:
+        """One epoch's training on this rank's shard; None when a stop request ended it early."""
         self.model.train()
         batches, self.upcoming = iter(self.upcoming or self.lanes.start(epoch - 1)), None
         totals: dict[str, float] = {}
@@ -248,6 +286,11 @@ class WorkerLoop:
                 self.upcoming_val = EpochStart(self.val_batches(epoch))
             if self.rank == 0:  # the driver's progress bar (fire and forget)
                 self.settings.epoch_control.actor().advance.remote(epoch, steps)
+            if steps == 1:
+                self._signal_at("during-epoch", epoch)
+            if self._stop_now():
+                batches.close()
+                return None
         if steps == 0:
             raise RuntimeError(f"rank {self.rank} got no training batch in epoch {epoch}: the training split is empty")
         if self.upcoming_val is None:  # not due before the last batch
@@ -316,13 +359,17 @@ class WorkerLoop:
         # anywhere. The history is the store's commit of an epoch: written last, an epoch it holds is tracked
         # too (a killed worker's trackers may lead it by the epoch it was cut in). It is written from the
         # checkpointed progress, so a resumed run rewrites it and never doubles an epoch.
+        epoch = int(metrics["epoch"])
+        self._signal_at("before-checkpoint", epoch)
         if self.tracker is not None:
-            self.tracker.log(metrics, step=int(metrics["epoch"]))
+            self.tracker.log(metrics, step=epoch)
         if self.settings.record is not None:
             self.settings.record.write_history(self.progress.history)
         checkpoint, tmp = to_checkpoint(self.state())
         with tmp:
+            self._signal_at("during-checkpoint", epoch)
             ray.train.report(metrics, checkpoint=checkpoint)
+        self._signal_at("after-checkpoint", epoch)
         if self.settings.epoch_lines:
             log.info(progress_line(metrics, self.cfg.train.epochs, improved))
 

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 from thalia_ray.storage import Location, StorageError
 from thalia_ray.store.layout import ExperimentStore

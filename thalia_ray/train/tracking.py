@@ -34,7 +34,6 @@ from typing import Any, Iterator, Mapping
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.storage import Location, StorageError, walk_files
-from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import RunRecord
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,15 @@ sizes, places the workers (fractional CPUs; GPUs when the cluster has them), let
 worker group from the latest checkpoint after a failure, and keeps the best checkpoints by the
 early-stopping metric. After training it tests the best checkpoint on the whole test split and
 stores results, per-sample predictions and every sample skipped as unreadable (also when the run
-fails). A Tune trial calls `fit` with Tune's report callback. What the run learns, and what it keeps
-at the end, is its `Objective` (train/objective.py): the benchmark's task by default, pretraining
-for `thalia-ray pretrain`.
+fails), and what the index and each epoch left out (`left_out.json`). A Tune trial calls `fit` with
+Tune's report callback and its sweep's stop request. What the run learns, and what it keeps at the
+end, is its `Objective` (train/objective.py): the benchmark's task by default, pretraining for
+`thalia-ray pretrain`.
+
+Ctrl-C and SIGTERM (`interrupts`) stop a run at its workers' next step; `fit` marks it interrupted at
+once, and when the workers have returned (every checkpoint they reported is registered with Ray
+Train) raises Interrupted with the way to resume. Any driver built on `fit` and `train.loop` (a
+pretraining run too) stops the same way.
 """
 from __future__ import annotations
 
@@ -25,13 +31,18 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
                        RunConfig, ScalingConfig, WorkerGroupError)
 from ray.train.torch import TorchTrainer
 
+from thalia_ray import interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, skipped_samples
-from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError
+from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError, excerpt
+from thalia_ray.interrupts import Interrupted, RemoteStop, Stop
+from thalia_ray.runtime import raised_in_task
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.storage import StorageError
-from thalia_ray.store.records import Lease, RunRecord, Status, shortfalls
+from thalia_ray.store.records import LEFT_OUT, Lease, RunRecord, Status, shortfalls
 from thalia_ray.traffic import Traffic, describe
+from thalia_ray.train.checkpoint import CheckpointError, check_state
 from thalia_ray.train.evaluate import gpu_wanted
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
 from thalia_ray.train.objective import Objective, Supervised
@@ -55,6 +66,7 @@ class TrainResult:
     store: str  # the experiment store's URL
     history: list[dict[str, float]] = field(default_factory=list)
     skipped: int = 0  # unreadable samples skipped in training, validation and test (listed in the store)
+    left_out: int = 0  # annotations and series members the index left out (listed in the store)
 
     def __str__(self) -> str:
         """One readable line: the headline Deformation metrics (a pretraining run: its validation loss),
@@ -65,10 +77,11 @@ class TrainResult:
                  if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
         shown = shown or [f"{k} {v:.4f}" for k, v in self.val_metrics.items() if k == "val/loss"]
         short = "".join(f", {s}" for s in shortfalls(metrics))
+        left_out = f", {self.left_out} left out of the index" if self.left_out else ""
         traffic = Traffic.total(self.history)
         storage = f"; storage: {describe(traffic)}" if traffic else ""
         return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
-                f"{self.skipped} samples skipped{short} (store {self.store}){storage}")
+                f"{self.skipped} samples skipped{short}{left_out} (store {self.store}){storage}")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
@@ -116,6 +129,43 @@ def steps_per_epoch(cfg: ThaliaConfig, sizes: Mapping[str, int]) -> int:
                          f"for one batch of train.batch_size={batch} on each of train.num_workers={workers}")
     cap = cfg.train.max_steps_per_epoch
     return min(steps, cap) if cap is not None else steps
+
+
+@dataclass(frozen=True)
+class EpochUse:
+    """How much of a split one epoch uses: the samples drawn, those trained or validated on, and why the
+    rest is left out (Ray's equal split over the workers, the last partial batch, a step cap)."""
+
+    drawn: int
+    used: int
+    left_out: dict[str, int]
+
+    def describe(self, split: str, verb: str) -> str:
+        if not self.left_out:
+            return f"{split} {verb} all {self.drawn} samples drawn"
+        reasons = ", ".join(f"{reason} ×{n}" for reason, n in self.left_out.items())
+        return f"{split} {verb} {self.used} of {self.drawn} samples drawn ({reasons})"
+
+
+def epoch_use(cfg: ThaliaConfig, sizes: Mapping[str, int], steps: int) -> dict[str, EpochUse]:
+    """What one epoch of training and of validation uses of the samples drawn (`sizes`), as the loop runs:
+    each worker gets floor(n / workers) rows (Ray's equal split), trains on `steps` full batches (a last
+    partial batch is dropped) and validates at most `train.max_steps_per_epoch` batches."""
+    workers, batch, cap = cfg.train.num_workers, cfg.train.batch_size, cfg.train.max_steps_per_epoch
+    split_reason = f"Ray's equal split over {workers} workers"
+    cap_reason = f"train.max_steps_per_epoch={cap}"
+
+    def use(drawn: int, per_worker_used: int, per_worker_full: int, partial: str) -> EpochUse:
+        per_worker = drawn // workers
+        reasons = {split_reason: drawn - per_worker * workers, partial: (per_worker - per_worker_full) * workers,
+                   cap_reason: (per_worker_full - per_worker_used) * workers}
+        return EpochUse(drawn, per_worker_used * workers, {k: n for k, n in reasons.items() if n > 0})
+
+    train_rows, val_rows = sizes["train"] // workers, sizes["val"] // workers
+    full = train_rows // batch * batch
+    val_used = min(val_rows, cap * batch) if cap is not None else val_rows
+    return {"train": use(sizes["train"], steps * batch, full, f"the last partial batch of {batch}"),
+            "val": use(sizes["val"], val_used, val_rows, "")}
 
 
 def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
@@ -174,15 +224,19 @@ def fit(
     sweep_config: dict[str, Any] | None = None,
     lease: Lease | None = None,
     objective: Objective | None = None,
+    stop: Stop | RemoteStop | None = None,
 ) -> TrainResult:
     """Train `cfg` on the connected Ray cluster and record the run; see the module docstring.
 
     A sweep trial passes its sweep id and sampled values, so the store knows which trial a run is.
     `lease`: a lease the caller took already (the CLI does, before it starts Ray); the run is then the
     lease's, and releasing it is the caller's. `objective`: what the run learns (default: `Supervised`,
-    the benchmark's task; `thalia_ray.pretrain` passes pretraining's).
+    the benchmark's task; `thalia_ray.pretrain` passes pretraining's). `stop`: the stop request the run
+    obeys (`interrupts`): by default this process's, which the CLI's signal handling sets; a Tune trial
+    passes its sweep's.
     """
     objective = objective or Supervised()
+    stop = stop or interrupts.current()
     store = store or ExperimentStore(cfg.storage.store, cfg.storage)
     own_lease = lease is None
     if lease is None:  # one writer per run id: a live one refuses, a stale one is taken over
@@ -194,7 +248,15 @@ def fit(
             else {"kind": objective.kind}
         record.set_status("running", name=cfg.name, **objective.describe(cfg), **trial)
         try:
-            outcome = _fit(cfg, store, record, callbacks, lease, objective, epoch_lines=sweep_id is None)
+            with stop.graceful(f"run {record.run_id}"), stop.watch(lambda reason: _record_end(
+                    record, "interrupted", f"{reason}: stopping at the next step (an epoch in training is abandoned, "
+                                           "one being validated or checkpointed is finished)")):
+                outcome = _fit(cfg, store, record, callbacks, lease, objective, stop, epoch_lines=sweep_id is None)
+        except Interrupted as err:  # a stop at a safe point, or a second signal that stopped at once
+            message = f"{err}: {_resume_hint(record)}"
+            _record_end(record, "interrupted", message)
+            track_outcome(store, record.run_id)
+            raise Interrupted(message, err.exit_code - 128) from None
         except KeyboardInterrupt:
             _record_end(record, "interrupted", "interrupted by the user")
             track_outcome(store, record.run_id)
@@ -227,6 +289,7 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
     for cause in roots:
         while cause is not None and id(cause) not in seen:
             seen.add(id(cause))
+            cause = raised_in_task(cause)  # a read task's error reaches a worker through Ray Data's actors
             yield cause
             cause = cause.__cause__ or cause.__context__
 
@@ -248,6 +311,19 @@ def user_problem(err: BaseException, record: RunRecord) -> ThaliaError | None:
     return None
 
 
+def _resume_hint(record: RunRecord) -> str:
+    """How to go on: the epochs the store holds (each checkpointed, and registered with Ray Train when the run
+    stopped at a safe point) and the command."""
+    try:
+        done = len(record.read_history())
+    except (StorageError, StoreProblem, OSError):
+        done = 0
+    saved = (f"epochs 1-{done} are checkpointed" if done > 1 else "epoch 1 is checkpointed" if done
+             else "no epoch was completed")
+    return (f"{saved}; rerun the same command with --run-id {record.run_id} to resume"
+            + (f" from epoch {done + 1}" if done else ""))
+
+
 def _record_end(record: RunRecord, status: Status, error: str) -> None:
     """Record how a run ended; if the store cannot take it (gone, full), the next command that meets
     the run's stale `running` record marks it interrupted."""
@@ -258,6 +334,13 @@ def _record_end(record: RunRecord, status: Status, error: str) -> None:
                   "interrupted", record.run_id, status, err)
 
 
+def _stop_if_requested(stop: Stop | RemoteStop, message: str) -> None:
+    """Raise Interrupted (`message`, with `{signal}` filled in) when a stop was requested."""
+    name = stop.requested_signal()
+    if name:
+        raise interrupts.interrupted(message.format(signal=name), stop)
+
+
 def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
     """A failing run's skipped samples so far, best effort: the failure is what gets reported."""
     try:
@@ -266,28 +349,47 @@ def _keep_skipped(record: RunRecord, handle: EpochHandle) -> None:
         log.warning("run %s: cannot record its skipped samples: %s", record.run_id, err)
 
 
-def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
-    """Refuse to resume from a Ray snapshot that cannot be read back, naming it and the way on.
+def record_left_out(record: RunRecord, index: list[LeftOut], epochs: Mapping[str, EpochUse]) -> None:
+    """Say what the run leaves out, and record it beside the run: what the index dropped (a warning: the
+    data are not what they should be) and what each epoch uses of the samples drawn."""
+    if index:
+        log.warning("run %s: %s (all in %s)", record.run_id, describe_left_out(index), record.loc.join(LEFT_OUT))
+    verbs = {"train": "trains on", "val": "validates"}
+    log.info("run %s: each epoch %s", record.run_id, "; ".join(use.describe(split, verbs[split])
+                                                                for split, use in epochs.items()))
+    record.write_left_out([item.row() for item in index], {split: asdict(use) for split, use in epochs.items()})
 
-    Ray's controller would fail on it deep inside its own start. Ours are written whole
-    (`atomic_arrow`); one left by an older version on a full disk, or by another tool, may not be.
+
+def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
+    """Refuse to resume from a Ray snapshot that cannot be read back, or from a latest checkpoint that is
+    damaged or hostile (`checkpoint.check_state`), naming the file and the way on.
+
+    Ray's controller would fail on the snapshot deep inside its own start, and every worker on the
+    checkpoint. Ours are written whole (`atomic_arrow`); one left by an older version on a full disk, or
+    by another tool, may not be.
     """
     snapshot = store.ray_root.join(run_id, RAY_SNAPSHOT)
     if not snapshot.exists():
         return
+    start_over = "delete that file to train the run from its start, or use another --run-id"
     try:
-        json.loads(snapshot.read_text())
-    except ValueError as err:
-        raise StoreProblem(
-            f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged ({err}). "
-            "The checkpoints are beside it; delete that file to train the run from its start, or use another --run-id"
-        ) from None
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (ValueError, AttributeError) as err:
+        raise StoreProblem(f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged "
+                           f"({excerpt(str(err))}). The checkpoints are beside it; {start_over}") from None
+    if isinstance(latest, str) and latest:
+        filesystem, root = store.ray_storage()
+        try:
+            check_state(Checkpoint(f"{root}/{run_id}/{latest}", filesystem=filesystem))
+        except CheckpointError as err:
+            raise CheckpointError(f"run {run_id} cannot resume from its latest checkpoint: {err}") from None
 
 
 def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks: Iterable[Any],
-         lease: Lease, objective: Objective, epoch_lines: bool = True) -> TrainResult:
+         lease: Lease, objective: Objective, stop: Stop | RemoteStop, epoch_lines: bool = True) -> TrainResult:
     run_id = record.run_id
     check_ray_snapshot(store, run_id)
+    _stop_if_requested(stop, f"run {run_id} interrupted by {{signal}} before training started")
     objective = objective.prepare(cfg)
     data = objective.datasets(cfg, run_id, trainer_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
     use_gpu = gpu_wanted(cfg)
@@ -301,9 +403,11 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         val_samples=data.sizes["val"],
         objective=objective,
         epoch_lines=epoch_lines,
+        stop=stop.remote(),
     )
     log.info("run %s: %d workers (%s), %d steps per epoch, up to %d samples per training epoch",
              run_id, cfg.train.num_workers, "GPU" if use_gpu else "CPU", settings.steps_per_epoch, data.sizes["train"])
+    record_left_out(record, data.left_out, epoch_use(cfg, data.sizes, settings.steps_per_epoch))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
@@ -317,7 +421,10 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     )
     try:
         with progress_bar(data.epoch_control, cfg.train.epochs, settings.steps_per_epoch):
-            result = trainer.fit()
+            result = stop.run_aside(trainer.fit, f"thalia-fit-{run_id}")
+        # Workers asked to stop leave at their next step and return: Ray Train registered every checkpoint.
+        done = len(record.read_history())
+        _stop_if_requested(stop, f"run {run_id} interrupted by {{signal}} after epoch {done} of {cfg.train.epochs}")
         stopping = cfg.train.early_stopping
         checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
         conclusion = objective.conclude(cfg, checkpoint, use_gpu)
@@ -340,4 +447,4 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
     log.info("run %s finished: best epoch %s, %s", run_id, best_epoch,
              ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "deformation" in k and "f1" in k))
     return TrainResult(run_id, best_epoch, val_metrics, test_metrics, checkpoint.path, store.root.url, history,
-                       skipped)
+                       skipped, len(data.left_out))

@@ -7,12 +7,20 @@ trial continues the same Ray Train run (and its checkpoints) instead of starting
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from ray.tune import Callback
+
+from thalia_ray import interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.interrupts import Interrupted, RemoteStop
 from thalia_ray.store import ExperimentStore
 from thalia_ray.store.records import STATUS, StoreError
 from thalia_ray.train.trackers import track_outcome
@@ -22,6 +30,7 @@ from thalia_ray.tune.progress import SweepProgress
 log = logging.getLogger(__name__)
 
 DRIVER_RESOURCES = {"CPU": 0.01}  # 0 is rejected by Tune; the Train workers reserve the real resources
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 @dataclass
@@ -42,8 +51,12 @@ class SweepSummary:
         return dict(self.__dict__)
 
 
-def _trial_fn(base_yaml: str, store_url: str, sweep_id: str) -> Callable[[dict[str, Any]], None]:
-    """The per-trial driver. It receives the base config as YAML text so that the closure is plain data."""
+def _trial_fn(base_yaml: str, store_url: str, sweep_id: str, stop: RemoteStop) -> Callable[[dict[str, Any]], None]:
+    """The per-trial driver. It receives the base config as YAML text so that the closure is plain data.
+
+    A trial obeys the sweep's stop request (`stop`): its run stops at a safe point, then the trial waits
+    (parked) for Tune to end the experiment, so that Tune keeps it unfinished and `--resume` runs it again,
+    from its run's last checkpoint. A trial started after the request parks at once."""
 
     def run_trial(sampled: dict[str, Any]) -> None:
         import yaml
@@ -63,10 +76,34 @@ def _trial_fn(base_yaml: str, store_url: str, sweep_id: str) -> Callable[[dict[s
             ray_tune.report(finished[-1])
             return
         sweep_config = {k: v for k, v in sampled.items() if not k.startswith("_")}
-        fit(cfg, store=store, run_id=run_id, callbacks=[TuneReportCallback()],
-            sweep_id=sweep_id, sweep_config=sweep_config)
+        try:
+            if not stop.enter():
+                fit(cfg, store=store, run_id=run_id, callbacks=[TuneReportCallback()],
+                    sweep_id=sweep_id, sweep_config=sweep_config, stop=stop)
+        except Interrupted:
+            pass  # the run recorded how it stopped and how to go on
+        finally:
+            stop.leave()
+        if stop.requested():
+            threading.Event().wait()  # parked: Tune ends the experiment (EndOnStop) and this actor with it
 
     return run_trial
+
+
+class EndOnStop(Callback):
+    """Ends Tune's loop its own way (SIGUSR1: Tune saves the experiment's state, unfinished trials stay
+    unfinished) once this process was asked to stop and no trial is in a fit any more. Holds no state that
+    outlives a restore: the request and its flag are the current process's (`interrupts.current`)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        stop = interrupts.current()
+        if self.sent or not stop.requested or stop.remote().running():
+            return
+        self.sent = True
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _finished_history(store: ExperimentStore, run_id: str) -> list[dict[str, Any]]:
@@ -102,7 +139,8 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
     store = ExperimentStore(cfg.storage.store, cfg.storage)
     sweep_id = resolve_sweep_id(cfg, resume, sweep_id)
     base_yaml = cfg.model_copy(update={"sweep": None}).to_yaml()
-    trainable = tune.with_resources(_trial_fn(base_yaml, store.root.url, sweep_id), DRIVER_RESOURCES)
+    stop = interrupts.current()
+    trainable = tune.with_resources(_trial_fn(base_yaml, store.root.url, sweep_id, stop.remote()), DRIVER_RESOURCES)
     fs, root = store.ray_storage()
     experiment = f"{root.rstrip('/')}/{sweep_id}"
     record = store.sweep(sweep_id)
@@ -126,14 +164,37 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
             run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       callbacks=[SweepProgress(sweep.metric, sweep.mode, cfg.train.epochs,
-                                                               space.varied_fields(sweep))],
+                                                               space.varied_fields(sweep)), EndOnStop()],
                                       verbose=0),  # Tune's status tables off: SweepProgress tells
         )
     record.write_summary({"sweep_id": sweep_id, "status": "running", "store": store.root.url})
-    grid = tuner.fit()
+    with stop.graceful(f"sweep {sweep_id}"), _tune_leaves_sigint_alone():
+        grid = tuner.fit()
     summary = summarise(store, sweep_id, cfg, grid, time.time() - started)
+    if stop.requested:
+        summary.status = "interrupted"
     record.write_summary(summary.to_json())
+    if stop.requested:
+        stopped = sum(t["status"] == "interrupted" for t in summary.trials)
+        raise interrupts.interrupted(
+            f"sweep {sweep_id} interrupted by {stop.requested_signal()}: {stopped} trial(s) stopped at a checkpoint, "
+            f"{sum(t['status'] == 'finished' for t in summary.trials)} finished; rerun with --sweep-id {sweep_id} "
+            "--resume to go on", stop)
     return summary
+
+
+@contextlib.contextmanager
+def _tune_leaves_sigint_alone() -> Iterator[None]:
+    """Tune replaces the SIGINT handler (stopping trials at once) unless told not to; ours stays."""
+    previous = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = previous
 
 
 def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: Any, seconds: float) -> SweepSummary:

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
+from thalia_ray import interrupts
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import crop_rng, get_cache, read_sample
@@ -56,6 +57,7 @@ class ExportReport:
     samples: dict[str, int] = field(default_factory=dict)  # per shard directory
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)  # samples that could not be read, with the reason
+    left_out: list[str] = field(default_factory=list)  # annotations and series members the index left out, and why
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,34 +194,47 @@ def export_shards(
     layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress,
                           cfg.crop_policy, seed if cfg.crop_policy == "reference" else None)
     base = shard_root(resolve(out), length)
-    report = ExportReport(root=base.url, length=length)
+    report = ExportReport(root=base.url, length=length, left_out=index.problems)
     records: dict[str, dict[str, Any]] = {}
     pending = []
     task = ray.remote(_write_shard).options(num_cpus=num_cpus)  # no runtime_env: Ray logs it
     plans = list(plan_shards(index, splits, samples_per_shard))
     progress = bar(len(plans), "export", unit="shard")
-    for plan in plans:
-        done = _completed(base, plan, layout)
-        if done is not None:
-            records[plan.name] = done
-            report.shards_kept += 1
-            progress.update(1)
-            continue
-        if len(pending) >= max_in_flight:  # bounded: never more than max_in_flight shards in memory
-            ready, pending = ray.wait(pending, num_returns=1)
-            for record in ray.get(ready):
-                records[record["name"]] = record
-                progress.update(1)
-        uids = {u for _, s in plan.items for u in s.unique_ids}
-        subset = {u: index.annotations[u] for u in uids}
-        pending.append(task.remote(plan, subset, cfg, root, base, layout, seed))
-        report.shards_written += 1
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+    stop = interrupts.current()
+    signal_at = stop.signal_at
+
+    def collect(ready: list[Any]) -> None:
         for record in ray.get(ready):
             records[record["name"]] = record
             progress.update(1)
+            if signal_at is not None:
+                signal_at.fire("after-unit", len(records), stop)
+
+    with stop.graceful(f"export to {base.url}"):  # on a stop: no new shard; those being written finish
+        for plan in plans:
+            if stop.requested:
+                break
+            done = _completed(base, plan, layout)
+            if done is not None:
+                records[plan.name] = done
+                report.shards_kept += 1
+                progress.update(1)
+                continue
+            if len(pending) >= max_in_flight:  # bounded: never more than max_in_flight shards in memory
+                ready, pending = ray.wait(pending, num_returns=1)
+                collect(ready)
+            uids = {u for _, s in plan.items for u in s.unique_ids}
+            subset = {u: index.annotations[u] for u in uids}
+            pending.append(task.remote(plan, subset, cfg, root, base, layout, seed))
+            report.shards_written += 1
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            collect(ready)
     progress.close()
+    if stop.requested:
+        raise interrupts.interrupted(
+            f"export to {base.url} interrupted by {stop.requested_signal()}: {len(records)} of {len(plans)} shards "
+            "complete (kept, with their completion records; no manifest yet); rerun the same command to finish", stop)
     shards = [records[name] for name in sorted(records)]
     for shard in shards:
         folder = shard["name"].split("/", 1)[0]
@@ -232,6 +247,7 @@ def export_shards(
         "label_rule": cfg.label_rule,
         "crop_policy": cfg.crop_policy, "seed": seed, "splits": list(splits),
         "shards": [{k: v for k, v in s.items() if k not in ("skipped_keys", "layout")} for s in shards],
+        "left_out": [item.row() for item in index.left_out],  # what the index left out: runs on these shards say so
     }
     base.join(MANIFEST).write_json(manifest, indent=None)
     report.seconds = time.perf_counter() - started
