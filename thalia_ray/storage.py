@@ -13,6 +13,7 @@ never answers gives a StorageError instead of a hang.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -299,8 +300,8 @@ class Location:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         if self.protocol != "s3":
             return with_retries(fn, f"{what} {self.url}")
-        endpoint = self.s3.endpoint_url
-        return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint),
+        endpoint, deadline = self.s3.endpoint_url, time.monotonic() + self.s3.timeout_s
+        return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint, deadline=deadline),
                                self.s3.timeout_s, f"{what} {self.url}", endpoint)
 
 
@@ -332,8 +333,14 @@ def _async_s3fs(options: S3Options) -> Any:
     return s3_filesystem(options, asynchronous=True)
 
 
+def _is_throttle(err: BaseException) -> bool:
+    """A 503 SlowDown/ServiceUnavailable (s3fs raises it as OSError EBUSY, "Service Unavailable")."""
+    return isinstance(err, OSError) and err.errno == errno.EBUSY or "SlowDown" in f"{type(err).__name__}: {err}"
+
+
 def _is_transient(err: BaseException) -> bool:
-    return isinstance(err, _TRANSIENT) or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES)
+    return (isinstance(err, _TRANSIENT) or _is_throttle(err)
+            or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES))
 
 
 def _is_missing_bucket(err: BaseException) -> bool:
@@ -348,6 +355,8 @@ def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageErro
         hint = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
     elif _is_missing_bucket(err):
         hint = "the bucket does not exist"
+    elif _is_throttle(err):
+        hint = "the storage endpoint is throttling requests (503 SlowDown) or unavailable; retries did not get through"
     elif _is_transient(err) or "Could not connect" in text or "Connect" in type(err).__name__:
         hint = "the storage endpoint is unreachable"
     elif isinstance(err, FileNotFoundError):
@@ -358,16 +367,22 @@ def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageErro
 
 
 def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 3, base_delay: float = 0.5,
-                 endpoint: str | None = None) -> T:
-    """Call `fn`, retrying transient failures with exponential backoff; explain the final error."""
+                 endpoint: str | None = None, deadline: float | None = None) -> T:
+    """Call `fn`, retrying transient failures with exponential backoff; explain the final error.
+
+    `deadline` (`time.monotonic()`): no retry is started that would likely end past it (its back-off
+    and another attempt as long as the last), so the error says what failed rather than that time ran out."""
     for attempt in range(attempts):
+        started = time.monotonic()
         try:
             return fn()
         except StorageError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure is turned into a StorageError below
-            if _is_transient(err) and attempt + 1 < attempts:
-                time.sleep(base_delay * 2**attempt)
+            delay = base_delay * 2**attempt
+            in_time = deadline is None or 2 * time.monotonic() - started + delay < deadline
+            if _is_transient(err) and attempt + 1 < attempts and in_time:
+                time.sleep(delay)
                 continue
             if isinstance(err, FileNotFoundError) and not _is_missing_bucket(err):
                 raise FileNotFoundError(f"{what}: not found") from err
