@@ -12,6 +12,7 @@ never answers gives a StorageError instead of a hang.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import functools
@@ -120,7 +121,20 @@ def s3_filesystem(options: S3Options, asynchronous: bool, client_retries: bool =
     fs = s3fs.S3FileSystem(asynchronous=asynchronous, client_kwargs=_client_kwargs(options),
                            config_kwargs=_client_config(options, client_retries), skip_instance_cache=True)
     fs.retries = 2 if client_retries else 1  # s3fs's own retry loop, around the client's attempts (default 5)
+    if not asynchronous:
+        fs.close_session = _close_on_its_loop  # found by s3fs's finalizer (self.close_session) before its own
     return fs
+
+
+def _close_on_its_loop(loop: asyncio.AbstractEventLoop | None, client: Any) -> None:
+    """Close a collected sync s3fs filesystem's S3 client on the event loop its connections belong to.
+
+    s3fs's own finalizer starts the close on whichever loop runs in the thread that collects the
+    filesystem: in a reader that is often Zarr's, where closing the connections fails ("attached to a
+    different loop") and asyncio logs "Task exception was never retrieved". Nothing waits for the close
+    (a finalizer must not block), and a failure of it is of no use to anyone, so it is not reported."""
+    if loop is not None and loop.is_running():
+        asyncio.run_coroutine_threadsafe(client.__aexit__(None, None, None), loop)
 
 
 @functools.lru_cache(maxsize=16)
