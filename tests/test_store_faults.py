@@ -25,7 +25,8 @@ FAULTS = Distance(slowdown=0.12, reset=0.08, stall=0.02, stall_s=1.0, seed=5)
 
 
 def _history(run: int, epochs: int) -> list[dict[str, Any]]:
-    return [{"epoch": e, "train/loss": 1.0 / e + run, "val/f1_deformation": e / 10 + run / 100} for e in range(1, epochs + 1)]
+    return [{"epoch": e, "train/loss": 1.0 / e + run, "val/f1_deformation": e / 10 + run / 100}
+            for e in range(1, epochs + 1)]
 
 
 def _state(run: int, epoch: int) -> dict[str, Any]:
