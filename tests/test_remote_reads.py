@@ -4,12 +4,15 @@ whether it came from the bucket, the node-local cache, a cache that was damaged 
 at once, or through throttling, dropped connections and stalls, and the counts must say what happened."""
 from __future__ import annotations
 
+import asyncio
+import gc
 import multiprocessing
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from zarr.core.sync import sync
 
 from thalia_ray.bench import remote
 from thalia_ray.bench.proxy import Distance, ProxyThread
@@ -128,6 +131,28 @@ def test_a_corrupted_cache_entry_is_detected_and_fetched_again(bucket, local, tm
     assert after.cache_corrupt == 0 and after.cache_hits >= counts.cache_hits + counts.cache_corrupt  # rewritten whole
 
 
+def test_two_nodes_caches_are_filled_and_read_each_by_its_own_readers(bucket, local, tmp_path):
+    """Two nodes' caches (one folder each, as on each node's own disk) in one reader process: the second
+    node's first pass fetches what the first node already holds (nothing of one cache answers for the
+    other, not even through the process's reader or cache handles), and once the first node's folder
+    is gone the second node still reads everything from its own."""
+    node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
+    with ProxyThread(bucket.port, Distance()) as proxy:
+        cold_a, fill_a = _counted(_config(f"s3://{remote.BUCKET}", proxy.url, node_a))
+        cold_b, fill_b = _counted(_config(f"s3://{remote.BUCKET}", proxy.url, node_b))
+        held_a, held_b = sorted(p.name for p in _entries(node_a)), sorted(p.name for p in _entries(node_b))
+        for path in _entries(node_a):
+            path.unlink()
+        warm_b, again_b = _counted(_config(f"s3://{remote.BUCKET}", proxy.url, node_b))
+    for reads in (cold_a, cold_b, warm_b):
+        _same(reads, local)
+    fetched = fill_a.requests - fill_a.cache_hits
+    assert fetched > 0 and (fill_b.requests, fill_b.cache_hits, fill_b.bytes) == (fill_a.requests, fill_a.cache_hits,
+                                                                                   fill_a.bytes)
+    assert held_a == held_b and 0 < len(held_b) <= fetched  # each node keeps its own copy of what it fetched
+    assert again_b.cache_hits == fill_b.cache_hits + len(_entries(node_b)) and again_b.bytes < fill_b.bytes / 10
+
+
 def _read_into(root: str, endpoint: str, cache: str, out: Any) -> None:
     cfg = _config(root, endpoint, Path(cache))
     out.put([(image.tobytes(), mask.tobytes()) for image, mask in _read(cfg)])
@@ -164,6 +189,30 @@ def test_throttling_resets_and_stalls_are_retried_and_counted_as_they_happened(b
     # the proxy also saw the driver's reads of the index (not the data path's); none of the data path's was hidden
     assert injected.requests - 20 < counts.requests <= injected.requests
 
+
+
+async def _collect_garbage() -> None:
+    gc.collect()
+    await asyncio.sleep(1.0)  # the close of what was collected runs meanwhile
+
+
+def test_a_faulted_read_leaves_no_unretrieved_task_behind(bucket, local, caplog, capfd):
+    """A reader process drops the filesystems of endpoints it no longer reads (e.g. an earlier run's),
+    and the garbage collector frees them in whichever thread allocates: in a reader, mostly Zarr's
+    event loop. s3fs then closed their S3 clients on that loop, where the close failed and asyncio
+    logged "Task exception was never retrieved" (seen in Ray workers' logs)."""
+    from thalia_ray import storage
+
+    with ProxyThread(bucket.port, FAULTS) as proxy:
+        reads, counts = _counted(_config(f"s3://{remote.BUCKET}", proxy.url, request_timeout_s=1.0))
+        storage._s3fs.cache_clear()  # its filesystems (index, cube metadata) are dropped ...
+        sync(_collect_garbage())  # ... and collected on Zarr's loop
+        gc.collect()
+    _same(reads, local)
+    assert counts.retries > 0 and counts.requests > len(reads)
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [m for m in logged if "never retrieved" in m or "different loop" in m], logged
+    assert "never retrieved" not in capfd.readouterr().err
 
 
 @pytest.mark.slow

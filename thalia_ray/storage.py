@@ -12,7 +12,9 @@ never answers gives a StorageError instead of a hang.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -119,7 +121,20 @@ def s3_filesystem(options: S3Options, asynchronous: bool, client_retries: bool =
     fs = s3fs.S3FileSystem(asynchronous=asynchronous, client_kwargs=_client_kwargs(options),
                            config_kwargs=_client_config(options, client_retries), skip_instance_cache=True)
     fs.retries = 2 if client_retries else 1  # s3fs's own retry loop, around the client's attempts (default 5)
+    if not asynchronous:
+        fs.close_session = _close_on_its_loop  # found by s3fs's finalizer (self.close_session) before its own
     return fs
+
+
+def _close_on_its_loop(loop: asyncio.AbstractEventLoop | None, client: Any) -> None:
+    """Close a collected sync s3fs filesystem's S3 client on the event loop its connections belong to.
+
+    s3fs's own finalizer starts the close on whichever loop runs in the thread that collects the
+    filesystem: in a reader that is often Zarr's, where closing the connections fails ("attached to a
+    different loop") and asyncio logs "Task exception was never retrieved". Nothing waits for the close
+    (a finalizer must not block), and a failure of it is of no use to anyone, so it is not reported."""
+    if loop is not None and loop.is_running():
+        asyncio.run_coroutine_threadsafe(client.__aexit__(None, None, None), loop)
 
 
 @functools.lru_cache(maxsize=16)
@@ -299,8 +314,8 @@ class Location:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         if self.protocol != "s3":
             return with_retries(fn, f"{what} {self.url}")
-        endpoint = self.s3.endpoint_url
-        return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint),
+        endpoint, deadline = self.s3.endpoint_url, time.monotonic() + self.s3.timeout_s
+        return within_deadline(lambda: with_retries(fn, f"{what} {self.url}", endpoint=endpoint, deadline=deadline),
                                self.s3.timeout_s, f"{what} {self.url}", endpoint)
 
 
@@ -332,8 +347,14 @@ def _async_s3fs(options: S3Options) -> Any:
     return s3_filesystem(options, asynchronous=True)
 
 
+def _is_throttle(err: BaseException) -> bool:
+    """A 503 SlowDown/ServiceUnavailable (s3fs raises it as OSError EBUSY, "Service Unavailable")."""
+    return isinstance(err, OSError) and err.errno == errno.EBUSY or "SlowDown" in f"{type(err).__name__}: {err}"
+
+
 def _is_transient(err: BaseException) -> bool:
-    return isinstance(err, _TRANSIENT) or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES)
+    return (isinstance(err, _TRANSIENT) or _is_throttle(err)
+            or any(n in type(err).__name__ or n in str(err) for n in _TRANSIENT_NAMES))
 
 
 def _is_missing_bucket(err: BaseException) -> bool:
@@ -348,6 +369,8 @@ def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageErro
         hint = "access denied: check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
     elif _is_missing_bucket(err):
         hint = "the bucket does not exist"
+    elif _is_throttle(err):
+        hint = "the storage endpoint is throttling requests (503 SlowDown) or unavailable; retries did not get through"
     elif _is_transient(err) or "Could not connect" in text or "Connect" in type(err).__name__:
         hint = "the storage endpoint is unreachable"
     elif isinstance(err, FileNotFoundError):
@@ -358,16 +381,22 @@ def _explain(err: BaseException, what: str, endpoint: str | None) -> StorageErro
 
 
 def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 3, base_delay: float = 0.5,
-                 endpoint: str | None = None) -> T:
-    """Call `fn`, retrying transient failures with exponential backoff; explain the final error."""
+                 endpoint: str | None = None, deadline: float | None = None) -> T:
+    """Call `fn`, retrying transient failures with exponential backoff; explain the final error.
+
+    `deadline` (`time.monotonic()`): no retry is started that would likely end past it (its back-off
+    and another attempt as long as the last), so the error says what failed rather than that time ran out."""
     for attempt in range(attempts):
+        started = time.monotonic()
         try:
             return fn()
         except StorageError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure is turned into a StorageError below
-            if _is_transient(err) and attempt + 1 < attempts:
-                time.sleep(base_delay * 2**attempt)
+            delay = base_delay * 2**attempt
+            in_time = deadline is None or 2 * time.monotonic() - started + delay < deadline
+            if _is_transient(err) and attempt + 1 < attempts and in_time:
+                time.sleep(delay)
                 continue
             if isinstance(err, FileNotFoundError) and not _is_missing_bucket(err):
                 raise FileNotFoundError(f"{what}: not found") from err

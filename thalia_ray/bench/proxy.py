@@ -4,7 +4,9 @@ on a seeded fraction of requests.
 
 It speaks just enough HTTP/1.1 to find where each request starts on a keep-alive connection (the
 request head, then a body of `Content-Length` bytes); everything else is forwarded as it is, so the
-client's connection pool, signing and retries behave exactly as against a remote bucket:
+client's connection pool, signing and retries behave exactly as against a remote bucket. An upload
+that asks for `Expect: 100-continue` (S3 PUTs do) is answered `100 Continue` by the proxy itself once it
+decides to forward the request, so uploads pass too (the store's writes):
 
 - latency: a request is held `latency_s` before it is forwarded, so its first response byte comes
   that much later (what a bucket tens of milliseconds away adds); concurrent requests overlap, so
@@ -38,6 +40,7 @@ _SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDow
                   b"<Message>Please reduce your request rate.</Message></Error>")
 SLOWDOWN_RESPONSE = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                      b"Content-Length: " + str(len(_SLOWDOWN_BODY)).encode() + b"\r\n\r\n" + _SLOWDOWN_BODY)
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -148,24 +151,33 @@ class Proxy:
             head = await client_r.readuntil(b"\r\n\r\n")
             self.stats.requests += 1
             body_length, streamed = _body_length(head)
+            head, expects_continue = _without_expect(head)
             fault = self.distance.fault(self._rng, head.split(b"\r\n", 1)[0])
             if fault == "stall":
                 self.stats.stall += 1
                 await asyncio.sleep(self.distance.stall_s)
             if self.distance.latency_s:
                 await asyncio.sleep(self.distance.latency_s)
-            body = await client_r.readexactly(body_length) if body_length else b""
+            if fault == "reset":
+                self.stats.reset += 1
+                _abort(client_w)
+                return
             if fault == "slowdown":
                 self.stats.slowdown += 1
                 head_only = head.startswith(b"HEAD ")  # a response to HEAD has headers only
                 client_w.write(SLOWDOWN_RESPONSE[:SLOWDOWN_RESPONSE.index(b"\r\n\r\n") + 4] if head_only
                                else SLOWDOWN_RESPONSE)
                 await client_w.drain()
+                if expects_continue:  # its body was never sent: the connection cannot carry another request
+                    client_w.close()
+                    return
+                if body_length:
+                    await client_r.readexactly(body_length)
                 continue
-            if fault == "reset":
-                self.stats.reset += 1
-                _abort(client_w)
-                return
+            if expects_continue:  # the upload waits for this before it sends its body (S3 PUTs do)
+                client_w.write(CONTINUE_RESPONSE)
+                await client_w.drain()
+            body = await client_r.readexactly(body_length) if body_length else b""
             self.stats.forwarded += 1
             server_w.write(head + body)
             await server_w.drain()
@@ -200,6 +212,14 @@ def _body_length(head: bytes) -> tuple[int, bool]:
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
     return length, chunked
+
+
+def _without_expect(head: bytes) -> tuple[bytes, bool]:
+    """The request head without an `Expect: 100-continue` line (the proxy answers it itself: the server
+    then never sends an interim response), and whether it had one."""
+    lines = head.split(b"\r\n")
+    kept = [line for line in lines if line.partition(b":")[0].strip().lower() != b"expect"]
+    return b"\r\n".join(kept), len(kept) < len(lines)
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
