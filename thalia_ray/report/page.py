@@ -85,7 +85,8 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
     cfg = record.read_config()
     metrics = results.get("metrics", {})
     overview = table(["field", "value"], [
-        ("run", run_id), ("status", status.get("status")), ("task", status.get("task") or cfg.model.task), ("model", cfg.model.name),
+        ("run", run_id), ("status", status.get("status")), ("task", status.get("task") or cfg.model.task),
+        ("model", cfg.model.name),
         ("sweep", status.get("sweep")), ("epochs", len(history)), ("best epoch", results.get("best_epoch")),
         ("restarts", results.get("restarts", 0)), ("created", status.get("created")),
         ("updated", status.get("updated"))])
@@ -98,9 +99,7 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
                                 note(f"monitored: {monitored} ({cfg.train.early_stopping.mode}); "
                                      "a dashed red line marks a restart from the last checkpoint")))
     if status.get("kind") == "pretrain":
-        from thalia_ray.report.pretrain import pretrain_sections
-
-        return sections + pretrain_sections(record, history)
+        return sections + _pretrain_sections(record, history)
     try:
         rows = record.read_predictions("test")
     except StoreError as err:
@@ -113,6 +112,24 @@ def run_sections(store: ExperimentStore, run_id: str, gallery: bool = True) -> l
     maps = _predict_maps(record)
     if maps:
         sections.append(maps)
+    return sections
+
+
+def _pretrain_sections(record: RunRecord, history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A pretraining run's loss per pretext task and, for the MAE, its reconstructions (report/pretrain.py)."""
+    from thalia_ray.report import pretrain
+
+    sections = []
+    if history:
+        sections.append(section("Pretext tasks", image(pretrain.task_loss_figure(history), "loss per pretext task"),
+                                note("each task's loss before its weight (pretrain.method_weight, pretrain.heads); "
+                                     "val: the held-out groups of the pretraining periods, not the benchmark's val")))
+    arrays = pretrain.read_reconstructions(record)
+    if arrays is not None:
+        sections.append(section("Masked-autoencoder reconstructions", image(pretrain.reconstruction_figure(arrays),
+                                                                             "reconstructions"),
+                                note("held-out samples; hidden patches were predicted from the visible ones "
+                                     "(phase of the last member, wrapped, in radians)")))
     return sections
 
 

@@ -1,7 +1,8 @@
 """The report sections of a pretraining run: each pretext task's loss per epoch, and the masked
 autoencoder's reconstructions of held-out samples (written by the run into `reconstructions.npz`).
 
-Like every report section, they draw what the run stored and compute nothing of their own.
+Like every report section, they draw what the run stored and compute nothing of their own; the page
+(`report.page`) lays them out.
 """
 from __future__ import annotations
 
@@ -70,20 +71,3 @@ def reconstruction_figure(arrays: Mapping[str, np.ndarray]) -> bytes:
                 ax.set_title(title, fontsize=8)
         axes[r][0].set_ylabel(str(arrays["keys"][r])[-24:], fontsize=6)
     return png(fig)
-
-
-def pretrain_sections(record: RunRecord, history: Sequence[Mapping[str, Any]]) -> list[str]:
-    from thalia_ray.report.page import image, note, section
-
-    sections = []
-    if history:
-        sections.append(section("Pretext tasks", image(task_loss_figure(history), "loss per pretext task"),
-                                note("each task's loss before its weight (pretrain.method_weight, pretrain.heads); "
-                                     "val: the held-out groups of the pretraining periods, not the benchmark's val")))
-    arrays = read_reconstructions(record)
-    if arrays is not None:
-        sections.append(section("Masked-autoencoder reconstructions", image(reconstruction_figure(arrays),
-                                                                             "reconstructions"),
-                                note("held-out samples; hidden patches were predicted from the visible ones "
-                                     "(phase of the last member, wrapped, in radians)")))
-    return sections
