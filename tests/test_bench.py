@@ -94,6 +94,26 @@ def test_record_is_written_to_the_store_as_json(tmp_path):
     assert "a vs b: 2.20×" in table and "meets ≥ 2×" in table and "note: a note" in table
 
 
+def test_label_efficiency_table_averages_seeds_and_figures_go_beside_the_record(tmp_path):
+    import math
+
+    from thalia_ray.bench import pretrain as pt
+
+    assert pt.mean_spread([0.5, 0.7, math.nan]) == pytest.approx((0.6, math.sqrt(0.02)))  # NaN: one class only
+    assert pt.mean_spread([0.4]) == (0.4, 0.0)
+    outcomes = {("r · random init", 0.05): [{"test/auroc_deformation": 0.5, "test/ap_deformation": 0.2},
+                                             {"test/auroc_deformation": 0.7, "test/ap_deformation": 0.4}]}
+    head, rule, row, empty = pt.table(outcomes, ["r · random init", "r · mae"], [0.05])
+    assert head == "| arm | 5 % AUROC | 5 % AP |" and rule == "| --- | --- | --- |"
+    assert row == "| r · random init | 0.600 ± 0.141 | 0.300 ± 0.141 |" and empty == "| r · mae | – | – |"
+    result = BenchResult("pretrain", {}, figures={"label-efficiency": b"\x89PNG fake"})
+    where = harness.write_record(result, str(tmp_path))
+    assert json.loads(where.read_text())["figures"] == ["label-efficiency"]
+    figure = harness.figure_location(where, "label-efficiency")
+    assert figure.path == where.path.removesuffix(".json") + "-label-efficiency.png"
+    assert figure.read_bytes() == b"\x89PNG fake"
+
+
 def test_params_presets_and_overrides():
     suite = SUITES["cube"]
     params = resolve_params(suite, BenchOptions(size="medium", params={"crop": "96"}))

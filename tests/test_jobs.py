@@ -37,7 +37,7 @@ SPECS = sorted((REPO / "jobs").glob("*.yaml"))
 EXPECTED_SPECS = {"train-cls-single", "train-cls-series", "train-seg-single", "train-seg-series",
                   "sweep-backbones", "export-shards", "stats",
                   "paper-cls-single", "paper-cls-series", "paper-cls-series-vit", "paper-cls-series-cubes",
-                  "paper-seg-single", "paper-seg-series", "predict"}
+                  "paper-seg-single", "paper-seg-series", "predict", "pretrain-mae", "finetune-sweep"}
 NOW = datetime(2025, 3, 1, 14, 22, 10, tzinfo=timezone.utc)
 
 
@@ -73,9 +73,9 @@ def test_spec_parses_and_its_config_validates(path: Path) -> None:
     if raw.get("config"):
         assert spec.config is not None and spec.config == load_config(REPO / raw["config"], raw.get("overrides", []))
     verb = spec.entrypoint_args[spec.entrypoint_args.index("thalia-ray") + 1]
-    id_flag = {"train": "--run-id", "sweep": "--sweep-id"}.get(verb)
+    id_flag = {"train": "--run-id", "pretrain": "--run-id", "sweep": "--sweep-id"}.get(verb)
     assert (spec.run_id, spec.sweep_id) == (
-        spec.submission_id if verb == "train" else None, spec.submission_id if verb == "sweep" else None)
+        spec.submission_id if id_flag == "--run-id" else None, spec.submission_id if verb == "sweep" else None)
     if id_flag:
         assert spec.entrypoint.endswith(f"{id_flag} {spec.submission_id}")
         assert spec.store == "$THALIA_STORE" and "storage.store=${THALIA_STORE}" in spec.entrypoint

@@ -386,7 +386,7 @@ class PretrainConfig(Section):
     # Benchmark periods whose interferograms pretraining reads: by default the training period only, so
     # that the benchmark's validation and test periods stay unseen.
     splits: list[Literal["train", "val", "test"]] = ["train"]
-    holdout: float = Field(0.05, gt=0, lt=0.5)  # share of series held out for the validation loss
+    holdout: float = Field(0.05, gt=0, lt=0.5)  # share of (frame, primary date) groups held out: the validation loss
     method_weight: float = Field(1.0, ge=0)
     heads: dict[PretextHead, float] = {}  # pretext head → loss weight
     mask_ratio: float = Field(0.75, gt=0, lt=1)  # mae

@@ -1,7 +1,8 @@
 """The report sections of a pretraining run: each pretext task's loss per epoch, and the masked
 autoencoder's reconstructions of held-out samples (written by the run into `reconstructions.npz`).
 
-Like every report section, they draw what the run stored and compute nothing of their own.
+Like every report section, they draw what the run stored and compute nothing of their own; the page
+(`report.page`) lays them out.
 """
 from __future__ import annotations
 
