@@ -116,6 +116,10 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
           f"frame, intensity or activity type: add --breakdown frame_id|intensity|activity_type")
     print(f"learning curves of every run: tensorboard --logdir {store.runs_root.url} "
           f"(W&B: wandb sync {store.runs_root.url}/ID/tracking/wandb/offline-run-*)")
+    if "mlflow" in cfg.runtime.tracking:
+        from thalia_ray.train.mlflow_store import view_command
+
+        print(f"every run in MLflow: {view_command(store)}")
     print(f"\nfinished in {time.time() - began:.0f} s")
     print(f"results: {store.root.url} (list them: thalia-ray runs --store {store.root.url})")
     print(f"sweep summary: {store.root.url}/sweeps/{summary.sweep_id}/summary.json")
