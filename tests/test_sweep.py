@@ -122,7 +122,7 @@ def test_the_trials_table_ranks_by_validation_and_fits_a_terminal():
     assert lines[1].split() == ["#", "trial", "model.name", "train.lr", "status", "epochs", "best", "val", "F1",
                                 "test", "F1", "test", "AUROC"]
     assert [line.split()[1] for line in lines[3:]] == ["6709d_00002", "6709d_00000", "6709d_00001", "6709d_00003"]
-    assert lines[3].split()[-3:] == ["0.613", "0.500", "—"]  # ranked by validation, test only reported
+    assert lines[3].split()[-3:] == ["0.613", "0.5", "—"]  # ranked by validation, test only reported
 
 
 def _fake_run(store: ExperimentStore, run_id: str, model: str, lr: float, seed: int, f1: float, sweep: str) -> None:
