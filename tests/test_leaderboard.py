@@ -114,6 +114,9 @@ def test_test_metrics_never_rank(sweep_store, capsys):
     assert "validation metrics only" in capsys.readouterr().err
     assert main(["leaderboard", "--store", str(sweep_store.root.path), "--mode", "min"]) == ConfigProblem.exit_code
     assert "--mode min needs --metric" in capsys.readouterr().err
+    assert main(["leaderboard", "--store", str(sweep_store.root.path), "--metric", "val/f1_deformaton"]) == \
+        ConfigProblem.exit_code  # mistyped: nothing to rank by, an error naming what the runs report
+    assert "--metric val/f1_deformaton: no run reports it; they report " in capsys.readouterr().err
     with pytest.raises(ConfigProblem, match="validation"):
         Selection.given("test/auroc_deformation", None)
     assert Selection.given("val/loss", None).mode == "min" and Selection.given("val/ap_deformation", None).mode == "max"

@@ -44,7 +44,7 @@ def _loaded(path):
 @pytest.mark.slow
 def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, pretraining_root, synthetic_root,
                                                                     tmp_path):
-    from tests.helpers import assert_tracked
+    from tests.helpers import assert_report_renders, assert_tracked
     from thalia_ray.pretrain.run import check, pretrain
     from thalia_ray.report.page import write_report
     from thalia_ray.report.pretrain import read_reconstructions
@@ -70,8 +70,10 @@ def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, p
     hidden = arrays["mask"] > 0
     assert hidden.any() and np.allclose(arrays["phase"][~hidden], arrays["phase_reconstructed"][~hidden], atol=1e-5)
     assert {"coherence", "coherence_reconstructed", "dem"} <= set(arrays)
-    page = write_report(store, "mae").read_text()
+    report = write_report(store, "mae")
+    page = report.read_text()
     assert "Masked-autoencoder reconstructions" in page and "Pretext tasks" in page and page.count("<img ") >= 3
+    assert_report_renders(report, min_images=3)  # in headless Chromium, like every other run kind's page
     with pytest.raises(PretrainedWeightsError, match="a pretraining run's checkpoint: an encoder without a task head"):
         load_model(record.read_config(), best_checkpoint(store, "mae"))  # what evaluate, predict and export load
 

@@ -182,6 +182,9 @@ def rankings(store: ExperimentStore, sweep: str | None = None, metric: str | Non
     sweep = None if sweep in (None, "all") else sweep
     rows = [r for r in collect(store, sweep) if task is None or r.task == task]
     chosen = Selection.given(metric, mode) if metric else (sweep_selection(store, sweep) if sweep else None)
+    reported = {k for r in rows for k in [*r.metrics, *(k for h in r.history for k in h)] if k.startswith(VALIDATION)}
+    if metric and rows and metric not in reported:  # a mistyped metric ranks nothing: say so, never an arbitrary order
+        raise ConfigError(f"--metric {metric}: no run reports it; they report {', '.join(sorted(reported)) or 'none'}")
     tasks = sorted({r.task for r in rows}, key=lambda t: (list(HEADLINE).index(t) if t in HEADLINE else len(HEADLINE), t))
     return [rank([r for r in rows if r.task == t], chosen or Selection.default(t)) for t in tasks]
 
