@@ -40,6 +40,7 @@ from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
 from thalia_ray.store.records import LEFT_OUT, Lease, RunRecord, Status
+from thalia_ray.threads import background
 from thalia_ray.train.checkpoint import CheckpointError, check_state
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
@@ -178,10 +179,9 @@ def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
     import ray
     from tqdm import tqdm
 
-    done = threading.Event()
     bar = tqdm(total=epochs * steps, unit="step", leave=False, dynamic_ncols=True)
 
-    def poll() -> None:
+    def poll(done: threading.Event) -> None:
         while not done.wait(0.5):
             try:
                 epoch, step = ray.get(handle.actor().get_progress.remote(), timeout=5)
@@ -190,13 +190,10 @@ def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
             bar.n = max(0, (epoch - 1) * steps + step)
             bar.set_description(f"epoch {max(epoch, 1)}/{epochs}", refresh=True)
 
-    thread = threading.Thread(target=poll, name="thalia-progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with background(poll, "thalia-progress"):
+            yield
     finally:
-        done.set()
-        thread.join()
         bar.close()
 
 
