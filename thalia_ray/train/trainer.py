@@ -29,7 +29,7 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
                        RunConfig, ScalingConfig, WorkerGroupError)
 from ray.train.torch import TorchTrainer
 
-from thalia_ray import interrupts
+from thalia_ray import interrupts, threads
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, build_datasets, skipped_samples
@@ -40,7 +40,6 @@ from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.models.pretrained import IMAGENET, run_reference
 from thalia_ray.storage import StorageError
 from thalia_ray.store.records import LEFT_OUT, Lease, RunRecord, Status
-from thalia_ray.threads import background
 from thalia_ray.train.checkpoint import CheckpointError, check_state
 from thalia_ray.train.evaluate import evaluate_checkpoint, gpu_wanted, model_from_config
 from thalia_ray.train.loop import LoopSettings, train_loop_per_worker
@@ -191,7 +190,7 @@ def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
             bar.set_description(f"epoch {max(epoch, 1)}/{epochs}", refresh=True)
 
     try:
-        with background(poll, "thalia-progress"):
+        with threads.background(poll, "thalia-progress"):
             yield
     finally:
         bar.close()
