@@ -621,3 +621,10 @@ def bad_checkpoint(path: Path, content: str, marker: Path) -> None:
     else:
         torch.save({"model": {"weight": torch.zeros(64, 64)}}, path)
         path.write_bytes(path.read_bytes()[:300])
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: ~600 bytes that expand to 9**levels strings."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"

@@ -148,7 +148,7 @@ def _damaged_run(tmp: Path, root: Path | None) -> None:
 
 
 def _billion_laughs(tmp: Path, root: Path | None) -> None:
-    from tests.test_safe_yaml import billion_laughs
+    from tests.helpers import billion_laughs
 
     (tmp / "laughs.yaml").write_text(billion_laughs())
 

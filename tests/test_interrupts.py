@@ -68,13 +68,13 @@ def test_the_fault_hook_names_its_signal_point_and_count(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def _config(root, store, workers: int = 1) -> ThaliaConfig:
+def _config(root, store, workers: int = 1, epochs: int = EPOCHS, **sections) -> ThaliaConfig:
     return ThaliaConfig.model_validate({
         "name": "sig", "data": {"root": str(root), "crop": 32, "samples_per_read_task": 32},
         "model": {"name": "mobilenetv3_small"},
-        "train": {"epochs": EPOCHS, "batch_size": 4, "num_workers": workers, "cpus_per_worker": 0.5,
+        "train": {"epochs": epochs, "batch_size": 4, "num_workers": workers, "cpus_per_worker": 0.5,
                   "max_steps_per_epoch": 2, "max_failures": 0, "test_best": False},
-        "storage": {"store": str(store)}, "runtime": {"wandb": {"mode": "disabled"}},
+        "storage": {"store": str(store)}, "runtime": {"wandb": {"mode": "disabled"}}, **sections,
     })
 
 
@@ -163,10 +163,9 @@ def test_a_signal_stops_a_sweep_whose_resume_trains_each_epoch_once(ray_cluster,
     from thalia_ray.store import ExperimentStore
     from thalia_ray.tune.driver import run_sweep
 
-    from tests.test_sweep import sweep_config
-
-    cfg = sweep_config(synthetic_root, str(tmp_path / "store"), epochs=2, scheduler="fifo", max_concurrent_trials=1,
-                       space={"model.name": {"grid": ["mobilenetv3_small"]}, "train.lr": {"grid": [3e-3, 1e-3]}})
+    cfg = _config(synthetic_root, tmp_path / "store", epochs=2, sweep={
+        "name": "t", "search": "grid", "scheduler": "fifo", "metric": "val/loss", "mode": "min",
+        "max_concurrent_trials": 1, "space": {"train.lr": {"grid": [3e-3, 1e-3]}}})
     monkeypatch.setenv(SIGNAL_AT_ENV, "SIGINT:after-checkpoint:1")
     with interrupts.handling(), pytest.raises(Interrupted) as stopped:
         run_sweep(cfg, sweep_id="sw")

@@ -8,12 +8,7 @@ import pytest
 from thalia_ray import safe_yaml
 from thalia_ray.errors import excerpt
 
-
-def billion_laughs(levels: int = 9) -> str:
-    """The classic alias bomb: ~600 bytes that expand to 9**levels strings."""
-    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
-    return "\n".join(lines) + "\n"
+from tests.helpers import billion_laughs
 
 
 def test_an_alias_bomb_is_refused_at_once_naming_the_line() -> None:

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Callable, Iterator, TypeVar
 
 from thalia_ray.errors import ThaliaError
+from thalia_ray.threads import background
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -261,25 +262,16 @@ class RemoteStop:
         return _watching(wait, lambda: state.get("signame") or "a stop request", callback)
 
 
-@contextlib.contextmanager
 def _watching(wait: Callable[[float | None], bool], reason: Callable[[], str],
-              callback: Callable[[str], None]) -> Iterator[None]:
-    done = threading.Event()
-
-    def run() -> None:
+              callback: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
+    def run(done: threading.Event) -> None:
         while not done.is_set():
             if wait(POLL_S):
                 if not done.is_set():
                     callback(reason())
                 return
 
-    thread = threading.Thread(target=run, name="thalia-stop-watch", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    return background(run, "thalia-stop-watch")
 
 
 # ------------------------------------------------------------------------------- fault hook

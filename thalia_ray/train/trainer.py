@@ -31,7 +31,7 @@ from ray.train import (Checkpoint, CheckpointConfig, ControllerError, DataConfig
                        RunConfig, ScalingConfig, WorkerGroupError)
 from ray.train.torch import TorchTrainer
 
-from thalia_ray import interrupts
+from thalia_ray import interrupts, threads
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, skipped_samples
@@ -188,10 +188,9 @@ def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
     import ray
     from tqdm import tqdm
 
-    done = threading.Event()
     bar = tqdm(total=epochs * steps, unit="step", leave=False, dynamic_ncols=True)
 
-    def poll() -> None:
+    def poll(done: threading.Event) -> None:
         while not done.wait(0.5):
             try:
                 epoch, step = ray.get(handle.actor().get_progress.remote(), timeout=5)
@@ -200,13 +199,10 @@ def progress_bar(handle: Any, epochs: int, steps: int) -> Iterator[None]:
             bar.n = max(0, (epoch - 1) * steps + step)
             bar.set_description(f"epoch {max(epoch, 1)}/{epochs}", refresh=True)
 
-    thread = threading.Thread(target=poll, name="thalia-progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with threads.background(poll, "thalia-progress"):
+            yield
     finally:
-        done.set()
-        thread.join()
         bar.close()
 
 
