@@ -127,6 +127,33 @@ def test_a_killed_pretraining_resumes_from_its_last_checkpoint(ray_cluster, pret
     assert record.read_status()["kind"] == "pretrain"
 
 
+@pytest.mark.slow
+def test_a_signal_stops_a_pretraining_at_a_safe_point_and_the_rerun_trains_each_epoch_once(
+        ray_cluster, pretraining_root, tmp_path, monkeypatch):
+    """Ctrl-C during a pretraining run: it ends after the checkpoint being written, marked interrupted with the
+    way to resume, and the rerun trains only the epochs left (the same `fit` and stop handling as training)."""
+    from thalia_ray import interrupts
+    from thalia_ray.interrupts import SIGNAL_AT_ENV, Interrupted
+    from thalia_ray.pretrain.run import pretrain
+    from thalia_ray.store import ExperimentStore
+
+    cfg = _loaded(_pretrain_config(tmp_path, pretraining_root, tmp_path / "store", "test_resnet", "simclr", epochs=3))
+    store = ExperimentStore(tmp_path / "store")
+    record = store.run("sig")
+    monkeypatch.setenv(SIGNAL_AT_ENV, "SIGINT:after-checkpoint:1")
+    with interrupts.handling(), pytest.raises(Interrupted) as stopped:
+        pretrain(cfg, store=store, run_id="sig")
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == ("run sig interrupted by SIGINT after epoch 1 of 3: epoch 1 is checkpointed; rerun "
+                                  "the same command with --run-id sig to resume from epoch 2")
+    assert record.read_status()["status"] == "interrupted" and [h["epoch"] for h in record.read_history()] == [1]
+    monkeypatch.delenv(SIGNAL_AT_ENV)
+    with interrupts.handling():
+        pretrain(cfg, store=store, run_id="sig")
+    assert [(h["epoch"], h["restarts"]) for h in record.read_history()] == [(1, 0), (2, 1), (3, 1)]
+    assert record.read_status()["status"] == "finished" and record.read_status()["kind"] == "pretrain"
+
+
 def test_pretraining_requests_that_cannot_work_fail_before_ray(synthetic_root, tmp_path):
     from tests.helpers import cli
 
