@@ -29,6 +29,7 @@ from thalia_ray.credentials import scan_tree
 from thalia_ray.data import schema
 from thalia_ray.errors import ConfigError, StoreError, excerpt
 from thalia_ray.ids import check_id, run_reference
+from thalia_ray.metric_names import F1, LOSS, VAL, key
 from thalia_ray.models.registry import REGISTRY, check_encoder, check_model_name
 from thalia_ray.traffic import DEFAULT_REQUEST_PRICE
 
@@ -281,7 +282,7 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class EarlyStoppingConfig(Section):
-    metric: str = "val/loss"
+    metric: str = key(VAL, LOSS)
     mode: Literal["min", "max"] = "min"
     patience: int | None = Field(None, ge=1)  # None disables early stopping
 
@@ -491,7 +492,7 @@ class SweepConfig(Section):
     num_samples: int = Field(1, ge=1)  # samples per grid point (grid) or trials (random/optuna)
     seeds: list[int] = [0]
     scheduler: Literal["asha", "fifo"] = "asha"
-    metric: str = "val/f1_deformation"
+    metric: str = key(VAL, F1)
     mode: Literal["min", "max"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
