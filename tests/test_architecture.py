@@ -164,3 +164,42 @@ def test_the_base_and_config_import_neither_torch_nor_ray(module: str) -> None:
     code = f"import sys, {module}; print(sorted({{'torch', 'ray'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (including under if/try), as `from module import name` finds them."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def test_every_name_imported_from_the_package_exists() -> None:
+    """A module moved or a name removed leaves no import behind, even one inside a function that no test runs."""
+    mods = modules()
+    bound = {name: _top_level_names(path) for name, path in mods.items()}
+    bound[""] = _top_level_names(PACKAGE / "__init__.py")
+    missing = []
+    for name, path in sorted(mods.items()):
+        tree = ast.parse(path.read_text())
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                above = [TOP, *package.split(".")] if package else [TOP]
+                base = ".".join(above[: len(above) - node.level + 1] + ([base] if base else []))
+            if base != TOP and not base.startswith(TOP + "."):
+                continue
+            source = base.removeprefix(TOP).removeprefix(".")
+            for alias in node.names:
+                target = f"{source}.{alias.name}".strip(".")
+                if target not in mods and alias.name not in bound.get(source, set()):
+                    missing.append(f"{name}: from {base} import {alias.name}")
+    assert missing == []
