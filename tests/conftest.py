@@ -13,6 +13,8 @@ from typing import Iterator
 
 import pytest
 
+from thalia_ray.bench.s3server import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_META = REPO.parent / "shared" / "thalia_meta"
 SHARED_CRDS = REPO.parent / "shared" / "kuberay"  # KubeRay CRDs: the package ships none
@@ -27,16 +29,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _moto_server(**env: str) -> Iterator[str]:
     """A `moto_server` process serving S3 over HTTP on 127.0.0.1; yields its URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, **env},

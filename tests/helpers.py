@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
+from thalia_ray.ray_internals import ExecutionCallback
 from thalia_ray.storage import resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def checkpoint_registered(store: Any, run_id: str) -> bool:
     The controller collects a report at its next poll (every 2 s) and writes the snapshot then, so an epoch in
     the history does not yet mean a checkpoint to resume from: a fault that should be resumed from waits for this.
     """
-    from thalia_ray.train.trainer import RAY_SNAPSHOT
+    from thalia_ray.ray_internals import TRAIN_SNAPSHOT as RAY_SNAPSHOT
 
     try:
         return store.ray_root.join(run_id, RAY_SNAPSHOT).exists()

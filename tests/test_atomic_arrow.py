@@ -11,7 +11,7 @@ import pytest
 
 from thalia_ray.atomic_arrow import AtomicLocalFileSystem
 from thalia_ray.storage import resolve
-from thalia_ray.train.trainer import RAY_SNAPSHOT as SNAPSHOT
+from thalia_ray.ray_internals import TRAIN_SNAPSHOT as SNAPSHOT
 
 
 def _write(fs: pafs.FileSystem, path: Path, data: bytes) -> None:

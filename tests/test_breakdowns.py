@@ -12,7 +12,7 @@ import pytest
 from thalia_ray.config import load_config
 from thalia_ray.data.annotations import AnnotationError, load_frame_names
 from thalia_ray.store import ExperimentStore
-from thalia_ray.store.leaderboard import breakdown, leaderboard_text
+from thalia_ray.leaderboard import breakdown, leaderboard_text
 
 # (frame, intensity, label, score, pred): two frames, Etna's frame also covers Stromboli.
 ROWS = [

@@ -81,7 +81,7 @@ def _config(root, store, workers: int = 1, epochs: int = EPOCHS, **sections) -> 
 def _ray_checkpoint_epochs(store, run_id: str) -> tuple[list[int], int | None]:
     """The epochs of the checkpoints Ray Train registered (its snapshot, which a rerun resumes from), and
     the latest one's."""
-    from thalia_ray.train.trainer import RAY_SNAPSHOT
+    from thalia_ray.ray_internals import TRAIN_SNAPSHOT as RAY_SNAPSHOT
 
     path = store.ray_root.join(run_id, RAY_SNAPSHOT)
     if not path.exists():

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from thalia_ray import credentials, jobs
+from thalia_ray.bench.s3server import free_port
 from thalia_ray.config import load_config
 from thalia_ray.errors import ClusterProblem
 from thalia_ray.models.registry import get_spec
@@ -251,12 +252,6 @@ class Head:
     store: Path  # the cluster's $THALIA_STORE
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for_job_server(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
     """Until a probe job has run: the dashboard answers before the head's job agent accepts jobs."""
     from ray.job_submission import JobSubmissionClient
@@ -281,16 +276,16 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are length-limited
     store = tmp_path_factory.mktemp("cluster-store")
     log = Path(temp_dir) / "head.log"
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "THALIA_STORE": str(store),
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(_free_port()),
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
              # Ports whose defaults another Ray on this machine may hold (the job agent, Ray Client).
-             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+             "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
              "--disable-usage-stats", "--temp-dir", temp_dir, "--include-dashboard", "true"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

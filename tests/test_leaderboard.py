@@ -14,7 +14,7 @@ from tests.stores import write_run, write_sweep
 from thalia_ray.cli import main
 from thalia_ray.errors import ConfigProblem
 from thalia_ray.store import ExperimentStore
-from thalia_ray.store.leaderboard import Selection, best_run, rankings
+from thalia_ray.leaderboard import Selection, best_run, rankings
 
 # The validation-best trial is not the test-best one: whoever picks "val" chose on validation.
 TRIALS = {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from thalia_ray.bench.s3server import free_port
 from thalia_ray.config import LossConfig
 from thalia_ray.losses import build_loss
 from torchmetrics.classification import MulticlassAveragePrecision
@@ -341,12 +341,6 @@ def test_subgroups_report_recall_and_ap_against_all_negatives() -> None:
         subgroup_metrics([["a"]], preds, TARGETS, SCORES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, scores: np.ndarray, targets: np.ndarray, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -379,7 +373,7 @@ def test_metric_suite_syncs_under_ddp_gloo(tmp_path) -> None:
     rng = np.random.default_rng(2)
     scores = rng.uniform(0.01, 0.99, 21)
     targets = (rng.uniform(size=21) < scores).astype(int)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), scores, targets, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), scores, targets, str(tmp_path)), nprocs=2, join=True)
     single = MetricSuite("classification")
     single.update({"logits": _logits_for(scores)}, {"label": torch.as_tensor(targets)})
     expected = single.compute()

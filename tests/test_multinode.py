@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from thalia_ray.bench.s3server import free_port
 from thalia_ray.storage import resolve
 from thalia_ray.store import ExperimentStore
 
@@ -59,12 +59,6 @@ finally:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _copy_dataset(local: Path, url: str) -> None:
     """Put the synthetic dataset on the S3 endpoint, as a shared store all nodes read."""
     target = resolve(url)
@@ -102,7 +96,7 @@ def test_two_workers_on_two_nodes_read_and_write_s3(s3_bucket: str, synthetic_ro
             "runtime.wandb.mode=offline", "runtime.tracking=[wandb,tensorboard,mlflow]",
         ],
         "run_id": RUN_ID,
-        "dashboard_port": _free_port(),
+        "dashboard_port": free_port(),
     })
 
     assert report["run_id"] == RUN_ID

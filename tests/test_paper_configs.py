@@ -97,7 +97,7 @@ def test_a_paper_preset_fails_on_a_damaged_test_sample_and_skip_says_what_its_me
     from thalia_ray.errors import ThaliaError
     from thalia_ray.report.page import write_report
     from thalia_ray.store.layout import ExperimentStore
-    from thalia_ray.store.leaderboard import leaderboard_text
+    from thalia_ray.leaderboard import leaderboard_text
     from thalia_ray.train.trainer import fit
 
     from tests.helpers import build_root, delete_pair_chunks

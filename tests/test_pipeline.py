@@ -17,6 +17,7 @@ from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.tar import file_sha256
+from thalia_ray.ray_internals import add_execution_callbacks
 from thalia_ray.storage import resolve
 
 from tests.helpers import LimitRecorder, build_root, upload_folder, write_published
@@ -101,7 +102,7 @@ def test_concurrent_lanes_each_may_use_the_data_budget_from_their_first_step(dat
     assert len(budgets) == 1
     budget = budgets.pop()
     for ds in data.datasets.values():
-        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, LimitRecorder]
+        add_execution_callbacks(ds.context, LimitRecorder)
     LimitRecorder.seen.clear()
     streams = []
     for epoch in (0, 1):  # the next epoch starts while the first one still streams

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from thalia_ray import runtime
+from thalia_ray import ray_internals, runtime
 from thalia_ray.config import RuntimeConfig, StorageConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_a_quiet_start_never_lowers_a_stricter_ray_data_level(ray_cluster):
 
 
 def test_reuses_an_already_initialised_ray(ray_cluster):
-    notice = logging.getLogger(runtime.TOKEN_NOTICE_LOGGER)
+    notice = logging.getLogger(ray_internals.TOKEN_NOTICE_LOGGER)
     notice.setLevel(logging.NOTSET)
     rt = runtime.start(RuntimeConfig())
     assert not rt.started

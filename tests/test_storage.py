@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -10,14 +9,9 @@ import uuid
 import numpy as np
 import pytest
 
+from thalia_ray.bench.s3server import free_port
 from thalia_ray.config import StorageConfig
 from thalia_ray.storage import Location, StorageError, resolve, walk_files
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -189,7 +183,7 @@ def test_failed_local_write_keeps_previous_version(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- errors
 def test_unreachable_endpoint_names_location():
-    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}")
     loc = resolve("s3://some-bucket/runs/x.json", cfg)
     with pytest.raises(StorageError) as err:
         loc.read_json()

@@ -14,7 +14,7 @@ from ray import tune
 
 from thalia_ray.config import ThaliaConfig, load_config
 from thalia_ray.store import ExperimentStore
-from thalia_ray.store.leaderboard import Selection, best_config, collect, differences, leaderboard_text, rank, runs_table
+from thalia_ray.leaderboard import Selection, best_config, collect, differences, leaderboard_text, rank, runs_table
 from thalia_ray.tables import render
 from thalia_ray.tune import space
 

@@ -567,7 +567,8 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
 ):
     from thalia_ray.store.layout import ExperimentStore
     from thalia_ray.train.checkpoint import STATE_FILE
-    from thalia_ray.train.trainer import RAY_SNAPSHOT, fit
+    from thalia_ray.ray_internals import TRAIN_SNAPSHOT as RAY_SNAPSHOT
+    from thalia_ray.train.trainer import fit
 
     from tests.helpers import cli
     from thalia_ray.errors import StorageProblem
@@ -610,7 +611,8 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
 def test_a_damaged_ray_snapshot_is_refused_by_name_before_training(synthetic_root, tmp_path):
     from thalia_ray.errors import StoreProblem
     from thalia_ray.store.layout import ExperimentStore
-    from thalia_ray.train.trainer import RAY_SNAPSHOT, check_ray_snapshot, fit
+    from thalia_ray.ray_internals import TRAIN_SNAPSHOT as RAY_SNAPSHOT
+    from thalia_ray.train.trainer import check_ray_snapshot, fit
 
     cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
     store = ExperimentStore(cfg.storage.store)

@@ -1,6 +1,6 @@
 """A pyarrow local filesystem whose streams write a file whole or not at all.
 
-Ray Train writes its run snapshot (`checkpoint_manager_snapshot.json`, the list of registered
+Ray Train writes its run snapshot (`ray_internals.TRAIN_SNAPSHOT`, the list of registered
 checkpoints a rerun resumes from) with `storage_filesystem.open_output_stream` straight into place.
 On a local or NFS store that fills up during that write, the previous snapshot is left empty and the
 run can no longer be resumed. `AtomicLocalFileSystem` is pyarrow's `LocalFileSystem` with one change:

@@ -368,7 +368,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from thalia_ray.store import StoreError, leaderboard
+    from thalia_ray import leaderboard
+    from thalia_ray.store import StoreError
     from thalia_ray.tables import render
 
     store = _reconciled_store(args.store)
@@ -579,7 +580,8 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thalia_ray.store.leaderboard import BREAKDOWNS, HEADLINE
+    from thalia_ray.leaderboard import BREAKDOWNS
+    from thalia_ray.metric_names import HEADLINE
 
     parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--version", action=_Version, help="print the versions of thalia-ray, Ray, PyTorch and "

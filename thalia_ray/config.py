@@ -27,12 +27,11 @@ from pydantic import (
 from thalia_ray import safe_yaml
 from thalia_ray.credentials import scan_tree
 from thalia_ray.data import schema
-from thalia_ray.errors import ConfigProblem, excerpt
+from thalia_ray.errors import ConfigError, StoreError, excerpt
+from thalia_ray.ids import check_id, run_reference
+from thalia_ray.metric_names import F1, LOSS, VAL, key
+from thalia_ray.models.registry import REGISTRY, check_encoder, check_model_name
 from thalia_ray.traffic import DEFAULT_REQUEST_PRICE
-
-
-class ConfigError(ConfigProblem):
-    """A configuration that cannot be used; the message names every offending field."""
 
 
 class Section(BaseModel):
@@ -198,13 +197,8 @@ class ModelConfig(Section):
     def _pretrained(cls, value: str | None) -> str | None:
         if value is not None and value.strip().lower() == "none":
             return None
-        from thalia_ray.models.pretrained import run_reference
-
         run_id = run_reference(value)
         if run_id is not None:
-            from thalia_ray.store.layout import check_id
-            from thalia_ray.store.records import StoreError
-
             try:
                 check_id(run_id, "the run id of run:<RUN_ID>")
             except StoreError as err:
@@ -214,8 +208,6 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str | None, info: ValidationInfo) -> str | None:
-        from thalia_ray.models.registry import check_model_name
-
         if name is not None:
             check_model_name(info.data.get("task", "classification"), name)
         return name
@@ -223,8 +215,6 @@ class ModelConfig(Section):
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, encoder: str, info: ValidationInfo) -> str:
-        from thalia_ray.models.registry import REGISTRY, check_encoder
-
         spec = REGISTRY.get(info.data.get("name") or "unet")
         if info.data.get("task") == "segmentation" and spec is not None and spec.builder.endswith(
                 "build_smp_segmenter"):
@@ -292,7 +282,7 @@ def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 class EarlyStoppingConfig(Section):
-    metric: str = "val/loss"
+    metric: str = key(VAL, LOSS)
     mode: Literal["min", "max"] = "min"
     patience: int | None = Field(None, ge=1)  # None disables early stopping
 
@@ -502,7 +492,7 @@ class SweepConfig(Section):
     num_samples: int = Field(1, ge=1)  # samples per grid point (grid) or trials (random/optuna)
     seeds: list[int] = [0]
     scheduler: Literal["asha", "fifo"] = "asha"
-    metric: str = "val/f1_deformation"
+    metric: str = key(VAL, F1)
     mode: Literal["min", "max"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
@@ -662,3 +652,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for dotted, value in parse_overrides(overrides).items():
         set_dotted(raw, dotted, value)
     return validate(raw)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dump (e.g. `cfg.model_dump()`) as `{dotted.path: leaf}`, the paths `--set` takes."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from thalia_ray.config import ThaliaConfig, load_config
+from thalia_ray.metric_names import AUROC, F1, IOU, TEST, VAL, key
 
 if TYPE_CHECKING:
     from thalia_ray.train.trainer import TrainResult
@@ -34,14 +35,14 @@ DEMO_OVERRIDES = [
 # (each trial spends most of its time starting: a second wave of trials would add about 70 s).
 CLASSIFIER = {"name": "demo-cls", "train.epochs": 16}
 SEGMENTER = {"name": "demo-seg", "model.task": "segmentation", "model.name": "unet", "train.loss.name": "ce+dice",
-             "train.epochs": 10, "train.early_stopping.metric": "val/iou_deformation",
+             "train.epochs": 10, "train.early_stopping.metric": key(VAL, IOU),
              "train.early_stopping.mode": "max"}  # the checkpoint tested: the best validation IoU
 SWEEP = {
     "name": "demo-backbones",
     "search": "grid",
     "space": {"model.name": {"grid": ["resnet18", "mobilenetv3_small"]}},  # one wave: two trials at a time
     "scheduler": "asha",
-    "metric": "val/f1_deformation",
+    "metric": key(VAL, F1),
     "mode": "max",
     "grace_period": 1,
     "reduction_factor": 2,
@@ -69,7 +70,7 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray.data.synthetic.generator import synthesize
     from thalia_ray.report.page import write_report
     from thalia_ray.store import ExperimentStore
-    from thalia_ray.store.leaderboard import best_run
+    from thalia_ray.leaderboard import best_run
     from thalia_ray.train.trainer import fit
     from thalia_ray.tune.driver import run_sweep, trials_table
     from thalia_ray.tune.space import varied_fields
@@ -94,14 +95,14 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
 
         t = _stage("3/5 classifier (resnet18) trained from the shards, 2 Ray Train workers")
         classifier = fit(cfg.with_overrides({**CLASSIFIER, "data.source": "shards", "data.shards": str(shards)}))
-        print(f"    {classifier}\n    {learning(classifier, 'auroc_deformation')}")
+        print(f"    {classifier}\n    {learning(classifier, AUROC)}")
         store = ExperimentStore(cfg.storage.store, cfg.storage)
         print(f"    its learning curves, ROC and gallery: {write_report(store, classifier.run_id).url}")
         _done(t)
 
         t = _stage("4/5 segmenter (UNet) trained from the minicubes, 2 Ray Train workers")
         segmenter = fit(cfg.with_overrides(SEGMENTER))
-        print(f"    {segmenter}\n    {learning(segmenter, 'iou_deformation')}")
+        print(f"    {segmenter}\n    {learning(segmenter, IOU)}")
         _done(t)
 
         t = _stage("5/5 backbone sweep from the shards: 2 families side by side, ASHA, 1 worker per trial")
@@ -111,7 +112,7 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
         _done(t)
 
     print("\n=== sweep results")
-    print(trials_table(summary, varied_fields(sweep_cfg.sweep), ("test/f1_deformation", "test/auroc_deformation")))
+    print(trials_table(summary, varied_fields(sweep_cfg.sweep), (key(TEST, F1), key(TEST, AUROC))))
     print(f"every metric: thalia-ray leaderboard {summary.sweep_id} --store {store.root.url}; the best run by "
           f"frame, intensity or activity type: add --breakdown frame_id|intensity|activity_type")
     print(f"learning curves of every run: tensorboard --logdir {store.runs_root.url} "
@@ -130,6 +131,6 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
 
 def learning(result: TrainResult, metric: str) -> str:
     """The learning in one line: `metric` of the validation split at every epoch, then of the test split."""
-    curve = " ".join(f"{row[f'val/{metric}']:.2f}" for row in result.history if f"val/{metric}" in row)
-    test = result.test_metrics.get(f"test/{metric}")
+    curve = " ".join(f"{row[key(VAL, metric)]:.2f}" for row in result.history if key(VAL, metric) in row)
+    test = result.test_metrics.get(key(TEST, metric))
     return f"val {metric} by epoch: {curve}" + (f"; test {test:.3f}" if test is not None else "")

@@ -2,7 +2,7 @@
 
 Each kind has its own exit status, so a script or a job retry policy can tell a bad configuration
 from missing data or an unreachable store without parsing messages. Concrete errors (e.g.
-`config.ConfigError`, `data.shards.ShardError`) subclass the kind they belong to.
+`ConfigError` and `StoreError` here, `data.shards.ShardError`) subclass the kind they belong to.
 
 | status | kind |
 | --- | --- |
@@ -30,6 +30,10 @@ class ConfigProblem(ThaliaError, ValueError):
     """A YAML file, a `--set` override or a field value that cannot be used."""
 
     exit_code = 2
+
+
+class ConfigError(ConfigProblem):
+    """A configuration that cannot be used; the message names every offending field."""
 
 
 class UsageError(ConfigProblem):
@@ -64,6 +68,10 @@ class StoreProblem(ThaliaError, RuntimeError):
     """An experiment-store record that is missing or malformed, or a store that cannot be written."""
 
     exit_code = 7
+
+
+class StoreError(StoreProblem):
+    """A run or sweep record is missing, malformed, or asked to do something it cannot."""
 
 
 class JobSpecProblem(ThaliaError, ValueError):

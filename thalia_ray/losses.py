@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from thalia_ray.config import ConfigError, LossConfig
+from thalia_ray.data.transforms import segmentation_target
 from thalia_ray.models.heads import is_multilabel
 
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tensor, dict[str, float]]]
@@ -29,15 +30,6 @@ LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], tuple[Tensor, di
 MISSING = -1  # single-label auxiliary targets use this for "no label"
 DICE_SMOOTH = 1.0  # keeps Dice defined (and = 1 when empty) on crops without deformation
 _EPS = 1e-12
-
-
-def segmentation_target(mask: Tensor) -> Tensor:
-    """(B, H, W) masks as they are; (B, T, H, W) ones (mask_target 'all') → their union over T."""
-    if mask.ndim == 4:
-        return mask.amax(dim=1)
-    if mask.ndim != 3:
-        raise ValueError(f"batch['mask'] must be (B, H, W) or (B, T, H, W), got {tuple(mask.shape)}")
-    return mask
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:

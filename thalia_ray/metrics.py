@@ -46,7 +46,7 @@ from torchmetrics.functional.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from thalia_ray.data import schema
-from thalia_ray.losses import segmentation_target
+from thalia_ray.data.transforms import segmentation_target
 
 CLASS_KEYS = tuple(name.lower() for name in schema.CLASSES)  # ("non_deformation", "deformation")
 REFERENCE_AP_THRESHOLDS = 5  # the reference's torchmetrics AveragePrecision(thresholds=5)

@@ -203,7 +203,8 @@ def statistics_usable(cfg: ThaliaConfig) -> None:
 def pretrained_present(cfg: ThaliaConfig) -> None:
     """`model.pretrained`'s stored run (with a best checkpoint) or local file; the trainer would look for
     them only after Ray starts. ImageNet weights are left to the trainer (timm's and smp's caches)."""
-    from thalia_ray.models.pretrained import IMAGENET, PretrainedWeightsError, run_reference, weights_file
+    from thalia_ray.ids import run_reference
+    from thalia_ray.models.pretrained import IMAGENET, PretrainedWeightsError, weights_file
 
     pretrained = cfg.model.pretrained
     run_id = run_reference(pretrained)
@@ -277,7 +278,8 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
 def resumable(cfg: ThaliaConfig, run_id: str) -> None:
     """`--run-id`: a valid id of a run that is new or can go on; a finished run is refused here, not after
     Ray has started."""
-    from thalia_ray.store.layout import ExperimentStore, check_id
+    from thalia_ray.ids import check_id
+    from thalia_ray.store.layout import ExperimentStore
 
     from thalia_ray.train.trainer import check_ray_snapshot  # imports torch and Ray Train: only with --run-id
 
@@ -302,7 +304,7 @@ def checkpoint_loads(store: Any, run_id: str) -> None:
 def for_sweep(cfg: ThaliaConfig, sweep_id: str | None) -> None:
     """`sweep`: a valid `--sweep-id` (room left for its trials' run ids), then what `train` needs, leaving the
     checks that depend on the search space's dotted paths to the trials."""
-    from thalia_ray.store.layout import check_id
+    from thalia_ray.ids import check_id
 
     assert cfg.sweep is not None  # the CLI refuses a file without a sweep section first
     if sweep_id is not None:

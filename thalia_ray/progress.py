@@ -11,6 +11,8 @@ from typing import Any, Mapping, Sequence
 
 from tqdm import tqdm
 
+from thalia_ray.metric_names import F1, LOSS, TRAIN, VAL, key
+
 
 def on_terminal() -> bool:
     return sys.stderr.isatty()
@@ -37,7 +39,7 @@ def gather(refs: Sequence[Any], desc: str, unit: str = "task") -> list[Any]:
 def progress_line(metrics: Mapping[str, float], epochs: int, improved: bool) -> str:
     """An epoch in one line (rank 0 logs it; a sweep's driver prints it after its trial's label)."""
     return (
-        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics['train/loss']:.4f}  "
-        f"val loss {metrics['val/loss']:.4f}  val F1(def) {metrics.get('val/f1_deformation', float('nan')):.3f}  "
+        f"epoch {int(metrics['epoch'])}/{epochs}  train loss {metrics[key(TRAIN, LOSS)]:.4f}  "
+        f"val loss {metrics[key(VAL, LOSS)]:.4f}  val F1(def) {metrics.get(key(VAL, F1), float('nan')):.3f}  "
         f"{metrics['time/epoch_s']:.1f}s  {metrics['time/samples_per_s']:.1f} samples/s{'  *' if improved else ''}"
     )

@@ -53,10 +53,12 @@ WORKER_REUSE_MIN_SOFT_LIMIT = 16
 IDLE_WORKER_KEEP_MS = 600_000
 
 
-def worker_reuse_config(num_cpus: int) -> dict[str, int]:
-    """Ray `_system_config` that keeps idle workers: soft limit well above the CPU count, 10 min idle."""
-    return {"num_workers_soft_limit": max(WORKER_REUSE_MIN_SOFT_LIMIT, 4 * num_cpus),
-            "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+def worker_reuse_config(num_cpus: int) -> dict[str, Any]:
+    """Keyword arguments of `ray.init` (or a `Cluster` node) that keep idle workers: a soft limit well above
+    the CPU count, 10 min idle."""
+    from thalia_ray import ray_internals
+
+    return ray_internals.system_config(max(WORKER_REUSE_MIN_SOFT_LIMIT, 4 * num_cpus), IDLE_WORKER_KEEP_MS)
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -223,6 +225,8 @@ def quiet_env(runtime_cfg: RuntimeConfig, environ: Mapping[str, str] = os.enviro
 def _configure_data(runtime_cfg: RuntimeConfig) -> None:
     from ray.data import DataContext
 
+    from thalia_ray import ray_internals
+
     quiet = runtime_cfg.log_level != "DEBUG"
     if quiet:
         # This driver's own executions; never lower a stricter level (a Ray worker process that ran this
@@ -230,7 +234,7 @@ def _configure_data(runtime_cfg: RuntimeConfig) -> None:
         data_logger = logging.getLogger("ray.data")
         data_logger.setLevel(max(data_logger.level, logging.WARNING))
         # Once per process, at WARNING: "Progress bars disabled. To enable, set ...".
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        logging.getLogger(ray_internals.DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() and not quiet
     if runtime_cfg.data_cpu_limit is not None:
@@ -249,31 +253,19 @@ RAYLET_NOISE = ("worker processes have been started on node",)
 # reported by Tune).
 WORKER_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
                 "Detected that the Ray Train controller actor")
-# Ray's notice, at every local start, that the cluster it starts uses token authentication (its default
-# since 2.5x, and what this service wants); kept at runtime.log_level DEBUG.
-TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _without_noise(message: dict[str, Any]) -> list[str]:
+    noise = RAYLET_NOISE if message.get("pid") == "raylet" else WORKER_NOISE
+    return [line for line in message.get("lines", []) if not any(n in line for n in noise)]
 
 
 def drop_ray_noise() -> None:
     """Keep RAYLET_NOISE and WORKER_NOISE off this driver's terminal; every other message (out of
-    memory, crashed workers, a user's prints) still prints. Ray prints them through
-    `ray._private.worker.print_to_stdstream`, which has no filter hook, so that function is wrapped
-    (once; left alone if Ray renames it)."""
-    from ray._private import worker
+    memory, crashed workers, a user's prints) still prints."""
+    from thalia_ray import ray_internals
 
-    original = getattr(worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "_thalia", False):
-        return
-
-    def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        noise = RAYLET_NOISE if data.get("pid") == "raylet" else WORKER_NOISE
-        lines = [line for line in data.get("lines", []) if not any(n in line for n in noise)]
-        if not lines:
-            return None
-        return original({**data, "lines": lines}, *args, **kwargs)
-
-    filtered._thalia = True  # type: ignore[attr-defined]
-    worker.print_to_stdstream = filtered
+    ray_internals.filter_driver_output(_without_noise)
 
 
 @dataclass
@@ -327,11 +319,15 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
     """
     import ray
 
+    from thalia_ray import ray_internals
+
+    ray_internals.check_ray_version()
     _configure_data(runtime_cfg)
     if runtime_cfg.log_level != "DEBUG":
         drop_ray_noise()
-        logging.getLogger(TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints a header box even at verbose=0
+        # Ray's notice, at every local start, that its cluster uses token authentication (what we want).
+        logging.getLogger(ray_internals.TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
+        ray_internals.plain_tune_output()
     if ray.is_initialized():
         log.info("using the Ray already initialised in this process")
         return RayRuntime(None, False, dict(ray.cluster_resources()))
@@ -371,7 +367,7 @@ def start(runtime_cfg: RuntimeConfig, *, storage_env: dict[str, str] | None = No
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
-            _system_config=worker_reuse_config(sizes["num_cpus"]),
+            **worker_reuse_config(sizes["num_cpus"]),
             **common,
         )
         # The same lookup by GCS address, from this driver's own Ray helpers.

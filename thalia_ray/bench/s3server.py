@@ -34,6 +34,7 @@ def rclone_binary() -> str:
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now (the one such helper; the tests use it too)."""
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])

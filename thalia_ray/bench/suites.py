@@ -218,7 +218,7 @@ def cluster_suite(p: Params, repeats: int, result: BenchResult) -> None:
         for nodes in (1, p["nodes"]):
             cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 0, "include_dashboard": False,
-                "_system_config": runtime.worker_reuse_config(nodes * p["node_cpus"])})
+                **runtime.worker_reuse_config(nodes * p["node_cpus"])})
             try:
                 for _ in range(nodes):
                     cluster.add_node(num_cpus=p["node_cpus"])

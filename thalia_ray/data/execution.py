@@ -34,9 +34,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import ray
-from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.data._internal.execution.interfaces.execution_options import ExecutionResources
+from thalia_ray.ray_internals import ExecutionCallback, cluster_resources, set_total_resources
 
 SPIN_S = 0.002  # a scheduling step shorter than this did not wait for a task
 IDLE_SLEEP_S = 0.01  # how long a step that did not wait is followed by a pause
@@ -60,16 +58,10 @@ class IdleBackoff(ExecutionCallback):
         self._last = now
 
 
-def cluster_resources() -> ExecutionResources:
-    """The cluster's resources now (CPU, GPU, memory, object store), as Ray Data's limits count them."""
-    return ExecutionResources.from_resource_dict(ray.cluster_resources())
-
-
 class ClusterLimits(ExecutionCallback):
     """Bounds an execution's limits by the cluster's resources rather than by the autoscaling
     coordinator's share of them (see the module docstring)."""
 
     def before_execution_starts(self, executor: Any) -> None:
-        # The resource manager's one source of cluster totals (`get_global_limits` reads it); the
-        # pipeline's tests check that a running execution's limits come from here.
-        executor._resource_manager._get_total_resources = cluster_resources
+        # The pipeline's tests check that a running execution's limits come from here.
+        set_total_resources(executor, cluster_resources)

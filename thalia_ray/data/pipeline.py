@@ -57,6 +57,7 @@ from thalia_ray.data.samples import BadSample
 from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
 from thalia_ray.data.sources import Row, Source, open_source
 from thalia_ray.data.transforms import statistics_for
+from thalia_ray.ray_internals import add_execution_callbacks
 from thalia_ray.storage import Location
 from thalia_ray.traffic import TRAFFIC, Traffic
 
@@ -523,8 +524,7 @@ def _dataset(datasource: EpochDatasource, budget: DataBudget, cfg: ThaliaConfig)
     ds = ray.data.read_datasource(datasource, num_cpus=budget.task_cpus, override_num_blocks=datasource.num_tasks())
     ds.context.target_max_block_size = block_size_limit(cfg.data, datasource.sample_bytes)
     ds.context.override_object_store_memory_limit_fraction = OBJECT_STORE_FRACTION
-    ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff,
-                                                    ClusterLimits]
+    add_execution_callbacks(ds.context, IdleBackoff, ClusterLimits)
     options = ds.context.execution_options
     options.resource_limits = options.resource_limits.copy(cpu=budget.cpus)
     options.preserve_order = not datasource.spec.training or cfg.train.deterministic

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +18,9 @@ from thalia_ray.data import schema
 from thalia_ray.data.index import series_label
 from thalia_ray.data.samples import RawSample
 from thalia_ray.storage import Location, resolve
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Statistics = dict[str, dict[str, float]]
 
@@ -76,6 +79,16 @@ def mask_target(mask: np.ndarray, target: str) -> np.ndarray:
     if target == "all":
         return binary
     raise ValueError(f"unknown mask target {target!r}; allowed: last, peak, union, all")
+
+
+def segmentation_target(mask: "Tensor") -> "Tensor":
+    """A batch of target masks as losses and metrics score it: (B, H, W) as it is; (B, T, H, W) (mask_target
+    `all`) → its union over T. Takes torch tensors; this module imports no torch itself."""
+    if mask.ndim == 4:
+        return mask.amax(dim=1)
+    if mask.ndim != 3:
+        raise ValueError(f"batch['mask'] must be (B, H, W) or (B, T, H, W), got {tuple(mask.shape)}")
+    return mask
 
 
 def aux_targets(meta: dict[str, Any]) -> dict[str, Any]:

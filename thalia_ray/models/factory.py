@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from thalia_ray.config import ConfigError, ModelConfig
+from thalia_ray.ids import run_reference
 from thalia_ray.models.heads import MultiHeadModel
-from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, run_reference, weights_file
+from thalia_ray.models.pretrained import IMAGENET, check_imagenet_available, weights_file
 from thalia_ray.models.registry import check_model_name
 
 log = logging.getLogger(__name__)

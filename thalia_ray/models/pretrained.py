@@ -21,20 +21,12 @@ from thalia_ray.errors import ThaliaError
 from thalia_ray.models.registry import ModelSpec
 
 IMAGENET = "imagenet"
-RUN_PREFIX = "run:"
 
 
 class PretrainedWeightsError(ThaliaError, RuntimeError):
     """The requested initial weights cannot be had; the message says where they were looked for."""
 
     exit_code = 2
-
-
-def run_reference(pretrained: str | None) -> str | None:
-    """The run id of `run:<RUN_ID>`, else None."""
-    if pretrained is None or not pretrained.startswith(RUN_PREFIX):
-        return None
-    return pretrained[len(RUN_PREFIX):]
 
 
 def weights_file(pretrained: str) -> Path:

@@ -1,5 +1,8 @@
 """Model registry: names → builders, resolved lazily so that validating a config imports no torch.
 
+Part of the bottom layer (docs/architecture.md): it imports nothing of the package but `errors`, so that
+`config` can check model names; the builders are named by string and imported only by `resolve()`.
+
 Each entry names the tasks it serves, its family (for leaderboards) and the `module:function` that
 builds it. Builders take `(spec, cfg, in_channels, num_classes, time_steps, channels_per_step)`
 and return an `nn.Module`; see `thalia_ray.models.factory.build_model`.
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
-from thalia_ray.config import ConfigError
+from thalia_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)

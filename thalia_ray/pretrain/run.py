@@ -9,9 +9,10 @@ from thalia_ray.data import schema
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.transforms import load_statistics
 from thalia_ray.errors import DataProblem
+from thalia_ray.ids import check_id
 from thalia_ray.pretrain.objective import Pretraining
 from thalia_ray.pretrain.source import HOLDOUT, TRAIN
-from thalia_ray.store.layout import ExperimentStore, check_id
+from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import Lease
 from thalia_ray.train.trainer import TrainResult, fit, steps_per_epoch
 

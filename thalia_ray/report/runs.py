@@ -17,7 +17,8 @@ from thalia_ray.report.html import image, note, section, table
 from thalia_ray.report.pretrain import PretrainReport
 from thalia_ray.storage import StorageError, resolve
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, HEADLINE, Selection, breakdown, sweep_selection
+from thalia_ray.leaderboard import BREAKDOWN_COLUMNS, BREAKDOWNS, Selection, breakdown, sweep_selection
+from thalia_ray.metric_names import AP, HEADLINE, TEST, VAL, key
 from thalia_ray.store.records import PREDICTIONS, RunRecord, StoreError, evaluated
 from thalia_ray.traffic import Traffic, epoch_samples, request_cost
 
@@ -95,7 +96,7 @@ def _overview(run_id: str, status: Mapping[str, Any], cfg: Any, history: Sequenc
     """The run's identity and headline numbers; how many val/test samples the metrics cover, flagged (and
     explained in a note) where they cover fewer than the split holds."""
     metrics = results.get("metrics", {})
-    headline = f"test/{HEADLINE[cfg.model.task]}"
+    headline = key(TEST, HEADLINE[cfg.model.task])
     rows = [
         ("run", run_id), ("status", status.get("status")), ("kind", status.get("kind", "train")),
         ("task", cfg.model.task), ("model", cfg.model.name), ("time steps (T)", cfg.data.length),
@@ -118,7 +119,7 @@ def _learning_curves(history: Sequence[Mapping[str, Any]], cfg: Any, results: Ma
     from thalia_ray.report import figures
 
     stopping = cfg.train.early_stopping
-    wanted = [ranked_by.metric, stopping.metric, f"val/{HEADLINE[cfg.model.task]}", "val/ap_deformation"]
+    wanted = [ranked_by.metric, stopping.metric, key(VAL, HEADLINE[cfg.model.task]), key(VAL, AP)]
     shown = [m for m in dict.fromkeys(wanted) if not m.endswith("loss") and any(m in h for h in history)]
     return section("Learning curves", image(figures.learning_curves(history, shown, results.get("best_epoch")),
                                             "learning curves"),

@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 from thalia_ray.report.html import image, note, section, table
 from thalia_ray.report.runs import run_sections
 from thalia_ray.store.layout import ExperimentStore
-from thalia_ray.store.leaderboard import HEADLINE, collect, differences, sweep_selection
+from thalia_ray.leaderboard import collect, differences, sweep_selection
+from thalia_ray.metric_names import HEADLINE, TEST, key
 from thalia_ray.store.records import StoreError
 
 LOG_SCALE = ("train.lr", "train.weight_decay")  # scale parameters: compared by their ratios
@@ -33,7 +34,7 @@ def sweep_sections(store: ExperimentStore, sweep_id: str) -> list[str]:
     swept = [p for p in paths if len({repr(t.get("config", {}).get(p)) for t in trials}) > 1]
     held = ", ".join(f"{p} = {trials[0]['config'].get(p)}" for p in paths if p not in swept)
     cfg = record.read_config()
-    test = f"test/{HEADLINE[cfg.model.task]}" if cfg is not None else "test/f1_deformation"
+    test = key(TEST, HEADLINE[cfg.model.task if cfg is not None else "classification"])
     best = ranked[0]["run_id"] if ranked and values[ranked[0]["run_id"]] is not None else None
     overview = table(["field", "value"], [
         ("sweep", sweep_id), ("status", summary.get("status")),

@@ -17,12 +17,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from thalia_ray.config import StorageConfig
-from thalia_ray.errors import excerpt
+from thalia_ray.ids import ID, check_id
 from thalia_ray.storage import Location, StorageError, resolve
 from thalia_ray.store.records import RunRecord, RunSummary, StoreError, SweepRecord
 
 log = logging.getLogger(__name__)
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 NAME_LIMIT = 48
 STORE_ENV = "THALIA_STORE"  # the store of commands given none (job specs have the cluster provide it)
@@ -33,26 +32,11 @@ def default_location() -> str:
     return os.environ.get(STORE_ENV) or StorageConfig.model_fields["store"].default
 
 
-ID_LIMIT = 128  # characters of a run id: a folder and object-key name on every store, with room to spare
-SWEEP_ID_LIMIT = ID_LIMIT - 28  # a trial's run id is `{sweep id}-{Tune's trial id}`
-
-
 def make_run_id(name: str, now: datetime | None = None, token: str | None = None) -> str:
     """`{name}-{YYYYmmdd-HHMMSS}-{6 hex}`: sortable by time, unique, no dots or slashes."""
     stem = _UNSAFE.sub("-", name).strip("-_")[:NAME_LIMIT].strip("-_") or "run"
     stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{stem}-{stamp}-{token or secrets.token_hex(3)}"
-
-
-def check_id(value: str, what: str = "run id") -> str:
-    """Refuse ids that could escape the store or break Ray names (`..`, `/`, dots, spaces), or that are too
-    long for a folder name once Ray adds its own parts (sweep ids leave room for the trial suffix)."""
-    if not isinstance(value, str) or not _ID.match(value):
-        raise StoreError(f"{what} {excerpt(value)} is not valid: use letters, digits, '-' and '_' only")
-    limit = SWEEP_ID_LIMIT if what == "sweep id" else ID_LIMIT
-    if len(value) > limit:
-        raise StoreError(f"{what} {excerpt(value, 24)} is too long: at most {limit} characters")
-    return value
 
 
 class ExperimentStore:
@@ -93,7 +77,7 @@ class ExperimentStore:
         return record
 
     def run_ids(self) -> list[str]:
-        return [name for name in self.runs_root.list() if _ID.match(name)]
+        return [name for name in self.runs_root.list() if ID.match(name)]
 
     def list_runs(self, sweep: str | None = None) -> list[RunSummary]:
         """Every run (newest first), or only the trials of `sweep`; a broken record is listed as unreadable."""

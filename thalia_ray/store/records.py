@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 from thalia_ray import safe_yaml
 from thalia_ray.config import ConfigError, ThaliaConfig, upgrade_stored, validate
 from thalia_ray.data import schema
-from thalia_ray.errors import StoreProblem, excerpt
+from thalia_ray.errors import StoreError, excerpt
+from thalia_ray.metric_names import F1, IOU, LOSS, TEST, VAL, key
 from thalia_ray.runtime import describe_machine
 from thalia_ray.storage import Location, StorageError
 from thalia_ray.tables import Table, render
@@ -43,8 +44,7 @@ SKIPPED_FIELDS = ("epoch", "split", "origin", "key", "reason")
 SkipCommand = Literal["train", "evaluate"]
 SKIP_COMMANDS: tuple[str, ...] = get_args(SkipCommand)
 # The first of these found in a run's results (then its last epoch) is shown in listings.
-HEADLINE_METRICS = ("test/f1_deformation", "val/f1_deformation", "test/iou_deformation",
-                    "val/iou_deformation", "val/loss")
+HEADLINE_METRICS = (key(TEST, F1), key(VAL, F1), key(TEST, IOU), key(VAL, IOU), key(VAL, LOSS))
 
 CONFIG, STATUS, HISTORY, RESULTS, PREDICTIONS, SUMMARY, LEASE = (
     "config.yaml", "run.json", "history.json", "results.json", "predictions", "summary.json", "lease.json")
@@ -61,10 +61,6 @@ log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
-
-
-class StoreError(StoreProblem):
-    """A run or sweep record is missing, malformed, or asked to do something it cannot."""
 
 
 class RunBusyError(StoreError):

@@ -21,10 +21,11 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data.cube import DataError
+from thalia_ray.ids import run_reference
 from thalia_ray.losses import LossFn, build_loss
 from thalia_ray.metrics import MetricSuite
 from thalia_ray.models.factory import build_model, load_weights
-from thalia_ray.models.pretrained import PretrainedWeightsError, run_reference
+from thalia_ray.models.pretrained import PretrainedWeightsError
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError, format_metrics, shortfalls
 from thalia_ray.train.checkpoint import load_state

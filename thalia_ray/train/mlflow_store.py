@@ -93,7 +93,7 @@ def _write_run(client: Any, record: RunRecord, artifacts: str | None) -> bool:
     """Add what the database lacks of one run; False when it had everything already."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from thalia_ray.store.leaderboard import flatten
+    from thalia_ray.config import flatten
 
     cfg, status = record.read_config(), record.read_status()
     history, results = record.read_history(), record.read_results()

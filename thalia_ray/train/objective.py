@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.data.pipeline import Datasets, build_datasets
+from thalia_ray.ids import run_reference
 from thalia_ray.losses import build_loss
 from thalia_ray.metrics import MetricSuite
-from thalia_ray.models.pretrained import IMAGENET, run_reference
+from thalia_ray.models.pretrained import IMAGENET
 from thalia_ray.train.collectives import all_sum
 from thalia_ray.train.evaluate import autocast, evaluate_batches, evaluate_checkpoint, model_from_config
 

@@ -67,7 +67,7 @@ def final_metrics(results: Mapping[str, Any] | None) -> dict[str, float]:
 def hyperparameters(cfg: ThaliaConfig, varied: Mapping[str, Any] | None = None) -> dict[str, float | str | bool]:
     """The values runs are compared by: COMPARED and every value a sweep varied, as plain scalars
     (a list or null becomes its text)."""
-    from thalia_ray.store.leaderboard import flatten
+    from thalia_ray.config import flatten
 
     flat = flatten(cfg.model_dump(mode="json"))
     chosen = {k: flat[k] for k in COMPARED if k in flat}

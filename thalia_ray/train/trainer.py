@@ -18,7 +18,6 @@ pretraining run too) stops the same way.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -37,6 +36,8 @@ from thalia_ray.data.annotations import LeftOut, describe_left_out
 from thalia_ray.data.pipeline import EpochHandle, bad_sample_report, skipped_samples
 from thalia_ray.errors import StorageProblem, StoreProblem, ThaliaError, excerpt
 from thalia_ray.interrupts import Interrupted, RemoteStop, Stop
+from thalia_ray.metric_names import AP, F1, IOU, LOSS, VAL, key
+from thalia_ray.ray_internals import TRAIN_SNAPSHOT, latest_checkpoint_dir
 from thalia_ray.runtime import raised_in_task
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.storage import StorageError
@@ -49,7 +50,6 @@ from thalia_ray.train.objective import Objective, Supervised
 from thalia_ray.train.trackers import track_outcome
 
 log = logging.getLogger(__name__)
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
 
 # "rank:epoch:marker-file": kill that worker once at the start of that epoch (a fault-tolerance
 # drill; read on the driver and forwarded, since workers do not see the driver's environment).
@@ -74,8 +74,8 @@ class TrainResult:
         object-storage traffic (requests, retries, throttles) when it read any."""
         metrics = {**self.val_metrics, **self.test_metrics}
         shown = [f"{k} {v:.3f}" for k, v in metrics.items()
-                 if k.split("/")[-1] in ("f1_deformation", "ap_deformation", "iou_deformation")]
-        shown = shown or [f"{k} {v:.4f}" for k, v in self.val_metrics.items() if k == "val/loss"]
+                 if k.split("/")[-1] in (F1, AP, IOU)]
+        shown = shown or [f"{k} {v:.4f}" for k, v in self.val_metrics.items() if k == key(VAL, LOSS)]
         short = "".join(f", {s}" for s in shortfalls(metrics))
         left_out = f", {self.left_out} left out of the index" if self.left_out else ""
         traffic = Traffic.total(self.history)
@@ -364,16 +364,16 @@ def check_ray_snapshot(store: ExperimentStore, run_id: str) -> None:
     checkpoint. Ours are written whole (`atomic_arrow`); one left by an older version on a full disk, or
     by another tool, may not be.
     """
-    snapshot = store.ray_root.join(run_id, RAY_SNAPSHOT)
+    snapshot = store.ray_root.join(run_id, TRAIN_SNAPSHOT)
     if not snapshot.exists():
         return
     start_over = "delete that file to train the run from its start, or use another --run-id"
     try:
-        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (ValueError, AttributeError) as err:
+        latest = latest_checkpoint_dir(snapshot.read_text())
+    except ValueError as err:
         raise StoreProblem(f"run {run_id} cannot resume: Ray's list of its checkpoints, {snapshot.url}, is damaged "
                            f"({excerpt(str(err))}). The checkpoints are beside it; {start_over}") from None
-    if isinstance(latest, str) and latest:
+    if latest is not None:
         filesystem, root = store.ray_storage()
         try:
             check_state(Checkpoint(f"{root}/{run_id}/{latest}", filesystem=filesystem))

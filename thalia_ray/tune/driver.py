@@ -21,6 +21,7 @@ from ray.tune import Callback
 from thalia_ray import interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.interrupts import Interrupted, RemoteStop
+from thalia_ray.metric_names import DEFORMATION, TEST, VAL, key
 from thalia_ray.store import ExperimentStore
 from thalia_ray.store.records import STATUS, StoreError
 from thalia_ray.train.trackers import track_outcome
@@ -229,7 +230,7 @@ def summarise(store: ExperimentStore, sweep_id: str, cfg: ThaliaConfig, grid: An
             "status": status.get("status"),
             "epochs": len(history),
             "best": best,
-            "test": {k: v for k, v in results.items() if k.startswith("test/") and k.endswith("_deformation")},
+            "test": {k: v for k, v in results.items() if k.startswith(key(TEST, "")) and k.endswith(DEFORMATION)},
             "worker_seconds": worker_s,
         })
         if best is not None and (summary.best_value is None or sign * best > sign * summary.best_value):
@@ -244,7 +245,7 @@ SHORT_METRICS = {"f1": "F1", "auroc": "AUROC", "iou": "IoU", "ap": "AP", "ap5": 
 
 def short_metric(name: str) -> str:
     split, _, metric = name.partition("/")
-    base = metric.removesuffix("_deformation")
+    base = metric.removesuffix(DEFORMATION)
     return f"{split} {SHORT_METRICS.get(base, base)}"
 
 
@@ -257,7 +258,7 @@ def trials_table(summary: SweepSummary, varied: list[str], test_metrics: tuple[s
 
     sign = -1.0 if summary.mode == "max" else 1.0
     ranked = sorted(summary.trials, key=lambda t: (t["best"] is None, sign * (t["best"] or 0.0)))
-    shown = test_metrics or (summary.metric.replace("val/", "test/", 1),)
+    shown = test_metrics or (summary.metric.replace(key(VAL, ""), key(TEST, ""), 1),)
     header = ["#", "trial", *varied, "status", "epochs", f"best {short_metric(summary.metric)}",
               *(short_metric(m) for m in shown)]
     rows = [[i + 1, t["run_id"].removeprefix(f"{summary.sweep_id}-"), *(t["config"].get(k) for k in varied),

@@ -1,5 +1,6 @@
 """Leaderboards over stored runs: runs chosen on validation, what differs between configurations, seeds,
-breakdowns; as tables for people and for programs.
+breakdowns; as tables for people and for programs. It sits above both the store, which it reads, and
+`metrics`, which computes the subgroup breakdowns (docs/architecture.md).
 
 A run is ranked by a validation metric at its best epoch, exactly as Tune ranks a sweep's trials: the
 sweep's own Tune metric for a sweep, else `--metric`, else the task's default (`val/f1_deformation`
@@ -19,7 +20,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from thalia_ray.config import ConfigError, ThaliaConfig
+from thalia_ray.config import ConfigError, ThaliaConfig, flatten
+from thalia_ray.metric_names import AP, AUROC, F1, HEADLINE, LOSS, PRECISION, RECALL, TEST, VAL, key
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError, evaluated
 from thalia_ray.tables import Table, render_all
@@ -28,11 +30,9 @@ from thalia_ray.tables import Table, render_all
 _IGNORED = ("name", "seed", "storage.", "runtime.", "sweep")
 BREAKDOWNS = ("frame_id", "volcano", "intensity", "activity_type")
 BREAKDOWN_COLUMNS = ("n", "n_deformation", "recall", "false_alarms", "ap")
-# Each task's headline Deformation metric (its split prefix apart); tasks are ranked in this order.
-HEADLINE = {"classification": "f1_deformation", "segmentation": "iou_deformation"}
-VALIDATION = "val/"
+VALIDATION = f"{VAL}/"
 SHOWN_TEST_METRICS = 4  # test columns of a leaderboard for people (programs get every metric)
-TEST_COLUMNS = ("auroc_deformation", "ap_deformation", "f1_deformation", "precision_deformation", "recall_deformation")
+TEST_COLUMNS = (AUROC, AP, F1, PRECISION, RECALL)
 
 
 @dataclass
@@ -66,8 +66,8 @@ class Selection:
     @classmethod
     def default(cls, task: str) -> "Selection":
         if task in HEADLINE:
-            return cls(f"{VALIDATION}{HEADLINE[task]}", "max", f"the default for {task}")
-        return cls(f"{VALIDATION}loss", "min", f"the default for {task} runs")
+            return cls(key(VAL, HEADLINE[task]), "max", f"the default for {task}")
+        return cls(key(VAL, LOSS), "min", f"the default for {task} runs")
 
     @classmethod
     def given(cls, metric: str, mode: str | None) -> "Selection":
@@ -109,17 +109,6 @@ class Ranking:
     @property
     def best(self) -> Row:
         return self.rows[0]
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
 
 
 def collect(store: ExperimentStore, sweep: str | None = None) -> list[Row]:
@@ -238,7 +227,7 @@ def breakdown(store: ExperimentStore, run_id: str, by: str, split: str = "test")
     each sample's frame, from the run's dataset root `frame_names.json` (none: no breakdown). A frame
     names every volcano it covers, so its samples count for each of them.
     """
-    from thalia_ray.data.annotations import load_frame_names
+    from thalia_ray.data.annotations import load_frame_names  # torch only when a breakdown is asked for
     from thalia_ray.metrics import subgroup_metrics
 
     record = store.run(run_id)
@@ -264,7 +253,7 @@ def _short(metric: str) -> str:
 def _test_columns(ranking: Ranking) -> list[str]:
     """The task's headline test metric, then the first of TEST_COLUMNS that any run has."""
     present = set().union(*(r.metrics for r in ranking.rows))
-    wanted = [f"test/{HEADLINE.get(ranking.task, '')}", *(f"test/{m}" for m in TEST_COLUMNS)]
+    wanted = [key(TEST, HEADLINE.get(ranking.task, "")), *(key(TEST, m) for m in TEST_COLUMNS)]
     return [m for m in dict.fromkeys(wanted) if m in present][:SHOWN_TEST_METRICS]
 
 
