@@ -22,33 +22,33 @@ from thalia_ray.data.cube import CubeCache, DataError
 from thalia_ray.data.index import SampleIndex, epoch_draw
 from thalia_ray.data.samples import Sample
 from thalia_ray.errors import ThaliaError, excerpt
-from thalia_ray.storage import Location, StorageError, resolve
+from thalia_ray.storage import Location, S3Options, StorageError, resolve
 from thalia_ray.store.records import STATUS, StoreError
 
 SPLITS = ("train", "val", "test")
 _CUBE_THREADS = 8  # cube headers are small reads; S3 latency dominates, so read several at once
 
 
-def location_present(url: str, field: str, storage_cfg: Any = None,
+def location_present(url: str, field: str, settings: S3Options,
                      missing: type[ThaliaError] = DataError, hint: str = "") -> Location:
     """`url` resolved; a missing bucket or folder is named as such, with the config field it came from.
 
     The location itself is looked up first: s3fs answers a lookup of a bare bucket with False for any
     failure, so an unreachable endpoint or refused credentials would read as a missing bucket."""
-    loc = resolve(url, storage_cfg)
+    loc = resolve(url, settings)
     if loc.exists():
         return loc
     if loc.protocol == "s3":
         bucket = loc.path.split("/", 1)[0]
-        if not resolve(f"s3://{bucket}", storage_cfg).exists():
+        if not resolve(f"s3://{bucket}", settings).exists():
             where = f" at {loc.s3.endpoint_url}" if loc.s3.endpoint_url else ""
             raise StorageError(f"{field} {url}: the bucket {bucket!r} does not exist{where}")
     raise missing(f"{field} {url}: no such folder or object{hint}")
 
 
-def writable(url: str, field: str, storage_cfg: Any = None) -> Location:
+def writable(url: str, field: str, settings: S3Options) -> Location:
     """`url` resolved, after writing and removing one probe object there (creating the folder)."""
-    loc = resolve(url, storage_cfg)
+    loc = resolve(url, settings)
     if loc.protocol == "file" and loc.exists() and not loc.is_dir():
         raise StoreError(f"{field} {url}: is a file, not a folder")
     probe = loc.join(f".thalia-preflight-{uuid.uuid4().hex[:12]}")
@@ -65,7 +65,7 @@ def writable(url: str, field: str, storage_cfg: Any = None) -> Location:
 
 def sample_index(cfg: ThaliaConfig) -> SampleIndex:
     """The dataset's index, after checking that `data.root` exists (its metadata are read here)."""
-    root = location_present(cfg.data.root, "data.root", cfg.storage)
+    root = location_present(cfg.data.root, "data.root", S3Options.of(cfg.storage))
     try:
         return SampleIndex.from_config(cfg.data, cfg.seed, location=root)
     except AnnotationError as err:
@@ -76,7 +76,7 @@ def cube_shapes(cfg: ThaliaConfig, samples: Sequence[Sample], channels: Sequence
     """(height, width) of each frame's cube, read from the cube headers, after checking every cube holds
     `channels` and the mask (a missing cube or variable is a DataError) and that each of them holds data
     (`empty_variables`, probed at `samples`: one per frame)."""
-    cache = CubeCache(resolve(cfg.data.root, cfg.storage))
+    cache = CubeCache(resolve(cfg.data.root, S3Options.of(cfg.storage)))
     wanted = [*channels, schema.MASK_VAR]
 
     def header(sample: Sample) -> tuple[tuple[int, int], list[str]]:
@@ -186,9 +186,9 @@ def statistics_usable(cfg: ThaliaConfig) -> None:
 
     if not cfg.data.normalize:
         return
-    location = DataLocations.of(cfg.data, cfg.storage).statistics
+    location = DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics
     field = "data.statistics" + ("" if cfg.data.statistics else f" (default data.root/{schema.STATISTICS_FILE})")
-    location_present(location.url, field, cfg.storage,
+    location_present(location.url, field, S3Options.of(cfg.storage),
                      hint="; compute them with `thalia-ray prepare stats --out ...`, or set data.normalize=false")
     try:
         stats = load_statistics(location)
@@ -211,7 +211,7 @@ def pretrained_present(cfg: ThaliaConfig) -> None:
         from thalia_ray.store import ExperimentStore
 
         try:
-            checkpoint_loads(ExperimentStore(cfg.storage.store, cfg.storage), run_id)
+            checkpoint_loads(ExperimentStore.of(cfg.storage), run_id)
         except StoreError as err:
             raise PretrainedWeightsError(f"model.pretrained {pretrained!r}: {err}") from None
     elif pretrained is not None and pretrained != IMAGENET:
@@ -229,9 +229,9 @@ def shard_pools(cfg: ThaliaConfig, splits: Sequence[str]) -> dict[str, list[Any]
     from thalia_ray.data.shards.tar import ShardError
     from thalia_ray.data.sources import OwnShards
 
-    location_present(str(cfg.data.shards), "data.shards", cfg.storage, ShardError,
+    location_present(str(cfg.data.shards), "data.shards", S3Options.of(cfg.storage), ShardError,
                      "; export the dataset first (`thalia-ray export --out ...`)")
-    shards = DataLocations.of(cfg.data, cfg.storage).shards
+    shards = DataLocations.of(cfg.data, S3Options.of(cfg.storage)).shards
     assert shards is not None  # the config requires data.shards with source: shards
     if cfg.data.shard_format == "published":
         for split in splits:
@@ -257,7 +257,7 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
         resumable(cfg, run_id)
     if any(path.startswith("data.") or path == "seed" for path in varied):
         location_present(cfg.data.root if cfg.data.source == "cube" else str(cfg.data.shards),
-                         "data.root" if cfg.data.source == "cube" else "data.shards", cfg.storage)
+                         "data.root" if cfg.data.source == "cube" else "data.shards", S3Options.of(cfg.storage))
     else:
         pools = cube_pools(cfg, SPLITS) if cfg.data.source == "cube" else shard_pools(cfg, SPLITS)
         if pools is not None:
@@ -271,7 +271,7 @@ def for_training(cfg: ThaliaConfig, run_id: str | None = None, varied: Collectio
             steps_per_epoch(cfg, sizes)
     if "model.pretrained" not in varied:
         pretrained_present(cfg)
-    writable(cfg.storage.store, "storage.store", cfg.storage)
+    writable(cfg.storage.store, "storage.store", S3Options.of(cfg.storage))
 
 
 def resumable(cfg: ThaliaConfig, run_id: str) -> None:
@@ -282,7 +282,7 @@ def resumable(cfg: ThaliaConfig, run_id: str) -> None:
     from thalia_ray.train.trainer import check_ray_snapshot  # imports torch and Ray Train: only with --run-id
 
     check_id(run_id)
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    store = ExperimentStore.of(cfg.storage)
     record = store.run(run_id)
     if record.loc.join(STATUS).exists() and record.read_status().get("status") == "finished":
         raise StoreError(f"run {run_id} is already finished (its records are in {record.loc}): give a new --run-id, "
@@ -320,7 +320,7 @@ def for_export(cfg: ThaliaConfig, out: str, splits: Sequence[str], samples_per_s
     if samples_per_shard < 1:
         raise ConfigError(f"--samples-per-shard {samples_per_shard}: a shard holds at least 1 sample")
     non_empty(cfg, cube_pools(cfg, splits, schema.ALL_CHANNELS if all_channels else None))
-    writable(out, "--out", cfg.storage)
+    writable(out, "--out", S3Options.of(cfg.storage))
 
 
 def for_stats(cfg: ThaliaConfig, split: str) -> None:

@@ -128,8 +128,10 @@ def _ingest_config(p: Params, root: str, tmp: str) -> Any:
     """The run config the pipeline suite streams: an existing dataset (`data=`) or a fresh synthetic
     one; for `source=shards`, an existing export (`shards=`) or one exported now."""
     from thalia_ray.config import load_config
+    from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.runtime import usable_cpus
+    from thalia_ray.storage import S3Options
 
     cpus = p["cpus"] or usable_cpus()
     overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
@@ -140,7 +142,8 @@ def _ingest_config(p: Params, root: str, tmp: str) -> Any:
     if p["source"] == "shards":
         out = p["shards"] or f"{tmp}/shards"
         if not p["shards"]:
-            export_shards(cfg.data, out, length=p["length"], splits=("train",))
+            export_shards(cfg.data, DataLocations.of(cfg.data, S3Options.of(cfg.storage)), out, length=p["length"],
+                          splits=("train",))
         cfg = load_config(None, [*overrides, "data.source=shards", f"data.shards={out}"])
     return cfg
 
