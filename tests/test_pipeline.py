@@ -289,7 +289,7 @@ def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
 
     root, _ = dataset
     out = str(tmp_path / "published")
-    cfg = config(root, source="shards", shards=out, shard_format="published")
+    cfg = config(root, source="published", shards=out)
     written = {split: write_published(out, cfg.data, split) for split in ("train", "val", "test")}
     assert sorted(p.name for p in Path(out, "1").iterdir()) == ["test", "train_neg", "train_pos", "val"]
     data = pipeline.build_datasets(cfg, splits=("train", "val", "test"))
@@ -327,7 +327,7 @@ def test_published_shards_train_in_random_mix_epochs(dataset, tmp_path):
     exactly that epoch, and sizes the run's step cap by its largest epoch."""
     root, _ = dataset
     out = str(tmp_path / "published")
-    cfg = config(root, source="shards", shards=out, shard_format="published", balance_plan="random_mix")
+    cfg = config(root, source="published", shards=out, balance_plan="random_mix")
     cfg = cfg.with_overrides({"train.epochs": 6})
     write_published(out, cfg.data, "train")
     data = pipeline.build_datasets(cfg, splits=("train",))

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
-from thalia_ray.storage import Location, S3Options, resolve
+from thalia_ray.data.cube import DataError
+from thalia_ray.errors import ThaliaError
+from thalia_ray.storage import Location, S3Options, StorageError, resolve
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,20 @@ class DataLocations:
             root.join(schema.STATISTICS_FILE)
         shards = resolve(data_cfg.shards, settings) if data_cfg.shards else None
         return cls(root, statistics, shards)
+
+
+def location_present(url: str, field: str, settings: S3Options,
+                     missing: type[ThaliaError] = DataError, hint: str = "") -> Location:
+    """`url` resolved; a missing bucket or folder is named as such, with the config field it came from.
+
+    The location itself is looked up first: s3fs answers a lookup of a bare bucket with False for any
+    failure, so an unreachable endpoint or refused credentials would read as a missing bucket."""
+    loc = resolve(url, settings)
+    if loc.exists():
+        return loc
+    if loc.protocol == "s3":
+        bucket = loc.path.split("/", 1)[0]
+        if not resolve(f"s3://{bucket}", settings).exists():
+            where = f" at {loc.s3.endpoint_url}" if loc.s3.endpoint_url else ""
+            raise StorageError(f"{field} {url}: the bucket {bucket!r} does not exist{where}")
+    raise missing(f"{field} {url}: no such folder or object{hint}")
