@@ -305,8 +305,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray.predict.job import PredictOptions, execute, prepare
     from thalia_ray.preflight import location_present
 
-    settings = _settings(args)
-    store = ExperimentStore(resolve(args.store, settings))
+    settings, store = _settings(args), _store(args)
     cfg = store.existing_run(args.run).read_config()
     data = location_present(args.data, "--data", settings)  # a missing dataset is a dataset error, named as such
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
@@ -322,9 +321,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export_model(args: argparse.Namespace) -> int:
     from thalia_ray.export.model import export_run
 
-    settings = _settings(args)
-    result = export_run(ExperimentStore(resolve(args.store, settings)), args.run, args.format,
-                        resolve(args.out, settings))
+    result = export_run(_store(args), args.run, args.format, resolve(args.out, _settings(args)))
     _show(args, result, result.summary())
     return 0
 
