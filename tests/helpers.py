@@ -26,8 +26,9 @@ from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import get_cache, read_sample
 from thalia_ray.data.index import SampleIndex
+from thalia_ray.data.locations import DataLocations
 from thalia_ray.ray_internals import ExecutionCallback
-from thalia_ray.storage import resolve
+from thalia_ray.storage import S3Options, local
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -413,7 +414,7 @@ def write_cube(root: str, frame: str = FRAME, masks=None, dataset: xr.Dataset | 
     """`{root}/{frame}.zarr`: `dataset`, else the known-value cube with `masks`, stored in `chunk` chunks."""
     ds = dataset if dataset is not None else cube_dataset(masks)
     encoding = {v: {"chunks": chunk if ds[v].ndim == 4 else chunk[2:]} for v in ds.data_vars}
-    store = resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False)
+    store = local(root).join(f"{frame}.zarr").zarr_store(read_only=False)
     ds.to_zarr(store, mode="w", encoding=encoding, consolidated=False, write_empty_chunks=True)
 
 
@@ -488,6 +489,11 @@ def delete_pair_chunks(root: str, sample, variable: str = "insar_difference") ->
         chunk.unlink()
 
 
+def local_locations(data_cfg: DataConfig) -> DataLocations:
+    """The locations of a configuration whose data are on local disk (no storage settings apply)."""
+    return DataLocations.of(data_cfg, S3Options())
+
+
 def upload_folder(local: str | Path, url: str) -> None:
     """Every file under `local` as an object under `url` (`s3://bucket/prefix`) of the endpoint in the
     environment (the moto server), a few at a time: moto answers one request in a few milliseconds."""
@@ -526,9 +532,9 @@ def build_root(root: str | Path, chunk: int = ROOT_CHUNK) -> str:
         ds = _root_cube(fi, positives, frame)
         chunks = (1, 1, chunk, chunk)
         encoding = {v: {"chunks": chunks if ds[v].ndim == 4 else chunks[2:]} for v in ds.data_vars}
-        ds.to_zarr(resolve(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
+        ds.to_zarr(local(root).join(f"{frame}.zarr").zarr_store(read_only=False), mode="w",
                    encoding=encoding, consolidated=False, write_empty_chunks=True)
-    base = resolve(root)
+    base = local(root)
     base.join(schema.ANNOTATIONS_FILE).write_json(annotations)
     base.join(schema.TIMESERIES_FILE).write_json(timeseries)
     stats = {schema.statistics_key(c): {"mean": 0.1, "std": 2.0} for c in schema.ALL_CHANNELS}

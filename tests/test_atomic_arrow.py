@@ -10,8 +10,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from thalia_ray.atomic_arrow import AtomicLocalFileSystem
-from thalia_ray.storage import resolve
 from thalia_ray.ray_internals import TRAIN_SNAPSHOT as SNAPSHOT
+from thalia_ray.storage import local
 
 
 def _write(fs: pafs.FileSystem, path: Path, data: bytes) -> None:
@@ -34,7 +34,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_a_full_disk_keeps_the_previous_snapshot_whole(small_disk):
-    fs, root = resolve(str(small_disk)).pyarrow()  # what the store hands Ray
+    fs, root = local(str(small_disk)).pyarrow()  # what the store hands Ray
     assert isinstance(fs, AtomicLocalFileSystem)
     ours, plain = Path(root) / "ours" / SNAPSHOT, Path(root) / "plain" / SNAPSHOT
     for path in (ours, plain):

@@ -11,7 +11,7 @@ from thalia_ray.data.cube import CubeCache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.rechunk import rechunk_dataset
 from thalia_ray.predict.inputs import frame_ids
-from thalia_ray.storage import resolve
+from thalia_ray.storage import local
 
 DIMS = ("primary_date", "secondary_date", "y", "x")
 
@@ -50,7 +50,7 @@ def test_rechunked_cubes_hold_every_sample_unchanged_and_only_the_pairs_written(
     import zarr
 
     out = tmp_path / "rechunked"
-    report = rechunk_dataset(resolve(str(synthetic_root)), resolve(str(out)), 32, frame_ids(str(synthetic_root)))
+    report = rechunk_dataset(local(str(synthetic_root)), local(str(out)), 32, frame_ids(str(synthetic_root)))
     assert len(report.cubes) == 3 and "annotations.json" in report.files and report.planes > 0
     before, after = _samples(str(synthetic_root)), _samples(str(out))
     assert len(before) == len(after) > 0

@@ -336,7 +336,7 @@ CASES = [
     Case("shards with another label rule", [*_SHARDS, "--set", "data.label_rule=last"], SHARDS, "label_rule",
          _manifest()),
     Case("shards without the test split", _SHARDS, SHARDS, "'test'", _manifest(splits=["train", "val"])),
-    Case("published shards absent", [*_SHARDS, "--set", "data.shard_format=published"], SHARDS,
+    Case("published shards absent", [*_SHARDS, "--set", "data.source=published"], SHARDS,
          "no published shards", _write("shards/readme.txt", "")),
     # the experiment store
     Case("store is a file", [*_TRAIN[:4], "storage.store={tmp}/afile", *_TRAIN[5:]], STORE, "afile", _store_file),

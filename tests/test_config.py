@@ -49,7 +49,8 @@ def test_yaml_file_then_overrides(tmp_path):
         ("data.length=0", ["data.length", "greater than or equal to 1", "0"]),
         ("model.name=resnet9000", ["model.name", "resnet9000", "resnet18"]),
         ("data.geomorphology=[dem, dem]", ["data.geomorphology", "twice"]),
-        ("data.source=shards", ["data.shards", "not set"]),
+        ("data.source=parquet", ["data.source", "'cube', 'shards' or 'published'", "'parquet'"]),
+        ("data.shard_format=published", ["data.shard_format", "data.source: published"]),
         ("bogus.section=1", ["bogus", "unknown field", "data"]),
     ],
 )

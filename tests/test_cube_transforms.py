@@ -15,7 +15,7 @@ from thalia_ray.data.cube import (CountingStore, CubeCache, DataError, crop_rng,
 from thalia_ray.data.index import SampleIndex, group_rng
 from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.transforms import augment, finalize, load_statistics, mask_target, normalize
-from thalia_ray.storage import resolve
+from thalia_ray.storage import local
 
 from tests.helpers import (CHUNK, FRAME, HEIGHT, PRIMARIES, SECONDARIES, WIDTH, cube_dataset, known_value, record,
                            write_cube)
@@ -87,7 +87,7 @@ def test_cf_packed_variables_read_as_xarray_decodes_them(tmp_path):
     encoding = {v: {"chunks": (1, 1, CHUNK, CHUNK) if ds[v].ndim == 4 else (CHUNK, CHUNK)} for v in ds.data_vars}
     encoding["insar_difference"].update(dtype="int32", scale_factor=0.25, _FillValue=-1)
     encoding["insar_coherence"].update(dtype="float32", _FillValue=-7.0)
-    ds.to_zarr(resolve(str(tmp_path)).join(f"{FRAME}.zarr").zarr_store(read_only=False), mode="w",
+    ds.to_zarr(local(str(tmp_path)).join(f"{FRAME}.zarr").zarr_store(read_only=False), mode="w",
                encoding=encoding, consolidated=False, write_empty_chunks=True)
     cache = CubeCache(str(tmp_path))
     arrays = cache.get(FRAME).arrays
@@ -142,7 +142,9 @@ def test_unwritten_chunks_are_refused_unless_the_cube_declares_them_fill(tmp_pat
 
 
 def test_reads_from_s3_endpoint(s3_bucket):
-    root = f"{s3_bucket}/thalia"
+    from thalia_ray.storage import S3Options, resolve
+
+    root = resolve(f"{s3_bucket}/thalia", S3Options.from_environment())
     write_cube(root, chunk=(1, 3, HEIGHT // 2, WIDTH))  # few objects: every chunk is one PUT
     anns = annotation_set([record(1, "20190101", "20190125", False)])
     raw = read_raw(make_sample([1], ["20190125"], [False]), CubeCache(root), Window(16, 24, 8, 8),

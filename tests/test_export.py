@@ -18,6 +18,7 @@ def run(synthetic_root, tmp_path_factory):
 @pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"), ("onnx", "onnx"), ("safetensors", "safetensors")])
 def test_each_format_matches_the_pytorch_model_and_gets_a_card(run, tmp_path, fmt, suffix):
     from thalia_ray.data.locations import DataLocations
+    from thalia_ray.storage import S3Options
     from thalia_ray.data.transforms import statistics_for
     from thalia_ray.export.model import TOLERANCE, export_run
     from thalia_ray.predict import inputs
@@ -52,7 +53,7 @@ def test_each_format_matches_the_pytorch_model_and_gets_a_card(run, tmp_path, fm
     assert card["format"] == fmt and card["input"]["time_steps"] == 2 and card["input"]["crop"] == 32
     assert card["input"]["channels"] == ["insar_difference", "insar_coherence", "dem"]
     assert card["input"]["shape"] == ["batch", 6, 32, 32] and card["output"]["classes"][1] == "Deformation"
-    assert card["normalisation"]["statistics"]["dem"] == statistics_for(DataLocations.of(cfg.data, cfg.storage).statistics)["dem"]
+    assert card["normalisation"]["statistics"]["dem"] == statistics_for(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics)["dem"]
     assert card["metrics"] == results["metrics"] and card["threshold"] == 0.5
     assert card["parity"]["max_abs_diff"] == result.max_abs_diff
 

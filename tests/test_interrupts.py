@@ -109,7 +109,7 @@ def test_a_signal_stops_a_run_at_a_safe_point_and_the_rerun_trains_each_epoch_on
     from thalia_ray.train.trainer import fit
 
     cfg = _config(synthetic_root, tmp_path / "store", workers)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     record = store.run("sig")
     monkeypatch.setenv(SIGNAL_AT_ENV, f"{name}:{point}:{at}")
     with interrupts.handling(), pytest.raises(Interrupted) as stopped:
@@ -172,7 +172,7 @@ def test_a_signal_stops_a_sweep_whose_resume_trains_each_epoch_once(ray_cluster,
     assert stopped.value.exit_code == 130
     assert str(stopped.value).startswith("sweep sw interrupted by SIGINT: 1 trial(s) stopped at a checkpoint, "
                                          "0 finished; rerun with --sweep-id sw --resume")
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     runs = store.list_runs(sweep="sw")
     assert [(r.status, len(store.run(r.run_id).read_history())) for r in runs] == [("interrupted", 1)]
     assert store.sweep("sw").read_summary()["status"] == "interrupted"

@@ -93,9 +93,9 @@ def test_paper_jobs_train_on_the_published_shards_and_one_on_cubes() -> None:
         data = spec.config.data
         assert data.statistics is not None and data.statistics.endswith("statistics.json")
         assert "Orion-AI-Lab/Thalia" in path.read_text()  # where the statistics file comes from
-        sources[path.stem] = (data.source, data.shard_format if data.source == "shards" else None)
-    assert sources.pop("paper-cls-series-cubes") == ("cube", None)
-    assert set(sources.values()) == {("shards", "published")} and len(sources) == 5
+        sources[path.stem] = data.source
+    assert sources.pop("paper-cls-series-cubes") == "cube"
+    assert set(sources.values()) == {"published"} and len(sources) == 5
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])

@@ -17,7 +17,7 @@ from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, sha
 from thalia_ray.data.shards.npy import decode_own
 from thalia_ray.data.shards.tar import fetch_ranges, parse_members
 from thalia_ray.data.stats import compute_statistics
-from thalia_ray.storage import resolve
+from thalia_ray.storage import S3Options, resolve
 
 from tests.helpers import ROOT_SIZE, build_root, upload_folder
 
@@ -33,7 +33,7 @@ def test_endpoint_only_in_config_reaches_index_statistics_cubes_and_shards(
     assert "AWS_ACCESS_KEY_ID" in os.environ  # credentials stay in the environment
     cfg = ThaliaConfig.model_validate({"seed": 3, "data": {**DATA, "root": f"{s3_bucket}/root"},
                                        "storage": {"endpoint_url": moto_endpoint}})
-    locations = DataLocations.of(cfg.data, cfg.storage)
+    locations = DataLocations.of(cfg.data, S3Options.of(cfg.storage))
     assert locations.root.s3.endpoint_url == moto_endpoint and locations.statistics.s3 == locations.root.s3
 
     # index and counts
@@ -43,7 +43,7 @@ def test_endpoint_only_in_config_reaches_index_statistics_cubes_and_shards(
     assert index_counts(locations.root, 1) == local_index.counts()
 
     # statistics: computed from the S3 cubes, written next to them
-    stats = compute_statistics(cfg.data, split="train", seed=cfg.seed, locations=locations)
+    stats = compute_statistics(cfg.data, locations, split="train", seed=cfg.seed)
     assert locations.statistics.read_json() == stats and set(stats) >= {"insar_difference", "surface_pressure"}
 
     # a sample from the cubes, equal to the local read
@@ -54,8 +54,8 @@ def test_endpoint_only_in_config_reaches_index_statistics_cubes_and_shards(
     np.testing.assert_array_equal(remote.mask, direct.mask)
 
     # shards exported to S3, read back by ranged reads and through the pipeline
-    out = resolve(f"{s3_bucket}/shards", cfg.storage)
-    report = export_shards(cfg.data, out, length=1, splits=("val",), samples_per_shard=4, locations=locations)
+    out = resolve(f"{s3_bucket}/shards", S3Options.of(cfg.storage))
+    report = export_shards(cfg.data, locations, out, length=1, splits=("val",), samples_per_shard=4)
     assert report.samples == {"val": len(index.samples("val"))} and not report.skipped
     manifest = load_manifest(out, 1)
     entries = manifest_entries(manifest, shard_root(out, 1), "val")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from thalia_ray.bench.s3server import free_port
-from thalia_ray.storage import resolve
+from thalia_ray.storage import S3Options, resolve
 from thalia_ray.store import ExperimentStore
 
 from tests.helpers import assert_tracked, kill_session
@@ -61,7 +61,7 @@ finally:
 
 def _copy_dataset(local: Path, url: str) -> None:
     """Put the synthetic dataset on the S3 endpoint, as a shared store all nodes read."""
-    target = resolve(url)
+    target = resolve(url, S3Options.from_environment())
     target.fs.put(f"{local}/", f"{target.path}/", recursive=True)
     assert target.join("annotations.json").exists(), f"copy of {local} to {url} is incomplete"
 
@@ -104,10 +104,10 @@ def test_two_workers_on_two_nodes_read_and_write_s3(s3_bucket: str, synthetic_ro
     assert len(report["train_nodes"]) >= 2 and len(train_nodes) == 2, report
     assert train_nodes == set(report["workers"]) and report["head"] not in train_nodes
 
-    run = ExperimentStore(store).run(RUN_ID)
+    run = ExperimentStore(resolve(store, S3Options.from_environment())).run(RUN_ID)
     assert run.read_status()["status"] == "finished"
     results = run.read_results()
     assert results is not None and results["metrics"] and results["best_checkpoint"]
     assert_tracked(run, epochs=1)  # uploaded to S3 by rank 0 on a worker node
-    ray_storage = resolve(store).join("ray")
+    ray_storage = resolve(store, S3Options.from_environment()).join("ray")
     assert ray_storage.fs.find(ray_storage.path), "no Ray Train files (checkpoints) were written to S3"

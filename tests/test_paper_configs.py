@@ -12,6 +12,7 @@ from thalia_ray.data import schema
 from thalia_ray.data.cube import crop_rng, get_cache, read_sample
 from thalia_ray.data.index import SampleIndex, sample_rng
 from thalia_ray.data.locations import DataLocations
+from thalia_ray.storage import S3Options
 from thalia_ray.data.pipeline import TorchCollate
 from thalia_ray.data.transforms import finalize, statistics_for
 from thalia_ray.losses import build_loss
@@ -69,7 +70,7 @@ def test_preset_runs_one_training_step_on_cpu(path: Path, synthetic_root: Path) 
     raws = [read_sample(s, index.annotations, cache, cfg.data, crop_rng(cfg.data.crop_policy, cfg.seed, s.key, 0))
             for s in batch_samples]  # as the pipeline reads epoch 0
     assert raws[0].mask.any()  # the positive's reference crop holds some of its cube mask
-    stats = statistics_for(DataLocations.of(cfg.data).statistics)
+    stats = statistics_for(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics)
     records = [finalize(raw, cfg.data, stats, sample_rng(cfg.seed, 0, s.key), training=True)
                for raw, s in zip(raws, batch_samples)]
     batch = TorchCollate()({k: np.stack([r[k] for r in records]) for k in records[0]})
@@ -110,7 +111,7 @@ def test_a_paper_preset_fails_on_a_damaged_test_sample_and_skip_says_what_its_me
     test_samples = SampleIndex.from_config(cfg.data, cfg.seed).samples("test")
     victim = test_samples[0]
     delete_pair_chunks(root, victim)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
 
     with pytest.raises(ThaliaError, match=rf"data.on_bad_sample=fail\) in test .*key {re.escape(victim.key)}"):
         fit(cfg, store=store, run_id="preset-fail")

@@ -18,9 +18,9 @@ from thalia_ray.data.shards.export import export_shards
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.tar import file_sha256
 from thalia_ray.ray_internals import add_execution_callbacks
-from thalia_ray.storage import resolve
+from thalia_ray.storage import local
 
-from tests.helpers import LimitRecorder, build_root, upload_folder, write_published
+from tests.helpers import LimitRecorder, build_root, local_locations, upload_folder, write_published
 
 BASE = {"root": "", "crop": 24, "length": 1, "samples_per_read_task": 4, "atmospheric": ["surface_pressure"]}
 
@@ -34,7 +34,7 @@ def dataset(tmp_path_factory, ray_cluster) -> tuple[str, str]:
     """(dataset root, shard root with T=1 exported)."""
     base = tmp_path_factory.mktemp("pipeline")
     root = build_root(base / "root")
-    export_shards(config(root).data, str(base / "shards"), length=1, samples_per_shard=4)
+    export_shards(config(root).data, local_locations(config(root).data), str(base / "shards"), length=1, samples_per_shard=4)
     return root, str(base / "shards")
 
 
@@ -74,7 +74,7 @@ def test_reference_crops_are_fixed_across_epochs_and_equal_to_an_export(dataset,
     root, _ = dataset
     settings = {"crop": 16, "crop_policy": "reference", "augmentations": False}
     out = str(tmp_path / "reference")
-    export_shards(config(root, **settings).data, out, length=1, splits=("val",), samples_per_shard=4, seed=3)
+    export_shards(config(root, **settings).data, local_locations(config(root, **settings).data), out, length=1, splits=("val",), samples_per_shard=4, seed=3)
     cube = pipeline.build_datasets(config(root, **settings), splits=("train", "val"))
     shard = pipeline.build_datasets(config(root, source="shards", shards=out, **settings), splits=("val",))
     images = []
@@ -212,8 +212,8 @@ def test_two_train_workers_stream_shards_from_s3(dataset, s3_bucket, tmp_path):
 
 def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
     """Overwrite the npy header of one sample's image member; returns (shard path, key)."""
-    base = shard_root(resolve(out), 1)
-    entry = manifest_entries(load_manifest(resolve(out), 1), base, split)[position]
+    base = shard_root(local(out), 1)
+    entry = manifest_entries(load_manifest(local(out), 1), base, split)[position]
     path = Path(entry.shard.path)
     data = bytearray(path.read_bytes())
     start = entry.offset + tarfile.BLOCKSIZE
@@ -225,11 +225,11 @@ def _corrupt_member(out: str, split: str, position: int) -> tuple[str, str]:
 def test_tampered_and_corrupt_shards_are_reported_by_name(dataset, tmp_path):
     root, _ = dataset
     out = str(tmp_path / "shards")
-    export_shards(config(root).data, out, length=1, splits=("val",), samples_per_shard=4)
+    export_shards(config(root).data, local_locations(config(root).data), out, length=1, splits=("val",), samples_per_shard=4)
     path, key = _corrupt_member(out, "val", 1)
     # changed after export: the shard fails its manifest digest, and every sample in it is refused
-    base = shard_root(resolve(out), 1)
-    manifest = load_manifest(resolve(out), 1)
+    base = shard_root(local(out), 1)
+    manifest = load_manifest(local(out), 1)
     in_shard = {e.key for e in manifest_entries(manifest, base, "val") if e.shard.path == path}
     tampered = pipeline.build_datasets(config(root, source="shards", shards=out), splits=("val",))
     assert set(keys(tampered.datasets["val"])) == {e.key for e in manifest_entries(manifest, base, "val")} - in_shard
@@ -290,7 +290,7 @@ def test_published_shards_of_every_split_as_a_source(dataset, tmp_path):
 
     root, _ = dataset
     out = str(tmp_path / "published")
-    cfg = config(root, source="shards", shards=out, shard_format="published")
+    cfg = config(root, source="published", shards=out)
     written = {split: write_published(out, cfg.data, split) for split in ("train", "val", "test")}
     assert sorted(p.name for p in Path(out, "1").iterdir()) == ["test", "train_neg", "train_pos", "val"]
     data = pipeline.build_datasets(cfg, splits=("train", "val", "test"))
@@ -328,7 +328,7 @@ def test_published_shards_train_in_random_mix_epochs(dataset, tmp_path):
     exactly that epoch, and sizes the run's step cap by its largest epoch."""
     root, _ = dataset
     out = str(tmp_path / "published")
-    cfg = config(root, source="shards", shards=out, shard_format="published", balance_plan="random_mix")
+    cfg = config(root, source="published", shards=out, balance_plan="random_mix")
     cfg = cfg.with_overrides({"train.epochs": 6})
     write_published(out, cfg.data, "train")
     data = pipeline.build_datasets(cfg, splits=("train",))

@@ -219,14 +219,14 @@ def test_an_unreadable_pair_is_reported_by_name_and_the_others_are_written(ray_c
 
 def test_predict_reads_and_writes_s3_on_the_moto_server(ray_cluster, run, dataset, frame, s3_bucket):
     from thalia_ray.predict.output import read_table
-    from thalia_ray.storage import resolve
+    from thalia_ray.storage import local
 
     data, out = f"{s3_bucket}/thalia", f"{s3_bucket}/predictions"
     upload_folder(dataset, data)  # every frame's cube; the job reads only `frame`
     report = _predict(run, data, out, frame)
     assert report.failed == {} and report.written == report.planned > 0
     assert len(read_table(out)) == report.planned
-    result = xr.open_zarr(resolve(f"{out}/{frame}.zarr").zarr_store())
+    result = xr.open_zarr(local(f"{out}/{frame}.zarr").zarr_store())
     np.testing.assert_array_equal(result["y"].values, xr.open_zarr(dataset / f"{frame}.zarr")["y"].values)
 
 

@@ -38,22 +38,23 @@ def test_a_data_root_on_an_unreachable_or_refusing_endpoint_is_not_called_a_miss
         strict_s3_endpoint, s3_env):
     """s3fs answers a lookup of a bare bucket with False for any failure; the root is looked up first."""
     from thalia_ray.config import StorageConfig
-    from thalia_ray.storage import StorageError
+    from thalia_ray.storage import S3Options, StorageError
 
     with pytest.raises(StorageError, match="access denied"):  # wrong credentials for this endpoint
-        preflight.location_present("s3://private/thalia", "data.root", StorageConfig(endpoint_url=strict_s3_endpoint))
-    closed = StorageConfig(endpoint_url="http://127.0.0.1:1", timeout_s=10)
+        preflight.location_present("s3://private/thalia", "data.root",
+                                   S3Options.of(StorageConfig(endpoint_url=strict_s3_endpoint)))
+    closed = S3Options.of(StorageConfig(endpoint_url="http://127.0.0.1:1", timeout_s=10))
     with pytest.raises(StorageError, match="unreachable"):
         preflight.location_present("s3://present/thalia", "data.root", closed)
 
 
 def test_a_missing_bucket_and_a_missing_prefix_are_told_apart(s3_bucket):
-    from thalia_ray.storage import StorageError
+    from thalia_ray.storage import S3Options, StorageError
 
     with pytest.raises(StorageError, match="the bucket 'no-such-bucket' does not exist"):
-        preflight.location_present("s3://no-such-bucket/thalia", "data.root")
+        preflight.location_present("s3://no-such-bucket/thalia", "data.root", S3Options.from_environment())
     with pytest.raises(DataProblem, match="data.root .*/absent: no such folder or object"):
-        preflight.location_present(f"{s3_bucket}/absent", "data.root")
+        preflight.location_present(f"{s3_bucket}/absent", "data.root", S3Options.from_environment())
 
 
 def _without_chunks(root, copy):

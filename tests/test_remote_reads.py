@@ -21,6 +21,7 @@ from thalia_ray.config import load_config
 from thalia_ray.data.cube import CubeCache, read_sample
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.locations import DataLocations
+from thalia_ray.storage import S3Options
 from thalia_ray.store import format_run
 from thalia_ray.traffic import TRAFFIC, Traffic
 
@@ -53,7 +54,7 @@ def _samples(synthetic_root: Path) -> list[Any]:
 
 def _read(cfg: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every test sample through a fresh reader of `cfg`'s data root (nothing kept from earlier reads)."""
-    locations = DataLocations.of(cfg.data, cfg.storage)
+    locations = DataLocations.of(cfg.data, S3Options.of(cfg.storage))
     index = SampleIndex.from_config(cfg.data, 0, location=locations.root)
     cache = CubeCache(locations.root)
     samples = [s for split in ("train", "val") for s in index.samples(split)][:12]
@@ -262,7 +263,7 @@ def test_a_training_run_through_faults_records_its_traffic_and_retries_per_epoch
 
 def test_shard_ranges_come_from_the_shard_the_node_keeps_whole(s3_env, tmp_path):
     from thalia_ray.data.shards.tar import ShardEntry, _VERIFIED, fetch_ranges, file_sha256, write_tar
-    from thalia_ray.storage import resolve
+    from thalia_ray.storage import S3Options, local, resolve
 
     shards = tmp_path / "served" / "shards"
     shards.mkdir(parents=True)
@@ -272,14 +273,14 @@ def test_shard_ranges_come_from_the_shard_the_node_keeps_whole(s3_env, tmp_path)
     with S3Server(str(tmp_path / "served"), key=s3_env["AWS_ACCESS_KEY_ID"],
                   secret=s3_env["AWS_SECRET_ACCESS_KEY"]) as server, ProxyThread(server.port, Distance()) as proxy:
         cfg = _config("s3://shards", proxy.url, tmp_path / "cache")
-        tar = resolve("s3://shards/a.tar", cfg.storage)
+        tar = resolve("s3://shards/a.tar", S3Options.of(cfg.storage))
         entries = [ShardEntry(k, tar, off, size, 0, i, digest) for i, (k, off, size) in enumerate(ranges)]
         reads = []
         for picked in (entries[::3], entries[1::3]):  # two tasks' samples: different byte ranges
             _VERIFIED.clear()  # as in a fresh reader process
             before = TRAFFIC.snapshot()
             reads.append(({e.key: bytes(b) for e, b in fetch_ranges(picked)}, TRAFFIC.snapshot() - before))
-    local_entries = [ShardEntry(k, resolve(str(shards / "a.tar")), o, n, 0, i) for i, (k, o, n) in enumerate(ranges)]
+    local_entries = [ShardEntry(k, local(str(shards / "a.tar")), o, n, 0, i) for i, (k, o, n) in enumerate(ranges)]
     local = {e.key: bytes(b) for e, b in fetch_ranges(local_entries)}
     (first, cold), (second, warm) = reads
     assert len(first) == len(entries[::3]) and first == {k: local[k] for k in first}

@@ -23,9 +23,9 @@ from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
                                         parse_members, write_tar)
-from thalia_ray.storage import resolve
+from thalia_ray.storage import local
 
-from tests.helpers import Payload, build_root, published_sample, torch_bytes, write_published
+from tests.helpers import Payload, build_root, local_locations, published_sample, torch_bytes, write_published
 
 
 def data_config(root: str, **overrides) -> DataConfig:
@@ -54,9 +54,9 @@ def test_tar_ranges_read_back_members(tmp_path):
 
 def test_export_reads_back_equal_to_cube_path(root, tmp_path, ray_cluster):
     cfg = data_config(root, length=2)
-    report = export_shards(cfg, str(tmp_path / "out"), length=2, samples_per_shard=2)
+    report = export_shards(cfg, local_locations(cfg), str(tmp_path / "out"), length=2, samples_per_shard=2)
     assert report.shards_written > 0 and report.shards_kept == 0 and not report.skipped
-    base = shard_root(resolve(str(tmp_path / "out")), 2)
+    base = shard_root(local(str(tmp_path / "out")), 2)
     manifest = json.loads(Path(base.path, MANIFEST).read_text())
     assert manifest["channels"] == cfg.channels  # the configured channels only, as published shards
     index = SampleIndex.from_config(cfg, 0)
@@ -92,13 +92,13 @@ def test_reference_crops_export_equals_cube_path(root, tmp_path, ray_cluster):
     the window the cube path cuts for it (seeded by the run seed and the sample key)."""
     cfg = data_config(root, crop=16, crop_policy="reference")
     out = str(tmp_path / "ref")
-    export_shards(cfg, out, length=1, splits=("train", "val"), samples_per_shard=4, seed=333)
-    manifest = load_manifest(resolve(out), 1)
+    export_shards(cfg, local_locations(cfg), out, length=1, splits=("train", "val"), samples_per_shard=4, seed=333)
+    manifest = load_manifest(local(out), 1)
     assert manifest["crop_policy"] == "reference"
     index = SampleIndex.from_config(cfg, 333)
     by_key = {s.key: s for split in ("train", "val") for s in index.samples(split)}
-    entries = manifest_entries(manifest, shard_root(resolve(out), 1), "val")
-    entries += manifest_entries(manifest, shard_root(resolve(out), 1), "train")
+    entries = manifest_entries(manifest, shard_root(local(out), 1), "val")
+    entries += manifest_entries(manifest, shard_root(local(out), 1), "train")
     windows = []
     for entry, blob in fetch_ranges(entries):
         raw = decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, cfg.channels,
@@ -112,18 +112,17 @@ def test_reference_crops_export_equals_cube_path(root, tmp_path, ray_cluster):
         windows.append(tuple(raw.meta["window"]))
     assert len(set(windows)) > 3  # random crops, not one centred window
     # another seed draws other crops: the earlier shards are not kept on resume
-    again = export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, seed=334)
+    again = export_shards(cfg, local_locations(cfg), out, length=1, splits=("val",), samples_per_shard=4, seed=334)
     assert again.shards_kept == 0 and again.shards_written > 0
 
 
 def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     cfg = data_config(root)
     out = f"{s3_bucket}/shards"
-    report = export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=4, dtype="float16",
-                                  compress=True)
+    report = export_shards(cfg, local_locations(cfg), out, length=1, splits=("val",), samples_per_shard=4, dtype="float16", compress=True)
     assert report.samples == {"val": 6} and report.shards_written == 2
-    manifest = load_manifest(resolve(out), 1)
-    entries = manifest_entries(manifest, shard_root(resolve(out), 1), "val")
+    manifest = load_manifest(local(out), 1)
+    entries = manifest_entries(manifest, shard_root(local(out), 1), "val")
     index = SampleIndex.from_config(cfg, 0)
     for entry, blob in fetch_ranges(entries):
         members = parse_members(blob, entry.where)[entry.key]
@@ -136,20 +135,20 @@ def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
 def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ray_cluster):
     cfg = data_config(root)
     out = str(tmp_path / "out")
-    first = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    first = export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=5)
     base = Path(out, "1")
     manifest = json.loads((base / MANIFEST).read_text())
     victim, truncated = manifest["shards"][0]["name"], manifest["shards"][1]["name"]
     os.remove(base / PROGRESS / f"{victim}.json")  # interrupted before its completion record
     (base / truncated).write_bytes((base / truncated).read_bytes()[:700])  # a half-written tar under its name
     (base / MANIFEST).unlink()
-    second = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5)
+    second = export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=5)
     assert second.shards_written == 2 and second.shards_kept == first.shards_written - 2
     again = json.loads((base / MANIFEST).read_text())
     assert again["shards"] == manifest["shards"]  # identical bytes and hashes after the resume
     assert not list(base.rglob("*.tmp"))
     # another member layout (all nine channels) reuses nothing: every shard is written again
-    third = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
+    third = export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
     assert third.shards_kept == 0 and third.shards_written == first.shards_written
     assert json.loads((base / MANIFEST).read_text())["channels"] == list(schema.ALL_CHANNELS)
     # a shard changed after export (same size, other bytes) is written again, not kept under its old digest
@@ -157,7 +156,7 @@ def test_resume_keeps_complete_shards_and_redoes_partial_ones(root, tmp_path, ra
     data = bytearray(tampered.read_bytes())
     data[-2000] ^= 0xFF
     tampered.write_bytes(bytes(data))
-    fourth = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
+    fourth = export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=5, all_channels=True)
     assert fourth.shards_written == 1 and fourth.shards_kept == first.shards_written - 1
     [record] = [s for s in json.loads((base / MANIFEST).read_text())["shards"] if s["name"] == victim]
     assert file_sha256(str(tampered)) == record["sha256"] and tampered.read_bytes() != bytes(data)
@@ -169,18 +168,18 @@ def test_all_channel_export_serves_any_subset_and_a_missing_channel_is_named(roo
 
     cfg = data_config(root)
     full, narrow = str(tmp_path / "full"), str(tmp_path / "narrow")
-    export_shards(cfg, full, length=1, splits=("val",), samples_per_shard=4, all_channels=True)
-    export_shards(cfg, narrow, length=1, splits=("val",), samples_per_shard=4)
+    export_shards(cfg, local_locations(cfg), full, length=1, splits=("val",), samples_per_shard=4, all_channels=True)
+    export_shards(cfg, local_locations(cfg), narrow, length=1, splits=("val",), samples_per_shard=4)
     other_cfg = data_config(root, geomorphology=["insar_coherence"], atmospheric=["total_column_water_vapour"])
     other = other_cfg.channels  # coherence and both water-vapour channels: two are not in cfg.channels
-    manifest = load_manifest(resolve(full), 1)
+    manifest = load_manifest(local(full), 1)
     index = SampleIndex.from_config(cfg, 0)
-    for entry, blob in fetch_ranges(manifest_entries(manifest, shard_root(resolve(full), 1), "val")):
+    for entry, blob in fetch_ranges(manifest_entries(manifest, shard_root(local(full), 1), "val")):
         raw = decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, other, manifest["channels"])
         direct = read_sample(index.samples("val")[entry.order], index.annotations, get_cache(root), cfg, channels=other)
         np.testing.assert_array_equal(raw.image, direct.image)
     [(entry, blob)] = list(fetch_ranges(manifest_entries(
-        load_manifest(resolve(narrow), 1), shard_root(resolve(narrow), 1), "val")[:1]))
+        load_manifest(local(narrow), 1), shard_root(local(narrow), 1), "val")[:1]))
     with pytest.raises(ShardError, match=rf"key {entry.key}: channels \['\w+_total_column_water_vapour"):
         decode_own(parse_members(blob, entry.where)[entry.key], entry.key, entry.where, other, cfg.channels)
     run_cfg = ThaliaConfig.model_validate({"data": {**other_cfg.model_dump(), "source": "shards", "shards": narrow}})
@@ -207,9 +206,9 @@ def test_member_parsing_matches_tarfile_and_falls_back_for_pax_headers(tmp_path)
 def test_corrupt_member_is_named(root, tmp_path, ray_cluster):
     cfg = data_config(root)
     out = str(tmp_path / "out")
-    export_shards(cfg, out, length=1, splits=("val",), samples_per_shard=6)
-    base = shard_root(resolve(out), 1)
-    entries = manifest_entries(load_manifest(resolve(out), 1), base, "val")
+    export_shards(cfg, local_locations(cfg), out, length=1, splits=("val",), samples_per_shard=6)
+    base = shard_root(local(out), 1)
+    entries = manifest_entries(load_manifest(local(out), 1), base, "val")
     tar = Path(base.path, "val", "shard-000000.tar")
     data = bytearray(tar.read_bytes())
     victim = entries[2]
@@ -235,10 +234,10 @@ def test_published_shards_read_and_unsafe_content_refused(root, tmp_path, ray_cl
     out = str(tmp_path / "published")
     keys = write_published(out, cfg, "val", writers=1, malicious_key="evil01")
     with pytest.raises(UnsafeShardError, match=r"sample-val-000001\.tar, key evil01"):
-        scan_published(resolve(out), 1, "val", "union")
+        scan_published(local(out), 1, "val", "union")
     assert not Path("/tmp/thalia-pwned").exists()
     Path(out, "1", "val", "sample-val-000001.tar").unlink()  # the one holding the payload
-    entries = scan_published(resolve(out), 1, "val", "union")
+    entries = scan_published(local(out), 1, "val", "union")
     assert [e.key for e in entries] == keys[:4]
     index = SampleIndex.from_config(cfg, 0)
     for entry, blob in fetch_ranges(entries):
@@ -262,8 +261,8 @@ def test_export_folders_are_read_by_standard_webdataset_readers(root, tmp_path, 
     import webdataset
 
     cfg = data_config(root)
-    out = resolve(tmp_path / "out")
-    export_shards(cfg, out, length=1, samples_per_shard=4, compress=compress)
+    out = local(tmp_path / "out")
+    export_shards(cfg, local_locations(cfg), out, length=1, samples_per_shard=4, compress=compress)
     base = shard_root(out, 1)
     manifest = load_manifest(out, 1)
     ext = ".npy.gz" if compress else ".npy"
@@ -353,12 +352,12 @@ def test_an_export_serves_only_runs_with_its_padding(root, tmp_path, ray_cluster
     from thalia_ray.data.sources import OwnShards
 
     out = str(tmp_path / "per-group")
-    export_shards(data_config(root, length=4), out, length=4, splits=("val",), samples_per_shard=8)
-    assert load_manifest(resolve(out), 4)["padding"] == "per_group"
+    export_shards(data_config(root, length=4), local_locations(data_config(root, length=4)), out, length=4, splits=("val",), samples_per_shard=8)
+    assert load_manifest(local(out), 4)["padding"] == "per_group"
     same = data_config(root, length=4, source="shards", shards=out)
-    assert OwnShards.open(same, resolve(out), 0, ("val",)).entries["val"]
+    assert OwnShards.open(same, local(out), 0, ("val",)).entries["val"]
     with pytest.raises(ShardError, match="exported with padding='per_group'.*data.padding='reference'"):
-        OwnShards.open(data_config(root, length=4, source="shards", shards=out, padding="reference"), resolve(out), 0,
+        OwnShards.open(data_config(root, length=4, source="shards", shards=out, padding="reference"), local(out), 0,
                        ("val",))
 
 
@@ -371,12 +370,12 @@ def test_a_signal_ends_export_after_whole_shards_and_the_rerun_keeps_them(root, 
     cfg, out = data_config(root), str(tmp_path / "out")
     monkeypatch.setenv(SIGNAL_AT_ENV, "SIGTERM:after-unit:1")
     with interrupts.handling(), pytest.raises(Interrupted) as stopped:
-        export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
+        export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
     counts = re.search(r"interrupted by SIGTERM: (\d+) of (\d+) shards complete \(kept", str(stopped.value))
     assert counts and stopped.value.exit_code == 143, str(stopped.value)
     complete, total = int(counts[1]), int(counts[2])
     assert 1 <= complete < total and not Path(out, "1", MANIFEST).exists()
     monkeypatch.delenv(SIGNAL_AT_ENV)
-    report = export_shards(cfg, out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
+    report = export_shards(cfg, local_locations(cfg), out, length=1, splits=("train",), samples_per_shard=3, max_in_flight=1)
     assert (report.shards_kept, report.shards_written) == (complete, total - complete)
     assert len(json.loads(Path(out, "1", MANIFEST).read_text())["shards"]) == total

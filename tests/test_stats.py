@@ -11,9 +11,9 @@ from thalia_ray.config import DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.cube import DataError
 from thalia_ray.data.stats import Moments, compute_statistics, merge_partials
-from thalia_ray.storage import resolve
+from thalia_ray.storage import local
 
-from tests.helpers import FRAME, cube_dataset, record, write_cube
+from tests.helpers import FRAME, cube_dataset, local_locations, record, write_cube
 
 OTHER = "128D_09016_110500"
 
@@ -78,15 +78,15 @@ def expected_statistics(root, groups) -> dict:
 def test_compute_statistics_with_ray_tasks(tmp_path, ray_cluster):
     groups = write_dataset(tmp_path)
     cfg = DataConfig(root=str(tmp_path), length=2)
-    stats = compute_statistics(cfg, split="train")
-    written = resolve(str(tmp_path / "statistics.json")).read_json()
+    stats = compute_statistics(cfg, local_locations(cfg), split="train")
+    written = local(str(tmp_path / "statistics.json")).read_json()
     assert list(written) == list(schema.GEOMORPHOLOGY + schema.ATMOSPHERIC) and written == stats
     for name, (mean, std) in expected_statistics(tmp_path, groups).items():
         assert stats[name]["mean"] == pytest.approx(mean, rel=1e-12), name
         assert stats[name]["std"] == pytest.approx(std, rel=1e-9), name
     # Written where asked; a split whose interferograms are missing from the cube fails clearly.
     out = tmp_path / "elsewhere" / "stats.json"
-    assert compute_statistics(cfg, split="train", out=str(out)) == stats
+    assert compute_statistics(cfg, local_locations(cfg), split="train", out=str(out)) == stats
     assert json.loads(out.read_text()) == stats
     with pytest.raises(DataError, match=r"128D_09016_110500.*20190701"):
-        compute_statistics(cfg, split="val", out=str(out))
+        compute_statistics(cfg, local_locations(cfg), split="val", out=str(out))

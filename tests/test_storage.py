@@ -11,45 +11,60 @@ import pytest
 
 from thalia_ray.bench.s3server import free_port
 from thalia_ray.config import StorageConfig
-from thalia_ray.storage import Location, StorageError, resolve, walk_files
+from thalia_ray.storage import Location, S3Options, StorageError, local, resolve, walk_files
 
 
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path) -> Location:
     if request.param == "local":
-        return resolve(tmp_path / "store")
-    return resolve(f"{request.getfixturevalue('s3_bucket')}/prefix")
+        return local(tmp_path / "store")
+    return resolve(f"{request.getfixturevalue('s3_bucket')}/prefix", S3Options.from_environment())
 
 
 # ------------------------------------------------------------------------------------- resolve
 def test_resolve_local_forms(tmp_path):
-    plain = resolve(tmp_path / "a")
+    plain = local(tmp_path / "a")
     assert plain.protocol == "file" and plain.path == str(tmp_path / "a")
-    assert resolve(f"file://{tmp_path}/a").path == plain.path
-    assert resolve(plain) is plain
+    assert local(f"file://{tmp_path}/a").path == plain.path
+    assert local(plain) is plain
 
 
 def test_a_file_url_without_a_leading_slash_is_relative(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve("file://data/x").path == str(tmp_path / "data" / "x")
-    assert resolve("file://runs").path == str(tmp_path / "runs")
-    assert resolve("file://localhost/abs/p").path == "/abs/p"
+    assert local("file://data/x").path == str(tmp_path / "data" / "x")
+    assert local("file://runs").path == str(tmp_path / "runs")
+    assert local("file://localhost/abs/p").path == "/abs/p"
 
 
 def test_resolve_s3_endpoint_precedence(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:1")
-    assert resolve("s3://b/p").s3.endpoint_url == "http://from-env:1"
+    assert resolve("s3://b/p", S3Options.from_environment()).s3.endpoint_url == "http://from-env:1"
     cfg = StorageConfig(endpoint_url="http://from-config:2", region="eu-west-1")
-    loc = resolve("s3://b/p/", cfg)
+    loc = resolve("s3://b/p/", S3Options.of(cfg))
     assert (loc.s3.endpoint_url, loc.s3.region, loc.path) == ("http://from-config:2", "eu-west-1", "b/p")
-    query = resolve("s3://b/p?endpoint_override=127.0.0.1:9&scheme=http", cfg)
+    query = resolve("s3://b/p?endpoint_override=127.0.0.1:9&scheme=http", S3Options.of(cfg))
     assert query.s3.endpoint_url == "http://127.0.0.1:9"
+
+
+def test_settings_are_resolved_once_and_carried_by_every_location(monkeypatch, tmp_path):
+    """The environment fills what a configuration leaves unset, when the settings are made; a location, its
+    children and parent carry them; an s3:// text is never turned into a location without them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:1")
+    settings = S3Options.of(StorageConfig(region="eu-west-1", timeout_s=7))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://changed-later:3")
+    loc = resolve("s3://b/p", settings)
+    assert loc.s3 == settings and (settings.endpoint_url, settings.region, settings.timeout_s) == \
+        ("http://from-env:1", "eu-west-1", 7)
+    assert loc.join("x", "y").s3 == settings and loc.join("x").parent().s3 == settings
+    assert resolve(tmp_path, settings).s3 == settings
+    with pytest.raises(StorageError, match="resolve it with the storage settings"):
+        local("s3://b/p")
 
 
 @pytest.mark.parametrize("url, words", [("s3:///nobucket", "needs a bucket"), ("ftp://host/x", "unsupported")])
 def test_resolve_rejects_bad_locations(url, words):
     with pytest.raises(StorageError, match=words):
-        resolve(url)
+        resolve(url, S3Options.from_environment())
 
 
 # ------------------------------------------------------------------------------------- round trips
@@ -167,7 +182,7 @@ def test_reader_only_sees_complete_versions(root):
 
 
 def test_failed_local_write_keeps_previous_version(tmp_path, monkeypatch):
-    target = resolve(tmp_path / "run" / "history.json")
+    target = local(tmp_path / "run" / "history.json")
     target.write_json({"version": 1})
 
     def disk_full(fd: int) -> None:
@@ -184,7 +199,7 @@ def test_failed_local_write_keeps_previous_version(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- errors
 def test_unreachable_endpoint_names_location():
     cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}")
-    loc = resolve("s3://some-bucket/runs/x.json", cfg)
+    loc = resolve("s3://some-bucket/runs/x.json", S3Options.of(cfg))
     with pytest.raises(StorageError) as err:
         loc.read_json()
     message = str(err.value)
@@ -193,7 +208,7 @@ def test_unreachable_endpoint_names_location():
 
 
 def test_missing_bucket_is_clear(s3_env):
-    loc = resolve(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/run.json")
+    loc = resolve(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/run.json", S3Options.from_environment())
     with pytest.raises(StorageError, match="bucket does not exist") as err:
         loc.write_json({"a": 1})
     assert loc.url in str(err.value)
@@ -202,7 +217,7 @@ def test_missing_bucket_is_clear(s3_env):
 
 
 def test_access_denied_is_clear(strict_s3_endpoint, s3_env):
-    loc = resolve("s3://private/data/a.json", StorageConfig(endpoint_url=strict_s3_endpoint))
+    loc = resolve("s3://private/data/a.json", S3Options.of(StorageConfig(endpoint_url=strict_s3_endpoint)))
     for action in (loc.read_bytes, lambda: loc.write_json({"a": 1}), loc.list):
         with pytest.raises(StorageError, match="access denied") as err:
             action()
@@ -220,7 +235,7 @@ def test_a_silent_endpoint_gives_a_clear_error_within_the_limit(s3_env, tmp_path
 
     with silent_endpoint() as url:
         cfg = StorageConfig(endpoint_url=url, timeout_s=3)
-        loc = resolve("s3://frozen/data/run.json", cfg)
+        loc = resolve("s3://frozen/data/run.json", S3Options.of(cfg))
         calls = {"exists": loc.exists, "read": loc.read_bytes, "write": lambda: loc.write_json({"a": 1}),
                  "list": loc.parent().list, "upload": lambda: loc.put_file(__file__)}
         for name, call in calls.items():
@@ -233,5 +248,5 @@ def test_a_silent_endpoint_gives_a_clear_error_within_the_limit(s3_env, tmp_path
         # tries a few metadata keys in a row, so it ends after a few limits, not never.
         began = time.monotonic()
         with pytest.raises(ThaliaError, match="cube s3://frozen/cubes/f1.zarr"):
-            CubeCache(resolve("s3://frozen/cubes", cfg)).get("f1")
+            CubeCache(resolve("s3://frozen/cubes", S3Options.of(cfg))).get("f1")
         assert time.monotonic() - began < 3 * 5

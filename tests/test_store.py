@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from thalia_ray.config import ThaliaConfig
+from thalia_ray.storage import S3Options, resolve
 from thalia_ray.store.layout import ExperimentStore, check_id, make_run_id
 from thalia_ray.store.records import (
     RunSummary,
@@ -29,7 +30,7 @@ HOST = {"hostname": "test-host", "cpu_count": 2, "cpu_model": "cpu", "gpus": []}
 def store(request, tmp_path) -> ExperimentStore:
     if request.param == "local":
         return ExperimentStore(tmp_path / "runs")
-    return ExperimentStore(f"{request.getfixturevalue('s3_bucket')}/experiments")
+    return ExperimentStore(resolve(f"{request.getfixturevalue('s3_bucket')}/experiments", S3Options.from_environment()))
 
 
 def _prediction(i: int) -> dict:
@@ -320,8 +321,9 @@ def _hold_lease_in_a_subprocess(store: ExperimentStore, run_id: str):
 
     from tests.helpers import cli_env
 
-    code = ("import sys; from thalia_ray.store.layout import ExperimentStore\n"
-            f"record = ExperimentStore({store.root.url!r}).run({run_id!r})\n"
+    code = ("import sys; from thalia_ray.storage import S3Options, resolve\n"
+            "from thalia_ray.store.layout import ExperimentStore\n"
+            f"record = ExperimentStore(resolve({store.root.url!r}, S3Options.from_environment())).run({run_id!r})\n"
             "lease = record.acquire(settle_s=0); record.set_status('running')\n"
             "print('held', flush=True); sys.stdin.readline(); lease.release()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env(), stdin=subprocess.PIPE,

@@ -14,7 +14,7 @@ import torch
 
 from thalia_ray.bench.proxy import Distance, ProxyThread
 from thalia_ray.config import load_config
-from thalia_ray.storage import StorageError
+from thalia_ray.storage import S3Options, StorageError, resolve
 from thalia_ray.store import ExperimentStore
 from thalia_ray.train.checkpoint import load_state, save_state
 from thalia_ray.train.evaluate import best_checkpoint
@@ -78,7 +78,8 @@ def test_a_store_in_a_throttling_bucket_loses_no_result(s3_bucket, moto_endpoint
     runs = range(3)
     failures: list[str] = []
     with ProxyThread(int(moto_endpoint.rsplit(":", 1)[1]), FAULTS) as proxy:
-        far = ExperimentStore(f"{s3_bucket}/store", load_config(None, [f"storage.endpoint_url={proxy.url}"]).storage)
+        far = ExperimentStore.of(load_config(None, [f"storage.store={s3_bucket}/store",
+                                                    f"storage.endpoint_url={proxy.url}"]).storage)
         for run in runs:
             try:
                 _write_run(far, run, tmp_path)
@@ -89,7 +90,7 @@ def test_a_store_in_a_throttling_bucket_loses_no_result(s3_bucket, moto_endpoint
         injected = proxy.stats()
         _check_whole(far, 0)  # read back through the faults too
     assert injected.slowdown > 0 and injected.reset > 0 and injected.stall > 0
-    near = ExperimentStore(f"{s3_bucket}/store")  # the bucket itself, no proxy
+    near = ExperimentStore(resolve(f"{s3_bucket}/store", S3Options.from_environment()))  # the bucket itself, no proxy
     for run in runs:
         _check_whole(near, run)
     assert sorted(s.run_id for s in near.list_runs()) == [f"run-{run}" for run in runs]
@@ -99,11 +100,11 @@ def test_a_store_in_a_throttling_bucket_loses_no_result(s3_bucket, moto_endpoint
 @pytest.mark.parametrize(("fault", "cause"), [("slowdown", "throttling requests"), ("reset", "unreachable")])
 def test_a_store_write_that_never_gets_through_fails_naming_it_and_keeps_the_last_whole_record(
         s3_bucket, moto_endpoint, fault, cause):
-    near = ExperimentStore(f"{s3_bucket}/store")
+    near = ExperimentStore(resolve(f"{s3_bucket}/store", S3Options.from_environment()))
     near.run("kept").write_history(_history(0, 2))
     with ProxyThread(int(moto_endpoint.rsplit(":", 1)[1]), Distance(**{fault: 1.0})) as proxy:
-        far = ExperimentStore(f"{s3_bucket}/store", load_config(
-            None, [f"storage.endpoint_url={proxy.url}", "storage.timeout_s=8"]).storage)
+        far = ExperimentStore.of(load_config(
+            None, [f"storage.store={s3_bucket}/store", f"storage.endpoint_url={proxy.url}", "storage.timeout_s=8"]).storage)
         with pytest.raises(StorageError, match=f"{s3_bucket.removeprefix('s3://')}/store/runs/kept/history.json") as err:
             far.run("kept").write_history(_history(0, 3))
     assert cause in str(err.value)  # what went wrong, not only that time ran out

@@ -202,7 +202,7 @@ def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains
     statuses = [t["status"] for t in summary.trials]
     assert "stopped" in statuses, f"ASHA stopped no trial: {summary.trials}"
     assert statuses.count("finished") >= 1
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     assert store.sweep(summary.sweep_id).read_summary()["best_run"] == summary.best_run
     families = {store.run(t["run_id"]).read_config().model.name for t in summary.trials}
     assert families == {"resnet18", "mobilenetv3_small"}

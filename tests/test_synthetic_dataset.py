@@ -16,7 +16,7 @@ from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.synthetic.catalogue import split_of
 from thalia_ray.data.synthetic.generator import synthesize
-from thalia_ray.storage import resolve
+from thalia_ray.storage import S3Options, local, resolve
 
 
 def _day(text: str) -> np.datetime64:
@@ -24,7 +24,7 @@ def _day(text: str) -> np.datetime64:
 
 
 def _open(path: Path | str) -> xr.Dataset:
-    return xr.open_zarr(resolve(str(path)).zarr_store(read_only=True), consolidated=True)
+    return xr.open_zarr(local(str(path)).zarr_store(read_only=True), consolidated=True)
 
 
 def _load(root: Path) -> tuple[dict, dict]:
@@ -186,7 +186,7 @@ def test_bad_input_is_named(tmp_path, shared_meta):
 def test_writes_to_s3_and_reads_back(s3_bucket):
     url = f"{s3_bucket}/synthetic"
     report = synthesize(url, frames=1, size=32, seed=1, max_groups_per_frame=2)
-    root = resolve(url)
+    root = resolve(url, S3Options.from_environment())
     index = root.join(schema.TIMESERIES_FILE).read_json()
     annotations = root.join(schema.ANNOTATIONS_FILE).read_json()
     assert set(root.join(schema.STATISTICS_FILE).read_json()) == {schema.statistics_key(c) for c in schema.ALL_CHANNELS}

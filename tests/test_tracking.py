@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.storage import resolve
+from thalia_ray.storage import S3Options, local, resolve
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.train import mlflow_store
 from thalia_ray.train.trackers import track_outcome
@@ -53,7 +53,7 @@ def test_live_tensorboard_holds_hyperparameters_and_every_epoch_and_a_restarted_
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     from tensorboard.plugins.hparams import metadata
 
-    target = resolve(tmp_path / "store" / "runs" / "r1" / TRACKING)
+    target = local(tmp_path / "store" / "runs" / "r1" / TRACKING)
     cfg = _cfg(["tensorboard"], **{"train.lr": 3e-4, "model.name": "mobilenetv3_small"})
     tracker = RunTracker(cfg, "r1", target, varied={"train.lr": 3e-4})
     tracker.log(_epoch(1), step=1)
@@ -132,7 +132,7 @@ def test_trackers_not_configured_are_not_written(tmp_path):
     track_outcome(store, "quiet")
     assert sorted(p.name for p in Path(record.loc.path, TRACKING).iterdir()) == ["tensorboard"]
     assert not mlflow_store.database(store).exists()
-    tracker = RunTracker(_cfg([]), "r2", resolve(tmp_path / "none"))
+    tracker = RunTracker(_cfg([]), "r2", local(tmp_path / "none"))
     tracker.log({"epoch": 1, "val/loss": 0.1}, step=1)
     tracker.finish()
     assert not (tmp_path / "none").exists()
@@ -164,8 +164,8 @@ def test_the_mlflow_lock_waits_for_a_live_holder_and_takes_over_a_lapsed_one(tmp
 
     from thalia_ray.store.records import Holder, StoreError
 
-    db = resolve(tmp_path / "tracking" / "mlflow.db")
-    lock = resolve(str(tmp_path / "tracking" / "mlflow.db.lock"))
+    db = local(tmp_path / "tracking" / "mlflow.db")
+    lock = local(str(tmp_path / "tracking" / "mlflow.db.lock"))
     monkeypatch.setattr(mlflow_store, "LOCK_WAIT_S", 2.0)
     monkeypatch.setattr(mlflow_store, "LOCK_SETTLE_S", 0.1)
     lock.write_json(asdict(Holder("someone", "elsewhere", 1, None, time.time())))
@@ -179,7 +179,7 @@ def test_the_mlflow_lock_waits_for_a_live_holder_and_takes_over_a_lapsed_one(tmp
 
 
 def test_the_mlflow_database_of_an_s3_store_is_updated_in_a_copy_and_put_back(s3_bucket, tmp_path):
-    store = ExperimentStore(f"{s3_bucket}/store")
+    store = ExperimentStore(resolve(f"{s3_bucket}/store", S3Options.from_environment()))
     _ended_run(store, "remote-a", "finished", epochs=1)
     _ended_run(store, "remote-b", "stopped", epochs=2)
     assert mlflow_store.sync_mlflow(store, ["remote-a"]) == 1
@@ -196,7 +196,7 @@ def test_folder_sync_uploads_only_changed_files_to_s3(s3_bucket, tmp_path):
     (local / "a").mkdir(parents=True)
     (local / "a" / "x.txt").write_text("one")
     (local / "y.txt").write_text("two")
-    target = resolve(f"{s3_bucket}/runs/r/{TRACKING}")
+    target = resolve(f"{s3_bucket}/runs/r/{TRACKING}", S3Options.from_environment())
     sync = FolderSync(local, target)
     assert sync.push() == 2
     assert sync.push() == 0
@@ -217,7 +217,7 @@ def test_a_file_that_fails_to_upload_does_not_hold_back_the_others_and_goes_next
     (local / "y.txt").write_text("two")
     store.mkdir()
     (store / "a").write_text("a file where the folder a/ should go")  # a/x.txt cannot be written
-    sync = FolderSync(local, resolve(store))
+    sync = FolderSync(local, resolve(store, S3Options.from_environment()))
     with pytest.raises(StorageError, match="1 tracking file.*a/x.txt"):
         sync.push()
     assert (store / "y.txt").read_text() == "two" and (store / "empty" / ".keep").exists()

@@ -270,7 +270,7 @@ def test_classification_run_on_two_cpu_workers_is_stored_and_reproducible(ray_cl
     (tmp_path / "run.yaml").write_text(cfg.to_yaml())
     assert main(["train", str(tmp_path / "run.yaml"), "--json"]) == 0
     result = SimpleNamespace(**json.loads(capsys.readouterr().out))
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     results = _check_finished_run(store, result, epochs=2)
     assert_tracked(store.run(result.run_id), epochs=2)
     assert_report_renders(write_report(store, result.run_id), min_images=6)
@@ -339,7 +339,7 @@ def test_deterministic_runs_repeat_exactly(ray_cluster, synthetic_root, tmp_path
 
     cfg = _config(synthetic_root, tmp_path / "store", num_workers=1, deterministic=True, test_best=False,
                   max_steps_per_epoch=3)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     runs = [store.run(fit(cfg, store=store).run_id).read_history() for _ in range(2)]
     keys = ("train/loss", "val/loss", "val/ap_deformation")
     assert [[h[k] for k in keys] for h in runs[0]] == [[h[k] for k in keys] for h in runs[1]]
@@ -354,7 +354,7 @@ def test_segmentation_run_with_early_stopping(ray_cluster, synthetic_root, tmp_p
     # "epoch" in min mode never improves after epoch 1: with patience 1 the run stops after epoch 2 of 4.
     cfg = _config(synthetic_root, tmp_path / "store", "segmentation", epochs=4,
                   early_stopping={"metric": "epoch", "mode": "min", "patience": 1})
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     result = fit(cfg, store=store)
     results = _check_finished_run(store, result, epochs=2)
     assert result.best_epoch == 1 and results["epochs"] == 2
@@ -371,7 +371,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     marker = tmp_path / "fault-fired"
     monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")  # rank 1 exits at the start of epoch 2, once
     cfg = _config(synthetic_root, tmp_path / "store", epochs=3, max_failures=1, test_best=False)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     result = fit(cfg, store=store)
     assert marker.exists()
     record = store.run(result.run_id)
@@ -399,7 +399,7 @@ def test_a_run_names_and_records_what_its_index_and_epochs_leave_out(ray_cluster
         records[key]["intensity_level"] = ["Extreme"]
     (root / "annotations.json").write_text(json.dumps(records))
     cfg = _config(root, tmp_path / "store", epochs=1, num_workers=1, test_best=False)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     result = fit(cfg, store=store, run_id="lo")
     line = str(result)  # other parts (e.g. evaluation shortfalls) may stand between these two
     assert result.left_out == 2 and ", 0 samples skipped, " in line and ", 2 left out of the index (store " in line
@@ -547,7 +547,7 @@ def test_a_store_outage_ends_the_run_and_a_rerun_resumes_from_its_last_checkpoin
 
     proxy = CuttableProxy(int(moto_endpoint.rsplit(":", 1)[1]))
     cfg = _tiny(synthetic_root, f"{s3_bucket}/store", tmp_path, endpoint_url=proxy.url, timeout_s=5)
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    store = ExperimentStore.of(cfg.storage)
     record = store.run("outage")
     try:
         _fit_until_fault(cfg, store, "outage", proxy.cut)
@@ -574,7 +574,7 @@ def test_a_full_disk_while_checkpointing_fails_the_run_and_a_rerun_resumes(
     from thalia_ray.errors import StorageProblem
 
     cfg = _tiny(synthetic_root, small_disk / "store", tmp_path)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     record = store.run("full")
     failed = cli(["train", str(tmp_path / "run.yaml"), "--run-id", "full"], timeout=600)
     # One line a user can act on (the disk, the path, how to go on), the storage kind's status, no traceback.
@@ -615,7 +615,7 @@ def test_a_damaged_ray_snapshot_is_refused_by_name_before_training(synthetic_roo
     from thalia_ray.train.trainer import check_ray_snapshot, fit
 
     cfg = _tiny(synthetic_root, tmp_path / "store", tmp_path)
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     check_ray_snapshot(store, "old")  # nothing to resume from: a new run
     snapshot = tmp_path / "store" / "ray" / "old" / RAY_SNAPSHOT
     snapshot.parent.mkdir(parents=True)

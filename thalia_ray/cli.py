@@ -31,6 +31,7 @@ from thalia_ray import __version__, interrupts
 from thalia_ray.config import ConfigError, ThaliaConfig, load_config
 from thalia_ray.data import schema
 from thalia_ray.errors import StorageProblem, ThaliaError, UsageError
+from thalia_ray.storage import S3Options, resolve
 from thalia_ray.store.layout import STORE_ENV, default_location
 
 if TYPE_CHECKING:  # imported lazily by the handlers (see above)
@@ -50,6 +51,19 @@ def _config(args: argparse.Namespace) -> ThaliaConfig:
     if "store" in cfg.storage.model_fields_set or not os.environ.get(STORE_ENV):
         return cfg
     return _with_option(cfg, "storage.store", f"${STORE_ENV}", os.environ[STORE_ENV])
+
+
+def _settings(args: argparse.Namespace) -> S3Options:
+    """The storage settings (endpoint, region, timeouts) of the command's configuration (`_config`),
+    resolved once: every location the command names is resolved with them."""
+    return S3Options.of(_config(args).storage)
+
+
+def _store(args: argparse.Namespace) -> ExperimentStore:
+    """The store at `--store`, reached with the command's storage settings."""
+    from thalia_ray.store import ExperimentStore
+
+    return ExperimentStore(resolve(args.store, _settings(args)))
 
 
 def _with_option(cfg: ThaliaConfig, path: str, option: str, value: object) -> ThaliaConfig:
@@ -123,14 +137,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from thalia_ray.data.synthetic.generator import synthesize
     from thalia_ray.storage import writing_to
 
+    settings = _settings(args)
     frames = progress.bar(args.frames if not args.frame_ids else len(args.frame_ids), "synth", unit="frame")
     with writing_to(args.out):
         report = synthesize(
-            args.out,
+            resolve(args.out, settings),
             frames=args.frames,
             size=args.size,
             seed=args.seed,
-            meta_dir=args.from_annotations,
+            meta_dir=resolve(args.from_annotations, settings) if args.from_annotations else None,
             frame_ids=args.frame_ids,
             max_groups_per_frame=args.max_groups,
             workers=args.workers,
@@ -146,11 +161,9 @@ def cmd_prepare_index(args: argparse.Namespace) -> int:
     from thalia_ray.data.annotations import describe_left_out
     from thalia_ray.data.index import index_at
     from thalia_ray.preflight import location_present
-    from thalia_ray.storage import resolve
 
     cfg = _with_option(_config(args), "data.length", "--length", args.length)
-    location_present(args.data, "--data", cfg.storage)
-    index = index_at(resolve(args.data, cfg.storage), cfg.data.length, args.policy)
+    index = index_at(location_present(args.data, "--data", S3Options.of(cfg.storage)), cfg.data.length, args.policy)
     counts = index.counts()
     lines = [f"T={args.length} policy={args.policy} data={args.data}",
              f"{'split':8s} {'samples':>9s} {'positives':>10s} {'negatives':>10s}"]
@@ -170,11 +183,10 @@ def cmd_prepare_chunking(args: argparse.Namespace) -> int:
     from thalia_ray.data import chunking, schema
     from thalia_ray.data.cube import get_cache
     from thalia_ray.predict.inputs import frame_ids
-    from thalia_ray.storage import resolve
     from thalia_ray.tables import render_all
 
     cfg = _config(args)
-    root = resolve(args.data or cfg.data.root, cfg.storage)
+    root = resolve(args.data or cfg.data.root, S3Options.of(cfg.storage))
     cube = get_cache(root).get(args.frame or frame_ids(root)[0])
     try:
         report = chunking.chunking_report(cube, [*cfg.data.channels, schema.MASK_VAR], cfg.data.crop, cfg.data.length)
@@ -188,10 +200,10 @@ def cmd_prepare_rechunk(args: argparse.Namespace) -> int:
     """Rewrite the cubes with another spatial chunk side (fewer, larger GETs per sample from a bucket)."""
     from thalia_ray.data.rechunk import rechunk_dataset
     from thalia_ray.predict.inputs import frame_ids
-    from thalia_ray.storage import resolve
 
     cfg = _config(args)
-    source, target = resolve(args.data, cfg.storage), resolve(args.out, cfg.storage)
+    settings = S3Options.of(cfg.storage)
+    source, target = resolve(args.data, settings), resolve(args.out, settings)
     if source.url == target.url:
         raise UsageError("prepare rechunk: --out must differ from --data (the cubes are rewritten, not changed in place)")
     report = rechunk_dataset(source, target, args.chunk, args.frames or frame_ids(source))
@@ -205,14 +217,14 @@ def cmd_prepare_stats(args: argparse.Namespace) -> int:
     from thalia_ray import preflight, runtime
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.stats import compute_statistics
-    from thalia_ray.storage import resolve
 
     if args.data:
         cfg = cfg.with_overrides({"data.root": args.data})
     preflight.for_stats(cfg, args.split)
-    out = resolve(args.out, cfg.storage) if args.out else None
+    out = resolve(args.out, S3Options.of(cfg.storage)) if args.out else None
     with runtime.start(cfg.runtime):
-        stats = compute_statistics(cfg.data, split=args.split, out=out, locations=DataLocations.of(cfg.data, cfg.storage))
+        stats = compute_statistics(cfg.data, DataLocations.of(cfg.data, S3Options.of(cfg.storage)), split=args.split,
+                                   out=out)
     _emit_json(args, stats)  # the statistics are JSON either way; --json is accepted for uniformity
     return 0
 
@@ -222,17 +234,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from thalia_ray import preflight, runtime
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
-    from thalia_ray.storage import resolve
 
     cfg = cfg.with_overrides({"data.root": args.data}) if args.data else cfg
     if args.length is not None:
         cfg = _with_option(cfg, "data.length", "--length", args.length)
     preflight.for_export(cfg, args.out, args.split, args.samples_per_shard, args.all_channels)
     with runtime.start(cfg.runtime):
-        report = export_shards(cfg.data, resolve(args.out, cfg.storage), cfg.data.length, splits=tuple(args.split),
-                               samples_per_shard=args.samples_per_shard, dtype=args.dtype, compress=args.compress,
-                               all_channels=args.all_channels, seed=cfg.seed,
-                               locations=DataLocations.of(cfg.data, cfg.storage))
+        settings = S3Options.of(cfg.storage)
+        report = export_shards(cfg.data, DataLocations.of(cfg.data, settings), resolve(args.out, settings),
+                               cfg.data.length, splits=tuple(args.split), samples_per_shard=args.samples_per_shard,
+                               dtype=args.dtype, compress=args.compress, all_channels=args.all_channels, seed=cfg.seed)
     _show(args, report, f"{report.shards_written} shards written, {report.shards_kept} kept, "
                         f"{sum(report.samples.values())} samples {report.samples}, {report.bytes / 1e6:.1f} MB, "
                         f"{len(report.skipped)} skipped, {len(report.left_out)} left out of the index, {report.seconds:.1f} s → "
@@ -246,7 +257,7 @@ def _leased_run(args: argparse.Namespace, cfg: ThaliaConfig, run: Callable[[Expe
     from thalia_ray import runtime
     from thalia_ray.store import ExperimentStore
 
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    store = ExperimentStore.of(cfg.storage)
     lease = store.run(args.run_id or store.new_run_id(cfg.name)).acquire()
     try:
         with runtime.start(cfg.runtime):
@@ -276,10 +287,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from thalia_ray import preflight, runtime
-    from thalia_ray.store import ExperimentStore
     from thalia_ray.train.evaluate import evaluate_run
 
-    store = ExperimentStore(args.store)
+    store = _store(args)
     cfg = store.existing_run(args.run).read_config()
     preflight.for_evaluation(cfg, args.split)
     preflight.checkpoint_loads(store, args.run)
@@ -294,13 +304,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
     from thalia_ray.predict.job import PredictOptions, execute, prepare
     from thalia_ray.preflight import location_present
-    from thalia_ray.store import ExperimentStore
 
-    store = ExperimentStore(args.store)
+    settings, store = _settings(args), _store(args)
     cfg = store.existing_run(args.run).read_config()
-    location_present(args.data, "--data")  # a missing dataset is a dataset error, named as such
+    data = location_present(args.data, "--data", settings)  # a missing dataset is a dataset error, named as such
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    options = PredictOptions(data=args.data, out=args.out, pairs=args.pairs, frames=args.frames, overlap=args.overlap,
+    options = PredictOptions(data=data, out=resolve(args.out, settings), pairs=args.pairs, frames=args.frames, overlap=args.overlap,
                              batch_size=args.batch_size, actors=args.actors, threshold=threshold)
     plan = prepare(store, args.run, options)  # run, frames and pairs are checked before Ray starts
     with runtime.start(cfg.runtime):
@@ -311,36 +320,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export_model(args: argparse.Namespace) -> int:
     from thalia_ray.export.model import export_run
-    from thalia_ray.store import ExperimentStore
 
-    result = export_run(ExperimentStore(args.store), args.run, args.format, args.out)
+    result = export_run(_store(args), args.run, args.format, resolve(args.out, _settings(args)))
     _show(args, result, result.summary())
     return 0
 
 
-def _reconciled_store(location: str, target: str | None = None) -> ExperimentStore:
+def _reconciled_store(args: argparse.Namespace, target: str | None = None) -> ExperimentStore:
     """The store, once its `running` runs whose driver is gone are marked interrupted (only `target` when
     that is a run; else all, a sweep's trials among them): commands that show runs never show a dead
     one as running."""
-    from thalia_ray.store import ExperimentStore
-
-    store = ExperimentStore(location)
+    store = _store(args)
     store.reconcile_runs(target if target and store.run(target).exists() else None)
     return store
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from thalia_ray.store import ExperimentStore, format_run, format_runs_table, run_document
+    from thalia_ray.store import format_run, format_runs_table, run_document
 
     if args.action == "list":
         if args.run_id:
             raise UsageError(f"runs list takes no run id; `{PROG} runs show {args.run_id}` shows that run")
-        summaries = _reconciled_store(args.store).existing_runs()
+        summaries = _reconciled_store(args).existing_runs()
         _show(args, summaries, format_runs_table(summaries))
         return 0
     if not args.run_id:
         raise UsageError(f"runs show: give a run id (`{PROG} runs list` lists them)")
-    record = ExperimentStore(args.store).existing_run(args.run_id)
+    record = _store(args).existing_run(args.run_id)
     record.reconcile()  # a run whose driver is gone is shown as interrupted, never as running
     _show(args, run_document(record), format_run(record))
     return 0
@@ -372,7 +378,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from thalia_ray.store import StoreError
     from thalia_ray.tables import render
 
-    store = _reconciled_store(args.store)
+    store = _reconciled_store(args)
     sweep = None if args.sweep == "all" else store.existing_sweep(args.sweep).sweep_id
     fmt = "json" if args.json else args.format
     chosen = (sweep, args.metric, args.mode, args.task)
@@ -387,9 +393,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         print(leaderboard.leaderboard_text(store, sweep, fmt, args.metric, args.mode, args.task), file=args.summary_out)
     if best is not None:
-        from thalia_ray.storage import resolve
-
-        resolve(args.best_config).write_text(best.to_yaml())
+        resolve(args.best_config, store.root.s3).write_text(best.to_yaml())
         print(f"best configuration written to {args.best_config}", file=sys.stderr)  # stdout: the table only
     return 0
 
@@ -397,7 +401,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from thalia_ray.report.page import write_report
 
-    page = write_report(_reconciled_store(args.store, args.target), args.target, args.out)
+    store = _reconciled_store(args, args.target)
+    page = write_report(store, args.target, resolve(args.out, store.root.s3) if args.out else None)
     if not args.json:
         print(page.url)  # before the browser check, which may fail
     shot = None
@@ -487,7 +492,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     result = run_suite(args.suite, options)
-    where = write_record(result, args.store)
+    where = write_record(result, resolve(args.store, _settings(args)))
     _show(args, result.to_json(), result.table())
     print(f"record: {where.url}", file=sys.stderr)
     for name in result.figures:
@@ -570,6 +575,18 @@ def _add_store(parser: argparse.ArgumentParser, role: str = "") -> None:
     parser.add_argument("--store", default=default_location(), metavar="LOC",
                         help=f"experiment store: a folder or s3://bucket/prefix (default: ${STORE_ENV}, "
                              f"else ./runs){role}")
+    _add_storage_settings(parser)
+
+
+def _add_storage_settings(parser: argparse.ArgumentParser) -> None:
+    """`--config`/`--set` on a command that takes no run configuration: its `storage` section is how the
+    command reaches the store and the locations it names (an S3 endpoint, region, timeouts)."""
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="a run configuration (YAML) whose storage section (endpoint_url, region, timeout_s) "
+                             "reaches the locations this command names")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of those settings, e.g. --set storage.endpoint_url=http://host:9000 "
+                             "(repeatable)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -612,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--frame-ids", nargs="+", metavar="ID", help="these frames of --from-annotations only")
     synth.add_argument("--max-groups", type=int, default=None, help="time-series groups per frame (default: all)")
     synth.add_argument("--workers", type=int, default=1, help="frames generated in parallel (processes)")
+    _add_storage_settings(synth)  # storage settings for an s3:// --out or --from-annotations
     _add_json(synth, "the summary")
     synth.set_defaults(handler=cmd_synth)
 

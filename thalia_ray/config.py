@@ -91,9 +91,10 @@ class SynthConfig(Section):
 
 class DataConfig(Section):
     root: str = "./data/thalia-synthetic"  # dataset root: {frame}.zarr cubes + annotations + index
-    source: Literal["cube", "shards"] = "cube"
-    shards: str | None = None  # WebDataset root written by `export` (source: shards)
-    shard_format: Literal["own", "published"] = "own"
+    # cube: the minicubes under `root`; shards: the WebDataset shards `export` wrote under `shards`;
+    # published: the published Thalia shards under `shards`. Each is a class in data/sources.py (SOURCES).
+    source: Literal["cube", "shards", "published"] = "cube"
+    shards: str | None = None  # the shard root (source: shards or published)
     length: int = Field(1, ge=1, le=32)  # time-series length T
     policy: Literal["enumerate", "resample"] = "enumerate"
     # How a group shorter than T is padded with duplicates (enumerate policy): per_group draws each group's
@@ -142,6 +143,16 @@ class DataConfig(Section):
     prefetch_batches: int = Field(2, ge=0)
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        """`shard_format` was folded into `source`: the old spelling is refused with the new one."""
+        if isinstance(values, dict) and "shard_format" in values:
+            new = "published" if values["shard_format"] == "published" else "shards"
+            raise ValueError(f"data.shard_format is gone: write data.source: {new} (with data.shards) instead of "
+                             f"data.source: shards with data.shard_format: {values['shard_format']}")
+        return values
+
     @field_validator("geomorphology", "atmospheric")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
@@ -153,8 +164,6 @@ class DataConfig(Section):
     def _consistent(self) -> "DataConfig":
         if not self.geomorphology and not self.atmospheric:
             raise ValueError("select at least one channel (geomorphology or atmospheric)")
-        if self.source == "shards" and not self.shards:
-            raise ValueError("data.source is 'shards' but data.shards (the shard root) is not set")
         if self.balance_plan == "random_mix" and not self.balance:
             raise ValueError("data.balance_plan 'random_mix' balances the training epochs: set data.balance to true")
         if self.padding == "reference" and self.policy == "resample":

@@ -66,7 +66,9 @@ def demo_config(workdir: Path, overrides: Sequence[str] = ()) -> ThaliaConfig:
 
 def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray import runtime
+    from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
+    from thalia_ray.storage import S3Options
     from thalia_ray.data.synthetic.generator import synthesize
     from thalia_ray.report.page import write_report
     from thalia_ray.store import ExperimentStore
@@ -88,7 +90,8 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
         _done(t)
 
         t = _stage(f"2/5 WebDataset shards (Ray tasks) → {shards}")
-        exported = export_shards(cfg.data, str(shards), cfg.data.length)
+        exported = export_shards(cfg.data, DataLocations.of(cfg.data, S3Options.of(cfg.storage)), str(shards),
+                                 cfg.data.length)
         print(f"    {exported.shards_written} shards written, {exported.shards_kept} kept, "
               f"{sum(exported.samples.values())} samples {exported.samples}, {exported.bytes / 1e6:.1f} MB")
         _done(t)
@@ -96,7 +99,7 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
         t = _stage("3/5 classifier (resnet18) trained from the shards, 2 Ray Train workers")
         classifier = fit(cfg.with_overrides({**CLASSIFIER, "data.source": "shards", "data.shards": str(shards)}))
         print(f"    {classifier}\n    {learning(classifier, AUROC)}")
-        store = ExperimentStore(cfg.storage.store, cfg.storage)
+        store = ExperimentStore.of(cfg.storage)
         print(f"    its learning curves, ROC and gallery: {write_report(store, classifier.run_id).url}")
         _done(t)
 

@@ -229,6 +229,7 @@ def breakdown(store: ExperimentStore, run_id: str, by: str, split: str = "test")
     """
     from thalia_ray.data.annotations import load_frame_names  # torch only when a breakdown is asked for
     from thalia_ray.metrics import subgroup_metrics
+    from thalia_ray.storage import S3Options, resolve
 
     record = store.run(run_id)
     rows = record.read_predictions(split)
@@ -236,7 +237,7 @@ def breakdown(store: ExperimentStore, run_id: str, by: str, split: str = "test")
         return {}
     if by == "volcano":
         cfg = record.read_config()
-        names = load_frame_names(cfg.data.root, cfg.storage)
+        names = load_frame_names(resolve(cfg.data.root, S3Options.of(cfg.storage)))
         memberships = [names.get(r["frame_id"], []) for r in rows]
     else:
         memberships = [[r[by]] for r in rows]

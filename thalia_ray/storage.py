@@ -22,15 +22,18 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import fsspec
 
 from thalia_ray.errors import StorageProblem
 from thalia_ray.node_cache import CacheSettings
+
+if TYPE_CHECKING:  # the settings are built from it; storage sits below the configuration
+    from thalia_ray.config import StorageConfig
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 60.0  # StorageConfig.timeout_s
@@ -58,10 +61,8 @@ class ReadSettings:
     cache: CacheSettings | None = None
 
     @classmethod
-    def of(cls, storage_cfg: Any) -> "ReadSettings":
-        """The settings in a StorageConfig (defaults for anything without them)."""
-        if not hasattr(storage_cfg, "requests_in_flight"):  # None, or settings without a data path
-            return cls()
+    def of(cls, storage_cfg: "StorageConfig") -> "ReadSettings":
+        """The settings in a StorageConfig."""
         cache = storage_cfg.cache
         return cls(storage_cfg.requests_in_flight, storage_cfg.request_timeout_s, storage_cfg.request_attempts,
                    CacheSettings(cache.path, int(cache.max_gb * 2**30)) if cache.enabled else None)
@@ -69,31 +70,49 @@ class ReadSettings:
 
 @dataclass(frozen=True)
 class S3Options:
+    """The storage settings, resolved once (`of` a configuration's `storage` section, or
+    `from_environment`) and carried by every Location: endpoint, region, the deadline of one call and the
+    data path's read settings. A URL's `?endpoint_override=`/`?region=` refine them for that location."""
+
     endpoint_url: str | None = None
     region: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S  # the longest any one storage call may take, retries included
     reads: ReadSettings = field(default_factory=ReadSettings)  # the data path's GETs (object_reads)
 
     @classmethod
-    def resolve(cls, query: dict[str, list[str]], endpoint_url: str | None, region: str | None,
-                timeout_s: float = DEFAULT_TIMEOUT_S, reads: ReadSettings = ReadSettings()) -> "S3Options":
-        from_query = query.get("endpoint_override", [None])[0]
-        if from_query and "://" not in from_query:
-            scheme = query.get("scheme", ["https"])[0]
-            from_query = f"{scheme}://{from_query}"
-        endpoint = from_query or endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
-        )
-        region = query.get("region", [None])[0] or region or os.environ.get("AWS_REGION") or os.environ.get(
-            "AWS_DEFAULT_REGION"
-        )
-        return cls(endpoint.rstrip("/") if endpoint else None, region, timeout_s, reads)
+    def of(cls, storage_cfg: "StorageConfig") -> "S3Options":
+        """A configuration's settings; an endpoint or region it leaves unset comes from the environment."""
+        return cls(_endpoint(storage_cfg.endpoint_url), storage_cfg.region or _environment_region(),
+                   storage_cfg.timeout_s, ReadSettings.of(storage_cfg))
+
+    @classmethod
+    def from_environment(cls) -> "S3Options":
+        """The settings of a process given no configuration: AWS_ENDPOINT_URL(_S3), AWS_(DEFAULT_)REGION."""
+        return cls(_endpoint(None), _environment_region())
+
+    def for_url(self, query: dict[str, list[str]]) -> "S3Options":
+        """These settings, with the endpoint or region a location's URL names in its query."""
+        endpoint = query.get("endpoint_override", [None])[0]
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', ['https'])[0]}://{endpoint}"
+        region = query.get("region", [None])[0]
+        return replace(self, endpoint_url=_endpoint(endpoint) if endpoint else self.endpoint_url,
+                       region=region or self.region)
 
     @property
     def attempt_timeout_s(self) -> float:
         """Connect/read timeout of one request: two client attempts, each retried once by s3fs, fit
         in `timeout_s` (a read timeout is a stall without bytes, not a limit on a long transfer)."""
         return max(self.timeout_s / 4, 0.5)
+
+
+def _endpoint(configured: str | None) -> str | None:
+    endpoint = configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint.rstrip("/") if endpoint else None
+
+
+def _environment_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 def _client_config(options: S3Options, client_retries: bool = True) -> dict[str, Any]:
@@ -149,7 +168,7 @@ class Location:
     url: str
     protocol: str
     path: str
-    s3: S3Options = field(default_factory=S3Options)
+    s3: S3Options  # the storage settings it was resolved with (used when `protocol` is "s3")
 
     # ---------------------------------------------------------------------- filesystems
     @property
@@ -439,8 +458,8 @@ def within_deadline(fn: Callable[[], T], seconds: float, what: str, endpoint: st
     return box["value"]
 
 
-def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = None) -> Location:
-    """Turn a path or URL into a Location. `storage_cfg` (StorageConfig) supplies endpoint/region."""
+def resolve(url: str | os.PathLike[str] | Location, settings: S3Options) -> Location:
+    """Turn a path or URL into a Location that carries `settings` (see `S3Options.of`)."""
     if isinstance(url, Location):
         return url
     text = str(url)
@@ -448,20 +467,24 @@ def resolve(url: str | os.PathLike[str] | Location, storage_cfg: Any | None = No
     if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and os.name == "nt"):
         local = file_url_path(text) if parts.scheme == "file" else text
         path = str(Path(local).expanduser().resolve())
-        return Location(path, "file", path)
+        return Location(path, "file", path, settings)
     if parts.scheme in ("s3", "s3a"):
         if not parts.netloc:
             raise StorageError(f"{text}: an s3:// location needs a bucket (s3://bucket/prefix)")
-        options = S3Options.resolve(
-            parse_qs(parts.query),
-            getattr(storage_cfg, "endpoint_url", None),
-            getattr(storage_cfg, "region", None),
-            getattr(storage_cfg, "timeout_s", DEFAULT_TIMEOUT_S),
-            ReadSettings.of(storage_cfg),
-        )
         path = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
-        return Location(f"s3://{path}", "s3", path, options)
+        return Location(f"s3://{path}", "s3", path, settings.for_url(parse_qs(parts.query)))
     raise StorageError(f"{text}: unsupported location scheme {parts.scheme!r}; use a local path, file:// or s3://")
+
+
+def local(path: str | os.PathLike[str] | Location) -> Location:
+    """A Location as it is, or a local path or `file://` URL as one. An `s3://` text is refused: only
+    `resolve` with the storage settings may turn it into a Location, so none falls back to the environment."""
+    if isinstance(path, Location):
+        return path
+    if urlsplit(str(path)).scheme in ("s3", "s3a"):
+        raise StorageError(f"{path}: resolve it with the storage settings (thalia_ray.storage.resolve); "
+                           "here only a local path or a Location is accepted")
+    return resolve(path, S3Options())
 
 
 def walk_files(loc: Location) -> Iterator[Location]:

@@ -200,7 +200,7 @@ def record_location(store_root: Location, suite: str, started: str) -> Location:
 
 
 def write_record(result: BenchResult, store: str | Location) -> Location:
-    """Store the result as JSON in the experiment store (local folder or s3://), and each of its figures
+    """Store the result as JSON in the experiment store (a Location, or a local folder), and each of its figures
     beside it as `{record stem}-{name}.png`; returns where the record went."""
     from thalia_ray.store import ExperimentStore
 

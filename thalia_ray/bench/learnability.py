@@ -36,8 +36,9 @@ def split_arrays(cfg: ThaliaConfig, split: str, epoch: int = 0) -> dict[str, np.
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.sources import CubeSource
     from thalia_ray.data.transforms import finalize, load_statistics
+    from thalia_ray.storage import S3Options
 
-    where = DataLocations.of(cfg.data, cfg.storage)
+    where = DataLocations.of(cfg.data, S3Options.of(cfg.storage))
     source = CubeSource(cfg.data, where.root, cfg.seed, SampleIndex.from_config(cfg.data, cfg.seed, where.root))
     stats = load_statistics(where.statistics) if cfg.data.normalize else None
     training = split == "train"

@@ -28,9 +28,9 @@ def original_read(sample: Any, index: SampleIndex, data_cfg: DataConfig) -> np.n
     """The original per-sample path: open the cube, select the dates, load whole frames, crop."""
     import xarray as xr
 
-    from thalia_ray.storage import resolve
+    from thalia_ray.storage import local
 
-    store = resolve(data_cfg.root).join(f"{sample.frame_id}.zarr").zarr_store(read_only=True)
+    store = local(data_cfg.root).join(f"{sample.frame_id}.zarr").zarr_store(read_only=True)
     cube = xr.open_zarr(store, consolidated=None)
     dates = {schema.PRIMARY_DIM: np.datetime64(f"{sample.primary_date[:4]}-{sample.primary_date[4:6]}-{sample.primary_date[6:]}"),
              schema.SECONDARY_DIM: [np.datetime64(f"{d[:4]}-{d[4:6]}-{d[6:]}") for d in sample.secondary_dates]}
@@ -49,13 +49,13 @@ def windowed_read(sample: Any, index: SampleIndex, data_cfg: DataConfig, cache: 
 def published_tar(path: str, raws: list[Any], data_cfg: DataConfig) -> list[ShardEntry]:
     """The same samples in the published member layout (image/labels/sample `.pth`), each sample
     dict holding its real annotation records, as the original exporter pickles them."""
-    from thalia_ray.storage import resolve
+    from thalia_ray.storage import local
 
-    records = resolve(data_cfg.root).join(schema.ANNOTATIONS_FILE).read_json()
+    records = local(data_cfg.root).join(schema.ANNOTATIONS_FILE).read_json()
     items = [(raw.key, published_members(raw, [records[str(u)] for u in raw.meta["unique_ids"]]))
              for raw in raws]
     ranges = write_tar(path, items)
-    return [ShardEntry(k, resolve(path), off, size, 0, i) for i, (k, off, size) in enumerate(ranges)]
+    return [ShardEntry(k, local(path), off, size, 0, i) for i, (k, off, size) in enumerate(ranges)]
 
 
 def read_published(entries: list[ShardEntry], data_cfg: DataConfig) -> int:

@@ -68,7 +68,7 @@ def _run(p: Params, root: str, tmp: str, preset: str, overrides: list[str], seed
         f"train.epochs={p['epochs']}", f"train.lr={p['lr']}", "train.device=auto", "train.cpus_per_worker=1",
         "train.deterministic=true", "train.max_failures=0", f"storage.store={tmp}/store",
         "runtime.tracking=[]", "runtime.wandb.mode=disabled", *overrides])
-    store = ExperimentStore(cfg.storage.store)
+    store = ExperimentStore.of(cfg.storage)
     outcome = fit(cfg, store=store)
     return {"cfg": cfg, "metrics": outcome.test_metrics, "checkpoint": outcome.checkpoint, "store": store,
             "run_id": outcome.run_id}

@@ -93,11 +93,13 @@ def remote_overrides(endpoint: str, cache: str | None) -> list[str]:
 def train_run(overrides: list[str], store: str) -> RunRates:
     """`thalia-ray train` (fit) with these settings: its epochs' rates and storage traffic from its history."""
     from thalia_ray.config import load_config
+    from thalia_ray.storage import S3Options, resolve
     from thalia_ray.store import ExperimentStore
     from thalia_ray.train.trainer import fit
 
     started = time.perf_counter()
-    history = fit(load_config(None, overrides), store=ExperimentStore(store)).history
+    cfg = load_config(None, overrides)
+    history = fit(cfg, store=ExperimentStore(resolve(store, S3Options.of(cfg.storage)))).history
     return rates([float(row["time/samples_per_s"]) for row in history], [Traffic.from_metrics(r) for r in history],
                  [epoch_samples(r) or 0 for r in history], time.perf_counter() - started)
 

@@ -97,7 +97,7 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
     from thalia_ray.data.cube import get_cache, read_sample
     from thalia_ray.data.shards.npy import sample_members
     from thalia_ray.data.shards.tar import ShardEntry, write_tar
-    from thalia_ray.storage import resolve
+    from thalia_ray.storage import local
 
     with tempfile.TemporaryDirectory() as tmp:
         _, data_cfg, index, samples = _samples(tmp, p)
@@ -105,7 +105,7 @@ def shards_suite(p: Params, repeats: int, result: BenchResult) -> None:
         raws = [read_sample(s, index.annotations, get_cache(data_cfg.root), data_cfg) for s in samples]
         dtype = p.get("dtype", "float32")
         own = write_tar(f"{tmp}/own.tar", [(r.key, sample_members(r, dtype, False)) for r in raws])
-        own_entries = [ShardEntry(k, resolve(f"{tmp}/own.tar"), off, size, 0, i) for i, (k, off, size) in enumerate(own)]
+        own_entries = [ShardEntry(k, local(f"{tmp}/own.tar"), off, size, 0, i) for i, (k, off, size) in enumerate(own)]
         published = pl.published_tar(f"{tmp}/published.tar", raws, data_cfg)
         reps = interleave({
             "own": timed_rate(lambda: pl.read_own(own_entries, channels, channels)),
@@ -128,8 +128,10 @@ def _ingest_config(p: Params, root: str, tmp: str) -> Any:
     """The run config the pipeline suite streams: an existing dataset (`data=`) or a fresh synthetic
     one; for `source=shards`, an existing export (`shards=`) or one exported now."""
     from thalia_ray.config import load_config
+    from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.runtime import usable_cpus
+    from thalia_ray.storage import S3Options
 
     cpus = p["cpus"] or usable_cpus()
     overrides = [f"data.root={root}", f"data.length={p['length']}", f"data.crop={p['crop']}",
@@ -140,7 +142,8 @@ def _ingest_config(p: Params, root: str, tmp: str) -> Any:
     if p["source"] == "shards":
         out = p["shards"] or f"{tmp}/shards"
         if not p["shards"]:
-            export_shards(cfg.data, out, length=p["length"], splits=("train",))
+            export_shards(cfg.data, DataLocations.of(cfg.data, S3Options.of(cfg.storage)), out, length=p["length"],
+                          splits=("train",))
         cfg = load_config(None, [*overrides, "data.source=shards", f"data.shards={out}"])
     return cfg
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from thalia_ray.data import schema
 from thalia_ray.errors import DataProblem, excerpt
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 
 class AnnotationError(DataProblem):
@@ -257,7 +257,7 @@ def load_annotations(
     location: str | Location, on_malformed: Literal["skip", "fail"] = "skip"
 ) -> AnnotationSet:
     """Read `annotations.json[.gz]` or a folder of `{uid}.json`; skip-and-report or fail on bad records."""
-    loc = resolve(location)
+    loc = local(location)
     records: dict[int, Annotation] = {}
     left_out: list[LeftOut] = []
     for key, raw in _raw_records(loc).items():
@@ -304,7 +304,7 @@ def validate_timeseries(raw: Any, where: str = "quality_timeseries") -> dict[str
 
 def load_timeseries(location: str | Location) -> dict[str, dict[str, dict[str, Any]]]:
     """Read and validate `quality_timeseries.json`."""
-    loc = resolve(location)
+    loc = local(location)
     return validate_timeseries(loc.read_json(), str(loc))
 
 
@@ -314,7 +314,7 @@ def _first_existing(candidates: list[Location]) -> Location | None:
 
 def find_metadata(root: str | Location) -> tuple[Location, Location, Location | None]:
     """(annotations, time-series index, statistics or None) under a dataset root or metadata folder."""
-    base = resolve(root)
+    base = local(root)
     folders = [base, base.join("annotations")]
     ann_names = [schema.ANNOTATIONS_FILE, schema.ANNOTATIONS_FILE + ".gz"]
     annotations = _first_existing([f.join(n) for f in folders for n in ann_names]) or _first_existing(
@@ -332,10 +332,10 @@ def find_metadata(root: str | Location) -> tuple[Location, Location, Location | 
     return annotations, timeseries, statistics  # type: ignore[return-value]
 
 
-def load_frame_names(root: str | Location, storage_cfg: Any | None = None) -> dict[str, list[str]]:
+def load_frame_names(root: str | Location) -> dict[str, list[str]]:
     """frame id → the volcano names of `{root}/frame_names.json` (as published: one comma-separated
     string per frame); {} when the dataset root has no such file (it is optional)."""
-    loc = resolve(root, storage_cfg).join(schema.FRAME_NAMES_FILE)
+    loc = local(root).join(schema.FRAME_NAMES_FILE)
     if not loc.exists():
         return {}
     raw = loc.read_json()

@@ -31,7 +31,7 @@ from thalia_ray.data.index import group_rng, sample_rng
 from thalia_ray.data.samples import RawSample, Sample, Window
 from thalia_ray.data.transforms import mask_target
 from thalia_ray.errors import DataProblem
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 _METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 _ARRAY_METADATA = ("zarr.json", ".zarray")  # an array's own metadata, Zarr v3 and v2
@@ -249,7 +249,7 @@ class CubeCache:
     """
 
     def __init__(self, root: str | Location, *, store_wrapper: Callable[[Any], Any] | None = None) -> None:
-        self.root = resolve(root)
+        self.root = local(root)
         self.store_wrapper = store_wrapper
         self.stores: dict[str, Any] = {}
         self._cubes: dict[str, Cube] = {}
@@ -325,7 +325,7 @@ _CACHES_LOCK = threading.Lock()
 
 def get_cache(root: str | Location) -> CubeCache:
     """The process-wide cache for a dataset root (one per root and storage options)."""
-    key = resolve(root)
+    key = local(root)
     with _CACHES_LOCK:
         if key not in _CACHES:
             _CACHES[key] = CubeCache(key)

@@ -17,7 +17,7 @@ import numpy as np
 from thalia_ray.data import schema
 from thalia_ray.data.cube import Cube, MissingChunkError, Window, get_cache
 from thalia_ray.data.index import Group, enumerated_positions, split_of
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 CUBE_THREADS = 8  # cubes whose pairs are listed at once
 
@@ -44,7 +44,7 @@ def series_key(frame_id: str, primary: str, secondaries: Sequence[str]) -> str:
 
 def frame_ids(root: str | Location) -> list[str]:
     """Frame ids of the cubes under a dataset root."""
-    return sorted(n.removesuffix(schema.CUBE_SUFFIX) for n in resolve(root).list() if n.endswith(schema.CUBE_SUFFIX))
+    return sorted(n.removesuffix(schema.CUBE_SUFFIX) for n in local(root).list() if n.endswith(schema.CUBE_SUFFIX))
 
 
 def existing_pairs(cube: Cube) -> dict[str, list[str]]:

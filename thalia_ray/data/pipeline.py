@@ -58,7 +58,7 @@ from thalia_ray.data.shards.tar import ShardError, UnsafeShardError
 from thalia_ray.data.sources import Row, Source, open_source
 from thalia_ray.data.transforms import statistics_for
 from thalia_ray.ray_internals import add_execution_callbacks
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, S3Options
 from thalia_ray.traffic import TRAFFIC, Traffic
 
 MIN_TASK_CPUS = 0.25  # a read task's CPUs when trainers leave less than one to Ray Data
@@ -500,7 +500,7 @@ def build_datasets(cfg: ThaliaConfig, splits: Sequence[str] = ("train", "val", "
     `trainer_cpus`: the CPUs the Ray Train workers will hold, left out of Ray Data's budget, as are the
     CPUs others hold right now (other sweep trials, an evaluation task that builds these datasets):
     read tasks asking for more than is left would never be scheduled."""
-    locations = DataLocations.of(cfg.data, cfg.storage)
+    locations = DataLocations.of(cfg.data, S3Options.of(cfg.storage))
     source = source if source is not None else open_source(cfg, locations, splits)
     handle = _start_control(cfg, run_id)
     total = ray.cluster_resources().get("CPU", 1.0)

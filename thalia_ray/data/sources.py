@@ -1,5 +1,11 @@
 """Where a run's samples come from: minicubes, our own shards or the published shards.
 
+`data.source` names one of `SOURCES`, the registry every labelled source class joins by defining `name`.
+The class owns what the rest of the service asks of a source, so nothing else dispatches on the name:
+`check_config` (settings it cannot read with, before any work), `preflight` (its catalogue and data checked
+from metadata before Ray starts) and `from_config` (the reader, with its catalogue). Adding a source is one
+new subclass (and its name among `DataConfig.source`'s values).
+
 Each source owns the three steps the pipeline runs for it, so the pipeline needs no knowledge of
 formats:
 
@@ -25,20 +31,21 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from thalia_ray.config import DataConfig, ThaliaConfig
+from thalia_ray.config import ConfigError, DataConfig, ThaliaConfig
 from thalia_ray.data.annotations import Annotation, LeftOut
 from thalia_ray.data.cube import DataError, get_cache, read_sample
+from thalia_ray.data.cube_checks import cube_pools
 from thalia_ray.data.index import SampleIndex, epoch_draw
-from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.locations import DataLocations, location_present
 from thalia_ray.data.read_ahead import read_ahead, samples_in_flight
 from thalia_ray.data.samples import BadSample, RawSample, Sample
 from thalia_ray.data.shards.manifest import load_manifest, manifest_entries, shard_root
 from thalia_ray.data.shards.npy import decode_own, member_limit
-from thalia_ray.data.shards.published import decode_published, scan_published
+from thalia_ray.data.shards.published import FOLDERS, decode_published, published_shards, scan_published
 from thalia_ray.data.shards.tar import Blob, ShardEntry, ShardError, fetch_ranges, parse_members
 from thalia_ray.data.transforms import Statistics, finalize
 from thalia_ray.errors import StorageProblem
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, S3Options
 
 Row = dict[str, Any]
 RngFor = Callable[[str], "np.random.Generator | None"]  # sample key → crop generator (see cube.crop_rng)
@@ -77,11 +84,52 @@ class Source(ABC):
         return 0
 
 
+SOURCES: dict[str, type["LabelledSource"]] = {}  # data.source → its class; each class joins as it is defined
+
+
+def source_class(data: DataConfig) -> type["LabelledSource"]:
+    """The class `data.source` names, once it has checked the settings (`check_config`)."""
+    try:
+        cls = SOURCES[data.source]
+    except KeyError:
+        raise ConfigError(f"data.source {data.source!r}: no such source; the sources: {', '.join(sorted(SOURCES))}") \
+            from None
+    cls.check_config(data)
+    return cls
+
+
 class LabelledSource(Source):
     """A source of the benchmark's labelled samples: a row decodes to a RawSample, which `finalize` turns
-    into a record with its targets, label and auxiliary targets."""
+    into a record with its targets, label and auxiliary targets. A subclass with a `name` is registered."""
 
     data: DataConfig
+    root_field: ClassVar[str]  # the setting that says where it reads: "data.root" or "data.shards"
+    items_known: ClassVar[bool] = True  # False: an epoch's items are known only once the data are read
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls):
+            SOURCES[cls.name] = cls
+
+    @classmethod
+    def check_config(cls, data: DataConfig) -> None:
+        """Refuse settings this source cannot read with: a ConfigError naming the field."""
+
+    @classmethod
+    def configured_root(cls, data: DataConfig) -> str:
+        """Where it reads, as configured (`root_field`'s value)."""
+        return str(getattr(data, cls.root_field.removeprefix("data.")))
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> "LabelledSource":
+        """The reader of `locations` (resolved with the storage settings), its catalogue loaded for `splits`."""
+
+    @classmethod
+    @abstractmethod
+    def preflight(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> dict[str, list[Any]]:
+        """Check, from metadata and before Ray starts, that the data of `splits` can be read as configured;
+        each split's items (empty lists when `items_known` is False)."""
 
     @abstractmethod
     def decode(self, row: Row, split: str) -> RawSample:
@@ -102,11 +150,20 @@ class CubeSource(LabelledSource):
     """Windowed reads from `{root}/{frame}.zarr`: random crops for train (`rng`), evaluation crops otherwise."""
 
     name: ClassVar[str] = "cube"
+    root_field: ClassVar[str] = "data.root"
     data: DataConfig
     root: Location
     seed: int
     index: SampleIndex | None = field(default=None, compare=False)  # None in task copies
     annotations: Mapping[int, Annotation] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_config(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> "CubeSource":
+        return cls(cfg.data, locations.root, cfg.seed, SampleIndex.from_config(cfg.data, cfg.seed, locations.root))
+
+    @classmethod
+    def preflight(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> dict[str, list[Any]]:
+        return dict(cube_pools(cfg, splits))
 
     @property
     def location(self) -> Location:
@@ -149,10 +206,43 @@ class CubeSource(LabelledSource):
 class ShardSource(LabelledSource):
     """Ranged reads of shard members; balanced epochs drawn from the entries' labels."""
 
+    root_field: ClassVar[str] = "data.shards"
     data: DataConfig
     root: Location
     seed: int
     entries: Mapping[str, list[ShardEntry]] = field(default_factory=dict, compare=False)  # per split; {} in task copies
+
+    @classmethod
+    def check_config(cls, data: DataConfig) -> None:
+        if not data.shards:
+            raise ConfigError(f"data.source is {cls.name!r} but data.shards (the shard root) is not set")
+
+    @classmethod
+    @abstractmethod
+    def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "ShardSource":
+        """The source of the shards under `root`, their entries listed for `splits`."""
+
+    @classmethod
+    def from_config(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> "ShardSource":
+        return cls.open(cfg.data, cls._shards(locations), cfg.seed, splits)
+
+    @classmethod
+    def preflight(cls, cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> dict[str, list[Any]]:
+        location_present(str(cfg.data.shards), "data.shards", S3Options.of(cfg.storage), ShardError,
+                         "; export the dataset first (`thalia-ray export --out ...`)")
+        return cls.listed(cfg.data, cls._shards(locations), cfg.seed, splits)
+
+    @classmethod
+    def listed(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> dict[str, list[Any]]:
+        """Each split's entries, checked against the config (`preflight`, once the shard root exists)."""
+        source = cls.open(data, root, seed, splits)
+        return {split: list(source.entries[split]) for split in splits}
+
+    @staticmethod
+    def _shards(locations: DataLocations) -> Location:
+        if locations.shards is None:
+            raise ConfigError("data.shards (the shard root) is not set")
+        return locations.shards
 
     @property
     def location(self) -> Location:
@@ -195,18 +285,23 @@ class ShardSource(LabelledSource):
 class OwnShards(ShardSource):
     """Shards written by `export`: `.npy` members, entries and stored channels from the manifest."""
 
-    name: ClassVar[str] = "own"
+    name: ClassVar[str] = "shards"
     stored_channels: tuple[str, ...] = ()
     compressed: bool = False  # the manifest's `compress`: members are `.npy.gz`
     member_limit: int | None = None  # most bytes a member may inflate to (npy.member_limit)
     left_out_rows: tuple[dict[str, Any], ...] = ()  # what the export's index left out (its manifest records it)
 
     @classmethod
-    def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
-        """Read the manifest and check it against the config before any Ray work."""
+    def check_config(cls, data: DataConfig) -> None:
+        super().check_config(data)
         if data.policy == "resample":
             raise ShardError("data.policy=resample re-draws series every epoch; shards hold the fixed enumerate "
                              "series: use data.source=cube")
+
+    @classmethod
+    def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "OwnShards":
+        """Read the manifest and check it against the config before any Ray work."""
+        cls.check_config(data)
         manifest = load_manifest(root, data.length)
         padding = manifest.get("padding", "per_group")  # exports from before the field padded per group
         if data.length > 1 and padding != data.padding:
@@ -243,22 +338,26 @@ class PublishedShards(ShardSource):
     """The published Thalia shards (`torch.save` members), indexed by scanning their tars."""
 
     name: ClassVar[str] = "published"
+    items_known: ClassVar[bool] = False  # their labels live inside the tars, which Ray tasks read
 
     @classmethod
     def open(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> "PublishedShards":
         entries = {split: scan_published(root, data.length, split, data.label_rule_for(split)) for split in splits}
         return cls(data, root, seed, entries)
 
+    @classmethod
+    def listed(cls, data: DataConfig, root: Location, seed: int, splits: Sequence[str]) -> dict[str, list[Any]]:
+        """Only the tars are listed (each split's folders must hold some): reading them is a Ray task's work."""
+        for split in splits:
+            for folder in FOLDERS.get(split, (split,)):
+                published_shards(root, data.length, folder)
+        return {split: [] for split in splits}
+
     def decode_members(self, members: dict[str, Blob], key: str, where: str, split: str) -> RawSample:
         return decode_published(members, key, where, self.data, split)
 
 
 def open_source(cfg: ThaliaConfig, locations: DataLocations, splits: Sequence[str]) -> Source:
-    """The source `cfg.data.source`/`shard_format` names, reading from `locations` (resolved with
-    the storage settings), with its catalogue (index, manifest or scan) loaded for `splits`."""
-    if cfg.data.source == "cube":
-        index = SampleIndex.from_config(cfg.data, cfg.seed, location=locations.root)
-        return CubeSource(cfg.data, locations.root, cfg.seed, index)
-    assert locations.shards is not None  # the config requires data.shards with source: shards
-    kind = PublishedShards if cfg.data.shard_format == "published" else OwnShards
-    return kind.open(cfg.data, locations.shards, cfg.seed, splits)
+    """The source `cfg.data.source` names, reading from `locations` (resolved with the storage settings),
+    with its catalogue (index, manifest or scan) loaded for `splits`."""
+    return source_class(cfg.data).from_config(cfg, locations, splits)

@@ -20,7 +20,7 @@ from thalia_ray.data.cube import CubeCache, get_cache
 from thalia_ray.data.index import SampleIndex
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.samples import Window
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 VARIABLES: tuple[str, ...] = schema.GEOMORPHOLOGY + schema.ATMOSPHERIC
 
@@ -107,16 +107,15 @@ def to_statistics(partials: Partials) -> dict[str, dict[str, float]]:
     }
 
 
-def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | Location | None = None,
-                       seed: int = 0, locations: DataLocations | None = None) -> dict[str, dict[str, float]]:
+def compute_statistics(data_cfg: DataConfig, locations: DataLocations, split: str = "train",
+                       out: str | Location | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """Statistics of `split`, one Ray task per frame when Ray is initialised (in-process otherwise),
-    written to `out` (default: `data.statistics`, else `{root}/statistics.json`). `locations`
-    (default: the config's, resolved without storage settings) carry the S3 options."""
+    written to `out` (default: `data.statistics`, else `{root}/statistics.json`). `locations` are the
+    config's, resolved with its storage settings."""
     import ray
 
     from thalia_ray.progress import gather
 
-    locations = locations or DataLocations.of(data_cfg)
     root = locations.root
     index = SampleIndex.from_config(data_cfg, seed, location=root)
     work = split_pairs(index, split)
@@ -129,6 +128,6 @@ def compute_statistics(data_cfg: DataConfig, split: str = "train", out: str | Lo
     else:
         partials = [_frame_task(root, frame, pairs) for frame, pairs in work.items()]
     statistics = to_statistics(merge_partials(partials))
-    target = resolve(out) if out is not None else locations.statistics
+    target = local(out) if out is not None else locations.statistics
     target.write_json(statistics, indent=4)
     return statistics

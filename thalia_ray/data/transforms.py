@@ -17,7 +17,7 @@ from thalia_ray.config import AugmentConfig, DataConfig
 from thalia_ray.data import schema
 from thalia_ray.data.index import series_label
 from thalia_ray.data.samples import RawSample
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -28,7 +28,7 @@ Statistics = dict[str, dict[str, float]]
 # ------------------------------------------------------------------------------ statistics
 def load_statistics(location: str | Location) -> Statistics:
     """Read statistics.json (`{variable: {mean, std}}`), checking every entry is usable."""
-    loc = resolve(location)
+    loc = local(location)
     raw = loc.read_json()
     if not isinstance(raw, dict):
         raise ValueError(f"{loc}: expected an object keyed by variable name")

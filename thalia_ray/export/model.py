@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from thalia_ray.errors import ThaliaError
 from thalia_ray.export.card import card_path, model_card
 from thalia_ray.predict import inputs
-from thalia_ray.storage import resolve
+from thalia_ray.storage import Location, local
 from thalia_ray.store.layout import ExperimentStore
 
 FORMATS = ("torchscript", "onnx", "safetensors")
@@ -126,22 +126,24 @@ def export_model(model: nn.Module, cfg: Any, fmt: str, path: Path, seed: int = 0
     return float(np.abs(got - expected).max())
 
 
-def export_run(store: ExperimentStore, run_id: str, fmt: str, out: str) -> ExportResult:
-    """Export run `run_id`'s best checkpoint to `out` (local or s3://) with its model card beside it (and,
-    for ONNX, inside it)."""
+def export_run(store: ExperimentStore, run_id: str, fmt: str, out: str | Location) -> ExportResult:
+    """Export run `run_id`'s best checkpoint to `out` (a Location resolved with the storage settings, or a
+    local path) with its model card beside it (and, for ONNX, inside it)."""
+    target = local(out)
+    card_at = target.parent().join(card_path(target.name))
     cfg, checkpoint, results = inputs.run_checkpoint(store, run_id)
     model = inputs.load_model(cfg, checkpoint)
     with tempfile.TemporaryDirectory(prefix="thalia-export-") as tmp:
-        local = Path(tmp) / resolve(out).name
-        diff = export_model(model, cfg, fmt, local)
+        written = Path(tmp) / target.name
+        diff = export_model(model, cfg, fmt, written)
         if not diff <= TOLERANCE:
             raise ExportError(f"{fmt} export of run {run_id}: max abs difference {diff:.3g} from the PyTorch model "
                               f"exceeds {TOLERANCE:g}; nothing written")
         parity = {"max_abs_diff": diff, "tolerance": TOLERANCE, "inputs": "2 random normal batches at the crop size"}
-        card = model_card(cfg, run_id, fmt, out, getattr(model, "input_divisor", 1), inputs.run_statistics(cfg),
+        card = model_card(cfg, run_id, fmt, str(out), getattr(model, "input_divisor", 1), inputs.run_statistics(cfg),
                           results, parity)
         if fmt in EMBED_CARD:
-            EMBED_CARD[fmt](local, card)
-        resolve(out).put_file(local)
-    resolve(card_path(out)).write_text(json.dumps(card, indent=2) + "\n")
-    return ExportResult(resolve(out).url, resolve(card_path(out)).url, diff)
+            EMBED_CARD[fmt](written, card)
+        target.put_file(written)
+    card_at.write_text(json.dumps(card, indent=2) + "\n")
+    return ExportResult(target.url, card_at.url, diff)

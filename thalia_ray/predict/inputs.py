@@ -18,7 +18,7 @@ from thalia_ray.data.index import Group, build_groups, enumerated_positions, ser
 from thalia_ray.data.locations import DataLocations
 from thalia_ray.data.pairs import existing_pairs, frame_ids, series_key
 from thalia_ray.data.transforms import Statistics, normalize, statistics_for
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, S3Options
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError
 from thalia_ray.train.checkpoint import check_state
@@ -77,4 +77,4 @@ def run_checkpoint(store: ExperimentStore, run_id: str) -> tuple[ThaliaConfig, A
 
 def run_statistics(cfg: ThaliaConfig) -> Statistics | None:
     """The normalisation statistics the run trained with (None when it did not normalise)."""
-    return statistics_for(DataLocations.of(cfg.data, cfg.storage).statistics) if cfg.data.normalize else None
+    return statistics_for(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics) if cfg.data.normalize else None

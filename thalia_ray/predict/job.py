@@ -24,14 +24,14 @@ from thalia_ray.predict import inputs, output
 from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD, whole_frame_metrics
 from thalia_ray.predict.plan import Unit, plan_units
 from thalia_ray.predict.windows import Stitcher, blend_weights, tile
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 from thalia_ray.store.layout import ExperimentStore
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    data: str
-    out: str
+    data: str | Location  # a Location resolved with the storage settings, or a local path
+    out: str | Location  # likewise
     pairs: str = "annotated"
     frames: Sequence[str] | None = None
     overlap: float = 0.25
@@ -68,7 +68,7 @@ class PredictReport:
 class ReadSpec:
     """What a read task needs, small enough to ship with every task."""
 
-    root: str
+    root: Location
     channels: tuple[str, ...]
     statistics: dict[str, dict[str, float]] | None
     crop: int
@@ -180,10 +180,10 @@ class PredictPlan:
 def prepare(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictPlan:
     """Resolve the run, plan the units and find the complete ones; errors name the run, frame or option."""
     cfg, checkpoint, _ = inputs.run_checkpoint(store, run_id)
-    out = resolve(options.out)
-    units = plan_units(options.data, options.pairs, cfg.data.length, options.frames, cfg.seed, cfg.data.label_rule)
+    out, root = local(options.out), local(options.data)
+    units = plan_units(root, options.pairs, cfg.data.length, options.frames, cfg.seed, cfg.data.label_rule)
     done = output.completed(out, sorted({u.frame_id for u in units}))
-    spec = ReadSpec(options.data, tuple(cfg.data.channels), inputs.run_statistics(cfg), cfg.data.crop,
+    spec = ReadSpec(root, tuple(cfg.data.channels), inputs.run_statistics(cfg), cfg.data.crop,
                     options.overlap, cfg.data.length)
     return PredictPlan(run_id, cfg, checkpoint, out, units, [u for u in units if u.key not in done], spec)
 
@@ -229,7 +229,7 @@ def _run(plan: PredictPlan, options: PredictOptions, progress: _Progress,
     done or asked to stop. Returns the failures, by unit key, and how many units were written."""
     cfg, units, todo, spec, out = plan.cfg, plan.units, plan.todo, plan.spec, plan.out
     by_key = {u.key: u for u in todo}
-    cubes = {f: inputs.open_cube(options.data, f) for f in sorted({u.frame_id for u in todo})}
+    cubes = {f: inputs.open_cube(spec.root, f) for f in sorted({u.frame_id for u in todo})}
     frames: dict[str, output.FrameOutput] = {}
     weights = blend_weights(spec.crop, spec.overlap)
     expected = {f: len(tile(c.shape, spec.crop, spec.overlap)) for f, c in cubes.items()}

@@ -27,7 +27,7 @@ import zarr
 
 from thalia_ray.predict import inputs
 from thalia_ray.predict.plan import Unit
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 VARIABLE = "deformation_probability"
 SERIES_DIM, STEP_DIM = "series", "step"
@@ -153,7 +153,7 @@ def write_table(out: Location, rows: Sequence[dict[str, Any]]) -> Location:
 
 
 def read_table(out: str | Location) -> list[dict[str, Any]]:
-    with resolve(out).join(TABLE).open("rb") as handle:
+    with local(out).join(TABLE).open("rb") as handle:
         return pq.read_table(handle).to_pylist()
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from thalia_ray.errors import ThaliaError
 from thalia_ray.predict import inputs
+from thalia_ray.storage import Location
 
 _RANGE = re.compile(r"^(\d{8})?:(\d{8})?$")
 
@@ -69,7 +70,7 @@ def _series(group: inputs.Group, length: int, seed: int, label_rule: str, labels
     return units
 
 
-def _cube_groups(root: str, frame_id: str, first: str | None, last: str | None) -> list[inputs.Group]:
+def _cube_groups(root: str | Location, frame_id: str, first: str | None, last: str | None) -> list[inputs.Group]:
     """One group per primary date of the pairs the cube holds, within [first, last]."""
     return [
         inputs.Group(frame_id, primary, tuple(secondaries), tuple(range(len(secondaries))),
@@ -79,7 +80,7 @@ def _cube_groups(root: str, frame_id: str, first: str | None, last: str | None) 
     ]
 
 
-def plan_units(root: str, pairs: str, length: int, frames: Sequence[str] | None, seed: int = 0,
+def plan_units(root: str | Location, pairs: str, length: int, frames: Sequence[str] | None, seed: int = 0,
                label_rule: str = "union") -> list[Unit]:
     """Every unit to predict, sorted by key. Raises DataError for a root without cubes, PlanError naming a
     requested frame with no cube, or a request that selects no unit at all."""

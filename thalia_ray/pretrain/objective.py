@@ -26,6 +26,7 @@ from thalia_ray.data.transforms import load_statistics
 from thalia_ray.pretrain.augment import circular
 from thalia_ray.pretrain.model import PHASE, DataFacts, PretrainModel, resolved_method
 from thalia_ray.pretrain.source import HOLDOUT, TRAIN, PretrainSource
+from thalia_ray.storage import S3Options
 from thalia_ray.store.records import RECONSTRUCTIONS
 from thalia_ray.train.checkpoint import load_state
 from thalia_ray.train.collectives import all_sum
@@ -120,7 +121,7 @@ def phase_statistics(cfg: ThaliaConfig) -> tuple[float, float]:
     """(mean, std) the phase is normalised with (0, 1 when it is not), to undo it for circular operations."""
     if not cfg.data.normalize or PHASE not in cfg.data.channels:
         return 0.0, 1.0
-    stats = load_statistics(DataLocations.of(cfg.data, cfg.storage).statistics)
+    stats = load_statistics(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics)
     return stats[PHASE]["mean"], stats[PHASE]["std"]
 
 
@@ -130,7 +131,7 @@ def read_batch(source: PretrainSource, cfg: ThaliaConfig, split: str, count: int
     from thalia_ray.data.transforms import statistics_for
 
     items = source.epoch_items(split, 0)[:count * 2]
-    stats = statistics_for(DataLocations.of(cfg.data, cfg.storage).statistics) if cfg.data.normalize else None
+    stats = statistics_for(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics) if cfg.data.normalize else None
     rows = [r for r in source.for_items(items).read(items, lambda key: None) if not isinstance(r, BadSample)]
     records = [source.record(row, split, stats, None, False) for row in rows[:count]]
     if not records:

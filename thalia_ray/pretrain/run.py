@@ -12,6 +12,7 @@ from thalia_ray.errors import DataProblem
 from thalia_ray.ids import check_id
 from thalia_ray.pretrain.objective import Pretraining
 from thalia_ray.pretrain.source import HOLDOUT, TRAIN
+from thalia_ray.storage import S3Options
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import Lease
 from thalia_ray.train.trainer import TrainResult, fit, steps_per_epoch
@@ -28,7 +29,7 @@ def check(cfg: ThaliaConfig, run_id: str | None = None) -> Pretraining:
     if cfg.data.source != "cube":
         raise ConfigError(f"data.source {cfg.data.source!r}: pretraining reads every pair from the cubes under "
                           "data.root (shards hold only the time-series index's series); set data.source=cube")
-    preflight.location_present(cfg.data.root, "data.root", cfg.storage)
+    preflight.location_present(cfg.data.root, "data.root", S3Options.of(cfg.storage))
     preflight.statistics_usable(cfg)
     objective = Pretraining().prepare(cfg)
     source = objective.source
@@ -41,11 +42,11 @@ def check(cfg: ThaliaConfig, run_id: str | None = None) -> Pretraining:
                           f"pretrain.splits {cfg.pretrain.splits}")
     steps_per_epoch(cfg, sizes)
     if cfg.data.normalize and source.targets:
-        stats = load_statistics(DataLocations.of(cfg.data, cfg.storage).statistics)
+        stats = load_statistics(DataLocations.of(cfg.data, S3Options.of(cfg.storage)).statistics)
         missing = sorted({schema.statistics_key(v) for v in source.targets} - set(stats))
         if missing:
             raise ConfigError(f"pretrain.heads: the statistics have no entry for {missing}, read as pretext targets")
-    preflight.writable(cfg.storage.store, "storage.store", cfg.storage)
+    preflight.writable(cfg.storage.store, "storage.store", S3Options.of(cfg.storage))
     return objective
 
 

@@ -37,7 +37,7 @@ from thalia_ray.data.samples import BadSample
 from thalia_ray.data.sources import RngFor, Row, Source
 from thalia_ray.data.transforms import Statistics, normalize
 from thalia_ray.pretrain.geo import Position, day_of_year_encoding, frame_positions
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, S3Options
 
 TRAIN, HOLDOUT = "train", "val"  # pretraining's own splits, as the training loop names its datasets
 TARGET_PREFIX = "target_"
@@ -70,9 +70,9 @@ class PretrainSource(Source):
     pools: Mapping[str, list[PairSeries]] = field(default_factory=dict, compare=False)  # {} in task copies
 
     @classmethod
-    def open(cls, cfg: ThaliaConfig, locations: DataLocations | None = None) -> "PretrainSource":
+    def open(cls, cfg: ThaliaConfig) -> "PretrainSource":
         """Plan every series of the allowed periods from the cubes (no annotation is read)."""
-        locations = locations or DataLocations.of(cfg.data, cfg.storage)
+        locations = DataLocations.of(cfg.data, S3Options.of(cfg.storage))
         frames = tuple(cfg.data.frames or frame_ids(locations.root))
         if not frames:
             raise DataError(f"data.root {locations.root.url}: no {schema.CUBE_SUFFIX} cubes to pretrain on")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from thalia_ray.report.html import document
 from thalia_ray.report.runs import run_sections
 from thalia_ray.report.sweeps import sweep_sections
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 from thalia_ray.store.layout import ExperimentStore
 from thalia_ray.store.records import StoreError, utc_now
 
@@ -29,6 +29,6 @@ def write_report(store: ExperimentStore, target: str, out: str | Location | None
         title, sections = f"thalia-ray run {target}", run_sections(store, target)
     else:
         raise StoreError(f"{target!r} is neither a run nor a sweep in {store.root.url}")
-    page = (resolve(out) if out is not None else folder).join(PAGE)
+    page = (local(out) if out is not None else folder).join(PAGE)
     page.write_text(document(title, f"written {utc_now()} from {store.root.url}", sections))
     return page

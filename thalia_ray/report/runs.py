@@ -219,7 +219,7 @@ def _predict_maps(record: RunRecord) -> str:
     candidates = [folder, *(folder.join(n) for n in folder.list() if not n.endswith((".json", ".zarr")))]
     evaluation = record.read_whole_frame() or {}
     if evaluation.get("out"):
-        candidates.append(resolve(evaluation["out"]))
+        candidates.append(resolve(evaluation["out"], record.loc.s3))  # with the store's storage settings
     maps = {}
     for loc in candidates:
         try:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.storage import Location
+from thalia_ray.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def read_gallery(cfg: ThaliaConfig, rows: Sequence[Mapping[str, Any]], checkpoin
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.transforms import mask_target
 
-    root = DataLocations.of(cfg.data, cfg.storage).root
+    root = DataLocations.of(cfg.data, S3Options.of(cfg.storage)).root
     index = SampleIndex.from_config(cfg.data, cfg.seed, root)
     by_key = {s.key: s for s in index.samples(split)}
     cache = get_cache(root)

@@ -18,7 +18,7 @@ from typing import Any
 
 from thalia_ray.config import StorageConfig
 from thalia_ray.ids import ID, check_id
-from thalia_ray.storage import Location, StorageError, resolve
+from thalia_ray.storage import Location, S3Options, StorageError, local, resolve
 from thalia_ray.store.records import RunRecord, RunSummary, StoreError, SweepRecord
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,17 @@ def make_run_id(name: str, now: datetime | None = None, token: str | None = None
 class ExperimentStore:
     """Runs, sweeps and Ray's own storage under one location; local disk and S3 behave the same."""
 
-    def __init__(self, location: str | Location = "./runs", storage_cfg: Any | None = None) -> None:
-        self.root = resolve(location, storage_cfg)
+    def __init__(self, location: str | os.PathLike[str] | Location) -> None:
+        """A store at a Location (resolved with the storage settings) or a local path."""
+        self.root = local(location)
         self.runs_root = self.root.join("runs")
         self.sweeps_root = self.root.join("sweeps")
         self.ray_root = self.root.join("ray")
+
+    @classmethod
+    def of(cls, storage_cfg: StorageConfig) -> "ExperimentStore":
+        """The store a configuration names (`storage.store`), reached with its storage settings."""
+        return cls(resolve(storage_cfg.store, S3Options.of(storage_cfg)))
 
     def __repr__(self) -> str:
         return f"ExperimentStore({self.root.url!r})"

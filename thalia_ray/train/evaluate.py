@@ -71,7 +71,7 @@ def model_from_config(cfg: ThaliaConfig, initial_weights: bool = True) -> nn.Mod
     model_cfg = cfg.model if keep else cfg.model.model_copy(update={"pretrained": None})
     model = build_model(model_cfg, time_steps * len(cfg.data.channels), time_steps)
     if initial_weights and run_id is not None:
-        store = ExperimentStore(cfg.storage.store, cfg.storage)
+        store = ExperimentStore.of(cfg.storage)
         try:
             saved = load_state(best_checkpoint(store, run_id))
             state = saved.get("encoder", saved["model"])  # a pretraining run's encoder, keyed as a backbone

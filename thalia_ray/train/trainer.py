@@ -233,7 +233,7 @@ def fit(
     """
     objective = objective or Supervised()
     stop = stop or interrupts.current()
-    store = store or ExperimentStore(cfg.storage.store, cfg.storage)
+    store = store or ExperimentStore.of(cfg.storage)
     own_lease = lease is None
     if lease is None:  # one writer per run id: a live one refuses, a stale one is taken over
         lease = store.run(run_id or store.new_run_id(cfg.name)).acquire()

@@ -23,6 +23,7 @@ from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.interrupts import Interrupted, RemoteStop
 from thalia_ray.metric_names import DEFORMATION, TEST, VAL, key
 from thalia_ray.store import ExperimentStore
+from thalia_ray.storage import S3Options, resolve
 from thalia_ray.store.records import STATUS, StoreError
 from thalia_ray.train.trackers import track_outcome
 from thalia_ray.tune import space
@@ -70,7 +71,7 @@ def _trial_fn(base_yaml: str, store_url: str, sweep_id: str, stop: RemoteStop) -
         cfg = space.trial_config(base, sampled)
         cfg = cfg.with_overrides({"runtime.wandb.group": sweep_id})
         trial_id = ray_tune.get_context().get_trial_id()
-        store = ExperimentStore(store_url, cfg.storage)
+        store = ExperimentStore(resolve(store_url, S3Options.of(cfg.storage)))
         run_id = f"{sweep_id}-{trial_id}"
         finished = _finished_history(store, run_id)
         if finished:  # finished before an interruption that Tune's saved state missed: report, never re-run
@@ -118,7 +119,7 @@ def _finished_history(store: ExperimentStore, run_id: str) -> list[dict[str, Any
 def resolve_sweep_id(cfg: ThaliaConfig, resume: bool = False, sweep_id: str | None = None) -> str:
     """The id a sweep of `cfg` runs under: `sweep_id` (checked) when given, with `resume` the newest sweep
     of its name (a StoreError when there is none), else a new id. Needs no Ray: the CLI asks first."""
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    store = ExperimentStore.of(cfg.storage)
     if sweep_id:
         return store.sweep(sweep_id).sweep_id
     name = (cfg.sweep.name if cfg.sweep else None) or f"{cfg.name}-sweep"
@@ -137,7 +138,7 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
     sweep = cfg.sweep
     if sweep is None:
         raise ConfigError("sweep: this configuration has no sweep section")
-    store = ExperimentStore(cfg.storage.store, cfg.storage)
+    store = ExperimentStore.of(cfg.storage)
     sweep_id = resolve_sweep_id(cfg, resume, sweep_id)
     base_yaml = cfg.model_copy(update={"sweep": None}).to_yaml()
     stop = interrupts.current()

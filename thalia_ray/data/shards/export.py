@@ -34,7 +34,7 @@ from thalia_ray.data.shards.manifest import FORMAT, MANIFEST, shard_root
 PROGRESS = "_progress"  # completion records of written shards, beside (not inside) the split folders
 from thalia_ray.data.shards.npy import sample_members
 from thalia_ray.data.shards.tar import ShardError, file_sha256, write_tar
-from thalia_ray.storage import Location, resolve, writing_to
+from thalia_ray.storage import Location, local, writing_to
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,7 @@ def _write_shard(plan: ShardPlan, annotations: dict[int, Any], data_cfg: DataCon
 
 def export_shards(
     data_cfg: DataConfig,
+    locations: DataLocations,
     out: str | Location,
     length: int,
     splits: Sequence[str] = ("train", "val", "test"),
@@ -171,7 +172,6 @@ def export_shards(
     compress: bool = False,
     all_channels: bool = False,
     seed: int = 0,
-    locations: DataLocations | None = None,
     max_in_flight: int = 8,
     num_cpus: float = 0.5,
 ) -> ExportReport:
@@ -179,8 +179,8 @@ def export_shards(
     one Ray task per shard. Samples hold the configured channels (as published shards do), or all
     nine with `all_channels`, so that one export serves any channel subset. Complete shards of an
     earlier run (completion record + tar of the recorded size and sha256, same planned samples,
-    same layout) are kept; the manifest is written atomically at the end. `out` and `locations` (default: the
-    config's, without storage settings) carry their S3 options."""
+    same layout) are kept; the manifest is written atomically at the end. `locations` (the config's) and
+    `out` (a Location, or a local path) carry their storage settings."""
     import ray
 
     from thalia_ray.progress import bar
@@ -189,11 +189,11 @@ def export_shards(
         raise ValueError(f"dtype {dtype!r}: allowed float32, float16")
     started = time.perf_counter()
     cfg = DataConfig.model_validate({**data_cfg.model_dump(), "length": length})
-    root = (locations or DataLocations.of(cfg)).root
+    root = locations.root
     index = SampleIndex.from_config(cfg, seed, location=root)
     layout = MemberLayout(tuple(schema.ALL_CHANNELS if all_channels else cfg.channels), dtype, compress,
                           cfg.crop_policy, seed if cfg.crop_policy == "reference" else None)
-    base = shard_root(resolve(out), length)
+    base = shard_root(local(out), length)
     report = ExportReport(root=base.url, length=length, left_out=index.problems)
     records: dict[str, dict[str, Any]] = {}
     pending = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, Union
 
 from thalia_ray.errors import ShardProblem
-from thalia_ray.storage import Location, resolve
+from thalia_ray.storage import Location, local
 
 
 _COALESCE_GAP = 256 * 1024  # fetch neighbouring samples of one shard in one request below this gap
@@ -76,7 +76,7 @@ def write_tar(path: str, samples: Sequence[tuple[str, dict[str, bytes]]]) -> lis
 def file_sha256(path: str | Location) -> str:
     """sha256 of a file (local or remote), streamed in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with resolve(path).open("rb") as handle:
+    with local(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -18,7 +18,7 @@ from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
 from thalia_ray.data.synthetic.scene import PUBLISHED_PIXEL_M
-from thalia_ray.storage import resolve
+from thalia_ray.storage import Location, local
 
 Record = dict[str, Any]
 # {primary_date: {"length": n, "secondary_date": [...], "uniqueID": [...]}} for one frame
@@ -61,9 +61,9 @@ class FramePlan:
     pixel_m: float | None = None  # None: the frame spans the published extent; sampled: the real 100 m
 
 
-def load_meta(meta_dir: str) -> tuple[dict[str, Record], dict[str, GroupIndex]]:
+def load_meta(meta_dir: str | Location) -> tuple[dict[str, Record], dict[str, GroupIndex]]:
     """annotations.json[.gz] and quality_timeseries.json from a local path or URL."""
-    root = resolve(meta_dir)
+    root = local(meta_dir)
     for name in (schema.ANNOTATIONS_FILE, schema.ANNOTATIONS_FILE + ".gz"):
         if root.join(name).exists():
             annotations = root.join(name).read_json()
@@ -121,10 +121,10 @@ def rescale_polygons(record: Record, size: int) -> Record:
     return {**record, "segmentation_mask": polygons}
 
 
-def frame_names(plans: list[FramePlan], meta_dir: str | None) -> dict[str, str]:
+def frame_names(plans: list[FramePlan], meta_dir: str | Location | None) -> dict[str, str]:
     """frame id → volcano names: the real ones when `meta_dir` has a frame_names.json, else one
     made-up name per frame (a sampled frame is one synthetic volcano field)."""
-    real = resolve(meta_dir).join(schema.FRAME_NAMES_FILE) if meta_dir is not None else None
+    real = local(meta_dir).join(schema.FRAME_NAMES_FILE) if meta_dir is not None else None
     known = real.read_json() if real is not None and real.exists() else {}
     return {p.frame_id: known.get(p.frame_id, f"Synthetic volcano {p.index:03d}") for p in plans}
 

@@ -26,7 +26,7 @@ from thalia_ray.data.synthetic.deformation import SeriesSource, pair_deformation
 from thalia_ray.data.synthetic.phase import los_to_phase, noise_table, wrap
 from thalia_ray.data.synthetic.scene import AcquisitionCache, Scene, build_scene, parse_day, rng_for, turbulence
 from thalia_ray.data.synthetic.writer import CubeWriter, DatasetMoments, write_side_files
-from thalia_ray.storage import resolve
+from thalia_ray.storage import Location, local
 
 GENERATOR_VERSION = "1.2.0"  # 1.1: sampled frames keep the real 100 m pixels; 1.2: faster wrap and ramp (≤ 2e-5 rad)
 STRATIFIED_MIN_DW = 4.0  # kg m⁻²: below this a flagged pair gets an extra stratified term (≈ 1 fringe / 3 km)
@@ -120,7 +120,7 @@ class FrameResult:
     seconds: float
 
 
-def generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameResult:
+def generate_frame(out: str | Location, plan: FramePlan, size: int, seed: int) -> FrameResult:
     """Write `{frame_id}.zarr` for one plan; returns its counts and channel moments.
 
     BLAS is held to one thread: its matrices here are small, so extra threads only spin (measured:
@@ -145,7 +145,7 @@ def _generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameRes
         "pixel_spacing_m": scene.geometry.pixel_m,
         "Conventions": "CF-1.8",
     }
-    writer = CubeWriter(resolve(out).join(f"{plan.frame_id}{schema.CUBE_SUFFIX}"),
+    writer = CubeWriter(local(out).join(f"{plan.frame_id}{schema.CUBE_SUFFIX}"),
                         sorted({p for p, _ in pairs}), sorted({s for _, s in pairs}), size, attributes)
     writer.write_dem(scene.dem)
     moments = DatasetMoments()
@@ -159,7 +159,7 @@ def _generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameRes
     return FrameResult(plan.frame_id, len(plan.records), len(plan.groups), moments, time.perf_counter() - start)
 
 
-def _plans(frames: int, size: int, seed: int, meta_dir: str | None, frame_ids: list[str] | None,
+def _plans(frames: int, size: int, seed: int, meta_dir: str | Location | None, frame_ids: list[str] | None,
            max_groups_per_frame: int | None) -> list[FramePlan]:
     if meta_dir is not None:
         annotations, timeseries = catalogue.load_meta(meta_dir)
@@ -169,10 +169,12 @@ def _plans(frames: int, size: int, seed: int, meta_dir: str | None, frame_ids: l
     return [catalogue.sample_plan(rng_for(seed, "plan", i), i, size, max_groups_per_frame) for i in range(frames)]
 
 
-def synthesize(out: str, *, frames: int = 4, size: int = 128, seed: int = 0, meta_dir: str | None = None,
+def synthesize(out: str | Location, *, frames: int = 4, size: int = 128, seed: int = 0,
+               meta_dir: str | Location | None = None,
                frame_ids: list[str] | None = None, max_groups_per_frame: int | None = None, workers: int = 1,
                progress: Callable[[str], None] | None = None) -> SynthReport:
-    """Write a synthetic Thalia dataset to `out` (local path or s3://); see docs/synthetic.md.
+    """Write a synthetic Thalia dataset to `out` (a local path, or a Location resolved with the storage
+    settings); see docs/synthetic.md.
 
     With `meta_dir`, the real annotation records of the chosen frames drive the imagery; without it
     the records are sampled. The same arguments always give byte-identical cubes. A bad argument is a
@@ -198,7 +200,7 @@ def synthesize(out: str, *, frames: int = 4, size: int = 128, seed: int = 0, met
     for result in results:  # fixed order: the statistics do not depend on scheduling
         moments.merge(result.moments)
     write_side_files(
-        resolve(out),
+        local(out),
         {str(r["uniqueID"]): r for plan in plans for r in plan.records},
         {plan.frame_id: plan.groups for plan in plans},
         moments.statistics(),
