@@ -139,7 +139,7 @@ def synthetic_root(tmp_path_factory) -> Path:
     sampled frame has positives in train, val and test. Layout as published: `{frame}.zarr`,
     annotations.json, quality_timeseries.json, statistics.json.
     """
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
 
     root = tmp_path_factory.mktemp("synthetic") / "thalia"
     synthesize(str(root), frames=3, size=96, seed=0, max_groups_per_frame=8)

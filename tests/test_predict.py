@@ -78,7 +78,7 @@ def test_an_incomplete_frame_is_refused():
 # ------------------------------------------------------------------------------ the job
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
 
     root = tmp_path_factory.mktemp("predict") / "thalia"
     synthesize(str(root), frames=2, size=72, seed=3, max_groups_per_frame=2)

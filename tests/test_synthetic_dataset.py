@@ -14,8 +14,8 @@ import xarray as xr
 from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
-from thalia_ray.data.synthetic.catalogue import split_of
-from thalia_ray.data.synthetic.generator import synthesize
+from thalia_ray.synthetic.catalogue import split_of
+from thalia_ray.synthetic.generator import synthesize
 from thalia_ray.storage import S3Options, local, resolve
 
 
@@ -184,9 +184,8 @@ def test_bad_input_is_named(tmp_path, shared_meta):
 
 
 def test_writes_to_s3_and_reads_back(s3_bucket):
-    url = f"{s3_bucket}/synthetic"
-    report = synthesize(url, frames=1, size=32, seed=1, max_groups_per_frame=2)
-    root = resolve(url, S3Options.from_environment())
+    root = resolve(f"{s3_bucket}/synthetic", S3Options.from_environment())
+    report = synthesize(root, frames=1, size=32, seed=1, max_groups_per_frame=2)
     index = root.join(schema.TIMESERIES_FILE).read_json()
     annotations = root.join(schema.ANNOTATIONS_FILE).read_json()
     assert set(root.join(schema.STATISTICS_FILE).read_json()) == {schema.statistics_key(c) for c in schema.ALL_CHANNELS}

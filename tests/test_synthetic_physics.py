@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thalia_ray.data.synthetic import atmosphere, phase, sources, terrain
-from thalia_ray.data.synthetic.fields import power_law_field, window_std
-from thalia_ray.data.synthetic.deformation import (INTENSITY_FRINGES, MASK_FRACTION, Geometry, pair_deformation,
+from thalia_ray.synthetic import atmosphere, phase, source_models, terrain
+from thalia_ray.synthetic.fields import power_law_field, window_std
+from thalia_ray.synthetic.deformation import (INTENSITY_FRINGES, MASK_FRACTION, Geometry, pair_deformation,
                                                    series_sources)
 
 GRID = np.linspace(-20e3, 20e3, 81)
@@ -14,7 +14,7 @@ E, N = np.meshgrid(GRID, GRID[::-1])  # rows run south, as in the frames
 
 
 def test_mogi_peak_uplift_matches_closed_form():
-    _, _, uz = sources.mogi(E, N, depth=3000.0, volume_change=1e6)
+    _, _, uz = source_models.mogi(E, N, depth=3000.0, volume_change=1e6)
     assert uz.max() == pytest.approx(0.0265, abs=5e-5)
     assert uz.max() == pytest.approx((1 - 0.25) * 1e6 / (np.pi * 3000.0**2), rel=1e-12)
     assert np.unravel_index(uz.argmax(), uz.shape) == (40, 40)
@@ -23,21 +23,21 @@ def test_mogi_peak_uplift_matches_closed_form():
 def test_small_okada_sill_matches_point_crack():
     """A tiny horizontal opening crack is a point source: u_z = 3ΔV d³ / (2π R⁵) (no ν dependence)."""
     r = np.array([0.0, 1000.0, 3000.0, 8000.0])
-    _, _, uz = sources.okada(r, np.zeros_like(r), depth=3000.0, length=50.0, width=50.0, strike_deg=30.0,
+    _, _, uz = source_models.okada(r, np.zeros_like(r), depth=3000.0, length=50.0, width=50.0, strike_deg=30.0,
                              dip_deg=0.0, opening=1.0)
     expected = 3 * 2500.0 * 3000.0**3 / (2 * np.pi * np.hypot(r, 3000.0) ** 5)
     np.testing.assert_allclose(uz, expected, rtol=2e-3)
 
 
 def test_horizontal_sill_uplift_symmetric_and_decays():
-    ue, un, uz = sources.okada(E, N, depth=2500.0, length=4000.0, width=4000.0, strike_deg=0.0, dip_deg=0.0,
+    ue, un, uz = source_models.okada(E, N, depth=2500.0, length=4000.0, width=4000.0, strike_deg=0.0, dip_deg=0.0,
                                opening=0.5)
     assert np.unravel_index(uz.argmax(), uz.shape) == (40, 40) and uz[40, 40] > 0
     np.testing.assert_allclose(uz, uz[:, ::-1], atol=1e-12)
     np.testing.assert_allclose(uz, uz[::-1, :], atol=1e-12)
     np.testing.assert_allclose(ue, -ue[:, ::-1], atol=1e-12)  # horizontal motion points outwards
     assert ue[40, 60] > 0 and un[20, 40] > 0
-    far = np.hypot(*sources.okada(np.array([60e3]), np.array([0.0]), depth=2500.0, length=4000.0, width=4000.0,
+    far = np.hypot(*source_models.okada(np.array([60e3]), np.array([0.0]), depth=2500.0, length=4000.0, width=4000.0,
                                   strike_deg=0.0, dip_deg=0.0, opening=0.5)[::2])
     assert far[0] < 1e-3 * uz.max()
 
@@ -46,17 +46,17 @@ def test_vertical_dyke_symmetry_and_continuity():
     """Opening vertical dyke striking north: u_z symmetric across the plane, u_e antisymmetric and
     pointing away from it, a trough above it between two uplift lobes; dip→90° is continuous."""
     kwargs = dict(depth=3000.0, length=6000.0, width=4000.0, strike_deg=0.0, opening=0.5)
-    ue, _, uz = sources.okada(E, N, dip_deg=90.0, **kwargs)
+    ue, _, uz = source_models.okada(E, N, dip_deg=90.0, **kwargs)
     np.testing.assert_allclose(uz, uz[:, ::-1], atol=1e-12)
     np.testing.assert_allclose(ue, -ue[:, ::-1], atol=1e-12)
     assert ue[40, 50] > 0 and ue[40, 30] < 0
     assert uz[40, 40] < uz[40, 40:].max() and uz[40, 40:].max() > 0
-    near = np.stack(sources.okada(E, N, dip_deg=89.99, **kwargs))
-    np.testing.assert_allclose(near, np.stack(sources.okada(E, N, dip_deg=90.0, **kwargs)), atol=2e-3 * np.abs(uz).max())
+    near = np.stack(source_models.okada(E, N, dip_deg=89.99, **kwargs))
+    np.testing.assert_allclose(near, np.stack(source_models.okada(E, N, dip_deg=90.0, **kwargs)), atol=2e-3 * np.abs(uz).max())
 
 
 def test_vertical_strike_slip_uplift_is_antisymmetric():
-    _, _, uz = sources.okada(E, N, depth=4000.0, length=8000.0, width=4000.0, strike_deg=0.0, dip_deg=90.0,
+    _, _, uz = source_models.okada(E, N, depth=4000.0, length=8000.0, width=4000.0, strike_deg=0.0, dip_deg=90.0,
                              rake_deg=0.0, slip=1.0)
     np.testing.assert_allclose(uz, -uz[:, ::-1], atol=1e-12)
     np.testing.assert_allclose(uz, -uz[::-1, :], atol=1e-12)

@@ -134,7 +134,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from thalia_ray import progress
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
     from thalia_ray.storage import writing_to
 
     settings = _settings(args)

@@ -69,7 +69,7 @@ def run_demo(workdir: str = ".", overrides: Sequence[str] = ()) -> int:
     from thalia_ray.data.locations import DataLocations
     from thalia_ray.data.shards.export import export_shards
     from thalia_ray.storage import S3Options
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
     from thalia_ray.report.page import write_report
     from thalia_ray.store import ExperimentStore
     from thalia_ray.leaderboard import best_run

@@ -34,7 +34,7 @@ VARIANTS: Mapping[str, Mapping[str, list[str]]] = {
 def reference_suite(p: Params, repeats: int, result: BenchResult) -> None:
     """Paired runs of each preset and its variants over `repeats` seeds (see the module docstring)."""
     from thalia_ray.data.index import SampleIndex
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
         root = f"{tmp}/data"

@@ -43,7 +43,7 @@ class BenchOptions:
 
 # ------------------------------------------------------------------------------------ data
 def _synthesize(workdir: str, p: Params) -> str:
-    from thalia_ray.data.synthetic.generator import synthesize
+    from thalia_ray.synthetic.generator import synthesize
 
     root = f"{workdir}/data"
     synthesize(root, frames=p["frames"], size=p["size"], seed=p.get("seed", 0), max_groups_per_frame=p["groups"])
@@ -445,7 +445,7 @@ def synthetic_suite(p: Params, repeats: int, result: BenchResult) -> None:
     (issue #3: ≥ 10 series/s per core; docs/synthetic.md §6),
     not a measured baseline.
     """
-    from thalia_ray.data.synthetic.bench import series_per_second
+    from thalia_ray.synthetic.bench import series_per_second
 
     def one() -> Rep:
         r = series_per_second(size=p["gen_size"], length=p["length"], repeats=p["series"])

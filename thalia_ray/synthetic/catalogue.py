@@ -17,7 +17,7 @@ import numpy as np
 from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
-from thalia_ray.data.synthetic.scene import PUBLISHED_PIXEL_M
+from thalia_ray.synthetic.scene import PUBLISHED_PIXEL_M
 from thalia_ray.storage import Location, local
 
 Record = dict[str, Any]

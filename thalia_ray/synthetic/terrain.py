@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thalia_ray.data.synthetic.fields import power_law_field
+from thalia_ray.synthetic.fields import power_law_field
 
 TERRAIN_HURST = 0.8
 SITE_MIN_HEIGHT_M = 100.0  # annotated deformation was seen on land: a window keeps its sites above the sea

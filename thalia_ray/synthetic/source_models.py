@@ -106,7 +106,7 @@ def okada(
 
 
 @dataclass(frozen=True)
-class Source:
+class DeformationSource:
     """One deformation source in frame coordinates (metres); `amplitude` is ΔV (m³) or slip/opening (m).
 
     `kind` is an annotation activity type: Mogi, Spheroid, Sill, Dyke or Earthquake.
@@ -123,11 +123,11 @@ class Source:
     dip_deg: float = 0.0
     rake_deg: float = 0.0
 
-    def scaled(self, factor: float) -> "Source":
+    def scaled(self, factor: float) -> "DeformationSource":
         return replace(self, amplitude=self.amplitude * factor)
 
 
-def displacement(source: Source, east: np.ndarray, north: np.ndarray) -> Displacement:
+def displacement(source: DeformationSource, east: np.ndarray, north: np.ndarray) -> Displacement:
     """ENU surface displacement of `source` at the given coordinates."""
     de, dn = east - source.east, north - source.north
     if source.kind == "Mogi":

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thalia_ray.data.synthetic.fields import power_law_field, upsample
-from thalia_ray.data.synthetic.phase import FRINGE_M
+from thalia_ray.synthetic.fields import power_law_field, upsample
+from thalia_ray.synthetic.phase import FRINGE_M
 
 TURBULENCE_BETA = 8.0 / 3.0
 WET_DELAY_PER_TCWV = 6.5e-3  # m of zenith wet delay per kg m⁻² of water vapour

@@ -10,9 +10,9 @@ from datetime import date, timedelta
 
 from threadpoolctl import threadpool_limits
 
-from thalia_ray.data.synthetic.generator import iter_frame
-from thalia_ray.data.synthetic.phase import noise_table
-from thalia_ray.data.synthetic.scene import build_scene
+from thalia_ray.synthetic.generator import iter_frame
+from thalia_ray.synthetic.phase import noise_table
+from thalia_ray.synthetic.scene import build_scene
 
 BENCH_FRAME = "128D_09016_110500"
 

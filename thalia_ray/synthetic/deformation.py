@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from thalia_ray.data import schema
-from thalia_ray.data.synthetic.fields import upsample
-from thalia_ray.data.synthetic.phase import FRINGE_M, line_of_sight
-from thalia_ray.data.synthetic.sources import Source, displacement
+from thalia_ray.synthetic.fields import upsample
+from thalia_ray.synthetic.phase import FRINGE_M, line_of_sight
+from thalia_ray.synthetic.source_models import DeformationSource, displacement
 
 # Fringes of LOS range per intensity (docs §4); earthquakes are annotated "None" → medium.
 INTENSITY_FRINGES = {"Low": (0.5, 1.5), "Medium": (1.5, 3.0), "High": (3.0, 5.0), "None": (1.5, 3.0)}
@@ -63,7 +63,7 @@ def polygon_ellipse(polygon: list[float], pixel_m: float) -> Ellipse:
     return Ellipse(float(x.mean()), float(y.mean()), max(k * a, 0.5) * pixel_m, max(k * b, 0.5) * pixel_m, azimuth)
 
 
-def size_source(kind: str, ellipse: Ellipse, geometry: Geometry, fringes: float, rng: np.random.Generator) -> Source:
+def size_source(kind: str, ellipse: Ellipse, geometry: Geometry, fringes: float, rng: np.random.Generator) -> DeformationSource:
     """A unit-amplitude source of `kind` whose deforming footprint roughly fills the polygon."""
     east, north = geometry.to_metres(ellipse.col, ellipse.row)
     a, b = ellipse.major_m, ellipse.minor_m
@@ -72,25 +72,25 @@ def size_source(kind: str, ellipse: Ellipse, geometry: Geometry, fringes: float,
         # Mogi: |u_z| ≥ f·peak within r = d·√((N/f)^(2/3) − 1); choose d so that r is the polygon radius.
         ratio = max(fringes / MASK_FRACTION, 2.0)
         depth = max(np.sqrt(a * b) / np.sqrt(ratio ** (2 / 3) - 1), 200.0)
-        return Source(kind, east, north, depth)
+        return DeformationSource(kind, east, north, depth)
     if kind == "Sill":
         depth = max(0.5 * b, 250.0)
-        return Source(kind, east, north, depth, length=max(2 * a - depth, a), width=max(2 * b - depth, b),
+        return DeformationSource(kind, east, north, depth, length=max(2 * a - depth, a), width=max(2 * b - depth, b),
                       strike_deg=ellipse.azimuth_deg, dip_deg=rng.uniform(0.0, 5.0))
     if kind == "Dyke":
         dip, top, height = rng.uniform(75.0, 90.0), rng.uniform(0.1, 0.5) * b + 50.0, rng.uniform(1.0, 2.0) * b + 200.0
-        return Source(kind, east, north, top + 0.5 * height * np.sin(np.radians(dip)), length=max(1.6 * a, 200.0),
+        return DeformationSource(kind, east, north, top + 0.5 * height * np.sin(np.radians(dip)), length=max(1.6 * a, 200.0),
                       width=height, strike_deg=ellipse.azimuth_deg, dip_deg=dip)
     if kind == "Earthquake":
         dip, length = rng.uniform(30.0, 80.0), max(1.4 * a, 300.0)
         rake = float(rng.choice([0.0, 90.0, -90.0, 180.0]) + rng.normal(0.0, 15.0))
         depth = 0.25 * length * np.sin(np.radians(dip)) + rng.uniform(0.2, 0.6) * b + 100.0
-        return Source(kind, east, north, depth, length=length, width=0.5 * length, strike_deg=ellipse.azimuth_deg,
+        return DeformationSource(kind, east, north, depth, length=length, width=0.5 * length, strike_deg=ellipse.azimuth_deg,
                       dip_deg=dip, rake_deg=rake)
     raise ValueError(f"activity type {kind!r} has no source model; known: {schema.ACTIVITY_TYPES}")
 
 
-def _window(source: Source, geometry: Geometry) -> tuple[slice, slice]:
+def _window(source: DeformationSource, geometry: Geometry) -> tuple[slice, slice]:
     """Pixels within WINDOW_REACH source sizes of the source: beyond, |u| < ~1 % of the peak."""
     reach = WINDOW_REACH * max(source.depth, source.length, source.width) / geometry.pixel_m
     centre = (geometry.size - 1) / 2
@@ -99,7 +99,7 @@ def _window(source: Source, geometry: Geometry) -> tuple[slice, slice]:
     return slice(bounds[0], max(bounds[1], bounds[0] + 2)), slice(bounds[2], max(bounds[3], bounds[2] + 2))
 
 
-def unit_los(source: Source, geometry: Geometry) -> np.ndarray:
+def unit_los(source: DeformationSource, geometry: Geometry) -> np.ndarray:
     """LOS displacement of `source` normalised to a range (max − min) of 1 over the frame.
 
     Evaluated only in a window around the source; dislocations on at most OKADA_GRID samples per

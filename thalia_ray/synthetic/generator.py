@@ -20,12 +20,12 @@ from threadpoolctl import threadpool_limits
 
 from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
-from thalia_ray.data.synthetic import atmosphere, catalogue, defects, terrain
-from thalia_ray.data.synthetic.catalogue import FramePlan, Record
-from thalia_ray.data.synthetic.deformation import SeriesSource, pair_deformation, series_sources
-from thalia_ray.data.synthetic.phase import los_to_phase, noise_table, wrap
-from thalia_ray.data.synthetic.scene import AcquisitionCache, Scene, build_scene, parse_day, rng_for, turbulence
-from thalia_ray.data.synthetic.writer import CubeWriter, DatasetMoments, write_side_files
+from thalia_ray.synthetic import atmosphere, catalogue, defects, terrain
+from thalia_ray.synthetic.catalogue import FramePlan, Record
+from thalia_ray.synthetic.deformation import SeriesSource, pair_deformation, series_sources
+from thalia_ray.synthetic.phase import los_to_phase, noise_table, wrap
+from thalia_ray.synthetic.scene import AcquisitionCache, Scene, build_scene, parse_day, rng_for, turbulence
+from thalia_ray.synthetic.writer import CubeWriter, DatasetMoments, write_side_files
 from thalia_ray.storage import Location, local
 
 GENERATOR_VERSION = "1.2.0"  # 1.1: sampled frames keep the real 100 m pixels; 1.2: faster wrap and ramp (≤ 2e-5 rad)
@@ -139,7 +139,7 @@ def _generate_frame(out: str, plan: FramePlan, size: int, seed: int) -> FrameRes
     attributes = {
         "frame_id": plan.frame_id,
         "pass_direction": "descending" if scene.descending else "ascending",
-        "generator": "thalia_ray.data.synthetic",
+        "generator": "thalia_ray.synthetic",
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "pixel_spacing_m": scene.geometry.pixel_m,

@@ -10,10 +10,10 @@ from datetime import date
 import numpy as np
 
 from thalia_ray.data import schema
-from thalia_ray.data.synthetic import atmosphere, terrain
-from thalia_ray.data.synthetic.deformation import Geometry, polygon_ellipse
-from thalia_ray.data.synthetic.fields import smooth
-from thalia_ray.data.synthetic.phase import (HEADING_ASCENDING_DEG, HEADING_DESCENDING_DEG, incidence_deg,
+from thalia_ray.synthetic import atmosphere, terrain
+from thalia_ray.synthetic.deformation import Geometry, polygon_ellipse
+from thalia_ray.synthetic.fields import smooth
+from thalia_ray.synthetic.phase import (HEADING_ASCENDING_DEG, HEADING_DESCENDING_DEG, incidence_deg,
                                              los_unit_vector)
 
 PUBLISHED_PIXEL_M = 100.0  # Thalia frames: ~1000 px of 100 m
