@@ -14,7 +14,7 @@ import xarray as xr
 from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
-from thalia_ray.synthetic.catalogue import split_of
+from thalia_ray.synthetic.catalogue import benchmark_split
 from thalia_ray.synthetic.generator import synthesize
 from thalia_ray.storage import S3Options, local, resolve
 
@@ -74,7 +74,7 @@ def test_labels_masks_and_splits_agree(synthetic_root):
             positive = record["label"] != [schema.NEGATIVE_LABEL]
             assert mask.any() == positive, record["uniqueID"]
             if positive:
-                positives[split_of(record["primary_date"])] += 1
+                positives[benchmark_split(record["primary_date"])] += 1
                 assert set(np.unique(mask)) - {0} <= ({2} if record["label"] == ["Earthquake"] else {1, 2})
     assert set(positives) == set(schema.SPLITS)
     lengths = {g["length"] for groups in index.values() for g in groups.values()}
@@ -151,7 +151,7 @@ def test_from_real_annotations_reproduces_records_and_groups(tmp_path, shared_me
         assert len(index[frame]) == 3
         for primary, group in index[frame].items():
             assert group == real_index[frame][primary]
-            assert {split_of(p) for p in index[frame]} == {split_of(p) for p in real_index[frame]} & set(schema.SPLITS)
+            assert {benchmark_split(p) for p in index[frame]} == {benchmark_split(p) for p in real_index[frame]} & set(schema.SPLITS)
     wanted = {str(u) for groups in index.values() for g in groups.values() for u in g["uniqueID"]}
     assert set(annotations) == wanted
     for key, record in annotations.items():

@@ -301,7 +301,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from thalia_ray import runtime
-    from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
+    from thalia_ray.predict.frame_metrics import DEFAULT_THRESHOLD
     from thalia_ray.predict.job import PredictOptions, execute, prepare
     from thalia_ray.preflight import location_present
 

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from thalia_ray.config import ThaliaConfig
-from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD
+from thalia_ray.predict.frame_metrics import DEFAULT_THRESHOLD
 from thalia_ray.predict.inputs import schema
 
 

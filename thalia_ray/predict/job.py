@@ -21,7 +21,7 @@ import numpy as np
 from thalia_ray import interrupts
 from thalia_ray.config import ThaliaConfig
 from thalia_ray.predict import inputs, output
-from thalia_ray.predict.evaluate import DEFAULT_THRESHOLD, whole_frame_metrics
+from thalia_ray.predict.frame_metrics import DEFAULT_THRESHOLD, whole_frame_metrics
 from thalia_ray.predict.plan import Unit, plan_units
 from thalia_ray.predict.windows import Stitcher, blend_weights, tile
 from thalia_ray.storage import Location, local

@@ -17,6 +17,7 @@ import numpy as np
 from thalia_ray.config import ConfigError
 from thalia_ray.data import schema
 from thalia_ray.data.annotations import AnnotationError
+from thalia_ray.data.index import split_of
 from thalia_ray.synthetic.scene import PUBLISHED_PIXEL_M
 from thalia_ray.storage import Location, local
 
@@ -77,13 +78,12 @@ def load_meta(meta_dir: str | Location) -> tuple[dict[str, Record], dict[str, Gr
     return annotations, timeseries.read_json()
 
 
-def split_of(day: str) -> str:
-    """The benchmark split of a primary date `YYYYMMDD`."""
-    when = date(int(day[:4]), int(day[4:6]), int(day[6:]))
-    for name, (start, end) in schema.SPLITS.items():
-        if start <= when <= end:
-            return name
-    raise ValueError(f"primary date {day} lies outside every split {schema.SPLITS}")
+def benchmark_split(day: str) -> str:
+    """The benchmark split of a primary date `YYYYMMDD` (the published periods, `schema.SPLITS`)."""
+    split = split_of(day, schema.SPLITS)
+    if split is None:
+        raise ValueError(f"primary date {day} lies outside every split {schema.SPLITS}")
+    return split
 
 
 def _is_positive(record: Record) -> bool:
@@ -97,7 +97,7 @@ def select_groups(groups: GroupIndex, annotations: dict[str, Record], limit: int
     """
     per_split: dict[str, list[str]] = defaultdict(list)
     for primary in sorted(groups):
-        per_split[split_of(primary)].append(primary)
+        per_split[benchmark_split(primary)].append(primary)
     for name, primaries in per_split.items():
         primaries.sort(key=lambda p: not any(_is_positive(annotations[str(u)]) for u in groups[p]["uniqueID"]))
     chosen: list[str] = []

@@ -6,7 +6,6 @@ all-zero mask chunk, because readers refuse chunks that were never written.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from thalia_ray.data import schema
+from thalia_ray.data.stats import Moments
 from thalia_ray.storage import Location
 
 EPOCH = np.datetime64("1970-01-01", "D")
@@ -103,52 +103,25 @@ class CubeWriter:
 
 
 @dataclass
-class Moments:
-    """Streaming count / mean / M2 (Chan et al.'s pairwise merge: stable over millions of pixels)."""
-
-    count: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def add(self, values: np.ndarray) -> None:
-        values = values[np.isfinite(values)].astype(np.float64)
-        if values.size:
-            mean = float(values.mean())
-            self.merge(Moments(int(values.size), mean, float(((values - mean) ** 2).sum())))
-
-    def merge(self, other: "Moments") -> None:
-        total = self.count + other.count
-        if other.count == 0:
-            return
-        delta = other.mean - self.mean
-        self.mean += delta * other.count / total
-        self.m2 += other.m2 + delta * delta * self.count * other.count / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count else float("nan")
-
-
-@dataclass
 class DatasetMoments:
     """Per statistics.json key (ERA5 primary and secondary share one entry, as published)."""
 
     by_key: dict[str, Moments] = field(default_factory=dict)
 
     def add(self, channel: str, values: np.ndarray) -> None:
-        self.by_key.setdefault(schema.statistics_key(channel), Moments()).add(values)
+        self._merge(schema.statistics_key(channel), Moments.of(values))
 
     def add_repeated(self, channel: str, values: np.ndarray, times: int) -> None:
         """A static channel counted once per pair (as in the published per-sample statistics)."""
-        one = Moments()
-        one.add(values)
-        repeated = Moments(one.count * times, one.mean, one.m2 * times)
-        self.by_key.setdefault(schema.statistics_key(channel), Moments()).merge(repeated)
+        one = Moments.of(values)
+        self._merge(schema.statistics_key(channel), Moments(one.count * times, one.mean, one.m2 * times))
 
     def merge(self, other: "DatasetMoments") -> None:
         for key, moments in other.by_key.items():
-            self.by_key.setdefault(key, Moments()).merge(moments)
+            self._merge(key, moments)
+
+    def _merge(self, key: str, moments: Moments) -> None:
+        self.by_key[key] = self.by_key.get(key, Moments()).merge(moments)
 
     def statistics(self) -> dict[str, dict[str, float]]:
         order = [schema.statistics_key(c) for c in schema.ALL_CHANNELS]

@@ -168,7 +168,7 @@ def epoch_use(cfg: ThaliaConfig, sizes: Mapping[str, int], steps: int) -> dict[s
             "val": use(sizes["val"], val_used, val_rows, "")}
 
 
-def best_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
+def best_reported_checkpoint(result: Result, metric: str, mode: str) -> tuple[Checkpoint, dict[str, Any]]:
     """The kept checkpoint with the best finite `metric`; the latest one when none has a finite value."""
     scored = [(c, m) for c, m in result.best_checkpoints or [] if _finite(m.get(metric))]
     if not scored:
@@ -422,7 +422,7 @@ def _fit(cfg: ThaliaConfig, store: ExperimentStore, record: RunRecord, callbacks
         done = len(record.read_history())
         _stop_if_requested(stop, f"run {run_id} interrupted by {{signal}} after epoch {done} of {cfg.train.epochs}")
         stopping = cfg.train.early_stopping
-        checkpoint, best = best_checkpoint(result, stopping.metric, stopping.mode)
+        checkpoint, best = best_reported_checkpoint(result, stopping.metric, stopping.mode)
         conclusion = objective.conclude(cfg, checkpoint, use_gpu)
     except Exception:
         _keep_skipped(record, data.epoch_control)
