@@ -65,6 +65,10 @@ class Source(ABC):
     def epoch_items(self, split: str, epoch: int) -> list[Any]:
         """One epoch's items of a split, in delivery order."""
 
+    def left_out(self) -> list[LeftOut]:
+        """The annotations and series members its catalogue leaves out, and why (none known: [])."""
+        return []
+
     @abstractmethod
     def for_items(self, items: Sequence[Any]) -> "Source":
         """The copy a task reading `items` needs, without the catalogue of the whole source."""
@@ -138,10 +142,6 @@ class LabelledSource(Source):
     def record(self, row: Row, split: str, stats: Statistics | None, rng: np.random.Generator | None,
                training: bool) -> dict[str, Any]:
         return finalize(self.decode(row, split), self.data, stats, rng, training)
-
-    def left_out(self) -> list[LeftOut]:
-        """The annotations and series members its catalogue leaves out, and why (none known: [])."""
-        return []
 
 
 # ------------------------------------------------------------------------------------ cubes

@@ -179,9 +179,11 @@ class PredictPlan:
 
 def prepare(store: ExperimentStore, run_id: str, options: PredictOptions) -> PredictPlan:
     """Resolve the run, plan the units and find the complete ones; errors name the run, frame or option."""
-    cfg, checkpoint, _ = inputs.run_checkpoint(store, run_id)
+    cfg = store.existing_run(run_id).read_config()
     out, root = local(options.out), local(options.data)
+    # The data and the pairs first (the likelier mistake), then the run's checkpoint.
     units = plan_units(root, options.pairs, cfg.data.length, options.frames, cfg.seed, cfg.data.label_rule)
+    _, checkpoint, _ = inputs.run_checkpoint(store, run_id)
     done = output.completed(out, sorted({u.frame_id for u in units}))
     spec = ReadSpec(root, tuple(cfg.data.channels), inputs.run_statistics(cfg), cfg.data.crop,
                     options.overlap, cfg.data.length)

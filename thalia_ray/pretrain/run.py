@@ -6,7 +6,8 @@ from __future__ import annotations
 from thalia_ray import preflight
 from thalia_ray.config import ConfigError, ThaliaConfig
 from thalia_ray.data import schema
-from thalia_ray.data.locations import DataLocations
+from thalia_ray.data.cube_checks import crop_fits, cube_shapes
+from thalia_ray.data.locations import DataLocations, location_present
 from thalia_ray.data.transforms import load_statistics
 from thalia_ray.errors import DataProblem
 from thalia_ray.ids import check_id
@@ -29,13 +30,13 @@ def check(cfg: ThaliaConfig, run_id: str | None = None) -> Pretraining:
     if cfg.data.source != "cube":
         raise ConfigError(f"data.source {cfg.data.source!r}: pretraining reads every pair from the cubes under "
                           "data.root (shards hold only the time-series index's series); set data.source=cube")
-    preflight.location_present(cfg.data.root, "data.root", S3Options.of(cfg.storage))
+    location_present(cfg.data.root, "data.root", S3Options.of(cfg.storage))
     preflight.statistics_usable(cfg)
     objective = Pretraining().prepare(cfg)
     source = objective.source
     assert source is not None
-    preflight.crop_fits(cfg.data.crop, preflight.cube_shapes(cfg, list(source.frames), [*source.channels,
-                                                                                       *source.targets]))
+    probes = list({s.frame_id: s for s in [*source.pools[HOLDOUT], *source.pools[TRAIN]]}.values())  # a series per frame
+    crop_fits(cfg.data.crop, cube_shapes(cfg, probes, [*source.channels, *source.targets]))
     sizes = {TRAIN: len(source.pools[TRAIN]), HOLDOUT: len(source.pools[HOLDOUT])}
     if not sizes[TRAIN]:
         raise DataProblem(f"data.root {cfg.data.root}: the cubes hold no pair with a primary date in "

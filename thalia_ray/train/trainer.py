@@ -81,7 +81,7 @@ class TrainResult:
         traffic = Traffic.total(self.history)
         storage = f"; storage: {describe(traffic)}" if traffic else ""
         return (f"run {self.run_id}: best epoch {self.best_epoch}, {', '.join(shown)}, "
-                f"{self.skipped} samples skipped{left_out}{short} (store {self.store}){storage}")
+                f"{self.skipped} samples skipped{short}{left_out} (store {self.store}){storage}")
 
 
 def scaling_config(cfg: ThaliaConfig, use_gpu: bool) -> ScalingConfig:
