@@ -99,9 +99,12 @@ def frame(dataset) -> str:
 
 def _predict(run, data, out, frame, **options):
     from thalia_ray.predict.job import PredictOptions, predict
+    from thalia_ray.storage import Location
 
     store, run_id = run
-    return predict(store, run_id, PredictOptions(data=str(data), out=str(out), frames=[frame], progress=False, **options))
+    local_path = (lambda where: where if isinstance(where, Location) else str(where))  # a bucket's comes resolved
+    return predict(store, run_id, PredictOptions(data=local_path(data), out=local_path(out), frames=[frame],
+                                                 progress=False, **options))
 
 
 def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
@@ -219,14 +222,15 @@ def test_an_unreadable_pair_is_reported_by_name_and_the_others_are_written(ray_c
 
 def test_predict_reads_and_writes_s3_on_the_moto_server(ray_cluster, run, dataset, frame, s3_bucket):
     from thalia_ray.predict.output import read_table
-    from thalia_ray.storage import local
+    from thalia_ray.storage import S3Options, resolve
 
-    data, out = f"{s3_bucket}/thalia", f"{s3_bucket}/predictions"
-    upload_folder(dataset, data)  # every frame's cube; the job reads only `frame`
+    settings = S3Options.from_environment()
+    data, out = resolve(f"{s3_bucket}/thalia", settings), resolve(f"{s3_bucket}/predictions", settings)
+    upload_folder(dataset, data.url)  # every frame's cube; the job reads only `frame`
     report = _predict(run, data, out, frame)
     assert report.failed == {} and report.written == report.planned > 0
     assert len(read_table(out)) == report.planned
-    result = xr.open_zarr(local(f"{out}/{frame}.zarr").zarr_store())
+    result = xr.open_zarr(out.join(f"{frame}.zarr").zarr_store())
     np.testing.assert_array_equal(result["y"].values, xr.open_zarr(dataset / f"{frame}.zarr")["y"].values)
 
 

@@ -72,8 +72,8 @@ def test_pretraining_is_a_run_of_its_own_whose_encoder_fine_tunes(ray_cluster, p
     assert {"coherence", "coherence_reconstructed", "dem"} <= set(arrays)
     report = write_report(store, "mae")
     page = report.read_text()
-    assert "Masked-autoencoder reconstructions" in page and "Pretext tasks" in page and page.count("<img ") >= 3
-    assert_report_renders(report, min_images=3)  # in headless Chromium, like every other run kind's page
+    assert "Masked-autoencoder reconstructions" in page and "Pretext tasks" in page and page.count("<img ") >= 2
+    assert_report_renders(report, min_images=2)  # in headless Chromium, like every other run kind's page
     with pytest.raises(PretrainedWeightsError, match="a pretraining run's checkpoint: an encoder without a task head"):
         load_model(record.read_config(), best_checkpoint(store, "mae"))  # what evaluate, predict and export load
 

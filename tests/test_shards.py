@@ -23,7 +23,7 @@ from thalia_ray.data.shards.npy import decode_own, member_limit
 from thalia_ray.data.shards.published import decode_published, scan_published
 from thalia_ray.data.shards.tar import (ShardEntry, ShardError, UnsafeShardError, fetch_ranges, file_sha256,
                                         parse_members, write_tar)
-from thalia_ray.storage import local
+from thalia_ray.storage import S3Options, local, resolve
 
 from tests.helpers import Payload, build_root, local_locations, published_sample, torch_bytes, write_published
 
@@ -118,11 +118,11 @@ def test_reference_crops_export_equals_cube_path(root, tmp_path, ray_cluster):
 
 def test_export_to_s3_and_float16(root, s3_bucket, ray_cluster):
     cfg = data_config(root)
-    out = f"{s3_bucket}/shards"
+    out = resolve(f"{s3_bucket}/shards", S3Options.from_environment())
     report = export_shards(cfg, local_locations(cfg), out, length=1, splits=("val",), samples_per_shard=4, dtype="float16", compress=True)
     assert report.samples == {"val": 6} and report.shards_written == 2
-    manifest = load_manifest(local(out), 1)
-    entries = manifest_entries(manifest, shard_root(local(out), 1), "val")
+    manifest = load_manifest(out, 1)
+    entries = manifest_entries(manifest, shard_root(out, 1), "val")
     index = SampleIndex.from_config(cfg, 0)
     for entry, blob in fetch_ranges(entries):
         members = parse_members(blob, entry.where)[entry.key]

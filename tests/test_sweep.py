@@ -192,13 +192,15 @@ def test_asha_sweep_writes_every_trial_to_an_s3_store_and_its_best_config_trains
     out = capfd.readouterr().out
     assert summary.status == "finished" and not summary.errors
     assert len(summary.trials) == 4
-    # one labelled line per trial epoch, printed by the driver in order, none merged by Ray's de-duplication
+    # one labelled line per trial epoch that Tune delivered, printed by the driver in order, none merged by
+    # Ray's de-duplication; a trial ASHA stops may have stored one more epoch than Tune delivered to the driver
     lines = out.splitlines()
     for trial in summary.trials:
         label = f"trial {trial['run_id'].removeprefix(summary.sweep_id + '-')} "
-        shown = [line for line in lines if line.startswith(label) and " | epoch " in line]
-        assert [line.split(" | epoch ")[1].split()[0] for line in shown] == [
-            f"{e}/3" for e in range(1, trial["epochs"] + 1)], (trial, lines)
+        shown = [line.split(" | epoch ")[1].split()[0] for line in lines if line.startswith(label) and " | epoch " in line]
+        missing = 1 if trial["status"] == "stopped" else 0
+        assert trial["epochs"] - missing <= len(shown) <= trial["epochs"], (trial, lines)
+        assert shown == [f"{e}/3" for e in range(1, len(shown) + 1)], (trial, lines)
     statuses = [t["status"] for t in summary.trials]
     assert "stopped" in statuses, f"ASHA stopped no trial: {summary.trials}"
     assert statuses.count("finished") >= 1

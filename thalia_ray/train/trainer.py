@@ -300,7 +300,8 @@ def user_problem(err: BaseException, record: RunRecord) -> ThaliaError | None:
               "to go on from its last checkpoint")
     for cause in _causes(err):
         if isinstance(cause, ThaliaError):
-            kind = next(c for c in type(cause).__mro__ if c.__module__ == ThaliaError.__module__)
+            kind = next(c for c in type(cause).__mro__  # the family member that gives the exit status
+                        if c.__module__ == ThaliaError.__module__ and "exit_code" in vars(c))
             return kind(f"run {record.run_id} stopped: {cause} ({resume})")
         if isinstance(cause, OSError):
             return StorageProblem(f"run {record.run_id} stopped on an I/O error: {cause} ({resume} once it is fixed)")
