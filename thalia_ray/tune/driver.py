@@ -166,7 +166,8 @@ def run_sweep(cfg: ThaliaConfig, *, resume: bool = False, sweep_id: str | None =
             run_config=tune.RunConfig(name=sweep_id, storage_path=root, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       callbacks=[SweepProgress(sweep.metric, sweep.mode, cfg.train.epochs,
-                                                               space.varied_fields(sweep)), EndOnStop()],
+                                                               space.varied_fields(sweep), store, sweep_id),
+                                                 EndOnStop()],
                                       verbose=0),  # Tune's status tables off: SweepProgress tells
         )
     record.write_summary({"sweep_id": sweep_id, "status": "running", "store": store.root.url})

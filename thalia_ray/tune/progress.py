@@ -4,7 +4,9 @@ failed; the best value so far).
 
 The sweep driver prints these itself from Tune's results (a Tune `Callback`), so its trials' workers
 print no epoch lines: Ray forwards worker output late and folds lines that differ only in numbers
-(`[repeated 3x across cluster]`), which merged the epoch lines of different trials.
+(`[repeated 3x across cluster]`), which merged the epoch lines of different trials. A trial stores each
+epoch before it reports it, so a scheduler's stop can end a trial whose last stored epoch Tune never
+delivered: when a trial ends, its lines are completed from the store's history.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from ray.tune import Callback
 
 from thalia_ray import progress
 from thalia_ray.progress import progress_line
+from thalia_ray.storage import StorageError
+from thalia_ray.store import ExperimentStore
+from thalia_ray.store.records import StoreError
 
 
 def trial_label(trial_id: str, config: Mapping[str, Any], varied: Sequence[str]) -> str:
@@ -32,8 +37,10 @@ class SweepProgress(Callback):
     """Tune callback run by the sweep driver; see the module docstring. Picklable (Tune saves it with
     the sweep's state): the bar and the counts are made again in the process that runs the sweep."""
 
-    def __init__(self, metric: str, mode: str, epochs: int, varied: Sequence[str]) -> None:
+    def __init__(self, metric: str, mode: str, epochs: int, varied: Sequence[str],
+                 store: ExperimentStore | None = None, sweep_id: str = "") -> None:
         self.metric, self.mode, self.epochs, self.varied = metric, mode, epochs, list(varied)
+        self.store, self.sweep_id = store, sweep_id  # where the trials' histories are (None: Tune's results only)
         self._reset()
 
     def _reset(self) -> None:
@@ -44,7 +51,8 @@ class SweepProgress(Callback):
         self.last_epoch: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"metric": self.metric, "mode": self.mode, "epochs": self.epochs, "varied": self.varied}
+        return {"metric": self.metric, "mode": self.mode, "epochs": self.epochs, "varied": self.varied,
+                "store": self.store, "sweep_id": self.sweep_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -74,6 +82,8 @@ class SweepProgress(Callback):
         self._refresh()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        for row in self._undelivered(trial):
+            self.on_trial_result(iteration, trials, trial, row)
         done = self.last_epoch.get(trial.trial_id, 0)
         ended = "finished" if done >= self.epochs else "stopped"
         self.outcome[trial.trial_id] = ended
@@ -92,6 +102,16 @@ class SweepProgress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def _undelivered(self, trial: Any) -> list[dict[str, Any]]:
+        """The epochs the trial stored after the last result Tune delivered here (none when unreadable)."""
+        if self.store is None:
+            return []
+        try:
+            history = self.store.run(f"{self.sweep_id}-{trial.trial_id}").read_history()
+        except (StoreError, StorageError):
+            return []
+        return [row for row in history if int(row.get("epoch", 0)) > self.last_epoch.get(trial.trial_id, 0)]
 
     # ------------------------------------------------------------------------------ display
     def _label(self, trial: Any) -> str:
