@@ -102,9 +102,8 @@ def _predict(run, data, out, frame, **options):
     from thalia_ray.storage import Location
 
     store, run_id = run
-    local_path = (lambda where: where if isinstance(where, Location) else str(where))  # a bucket's comes resolved
-    return predict(store, run_id, PredictOptions(data=local_path(data), out=local_path(out), frames=[frame],
-                                                 progress=False, **options))
+    data, out = (where if isinstance(where, Location) else str(where) for where in (data, out))  # buckets come resolved
+    return predict(store, run_id, PredictOptions(data=data, out=out, frames=[frame], progress=False, **options))
 
 
 def _reference(run, data: Path, frame: str, unit) -> np.ndarray:
